@@ -1,0 +1,54 @@
+"""The gradhub error hierarchy: one base, specific subclasses, messages that name the field or knob.
+
+Every class pickles cleanly (plain ``Exception`` subclasses with a single message
+argument), so an error raised inside a Ray actor arrives intact in the caller.
+"""
+
+from __future__ import annotations
+
+
+class GradhubError(Exception):
+    """Base of every error gradhub raises on purpose."""
+
+
+class SpecError(GradhubError, ValueError):
+    """A job spec is invalid; the message starts with the field's dotted path."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+    def __reduce__(self):  # keep pickling (Ray) working with two arguments
+        return (type(self), (self.field, self.problem))
+
+
+class FactoryError(GradhubError):
+    """A ``package.module:function`` factory could not be imported or did not return what it must."""
+
+
+class ProtocolError(GradhubError):
+    """A message on the wire is malformed: wrong shape, dtype, byte count or order."""
+
+
+class NotFoundError(GradhubError, KeyError):
+    """An unknown job, worker or checkpoint."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class StateError(GradhubError):
+    """The operation does not fit the current state (job finished, store closed, ...)."""
+
+
+class JobFailedError(GradhubError):
+    """A job ended FAILED or CANCELLED; the message carries the server's reason."""
+
+
+class ServerUnavailableError(GradhubError):
+    """The gradhub server cannot be reached at the given address."""
+
+
+class AuthError(GradhubError):
+    """The server refused the bearer token (missing or wrong)."""

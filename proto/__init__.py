@@ -1,0 +1,1 @@
+"""gradhub's wire layer: generated protobuf/gRPC code (``gradhub.proto.v1``) and the tensor codec."""
