@@ -23,7 +23,7 @@ FAILED: JobState
 CANCELLED: JobState
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("rank", "state", "step", "staleness", "max_staleness", "host", "restarts")
+    __slots__ = ("rank", "state", "step", "staleness", "max_staleness", "host", "restarts", "pid")
     RANK_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class WorkerStatus(_message.Message):
     MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     rank: int
     state: str
     step: int
@@ -38,7 +39,8 @@ class WorkerStatus(_message.Message):
     max_staleness: int
     host: str
     restarts: int
-    def __init__(self, rank: _Optional[int] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., staleness: _Optional[int] = ..., max_staleness: _Optional[int] = ..., host: _Optional[str] = ..., restarts: _Optional[int] = ...) -> None: ...
+    pid: int
+    def __init__(self, rank: _Optional[int] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., staleness: _Optional[int] = ..., max_staleness: _Optional[int] = ..., host: _Optional[str] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "name", "mode", "state", "reason", "spec_json", "created_at", "started_at", "finished_at", "step", "total_steps", "version", "metrics", "workers", "samples_per_second")

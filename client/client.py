@@ -1,0 +1,296 @@
+"""The Python client: submit jobs, watch them, cancel them and pull their checkpoints.
+
+    client = Client("localhost:50051")
+    job = client.submit(JobSpec.from_yaml("job.yaml"))
+    job.wait(progress=True)
+    client.pull_checkpoint(job.id, "model.safetensors")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import grpc
+
+from gradhub.client.errors import (
+    AuthError,
+    GradhubError,
+    JobFailedError,
+    NotFoundError,
+    ServerUnavailableError,
+    SpecError,
+    StateError,
+)
+from gradhub.client.spec import JobSpec
+from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc
+
+DEFAULT_ADDRESS = "localhost:50051"
+RPC_TIMEOUT_S = 30.0
+WORKING_DIR_LIMIT = 100 << 20  # bytes, packed; Ray's runtime_env limit as well
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    rank: int
+    state: str
+    step: int
+    staleness: int
+    max_staleness: int
+    host: str
+    restarts: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A snapshot of a job as the server reports it."""
+
+    id: str
+    name: str
+    mode: str
+    state: str
+    reason: str
+    step: int
+    total_steps: int
+    version: int
+    metrics: dict[str, float]
+    samples_per_second: float
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    workers: tuple[WorkerInfo, ...] = ()
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    @classmethod
+    def from_proto(cls, p: jobs_pb2.Job) -> JobInfo:
+        return cls(
+            id=p.id, name=p.name, mode=p.mode, state=jobs_pb2.JobState.Name(p.state), reason=p.reason,
+            step=p.step, total_steps=p.total_steps, version=p.version, metrics=dict(p.metrics),
+            samples_per_second=p.samples_per_second, created_at=p.created_at,
+            started_at=p.started_at or None, finished_at=p.finished_at or None,
+            workers=tuple(WorkerInfo(w.rank, w.state, w.step, w.staleness, w.max_staleness, w.host,
+                                     w.restarts, w.pid) for w in p.workers),
+            spec=json.loads(p.spec_json) if p.spec_json else {},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    job_id: str
+    step: int
+    version: int
+    size_bytes: int
+    sha256: str
+    created_at: float
+
+
+def _translate(e: grpc.RpcError, what: str) -> GradhubError:
+    code, details = e.code(), e.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServerUnavailableError(f"{what}: server unavailable ({details})")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthError(f"{what}: {details} (set GRADHUB_TOKEN or pass token=)")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(details)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field_, _, problem = details.partition(": ")
+        return SpecError(field_, problem) if problem else SpecError("spec", details)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return StateError(details)
+    return GradhubError(f"{what}: {code.name}: {details}")
+
+
+class Client:
+    """A connection to one gradhub server. ``address``: GRADHUB_SERVER, then localhost:50051."""
+
+    def __init__(self, address: str | None = None, token: str | None = None, timeout: float = RPC_TIMEOUT_S) -> None:
+        self.address = address or os.environ.get("GRADHUB_SERVER") or DEFAULT_ADDRESS
+        token = token if token is not None else os.environ.get("GRADHUB_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._timeout = timeout
+        self._channel = grpc.insecure_channel(self.address, options=[
+            ("grpc.max_receive_message_length", 64 << 20)])
+        self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: Any, what: str) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _translate(e, what) from e
+
+    # ---------------------------------------------------------------- jobs
+    def submit(self, spec: JobSpec | Mapping[str, Any]) -> Job:
+        spec = JobSpec.coerce(spec)  # validated here, and again by the server
+        packed = pack_working_dir(spec.working_dir) if spec.working_dir else b""
+        reply = self._call("SubmitJob", jobs_pb2.SubmitJobRequest(spec_json=spec.to_json(),
+                                                                  working_dir_zip=packed), "submit")
+        return Job(self, JobInfo.from_proto(reply.job))
+
+    def get_job(self, job_id: str) -> JobInfo:
+        return JobInfo.from_proto(self._call("GetJob", jobs_pb2.GetJobRequest(job_id=job_id), "status").job)
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, self.get_job(job_id))
+
+    def list_jobs(self) -> list[JobInfo]:
+        return [JobInfo.from_proto(j) for j in self._call("ListJobs", jobs_pb2.ListJobsRequest(), "list").jobs]
+
+    def cancel(self, job_id: str) -> JobInfo:
+        return JobInfo.from_proto(self._call("CancelJob", jobs_pb2.CancelJobRequest(job_id=job_id), "cancel").job)
+
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[JobInfo]:
+        """The job now and at each change, until it ends (or ``timeout`` seconds pass)."""
+        try:
+            for reply in self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), timeout=timeout,
+                                             metadata=self._metadata):
+                yield JobInfo.from_proto(reply.job)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TimeoutError(f"job {job_id} did not finish within {timeout} s") from e
+            raise _translate(e, "watch") from e
+
+    def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
+        try:
+            for reply in self._stub.GetJobLogs(jobs_pb2.GetJobLogsRequest(job_id=job_id, follow=follow),
+                                               metadata=self._metadata):
+                yield from reply.lines
+        except grpc.RpcError as e:
+            raise _translate(e, "logs") from e
+
+    # ---------------------------------------------------------- checkpoints
+    def list_checkpoints(self, job_id: str) -> list[CheckpointMeta]:
+        reply = self._call("ListCheckpoints", jobs_pb2.ListCheckpointsRequest(job_id=job_id), "checkpoints")
+        return [_ckpt(c) for c in reply.checkpoints]
+
+    def pull_checkpoint(self, job_id: str, path: str | Path, step: int | None = None) -> CheckpointMeta:
+        """Download a checkpoint (the latest, or ``step``) to ``path``; verifies its sha256.
+
+        The file is written next to ``path`` and renamed into place only once verified.
+        """
+        path = Path(path)
+        request = jobs_pb2.PullCheckpointRequest(job_id=job_id)
+        if step is not None:
+            request.step = step
+        digest = hashlib.sha256()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                stream = self._stub.PullCheckpoint(request, timeout=600, metadata=self._metadata)
+                first = next(stream)
+                if first.WhichOneof("kind") != "info":
+                    raise GradhubError("pull: the server's stream did not start with the checkpoint's info")
+                meta = _ckpt(first.info)
+                for chunk in stream:
+                    digest.update(chunk.data)
+                    f.write(chunk.data)
+            if digest.hexdigest() != meta.sha256:
+                raise GradhubError(f"pull: sha256 mismatch for {job_id} step {meta.step}: got "
+                                   f"{digest.hexdigest()}, the server says {meta.sha256}")
+            os.replace(tmp, path)
+            return meta
+        except grpc.RpcError as e:
+            raise _translate(e, "pull") from e
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _ckpt(c: jobs_pb2.CheckpointInfo) -> CheckpointMeta:
+    return CheckpointMeta(c.job_id, c.step, c.version, c.size_bytes, c.sha256, c.created_at)
+
+
+class Job:
+    """A handle on a submitted job."""
+
+    def __init__(self, client: Client, info: JobInfo) -> None:
+        self.client, self.info = client, info
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    def refresh(self) -> JobInfo:
+        self.info = self.client.get_job(self.id)
+        return self.info
+
+    def wait(self, timeout: float | None = None, progress: bool = False) -> JobInfo:
+        """Block until the job ends; raises JobFailedError when it FAILED or was CANCELLED."""
+        if progress:
+            from gradhub.client.progress import watch_with_progress
+
+            self.info = watch_with_progress(self.client, self.id, timeout)
+        else:
+            for info in self.client.watch(self.id, timeout=timeout):
+                self.info = info
+        if self.info.state != "SUCCEEDED":
+            raise JobFailedError(f"job {self.id} {self.info.state}: {self.info.reason or 'no reason given'}")
+        return self.info
+
+    def cancel(self) -> JobInfo:
+        self.info = self.client.cancel(self.id)
+        return self.info
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, state={self.info.state!r}, step={self.info.step}/{self.info.total_steps})"
+
+
+def pack_working_dir(path: str | os.PathLike[str], limit: int = WORKING_DIR_LIMIT) -> bytes:
+    """Zip a local folder for a job's ``working_dir`` (skipping caches and VCS folders)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise SpecError("working_dir", f"{str(root)!r} is not a folder")
+    buf = io.BytesIO()
+    total = 0
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(root.rglob("*")):
+            rel = file.relative_to(root)
+            if any(part in (".git", "__pycache__", ".venv") for part in rel.parts) or not file.is_file():
+                continue
+            total += file.stat().st_size
+            if total > limit:
+                raise SpecError("working_dir", f"{str(root)!r} holds more than {limit >> 20} MiB; "
+                                "keep data out of it or load it from shared storage")
+            zf.write(file, rel.as_posix())
+    data = buf.getvalue()
+    if len(data) > limit:
+        raise SpecError("working_dir", f"packed size {len(data) >> 20} MiB exceeds {limit >> 20} MiB")
+    return data
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll ``predicate`` until true, or raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

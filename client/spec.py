@@ -1,0 +1,432 @@
+"""The job specification: what to train, how, on how many workers; validated when it is built.
+
+A ``JobSpec`` is what a user writes as YAML or JSON and what the server stores and hands to its
+workers. Every field is checked in ``__post_init__`` and errors are ``SpecError``s whose message
+starts with the field's dotted path (``optimizer.lr: ...``). README.md documents each field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from gradhub.client._validate import (
+    HYPER_CHECKS,
+    check_choice,
+    check_int,
+    check_keys,
+    check_mapping,
+    check_number,
+    check_optional_int,
+    check_str,
+    json_value,
+    prefixed,
+    type_name,
+)
+from gradhub.client.errors import SpecError
+
+MODES = ("ps-sync", "ps-async", "ps-ssp", "allreduce")
+COMPRESSIONS = ("none", "fp16", "bf16")
+BUILTIN_MODELS = frozenset({"mlp", "cnn"})
+BUILTIN_DATASETS = frozenset({"digits", "synthetic"})
+BUILTIN_LOSSES = frozenset({"cross_entropy", "mse"})
+SCHEDULES = ("constant", "step", "cosine")
+OPTIMIZER_HYPERPARAMETERS: dict[str, frozenset[str]] = {
+    "sgd": frozenset({"momentum", "dampening", "weight_decay", "nesterov"}),
+    "adam": frozenset({"betas", "eps", "weight_decay", "amsgrad"}),
+    "adamw": frozenset({"betas", "eps", "weight_decay", "amsgrad"}),
+    "adagrad": frozenset({"lr_decay", "weight_decay", "initial_accumulator_value", "eps"}),
+    "rmsprop": frozenset({"alpha", "eps", "weight_decay", "momentum", "centered"}),
+    "adadelta": frozenset({"rho", "eps", "weight_decay"}),
+}
+
+DEFAULT_STALENESS = 2
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_JOB_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_MAX_SEED = 2**63 - 1
+_T = TypeVar("_T")
+_MISSING: Any = object()  # marks a required field that was not given
+
+
+# --- components -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A model, dataset or loss: a built-in ``name`` or a ``package.module:function`` factory."""
+
+    name: str | None = None
+    factory: str | None = None
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.factory is None):
+            raise SpecError("name", "give exactly one of name (a built-in) or factory")
+        if self.name is not None:
+            check_str("name", self.name)
+        if self.factory is not None and not (
+            isinstance(self.factory, str) and _FACTORY.match(self.factory)
+        ):
+            raise SpecError(
+                "factory", f"must look like 'package.module:function', got {self.factory!r}"
+            )
+        check_mapping("args", self.args)
+        object.__setattr__(self, "args", json_value("args", self.args))
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.factory, json.dumps(self.args, sort_keys=True)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ...}`` or ``{"factory": ...}``, plus ``args`` when there are any."""
+        out: dict[str, Any] = {"name": self.name} if self.name else {"factory": self.factory}
+        if self.args:
+            out["args"] = json_value("args", self.args)  # a deep copy
+        return out
+
+
+def _component(value: Any, path: str, builtins: frozenset[str]) -> ComponentSpec:
+    """A ComponentSpec from itself, a string (a name, or a factory if it has ':') or a mapping."""
+    if value is _MISSING or value is None:
+        raise SpecError(
+            path,
+            f"is required: a built-in name ({', '.join(sorted(builtins))}) "
+            "or a factory 'package.module:function'",
+        )
+    if isinstance(value, str):
+        value = {"factory": value} if ":" in value else {"name": value}
+    if isinstance(value, Mapping):
+        check_keys(path, value, ("name", "factory", "args"), "key")
+        with prefixed(path):
+            value = ComponentSpec(**value)
+    if not isinstance(value, ComponentSpec):
+        raise SpecError(
+            path, f"must be a name, a factory string or a mapping, got {type_name(value)} {value!r}"
+        )
+    if value.name is not None:
+        check_choice(f"{path}.name", value.name, builtins, f"built-in {path}")
+    return value
+
+
+# --- resources, optimizer, schedule ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker reserves: CPUs and GPUs, fractions allowed (``cpus: 0.5``)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cpus", check_number("cpus", self.cpus, lo=0))
+        object.__setattr__(self, "gpus", check_number("gpus", self.gpus, lo=0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"cpus": ..., "gpus": ...}``."""
+        return {"cpus": self.cpus, "gpus": self.gpus}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A torch.optim optimizer by name, its learning rate and its other keyword arguments."""
+
+    name: str = "sgd"
+    lr: float = 0.01
+    hyper: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_choice("name", self.name, OPTIMIZER_HYPERPARAMETERS, "optimizer")
+        object.__setattr__(self, "lr", check_number("lr", self.lr, lo=0, lo_open=True))
+        check_mapping("hyper", self.hyper)
+        for key in self.hyper:
+            if not isinstance(key, str):
+                raise SpecError("hyper", f"keys must be strings, got {key!r}")
+        allowed = OPTIMIZER_HYPERPARAMETERS[self.name]
+        check_keys("", self.hyper, allowed, f"hyperparameter for {self.name}")
+        hyper = {key: HYPER_CHECKS[key](key, value) for key, value in self.hyper.items()}
+        if hyper.get("nesterov") and (
+            hyper.get("momentum", 0.0) <= 0 or hyper.get("dampening", 0.0) != 0
+        ):
+            raise SpecError("nesterov", "requires momentum > 0 and dampening = 0 (as torch does)")
+        object.__setattr__(self, "hyper", hyper)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.lr, json.dumps(self.hyper, sort_keys=True)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name", "lr"}`` with the hyperparameters flat beside them (tuples as lists)."""
+        hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in self.hyper.items()}
+        return {"name": self.name, "lr": self.lr, **hyper}
+
+
+def _optimizer(value: Any, path: str) -> OptimizerSpec:
+    if isinstance(value, str):
+        value = {"name": value}
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                raise SpecError(path, f"keys must be strings, got {key!r}")
+        hyper = {k: v for k, v in value.items() if k not in ("name", "lr")}
+        kwargs = {k: value[k] for k in ("name", "lr") if k in value}
+        with prefixed(path):
+            value = OptimizerSpec(**kwargs, hyper=hyper)
+    if not isinstance(value, OptimizerSpec):
+        raise SpecError(path, f"must be a name or a mapping, got {type_name(value)} {value!r}")
+    return value
+
+
+# which schedule each schedule-specific field belongs to, and its "not given" default
+_SCHEDULE_ONLY: dict[str, tuple[str, Any]] = {
+    "step_size": ("step", None),
+    "gamma": ("step", 0.1),
+    "eta_min": ("cosine", 0.0),
+    "t_max": ("cosine", None),
+}
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A learning-rate schedule (constant, step or cosine) with an optional linear warmup."""
+
+    name: str = "constant"
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.1
+    step_size: int | None = None
+    gamma: float = 0.1
+    eta_min: float = 0.0
+    t_max: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("name", self.name, SCHEDULES, "schedule")
+        for key, (owner, default) in _SCHEDULE_ONLY.items():
+            if self.name != owner and getattr(self, key) != default:
+                raise SpecError(key, f"only applies to schedule {owner!r}, not {self.name!r}")
+        put = object.__setattr__
+        put(self, "warmup_steps", check_int("warmup_steps", self.warmup_steps, lo=0))
+        put(
+            self,
+            "warmup_start_factor",
+            check_number("warmup_start_factor", self.warmup_start_factor, lo=0, hi=1, lo_open=True),
+        )
+        if self.name == "step" and self.step_size is None:
+            raise SpecError("step_size", "is required for schedule 'step' (an integer >= 1)")
+        put(self, "step_size", check_optional_int("step_size", self.step_size, lo=1))
+        put(self, "gamma", check_number("gamma", self.gamma, lo=0, lo_open=True))
+        put(self, "eta_min", check_number("eta_min", self.eta_min, lo=0))
+        put(self, "t_max", check_optional_int("t_max", self.t_max, lo=1))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The name, the warmup and the fields that apply to this schedule (None left out)."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "warmup_steps": self.warmup_steps,
+            "warmup_start_factor": self.warmup_start_factor,
+        }
+        for key, (owner, _) in _SCHEDULE_ONLY.items():
+            if owner == self.name and getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+def _nested(cls: type[_T], value: Any, path: str, named: bool = True) -> _T:
+    """A ``cls`` from itself, a mapping of its fields or (when ``named``) its name alone."""
+    if named and isinstance(value, str):
+        value = {"name": value}
+    if isinstance(value, Mapping):
+        check_keys(path, value, [f.name for f in fields(cls)], "key")  # type: ignore[arg-type]
+        with prefixed(path):
+            value = cls(**value)
+    if not isinstance(value, cls):
+        form = "a name or a mapping" if named else "a mapping"
+        raise SpecError(path, f"must be {form}, got {type_name(value)} {value!r}")
+    return value
+
+
+# --- the job --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """One training job. ``model`` and ``dataset`` are required; README.md explains every field.
+
+    Nested fields may be given as specs, mappings or (model, dataset, loss, optimizer,
+    lr_schedule) plain names. After construction ``staleness`` is 2 for ``ps-ssp`` when it was
+    not given, and ``epochs`` is 1 when neither ``epochs`` nor ``steps`` was given.
+    """
+
+    name: str = "job"
+    mode: str = "ps-sync"
+    staleness: int | None = None
+    workers: int = 2
+    resources: Resources = field(default_factory=Resources)
+    model: ComponentSpec = _MISSING
+    dataset: ComponentSpec = _MISSING
+    loss: ComponentSpec = field(default_factory=lambda: ComponentSpec(name="cross_entropy"))
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    lr_schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    compression: str = "none"
+    batch_size: int = 32
+    epochs: int | None = None
+    steps: int | None = None
+    seed: int = 0
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    working_dir: str | None = None
+    max_restarts: int = 3
+    val_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        if not (isinstance(self.name, str) and _JOB_NAME.match(self.name)):
+            raise SpecError(
+                "name", f"must be 1 to 64 of the characters A-Z a-z 0-9 . _ -, got {self.name!r}"
+            )
+        check_choice("mode", self.mode, MODES, "mode")
+        if self.mode == "ps-ssp":
+            staleness = DEFAULT_STALENESS if self.staleness is None else self.staleness
+            put(self, "staleness", check_int("staleness", staleness, lo=0))
+        elif self.staleness is not None:
+            raise SpecError("staleness", f"only applies to mode ps-ssp, not {self.mode!r}")
+        put(self, "workers", check_int("workers", self.workers, lo=1, hi=1024))
+        put(self, "resources", _nested(Resources, self.resources, "resources", named=False))
+        put(self, "model", _component(self.model, "model", BUILTIN_MODELS))
+        put(self, "dataset", _component(self.dataset, "dataset", BUILTIN_DATASETS))
+        put(self, "loss", _component(self.loss, "loss", BUILTIN_LOSSES))
+        put(self, "optimizer", _optimizer(self.optimizer, "optimizer"))
+        put(self, "lr_schedule", _nested(ScheduleSpec, self.lr_schedule, "lr_schedule"))
+        if self.lr_schedule.eta_min > self.optimizer.lr:
+            raise SpecError(
+                "lr_schedule.eta_min",
+                f"must not exceed optimizer.lr ({self.lr_schedule.eta_min} > {self.optimizer.lr})",
+            )
+        check_choice("compression", self.compression, COMPRESSIONS, "compression")
+        put(self, "batch_size", check_int("batch_size", self.batch_size, lo=1))
+        if self.epochs is not None and self.steps is not None:
+            raise SpecError("steps", "give either epochs or steps, not both")
+        if self.steps is None:
+            put(
+                self, "epochs", check_int("epochs", 1 if self.epochs is None else self.epochs, lo=1)
+            )
+        else:
+            put(self, "steps", check_int("steps", self.steps, lo=1))
+        put(self, "seed", check_int("seed", self.seed, lo=0, hi=_MAX_SEED))
+        put(self, "eval_every", check_int("eval_every", self.eval_every, lo=0))
+        put(self, "checkpoint_every", check_int("checkpoint_every", self.checkpoint_every, lo=0))
+        put(self, "keep_checkpoints", check_int("keep_checkpoints", self.keep_checkpoints, lo=1))
+        if self.working_dir is not None:
+            wd = self.working_dir
+            wd = os.fspath(wd) if isinstance(wd, os.PathLike) else wd
+            put(self, "working_dir", check_str("working_dir", wd))
+        put(self, "max_restarts", check_int("max_restarts", self.max_restarts, lo=0))
+        put(
+            self,
+            "val_fraction",
+            check_number("val_fraction", self.val_fraction, lo=0, hi=1, hi_open=True),
+        )
+
+    # --- derived values ---
+
+    @property
+    def is_ps(self) -> bool:
+        """True for the parameter-server modes (``ps-sync``, ``ps-async``, ``ps-ssp``)."""
+        return self.mode.startswith("ps-")
+
+    @property
+    def effective_staleness(self) -> int:
+        """How many steps a worker may run ahead: ``staleness`` for ``ps-ssp``, else 0."""
+        return self.staleness if self.mode == "ps-ssp" and self.staleness is not None else 0
+
+    def total_steps(self, train_size: int) -> int:
+        """``steps``, or ``epochs`` times the steps per epoch for a training set of this size."""
+        if self.steps is not None:
+            return self.steps
+        assert self.epochs is not None  # __post_init__ sets one of the two
+        global_batch = self.workers * self.batch_size
+        per_epoch = train_size // global_batch
+        if per_epoch == 0:
+            raise SpecError(
+                "batch_size",
+                f"the global batch of {self.workers} x {self.batch_size} = {global_batch} is "
+                f"larger than the training set of {train_size} samples; lower batch_size or workers",
+            )
+        return self.epochs * per_epoch
+
+    # --- conversion ---
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical dict/YAML form: plain dicts and lists, fields that are None left out."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
+        return out
+
+    def to_json(self) -> str:
+        """``to_dict()`` as JSON with sorted keys."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        """Build from the dict form; unknown keys are errors with a did-you-mean hint."""
+        if not isinstance(data, Mapping):
+            raise SpecError("spec", f"must be a mapping of fields, got {type_name(data)}")
+        check_keys("", data, [f.name for f in fields(cls)], "field")
+        return cls(**data)
+
+    @classmethod
+    def coerce(cls, spec: JobSpec | Mapping[str, Any]) -> JobSpec:
+        """Return ``spec`` itself if it is a JobSpec, else ``from_dict(spec)``."""
+        return spec if isinstance(spec, JobSpec) else cls.from_dict(spec)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> JobSpec:
+        """Parse JSON text whose top level is an object."""
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise SpecError("json", f"invalid JSON: {e}") from e
+        if not isinstance(data, Mapping):
+            raise SpecError("json", f"top level must be an object, got {type_name(data)}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | Path) -> JobSpec:
+        """Read a YAML file (a Path, or a str naming an existing file) or parse YAML text."""
+        source = path_or_text
+        if isinstance(source, Path) or (isinstance(source, str) and os.path.isfile(source)):
+            try:
+                source = Path(source).read_text(encoding="utf-8")
+            except OSError as e:
+                raise SpecError("yaml", f"cannot read {str(path_or_text)!r}: {e}") from e
+        if not isinstance(source, str):
+            raise SpecError("yaml", f"expected a path or YAML text, got {type_name(source)}")
+        try:
+            data = yaml.load(source, Loader=_YamlLoader)  # a SafeLoader subclass
+        except yaml.YAMLError as e:
+            raise SpecError("yaml", f"invalid YAML: {e}") from e
+        if not isinstance(data, Mapping):
+            if "\n" not in source and source.strip().endswith((".yaml", ".yml")):
+                raise SpecError("yaml", f"no such file: {source.strip()!r}")
+            got = "an empty document" if data is None else type_name(data)
+            raise SpecError("yaml", f"top level must be a mapping, got {got}")
+        return cls.from_dict(data)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 would make it a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)

@@ -1,0 +1,176 @@
+"""Tensor codec for the wire: flat tensors <-> raw bytes in ~1 MiB chunks, and tensor layouts.
+
+A model's tensors travel as one header (a ``TensorMeta`` per tensor: name, dtype,
+shape) followed by their bytes back to back in meta order, cut into chunks of
+``CHUNK_BYTES``. Nothing here pickles; bytes are little-endian as torch lays them out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from math import prod
+
+import torch
+
+from gradhub.client.errors import ProtocolError
+from gradhub.proto.v1 import tensor_pb2
+
+CHUNK_BYTES = 1 << 20
+
+WIRE_DTYPES: dict[int, torch.dtype] = {
+    tensor_pb2.FLOAT32: torch.float32,
+    tensor_pb2.FLOAT16: torch.float16,
+    tensor_pb2.BFLOAT16: torch.bfloat16,
+}
+COMPRESSION_DTYPES: dict[str, int] = {
+    "none": tensor_pb2.FLOAT32,
+    "fp16": tensor_pb2.FLOAT16,
+    "bf16": tensor_pb2.BFLOAT16,
+}
+
+
+def dtype_name(wire_dtype: int) -> str:
+    return tensor_pb2.DType.Name(wire_dtype) if wire_dtype in tensor_pb2.DType.values() else str(wire_dtype)
+
+
+def torch_dtype(wire_dtype: int) -> torch.dtype:
+    """The torch dtype for a wire dtype; FLOAT32 when unspecified."""
+    if wire_dtype == tensor_pb2.DTYPE_UNSPECIFIED:
+        return torch.float32
+    try:
+        return WIRE_DTYPES[wire_dtype]
+    except KeyError:
+        raise ProtocolError(f"dtype: unknown wire dtype {wire_dtype}") from None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names and shapes of a model's parameters, in order, as one flat float32 vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.shapes):
+            raise ProtocolError("tensors: names and shapes differ in length")
+        if len(set(self.names)) != len(self.names):
+            raise ProtocolError("tensors: duplicate tensor names")
+        if not self.names:
+            raise ProtocolError("tensors: a model needs at least one parameter tensor")
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(prod(s) for s in self.shapes)
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
+
+    def nbytes(self, wire_dtype: int) -> int:
+        return self.numel * torch_dtype(wire_dtype).itemsize
+
+    def metas(self, wire_dtype: int) -> list[tensor_pb2.TensorMeta]:
+        return [
+            tensor_pb2.TensorMeta(name=n, dtype=wire_dtype, shape=list(s))
+            for n, s in zip(self.names, self.shapes, strict=True)
+        ]
+
+    @classmethod
+    def from_metas(cls, metas: Sequence[tensor_pb2.TensorMeta]) -> Layout:
+        for i, m in enumerate(metas):
+            if any(d < 0 for d in m.shape):
+                raise ProtocolError(f"tensors[{i}].shape: negative dimension in {list(m.shape)}")
+        return cls(tuple(m.name for m in metas), tuple(tuple(m.shape) for m in metas))
+
+    def check_metas(self, metas: Sequence[tensor_pb2.TensorMeta], wire_dtype: int) -> None:
+        """Raise ProtocolError naming the first tensor whose name, shape or dtype differs."""
+        if len(metas) != len(self.names):
+            raise ProtocolError(
+                f"tensors: got {len(metas)} tensors, the job's model has {len(self.names)}"
+            )
+        for i, (m, name, shape) in enumerate(zip(metas, self.names, self.shapes, strict=True)):
+            if m.name != name:
+                raise ProtocolError(f"tensors[{i}].name: got '{m.name}', expected '{name}'")
+            if tuple(m.shape) != shape:
+                raise ProtocolError(
+                    f"tensors[{i}].shape: '{name}' has shape {list(m.shape)}, expected {list(shape)}"
+                )
+            if m.dtype != wire_dtype:
+                raise ProtocolError(
+                    f"tensors[{i}].dtype: '{name}' is {dtype_name(m.dtype)}, "
+                    f"expected {dtype_name(wire_dtype)} for this job's compression"
+                )
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``flat`` shaped as each named tensor."""
+        out, offset = {}, 0
+        for name, shape, n in zip(self.names, self.shapes, self.numels, strict=True):
+            out[name] = flat[offset : offset + n].view(shape)
+            offset += n
+        return out
+
+    def name_at(self, element: int) -> str:
+        """The tensor that holds flat element ``element``."""
+        offset = 0
+        for name, n in zip(self.names, self.numels, strict=True):
+            offset += n
+            if element < offset:
+                return name
+        return self.names[-1]
+
+
+def as_bytes(flat: torch.Tensor) -> memoryview:
+    """A byte view of a contiguous CPU tensor (no copy)."""
+    if flat.device.type != "cpu" or not flat.is_contiguous():
+        raise ValueError("as_bytes needs a contiguous CPU tensor")
+    if flat.dtype == torch.bfloat16:  # numpy has no bfloat16
+        flat = flat.view(torch.int16)
+    return memoryview(flat.numpy()).cast("B")
+
+
+def encode(flat: torch.Tensor, wire_dtype: int) -> torch.Tensor:
+    """``flat`` (float32) converted to the wire dtype, as a contiguous CPU tensor."""
+    target = torch_dtype(wire_dtype)
+    out = flat.detach()
+    if out.dtype != target:
+        out = out.to(target)
+    if out.device.type != "cpu":
+        out = out.cpu()
+    return out.contiguous()
+
+
+def iter_chunks(data: memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """``data`` cut into ``bytes`` objects of ``chunk_bytes`` (the last may be shorter)."""
+    for start in range(0, len(data), chunk_bytes):
+        yield bytes(data[start : start + chunk_bytes])
+
+
+class Receiver:
+    """Collects a known number of bytes from a stream of chunks into one buffer."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.buffer = bytearray(expected)
+        self._view = memoryview(self.buffer)
+        self.received = 0
+
+    def write(self, data: bytes) -> None:
+        end = self.received + len(data)
+        if end > self.expected:
+            raise ProtocolError(
+                f"byte count: stream carries more than the expected {self.expected} bytes"
+            )
+        self._view[self.received : end] = data
+        self.received = end
+
+    def tensor(self, wire_dtype: int) -> torch.Tensor:
+        """The received bytes as a flat tensor of the wire dtype (shares the buffer)."""
+        if self.received != self.expected:
+            raise ProtocolError(
+                f"byte count: got {self.received} of the expected {self.expected} bytes "
+                "(stream cut short?)"
+            )
+        if self.expected == 0:
+            return torch.empty(0, dtype=torch_dtype(wire_dtype))
+        return torch.frombuffer(self.buffer, dtype=torch_dtype(wire_dtype))

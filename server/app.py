@@ -1,0 +1,129 @@
+"""The gradhub server process: one gRPC server (thread pool) serving the ParameterServer and
+JobService, backed by the JobManager, and connected to Ray (embedded local, or a cluster).
+
+    with Server(ServerConfig(port=0, data_dir=tmp)) as server:
+        print(server.address)
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Self
+
+import grpc
+
+from gradhub.proto.v1 import jobs_pb2_grpc, ps_pb2_grpc
+from gradhub.server.checkpoints import CheckpointStore
+from gradhub.server.config import ServerConfig
+from gradhub.server.job_db import JobDB
+from gradhub.server.job_service import JobServiceServicer
+from gradhub.server.jobs import JobManager, ManagerConfig
+from gradhub.server.launcher import RayLauncher
+from gradhub.server.ps_service import ParameterServerServicer
+from gradhub.server.rpc import TokenInterceptor
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+class Server:
+    """Start with ``start()`` (or ``with``); ``stop(grace)`` ends it. Nothing runs before ``start``."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._grpc: grpc.Server | None = None
+        self._db: JobDB | None = None
+        self._manager: JobManager | None = None
+        self._owns_ray = False
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        """Where clients reach this server (``host:port``)."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    @property
+    def manager(self) -> JobManager:
+        if self._manager is None:
+            raise RuntimeError("server: not started")
+        return self._manager
+
+    def start(self) -> Server:
+        import ray
+
+        c = self.config
+        if not ray.is_initialized():
+            if c.ray_address:
+                ray.init(address=c.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                ray.init(num_cpus=c.ray_num_cpus, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
+            self._owns_ray = True
+        interceptors = [TokenInterceptor(c.token)] if c.token else []
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=c.max_rpc_threads,
+                                                            thread_name_prefix="gradhub-rpc"),
+                                 options=GRPC_OPTIONS, interceptors=interceptors)
+        self.port = self._grpc.add_insecure_port(f"{_bracket(c.host)}:{c.port}")
+        if self.port == 0:
+            raise RuntimeError(f"port: could not bind {c.host}:{c.port}")
+        advertise = c.advertise_address or f"{self._worker_host()}:{self.port}"
+        c.data_dir.mkdir(parents=True, exist_ok=True)
+        self._db = JobDB(c.data_dir / "jobs.db")
+        checkpoints = CheckpointStore(c.data_dir / "checkpoints")
+        self._manager = JobManager(
+            self._db, checkpoints, RayLauncher(advertise, c.token), c.data_dir / "working_dirs",
+            ManagerConfig(heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_timeout_s=c.heartbeat_timeout_s),
+        )
+        ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(self._manager), self._grpc)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(self._manager, checkpoints), self._grpc)
+        self._grpc.start()
+        self._manager.start()
+        log.info("gradhub server on %s (workers reach it at %s)", self.address, advertise)
+        return self
+
+    def _worker_host(self) -> str:
+        host = self.config.host
+        if host in ("127.0.0.1", "localhost", "::1"):
+            return "127.0.0.1"
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._manager is not None:
+            self._manager.stop(grace)
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait(grace + 1)
+        if self._db is not None:
+            self._db.close()
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+            self._owns_ray = False
+        self._grpc = self._db = self._manager = None
+
+    def wait(self) -> None:
+        if self._grpc is not None:
+            self._grpc.wait_for_termination()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

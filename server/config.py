@@ -1,0 +1,36 @@
+"""Server configuration: a frozen dataclass, validated on construction.
+
+Precedence (resolved once, in the CLI): command-line option > ``GRADHUB_*``
+environment variable > default. Library code never reads the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (tests)
+    data_dir: Path = Path("gradhub-data")
+    ray_address: str | None = None  # None: start an embedded local Ray
+    # host:port that workers use to reach this server; default: this node's Ray IP and the bound port
+    advertise_address: str | None = None
+    token: str | None = None  # when set, every RPC needs "authorization: Bearer <token>"
+    max_rpc_threads: int = 64
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 20.0
+    ray_num_cpus: int | None = None  # embedded Ray only: logical CPUs (default: the machine's)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be 0..65535, got {self.port}")
+        if self.max_rpc_threads < 8:
+            raise ValueError("max_rpc_threads: must be >= 8 (pulls block while they wait)")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("token: is empty")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s: must exceed heartbeat_interval_s")
+        object.__setattr__(self, "data_dir", Path(self.data_dir))

@@ -1,0 +1,300 @@
+"""SQLite persistence of jobs and their log lines, so that jobs survive a server restart.
+
+One connection guarded by a lock, WAL journal, schema versioned with ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from gradhub.client.errors import NotFoundError, StateError
+
+__all__ = ["JOB_STATES", "SCHEMA_VERSION", "JobDB", "JobRecord"]
+
+JOB_STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobRecord:
+    """One job as stored; change it with ``JobDB.update`` (or ``dataclasses.replace`` locally)."""
+
+    id: str
+    name: str
+    mode: str
+    spec_json: str
+    state: str
+    reason: str = ""
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    version: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples_per_second: float = 0.0
+    working_dir: str | None = None
+    attempts: int = 0
+
+    def __post_init__(self) -> None:
+        _check_state(self.state)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord))
+_UPDATABLE = frozenset(_FIELDS) - {"id"}
+
+
+def _migrate_to_1(conn: sqlite3.Connection) -> None:
+    states = ", ".join(f"'{s}'" for s in JOB_STATES)
+    conn.execute(f"""
+        CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            spec_json TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ({states})),
+            reason TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            step INTEGER NOT NULL DEFAULT 0,
+            total_steps INTEGER NOT NULL DEFAULT 0,
+            version INTEGER NOT NULL DEFAULT 0,
+            metrics TEXT NOT NULL DEFAULT '{{}}',
+            samples_per_second REAL NOT NULL DEFAULT 0,
+            working_dir TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0
+        )""")
+    conn.execute("CREATE INDEX jobs_by_creation ON jobs (created_at, seq)")
+    conn.execute("""
+        CREATE TABLE job_logs (
+            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            line TEXT NOT NULL,
+            PRIMARY KEY (job_id, seq)
+        ) WITHOUT ROWID""")
+
+
+# MIGRATIONS[i] brings a database from user_version i to i + 1.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_to_1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class JobDB:
+    """Jobs and job logs in one SQLite file; every method is safe to call from any thread.
+
+    Unknown jobs raise ``NotFoundError``, a duplicate id or use after ``close()`` ``StateError``,
+    unknown fields or states ``ValueError``. Commits survive a process crash (WAL with
+    ``synchronous=NORMAL``; a power loss may drop the last few commits).
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn: sqlite3.Connection | None = conn
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Close the connection; later calls raise ``StateError``. Closing twice is a no-op."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        with self._transaction() as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    # ----------------------------------------------------------------- jobs
+
+    def insert(self, record: JobRecord) -> None:
+        """Store a new job; ``StateError`` if a job with its id already exists."""
+        row = _to_row(record)
+        columns = ", ".join(row)
+        marks = ", ".join(f":{c}" for c in row)
+        with self._transaction() as conn:
+            try:
+                conn.execute(f"INSERT INTO jobs ({columns}) VALUES ({marks})", row)
+            except sqlite3.IntegrityError as e:
+                if _exists(conn, record.id):
+                    raise StateError(f"job {record.id!r} already exists") from e
+                raise
+
+    def update(self, job_id: str, **fields: Any) -> JobRecord:
+        """Set the given fields of a job and return the updated record."""
+        unknown = sorted(set(fields) - _UPDATABLE)
+        if unknown:
+            raise ValueError(
+                f"cannot update job field(s) {', '.join(unknown)}; "
+                f"updatable fields: {', '.join(sorted(_UPDATABLE))}"
+            )
+        if "state" in fields:
+            _check_state(fields["state"])
+        row = _to_row_fields(fields)
+        with self._transaction() as conn:
+            if row:
+                assignments = ", ".join(f"{c} = :{c}" for c in row)
+                cur = conn.execute(
+                    f"UPDATE jobs SET {assignments} WHERE id = :_job_id", {**row, "_job_id": job_id}
+                )
+                if cur.rowcount == 0:
+                    raise _not_found(job_id)
+            return _get(conn, job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        """The job with this id; ``NotFoundError`` if there is none."""
+        with self._transaction() as conn:
+            return _get(conn, job_id)
+
+    def list(self, states: Iterable[str] | None = None) -> builtins.list[JobRecord]:
+        """Jobs in creation order (ties in insertion order), optionally only those in ``states``."""
+        query = f"SELECT {', '.join(_FIELDS)} FROM jobs"
+        args: builtins.list[str] = []
+        if states is not None:
+            args = builtins.list(dict.fromkeys(states))
+            for state in args:
+                _check_state(state)
+            if not args:
+                return []
+            query += f" WHERE state IN ({', '.join('?' for _ in args)})"
+        with self._transaction() as conn:
+            rows = conn.execute(query + " ORDER BY created_at, seq", args).fetchall()
+        return [_from_row(r) for r in rows]
+
+    # ----------------------------------------------------------------- logs
+
+    def append_log(self, job_id: str, line: str) -> int:
+        """Append a log line to a job and return its sequence number (1, 2, ...)."""
+        with self._transaction() as conn:
+            if not _exists(conn, job_id):
+                raise _not_found(job_id)
+            (last,) = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM job_logs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO job_logs (job_id, seq, line) VALUES (?, ?, ?)",
+                (job_id, last + 1, line),
+            )
+            return int(last) + 1
+
+    def logs(
+        self, job_id: str, after: int = 0, limit: int | None = None
+    ) -> builtins.list[tuple[int, str]]:
+        """A job's log lines with sequence number above ``after``, oldest first, at most ``limit``."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        with self._transaction() as conn:
+            if not _exists(conn, job_id):
+                raise _not_found(job_id)
+            rows = conn.execute(
+                "SELECT seq, line FROM job_logs WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (job_id, after, -1 if limit is None else limit),
+            ).fetchall()
+        return [(int(seq), line) for seq, line in rows]
+
+    # ----------------------------------------------------------------- internals
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and run the body in one transaction, committed unless it raises."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise StateError(f"job database {str(self._path)!r} is closed")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        (current,) = conn.execute("PRAGMA user_version").fetchone()
+        if current > SCHEMA_VERSION:
+            raise StateError(
+                f"job database {str(self._path)!r} has schema version {current}, newer than "
+                f"this gradhub supports ({SCHEMA_VERSION}); upgrade gradhub"
+            )
+        for version in range(current, SCHEMA_VERSION):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                MIGRATIONS[version](conn)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+
+def _check_state(state: object) -> None:
+    if state not in JOB_STATES:
+        raise ValueError(f"job state must be one of {', '.join(JOB_STATES)}, got {state!r}")
+
+
+def _not_found(job_id: str) -> NotFoundError:
+    return NotFoundError(f"job {job_id!r} not found")
+
+
+def _exists(conn: sqlite3.Connection, job_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+
+
+def _get(conn: sqlite3.Connection, job_id: str) -> JobRecord:
+    row = conn.execute(f"SELECT {', '.join(_FIELDS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise _not_found(job_id)
+    return _from_row(row)
+
+
+def _to_row_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    row = dict(fields)
+    if "metrics" in row:
+        row["metrics"] = json.dumps({str(k): float(v) for k, v in row["metrics"].items()})
+    return row
+
+
+def _to_row(record: JobRecord) -> dict[str, Any]:
+    return _to_row_fields({name: getattr(record, name) for name in _FIELDS})
+
+
+def _from_row(row: tuple[Any, ...]) -> JobRecord:
+    values = dict(zip(_FIELDS, row, strict=True))
+    values["metrics"] = json.loads(values["metrics"])
+    return JobRecord(**values)

@@ -1,0 +1,357 @@
+"""The job manager: jobs' lifecycle, the FIFO queue, and the monitor of each running job.
+
+States go QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED. Jobs persist in the
+JobDB; a job that was RUNNING when the server stopped is resumed from its latest
+checkpoint at the next start. The Ray side is behind the ``Launcher`` interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradhub.client.errors import GradhubError, NotFoundError, SpecError, StateError
+from gradhub.client.spec import JobSpec
+from gradhub.server.checkpoints import CheckpointStore
+from gradhub.server.job_db import JobDB, JobRecord
+from gradhub.server.launcher import Launcher, WorkerGroup, demand
+from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig, WorkerState
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 20.0  # a worker silent this long is killed (and restarted)
+    poll_s: float = 0.25
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    rank: int
+    state: str
+    step: int
+    staleness: int
+    max_staleness: int
+    host: str
+    pid: int
+    restarts: int
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as the API shows it: its record plus the live state of its workers."""
+
+    record: JobRecord
+    workers: tuple[WorkerView, ...] = ()
+
+
+@dataclass
+class _Active:
+    """Runtime state of a QUEUED or RUNNING job (owned by the manager, guarded by its lock)."""
+
+    id: str
+    spec: JobSpec
+    resume: bool = False
+    store: ParameterStore | None = None
+    group: WorkerGroup | None = None
+    cancel: str | None = None
+    restarts: list[int] = field(default_factory=list)
+    worker_state: list[str] = field(default_factory=list)
+    rates: dict[int, float] = field(default_factory=dict)
+    losses: dict[int, float] = field(default_factory=dict)
+    checkpoints: queue.Queue[CheckpointState] = field(default_factory=queue.Queue)
+    thread: threading.Thread | None = None
+
+
+class JobManager:
+    """Owns every job; all mutation happens under ``_cond``. Also the PS servicer's backend."""
+
+    def __init__(self, db: JobDB, checkpoints: CheckpointStore, launcher: Launcher,
+                 working_dirs: Path, config: ManagerConfig = ManagerConfig()) -> None:
+        self._db, self._ckpts, self._launcher = db, checkpoints, launcher
+        self._working_dirs = working_dirs
+        self.config = config
+        self.heartbeat_interval_s = config.heartbeat_interval_s
+        self._cond = threading.Condition()
+        self._active: dict[str, _Active] = {}
+        self._queue: list[str] = []
+        self._reserved: dict[str, dict[str, float]] = {}
+        self._changes = 0
+        self._stopping = False
+        self._scheduler: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Requeue what the last server left QUEUED or RUNNING, then start scheduling."""
+        for rec in self._db.list(states=("QUEUED", "RUNNING")):
+            spec = JobSpec.from_json(rec.spec_json)
+            resume = rec.state == "RUNNING"
+            if resume:
+                self._log(rec.id, "server restarted: resuming from the latest checkpoint")
+                self._db.update(rec.id, state="QUEUED", attempts=rec.attempts + 1)
+            self._active[rec.id] = _Active(rec.id, spec, resume=resume)
+            self._queue.append(rec.id)
+        self._scheduler = threading.Thread(target=self._schedule_loop, name="gradhub-scheduler", daemon=True)
+        self._scheduler.start()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every running job's workers; RUNNING jobs stay RUNNING and resume at the next start."""
+        with self._cond:
+            self._stopping = True
+            active = list(self._active.values())
+            for a in active:
+                if a.store is not None:
+                    a.store.close("server shutting down")
+            self._cond.notify_all()
+        for a in active:
+            if a.thread is not None:
+                a.thread.join(timeout=grace)
+        if self._scheduler is not None:
+            self._scheduler.join(timeout=grace)
+
+    # -------------------------------------------------------------- the API
+    def submit(self, spec: JobSpec, working_dir_zip: bytes | None = None) -> JobView:
+        total = self._launcher.total_resources()
+        need = demand(spec)
+        short = {k: v for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
+        if short:
+            raise SpecError("resources", f"the job asks for {spec.workers} workers x {_fmt(need, spec.workers)} "
+                            f"= {_fmt(need)}, but the cluster has {_fmt({k: total.get(k, 0.0) for k in need})} "
+                            "in all; lower workers or resources")
+        job_id = "j-" + uuid.uuid4().hex[:10]
+        workdir = None
+        if working_dir_zip:
+            self._working_dirs.mkdir(parents=True, exist_ok=True)
+            path = self._working_dirs / f"{job_id}.zip"
+            path.write_bytes(working_dir_zip)
+            workdir = str(path)
+        rec = JobRecord(id=job_id, name=spec.name, mode=spec.mode, spec_json=spec.to_json(), state="QUEUED",
+                        created_at=time.time(), working_dir=workdir)
+        with self._cond:
+            if self._stopping:
+                raise StateError("server: shutting down, not accepting jobs")
+            self._db.insert(rec)
+            self._active[job_id] = _Active(job_id, spec)
+            self._queue.append(job_id)
+            self._changed()
+        self._log(job_id, f"submitted: {spec.workers} workers, mode {spec.mode}")
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> JobView:
+        rec = self._db.get(job_id)
+        with self._cond:
+            a = self._active.get(job_id)
+            if a is None or a.store is None:
+                return JobView(rec)
+            store = a.store
+            workers = tuple(
+                WorkerView(w.rank, a.worker_state[w.rank] if a.worker_state else "starting", w.clock,
+                           w.staleness, w.max_staleness, w.host, w.pid, a.restarts[w.rank] if a.restarts else 0)
+                for w in store.workers()
+            )
+            rates = sum(a.rates.values())
+        rec = _replace(rec, step=store.step(), version=store.version,
+                       total_steps=store.total_steps or rec.total_steps, samples_per_second=rates)
+        return JobView(rec, workers)
+
+    def list(self) -> list[JobView]:
+        return [self.get(r.id) for r in self._db.list()]
+
+    def cancel(self, job_id: str, reason: str = "cancelled by user") -> JobView:
+        rec = self._db.get(job_id)
+        if rec.state in TERMINAL:
+            return self.get(job_id)
+        with self._cond:
+            a = self._active.get(job_id)
+            if a is not None and job_id in self._queue:
+                self._queue.remove(job_id)
+                self._finish(job_id, "CANCELLED", reason)
+            elif a is not None:
+                a.cancel = reason
+                if a.store is not None:
+                    a.store.close(reason)
+            self._changed()
+        return self.get(job_id)
+
+    def watch(self, job_id: str, refresh_s: float = 1.0) -> Iterator[JobView]:
+        """The job now and after every change (at least every ``refresh_s``), until it ends."""
+        seen = -1
+        while True:
+            view = self.get(job_id)
+            yield view
+            if view.record.state in TERMINAL:
+                return
+            with self._cond:
+                if self._changes == seen:
+                    self._cond.wait(refresh_s)
+                seen = self._changes
+                if self._stopping:
+                    return
+
+    def logs(self, job_id: str, after: int = 0) -> list[tuple[int, str]]:
+        self._db.get(job_id)
+        return self._db.logs(job_id, after=after)
+
+    def wait_for_change(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
+
+    # ------------------------------------------------- PS servicer backend
+    def store(self, job_id: str) -> ParameterStore:
+        with self._cond:
+            a = self._active.get(job_id)
+            if a is None or a.store is None:
+                raise NotFoundError(f"job_id: job {job_id!r} is not running on this server")
+            return a.store
+
+    def on_register(self, job_id: str, rank: int, total_steps: int, train_size: int) -> None:
+        store = self.store(job_id)
+        store.set_total_steps(total_steps)
+        with self._cond:
+            a = self._active[job_id]
+            if a.worker_state:
+                a.worker_state[rank] = "running"
+            self._changed()
+        rec = self._db.get(job_id)
+        if rec.total_steps != total_steps:
+            self._db.update(job_id, total_steps=total_steps)
+
+    def on_metrics(self, job_id: str, rank: int, step: int, kind: str, metrics: Mapping[str, float]) -> None:
+        store = self.store(job_id)
+        with self._cond:
+            a = self._active[job_id]
+            rec = self._db.get(job_id)
+            merged = dict(rec.metrics)
+            if kind == "train":
+                a.rates[rank] = float(metrics.get("samples_per_s", 0.0))
+                a.losses[rank] = float(metrics.get("loss", 0.0))
+                merged["loss"] = sum(a.losses.values()) / len(a.losses)
+            else:
+                merged.update({k: float(v) for k, v in metrics.items()})
+            self._db.update(job_id, metrics=merged, step=store.step(), version=store.version,
+                            samples_per_second=sum(a.rates.values()))
+            self._changed()
+        if kind == "eval":
+            self._log(job_id, f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+
+    # ------------------------------------------------------------ scheduling
+    def _schedule_loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                started = self._start_fitting()
+                if not started:
+                    self._cond.wait(self.config.poll_s * 4)
+
+    def _start_fitting(self) -> bool:
+        """Start queued jobs in FIFO order while the head of the queue fits."""
+        started = False
+        while self._queue:
+            job_id = self._queue[0]
+            a = self._active[job_id]
+            if not self._fits(demand(a.spec)):
+                break
+            self._queue.pop(0)
+            self._reserved[job_id] = demand(a.spec)
+            a.thread = threading.Thread(target=self._run_job, args=(a,), name=f"gradhub-{job_id}", daemon=True)
+            a.thread.start()
+            started = True
+        return started
+
+    def _fits(self, need: dict[str, float]) -> bool:
+        total = self._launcher.total_resources()
+        used: dict[str, float] = {}
+        for r in self._reserved.values():
+            for k, v in r.items():
+                used[k] = used.get(k, 0.0) + v
+        return all(v <= total.get(k, 0.0) - used.get(k, 0.0) + 1e-9 for k, v in need.items())
+
+    # ----------------------------------------------------------- running
+    def _run_job(self, a: _Active) -> None:
+        from gradhub.server.monitor import JobMonitor  # the per-job loop lives in its own module
+
+        try:
+            state, reason = JobMonitor(self, a).run()
+        except Exception as e:
+            log.exception("job %s crashed", a.id)
+            state, reason = "FAILED", f"internal error: {type(e).__name__}: {e}"
+        with self._cond:
+            self._reserved.pop(a.id, None)
+            if state is not None:
+                self._finish(a.id, state, reason)
+            self._changed()
+
+    def _finish(self, job_id: str, state: str, reason: str) -> None:
+        self._db.update(job_id, state=state, reason=reason, finished_at=time.time())
+        self._active.pop(job_id, None)
+        self._log(job_id, f"{state}{': ' + reason if reason else ''}")
+
+    def _changed(self) -> None:
+        self._changes += 1
+        self._cond.notify_all()
+
+    def _log(self, job_id: str, line: str) -> None:
+        log.info("job %s: %s", job_id, line)
+        self._db.append_log(job_id, f"{time.strftime('%H:%M:%S')} {line}")
+
+    # hooks used by the monitor
+    @property
+    def db(self) -> JobDB:
+        return self._db
+
+    @property
+    def checkpoint_store(self) -> CheckpointStore:
+        return self._ckpts
+
+    @property
+    def launcher(self) -> Launcher:
+        return self._launcher
+
+    @property
+    def cond(self) -> threading.Condition:
+        return self._cond
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def notify(self) -> None:
+        with self._cond:
+            self._changed()
+
+    def log_line(self, job_id: str, line: str) -> None:
+        self._log(job_id, line)
+
+
+def store_config(job_id: str, spec: JobSpec) -> StoreConfig:
+    return StoreConfig(
+        job_id=job_id, mode=spec.mode, world_size=spec.workers, staleness=spec.effective_staleness,
+        optimizer=spec.optimizer.name, lr=spec.optimizer.lr, hyper=dict(spec.optimizer.hyper),
+        schedule=spec.lr_schedule.to_dict(), checkpoint_every=spec.checkpoint_every,
+        compression=spec.compression,
+    )
+
+
+def _replace(rec: JobRecord, **fields: Any) -> JobRecord:
+    import dataclasses
+
+    return dataclasses.replace(rec, **fields)
+
+
+def _fmt(res: Mapping[str, float], per: int = 1) -> str:
+    return "{" + ", ".join(f"{k}: {v / per:g}" for k, v in sorted(res.items())) + "}"
+
+
+__all__ = ["GradhubError", "JobManager", "JobView", "ManagerConfig", "WorkerState", "WorkerView"]

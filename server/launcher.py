@@ -1,0 +1,149 @@
+"""Ray adapter: gang-schedules a job's workers in a placement group and reports how they end.
+
+The job manager only sees the ``Launcher`` / ``WorkerGroup`` interfaces, so it can
+be tested with a fake; this module is the one place that talks to Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gradhub.client.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How one ``run`` of a worker ended."""
+
+    rank: int
+    result: dict[str, Any] | None = None  # the WorkerResult, when it returned
+    died: bool = False  # the process died (killed, OOM, node lost): Ray may restart it
+    error: str | None = None  # the worker raised: a bug or bad user code, not retried
+
+
+class WorkerGroup(Protocol):
+    def wait(self, timeout: float) -> list[WorkerExit]: ...
+
+    def rerun(self, rank: int) -> None: ...
+
+    def kill(self, rank: int) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Launcher(Protocol):
+    def total_resources(self) -> dict[str, float]: ...
+
+    def available_resources(self) -> dict[str, float]: ...
+
+    def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> WorkerGroup: ...
+
+
+def bundle(spec: JobSpec) -> dict[str, float]:
+    """One worker's resources as a placement-group bundle."""
+    out: dict[str, float] = {}
+    if spec.resources.cpus > 0:
+        out["CPU"] = spec.resources.cpus
+    if spec.resources.gpus > 0:
+        out["GPU"] = spec.resources.gpus
+    return out or {"CPU": 0.01}  # a bundle must ask for something
+
+
+def demand(spec: JobSpec) -> dict[str, float]:
+    """The whole job's resources."""
+    return {k: v * spec.workers for k, v in bundle(spec).items()}
+
+
+class RayWorkerGroup:
+    """A job's actors, one per rank, in one placement group."""
+
+    def __init__(self, job_id: str, spec: JobSpec, server_address: str, token: str | None,
+                 runtime_env: Mapping[str, Any] | None) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from gradhub.worker.actor import WorkerActor
+
+        self._ray = ray
+        b = bundle(spec)
+        self._pg = placement_group([dict(b) for _ in range(spec.workers)], strategy="SPREAD",
+                                   name=f"gradhub-{job_id}")
+        try:
+            ray.get(self._pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except Exception:
+            ray.util.remove_placement_group(self._pg)
+            raise
+        remote = ray.remote(WorkerActor)
+        self._actors = [
+            remote.options(
+                num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0),
+                max_restarts=spec.max_restarts, max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._pg, placement_group_bundle_index=rank),
+                runtime_env=dict(runtime_env) if runtime_env else None,
+            ).remote(job_id, rank, spec.to_json(), server_address, token)
+            for rank in range(spec.workers)
+        ]
+        self._runs: dict[Any, int] = {}
+        for rank in range(spec.workers):
+            self.rerun(rank)
+
+    def rerun(self, rank: int) -> None:
+        self._runs[self._actors[rank].run.remote()] = rank
+
+    def wait(self, timeout: float) -> list[WorkerExit]:
+        ray = self._ray
+        if not self._runs:
+            return []
+        ready, _ = ray.wait(list(self._runs), num_returns=len(self._runs), timeout=timeout)
+        exits = []
+        for ref in ready:
+            rank = self._runs.pop(ref)
+            try:
+                exits.append(WorkerExit(rank, result=ray.get(ref, timeout=10)))
+            except ray.exceptions.RayActorError as e:
+                exits.append(WorkerExit(rank, died=True, error=str(e).splitlines()[0]))
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                exits.append(WorkerExit(rank, error=f"{type(cause).__name__}: {cause}"))
+        return exits
+
+    def kill(self, rank: int) -> None:
+        """Kill the actor's process; Ray restarts it if restarts are left."""
+        self._ray.kill(self._actors[rank], no_restart=False)
+
+    def stop(self) -> None:
+        for actor in self._actors:
+            try:
+                self._ray.kill(actor, no_restart=True)
+            except Exception as e:  # noqa: BLE001 - best effort on the way out
+                log.debug("kill failed: %s", e)
+        self._ray.util.remove_placement_group(self._pg)
+
+
+class RayLauncher:
+    """Launches worker groups on the Ray cluster this process is connected to."""
+
+    def __init__(self, server_address: str, token: str | None = None) -> None:
+        self.server_address, self.token = server_address, token
+
+    def total_resources(self) -> dict[str, float]:
+        import ray
+
+        return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+    def available_resources(self) -> dict[str, float]:
+        import ray
+
+        return {k: float(v) for k, v in ray.available_resources().items()}
+
+    def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> WorkerGroup:
+        return RayWorkerGroup(job_id, spec, self.server_address, self.token, runtime_env)

@@ -1,0 +1,133 @@
+"""The loop that runs one job: launches its worker group, restarts dead workers, writes checkpoints.
+
+It notices a dead worker within one poll (Ray reports the actor's death) or after
+``heartbeat_timeout_s`` of silence (then it kills the actor so Ray restarts it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from gradhub.server.store import CheckpointState, ParameterStore
+
+if TYPE_CHECKING:
+    from gradhub.server.jobs import JobManager, _Active
+
+log = logging.getLogger(__name__)
+
+
+class JobMonitor:
+    def __init__(self, manager: JobManager, active: _Active) -> None:
+        self.m, self.a = manager, active
+
+    def run(self) -> tuple[str | None, str]:
+        """Run the job to its end; returns (final state, reason), or (None, "") when the server stops."""
+        from gradhub.server.jobs import store_config
+
+        m, a, spec = self.m, self.a, self.a.spec
+        store = ParameterStore(store_config(a.id, spec), on_checkpoint=a.checkpoints.put)
+        rec = m.db.get(a.id)
+        if a.resume:
+            self._resume(store, rec.total_steps)
+        with m.cond:
+            a.store = store
+            a.restarts = [0] * spec.workers
+            a.worker_state = ["starting"] * spec.workers
+        m.db.update(a.id, state="RUNNING", started_at=time.time(), reason="")
+        m.notify()
+        runtime_env = {"working_dir": rec.working_dir} if rec.working_dir else None
+        try:
+            group = m.launcher.launch(a.id, spec, runtime_env)
+        except Exception as e:  # noqa: BLE001 - reported as the job's failure
+            store.close("could not start workers")
+            return "FAILED", f"could not start the workers: {type(e).__name__}: {e}"
+        a.group = group
+        reason = "job ended"
+        try:
+            state, reason = self._loop(store)
+            return state, reason
+        finally:
+            store.close(reason or "job ended")
+            group.stop()
+            self._write_checkpoints()
+
+    def _resume(self, store: ParameterStore, total_steps: int) -> None:
+        ckpts = self.m.checkpoint_store
+        if ckpts.latest(self.a.id) is None or total_steps <= 0:
+            self.m.log_line(self.a.id, "no checkpoint yet: restarting from step 0 (same result, by determinism)")
+            return
+        loaded = ckpts.load(self.a.id)
+        clocks = tuple(loaded.resume_state.get("clocks", [loaded.info.step] * self.a.spec.workers))
+        store.resume_from(
+            CheckpointState(step=loaded.info.step, version=loaded.info.version, params=loaded.params,
+                            optimizer_state=loaded.optimizer_state or {}, scheduler_state=loaded.scheduler_state,
+                            clocks=clocks),
+            total_steps=total_steps,
+        )
+        self.m.log_line(self.a.id, f"resuming from the checkpoint at step {loaded.info.step}")
+
+    def _loop(self, store: ParameterStore) -> tuple[str | None, str]:
+        m, a, spec = self.m, self.a, self.a.spec
+        assert a.group is not None
+        done: set[int] = set()
+        while True:
+            self._write_checkpoints()
+            if m.stopping:
+                return None, "server shutting down"
+            if a.cancel is not None:
+                return "CANCELLED", a.cancel
+            for ex in a.group.wait(m.config.poll_s):
+                if ex.result is not None:
+                    done.add(ex.rank)
+                    self._set_state(ex.rank, "done")
+                elif ex.died:
+                    a.restarts[ex.rank] += 1
+                    store.mark_dead(ex.rank)
+                    if a.restarts[ex.rank] > spec.max_restarts:
+                        return "FAILED", (f"worker {ex.rank} died {a.restarts[ex.rank]} times "
+                                          f"(max_restarts is {spec.max_restarts}): {ex.error}")
+                    m.log_line(a.id, f"worker {ex.rank} died ({ex.error}); restart "
+                                     f"{a.restarts[ex.rank]} of {spec.max_restarts}")
+                    self._set_state(ex.rank, "restarting")
+                    a.group.rerun(ex.rank)
+                else:
+                    if a.cancel is not None:
+                        return "CANCELLED", a.cancel
+                    return "FAILED", f"worker {ex.rank} failed: {ex.error}"
+            for rank, silent in enumerate(store.seconds_since_seen()):
+                if rank not in done and silent > m.config.heartbeat_timeout_s and a.worker_state[rank] == "running":
+                    m.log_line(a.id, f"worker {rank} silent for {silent:.0f} s: killing it so Ray restarts it")
+                    self._set_state(rank, "restarting")
+                    store.mark_dead(rank)
+                    a.group.kill(rank)
+            if len(done) == spec.workers:
+                if not store.finished():
+                    return "FAILED", "the workers stopped before the last step"
+                self._final_checkpoint(store)
+                return "SUCCEEDED", ""
+
+    def _set_state(self, rank: int, state: str) -> None:
+        with self.m.cond:
+            self.a.worker_state[rank] = state
+        self.m.notify()
+
+    def _final_checkpoint(self, store: ParameterStore) -> None:
+        self._write_checkpoints()
+        state = store.checkpoint_state()
+        latest = self.m.checkpoint_store.latest(self.a.id)
+        if latest is None or latest.step != state.step or latest.version != state.version:
+            self._save(state)
+
+    def _write_checkpoints(self) -> None:
+        while not self.a.checkpoints.empty():
+            self._save(self.a.checkpoints.get_nowait())
+
+    def _save(self, state: CheckpointState) -> None:
+        info = self.m.checkpoint_store.save(
+            self.a.id, state.step, state.version, state.params, state.optimizer_state, state.scheduler_state,
+            keep=self.a.spec.keep_checkpoints, resume_state={"clocks": list(state.clocks)},
+        )
+        self.m.log_line(self.a.id, f"checkpoint at step {info.step} ({info.size_bytes / 1e6:.1f} MB)")
+        self.m.notify()

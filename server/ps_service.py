@@ -1,0 +1,124 @@
+"""gRPC adapter for the ParameterServer service: translates between protos and ParameterStore calls."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Protocol
+
+import grpc
+
+from gradhub.client.errors import ProtocolError, StateError
+from gradhub.proto.codec import Layout, Receiver
+from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+from gradhub.server.rpc import handler
+from gradhub.server.store import ParameterStore
+
+# A pull waits at most this long per call when the client set no deadline;
+# the worker simply pulls again.
+MAX_PULL_WAIT_S = 60.0
+
+
+class PSBackend(Protocol):
+    """What the servicer needs from the server: the job's store and two notifications."""
+
+    heartbeat_interval_s: float
+
+    def store(self, job_id: str) -> ParameterStore: ...
+
+    def on_register(self, job_id: str, rank: int, total_steps: int, train_size: int) -> None: ...
+
+    def on_metrics(self, job_id: str, rank: int, step: int, kind: str, metrics: Mapping[str, float]) -> None: ...
+
+
+def _read_header(request_iterator: Iterator[ps_pb2.PushChunk]) -> ps_pb2.PushHeader:
+    first = next(request_iterator, None)
+    if first is None or first.WhichOneof("kind") != "header":
+        raise ProtocolError("header: the first message of a push must be a PushHeader")
+    if not first.header.tensors:
+        raise ProtocolError("tensors: the header lists no tensors")
+    return first.header
+
+
+def _receive(request_iterator: Iterator[ps_pb2.PushChunk], receiver: Receiver) -> None:
+    for chunk in request_iterator:
+        if chunk.WhichOneof("kind") != "data":
+            raise ProtocolError("data: only data chunks may follow the header")
+        receiver.write(chunk.data)
+
+
+class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
+    def __init__(self, backend: PSBackend) -> None:
+        self._backend = backend
+
+    @handler
+    def Register(self, request: ps_pb2.RegisterRequest, context: grpc.ServicerContext) -> ps_pb2.RegisterResponse:
+        store = self._backend.store(request.job_id)
+        if request.total_steps < 1:
+            raise ProtocolError("total_steps: must be >= 1")
+        self._backend.on_register(request.job_id, request.rank, request.total_steps, request.train_size)
+        version, next_step, needs_init = store.register(request.rank, request.host, request.pid)
+        return ps_pb2.RegisterResponse(
+            version=version,
+            next_step=next_step,
+            needs_init=needs_init,
+            world_size=store.config.world_size,
+            heartbeat_interval_s=self._backend.heartbeat_interval_s,
+        )
+
+    @handler
+    def InitParameters(self, request_iterator: Iterator[ps_pb2.PushChunk], context: grpc.ServicerContext) -> ps_pb2.PushResponse:
+        header = _read_header(request_iterator)
+        store = self._backend.store(header.job_id)
+        for i, meta in enumerate(header.tensors):
+            if meta.dtype != tensor_pb2.FLOAT32:
+                raise ProtocolError(f"tensors[{i}].dtype: initial parameters must be FLOAT32")
+        layout = Layout.from_metas(header.tensors)
+        receiver = Receiver(layout.nbytes(tensor_pb2.FLOAT32))
+        _receive(request_iterator, receiver)
+        flat = receiver.tensor(tensor_pb2.FLOAT32)
+        if not bool(flat.isfinite().all()):
+            raise ProtocolError("parameter values: initial parameters contain NaN or Inf")
+        accepted = store.initialize(layout, flat)
+        return ps_pb2.PushResponse(accepted=accepted, version=store.version)
+
+    @handler
+    def PushGradients(self, request_iterator: Iterator[ps_pb2.PushChunk], context: grpc.ServicerContext) -> ps_pb2.PushResponse:
+        header = _read_header(request_iterator)
+        store = self._backend.store(header.job_id)
+        layout = store.layout
+        if layout is None:
+            raise StateError("parameters: the job has no parameters yet; pull before pushing")
+        wire_dtype = store.config.wire_dtype
+        layout.check_metas(header.tensors, wire_dtype)
+        receiver = Receiver(layout.nbytes(wire_dtype))
+        _receive(request_iterator, receiver)
+        grad = receiver.tensor(wire_dtype)
+        accepted, version = store.push(header.rank, header.step, header.base_version, grad)
+        return ps_pb2.PushResponse(accepted=accepted, version=version)
+
+    @handler
+    def PullParameters(self, request: ps_pb2.PullRequest, context: grpc.ServicerContext) -> Iterator[ps_pb2.PullChunk]:
+        store = self._backend.store(request.job_id)
+        wire_dtype = request.dtype or tensor_pb2.FLOAT32
+        remaining = context.time_remaining()
+        wait = MAX_PULL_WAIT_S if remaining is None else max(0.0, min(remaining - 0.5, MAX_PULL_WAIT_S))
+        snapshot = store.pull(request.rank, request.step, wire_dtype, timeout=wait)
+        layout = store.layout
+        assert layout is not None
+        yield ps_pb2.PullChunk(
+            header=ps_pb2.PullHeader(version=snapshot.version, tensors=layout.metas(wire_dtype))
+        )
+        for data in snapshot.chunks:
+            yield ps_pb2.PullChunk(data=data)
+
+    @handler
+    def Heartbeat(self, request: ps_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> ps_pb2.HeartbeatResponse:
+        reason = self._backend.store(request.job_id).heartbeat(request.rank, request.step)
+        return ps_pb2.HeartbeatResponse(stop=reason is not None, reason=reason or "")
+
+    @handler
+    def ReportMetrics(self, request: ps_pb2.ReportMetricsRequest, context: grpc.ServicerContext) -> ps_pb2.ReportMetricsResponse:
+        if request.kind not in ("train", "eval"):
+            raise ProtocolError(f"kind: must be 'train' or 'eval', got {request.kind!r}")
+        self._backend.on_metrics(request.job_id, request.rank, request.step, request.kind, dict(request.metrics))
+        return ps_pb2.ReportMetricsResponse()

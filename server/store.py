@@ -1,0 +1,439 @@
+"""The parameter store: one job's parameters, optimizer state and update rule (no gRPC in here).
+
+Parameters live in one flat float32 tensor; the optimizer (torch.optim) sees views
+of it, so an update is a plain ``optimizer.step()``. The mode decides when an
+update happens and when a pull may proceed:
+
+- ``ps-sync`` (BSP): step t is applied once every worker pushed its step-t
+  gradient; gradients are averaged in rank order, so results are deterministic.
+  A worker pulling for step t waits until version t.
+- ``ps-async``: each gradient is applied on arrival; staleness (version at apply
+  minus the version the gradient was computed on) is recorded per worker.
+- ``ps-ssp``: applied on arrival, but a worker about to compute step t waits
+  until every live worker has pushed at least t - s steps.
+
+Each push is identified by (rank, step): a step below the worker's clock is a
+duplicate (a retry) and is ignored, so every step is applied exactly once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gradhub.client.errors import NotFoundError, ProtocolError, StateError
+from gradhub.proto.codec import (
+    CHUNK_BYTES,
+    COMPRESSION_DTYPES,
+    Layout,
+    as_bytes,
+    encode,
+    iter_chunks,
+)
+from gradhub.server.optim import build_optimizer, build_scheduler
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """What the store needs from a job spec."""
+
+    job_id: str
+    mode: str
+    world_size: int
+    staleness: int = 0
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    hyper: Mapping[str, Any] = field(default_factory=dict)
+    schedule: Mapping[str, Any] | None = None
+    checkpoint_every: int = 0
+    compression: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSION_DTYPES:
+            raise ValueError(f"compression: must be one of {sorted(COMPRESSION_DTYPES)}")
+        if self.mode not in ("ps-sync", "ps-async", "ps-ssp"):
+            raise ValueError(f"mode: the parameter store serves ps-* modes, not {self.mode!r}")
+        if self.world_size < 1:
+            raise ValueError("world_size: must be >= 1")
+
+    @property
+    def wire_dtype(self) -> int:
+        """The dtype of gradients on the wire (parameters stay float32 on the server)."""
+        return COMPRESSION_DTYPES[self.compression]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Parameters at one version, encoded for the wire (immutable; safe to stream)."""
+
+    version: int
+    wire_dtype: int
+    chunks: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """A consistent copy of everything needed to resume exactly."""
+
+    step: int
+    version: int
+    params: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any] | None
+    clocks: tuple[int, ...]
+
+
+@dataclass
+class WorkerState:
+    rank: int
+    clock: int = 0  # steps pushed and accepted
+    alive: bool = False
+    host: str = ""
+    pid: int = 0
+    registrations: int = 0
+    last_seen: float = 0.0
+    staleness: int = 0
+    max_staleness: int = 0
+
+
+class ParameterStore:
+    """Owns one job's parameters and optimizer; every mutation happens under ``_cond``."""
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        on_checkpoint: Callable[[CheckpointState], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._on_checkpoint = on_checkpoint
+        self._now = clock
+        self._cond = threading.Condition()
+        self._workers = [WorkerState(rank=r) for r in range(config.world_size)]
+        self._layout: Layout | None = None
+        self._flat: torch.Tensor | None = None
+        self._grad: torch.Tensor | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._scheduler: Any = None
+        self._version = 0
+        self._total_steps: int | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+        self._snapshots: dict[int, Snapshot] = {}
+        self._closed: str | None = None
+        self._last_ckpt_step = -1
+        self._resume: CheckpointState | None = None
+
+    # ----------------------------------------------------------------- setup
+    @property
+    def initialized(self) -> bool:
+        return self._flat is not None
+
+    @property
+    def layout(self) -> Layout | None:
+        return self._layout
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def total_steps(self) -> int | None:
+        return self._total_steps
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Record the steps per worker (from the first worker to register); later ones must agree."""
+        with self._cond:
+            if self._total_steps is None:
+                self._total_steps = total_steps
+            elif total_steps != self._total_steps:
+                raise ProtocolError(
+                    f"total_steps: worker computed {total_steps}, the job has {self._total_steps} "
+                    "(do the workers build the same dataset?)"
+                )
+
+    def initialize(self, layout: Layout, flat: torch.Tensor) -> bool:
+        """Take the initial parameters; False (and nothing changes) when already initialized."""
+        with self._cond:
+            if self._flat is not None:
+                return False
+            if self._resume is not None:
+                self._install_resume(layout, self._resume)
+                self._resume = None
+            else:
+                self._install(layout, flat.to(torch.float32).clone())
+            self._cond.notify_all()
+            return True
+
+    def resume_from(self, state: CheckpointState, total_steps: int) -> None:
+        """Resume from a checkpoint: version, clocks and schedule now; the parameters and
+        optimizer state are installed when worker 0 sends its layout (``initialize``),
+        so a model that no longer matches the checkpoint is caught by name and shape."""
+        with self._cond:
+            if self._flat is not None:
+                raise StateError("parameters: cannot resume a store that already has parameters")
+            if len(state.clocks) != len(self._workers):
+                raise StateError(f"workers: checkpoint has {len(state.clocks)} workers, job has {len(self._workers)}")
+            self._total_steps = total_steps
+            self._resume = state
+            self._version = state.version
+            for w, c in zip(self._workers, state.clocks, strict=True):
+                w.clock = c
+            self._cond.notify_all()
+
+    def _install_resume(self, layout: Layout, state: CheckpointState) -> None:
+        missing = [n for n in layout.names if n not in state.params]
+        if missing or len(state.params) != len(layout.names):
+            raise ProtocolError(f"tensors: the model's parameters {missing or list(layout.names)} do not "
+                                "match the checkpoint being resumed")
+        for i, (name, shape) in enumerate(zip(layout.names, layout.shapes, strict=True)):
+            if tuple(state.params[name].shape) != shape:
+                raise ProtocolError(f"tensors[{i}].shape: '{name}' is {list(shape)} in the model but "
+                                    f"{list(state.params[name].shape)} in the checkpoint being resumed")
+        flat = torch.cat([state.params[n].reshape(-1).to(torch.float32) for n in layout.names])
+        self._install(layout, flat)
+        assert self._optimizer is not None
+        self._optimizer.load_state_dict(state.optimizer_state)
+        if self._scheduler is not None and state.scheduler_state is not None:
+            self._scheduler.load_state_dict(state.scheduler_state)
+
+    def _install(self, layout: Layout, flat: torch.Tensor) -> None:
+        if flat.numel() != layout.numel:
+            raise ProtocolError(f"byte count: {flat.numel()} values for a model of {layout.numel}")
+        if self._total_steps is None:
+            raise StateError("total_steps: unknown until a worker registers")
+        self._layout, self._flat = layout, flat.contiguous()
+        self._grad = torch.zeros_like(self._flat)
+        params = []
+        for p, g in zip(layout.split(self._flat).values(), layout.split(self._grad).values(), strict=True):
+            param = torch.nn.Parameter(p, requires_grad=True)
+            param.grad = g
+            params.append(param)
+        c = self.config
+        self._optimizer = build_optimizer(params, c.optimizer, c.lr, c.hyper)
+        updates = self._total_steps * (1 if c.mode == "ps-sync" else c.world_size)
+        self._scheduler = build_scheduler(self._optimizer, c.schedule, max(updates, 1))
+
+    # --------------------------------------------------------------- workers
+    def _worker(self, rank: int) -> WorkerState:
+        if not 0 <= rank < len(self._workers):
+            raise NotFoundError(
+                f"rank: worker {rank} is not in job {self.config.job_id!r} "
+                f"(world size {len(self._workers)})"
+            )
+        return self._workers[rank]
+
+    def register(self, rank: int, host: str = "", pid: int = 0) -> tuple[int, int, bool]:
+        """A worker (re)joins: returns (version, next step, whether it must send the parameters)."""
+        with self._cond:
+            self._check_open()
+            w = self._worker(rank)
+            w.alive, w.host, w.pid, w.last_seen = True, host, pid, self._now()
+            w.registrations += 1
+            self._cond.notify_all()
+            return self._version, w.clock, (self._flat is None and rank == 0)
+
+    def heartbeat(self, rank: int, step: int | None = None) -> str | None:
+        """Record that a worker is alive; returns the reason to stop, if the job is closed."""
+        with self._cond:
+            w = self._worker(rank)
+            w.last_seen = self._now()
+            return self._closed
+
+    def mark_dead(self, rank: int) -> None:
+        """The worker's process is gone (it may come back and register again)."""
+        with self._cond:
+            self._worker(rank).alive = False
+            self._cond.notify_all()
+
+    def seconds_since_seen(self) -> list[float]:
+        with self._cond:
+            now = self._now()
+            return [now - w.last_seen if w.alive else 0.0 for w in self._workers]
+
+    # ----------------------------------------------------------------- push
+    def push(self, rank: int, step: int, base_version: int, grad: torch.Tensor) -> tuple[bool, int]:
+        """Take worker ``rank``'s gradient for ``step``; returns (accepted, version).
+
+        ``grad`` is the flat gradient (any float dtype; converted to float32).
+        """
+        with self._cond:
+            self._check_open()
+            w = self._worker(rank)
+            if self._flat is None or self._layout is None:
+                raise StateError("parameters: the job has no parameters yet; pull first")
+            if grad.numel() != self._layout.numel:
+                raise ProtocolError(f"byte count: {grad.numel()} values, expected {self._layout.numel}")
+            if step < w.clock:
+                return False, self._version  # a retry of a step already taken
+            if step > w.clock:
+                raise StateError(
+                    f"step: worker {rank} pushed step {step} but its next step is {w.clock}"
+                )
+            if self._total_steps is not None and step >= self._total_steps:
+                raise StateError(f"step: {step} is past the job's last step {self._total_steps - 1}")
+            if base_version > self._version:
+                raise ProtocolError(
+                    f"base_version: {base_version} is ahead of the server's version {self._version}"
+                )
+            self._check_finite(grad)
+            grad = grad.to(torch.float32)
+            w.clock += 1
+            w.last_seen = self._now()
+            if self.config.mode == "ps-sync":
+                self._pending[rank] = grad
+                if len(self._pending) == len(self._workers):
+                    pending, self._pending = self._pending, {}
+                    total = pending[0].clone()
+                    for r in range(1, len(self._workers)):  # fixed (rank) order: deterministic
+                        total += pending[r]
+                    total /= len(self._workers)
+                    self._apply(total)
+            else:
+                w.staleness = self._version - base_version
+                w.max_staleness = max(w.max_staleness, w.staleness)
+                self._apply(grad)
+            self._cond.notify_all()
+            return True, self._version
+
+    def _check_finite(self, grad: torch.Tensor) -> None:
+        finite = torch.isfinite(grad)
+        if not bool(finite.all()):
+            assert self._layout is not None
+            first = int((~finite).nonzero()[0, 0])
+            raise ProtocolError(
+                f"gradient values: non-finite value (NaN or Inf) in tensor "
+                f"'{self._layout.name_at(first)}'; nothing was applied"
+            )
+
+    def _apply(self, grad: torch.Tensor) -> None:
+        assert self._grad is not None and self._optimizer is not None
+        self._grad.copy_(grad)
+        self._optimizer.step()
+        if self._scheduler is not None:
+            self._scheduler.step()
+        self._version += 1
+        self._snapshots.clear()
+        self._maybe_checkpoint()
+
+    # ----------------------------------------------------------------- pull
+    def pull(self, rank: int, step: int, wire_dtype: int, timeout: float | None) -> Snapshot:
+        """Parameters for worker ``rank``'s ``step``, after waiting as the mode requires.
+
+        ``step`` at or past the last step waits for the end of training (the final
+        parameters). Raises TimeoutError when ``timeout`` passes first.
+        """
+        deadline = None if timeout is None else self._now() + timeout
+        with self._cond:
+            self._worker(rank)
+            while True:
+                self._check_open()
+                if self._flat is not None and self._may_pull(step):
+                    return self._snapshot(wire_dtype)
+                remaining = None if deadline is None else deadline - self._now()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(self._waiting_for(step))
+                self._cond.wait(remaining)
+
+    def _may_pull(self, step: int) -> bool:
+        total = self._total_steps
+        if total is not None and step >= total:
+            return all(w.clock >= total for w in self._workers)
+        if self.config.mode == "ps-sync":
+            return self._version >= step
+        if self.config.mode == "ps-ssp":
+            live = [w.clock for w in self._workers if w.alive] or [step]
+            return min(live) >= step - self.config.staleness
+        return True
+
+    def _waiting_for(self, step: int) -> str:
+        if self._flat is None:
+            return "waiting for the initial parameters from worker 0"
+        behind = [w.rank for w in self._workers if w.clock < step]
+        return f"waiting at step {step} for workers {behind} (version {self._version})"
+
+    def _snapshot(self, wire_dtype: int) -> Snapshot:
+        snap = self._snapshots.get(wire_dtype)
+        if snap is None:
+            assert self._flat is not None
+            data = as_bytes(encode(self._flat, wire_dtype))
+            snap = Snapshot(self._version, wire_dtype, tuple(iter_chunks(data, CHUNK_BYTES)))
+            self._snapshots[wire_dtype] = snap
+        return snap
+
+    # ------------------------------------------------------- state and life
+    def step(self) -> int:
+        """The job's progress in steps: the slowest worker's clock."""
+        with self._cond:
+            return min(w.clock for w in self._workers)
+
+    def finished(self) -> bool:
+        with self._cond:
+            t = self._total_steps
+            return t is not None and all(w.clock >= t for w in self._workers)
+
+    def workers(self) -> list[WorkerState]:
+        with self._cond:
+            return [WorkerState(**vars(w)) for w in self._workers]
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """A copy of the current parameters by name."""
+        with self._cond:
+            if self._flat is None or self._layout is None:
+                raise StateError("parameters: the job has no parameters yet")
+            return {k: v.clone() for k, v in self._layout.split(self._flat).items()}
+
+    def checkpoint_state(self) -> CheckpointState:
+        with self._cond:
+            return self._capture()
+
+    def _capture(self) -> CheckpointState:
+        if self._flat is None or self._layout is None or self._optimizer is None:
+            raise StateError("parameters: the job has no parameters yet")
+        opt = self._optimizer.state_dict()
+        opt_copy = {
+            "state": {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+                      for k, s in opt["state"].items()},
+            "param_groups": [dict(g) for g in opt["param_groups"]],
+        }
+        return CheckpointState(
+            step=min(w.clock for w in self._workers),
+            version=self._version,
+            params={k: v.clone() for k, v in self._layout.split(self._flat).items()},
+            optimizer_state=opt_copy,
+            scheduler_state=self._scheduler.state_dict() if self._scheduler is not None else None,
+            clocks=tuple(w.clock for w in self._workers),
+        )
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.config.checkpoint_every
+        if self._on_checkpoint is None or every <= 0:
+            return
+        # ps-sync: exactly at step boundaries; other modes: when the slowest worker crosses one.
+        step = min(w.clock for w in self._workers)
+        if self.config.mode == "ps-sync":
+            due = self._version % every == 0
+        else:
+            due = step % every == 0 and step > 0 and step != self._last_ckpt_step
+        if due and (self._total_steps is None or step < self._total_steps):
+            self._last_ckpt_step = step
+            self._on_checkpoint(self._capture())
+
+    def close(self, reason: str) -> None:
+        """End the job: every waiting and future call fails with ``reason``."""
+        with self._cond:
+            if self._closed is None:
+                self._closed = reason
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> str | None:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise StateError(f"job {self.config.job_id!r} is over: {self._closed}")

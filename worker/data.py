@@ -1,0 +1,306 @@
+"""Datasets, deterministic sharding into per-worker batches, losses and evaluation.
+
+Which samples a worker uses at a step is a pure function of (dataset size, batch size, world
+size, rank, seed, step), so a restarted worker recomputes exactly the gradient it lost.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset, random_split
+from torch.utils.data.dataloader import default_collate
+
+from gradhub.client.errors import FactoryError, SpecError
+from gradhub.worker.factories import call_factory, resolve
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_DIGITS_TRAIN = 1437  # of 1,797; the last 360 of the fixed permutation are the validation set
+_EPOCH_MIX = 1_000_003  # data-order seed of an epoch: (seed * _EPOCH_MIX + epoch) mod 2**63
+
+
+# --- built-in datasets ------------------------------------------------------------------------
+
+
+def digits() -> tuple[Dataset, Dataset]:
+    """scikit-learn's 8x8 digits: 1,437 training and 360 validation samples.
+
+    ``x`` is the 64 pixels / 16 as float32 (values in [0, 1]), ``y`` the int64 class 0..9. The
+    split is fixed, independent of any job seed: ``torch.randperm(1797,
+    generator=torch.Generator().manual_seed(0))``, first 1,437 train, the rest validation.
+    """
+    from sklearn.datasets import load_digits  # imported on use: sklearn is slow to import
+
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, val = perm[:_DIGITS_TRAIN], perm[_DIGITS_TRAIN:]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
+
+
+def synthetic(
+    n: int = 4096, features: int = 64, classes: int = 10, seed: int = 0, noise: float = 0.1
+) -> tuple[Dataset, Dataset]:
+    """A learnable synthetic classification set: the first 80% train, the rest validation.
+
+    ``x ~ N(0, 1)`` of shape (``features``,); ``y = argmax(x @ W + noise * eps)`` for a fixed
+    random teacher ``W``. Everything is drawn from ``torch.Generator().manual_seed(seed)``; the
+    global RNG is not touched.
+    """
+    for value, arg in ((n, "n"), (features, "features"), (classes, "classes")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"dataset.args.{arg}", f"must be a positive integer, got {value!r}")
+    if n < 2:
+        raise SpecError("dataset.args.n", f"must be at least 2 (train and validation), got {n}")
+    if isinstance(noise, bool) or not isinstance(noise, int | float) or not noise >= 0:
+        raise SpecError("dataset.args.noise", f"must be a number >= 0, got {noise!r}")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    teacher = torch.randn(features, classes, generator=g) / math.sqrt(features)
+    logits = x @ teacher + noise * torch.randn(n, classes, generator=g)
+    y = logits.argmax(dim=1)
+    n_train = max(1, min(n - 1, int(n * 0.8)))
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+
+
+BUILTIN_DATASETS: dict[str, Callable[..., tuple[Dataset, Dataset]]] = {
+    "digits": digits,
+    "synthetic": synthetic,
+}
+
+
+def build_datasets(
+    name: str | None, factory: str | None, args: Mapping[str, Any], val_fraction: float
+) -> tuple[Dataset, Dataset | None]:
+    """The (train, validation) datasets named by exactly one of ``name`` or ``factory``.
+
+    A factory returns a map-style dataset of ``(x, y)`` samples, or a ``(train, val)`` tuple
+    (``val`` may be ``None``). A single dataset is split with ``val_fraction`` by
+    ``random_split(..., generator=torch.Generator().manual_seed(0))``; 0 means no validation.
+    """
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float):
+        raise SpecError("dataset.val_fraction", f"must be a number in [0, 1), got {val_fraction!r}")
+    if not 0 <= val_fraction < 1:
+        raise SpecError("dataset.val_fraction", f"must be in [0, 1), got {val_fraction!r}")
+    if (name is None) == (factory is None):
+        raise SpecError("dataset", "give exactly one of dataset.name or dataset.factory")
+    if name is not None:
+        fn = BUILTIN_DATASETS.get(name)
+        if fn is None:
+            raise SpecError(
+                "dataset.name",
+                f"unknown dataset {name!r}; built-ins: {', '.join(BUILTIN_DATASETS)}",
+            )
+        label = f"dataset {name!r}"
+    else:
+        assert factory is not None
+        fn = resolve(factory, "dataset.factory")
+        label = f"dataset.factory {factory!r}"
+    result = call_factory(fn, args, label=label, args_field="dataset.args")
+
+    if isinstance(result, tuple):
+        if len(result) != 2:
+            raise FactoryError(
+                f"{label} returned a tuple of {len(result)}; expected a dataset or (train, val)"
+            )
+        train, val = result
+        _check_dataset(train, f"{label} (train)")
+        if val is not None:
+            _check_dataset(val, f"{label} (val)")
+        return train, val
+    _check_dataset(result, label)
+    if val_fraction == 0:
+        return result, None
+    n = len(result)
+    n_val = int(n * val_fraction)
+    if n_val < 1 or n_val >= n:
+        raise SpecError(
+            "dataset.val_fraction",
+            f"{val_fraction} of {n} samples leaves an empty training or validation set",
+        )
+    train, val = random_split(
+        result, [n - n_val, n_val], generator=torch.Generator().manual_seed(0)
+    )
+    return train, val
+
+
+def _check_dataset(ds: Any, label: str) -> None:
+    if isinstance(ds, IterableDataset) or not (
+        hasattr(ds, "__getitem__") and hasattr(ds, "__len__")
+    ):
+        raise FactoryError(
+            f"{label} returned a {type(ds).__name__}; expected a map-style Dataset of (x, y) "
+            "samples (with __len__ and __getitem__) or a (train, val) tuple of them"
+        )
+    if len(ds) == 0:
+        raise FactoryError(f"{label} returned an empty dataset")
+
+
+# --- sharding ---------------------------------------------------------------------------------
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    """Full global batches per epoch (the last partial batch is dropped)."""
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise SpecError("batch_size", f"the global batch must be >= 1, got {global_batch!r}")
+    steps = n // global_batch
+    if steps == 0:
+        raise SpecError(
+            "batch_size",
+            f"the global batch of {global_batch} (batch_size x world_size) is larger than the "
+            f"{n} training samples",
+        )
+    return steps
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of ``epoch``'s permutation: ``(seed * 1_000_003 + epoch) % 2**63``."""
+    return (seed * _EPOCH_MIX + epoch) % (1 << 63)
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+
+
+def global_batch_indices(n: int, global_batch: int, seed: int, step: int) -> torch.Tensor:
+    """The sample indices of the whole world's batch at ``step`` (int64, ``global_batch`` long).
+
+    Epoch ``e`` visits ``torch.randperm(n, generator=torch.Generator().manual_seed(
+    epoch_seed(seed, e)))`` in consecutive slices of ``global_batch``; a pure function.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise SpecError("step", f"must be an integer >= 0, got {step!r}")
+    epoch, k = divmod(step, steps_per_epoch(n, global_batch))
+    return _permutation(n, seed, epoch)[k * global_batch : (k + 1) * global_batch].clone()
+
+
+def worker_batch_indices(
+    n: int, batch_size: int, world_size: int, rank: int, seed: int, step: int
+) -> torch.Tensor:
+    """Worker ``rank``'s ``batch_size`` indices: its contiguous slice of the global batch."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise SpecError("world_size", f"must be an integer >= 1, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise SpecError("rank", f"must be in [0, {world_size}), got {rank!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SpecError("batch_size", f"must be an integer >= 1, got {batch_size!r}")
+    batch = global_batch_indices(n, batch_size * world_size, seed, step)
+    return batch[rank * batch_size : (rank + 1) * batch_size]
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+
+def get_batch(
+    dataset: Dataset, indices: torch.Tensor | Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(x, y)`` batch of ``dataset`` at ``indices``.
+
+    A ``TensorDataset`` (or a ``Subset`` of one) is indexed directly; any other dataset goes
+    through ``default_collate([dataset[i] for i in indices])`` (``Subset``s are mapped through).
+    """
+    idx = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+    while isinstance(dataset, Subset):  # map through (nested) subsets to the base dataset
+        outer = dataset.indices
+        idx = [int(outer[i]) for i in idx]
+        dataset = dataset.dataset
+    if isinstance(dataset, TensorDataset):
+        tensors = dataset.tensors
+        if len(tensors) != 2:
+            raise FactoryError(
+                f"dataset: a TensorDataset must hold exactly (x, y), it holds {len(tensors)} tensors"
+            )
+        rows = torch.tensor(idx, dtype=torch.int64)
+        return tensors[0][rows], tensors[1][rows]
+    batch = default_collate([dataset[i] for i in idx])
+    if not isinstance(batch, list | tuple) or len(batch) != 2:
+        raise FactoryError(
+            f"dataset: samples must be (x, y) pairs, got a batch of type {type(batch).__name__}"
+        )
+    x, y = batch
+    return x, y
+
+
+# --- losses and evaluation --------------------------------------------------------------------
+
+
+BUILTIN_LOSSES: dict[str, Callable[..., LossFn]] = {
+    "cross_entropy": nn.CrossEntropyLoss,
+    "mse": nn.MSELoss,
+}
+
+
+def build_loss(name: str | None, factory: str | None, args: Mapping[str, Any]) -> LossFn:
+    """The loss ``loss_fn(output, target) -> scalar`` named by exactly one of name or factory.
+
+    Built-ins: ``cross_entropy`` (``nn.CrossEntropyLoss(**args)``) and ``mse``
+    (``nn.MSELoss(**args)``); a factory is called with ``**args`` and must return a callable.
+    """
+    if (name is None) == (factory is None):
+        raise SpecError("loss", "give exactly one of loss.name or loss.factory")
+    if name is not None:
+        fn = BUILTIN_LOSSES.get(name)
+        if fn is None:
+            raise SpecError(
+                "loss.name", f"unknown loss {name!r}; built-ins: {', '.join(BUILTIN_LOSSES)}"
+            )
+        label = f"loss {name!r}"
+    else:
+        assert factory is not None
+        fn = resolve(factory, "loss.factory")
+        label = f"loss.factory {factory!r}"
+    loss = call_factory(fn, args, label=label, args_field="loss.args")
+    if not callable(loss):
+        raise FactoryError(f"{label} returned a {type(loss).__name__}, expected a callable loss")
+    return loss
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    loss_fn: LossFn,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """Validation metrics of ``model`` on ``dataset``, in eval mode and without gradients.
+
+    ``val_loss`` is the sample-weighted mean of ``loss_fn`` over batches (so ``loss_fn`` should
+    average over its batch); ``val_accuracy`` (0..1) is added when the outputs are 2-D and the
+    targets integer class labels. The model's train/eval mode is restored afterwards.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise SpecError("dataset", "the validation set is empty")
+    if batch_size < 1:
+        raise SpecError("batch_size", f"must be >= 1, got {batch_size!r}")
+    was_training = model.training
+    model.eval()
+    total_loss, correct, classified = 0.0, 0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                x, y = get_batch(dataset, range(start, min(start + batch_size, n)))
+                x, y = x.to(device), y.to(device)
+                out = model(x)
+                total_loss += float(loss_fn(out, y)) * len(y)
+                if out.dim() == 2 and y.dim() == 1 and _is_integer(y):
+                    correct += int((out.argmax(dim=1) == y).sum())
+                    classified += len(y)
+    finally:
+        model.train(was_training)
+    metrics = {"val_loss": total_loss / n}
+    if classified == n:
+        metrics["val_accuracy"] = correct / n
+    return metrics
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)

@@ -1,0 +1,192 @@
+"""gRPC client a worker uses to talk to the parameter server (created inside the worker process).
+
+Every call has a deadline. Unary calls are retried by the channel's service config
+on UNAVAILABLE only; pushes and pulls are retried here, which is safe because the
+server applies each (job, rank, step) at most once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Self, TypeVar
+
+import grpc
+import torch
+
+from gradhub.client.errors import ProtocolError, StateError
+from gradhub.proto.codec import (
+    COMPRESSION_DTYPES,
+    Layout,
+    Receiver,
+    as_bytes,
+    encode,
+    iter_chunks,
+    torch_dtype,
+)
+from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+
+T = TypeVar("T")
+
+RPC_TIMEOUT_S = 30.0
+PULL_WAIT_S = 65.0  # the server answers within 60 s; the worker then asks again
+RETRY_FOR_S = 60.0
+
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "gradhub.v1.ParameterServer"}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", _SERVICE_CONFIG),
+]
+
+
+class PSClient:
+    """One worker's connection to the parameter server for one job."""
+
+    def __init__(self, address: str, job_id: str, rank: int, compression: str = "none",
+                 token: str | None = None) -> None:
+        self.job_id, self.rank = job_id, rank
+        self.wire_dtype = COMPRESSION_DTYPES[compression]
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = ps_pb2_grpc.ParameterServerStub(self._channel)
+        self._staging: torch.Tensor | None = None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ calls
+    def register(self, host: str, pid: int, total_steps: int, train_size: int) -> ps_pb2.RegisterResponse:
+        request = ps_pb2.RegisterRequest(job_id=self.job_id, rank=self.rank, host=host, pid=pid,
+                                         total_steps=total_steps, train_size=train_size)
+        return self._stub.Register(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata,
+                                   wait_for_ready=True)
+
+    def init_parameters(self, layout: Layout, params: torch.Tensor) -> bool:
+        def call() -> ps_pb2.PushResponse:
+            header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank,
+                                       tensors=layout.metas(tensor_pb2.FLOAT32))
+            return self._stub.InitParameters(_push_stream(header, params, tensor_pb2.FLOAT32),
+                                             timeout=_transfer_timeout(params), metadata=self._metadata)
+        return _retry(call).accepted
+
+    def push(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor) -> bool:
+        """Push the flat gradient for ``step``; False when the server already had it."""
+        def call() -> ps_pb2.PushResponse:
+            header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step,
+                                       base_version=base_version, tensors=layout.metas(self.wire_dtype))
+            return self._stub.PushGradients(_push_stream(header, grads, self.wire_dtype),
+                                            timeout=_transfer_timeout(grads), metadata=self._metadata)
+        return _retry(call).accepted
+
+    def pull(self, layout: Layout, step: int, params: torch.Tensor) -> int:
+        """Wait as the mode requires, then write the parameters for ``step`` into ``params``.
+
+        Returns the parameter version received.
+        """
+        while True:
+            try:
+                return _retry(lambda: self._pull_once(layout, step, params))
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                # the server's wait ran out (a slow or restarting worker): ask again
+
+    def _pull_once(self, layout: Layout, step: int, params: torch.Tensor) -> int:
+        request = ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.wire_dtype)
+        stream = self._stub.PullParameters(request, timeout=PULL_WAIT_S + _transfer_timeout(params),
+                                           metadata=self._metadata)
+        first = next(stream, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise ProtocolError("pull: the server's stream did not start with a header")
+        layout.check_metas(first.header.tensors, self.wire_dtype)
+        direct = params.device.type == "cpu" and self.wire_dtype == tensor_pb2.FLOAT32
+        if direct:
+            target = as_bytes(params)
+        else:
+            if self._staging is None:
+                self._staging = torch.empty(layout.numel, dtype=torch_dtype(self.wire_dtype),
+                                            pin_memory=params.device.type == "cuda")
+            target = as_bytes(self._staging)
+        received = 0
+        for chunk in stream:
+            data = chunk.data
+            end = received + len(data)
+            if end > len(target):
+                raise ProtocolError("pull: the server sent more bytes than the model holds")
+            target[received:end] = data
+            received = end
+        if received != len(target):
+            raise ProtocolError(f"pull: got {received} of {len(target)} bytes")
+        if not direct:
+            assert self._staging is not None
+            params.copy_(self._staging, non_blocking=False)
+        return first.header.version
+
+    def heartbeat(self, step: int) -> str | None:
+        """Returns the reason to stop when the job is over, else None."""
+        reply = self._stub.Heartbeat(
+            ps_pb2.HeartbeatRequest(job_id=self.job_id, rank=self.rank, step=step),
+            timeout=10.0, metadata=self._metadata)
+        return reply.reason if reply.stop else None
+
+    def report(self, step: int, kind: str, metrics: Mapping[str, float]) -> None:
+        self._stub.ReportMetrics(
+            ps_pb2.ReportMetricsRequest(job_id=self.job_id, rank=self.rank, step=step, kind=kind,
+                                        metrics=dict(metrics)),
+            timeout=RPC_TIMEOUT_S, metadata=self._metadata)
+
+
+def _push_stream(header: ps_pb2.PushHeader, flat: torch.Tensor, wire_dtype: int) -> Iterator[ps_pb2.PushChunk]:
+    yield ps_pb2.PushChunk(header=header)
+    for data in iter_chunks(as_bytes(encode(flat, wire_dtype))):
+        yield ps_pb2.PushChunk(data=data)
+
+
+def _transfer_timeout(flat: torch.Tensor) -> float:
+    # generous: 30 s plus 1 s per 50 MB
+    return RPC_TIMEOUT_S + flat.numel() * 4 / 50e6
+
+
+def _retry(call: Callable[[], T]) -> T:
+    """Retry ``call`` on UNAVAILABLE (server restarting, connection reset) for a bounded time."""
+    deadline, delay = time.monotonic() + RETRY_FOR_S, 0.2
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise StateError(e.details()) from e
+                raise
+            time.sleep(delay)  # backoff before a retry, not synchronization
+            delay = min(delay * 2, 2.0)
+
+
+__all__ = ["PSClient", "Receiver"]
