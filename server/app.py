@@ -19,7 +19,7 @@ from gradhub.server.config import ServerConfig
 from gradhub.server.job_db import JobDB
 from gradhub.server.job_service import JobServiceServicer
 from gradhub.server.jobs import JobManager, ManagerConfig
-from gradhub.server.launcher import RayLauncher
+from gradhub.server.launcher import Launcher, RayLauncher
 from gradhub.server.ps_service import ParameterServerServicer
 from gradhub.server.rpc import TokenInterceptor
 
@@ -37,8 +37,10 @@ GRPC_OPTIONS = [
 class Server:
     """Start with ``start()`` (or ``with``); ``stop(grace)`` ends it. Nothing runs before ``start``."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, launcher: Launcher | None = None) -> None:
+        """``launcher`` replaces the Ray launcher (tests that act as the workers themselves)."""
         self.config = config
+        self._launcher = launcher
         self._grpc: grpc.Server | None = None
         self._db: JobDB | None = None
         self._manager: JobManager | None = None
@@ -82,7 +84,7 @@ class Server:
         self._db = JobDB(c.data_dir / "jobs.db")
         checkpoints = CheckpointStore(c.data_dir / "checkpoints")
         self._manager = JobManager(
-            self._db, checkpoints, RayLauncher(advertise, c.token), c.data_dir / "working_dirs",
+            self._db, checkpoints, self._launcher or RayLauncher(advertise, c.token), c.data_dir / "working_dirs",
             ManagerConfig(heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_timeout_s=c.heartbeat_timeout_s),
         )
         ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(self._manager), self._grpc)

@@ -1,0 +1,54 @@
+"""Shared fixtures: one local Ray for the whole session, real servers on port 0."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from gradhub.client.client import Client, JobInfo
+from gradhub.server.app import Server
+from gradhub.server.config import ServerConfig
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A local Ray (2 logical CPUs, like the CI machine) shared by every test that needs one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with Server(ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("server"))) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[Client]:
+    with Client(server.address) as c:
+        yield c
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll until ``predicate()`` holds; fail the test with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def final_params(client: Client, job: JobInfo, tmp_path) -> dict[str, torch.Tensor]:
+    """The job's final parameters, pulled as a checkpoint."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / f"{job.id}.safetensors"
+    client.pull_checkpoint(job.id, path)
+    return load_file(path)

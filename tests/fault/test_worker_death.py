@@ -1,0 +1,57 @@
+"""A worker whose process is killed does not change the result (ps-sync).
+
+Worker 1 of 3 is SIGKILLed once it reaches a chosen step; Ray restarts the actor, it
+re-registers, resumes at the step the server says and recomputes the gradient it owed.
+The final parameters must equal an undisturbed run of the same spec (<= 1e-6).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from gradhub.client.client import Client
+
+from ..conftest import final_params, wait_for
+
+KILL_RANK, KILL_AT = 1, 40
+
+
+def spec(name: str) -> dict:
+    return {
+        "name": name, "mode": "ps-sync", "workers": 3, "resources": {"cpus": 0.5},
+        "model": {"name": "mlp", "args": {"hidden": [256, 256]}}, "dataset": "digits",
+        "optimizer": {"name": "adam", "lr": 0.001}, "batch_size": 16, "steps": 400, "seed": 3,
+        "max_restarts": 2,
+    }
+
+
+@pytest.mark.timeout(400)
+def test_killed_worker_is_restarted_and_the_result_is_unchanged(server, tmp_path):
+    with Client(server.address) as client:
+        undisturbed = client.submit(spec("undisturbed")).wait(timeout=180)
+        job = client.submit(spec("killed"))
+
+        def reached() -> bool:
+            info = client.get_job(job.id)
+            assert info.state in ("QUEUED", "RUNNING"), f"job ended early: {info.state} {info.reason}"
+            w = info.workers[KILL_RANK] if len(info.workers) > KILL_RANK else None
+            return w is not None and w.pid > 0 and w.step >= KILL_AT
+
+        wait_for(reached, timeout=120, what=f"worker {KILL_RANK} to reach step {KILL_AT}", interval=0.005)
+        victim = client.get_job(job.id).workers[KILL_RANK]
+        os.kill(victim.pid, signal.SIGKILL)
+
+        info = job.wait(timeout=180)
+        assert info.state == "SUCCEEDED", info.reason
+        assert victim.step < info.total_steps, "the kill must land before the job's end"
+        logs = "\n".join(client.logs(job.id))
+        assert f"worker {KILL_RANK} died" in logs and "restart 1 of 2" in logs
+
+        expected = final_params(client, undisturbed, tmp_path)
+        got = final_params(client, info, tmp_path)
+        worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
+        assert worst <= 1e-6, f"killed run differs from the undisturbed run by {worst:.3g}"
+        assert info.version == undisturbed.version == 400
