@@ -65,7 +65,7 @@ class Server:
         import ray
 
         c = self.config
-        if not ray.is_initialized():
+        if self._launcher is None and not ray.is_initialized():
             if c.ray_address:
                 ray.init(address=c.ray_address, log_to_driver=False, logging_level=logging.WARNING)
             else:

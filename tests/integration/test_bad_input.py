@@ -1,0 +1,245 @@
+"""Bad input gets the right gRPC status and a message naming the field or limit; the server
+stays up and the stored parameters are unchanged.
+
+The test is the worker here: a real server on port 0 whose launcher starts nothing, and
+raw gRPC stubs speaking the ParameterServer protocol.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from gradhub.client.client import Client
+from gradhub.proto.codec import Layout, as_bytes, iter_chunks
+from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc, ps_pb2, ps_pb2_grpc, tensor_pb2
+from gradhub.server.app import Server
+from gradhub.server.config import ServerConfig
+from gradhub.server.launcher import WorkerExit
+
+from ..conftest import wait_for
+
+LAYOUT = Layout(("fc.weight", "fc.bias"), ((4, 3), (4,)))
+F32, F16 = tensor_pb2.FLOAT32, tensor_pb2.FLOAT16
+
+
+class IdleGroup:
+    def wait(self, timeout: float) -> list[WorkerExit]:
+        import time
+
+        time.sleep(min(timeout, 0.05))  # the monitor's poll interval, not synchronization
+        return []
+
+    def rerun(self, rank: int) -> None: ...
+
+    def kill(self, rank: int) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class IdleLauncher:
+    """Launches no workers: the test process plays them."""
+
+    def total_resources(self) -> dict[str, float]:
+        return {"CPU": 8.0}
+
+    def available_resources(self) -> dict[str, float]:
+        return {"CPU": 8.0}
+
+    def launch(self, job_id: str, spec: Any, runtime_env: Mapping[str, Any] | None) -> IdleGroup:
+        return IdleGroup()
+
+
+@pytest.fixture(scope="module")
+def idle_server(tmp_path_factory) -> Iterator[Server]:
+    with Server(ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("bad")), launcher=IdleLauncher()) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def job(idle_server):
+    """A running ps-sync job with 2 workers whose parameters are initialized."""
+    with Client(idle_server.address) as client:
+        info = client.submit({"name": "bad-input", "workers": 2, "model": "mlp", "dataset": "digits",
+                              "steps": 10, "resources": {"cpus": 1}})
+        wait_for(lambda: client.get_job(info.id).state == "RUNNING", 30, "the job to run")
+    stub = ps_pb2_grpc.ParameterServerStub(grpc.insecure_channel(idle_server.address))
+    reg = stub.Register(ps_pb2.RegisterRequest(job_id=info.id, rank=0, total_steps=10, train_size=100), timeout=10)
+    assert reg.needs_init and reg.world_size == 2
+    init = torch.arange(LAYOUT.numel, dtype=torch.float32)
+    stub.InitParameters(stream(header(info.id, step=0), init), timeout=10)
+    return info.id, stub, idle_server, init
+
+
+def header(job_id: str, step: int = 0, rank: int = 0, metas=None) -> ps_pb2.PushHeader:
+    return ps_pb2.PushHeader(job_id=job_id, rank=rank, step=step, base_version=0,
+                             tensors=metas if metas is not None else LAYOUT.metas(F32))
+
+
+def stream(hdr: ps_pb2.PushHeader, flat: torch.Tensor | None = None, raw: bytes | None = None,
+           fail_after: int | None = None) -> Iterator[ps_pb2.PushChunk]:
+    yield ps_pb2.PushChunk(header=hdr)
+    data = raw if raw is not None else bytes(as_bytes(flat))
+    for i, chunk in enumerate(iter_chunks(memoryview(data), 16)):
+        if fail_after is not None and i == fail_after:
+            raise RuntimeError("client died mid-stream")
+        yield ps_pb2.PushChunk(data=chunk)
+
+
+def grad() -> torch.Tensor:
+    return torch.ones(LAYOUT.numel)
+
+
+def assert_rejected(call, code: grpc.StatusCode, *words: str) -> str:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == code, err.value.details()
+    for w in words:
+        assert w in err.value.details(), err.value.details()
+    return err.value.details()
+
+
+@pytest.fixture
+def unchanged(job):
+    """After the test: the server answers, and the parameters are the initial ones at version 0."""
+    job_id, _, server, init = job
+    yield
+    store = server.manager.store(job_id)
+    assert store.version == 0
+    got = torch.cat([t.reshape(-1) for t in store.parameters().values()])
+    assert torch.equal(got, init)
+    assert [w.clock for w in store.workers()] == [0, 0]
+    with Client(server.address) as c:
+        assert c.get_job(job_id).state == "RUNNING"
+
+
+def test_wrong_shape(job, unchanged):
+    job_id, stub, *_ = job
+    metas = LAYOUT.metas(F32)
+    metas[0].shape[:] = [3, 4]
+    assert_rejected(lambda: stub.PushGradients(stream(header(job_id, metas=metas), grad()), timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "tensors[0].shape", "fc.weight", "[4, 3]")
+
+
+def test_wrong_dtype(job, unchanged):
+    job_id, stub, *_ = job
+    assert_rejected(lambda: stub.PushGradients(stream(header(job_id, metas=LAYOUT.metas(F16)), grad().half()),
+                                               timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "tensors[0].dtype", "FLOAT16", "FLOAT32")
+
+
+def test_wrong_tensor_name_and_count(job, unchanged):
+    job_id, stub, *_ = job
+    metas = LAYOUT.metas(F32)
+    metas[1].name = "fc.bogus"
+    assert_rejected(lambda: stub.PushGradients(stream(header(job_id, metas=metas), grad()), timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "tensors[1].name", "fc.bogus")
+    assert_rejected(lambda: stub.PushGradients(stream(header(job_id, metas=LAYOUT.metas(F32)[:1]), grad()),
+                                               timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "tensors", "got 1 tensors")
+
+
+def test_too_few_bytes_is_a_stream_cut_short(job, unchanged):
+    job_id, stub, *_ = job
+    raw = bytes(as_bytes(grad()))[:-4]
+    assert_rejected(lambda: stub.PushGradients(stream(header(job_id), raw=raw), timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "byte count", f"{len(raw)} of the expected {len(raw) + 4}")
+
+
+def test_too_many_bytes(job, unchanged):
+    job_id, stub, *_ = job
+    raw = bytes(as_bytes(grad())) + b"\0" * 4
+    assert_rejected(lambda: stub.PushGradients(stream(header(job_id), raw=raw), timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "byte count", "more than the expected 64 bytes")
+
+
+def test_client_dying_mid_stream_applies_nothing(job, unchanged):
+    job_id, stub, *_ = job
+    assert_rejected(lambda: stub.PushGradients(stream(header(job_id), grad(), fail_after=2), timeout=10),
+                    grpc.StatusCode.UNKNOWN)
+
+
+def test_non_finite_gradient(job, unchanged):
+    job_id, stub, *_ = job
+    g = grad()
+    g[13] = float("nan")  # inside fc.bias (elements 12..15)
+    assert_rejected(lambda: stub.PushGradients(stream(header(job_id), g), timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "non-finite", "fc.bias")
+
+
+def test_header_missing(job, unchanged):
+    _, stub, *_ = job
+    assert_rejected(lambda: stub.PushGradients(iter([ps_pb2.PushChunk(data=b"1234")]), timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "header")
+
+
+def test_unknown_job_and_worker(job, unchanged):
+    job_id, stub, *_ = job
+    assert_rejected(lambda: stub.PushGradients(stream(header("j-nope"), grad()), timeout=10),
+                    grpc.StatusCode.NOT_FOUND, "j-nope")
+    assert_rejected(lambda: stub.PushGradients(stream(header(job_id, rank=7), grad()), timeout=10),
+                    grpc.StatusCode.NOT_FOUND, "rank", "worker 7", "world size 2")
+    assert_rejected(lambda: stub.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=-1, total_steps=10),
+                                          timeout=10),
+                    grpc.StatusCode.NOT_FOUND, "rank")
+    assert_rejected(lambda: list(stub.PullParameters(ps_pb2.PullRequest(job_id="j-nope"), timeout=10)),
+                    grpc.StatusCode.NOT_FOUND, "j-nope")
+
+
+def test_step_out_of_order(job, unchanged):
+    job_id, stub, *_ = job
+    assert_rejected(lambda: stub.PushGradients(stream(header(job_id, step=5), grad()), timeout=10),
+                    grpc.StatusCode.FAILED_PRECONDITION, "step", "next step is 0")
+
+
+def test_total_steps_must_agree(job, unchanged):
+    job_id, stub, *_ = job
+    assert_rejected(lambda: stub.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=11),
+                                          timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "total_steps", "11", "10")
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ({"dataset": "digits"}, "model"),
+    ({"model": "mlp"}, "dataset"),
+    ({"model": "mlp", "dataset": "digits", "workers": 0}, "workers"),
+    ({"model": "mlp", "dataset": "digits", "optimizer": {"name": "adam", "lr": -1}}, "optimizer.lr"),
+    ({"model": "mlp", "dataset": "digits", "mode": "ps-magic"}, "mode"),
+    ({"model": "mlp", "dataset": "digits", "bogus": 1}, "bogus"),
+    ({"model": "mlp", "dataset": "digits", "workers": 64, "resources": {"cpus": 1}}, "resources"),
+])
+def test_invalid_job_spec_is_rejected_by_the_server(job, unchanged, spec, field):
+    _, _, server, _ = job
+    stub = jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(server.address))
+    before = len(stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10).jobs)
+    details = assert_rejected(lambda: stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_json=json.dumps(spec)),
+                                                     timeout=10),
+                              grpc.StatusCode.INVALID_ARGUMENT)
+    assert details.startswith(field), details
+    assert len(stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10).jobs) == before
+
+
+def test_malformed_spec_json(job, unchanged):
+    _, _, server, _ = job
+    stub = jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(server.address))
+    assert_rejected(lambda: stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_json="{not json"), timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT)
+    assert_rejected(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id="j-nope"), timeout=10),
+                    grpc.StatusCode.NOT_FOUND, "j-nope")
+
+
+def test_a_good_push_after_all_that_is_applied(job):
+    """Control: the same connection and job still work (and the bad pushes did not count)."""
+    job_id, stub, server, init = job
+    assert stub.PushGradients(stream(header(job_id), grad()), timeout=10).accepted
+    assert not stub.PushGradients(stream(header(job_id), grad()), timeout=10).accepted  # retry: at most once
+    store = server.manager.store(job_id)
+    assert store.version == 0  # ps-sync: waits for worker 1
+    stub.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=10, train_size=100), timeout=10)
+    assert stub.PushGradients(stream(header(job_id, rank=1), grad()), timeout=10).accepted
+    assert store.version == 1
