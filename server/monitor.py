@@ -106,6 +106,10 @@ class JobMonitor:
                 if not store.finished():
                     return "FAILED", "the workers stopped before the last step"
                 self._final_checkpoint(store)
+                if spec.mode != "ps-sync":
+                    rec = m.db.get(a.id)
+                    staleness = max(w.max_staleness for w in store.workers())
+                    m.db.update(a.id, metrics={**rec.metrics, "max_staleness": float(staleness)})
                 return "SUCCEEDED", ""
 
     def _set_state(self, rank: int, state: str) -> None:

@@ -280,8 +280,8 @@ class ParameterStore:
                 raise ProtocolError(
                     f"base_version: {base_version} is ahead of the server's version {self._version}"
                 )
+            grad = grad.to(torch.float32)  # before the check: a float64 value may overflow to inf
             self._check_finite(grad)
-            grad = grad.to(torch.float32)
             w.clock += 1
             w.last_seen = self._now()
             if self.config.mode == "ps-sync":
@@ -353,7 +353,14 @@ class ParameterStore:
     def _waiting_for(self, step: int) -> str:
         if self._flat is None:
             return "waiting for the initial parameters from worker 0"
-        behind = [w.rank for w in self._workers if w.clock < step]
+        # the clock each worker must reach for _may_pull(step) (ps-ssp waits for live ones only)
+        total, pool, need = self._total_steps, self._workers, step
+        if total is not None and step >= total:
+            need = total
+        elif self.config.mode == "ps-ssp":
+            pool = [w for w in self._workers if w.alive]
+            need = step - self.config.staleness
+        behind = [w.rank for w in pool if w.clock < need]
         return f"waiting at step {step} for workers {behind} (version {self._version})"
 
     def _snapshot(self, wire_dtype: int) -> Snapshot:
