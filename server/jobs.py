@@ -70,6 +70,7 @@ class _Active:
     worker_state: list[str] = field(default_factory=list)
     rates: dict[int, float] = field(default_factory=dict)
     losses: dict[int, float] = field(default_factory=dict)
+    avg_rates: dict[int, float] = field(default_factory=dict)
     checkpoints: queue.Queue[CheckpointState] = field(default_factory=queue.Queue)
     thread: threading.Thread | None = None
 
@@ -236,7 +237,10 @@ class JobManager:
             if kind == "train":
                 a.rates[rank] = float(metrics.get("samples_per_s", 0.0))
                 a.losses[rank] = float(metrics.get("loss", 0.0))
+                a.avg_rates[rank] = float(metrics.get("avg_samples_per_s", 0.0))
                 merged["loss"] = sum(a.losses.values()) / len(a.losses)
+                # the whole run's rate so far, summed over workers
+                merged["avg_samples_per_s"] = sum(a.avg_rates.values())
             else:
                 merged.update({k: float(v) for k, v in metrics.items()})
             self._db.update(job_id, metrics=merged, step=store.step(), version=store.version,

@@ -7,6 +7,7 @@ be tested with a fake; this module is the one place that talks to Ray.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -147,3 +148,43 @@ class RayLauncher:
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> WorkerGroup:
         return RayWorkerGroup(job_id, spec, self.server_address, self.token, runtime_env)
+
+
+class _ExternalGroup:
+    """Workers that someone else runs: nothing to wait for, restart or stop."""
+
+    def __init__(self) -> None:
+        self._stopped = threading.Event()
+
+    def wait(self, timeout: float) -> list[WorkerExit]:
+        self._stopped.wait(timeout)
+        return []
+
+    def rerun(self, rank: int) -> None:
+        pass
+
+    def kill(self, rank: int) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+class ExternalLauncher:
+    """Launches nothing: the workers are external processes speaking the ParameterServer
+    protocol themselves (benchmarks, protocol tests, a hand-rolled launcher).
+
+    ``resources`` is what the queue believes the cluster has.
+    """
+
+    def __init__(self, resources: Mapping[str, float] | None = None) -> None:
+        self._resources = dict(resources or {"CPU": 64.0})
+
+    def total_resources(self) -> dict[str, float]:
+        return dict(self._resources)
+
+    def available_resources(self) -> dict[str, float]:
+        return dict(self._resources)
+
+    def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> WorkerGroup:
+        return _ExternalGroup()

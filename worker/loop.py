@@ -103,6 +103,7 @@ class PSTrainer:
         step = reg.next_step
         result = WorkerResult(rank=rank, steps_run=0)
         window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+        run_samples, run_start = 0, time.perf_counter()
         with _Heartbeat(self.client, reg.heartbeat_interval_s) as beat:
             while step < total:
                 if beat.stop_reason is not None:
@@ -123,10 +124,13 @@ class PSTrainer:
                 result.steps_run += 1
                 window_loss += float(loss.detach()) * len(idx)
                 window_samples += len(idx)
-                elapsed = time.perf_counter() - window_start
+                run_samples += len(idx)
+                now = time.perf_counter()
+                elapsed = now - window_start
                 if elapsed >= REPORT_EVERY_S or step == total:
                     self.client.report(step, "train", {"loss": window_loss / window_samples,
-                                                       "samples_per_s": window_samples / elapsed})
+                                                       "samples_per_s": window_samples / elapsed,
+                                                       "avg_samples_per_s": run_samples / (now - run_start)})
                     window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
             if rank == 0:
                 # the final parameters: waits until every worker pushed its last step

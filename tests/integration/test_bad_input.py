@@ -1,15 +1,14 @@
 """Bad input gets the right gRPC status and a message naming the field or limit; the server
 stays up and the stored parameters are unchanged.
 
-The test is the worker here: a real server on port 0 whose launcher starts nothing, and
+The test is the worker here: a real server on port 0 with an ExternalLauncher (it starts no workers), and
 raw gRPC stubs speaking the ParameterServer protocol.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -20,7 +19,7 @@ from gradhub.proto.codec import Layout, as_bytes, iter_chunks
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc, ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
-from gradhub.server.launcher import WorkerExit
+from gradhub.server.launcher import ExternalLauncher
 
 from ..conftest import wait_for
 
@@ -28,36 +27,9 @@ LAYOUT = Layout(("fc.weight", "fc.bias"), ((4, 3), (4,)))
 F32, F16 = tensor_pb2.FLOAT32, tensor_pb2.FLOAT16
 
 
-class IdleGroup:
-    def wait(self, timeout: float) -> list[WorkerExit]:
-        import time
-
-        time.sleep(min(timeout, 0.05))  # the monitor's poll interval, not synchronization
-        return []
-
-    def rerun(self, rank: int) -> None: ...
-
-    def kill(self, rank: int) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-class IdleLauncher:
-    """Launches no workers: the test process plays them."""
-
-    def total_resources(self) -> dict[str, float]:
-        return {"CPU": 8.0}
-
-    def available_resources(self) -> dict[str, float]:
-        return {"CPU": 8.0}
-
-    def launch(self, job_id: str, spec: Any, runtime_env: Mapping[str, Any] | None) -> IdleGroup:
-        return IdleGroup()
-
-
 @pytest.fixture(scope="module")
 def idle_server(tmp_path_factory) -> Iterator[Server]:
-    with Server(ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("bad")), launcher=IdleLauncher()) as s:
+    with Server(ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("bad")), launcher=ExternalLauncher({"CPU": 8.0})) as s:
         yield s
 
 
@@ -235,7 +207,7 @@ def test_malformed_spec_json(job, unchanged):
 
 def test_a_good_push_after_all_that_is_applied(job):
     """Control: the same connection and job still work (and the bad pushes did not count)."""
-    job_id, stub, server, init = job
+    job_id, stub, server, _ = job
     assert stub.PushGradients(stream(header(job_id), grad()), timeout=10).accepted
     assert not stub.PushGradients(stream(header(job_id), grad()), timeout=10).accepted  # retry: at most once
     store = server.manager.store(job_id)

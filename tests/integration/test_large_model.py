@@ -11,10 +11,10 @@ from gradhub.proto.codec import Layout
 from gradhub.proto.v1 import tensor_pb2
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
+from gradhub.server.launcher import ExternalLauncher
 from gradhub.worker.ps_client import PSClient
 
 from ..conftest import wait_for
-from .test_bad_input import IdleLauncher
 
 NUMEL = 80 * 2**20  # 80 Mi float32 = 320 MiB (335 MB)
 
@@ -22,7 +22,7 @@ NUMEL = 80 * 2**20  # 80 Mi float32 = 320 MiB (335 MB)
 @pytest.mark.timeout(240)
 def test_exchange_a_320_mib_model(tmp_path):
     layout = Layout(("big.weight", "big.bias"), ((NUMEL // 1024, 1024), (16,)))
-    with Server(ServerConfig(port=0, data_dir=tmp_path), launcher=IdleLauncher()) as server:
+    with Server(ServerConfig(port=0, data_dir=tmp_path), launcher=ExternalLauncher()) as server:
         with Client(server.address) as client:
             job = client.submit({"name": "big", "workers": 1, "model": "mlp", "dataset": "digits", "steps": 2,
                                  "optimizer": {"name": "sgd", "lr": 0.5}, "resources": {"cpus": 1}})
