@@ -174,3 +174,56 @@ class Receiver:
         if self.expected == 0:
             return torch.empty(0, dtype=torch_dtype(wire_dtype))
         return torch.frombuffer(self.buffer, dtype=torch_dtype(wire_dtype))
+
+
+# --- the hot path: data chunks encoded by hand, byte-identical to protobuf's encoding ---
+# PushChunk and PullChunk both carry ``bytes data = 2`` in a oneof; a chunk holding only data
+# serializes as tag 0x12, the length as a varint, then the bytes. Encoding that directly
+# copies each chunk once (instead of building a message and serializing it), and decoding
+# returns a zero-copy view. Anything else falls back to the generated protobuf classes.
+
+_DATA_TAG = 0x12  # field 2, wire type 2 (length-delimited)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_data_chunk(data: bytes | memoryview) -> bytes:
+    """A serialized PushChunk/PullChunk whose only field is ``data``."""
+    return b"".join((bytes((_DATA_TAG,)), _varint(len(data)), data))
+
+
+def iter_data_chunks(data: memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """``data`` as serialized data chunks of ``chunk_bytes`` each."""
+    for start in range(0, len(data), chunk_bytes):
+        yield encode_data_chunk(data[start : start + chunk_bytes])
+
+
+def data_of_chunk(raw: bytes) -> memoryview | None:
+    """The payload of a serialized chunk that holds only ``data`` (no copy); None otherwise."""
+    if not raw or raw[0] != _DATA_TAG:
+        return None
+    length, shift, pos = 0, 0, 1
+    while pos < len(raw):
+        byte = raw[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift > 63:
+            return None
+    else:
+        return None
+    if pos + length != len(raw):
+        return None
+    return memoryview(raw)[pos:]

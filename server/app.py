@@ -13,7 +13,8 @@ from typing import Self
 
 import grpc
 
-from gradhub.proto.v1 import jobs_pb2_grpc, ps_pb2_grpc
+from gradhub.proto.alloc import tune_for_streaming
+from gradhub.proto.v1 import jobs_pb2_grpc
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig
 from gradhub.server.job_db import JobDB
@@ -21,6 +22,7 @@ from gradhub.server.job_service import JobServiceServicer
 from gradhub.server.jobs import JobManager, ManagerConfig
 from gradhub.server.launcher import Launcher, RayLauncher
 from gradhub.server.ps_service import ParameterServerServicer
+from gradhub.server.ps_service import add_to_server as add_ps_service
 from gradhub.server.rpc import TokenInterceptor
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class Server:
         import ray
 
         c = self.config
+        tune_for_streaming()
         if self._launcher is None and not ray.is_initialized():
             if c.ray_address:
                 ray.init(address=c.ray_address, log_to_driver=False, logging_level=logging.WARNING)
@@ -87,7 +90,7 @@ class Server:
             self._db, checkpoints, self._launcher or RayLauncher(advertise, c.token), c.data_dir / "working_dirs",
             ManagerConfig(heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_timeout_s=c.heartbeat_timeout_s),
         )
-        ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(self._manager), self._grpc)
+        add_ps_service(ParameterServerServicer(self._manager), self._grpc)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(self._manager, checkpoints), self._grpc)
         self._grpc.start()
         self._manager.start()

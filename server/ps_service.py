@@ -8,7 +8,7 @@ from typing import Protocol
 import grpc
 
 from gradhub.client.errors import ProtocolError, StateError
-from gradhub.proto.codec import Layout, Receiver
+from gradhub.proto.codec import Layout, Receiver, data_of_chunk
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server.rpc import handler
 from gradhub.server.store import ParameterStore
@@ -30,20 +30,23 @@ class PSBackend(Protocol):
     def on_metrics(self, job_id: str, rank: int, step: int, kind: str, metrics: Mapping[str, float]) -> None: ...
 
 
-def _read_header(request_iterator: Iterator[ps_pb2.PushChunk]) -> ps_pb2.PushHeader:
+def _read_header(request_iterator: Iterator[ps_pb2.PushChunk | memoryview]) -> ps_pb2.PushHeader:
     first = next(request_iterator, None)
-    if first is None or first.WhichOneof("kind") != "header":
+    if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
         raise ProtocolError("header: the first message of a push must be a PushHeader")
     if not first.header.tensors:
         raise ProtocolError("tensors: the header lists no tensors")
     return first.header
 
 
-def _receive(request_iterator: Iterator[ps_pb2.PushChunk], receiver: Receiver) -> None:
+def _receive(request_iterator: Iterator[ps_pb2.PushChunk | memoryview], receiver: Receiver) -> None:
     for chunk in request_iterator:
-        if chunk.WhichOneof("kind") != "data":
+        if isinstance(chunk, memoryview):
+            receiver.write(chunk)
+        elif chunk.WhichOneof("kind") == "data":
+            receiver.write(chunk.data)
+        else:
             raise ProtocolError("data: only data chunks may follow the header")
-        receiver.write(chunk.data)
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
@@ -108,8 +111,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         yield ps_pb2.PullChunk(
             header=ps_pb2.PullHeader(version=snapshot.version, tensors=layout.metas(wire_dtype))
         )
-        for data in snapshot.chunks:
-            yield ps_pb2.PullChunk(data=data)
+        yield from snapshot.chunks  # already serialized PullChunks (see add_to_server)
 
     @handler
     def Heartbeat(self, request: ps_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> ps_pb2.HeartbeatResponse:
@@ -122,3 +124,40 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             raise ProtocolError(f"kind: must be 'train' or 'eval', got {request.kind!r}")
         self._backend.on_metrics(request.job_id, request.rank, request.step, request.kind, dict(request.metrics))
         return ps_pb2.ReportMetricsResponse()
+
+
+def _push_request(raw: bytes) -> ps_pb2.PushChunk | memoryview:
+    """Data chunks come through as zero-copy views; anything else is parsed by protobuf."""
+    data = data_of_chunk(raw)
+    return data if data is not None else ps_pb2.PushChunk.FromString(raw)
+
+
+def _pull_response(message: ps_pb2.PullChunk | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
+    """Register the service like the generated ``add_ParameterServerServicer_to_server``, but
+    with the hot path's (de)serializers: identical bytes on the wire, one copy fewer each way."""
+    unary = {
+        "Register": (ps_pb2.RegisterRequest, ps_pb2.RegisterResponse),
+        "Heartbeat": (ps_pb2.HeartbeatRequest, ps_pb2.HeartbeatResponse),
+        "ReportMetrics": (ps_pb2.ReportMetricsRequest, ps_pb2.ReportMetricsResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=req.FromString,
+            response_serializer=resp.SerializeToString)
+        for name, (req, resp) in unary.items()
+    }
+    for name in ("InitParameters", "PushGradients"):
+        handlers[name] = grpc.stream_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=_push_request,
+            response_serializer=ps_pb2.PushResponse.SerializeToString)
+    handlers["PullParameters"] = grpc.unary_stream_rpc_method_handler(
+        servicer.PullParameters, request_deserializer=ps_pb2.PullRequest.FromString,
+        response_serializer=_pull_response)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+SERVICE = "gradhub.v1.ParameterServer"

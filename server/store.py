@@ -33,7 +33,7 @@ from gradhub.proto.codec import (
     Layout,
     as_bytes,
     encode,
-    iter_chunks,
+    iter_data_chunks,
 )
 from gradhub.server.optim import build_optimizer, build_scheduler
 
@@ -69,11 +69,11 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Parameters at one version, encoded for the wire (immutable; safe to stream)."""
+    """Parameters at one version, as serialized data chunks for the wire (immutable; safe to stream)."""
 
     version: int
     wire_dtype: int
-    chunks: tuple[bytes, ...]
+    chunks: tuple[bytes, ...]  # each a serialized PullChunk holding ~1 MiB of data
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,8 @@ class ParameterStore:
         self._workers = [WorkerState(rank=r) for r in range(config.world_size)]
         self._layout: Layout | None = None
         self._flat: torch.Tensor | None = None
-        self._grad: torch.Tensor | None = None
+        self._grad: torch.Tensor | None = None  # where ps-sync averages its workers' gradients
+        self._params: list[torch.nn.Parameter] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._scheduler: Any = None
         self._version = 0
@@ -207,14 +208,9 @@ class ParameterStore:
         if self._total_steps is None:
             raise StateError("total_steps: unknown until a worker registers")
         self._layout, self._flat = layout, flat.contiguous()
-        self._grad = torch.zeros_like(self._flat)
-        params = []
-        for p, g in zip(layout.split(self._flat).values(), layout.split(self._grad).values(), strict=True):
-            param = torch.nn.Parameter(p, requires_grad=True)
-            param.grad = g
-            params.append(param)
+        self._params = [torch.nn.Parameter(p, requires_grad=True) for p in layout.split(self._flat).values()]
         c = self.config
-        self._optimizer = build_optimizer(params, c.optimizer, c.lr, c.hyper)
+        self._optimizer = build_optimizer(self._params, c.optimizer, c.lr, c.hyper)
         updates = self._total_steps * (1 if c.mode == "ps-sync" else c.world_size)
         self._scheduler = build_scheduler(self._optimizer, c.schedule, max(updates, 1))
 
@@ -288,11 +284,7 @@ class ParameterStore:
                 self._pending[rank] = grad
                 if len(self._pending) == len(self._workers):
                     pending, self._pending = self._pending, {}
-                    total = pending[0].clone()
-                    for r in range(1, len(self._workers)):  # fixed (rank) order: deterministic
-                        total += pending[r]
-                    total /= len(self._workers)
-                    self._apply(total)
+                    self._apply(self._average(pending))
             else:
                 w.staleness = self._version - base_version
                 w.max_staleness = max(w.max_staleness, w.staleness)
@@ -301,6 +293,10 @@ class ParameterStore:
             return True, self._version
 
     def _check_finite(self, grad: torch.Tensor) -> None:
+        # One vectorized pass: NaN and Inf propagate through a sum. Only when the sum is not
+        # finite (a bad value, or an overflow of huge finite ones) look element by element.
+        if bool(torch.isfinite(grad.sum())):
+            return
         finite = torch.isfinite(grad)
         if not bool(finite.all()):
             assert self._layout is not None
@@ -310,9 +306,25 @@ class ParameterStore:
                 f"'{self._layout.name_at(first)}'; nothing was applied"
             )
 
+    def _average(self, pending: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The mean of the workers' gradients, summed in rank order (deterministic)."""
+        if len(pending) == 1:
+            return pending[0]
+        if self._grad is None:
+            self._grad = torch.empty_like(pending[0])
+        total = self._grad
+        total.copy_(pending[0])
+        for r in range(1, len(pending)):
+            total += pending[r]
+        total /= len(pending)
+        return total
+
     def _apply(self, grad: torch.Tensor) -> None:
-        assert self._grad is not None and self._optimizer is not None
-        self._grad.copy_(grad)
+        """One optimizer step with ``grad`` (flat float32): the parameters' ``.grad`` become its
+        views, so a received gradient is used where it landed, without a copy."""
+        assert self._layout is not None and self._optimizer is not None
+        for param, view in zip(self._params, self._layout.split(grad).values(), strict=True):
+            param.grad = view
         self._optimizer.step()
         if self._scheduler is not None:
             self._scheduler.step()
@@ -368,7 +380,7 @@ class ParameterStore:
         if snap is None:
             assert self._flat is not None
             data = as_bytes(encode(self._flat, wire_dtype))
-            snap = Snapshot(self._version, wire_dtype, tuple(iter_chunks(data, CHUNK_BYTES)))
+            snap = Snapshot(self._version, wire_dtype, tuple(iter_data_chunks(data, CHUNK_BYTES)))
             self._snapshots[wire_dtype] = snap
         return snap
 

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from gradhub.client.spec import JobSpec
+from gradhub.proto.alloc import tune_for_streaming
 from gradhub.worker.loop import PSTrainer
 from gradhub.worker.ps_client import PSClient
 
@@ -28,6 +29,7 @@ class WorkerActor:
         return {"host": socket.gethostname(), "pid": os.getpid()}
 
     def run(self) -> dict[str, Any]:
+        tune_for_streaming()
         spec = JobSpec.from_json(self.spec_json)
         # the channel is created here, inside the actor's process, never inherited
         with PSClient(self.server_address, self.job_id, self.rank, spec.compression, self.token) as client:

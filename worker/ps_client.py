@@ -19,10 +19,10 @@ from gradhub.client.errors import ProtocolError, StateError
 from gradhub.proto.codec import (
     COMPRESSION_DTYPES,
     Layout,
-    Receiver,
     as_bytes,
+    data_of_chunk,
     encode,
-    iter_chunks,
+    iter_data_chunks,
     torch_dtype,
 )
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
@@ -70,6 +70,16 @@ class PSClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = ps_pb2_grpc.ParameterServerStub(self._channel)
+        # The hot methods carry pre-serialized data chunks out and zero-copy views in
+        # (byte-identical to the generated stubs' encoding; see gradhub.proto.codec).
+        svc = "/gradhub.v1.ParameterServer/"
+        self._init = self._channel.stream_unary(svc + "InitParameters", request_serializer=_push_request,
+                                                response_deserializer=ps_pb2.PushResponse.FromString)
+        self._push = self._channel.stream_unary(svc + "PushGradients", request_serializer=_push_request,
+                                                response_deserializer=ps_pb2.PushResponse.FromString)
+        self._pull = self._channel.unary_stream(svc + "PullParameters",
+                                                request_serializer=ps_pb2.PullRequest.SerializeToString,
+                                                response_deserializer=_pull_response)
         self._staging: torch.Tensor | None = None
 
     def close(self) -> None:
@@ -92,8 +102,8 @@ class PSClient:
         def call() -> ps_pb2.PushResponse:
             header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank,
                                        tensors=layout.metas(tensor_pb2.FLOAT32))
-            return self._stub.InitParameters(_push_stream(header, params, tensor_pb2.FLOAT32),
-                                             timeout=_transfer_timeout(params), metadata=self._metadata)
+            return self._init(_push_stream(header, params, tensor_pb2.FLOAT32),
+                              timeout=_transfer_timeout(params), metadata=self._metadata)
         return _retry(call).accepted
 
     def push(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor) -> bool:
@@ -101,8 +111,8 @@ class PSClient:
         def call() -> ps_pb2.PushResponse:
             header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step,
                                        base_version=base_version, tensors=layout.metas(self.wire_dtype))
-            return self._stub.PushGradients(_push_stream(header, grads, self.wire_dtype),
-                                            timeout=_transfer_timeout(grads), metadata=self._metadata)
+            return self._push(_push_stream(header, grads, self.wire_dtype),
+                              timeout=_transfer_timeout(grads), metadata=self._metadata)
         return _retry(call).accepted
 
     def pull(self, layout: Layout, step: int, params: torch.Tensor) -> int:
@@ -120,10 +130,9 @@ class PSClient:
 
     def _pull_once(self, layout: Layout, step: int, params: torch.Tensor) -> int:
         request = ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.wire_dtype)
-        stream = self._stub.PullParameters(request, timeout=PULL_WAIT_S + _transfer_timeout(params),
-                                           metadata=self._metadata)
+        stream = self._pull(request, timeout=PULL_WAIT_S + _transfer_timeout(params), metadata=self._metadata)
         first = next(stream, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
             raise ProtocolError("pull: the server's stream did not start with a header")
         layout.check_metas(first.header.tensors, self.wire_dtype)
         direct = params.device.type == "cpu" and self.wire_dtype == tensor_pb2.FLOAT32
@@ -136,7 +145,7 @@ class PSClient:
             target = as_bytes(self._staging)
         received = 0
         for chunk in stream:
-            data = chunk.data
+            data = chunk if isinstance(chunk, memoryview) else chunk.data
             end = received + len(data)
             if end > len(target):
                 raise ProtocolError("pull: the server sent more bytes than the model holds")
@@ -163,10 +172,18 @@ class PSClient:
             timeout=RPC_TIMEOUT_S, metadata=self._metadata)
 
 
-def _push_stream(header: ps_pb2.PushHeader, flat: torch.Tensor, wire_dtype: int) -> Iterator[ps_pb2.PushChunk]:
+def _push_stream(header: ps_pb2.PushHeader, flat: torch.Tensor, wire_dtype: int) -> Iterator[ps_pb2.PushChunk | bytes]:
     yield ps_pb2.PushChunk(header=header)
-    for data in iter_chunks(as_bytes(encode(flat, wire_dtype))):
-        yield ps_pb2.PushChunk(data=data)
+    yield from iter_data_chunks(as_bytes(encode(flat, wire_dtype)))
+
+
+def _push_request(message: ps_pb2.PushChunk | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _pull_response(raw: bytes) -> ps_pb2.PullChunk | memoryview:
+    data = data_of_chunk(raw)
+    return data if data is not None else ps_pb2.PullChunk.FromString(raw)
 
 
 def _transfer_timeout(flat: torch.Tensor) -> float:
@@ -188,5 +205,3 @@ def _retry(call: Callable[[], T]) -> T:
             time.sleep(delay)  # backoff before a retry, not synchronization
             delay = min(delay * 2, 2.0)
 
-
-__all__ = ["PSClient", "Receiver"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gradhub.client.errors import NotFoundError, ProtocolError, StateError
-from gradhub.proto.codec import CHUNK_BYTES, Layout
+from gradhub.proto.codec import CHUNK_BYTES, Layout, data_of_chunk
 from gradhub.proto.v1.tensor_pb2 import BFLOAT16, FLOAT16, FLOAT32
 from gradhub.server.optim import build_optimizer, build_scheduler
 from gradhub.server.store import CheckpointState, ParameterStore, Snapshot, StoreConfig
@@ -71,7 +71,7 @@ def _flat(store: ParameterStore) -> torch.Tensor:
 
 
 def _decode(snap: Snapshot, dtype: torch.dtype) -> torch.Tensor:
-    return torch.frombuffer(bytearray(b"".join(snap.chunks)), dtype=dtype)
+    return torch.frombuffer(bytearray(b"".join(bytes(data_of_chunk(c)) for c in snap.chunks)), dtype=dtype)
 
 
 class _Reference:
@@ -416,7 +416,7 @@ def test_snapshots_are_cached_per_version_and_cut_into_chunks() -> None:
     store.register(0)
     store.initialize(big, _initial(big))
     snap = store.pull(0, 0, FLOAT32, timeout=0)
-    assert [len(c) for c in snap.chunks] == [CHUNK_BYTES, 40]
+    assert [len(data_of_chunk(c)) for c in snap.chunks] == [CHUNK_BYTES, 40]
     assert store.pull(0, 0, FLOAT32, timeout=0) is snap
     assert len(store.pull(0, 0, FLOAT16, timeout=0).chunks) == 1
     store.push(0, 0, 0, _grad(0, 0, big.numel))
