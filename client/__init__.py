@@ -1,1 +1,30 @@
-"""gradhub.client."""
+"""gradhub's user surface: the job spec, the Python client and the errors it raises.
+
+    from gradhub.client import Client, JobSpec
+"""
+
+from gradhub.client.client import CheckpointMeta, Client, Job, JobInfo, WorkerInfo
+from gradhub.client.errors import (
+    AuthError,
+    GradhubError,
+    JobFailedError,
+    NotFoundError,
+    ServerUnavailableError,
+    SpecError,
+)
+from gradhub.client.spec import JobSpec
+
+__all__ = [
+    "AuthError",
+    "CheckpointMeta",
+    "Client",
+    "GradhubError",
+    "Job",
+    "JobFailedError",
+    "JobInfo",
+    "JobSpec",
+    "NotFoundError",
+    "ServerUnavailableError",
+    "SpecError",
+    "WorkerInfo",
+]

@@ -48,6 +48,7 @@ class Server:
         self._manager: JobManager | None = None
         self._owns_ray = False
         self.port = 0
+        self.advertise_address = ""  # host:port workers use to reach this server (set by start)
 
     @property
     def address(self) -> str:
@@ -82,7 +83,8 @@ class Server:
         self.port = self._grpc.add_insecure_port(f"{_bracket(c.host)}:{c.port}")
         if self.port == 0:
             raise RuntimeError(f"port: could not bind {c.host}:{c.port}")
-        advertise = c.advertise_address or f"{self._worker_host()}:{self.port}"
+        self.advertise_address = c.advertise_address or f"{_bracket(self._worker_host())}:{self.port}"
+        advertise = self.advertise_address
         c.data_dir.mkdir(parents=True, exist_ok=True)
         self._db = JobDB(c.data_dir / "jobs.db")
         checkpoints = CheckpointStore(c.data_dir / "checkpoints")

@@ -123,6 +123,9 @@ class JobManager:
 
     # -------------------------------------------------------------- the API
     def submit(self, spec: JobSpec, working_dir_zip: bytes | None = None) -> JobView:
+        if not spec.is_ps:
+            raise SpecError("mode", f"{spec.mode!r} is not served by this server yet; "
+                            "use ps-sync, ps-async or ps-ssp")
         total = self._launcher.total_resources()
         need = demand(spec)
         short = {k: v for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}

@@ -47,6 +47,18 @@ class Launcher(Protocol):
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> WorkerGroup: ...
 
 
+def _reason(e: Exception, limit: int = 500) -> str:
+    """A worker's exception as one line: the user's error, not Ray's traceback around it."""
+    cause = getattr(e, "cause", None)
+    if cause is not None:
+        text = f"{type(cause).__name__}: {cause}"
+    else:
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        text = lines[-1] if lines else type(e).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def bundle(spec: JobSpec) -> dict[str, float]:
     """One worker's resources as a placement-group bundle."""
     out: dict[str, float] = {}
@@ -113,8 +125,7 @@ class RayWorkerGroup:
             except ray.exceptions.RayActorError as e:
                 exits.append(WorkerExit(rank, died=True, error=str(e).splitlines()[0]))
             except ray.exceptions.RayTaskError as e:
-                cause = e.cause if getattr(e, "cause", None) is not None else e
-                exits.append(WorkerExit(rank, error=f"{type(cause).__name__}: {cause}"))
+                exits.append(WorkerExit(rank, error=_reason(e)))
         return exits
 
     def kill(self, rank: int) -> None:

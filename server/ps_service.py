@@ -49,6 +49,18 @@ def _receive(request_iterator: Iterator[ps_pb2.PushChunk | memoryview], receiver
             raise ProtocolError("data: only data chunks may follow the header")
 
 
+def _pull(store: ParameterStore, rank: int, step: int, wire_dtype: int,
+          context: grpc.ServicerContext) -> Iterator[ps_pb2.PullChunk | bytes]:
+    """Wait as the mode requires (at most the call's deadline), then stream the parameters."""
+    remaining = context.time_remaining()
+    wait = MAX_PULL_WAIT_S if remaining is None else max(0.0, min(remaining - 0.5, MAX_PULL_WAIT_S))
+    snapshot = store.pull(rank, step, wire_dtype, timeout=wait)
+    layout = store.layout
+    assert layout is not None
+    yield ps_pb2.PullChunk(header=ps_pb2.PullHeader(version=snapshot.version, tensors=layout.metas(wire_dtype)))
+    yield from snapshot.chunks  # already serialized PullChunks (see add_to_server)
+
+
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def __init__(self, backend: PSBackend) -> None:
         self._backend = backend
@@ -85,7 +97,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return ps_pb2.PushResponse(accepted=accepted, version=store.version)
 
     @handler
-    def PushGradients(self, request_iterator: Iterator[ps_pb2.PushChunk], context: grpc.ServicerContext) -> ps_pb2.PushResponse:
+    def PushGradients(self, request_iterator: Iterator[ps_pb2.PushChunk | memoryview], context: grpc.ServicerContext) -> ps_pb2.PushResponse:
+        _, _, accepted, version = self._push(request_iterator)
+        return ps_pb2.PushResponse(accepted=accepted, version=version)
+
+    def _push(self, request_iterator: Iterator[ps_pb2.PushChunk | memoryview]
+              ) -> tuple[ps_pb2.PushHeader, ParameterStore, bool, int]:
+        """Receive one push and hand it to the store: (header, store, accepted, version)."""
         header = _read_header(request_iterator)
         store = self._backend.store(header.job_id)
         layout = store.layout
@@ -97,21 +115,17 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         _receive(request_iterator, receiver)
         grad = receiver.tensor(wire_dtype)
         accepted, version = store.push(header.rank, header.step, header.base_version, grad)
-        return ps_pb2.PushResponse(accepted=accepted, version=version)
+        return header, store, accepted, version
 
     @handler
-    def PullParameters(self, request: ps_pb2.PullRequest, context: grpc.ServicerContext) -> Iterator[ps_pb2.PullChunk]:
+    def PullParameters(self, request: ps_pb2.PullRequest, context: grpc.ServicerContext) -> Iterator[ps_pb2.PullChunk | bytes]:
         store = self._backend.store(request.job_id)
-        wire_dtype = request.dtype or tensor_pb2.FLOAT32
-        remaining = context.time_remaining()
-        wait = MAX_PULL_WAIT_S if remaining is None else max(0.0, min(remaining - 0.5, MAX_PULL_WAIT_S))
-        snapshot = store.pull(request.rank, request.step, wire_dtype, timeout=wait)
-        layout = store.layout
-        assert layout is not None
-        yield ps_pb2.PullChunk(
-            header=ps_pb2.PullHeader(version=snapshot.version, tensors=layout.metas(wire_dtype))
-        )
-        yield from snapshot.chunks  # already serialized PullChunks (see add_to_server)
+        yield from _pull(store, request.rank, request.step, request.dtype or tensor_pb2.FLOAT32, context)
+
+    @handler
+    def PushPull(self, request_iterator: Iterator[ps_pb2.PushChunk | memoryview], context: grpc.ServicerContext) -> Iterator[ps_pb2.PullChunk | bytes]:
+        header, store, _, _ = self._push(request_iterator)
+        yield from _pull(store, header.rank, header.step + 1, store.config.wire_dtype, context)
 
     @handler
     def Heartbeat(self, request: ps_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> ps_pb2.HeartbeatResponse:
@@ -154,6 +168,8 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> Non
         handlers[name] = grpc.stream_unary_rpc_method_handler(
             getattr(servicer, name), request_deserializer=_push_request,
             response_serializer=ps_pb2.PushResponse.SerializeToString)
+    handlers["PushPull"] = grpc.stream_stream_rpc_method_handler(
+        servicer.PushPull, request_deserializer=_push_request, response_serializer=_pull_response)
     handlers["PullParameters"] = grpc.unary_stream_rpc_method_handler(
         servicer.PullParameters, request_deserializer=ps_pb2.PullRequest.FromString,
         response_serializer=_pull_response)

@@ -102,14 +102,15 @@ class PSTrainer:
             self.client.init_parameters(flat.layout, flat.params.detach().cpu())
         step = reg.next_step
         result = WorkerResult(rank=rank, steps_run=0)
-        window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+        # the loss stays on the device between reports: no host sync per step
+        window_loss, window_samples, window_start = torch.zeros((), device=device), 0, time.perf_counter()
         run_samples, run_start = 0, time.perf_counter()
         with _Heartbeat(self.client, reg.heartbeat_interval_s) as beat:
+            version = self.client.pull(flat.layout, step, flat.params) if step < total else 0
             while step < total:
                 if beat.stop_reason is not None:
                     result.stopped = beat.stop_reason
                     return result
-                version = self.client.pull(flat.layout, step, flat.params)
                 if rank == 0 and spec.eval_every and step and step % spec.eval_every == 0 and val is not None:
                     self.client.report(step, "eval", evaluate(model, val, loss_fn, device))
                 idx = worker_batch_indices(n, spec.batch_size, spec.workers, rank, spec.seed, step)
@@ -118,23 +119,28 @@ class PSTrainer:
                 flat.zero_grad()
                 loss = loss_fn(model(x), y)
                 loss.backward()
-                self.client.push(flat.layout, step, version, flat.gather_grads())
+                if step + 1 < total or rank == 0:
+                    # push step t and receive step t + 1's parameters (rank 0's last pull is the
+                    # final parameters, which it evaluates)
+                    version = self.client.push_pull(flat.layout, step, version, flat.gather_grads(), flat.params)
+                else:
+                    self.client.push(flat.layout, step, version, flat.gather_grads())
                 step += 1
                 beat.step = step
                 result.steps_run += 1
-                window_loss += float(loss.detach()) * len(idx)
+                window_loss += loss.detach() * len(idx)
                 window_samples += len(idx)
                 run_samples += len(idx)
                 now = time.perf_counter()
                 elapsed = now - window_start
                 if elapsed >= REPORT_EVERY_S or step == total:
-                    self.client.report(step, "train", {"loss": window_loss / window_samples,
+                    self.client.report(step, "train", {"loss": float(window_loss) / window_samples,
                                                        "samples_per_s": window_samples / elapsed,
                                                        "avg_samples_per_s": run_samples / (now - run_start)})
-                    window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+                    window_loss, window_samples, window_start = window_loss.zero_(), 0, time.perf_counter()
             if rank == 0:
-                # the final parameters: waits until every worker pushed its last step
-                self.client.pull(flat.layout, total, flat.params)
+                if result.steps_run == 0:  # resumed at the end: fetch the final parameters
+                    self.client.pull(flat.layout, total, flat.params)
                 if val is not None:
                     result.metrics = evaluate(model, val, loss_fn, device)
                     self.client.report(total, "eval", result.metrics)

@@ -77,6 +77,8 @@ class PSClient:
                                                 response_deserializer=ps_pb2.PushResponse.FromString)
         self._push = self._channel.stream_unary(svc + "PushGradients", request_serializer=_push_request,
                                                 response_deserializer=ps_pb2.PushResponse.FromString)
+        self._push_pull = self._channel.stream_stream(svc + "PushPull", request_serializer=_push_request,
+                                                      response_deserializer=_pull_response)
         self._pull = self._channel.unary_stream(svc + "PullParameters",
                                                 request_serializer=ps_pb2.PullRequest.SerializeToString,
                                                 response_deserializer=_pull_response)
@@ -128,9 +130,32 @@ class PSClient:
                     raise
                 # the server's wait ran out (a slow or restarting worker): ask again
 
+    def push_pull(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor,
+                  params: torch.Tensor) -> int:
+        """Push the gradient for ``step`` and receive the parameters for ``step + 1`` into
+        ``params``, in one round trip; returns their version. Safe to retry (exactly-once push)."""
+        def call() -> int:
+            header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step,
+                                       base_version=base_version, tensors=layout.metas(self.wire_dtype))
+            stream = self._push_pull(_push_stream(header, grads, self.wire_dtype),
+                                     timeout=PULL_WAIT_S + 2 * _transfer_timeout(params), metadata=self._metadata)
+            return self._receive_params(stream, layout, params)
+        while True:
+            try:
+                return _retry(call)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                # the push landed (or will be recognised as a retry); wait for step + 1 as pull does
+                return self.pull(layout, step + 1, params)
+
     def _pull_once(self, layout: Layout, step: int, params: torch.Tensor) -> int:
         request = ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.wire_dtype)
         stream = self._pull(request, timeout=PULL_WAIT_S + _transfer_timeout(params), metadata=self._metadata)
+        return self._receive_params(stream, layout, params)
+
+    def _receive_params(self, stream: Iterator[ps_pb2.PullChunk | memoryview], layout: Layout,
+                        params: torch.Tensor) -> int:
         first = next(stream, None)
         if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
             raise ProtocolError("pull: the server's stream did not start with a header")

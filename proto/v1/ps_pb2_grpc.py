@@ -54,6 +54,11 @@ class ParameterServerStub:
                 request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
                 response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.FromString,
                 _registered_method=True)
+        self.PushPull = channel.stream_stream(
+                '/gradhub.v1.ParameterServer/PushPull',
+                request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.SerializeToString,
+                response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/gradhub.v1.ParameterServer/Heartbeat',
                 request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.HeartbeatRequest.SerializeToString,
@@ -100,6 +105,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushPull(self, request_iterator, context):
+        """PushGradients for step t, then PullParameters for step t + 1, in one round trip.
+        Retrying it is safe: the push is applied at most once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Heartbeat(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -133,6 +146,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
             'PullParameters': grpc.unary_stream_rpc_method_handler(
                     servicer.PullParameters,
                     request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullRequest.FromString,
+                    response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.SerializeToString,
+            ),
+            'PushPull': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushPull,
+                    request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.FromString,
                     response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
@@ -253,6 +271,33 @@ class ParameterServer:
             target,
             '/gradhub.v1.ParameterServer/PullParameters',
             gradhub_dot_proto_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPull(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradhub.v1.ParameterServer/PushPull',
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.SerializeToString,
             gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,429 @@
+"""The ``gradhub`` command line: run a server, submit and follow jobs, pull checkpoints, demo.
+
+Options resolve command line > ``GRADHUB_*`` environment variable > default (typer's
+``envvar=``); the token comes from ``--token-file``, else ``GRADHUB_TOKEN``. This is the edge
+where domain errors become one line on stderr and exit code 1; usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import grpc
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from gradhub.client.client import CheckpointMeta, Client, JobInfo
+from gradhub.client.demo import checkpoint_filename, run_demo
+from gradhub.client.errors import GradhubError, NotFoundError, ServerUnavailableError
+from gradhub.client.progress import job_details, jobs_table, number
+from gradhub.client.spec import JobSpec
+
+DEFAULT_SERVER = "localhost:50051"
+EXIT_INTERRUPTED = 130
+PIPED_WIDTH = 200
+
+app = typer.Typer(
+    name="gradhub",
+    help="Distributed PyTorch training: a gRPC parameter server with Ray workers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ServerOpt = Annotated[
+    str,
+    typer.Option("--server", envvar="GRADHUB_SERVER", help="The gradhub server, host:port."),
+]
+TokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file", exists=True, dir_okay=False, readable=True,
+        help="A file holding the bearer token (default: the GRADHUB_TOKEN variable).",
+    ),
+]
+JobArg = Annotated[str, typer.Argument(metavar="JOB", help="The job id (j-...).")]
+
+
+# --- the edge: errors, tokens, clients --------------------------------------------------------
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)  # always exactly one line
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _edge(server: str | None = None) -> Iterator[None]:
+    """Turn the errors a user can cause or fix into ``error: ...`` and exit code 1."""
+    try:
+        yield
+    except ServerUnavailableError as e:
+        hint = f"; is a gradhub server running at {server}? (--server or GRADHUB_SERVER)"
+        _fail(f"{e}{hint if server else ''}")
+    except (GradhubError, TimeoutError, OSError) as e:
+        _fail(str(e) or type(e).__name__)
+    except grpc.RpcError as e:  # the client translates its calls' errors; this is a fallback
+        _fail(f"{e.code().name}: {e.details()}")
+
+
+def _token(token_file: Path | None) -> str | None:
+    """``--token-file`` (stripped), else GRADHUB_TOKEN, else None."""
+    if token_file is not None:
+        token = token_file.read_text(encoding="utf-8").strip()
+        if not token:
+            raise GradhubError(f"--token-file: {token_file} is empty")
+        return token
+    return os.environ.get("GRADHUB_TOKEN") or None
+
+
+@contextlib.contextmanager
+def _session(server: str, token_file: Path | None) -> Iterator[Client]:
+    """A client for one command, inside the error edge."""
+    with _edge(server), Client(server, token=_token(token_file)) as client:
+        yield client
+
+
+def _stdout() -> Console:
+    """Rich output on stdout; piped, it is not cut to 80 columns (COLUMNS still applies)."""
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = PIPED_WIDTH
+    return console
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"gradhub {version('gradhub')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Distributed PyTorch training: a gRPC parameter server with Ray workers."""
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(envvar="GRADHUB_HOST", help="Interface to listen on.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[
+        int, typer.Option(envvar="GRADHUB_PORT", min=0, max=65535, help="Port (0: any free one).")
+    ] = 50051,
+    data_dir: Annotated[
+        Path, typer.Option(envvar="GRADHUB_DATA_DIR", file_okay=False, help="Jobs and checkpoints.")
+    ] = Path("gradhub-data"),
+    ray_address: Annotated[
+        str | None,
+        typer.Option(envvar="GRADHUB_RAY_ADDRESS", help="A Ray cluster (default: a local Ray)."),
+    ] = None,
+    advertise_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="GRADHUB_ADVERTISE_ADDRESS",
+            help="host:port workers use to reach this server (default: this node's IP, the port).",
+        ),
+    ] = None,
+    token_file: TokenFileOpt = None,
+    grace: Annotated[
+        float, typer.Option(min=0, help="Seconds running RPCs get to finish on shutdown.")
+    ] = 5.0,
+) -> None:
+    """Run the gradhub server until Ctrl-C or SIGTERM, then stop gracefully."""
+    from gradhub.server.app import Server
+    from gradhub.server.config import ServerConfig
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with _edge():
+        token = _token(token_file)
+    try:
+        config = ServerConfig(host=host, port=port, data_dir=data_dir, ray_address=ray_address,
+                              advertise_address=advertise_address, token=token)
+    except ValueError as e:
+        _fail(str(e))
+    srv = Server(config)
+    try:
+        srv.start()
+    except (GradhubError, RuntimeError, ConnectionError, OSError, ValueError) as e:
+        srv.stop(0)
+        _fail(f"cannot start the server: {e}")
+    typer.echo(f"gradhub server listening on {_hostport(host, srv.port)}, workers reach it at "
+               f"{srv.advertise_address}, data in {data_dir.resolve()}")
+    if token is None:
+        warning = ("warning: no token (--token-file or GRADHUB_TOKEN): the server accepts "
+                   "unauthenticated RPCs")
+        if not _is_loopback(host):
+            warning += f"; anyone who can reach {_hostport(host, srv.port)} can run code on the workers"
+        typer.echo(warning, err=True)
+    _wait_for_signal()
+    typer.echo(f"gradhub server: stopping (grace {grace:g} s)", err=True)
+    try:
+        srv.stop(grace)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    typer.echo("gradhub server: stopped", err=True)
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM; the previous handlers are back afterwards."""
+    stop = threading.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+@app.command()
+def submit(
+    spec_file: Annotated[
+        Path,
+        typer.Argument(metavar="JOB.yaml", exists=True, dir_okay=False, readable=True,
+                       help="The job spec (YAML or JSON); a relative working_dir is taken "
+                            "relative to this file's folder."),
+    ],
+    wait: Annotated[
+        bool, typer.Option("--wait", "-w", help="Follow the job with a progress bar until it ends.")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="With --wait: give up after this many seconds.")
+    ] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token_file: TokenFileOpt = None,
+) -> None:
+    """Submit a job and print its id; with --wait, follow it and print its final metrics."""
+    with _session(server, token_file) as client:
+        job = client.submit(_load_spec(spec_file))
+        typer.echo(job.id)
+        if not wait:
+            return
+        try:
+            info = job.wait(timeout=timeout, progress=True)  # JobFailedError unless SUCCEEDED
+        except KeyboardInterrupt:
+            typer.echo(f"{job.id} keeps running on the server; follow it with "
+                       f"`gradhub status {job.id} --watch`", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        typer.echo(_final_line(info))
+
+
+def _load_spec(path: Path) -> JobSpec:
+    import dataclasses
+
+    spec = JobSpec.from_yaml(path)
+    if spec.working_dir and not Path(spec.working_dir).is_absolute():
+        spec = dataclasses.replace(spec, working_dir=str((path.parent / spec.working_dir).resolve()))
+    return spec
+
+
+def _final_line(info: JobInfo) -> str:
+    ran = ""
+    if info.started_at and info.finished_at:
+        ran = f" in {info.finished_at - info.started_at:.1f} s"
+    metrics = ", ".join(f"{k} {number(v)}" for k, v in sorted(info.metrics.items()))
+    return f"{info.id} {info.state}: step {info.step}/{info.total_steps}{ran}" + (
+        f"; {metrics}" if metrics else "")
+
+
+@app.command()
+def status(
+    job_id: Annotated[
+        str | None, typer.Argument(metavar="JOB", help="A job id; without it, all jobs.")
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh live until the job ends (or Ctrl-C).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (with --watch: one line "
+                                                         "per update).")] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="With --watch and no JOB: seconds between refreshes.")
+    ] = 1.0,
+    server: ServerOpt = DEFAULT_SERVER,
+    token_file: TokenFileOpt = None,
+) -> None:
+    """A table of jobs, or one job in detail: workers, metrics, checkpoints."""
+    console = _stdout()
+    with _session(server, token_file) as client:
+        if not watch:
+            if job_id is None:
+                jobs = client.list_jobs()
+                if as_json:
+                    typer.echo(json.dumps([j.to_dict() for j in jobs], indent=2))
+                else:
+                    console.print(jobs_table(jobs) if jobs else "no jobs")
+            else:
+                info, ckpts = client.get_job(job_id), client.list_checkpoints(job_id)
+                if as_json:
+                    typer.echo(json.dumps(_job_json(info, ckpts), indent=2))
+                else:
+                    console.print(job_details(info, ckpts))
+            return
+        with contextlib.suppress(KeyboardInterrupt):
+            if job_id is not None:
+                _watch_job(client, job_id, console, as_json)
+            else:
+                _watch_jobs(client, console, as_json, interval)
+
+
+def _job_json(info: JobInfo, checkpoints: list[CheckpointMeta]) -> dict[str, Any]:
+    return {**info.to_dict(), "checkpoints": [asdict(c) for c in checkpoints]}
+
+
+def _watch_job(client: Client, job_id: str, console: Console, as_json: bool) -> None:
+    """Follow one job until it ends; checkpoints are listed again at most every 2 s."""
+    ckpts: list[CheckpointMeta] = []
+    listed_at = float("-inf")
+
+    def checkpoints(info: JobInfo) -> list[CheckpointMeta]:
+        nonlocal ckpts, listed_at
+        if info.done or time.monotonic() - listed_at >= 2.0:
+            ckpts, listed_at = client.list_checkpoints(job_id), time.monotonic()
+        return ckpts
+
+    if as_json:
+        for info in client.watch(job_id):
+            typer.echo(json.dumps(_job_json(info, checkpoints(info))))
+        return
+    with Live(console=console, auto_refresh=False) as live:
+        for info in client.watch(job_id):
+            live.update(job_details(info, checkpoints(info)), refresh=True)
+
+
+def _watch_jobs(client: Client, console: Console, as_json: bool, interval: float) -> None:
+    """Refresh the table of jobs every ``interval`` seconds until Ctrl-C."""
+    if as_json:
+        while True:
+            typer.echo(json.dumps([j.to_dict() for j in client.list_jobs()]))
+            time.sleep(interval)
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            live.update(jobs_table(client.list_jobs()), refresh=True)
+            time.sleep(interval)
+
+
+@app.command()
+def pull(
+    job_id: JobArg,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="FILE",
+                     help="Where to write (default: <job>-step<step>.safetensors here; a folder "
+                          "gets that name inside it)."),
+    ] = None,
+    step: Annotated[
+        int | None, typer.Option(min=0, help="The checkpoint's step (default: the latest).")
+    ] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token_file: TokenFileOpt = None,
+) -> None:
+    """Download a checkpoint (safetensors) and verify its sha256."""
+    with _session(server, token_file) as client:
+        if step is None and (output is None or output.is_dir()):
+            steps = [c.step for c in client.list_checkpoints(job_id)]
+            if not steps:
+                raise NotFoundError(f"job {job_id!r} has no checkpoints yet")
+            step = max(steps)
+        if output is None or output.is_dir():
+            output = (output or Path()) / checkpoint_filename(job_id, step or 0)
+        meta = client.pull_checkpoint(job_id, output, step=step)
+        typer.echo(f"{output}  step {meta.step}  sha256 {meta.sha256} (verified)")
+
+
+@app.command()
+def cancel(job_id: JobArg, server: ServerOpt = DEFAULT_SERVER, token_file: TokenFileOpt = None) -> None:
+    """Cancel a queued or running job (a job that has ended is left as it is)."""
+    with _session(server, token_file) as client:
+        before = client.get_job(job_id)
+        if before.done:
+            typer.echo(f"{job_id} already {before.state}; nothing to cancel")
+            return
+        info = client.cancel(job_id)
+        if info.state == "CANCELLED":
+            typer.echo(f"{job_id} CANCELLED")
+        else:
+            typer.echo(f"{job_id} cancelling (its workers are stopping; it is {info.state} now)")
+
+
+@app.command()
+def logs(
+    job_id: JobArg,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines until the job ends.")
+    ] = False,
+    server: ServerOpt = DEFAULT_SERVER,
+    token_file: TokenFileOpt = None,
+) -> None:
+    """Print a job's log: submission, evaluations, checkpoints, restarts, its end."""
+    with _session(server, token_file) as client, contextlib.suppress(KeyboardInterrupt):
+        for line in client.logs(job_id, follow=follow):
+            typer.echo(line)
+
+
+@app.command()
+def demo(
+    workers: Annotated[int, typer.Option(min=1, max=8, help="Parameter-server workers.")] = 2,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training set.")] = 20,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(file_okay=False, help="The server's data (default: a temporary folder)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", metavar="FILE",
+                     help="Where the checkpoint goes (default: <job>-step<step>.safetensors here)."),
+    ] = None,
+) -> None:
+    """Train an MLP on the built-in digits set with 2 ps-sync workers on an embedded server."""
+    with _edge():
+        try:
+            run_demo(workers=workers, epochs=epochs, data_dir=data_dir, out=out, console=_stdout())
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def main() -> None:
+    """The ``gradhub`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Rich renderings of jobs: the live progress bar behind ``Job.wait(progress=True)``, and the
+jobs table and job details that ``gradhub status`` prints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+from rich.console import Console, Group, RenderableType
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from gradhub.client.client import CheckpointMeta, Client, JobInfo
+from gradhub.client.errors import GradhubError
+
+ACCURACY_KEY = "val_accuracy"
+STATE_STYLES = {
+    "QUEUED": "dim",
+    "RUNNING": "cyan",
+    "SUCCEEDED": "green",
+    "FAILED": "bold red",
+    "CANCELLED": "yellow",
+}
+
+
+# --- the progress bar -------------------------------------------------------------------------
+
+
+def watch_with_progress(
+    client: Client, job_id: str, timeout: float | None = None, console: Console | None = None
+) -> JobInfo:
+    """Follow ``client.watch(job_id)`` with a progress bar until the job ends; its last state.
+
+    The bar shows step/total_steps, the training loss, the validation accuracy and samples/s.
+    While the workers have not reported ``total_steps`` yet (0) the bar pulses. It draws on
+    ``console`` (default: stderr, so stdout stays for results).
+    """
+    console = console or Console(stderr=True)
+    last: JobInfo | None = None
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[steps]}"),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, refresh_per_second=4) as progress:
+        task = progress.add_task(job_id, total=None, steps="", stats="")
+        for info in client.watch(job_id, timeout=timeout):
+            last = info
+            progress.update(
+                task,
+                description=f"[{state_style(info.state)}]{info.id} {info.state.lower()}",
+                total=info.total_steps or None,
+                completed=info.step,
+                steps=steps_text(info),
+                stats=" ".join(_stats(info)),
+            )
+    if last is None:  # the server answers a watch with the job at once; this is a broken stream
+        raise GradhubError(f"watch: the server sent nothing about job {job_id!r}")
+    return last
+
+
+def _stats(info: JobInfo) -> list[str]:
+    out = []
+    if "loss" in info.metrics:
+        out.append(f"loss {info.metrics['loss']:.4f}")
+    if ACCURACY_KEY in info.metrics:
+        out.append(f"acc {info.metrics[ACCURACY_KEY]:.1%}")
+    if info.samples_per_second > 0 and not info.done:
+        out.append(f"{info.samples_per_second:,.0f} samples/s")
+    return out
+
+
+# --- small formatters -------------------------------------------------------------------------
+
+
+def state_style(state: str) -> str:
+    return STATE_STYLES.get(state, "")
+
+
+def steps_text(info: JobInfo) -> str:
+    """``12/440``, or ``12/?`` while the total is not known yet."""
+    return f"{info.step}/{info.total_steps or '?'}"
+
+
+def workers_alive(info: JobInfo) -> str:
+    """``running/total``; a job that is not running has no live workers (``0/2``)."""
+    running = sum(1 for w in info.workers if w.state == "running")
+    total = len(info.workers) or int(info.spec.get("workers", 0))
+    return f"{running}/{total}"
+
+
+def ago(timestamp: float | None, now: float | None = None) -> str:
+    """``12s ago``, ``3m ago``, ``5h ago``, ``2d ago``; ``-`` for no time."""
+    if not timestamp:
+        return "-"
+    seconds = max(0.0, (time.time() if now is None else now) - timestamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def duration(seconds: float) -> str:
+    """``8.1s``, ``3m 05s``, ``2h 04m``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    return f"{minutes // 60}h {minutes % 60:02d}m"
+
+
+def number(value: float) -> str:
+    """A metric for people: ``0.1234``, ``5,044``."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
+
+
+def _metric(info: JobInfo, key: str, fmt: str) -> str:
+    return format(info.metrics[key], fmt) if key in info.metrics else "-"
+
+
+def _state(info: JobInfo) -> Text:
+    return Text(info.state, style=state_style(info.state))
+
+
+# --- status: the table of jobs ----------------------------------------------------------------
+
+
+def jobs_table(jobs: Iterable[JobInfo], now: float | None = None) -> Table:
+    """One row per job: id, name, mode, state, step, loss, accuracy, samples/s, workers, age."""
+    jobs = list(jobs)
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    # on a narrow terminal the id and the state keep their width; the name folds
+    table.add_column("ID", no_wrap=True, min_width=max((len(j.id) for j in jobs), default=2))
+    table.add_column("NAME", overflow="fold")
+    table.add_column("MODE", no_wrap=True)
+    table.add_column("STATE", no_wrap=True, min_width=len("SUCCEEDED"))
+    for name in ("STEP", "LOSS", "ACC", "SAMPLES/S", "WORKERS"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("AGE", justify="right", no_wrap=True)
+    for info in jobs:
+        rate = f"{info.samples_per_second:,.0f}" if info.samples_per_second > 0 else "-"
+        table.add_row(
+            info.id, Text(info.name), info.mode, _state(info), steps_text(info),
+            _metric(info, "loss", ".4f"), _metric(info, ACCURACY_KEY, ".1%"), rate,
+            workers_alive(info), ago(info.created_at, now),
+        )
+    return table
+
+
+# --- status JOB: one job in detail ------------------------------------------------------------
+
+
+def spec_summary(spec: dict) -> str:
+    """``ps-sync, 2 workers (cpus 0.5), mlp {hidden: [128]} on digits, adam lr 0.005, ...``."""
+    if not spec:
+        return "-"
+    parts = [str(spec.get("mode", "?"))]
+    workers = f"{spec.get('workers', '?')} workers"
+    resources = spec.get("resources") or {}
+    if resources:
+        workers += " (" + ", ".join(f"{k} {v}" for k, v in resources.items() if v) + ")"
+    parts.append(workers)
+    parts.append(f"{_component(spec.get('model'))} on {_component(spec.get('dataset'))}")
+    opt = spec.get("optimizer") or {}
+    if opt:
+        parts.append(f"{opt.get('name', '?')} lr {opt.get('lr', '?')}")
+    parts.append(f"batch {spec.get('batch_size', '?')}")
+    if spec.get("steps"):
+        parts.append(f"{spec['steps']} steps")
+    elif spec.get("epochs"):
+        parts.append(f"{spec['epochs']} epochs")
+    if spec.get("staleness") is not None:
+        parts.append(f"staleness {spec['staleness']}")
+    if spec.get("compression", "none") != "none":
+        parts.append(f"compression {spec['compression']}")
+    return ", ".join(parts)
+
+
+def _component(c: object) -> str:
+    if not isinstance(c, dict):
+        return str(c) if c else "?"
+    name = c.get("name") or c.get("factory") or "?"
+    args = c.get("args")
+    if args:
+        name += " {" + ", ".join(f"{k}: {v}" for k, v in args.items()) + "}"
+    return str(name)
+
+
+def job_details(
+    info: JobInfo, checkpoints: Sequence[CheckpointMeta] = (), now: float | None = None
+) -> RenderableType:
+    """The job's spec, state and reason, progress, workers, latest metrics and checkpoints."""
+    now = time.time() if now is None else now
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    state = _state(info)
+    if info.reason:
+        state.append(f"  {info.reason}", style="")
+    head.add_row("job", Text(f"{info.id}  {info.name}"))
+    head.add_row("state", state)
+    head.add_row("spec", Text(spec_summary(info.spec)))
+    rate = f", {info.samples_per_second:,.0f} samples/s" if info.samples_per_second > 0 else ""
+    head.add_row("step", f"{steps_text(info)} (version {info.version}){rate}")
+    times = f"created {ago(info.created_at, now)}"
+    if info.started_at:
+        end = info.finished_at or now
+        times += f", {'ran' if info.finished_at else 'running for'} {duration(end - info.started_at)}"
+    head.add_row("time", times)
+    parts: list[RenderableType] = [head]
+
+    if info.workers:
+        workers = Table(title="workers", title_justify="left", box=None, header_style="bold")
+        for name in ("RANK", "STATE", "STEP", "STALENESS", "MAX", "HOST", "PID", "RESTARTS"):
+            workers.add_column(name, justify="left" if name in ("STATE", "HOST") else "right")
+        for w in sorted(info.workers, key=lambda w: w.rank):
+            workers.add_row(str(w.rank), w.state, str(w.step), str(w.staleness), str(w.max_staleness),
+                            w.host or "-", str(w.pid or "-"), str(w.restarts))
+        parts += [Text(), workers]
+
+    if info.metrics:
+        metrics = Table(title="metrics", title_justify="left", box=None, header_style="bold")
+        metrics.add_column("NAME")
+        metrics.add_column("VALUE", justify="right")
+        for key, value in sorted(info.metrics.items()):
+            metrics.add_row(key, number(value))
+        parts += [Text(), metrics]
+
+    ckpts = Table(title="checkpoints", title_justify="left", box=None, header_style="bold")
+    for name in ("STEP", "VERSION", "SIZE", "SHA256", "CREATED"):
+        ckpts.add_column(name, justify="left" if name == "SHA256" else "right", no_wrap=True)
+    for c in sorted(checkpoints, key=lambda c: c.step):
+        ckpts.add_row(str(c.step), str(c.version), _size(c.size_bytes), c.sha256[:16],
+                      ago(c.created_at, now))
+    parts += [Text(), ckpts if checkpoints else Text("no checkpoints", style="dim")]
+    return Group(*parts)
+
+
+def _size(n: int) -> str:
+    if n < 1000:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("kB", "MB", "GB"):
+        size /= 1000
+        if size < 1000 or unit == "GB":
+            break
+    return f"{size:.1f} {unit}"
