@@ -30,8 +30,7 @@ class PSBackend(Protocol):
     def on_metrics(self, job_id: str, rank: int, step: int, kind: str, metrics: Mapping[str, float]) -> None: ...
 
 
-def _read_header(request_iterator: Iterator[ps_pb2.PushChunk | memoryview]) -> ps_pb2.PushHeader:
-    first = next(request_iterator, None)
+def _header(first: ps_pb2.PushChunk | memoryview | None) -> ps_pb2.PushHeader:
     if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
         raise ProtocolError("header: the first message of a push must be a PushHeader")
     if not first.header.tensors:
@@ -39,14 +38,22 @@ def _read_header(request_iterator: Iterator[ps_pb2.PushChunk | memoryview]) -> p
     return first.header
 
 
-def _receive(request_iterator: Iterator[ps_pb2.PushChunk | memoryview], receiver: Receiver) -> None:
-    for chunk in request_iterator:
+def _receive(request_iterator: Iterator[ps_pb2.PushChunk | memoryview], receiver: Receiver,
+             to_end: bool = True) -> None:
+    """Fill ``receiver`` from the stream. ``to_end``: the stream must end right after the
+    expected bytes (a single push); otherwise stop there (more pushes may follow)."""
+    while receiver.received < receiver.expected:
+        chunk = next(request_iterator, None)
+        if chunk is None:
+            return  # cut short: Receiver.tensor() names the byte counts
         if isinstance(chunk, memoryview):
             receiver.write(chunk)
         elif chunk.WhichOneof("kind") == "data":
             receiver.write(chunk.data)
         else:
             raise ProtocolError("data: only data chunks may follow the header")
+    if to_end and next(request_iterator, None) is not None:
+        raise ProtocolError(f"byte count: stream carries more than the expected {receiver.expected} bytes")
 
 
 def _pull(store: ParameterStore, rank: int, step: int, wire_dtype: int,
@@ -82,7 +89,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @handler
     def InitParameters(self, request_iterator: Iterator[ps_pb2.PushChunk], context: grpc.ServicerContext) -> ps_pb2.PushResponse:
-        header = _read_header(request_iterator)
+        header = _header(next(request_iterator, None))
         store = self._backend.store(header.job_id)
         for i, meta in enumerate(header.tensors):
             if meta.dtype != tensor_pb2.FLOAT32:
@@ -98,13 +105,15 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @handler
     def PushGradients(self, request_iterator: Iterator[ps_pb2.PushChunk | memoryview], context: grpc.ServicerContext) -> ps_pb2.PushResponse:
-        _, _, accepted, version = self._push(request_iterator)
+        _, _, accepted, version = self._push(next(request_iterator, None), request_iterator)
         return ps_pb2.PushResponse(accepted=accepted, version=version)
 
-    def _push(self, request_iterator: Iterator[ps_pb2.PushChunk | memoryview]
+    def _push(self, first: ps_pb2.PushChunk | memoryview | None,
+              request_iterator: Iterator[ps_pb2.PushChunk | memoryview], to_end: bool = True,
               ) -> tuple[ps_pb2.PushHeader, ParameterStore, bool, int]:
-        """Receive one push and hand it to the store: (header, store, accepted, version)."""
-        header = _read_header(request_iterator)
+        """Receive one push (``first`` is its header) and hand it to the store:
+        (header, store, accepted, version)."""
+        header = _header(first)
         store = self._backend.store(header.job_id)
         layout = store.layout
         if layout is None:
@@ -112,7 +121,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         wire_dtype = store.config.wire_dtype
         layout.check_metas(header.tensors, wire_dtype)
         receiver = Receiver(layout.nbytes(wire_dtype))
-        _receive(request_iterator, receiver)
+        _receive(request_iterator, receiver, to_end)
         grad = receiver.tensor(wire_dtype)
         accepted, version = store.push(header.rank, header.step, header.base_version, grad)
         return header, store, accepted, version
@@ -124,8 +133,12 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @handler
     def PushPull(self, request_iterator: Iterator[ps_pb2.PushChunk | memoryview], context: grpc.ServicerContext) -> Iterator[ps_pb2.PullChunk | bytes]:
-        header, store, _, _ = self._push(request_iterator)
-        yield from _pull(store, header.rank, header.step + 1, store.config.wire_dtype, context)
+        while True:
+            first = next(request_iterator, None)
+            if first is None:
+                return  # the worker closed its session
+            header, store, _, _ = self._push(first, request_iterator, to_end=False)
+            yield from _pull(store, header.rank, header.step + 1, store.config.wire_dtype, context)
 
     @handler
     def Heartbeat(self, request: ps_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> ps_pb2.HeartbeatResponse:

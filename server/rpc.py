@@ -45,6 +45,9 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, grpc.RpcError) and not context.is_active():
+        # the client cancelled or went away mid-stream (e.g. a worker closing its session)
+        context.abort(grpc.StatusCode.CANCELLED, "the client went away")
     code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL and not isinstance(exc, GradhubError):
         log.exception("unexpected error in RPC handler")

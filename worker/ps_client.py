@@ -8,9 +8,10 @@ server applies each (job, rank, step) at most once.
 from __future__ import annotations
 
 import json
+import queue
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 import torch
@@ -32,6 +33,7 @@ T = TypeVar("T")
 RPC_TIMEOUT_S = 30.0
 PULL_WAIT_S = 65.0  # the server answers within 60 s; the worker then asks again
 RETRY_FOR_S = 60.0
+SESSION_S = 3600.0  # a PushPull session's deadline; the worker then opens a new one
 
 _SERVICE_CONFIG = json.dumps(
     {
@@ -83,8 +85,10 @@ class PSClient:
                                                 request_serializer=ps_pb2.PullRequest.SerializeToString,
                                                 response_deserializer=_pull_response)
         self._staging: torch.Tensor | None = None
+        self._session: _Session | None = None
 
     def close(self) -> None:
+        self._close_session()
         self._channel.close()
 
     def __enter__(self) -> Self:
@@ -133,21 +137,33 @@ class PSClient:
     def push_pull(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor,
                   params: torch.Tensor) -> int:
         """Push the gradient for ``step`` and receive the parameters for ``step + 1`` into
-        ``params``, in one round trip; returns their version. Safe to retry (exactly-once push)."""
+        ``params``, in one round trip on this worker's long-lived PushPull call; returns their
+        version. On any failure the call is reopened and the push sent again (applied at most once)."""
+        header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step,
+                                   base_version=base_version, tensors=layout.metas(self.wire_dtype))
+
         def call() -> int:
-            header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step,
-                                       base_version=base_version, tensors=layout.metas(self.wire_dtype))
-            stream = self._push_pull(_push_stream(header, grads, self.wire_dtype),
-                                     timeout=PULL_WAIT_S + 2 * _transfer_timeout(params), metadata=self._metadata)
-            return self._receive_params(stream, layout, params)
+            if self._session is None:
+                self._session = _Session(self._push_pull, self._metadata)
+            try:
+                responses = self._session.send(_push_stream(header, grads, self.wire_dtype))
+                return self._receive_params(responses, layout, params, to_end=False)
+            except BaseException:
+                self._close_session()
+                raise
+
         while True:
             try:
                 return _retry(call)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
-                # the push landed (or will be recognised as a retry); wait for step + 1 as pull does
-                return self.pull(layout, step + 1, params)
+                # the server's wait for step + 1 ran out: push again (a duplicate is ignored)
+
+    def _close_session(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
 
     def _pull_once(self, layout: Layout, step: int, params: torch.Tensor) -> int:
         request = ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.wire_dtype)
@@ -155,7 +171,9 @@ class PSClient:
         return self._receive_params(stream, layout, params)
 
     def _receive_params(self, stream: Iterator[ps_pb2.PullChunk | memoryview], layout: Layout,
-                        params: torch.Tensor) -> int:
+                        params: torch.Tensor, to_end: bool = True) -> int:
+        """Read one parameter message (header + bytes) into ``params``; ``to_end``: the stream
+        ends after it (a plain pull) rather than carrying more (a session)."""
         first = next(stream, None)
         if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
             raise ProtocolError("pull: the server's stream did not start with a header")
@@ -169,15 +187,18 @@ class PSClient:
                                             pin_memory=params.device.type == "cuda")
             target = as_bytes(self._staging)
         received = 0
-        for chunk in stream:
+        while received < len(target):
+            chunk = next(stream, None)
+            if chunk is None:
+                raise ProtocolError(f"pull: got {received} of {len(target)} bytes")
             data = chunk if isinstance(chunk, memoryview) else chunk.data
             end = received + len(data)
             if end > len(target):
                 raise ProtocolError("pull: the server sent more bytes than the model holds")
             target[received:end] = data
             received = end
-        if received != len(target):
-            raise ProtocolError(f"pull: got {received} of {len(target)} bytes")
+        if to_end and next(stream, None) is not None:
+            raise ProtocolError("pull: the server sent more bytes than the model holds")
         if not direct:
             assert self._staging is not None
             params.copy_(self._staging, non_blocking=False)
@@ -195,6 +216,27 @@ class PSClient:
             ps_pb2.ReportMetricsRequest(job_id=self.job_id, rank=self.rank, step=step, kind=kind,
                                         metrics=dict(metrics)),
             timeout=RPC_TIMEOUT_S, metadata=self._metadata)
+
+
+class _Session:
+    """One long-lived PushPull call. Each push's messages go in through a queue (encoded lazily,
+    in gRPC's sending thread); the answers are read from the one response stream."""
+
+    def __init__(self, method: Any, metadata: Any) -> None:
+        self._pushes: queue.SimpleQueue[Iterator[Any] | None] = queue.SimpleQueue()
+        self._responses = method(self._requests(), timeout=SESSION_S, metadata=metadata)
+
+    def _requests(self) -> Iterator[Any]:
+        while (push := self._pushes.get()) is not None:
+            yield from push
+
+    def send(self, push: Iterator[Any]) -> Iterator[Any]:
+        self._pushes.put(push)
+        return self._responses
+
+    def close(self) -> None:
+        self._pushes.put(None)
+        self._responses.cancel()
 
 
 def _push_stream(header: ps_pb2.PushHeader, flat: torch.Tensor, wire_dtype: int) -> Iterator[ps_pb2.PushChunk | bytes]:

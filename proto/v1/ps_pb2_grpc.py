@@ -107,7 +107,9 @@ class ParameterServerServicer:
 
     def PushPull(self, request_iterator, context):
         """PushGradients for step t, then PullParameters for step t + 1, in one round trip.
-        Retrying it is safe: the push is applied at most once.
+        One call may carry many pushes, one after another (a worker keeps it open across
+        steps): each push (header + its bytes) is answered with the parameters (header +
+        bytes). Retrying a push is safe: it is applied at most once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
