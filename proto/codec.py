@@ -126,7 +126,7 @@ def as_bytes(flat: torch.Tensor) -> memoryview:
         raise ValueError("as_bytes needs a contiguous CPU tensor")
     if flat.dtype == torch.bfloat16:  # numpy has no bfloat16
         flat = flat.view(torch.int16)
-    return memoryview(flat.numpy()).cast("B")
+    return flat.numpy().data.cast("B")
 
 
 def encode(flat: torch.Tensor, wire_dtype: int) -> torch.Tensor:

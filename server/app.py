@@ -64,7 +64,7 @@ class Server:
             raise RuntimeError("server: not started")
         return self._manager
 
-    def start(self) -> Server:
+    def start(self) -> Self:
         import ray
 
         c = self.config

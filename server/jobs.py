@@ -7,6 +7,7 @@ checkpoint at the next start. The Ray side is behind the ``Launcher`` interface.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import queue
 import threading
@@ -203,7 +204,7 @@ class JobManager:
                 if self._stopping:
                     return
 
-    def logs(self, job_id: str, after: int = 0) -> list[tuple[int, str]]:
+    def logs(self, job_id: str, after: int = 0) -> builtins.list[tuple[int, str]]:
         self._db.get(job_id)
         return self._db.logs(job_id, after=after)
 

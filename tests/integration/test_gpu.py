@@ -1,0 +1,45 @@
+"""GPU workers (marker ``gpu``: run with ``pytest -m gpu`` on a machine with CUDA and Ray GPUs).
+
+Not skipped when CUDA is missing: selecting the marker on a GPU-less machine fails loudly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradhub.client.client import Client
+
+from ..conftest import final_params
+from .test_exactness import BATCH, OPTIMIZERS, STEPS, reference
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu_server(tmp_path_factory):
+    import ray
+
+    from gradhub.server.app import Server
+    from gradhub.server.config import ServerConfig
+
+    assert torch.cuda.is_available(), "the gpu marker needs a CUDA device"
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
+    with Server(ServerConfig(port=0, data_dir=tmp_path_factory.mktemp("gpu"))) as server:
+        yield server
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cuda_workers_match_single_process_pytorch(gpu_server, tmp_path, workers):
+    with Client(gpu_server.address) as client:
+        spec = {"name": f"gpu-{workers}", "mode": "ps-sync", "workers": workers,
+                "resources": {"cpus": 1, "gpus": 1 / workers}, "model": {"name": "mlp", "args": {"hidden": [32]}},
+                "dataset": "digits", "optimizer": OPTIMIZERS["adam"], "batch_size": BATCH, "steps": STEPS, "seed": 7}
+        info = client.submit(spec).wait(timeout=300)
+        params = final_params(client, info, tmp_path)
+    expected = reference(workers, OPTIMIZERS["adam"])
+    worst = max(float((params[k] - expected[k]).abs().max()) for k in expected)
+    assert worst <= 1e-4, f"CUDA run differs from CPU PyTorch by {worst:.3g}"
