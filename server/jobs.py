@@ -8,6 +8,7 @@ checkpoint at the next start. The Ray side is behind the ``Launcher`` interface.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import logging
 import queue
 import threading
@@ -16,14 +17,13 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from gradhub.client.errors import GradhubError, NotFoundError, SpecError, StateError
+from gradhub.client.errors import NotFoundError, SpecError, StateError
 from gradhub.client.spec import JobSpec
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.job_db import JobDB, JobRecord
 from gradhub.server.launcher import Launcher, WorkerGroup, demand
-from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig, WorkerState
+from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class JobManager:
                 for w in store.workers()
             )
             rates = sum(a.rates.values())
-        rec = _replace(rec, step=store.step(), version=store.version,
+        rec = dataclasses.replace(rec, step=store.step(), version=store.version,
                        total_steps=store.total_steps or rec.total_steps, samples_per_second=rates)
         return JobView(rec, workers)
 
@@ -352,14 +352,6 @@ def store_config(job_id: str, spec: JobSpec) -> StoreConfig:
     )
 
 
-def _replace(rec: JobRecord, **fields: Any) -> JobRecord:
-    import dataclasses
-
-    return dataclasses.replace(rec, **fields)
-
-
 def _fmt(res: Mapping[str, float], per: int = 1) -> str:
     return "{" + ", ".join(f"{k}: {v / per:g}" for k, v in sorted(res.items())) + "}"
 
-
-__all__ = ["GradhubError", "JobManager", "JobView", "ManagerConfig", "WorkerState", "WorkerView"]
