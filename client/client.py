@@ -278,13 +278,18 @@ def pack_working_dir(path: str | os.PathLike[str], limit: int = WORKING_DIR_LIMI
                 continue
             total += file.stat().st_size
             if total > limit:
-                raise SpecError("working_dir", f"{str(root)!r} holds more than {limit >> 20} MiB; "
+                raise SpecError("working_dir", f"{str(root)!r} holds more than {_size(limit)}; "
                                 "keep data out of it or load it from shared storage")
             zf.write(file, rel.as_posix())
     data = buf.getvalue()
     if len(data) > limit:
-        raise SpecError("working_dir", f"packed size {len(data) >> 20} MiB exceeds {limit >> 20} MiB")
+        raise SpecError("working_dir", f"packed size {_size(len(data))} exceeds {_size(limit)}")
     return data
+
+
+def _size(nbytes: int) -> str:
+    """``100 MiB``, ``1.5 MiB``; below 1 MiB in bytes (``limit >> 20`` printed a small limit as 0)."""
+    return f"{nbytes / 2**20:.3g} MiB" if nbytes >= 1 << 20 else f"{nbytes} bytes"
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> None:

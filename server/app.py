@@ -13,6 +13,7 @@ from typing import Self
 
 import grpc
 
+from gradhub.client.client import WORKING_DIR_LIMIT
 from gradhub.proto.alloc import tune_for_streaming
 from gradhub.proto.v1 import jobs_pb2_grpc
 from gradhub.server.checkpoints import CheckpointStore
@@ -27,8 +28,11 @@ from gradhub.server.rpc import TokenInterceptor
 
 log = logging.getLogger(__name__)
 
+# A SubmitJob carries the packed working_dir whole: the client allows up to WORKING_DIR_LIMIT
+# (documented as 100 MiB), so the server must take that much plus the spec in one message.
+MAX_RECEIVE_BYTES = WORKING_DIR_LIMIT + (4 << 20)
 GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.so_reuseport", 0),
     ("grpc.keepalive_permit_without_calls", 1),

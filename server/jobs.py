@@ -127,13 +127,9 @@ class JobManager:
         if not spec.is_ps:
             raise SpecError("mode", f"{spec.mode!r} is not served by this server yet; "
                             "use ps-sync, ps-async or ps-ssp")
-        total = self._launcher.total_resources()
-        need = demand(spec)
-        short = {k: v for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
-        if short:
-            raise SpecError("resources", f"the job asks for {spec.workers} workers x {_fmt(need, spec.workers)} "
-                            f"= {_fmt(need)}, but the cluster has {_fmt({k: total.get(k, 0.0) for k in need})} "
-                            "in all; lower workers or resources")
+        too_big = self._never_fits(spec)
+        if too_big:
+            raise SpecError("resources", too_big)
         job_id = "j-" + uuid.uuid4().hex[:10]
         workdir = None
         if working_dir_zip:
@@ -270,13 +266,30 @@ class JobManager:
             job_id = self._queue[0]
             a = self._active[job_id]
             if not self._fits(demand(a.spec)):
-                break
+                too_big = self._never_fits(a.spec)
+                if not too_big:
+                    break
+                # queued before a restart on a smaller cluster: it would block the queue forever
+                self._queue.pop(0)
+                self._finish(job_id, "FAILED", f"resources: {too_big}")
+                self._changed()
+                continue
             self._queue.pop(0)
             self._reserved[job_id] = demand(a.spec)
             a.thread = threading.Thread(target=self._run_job, args=(a,), name=f"gradhub-{job_id}", daemon=True)
             a.thread.start()
             started = True
         return started
+
+    def _never_fits(self, spec: JobSpec) -> str | None:
+        """Why the job cannot run on this cluster even when it is idle, or None if it can."""
+        total = self._launcher.total_resources()
+        need = demand(spec)
+        if all(v <= total.get(k, 0.0) + 1e-9 for k, v in need.items()):
+            return None
+        return (f"the job asks for {spec.workers} workers x {_fmt(need, spec.workers)} = {_fmt(need)}, "
+                f"but the cluster has {_fmt({k: total.get(k, 0.0) for k in need})} in all; "
+                "lower workers or resources")
 
     def _fits(self, need: dict[str, float]) -> bool:
         total = self._launcher.total_resources()

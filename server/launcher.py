@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from gradhub.client.spec import JobSpec
@@ -158,7 +159,35 @@ class RayLauncher:
         return {k: float(v) for k, v in ray.available_resources().items()}
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> WorkerGroup:
-        return RayWorkerGroup(job_id, spec, self.server_address, self.token, runtime_env)
+        env = dict(runtime_env or {})
+        working_dir = env.get("working_dir")
+        if isinstance(working_dir, str) and "://" not in working_dir:
+            env["working_dir"] = upload_package(Path(working_dir))
+        return RayWorkerGroup(job_id, spec, self.server_address, self.token, env or None)
+
+
+def upload_package(zip_path: Path) -> str:
+    """Put a packed working_dir into Ray's GCS; returns its ``gcs://`` URI for a runtime_env.
+
+    An actor's runtime_env takes only URIs (Ray uploads local paths for a whole job at
+    ``ray.init``, not per actor), so the server uploads the zip it stored, as ``ray.init``
+    would: content-addressed (a resubmitted folder is not uploaded twice), pinned until the
+    actors that use it hold their own reference, extracted as is on every node (no top-level
+    folder is stripped, unlike remote zip URIs). Done at launch, so a restarted server
+    uploads again to its new Ray.
+    """
+    from ray._private.runtime_env.packaging import (
+        get_uri_for_package,
+        package_exists,
+        pin_runtime_env_uri,
+        upload_package_to_gcs,
+    )
+
+    uri = get_uri_for_package(zip_path)
+    if not package_exists(uri):
+        upload_package_to_gcs(uri, zip_path.read_bytes())
+    pin_runtime_env_uri(uri)
+    return uri
 
 
 class _ExternalGroup:
