@@ -123,8 +123,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=100, help="model size in MB (2**20 bytes) for (a) and (b)")
     parser.add_argument("--iters", type=int, default=6, help="exchanges per measurement (first is warm-up)")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps for (c)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128], help="batch sizes for (c)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps for (c)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512], help="batch sizes for (c)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure in (c); the median is kept")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     nbytes = args.mb * 2**20
@@ -156,9 +157,10 @@ def main() -> None:
     train, _ = digits()
     x, y = train.tensors  # type: ignore[attr-defined]
     rows_c = []
-    for batch in args.batches:
-        plain = plain_training_samples_per_second(cnn, x, y, batch_size=batch, steps=args.steps, lr=0.05)
-        job = job_samples_per_second("cnn", batch, args.steps)
+    for batch in args.batches:  # medians of --repeats runs: this small VM is noisy
+        plain = statistics.median(plain_training_samples_per_second(cnn, x, y, batch_size=batch, steps=args.steps,
+                                                                    lr=0.05) for _ in range(args.repeats))
+        job = statistics.median(job_samples_per_second("cnn", batch, args.steps) for _ in range(args.repeats))
         rows_c.append({"model": "cnn (digits)", "batch": batch, "plain PyTorch samples/s": f"{plain:,.0f}",
                        "gradhub 1-worker ps-sync samples/s": f"{job:,.0f}", "ratio": f"{job / plain:.2f}"})
     print_table("(c) 1-worker ps-sync job vs plain PyTorch", rows_c,
