@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import (
 )
 
 from gradhub.client.errors import SpecError
+from gradhub.client.spec import OPTIMIZER_HYPERPARAMETERS
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -30,15 +31,8 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adadelta": torch.optim.Adadelta,
 }
 
-# The ``optimizer.hyper`` keys each optimizer accepts: torch.optim keyword names.
-HYPERPARAMETERS: dict[str, frozenset[str]] = {
-    "sgd": frozenset({"momentum", "dampening", "weight_decay", "nesterov"}),
-    "adam": frozenset({"betas", "eps", "weight_decay", "amsgrad"}),
-    "adamw": frozenset({"betas", "eps", "weight_decay", "amsgrad"}),
-    "adagrad": frozenset({"lr_decay", "weight_decay", "initial_accumulator_value", "eps"}),
-    "rmsprop": frozenset({"alpha", "eps", "weight_decay", "momentum", "centered"}),
-    "adadelta": frozenset({"rho", "eps", "weight_decay"}),
-}
+# The hyperparameter keys each optimizer accepts (torch.optim keyword names): the spec owns them.
+HYPERPARAMETERS = OPTIMIZER_HYPERPARAMETERS
 
 SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine")
 

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset, ra
 from torch.utils.data.dataloader import default_collate
 
 from gradhub.client.errors import FactoryError, SpecError
-from gradhub.worker.factories import call_factory, resolve
+from gradhub.worker.factories import call_factory, resolve_component
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -89,20 +89,7 @@ def build_datasets(
         raise SpecError("dataset.val_fraction", f"must be a number in [0, 1), got {val_fraction!r}")
     if not 0 <= val_fraction < 1:
         raise SpecError("dataset.val_fraction", f"must be in [0, 1), got {val_fraction!r}")
-    if (name is None) == (factory is None):
-        raise SpecError("dataset", "give exactly one of dataset.name or dataset.factory")
-    if name is not None:
-        fn = BUILTIN_DATASETS.get(name)
-        if fn is None:
-            raise SpecError(
-                "dataset.name",
-                f"unknown dataset {name!r}; built-ins: {', '.join(BUILTIN_DATASETS)}",
-            )
-        label = f"dataset {name!r}"
-    else:
-        assert factory is not None
-        fn = resolve(factory, "dataset.factory")
-        label = f"dataset.factory {factory!r}"
+    fn, label = resolve_component("dataset", name, factory, BUILTIN_DATASETS)
     result = call_factory(fn, args, label=label, args_field="dataset.args")
 
     if isinstance(result, tuple):
@@ -244,19 +231,7 @@ def build_loss(name: str | None, factory: str | None, args: Mapping[str, Any]) -
     Built-ins: ``cross_entropy`` (``nn.CrossEntropyLoss(**args)``) and ``mse``
     (``nn.MSELoss(**args)``); a factory is called with ``**args`` and must return a callable.
     """
-    if (name is None) == (factory is None):
-        raise SpecError("loss", "give exactly one of loss.name or loss.factory")
-    if name is not None:
-        fn = BUILTIN_LOSSES.get(name)
-        if fn is None:
-            raise SpecError(
-                "loss.name", f"unknown loss {name!r}; built-ins: {', '.join(BUILTIN_LOSSES)}"
-            )
-        label = f"loss {name!r}"
-    else:
-        assert factory is not None
-        fn = resolve(factory, "loss.factory")
-        label = f"loss.factory {factory!r}"
+    fn, label = resolve_component("loss", name, factory, BUILTIN_LOSSES)
     loss = call_factory(fn, args, label=label, args_field="loss.args")
     if not callable(loss):
         raise FactoryError(f"{label} returned a {type(loss).__name__}, expected a callable loss")

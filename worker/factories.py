@@ -88,3 +88,19 @@ def call_factory(
         raise FactoryError(f"{label} raised TypeError: {e}") from e
     except Exception as e:
         raise FactoryError(f"{label} raised {type(e).__name__}: {e}") from e
+
+
+def resolve_component(kind: str, name: str | None, factory: str | None,
+                      builtins: Mapping[str, Callable[..., Any]]) -> tuple[Callable[..., Any], str]:
+    """The callable for a spec component (``model``, ``dataset``, ``loss``) named by exactly one
+    of a built-in ``name`` or a ``factory`` reference, and a label for error messages."""
+    if (name is None) == (factory is None):
+        raise SpecError(kind, f"give exactly one of {kind}.name or {kind}.factory")
+    if name is not None:
+        fn = builtins.get(name)
+        if fn is None:
+            raise SpecError(f"{kind}.name", f"unknown {kind} {name!r}; built-ins: {', '.join(builtins)}")
+        return fn, f"{kind} {name!r}"
+    assert factory is not None
+    return resolve(factory, f"{kind}.factory"), f"{kind}.factory {factory!r}"
+

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from gradhub.client.errors import FactoryError, SpecError
-from gradhub.worker.factories import call_factory, resolve
+from gradhub.worker.factories import call_factory, resolve_component
 
 
 def mlp(in_features: int = 64, hidden: Sequence[int] = (128,), out_features: int = 10) -> nn.Module:
@@ -83,19 +83,7 @@ def build_model(name: str | None, factory: str | None, args: Mapping[str, Any]) 
 
     ``args`` are passed as keyword arguments. The result must be an ``nn.Module``.
     """
-    if (name is None) == (factory is None):
-        raise SpecError("model", "give exactly one of model.name or model.factory")
-    if name is not None:
-        fn = BUILTIN_MODELS.get(name)
-        if fn is None:
-            raise SpecError(
-                "model.name", f"unknown model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}"
-            )
-        label = f"model {name!r}"
-    else:
-        assert factory is not None
-        fn = resolve(factory, "model.factory")
-        label = f"model.factory {factory!r}"
+    fn, label = resolve_component("model", name, factory, BUILTIN_MODELS)
     model = call_factory(fn, args, label=label, args_field="model.args")
     if not isinstance(model, nn.Module):
         raise FactoryError(f"{label} returned a {type(model).__name__}, expected a torch.nn.Module")
