@@ -13,7 +13,6 @@ import io
 import json
 import os
 import tempfile
-import time
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -290,12 +289,3 @@ def pack_working_dir(path: str | os.PathLike[str], limit: int = WORKING_DIR_LIMI
 def _size(nbytes: int) -> str:
     """``100 MiB``, ``1.5 MiB``; below 1 MiB in bytes (``limit >> 20`` printed a small limit as 0)."""
     return f"{nbytes / 2**20:.3g} MiB" if nbytes >= 1 << 20 else f"{nbytes} bytes"
-
-
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> None:
-    """Poll ``predicate`` until true, or raise TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)

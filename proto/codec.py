@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from math import prod
+from typing import Any
 
 import torch
 
@@ -147,15 +148,34 @@ def iter_chunks(data: memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[by
 
 
 class Receiver:
-    """Collects a known number of bytes from a stream of chunks into one buffer."""
+    """Collects a known number of bytes from a stream of chunks into one buffer: a new one,
+    or ``into`` (e.g. the bytes of an existing tensor)."""
 
-    def __init__(self, expected: int) -> None:
+    def __init__(self, expected: int, into: memoryview | None = None) -> None:
+        if into is not None and len(into) != expected:
+            raise ValueError(f"into holds {len(into)} bytes, expected {expected}")
         self.expected = expected
-        self.buffer = bytearray(expected)
+        self.buffer = bytearray(expected) if into is None else into
         self._view = memoryview(self.buffer)
         self.received = 0
 
-    def write(self, data: bytes) -> None:
+    def fill(self, chunks: Iterator[Any]) -> bool:
+        """Write chunks from ``chunks`` (zero-copy views, or messages with a ``data`` field)
+        until the expected bytes are in; False when the stream ended first. Stops there: a
+        session stream may carry more after them."""
+        while self.received < self.expected:
+            chunk = next(chunks, None)
+            if chunk is None:
+                return False
+            if isinstance(chunk, memoryview):
+                self.write(chunk)
+            elif chunk.WhichOneof("kind") == "data":
+                self.write(chunk.data)
+            else:
+                raise ProtocolError("data: only data chunks may follow the header")
+        return True
+
+    def write(self, data: bytes | memoryview) -> None:
         end = self.received + len(data)
         if end > self.expected:
             raise ProtocolError(

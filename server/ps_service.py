@@ -41,18 +41,9 @@ def _header(first: ps_pb2.PushChunk | memoryview | None) -> ps_pb2.PushHeader:
 def _receive(request_iterator: Iterator[ps_pb2.PushChunk | memoryview], receiver: Receiver,
              to_end: bool = True) -> None:
     """Fill ``receiver`` from the stream. ``to_end``: the stream must end right after the
-    expected bytes (a single push); otherwise stop there (more pushes may follow)."""
-    while receiver.received < receiver.expected:
-        chunk = next(request_iterator, None)
-        if chunk is None:
-            return  # cut short: Receiver.tensor() names the byte counts
-        if isinstance(chunk, memoryview):
-            receiver.write(chunk)
-        elif chunk.WhichOneof("kind") == "data":
-            receiver.write(chunk.data)
-        else:
-            raise ProtocolError("data: only data chunks may follow the header")
-    if to_end and next(request_iterator, None) is not None:
+    expected bytes (a single push); otherwise stop there (more pushes may follow). A stream
+    cut short is reported by ``receiver.tensor()``, which names the byte counts."""
+    if receiver.fill(request_iterator) and to_end and next(request_iterator, None) is not None:
         raise ProtocolError(f"byte count: stream carries more than the expected {receiver.expected} bytes")
 
 

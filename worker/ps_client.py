@@ -20,6 +20,7 @@ from gradhub.client.errors import ProtocolError, StateError
 from gradhub.proto.codec import (
     COMPRESSION_DTYPES,
     Layout,
+    Receiver,
     as_bytes,
     data_of_chunk,
     encode,
@@ -186,17 +187,9 @@ class PSClient:
                 self._staging = torch.empty(layout.numel, dtype=torch_dtype(self.wire_dtype),
                                             pin_memory=params.device.type == "cuda")
             target = as_bytes(self._staging)
-        received = 0
-        while received < len(target):
-            chunk = next(stream, None)
-            if chunk is None:
-                raise ProtocolError(f"pull: got {received} of {len(target)} bytes")
-            data = chunk if isinstance(chunk, memoryview) else chunk.data
-            end = received + len(data)
-            if end > len(target):
-                raise ProtocolError("pull: the server sent more bytes than the model holds")
-            target[received:end] = data
-            received = end
+        receiver = Receiver(len(target), into=target)
+        if not receiver.fill(stream):
+            raise ProtocolError(f"pull: got {receiver.received} of {len(target)} bytes")
         if to_end and next(stream, None) is not None:
             raise ProtocolError("pull: the server sent more bytes than the model holds")
         if not direct:
