@@ -10,6 +10,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from gradhub.client.errors import GradhubError, StateError
 from gradhub.server.store import CheckpointState, ParameterStore
 
 if TYPE_CHECKING:
@@ -30,7 +31,10 @@ class JobMonitor:
         store = ParameterStore(store_config(a.id, spec), on_checkpoint=a.checkpoints.put)
         rec = m.db.get(a.id)
         if a.resume:
-            self._resume(store, rec.total_steps)
+            try:
+                self._resume(store, rec.total_steps)
+            except GradhubError as e:
+                return "FAILED", f"cannot resume after the server restart: {e}"
         with m.cond:
             a.store = store
             a.restarts = [0] * spec.workers
@@ -59,10 +63,12 @@ class JobMonitor:
             self.m.log_line(self.a.id, "no checkpoint yet: restarting from step 0 (same result, by determinism)")
             return
         loaded = ckpts.load(self.a.id)
+        if loaded.optimizer_state is None:
+            raise StateError(f"the checkpoint at step {loaded.info.step} holds no optimizer state")
         clocks = tuple(loaded.resume_state.get("clocks", [loaded.info.step] * self.a.spec.workers))
         store.resume_from(
             CheckpointState(step=loaded.info.step, version=loaded.info.version, params=loaded.params,
-                            optimizer_state=loaded.optimizer_state or {}, scheduler_state=loaded.scheduler_state,
+                            optimizer_state=loaded.optimizer_state, scheduler_state=loaded.scheduler_state,
                             clocks=clocks),
             total_steps=total_steps,
         )
