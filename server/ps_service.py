@@ -47,6 +47,17 @@ def _receive(request_iterator: Iterator[ps_pb2.PushChunk | memoryview], receiver
         raise ProtocolError(f"byte count: stream carries more than the expected {receiver.expected} bytes")
 
 
+def _host_label(hostname: str, peer: str) -> str:
+    """``hostname (ip)``: the name the worker gives and the address the server sees it from
+    (hostnames alone repeat across containers and network namespaces)."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return hostname
+    ip = rest.rsplit(":", 1)[0].strip("[]")
+    ip = ip.removeprefix("::ffff:")  # an IPv4 client on a dual-stack socket
+    return f"{hostname} ({ip})" if hostname else ip
+
+
 def _pull(store: ParameterStore, rank: int, step: int, wire_dtype: int,
           context: grpc.ServicerContext) -> Iterator[ps_pb2.PullChunk | bytes]:
     """Wait as the mode requires (at most the call's deadline), then stream the parameters."""
@@ -69,7 +80,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if request.total_steps < 1:
             raise ProtocolError("total_steps: must be >= 1")
         self._backend.on_register(request.job_id, request.rank, request.total_steps, request.train_size)
-        version, next_step, needs_init = store.register(request.rank, request.host, request.pid)
+        host = _host_label(request.host, context.peer())
+        version, next_step, needs_init = store.register(request.rank, host, request.pid)
         return ps_pb2.RegisterResponse(
             version=version,
             next_step=next_step,
