@@ -94,13 +94,14 @@ class Server:
         checkpoints = CheckpointStore(c.data_dir / "checkpoints")
         self._manager = JobManager(
             self._db, checkpoints, self._launcher or RayLauncher(advertise, c.token), c.data_dir / "working_dirs",
-            ManagerConfig(heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_timeout_s=c.heartbeat_timeout_s),
+            ManagerConfig(heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_timeout_s=c.heartbeat_timeout_s,
+                          node_join_grace_s=c.node_join_grace_s),
         )
         add_ps_service(ParameterServerServicer(self._manager), self._grpc)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(self._manager, checkpoints), self._grpc)
         self._grpc.start()
         self._manager.start()
-        log.info("gradhub server on %s (workers reach it at %s)", self.address, advertise)
+        log.info("gradhub server on %s:%d (workers reach it at %s)", c.host, self.port, advertise)
         return self
 
     def _worker_host(self) -> str:

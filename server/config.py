@@ -23,6 +23,8 @@ class ServerConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 20.0
     ray_num_cpus: int | None = None  # embedded Ray only: logical CPUs (default: the machine's)
+    # after a start, how long a requeued job that does not fit waits for nodes to (re)join
+    node_join_grace_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -33,4 +35,6 @@ class ServerConfig:
             raise ValueError("token: is empty")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s: must exceed heartbeat_interval_s")
+        if self.node_join_grace_s < 0:
+            raise ValueError("node_join_grace_s: must be >= 0")
         object.__setattr__(self, "data_dir", Path(self.data_dir))

@@ -34,6 +34,9 @@ TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 class ManagerConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 20.0  # a worker silent this long is killed (and restarted)
+    # after a server start, how long a requeued job that does not fit the cluster waits for
+    # nodes to (re)join before it fails
+    node_join_grace_s: float = 120.0
     poll_s: float = 0.25
 
 
@@ -92,10 +95,12 @@ class JobManager:
         self._changes = 0
         self._stopping = False
         self._scheduler: threading.Thread | None = None
+        self._started_at = time.monotonic()
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Requeue what the last server left QUEUED or RUNNING, then start scheduling."""
+        self._started_at = time.monotonic()
         for rec in self._db.list(states=("QUEUED", "RUNNING")):
             spec = JobSpec.from_json(rec.spec_json)
             resume = rec.state == "RUNNING"
@@ -267,8 +272,8 @@ class JobManager:
             a = self._active[job_id]
             if not self._fits(demand(a.spec)):
                 too_big = self._never_fits(a.spec)
-                if not too_big:
-                    break
+                if not too_big or time.monotonic() - self._started_at < self.config.node_join_grace_s:
+                    break  # it will fit later (or nodes are still joining after a restart)
                 # queued before a restart on a smaller cluster: it would block the queue forever
                 self._queue.pop(0)
                 self._finish(job_id, "FAILED", f"resources: {too_big}")

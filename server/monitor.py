@@ -85,6 +85,8 @@ class JobMonitor:
             if a.cancel is not None:
                 return "CANCELLED", a.cancel
             for ex in a.group.wait(m.config.poll_s):
+                if m.stopping or a.cancel is not None:
+                    break  # workers end with errors when their store closes: not the job's failure
                 if ex.result is not None:
                     done.add(ex.rank)
                     self._set_state(ex.rank, "done")
@@ -99,8 +101,6 @@ class JobMonitor:
                     self._set_state(ex.rank, "restarting")
                     a.group.rerun(ex.rank)
                 else:
-                    if a.cancel is not None:
-                        return "CANCELLED", a.cancel
                     return "FAILED", f"worker {ex.rank} failed: {ex.error}"
             for rank, silent in enumerate(store.seconds_since_seen()):
                 if rank not in done and silent > m.config.heartbeat_timeout_s and a.worker_state[rank] == "running":

@@ -110,7 +110,8 @@ def test_a_queued_job_too_big_for_the_cluster_after_a_restart_fails_instead_of_b
         queued = client.submit(spec("queued", workers=1, cpus=3, steps=10)).id
         wait_for(lambda: client.get_job(running).state == "RUNNING", 30, "the first job to start")
         assert client.get_job(queued).state == "QUEUED"
-    with (Server(ServerConfig(port=0, data_dir=data), launcher=ExternalLauncher({"CPU": 2.0})) as small,
+    with (Server(ServerConfig(port=0, data_dir=data, node_join_grace_s=0),
+                 launcher=ExternalLauncher({"CPU": 2.0})) as small,
           Client(small.address) as client):
         behind = client.submit(spec("behind", workers=1, cpus=1, steps=10)).id
         wait_for(lambda: client.get_job(behind).state == "RUNNING", 30, "the job behind them to start")
