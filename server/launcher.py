@@ -43,8 +43,6 @@ class WorkerGroup(Protocol):
 class Launcher(Protocol):
     def total_resources(self) -> dict[str, float]: ...
 
-    def available_resources(self) -> dict[str, float]: ...
-
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> WorkerGroup: ...
 
 
@@ -153,11 +151,6 @@ class RayLauncher:
 
         return {k: float(v) for k, v in ray.cluster_resources().items()}
 
-    def available_resources(self) -> dict[str, float]:
-        import ray
-
-        return {k: float(v) for k, v in ray.available_resources().items()}
-
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> WorkerGroup:
         env = dict(runtime_env or {})
         working_dir = env.get("working_dir")
@@ -221,9 +214,6 @@ class ExternalLauncher:
         self._resources = dict(resources or {"CPU": 64.0})
 
     def total_resources(self) -> dict[str, float]:
-        return dict(self._resources)
-
-    def available_resources(self) -> dict[str, float]:
         return dict(self._resources)
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> WorkerGroup:

@@ -35,10 +35,6 @@ class FlatModel:
             self._views.append((p, offset, n))
             offset += n
 
-    @property
-    def device(self) -> torch.device:
-        return self.params.device
-
     def zero_grad(self) -> None:
         self.grads.zero_()
 
