@@ -151,6 +151,12 @@ def server(
     grace: Annotated[
         float, typer.Option(min=0, help="Seconds running RPCs get to finish on shutdown.")
     ] = 5.0,
+    node_join_grace: Annotated[
+        float,
+        typer.Option(min=0, envvar="GRADHUB_NODE_JOIN_GRACE",
+                     help="After a start, seconds a requeued job that does not fit waits for "
+                          "worker nodes to join before it fails."),
+    ] = 120.0,
 ) -> None:
     """Run the gradhub server until Ctrl-C or SIGTERM, then stop gracefully."""
     from gradhub.server.app import Server
@@ -162,7 +168,8 @@ def server(
         token = _token(token_file)
     try:
         config = ServerConfig(host=host, port=port, data_dir=data_dir, ray_address=ray_address,
-                              advertise_address=advertise_address, token=token)
+                              advertise_address=advertise_address, token=token,
+                              node_join_grace_s=node_join_grace)
     except ValueError as e:
         _fail(str(e))
     srv = Server(config)
