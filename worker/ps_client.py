@@ -127,13 +127,7 @@ class PSClient:
 
         Returns the parameter version received.
         """
-        while True:
-            try:
-                return _retry(lambda: self._pull_once(layout, step, params))
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise
-                # the server's wait ran out (a slow or restarting worker): ask again
+        return _until_answered(lambda: self._pull_once(layout, step, params))
 
     def push_pull(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor,
                   params: torch.Tensor) -> int:
@@ -153,13 +147,7 @@ class PSClient:
                 self._close_session()
                 raise
 
-        while True:
-            try:
-                return _retry(call)
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise
-                # the server's wait for step + 1 ran out: push again (a duplicate is ignored)
+        return _until_answered(call)  # asking again re-pushes: a duplicate is ignored
 
     def _close_session(self) -> None:
         if self._session is not None:
@@ -249,6 +237,17 @@ def _pull_response(raw: bytes) -> ps_pb2.PullChunk | memoryview:
 def _transfer_timeout(flat: torch.Tensor) -> float:
     # generous: 30 s plus 1 s per 50 MB
     return RPC_TIMEOUT_S + flat.numel() * 4 / 50e6
+
+
+def _until_answered(call: Callable[[], T]) -> T:
+    """``call`` (with ``_retry``) again each time the server's bounded wait for the other
+    workers runs out (DEADLINE_EXCEEDED): a slow or restarting worker is waited for, not failed."""
+    while True:
+        try:
+            return _retry(call)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
 
 
 def _retry(call: Callable[[], T]) -> T:
