@@ -157,6 +157,12 @@ def server(
                      help="After a start, seconds a requeued job that does not fit waits for "
                           "worker nodes to join before it fails."),
     ] = 120.0,
+    collective_timeout: Annotated[
+        float,
+        typer.Option(min=1, envvar="GRADHUB_COLLECTIVE_TIMEOUT",
+                     help="allreduce mode: seconds a collective waits for a hung peer before the "
+                          "group restarts (a dead worker is noticed at once)."),
+    ] = 120.0,
 ) -> None:
     """Run the gradhub server until Ctrl-C or SIGTERM, then stop gracefully."""
     from gradhub.server.app import Server
@@ -169,7 +175,7 @@ def server(
     try:
         config = ServerConfig(host=host, port=port, data_dir=data_dir, ray_address=ray_address,
                               advertise_address=advertise_address, token=token,
-                              node_join_grace_s=node_join_grace)
+                              node_join_grace_s=node_join_grace, collective_timeout_s=collective_timeout)
     except ValueError as e:
         _fail(str(e))
     srv = Server(config)

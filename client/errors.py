@@ -52,3 +52,8 @@ class ServerUnavailableError(GradhubError):
 
 class AuthError(GradhubError):
     """The server refused the bearer token (missing or wrong)."""
+
+
+class PeerLostError(GradhubError):
+    """allreduce mode: a collective failed because another worker of the group is gone (died,
+    hung past the collective timeout, or unreachable). The server restarts the whole group."""

@@ -95,7 +95,7 @@ class Server:
         self._manager = JobManager(
             self._db, checkpoints, self._launcher or RayLauncher(advertise, c.token), c.data_dir / "working_dirs",
             ManagerConfig(heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_timeout_s=c.heartbeat_timeout_s,
-                          node_join_grace_s=c.node_join_grace_s),
+                          node_join_grace_s=c.node_join_grace_s, collective_timeout_s=c.collective_timeout_s),
         )
         add_ps_service(ParameterServerServicer(self._manager), self._grpc)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(self._manager, checkpoints), self._grpc)

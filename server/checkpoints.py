@@ -10,7 +10,6 @@ import builtins
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from gradhub.client.errors import NotFoundError, SpecError
+from gradhub.proto.state import decode_state, encode_state
 
 __all__ = ["CheckpointInfo", "CheckpointStore", "LoadedCheckpoint"]
 
@@ -41,7 +41,6 @@ _DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }  # fmt: skip
-_TAGS = ("__tensor__", "__tuple__", "__float__", "__dict__")
 
 
 @dataclass(frozen=True)
@@ -112,9 +111,9 @@ class CheckpointStore:
                 raise TypeError(f"params must map str to Tensor; entry {name!r} is {type(tensor)}")
         # Encode before touching the disk, so unsupported values fail without side effects.
         extra: dict[str, torch.Tensor] = {}
-        optim_json = None if optimizer_state is None else _encode(optimizer_state, "", extra)
+        optim_json = None if optimizer_state is None else encode_state(optimizer_state, "", extra)
         sched_json = (
-            None if scheduler_state is None else _encode(scheduler_state, "scheduler.", extra)
+            None if scheduler_state is None else encode_state(scheduler_state, "scheduler.", extra)
         )
         meta = {"job_id": job_id, "step": str(step), "version": str(version)}
         stem = f"ckpt-{step:010d}"
@@ -213,8 +212,8 @@ class CheckpointStore:
         return LoadedCheckpoint(
             info=info,
             params=params,
-            optimizer_state=None if optim is None else _decode(optim, extra),
-            scheduler_state=None if sched is None else _decode(sched, extra),
+            optimizer_state=None if optim is None else decode_state(optim, extra),
+            scheduler_state=None if sched is None else decode_state(sched, extra),
             resume_state=dict(manifest.get("resume") or {}),
         )
 
@@ -384,62 +383,3 @@ def _chunks(path: Path, chunk_size: int) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             yield chunk
-
-
-# --------------------------------------------------------------------- state <-> JSON
-
-
-def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON-ready form of a state dict: tensors move to ``tensors`` keyed by their dotted path.
-
-    Tuples, non-string dict keys and non-finite floats are tagged so ``_decode`` restores them.
-    """
-    where = path.rstrip(".") or "<root>"
-    if isinstance(obj, torch.Tensor):
-        key = path.rstrip(".")
-        if key in tensors:
-            raise ValueError(f"two state tensors map to the checkpoint key {key!r}")
-        tensors[key] = obj
-        return {"__tensor__": key}
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
-    if isinstance(obj, (list, tuple)):
-        items = [_encode(v, f"{path}{i}.", tensors) for i, v in enumerate(obj)]
-        return {"__tuple__": items} if isinstance(obj, tuple) else items
-    if isinstance(obj, Mapping):
-        plain = all(isinstance(k, str) for k in obj) and not (
-            len(obj) == 1 and next(iter(obj)) in _TAGS
-        )
-        if plain:
-            return {k: _encode(v, f"{path}{k}.", tensors) for k, v in obj.items()}
-        return {
-            "__dict__": [
-                [_encode(k, f"{path}{k}.key.", tensors), _encode(v, f"{path}{k}.", tensors)]
-                for k, v in obj.items()
-            ]
-        }
-    raise TypeError(
-        f"cannot store {where} of type {type(obj).__name__} in a checkpoint "
-        "(supported: tensors, numbers, str, None, lists, tuples, dicts)"
-    )
-
-
-def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Inverse of ``_encode``."""
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if len(obj) == 1:
-        tag, value = next(iter(obj.items()))
-        if tag == "__tensor__":
-            return tensors[value]
-        if tag == "__tuple__":
-            return tuple(_decode(v, tensors) for v in value)
-        if tag == "__float__":
-            return float(value)
-        if tag == "__dict__":
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
-    return {k: _decode(v, tensors) for k, v in obj.items()}

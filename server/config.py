@@ -25,6 +25,9 @@ class ServerConfig:
     ray_num_cpus: int | None = None  # embedded Ray only: logical CPUs (default: the machine's)
     # after a start, how long a requeued job that does not fit waits for nodes to (re)join
     node_join_grace_s: float = 120.0
+    # allreduce mode: a collective that waits this long for a (hung) peer fails, and the group
+    # restarts; a worker that dies is noticed at once, whatever this is
+    collective_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -37,4 +40,6 @@ class ServerConfig:
             raise ValueError("heartbeat_timeout_s: must exceed heartbeat_interval_s")
         if self.node_join_grace_s < 0:
             raise ValueError("node_join_grace_s: must be >= 0")
+        if self.collective_timeout_s < 1:
+            raise ValueError("collective_timeout_s: must be >= 1")
         object.__setattr__(self, "data_dir", Path(self.data_dir))

@@ -20,10 +20,13 @@ from pathlib import Path
 
 from gradhub.client.errors import NotFoundError, SpecError, StateError
 from gradhub.client.spec import JobSpec
+from gradhub.proto.codec import Layout
+from gradhub.proto.state import TrainingState
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.job_db import JobDB, JobRecord
 from gradhub.server.launcher import Launcher, WorkerGroup, demand
 from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
+from gradhub.server.tracker import GroupTracker
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ class ManagerConfig:
     # nodes to (re)join before it fails
     node_join_grace_s: float = 120.0
     poll_s: float = 0.25
+    collective_timeout_s: float = 120.0  # allreduce mode: a collective waiting longer fails
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class _Active:
     id: str
     spec: JobSpec
     resume: bool = False
-    store: ParameterStore | None = None
+    store: ParameterStore | GroupTracker | None = None  # GroupTracker in allreduce mode
     group: WorkerGroup | None = None
     cancel: str | None = None
     restarts: list[int] = field(default_factory=list)
@@ -88,6 +92,7 @@ class JobManager:
         self._working_dirs = working_dirs
         self.config = config
         self.heartbeat_interval_s = config.heartbeat_interval_s
+        self.collective_timeout_s = config.collective_timeout_s
         self._cond = threading.Condition()
         self._active: dict[str, _Active] = {}
         self._queue: list[str] = []
@@ -129,9 +134,6 @@ class JobManager:
 
     # -------------------------------------------------------------- the API
     def submit(self, spec: JobSpec, working_dir_zip: bytes | None = None) -> JobView:
-        if not spec.is_ps:
-            raise SpecError("mode", f"{spec.mode!r} is not served by this server yet; "
-                            "use ps-sync, ps-async or ps-ssp")
         too_big = self._never_fits(spec)
         if too_big:
             raise SpecError("resources", too_big)
@@ -214,15 +216,52 @@ class JobManager:
             self._cond.wait(timeout)
 
     # ------------------------------------------------- PS servicer backend
-    def store(self, job_id: str) -> ParameterStore:
+    def state(self, job_id: str) -> ParameterStore | GroupTracker:
         with self._cond:
             a = self._active.get(job_id)
             if a is None or a.store is None:
                 raise NotFoundError(f"job_id: job {job_id!r} is not running on this server")
             return a.store
 
+    def store(self, job_id: str) -> ParameterStore:
+        store = self.state(job_id)
+        if not isinstance(store, ParameterStore):
+            raise StateError(f"mode: job {job_id!r} runs in allreduce mode: its workers average "
+                             "gradients among themselves, there are no parameters to push or pull")
+        return store
+
+    def _tracker(self, job_id: str) -> GroupTracker:
+        tracker = self.state(job_id)
+        if not isinstance(tracker, GroupTracker):
+            raise StateError(f"mode: job {job_id!r} runs in {tracker.config.mode} mode: the parameter "
+                             "server keeps its state and writes its checkpoints itself")
+        return tracker
+
+    def save_checkpoint(self, job_id: str, rank: int, state: TrainingState) -> tuple[int, int]:
+        tracker = self._tracker(job_id)
+        layout = Layout(tuple(state.params), tuple(tuple(t.shape) for t in state.params.values()))
+        tracker.accept_checkpoint(rank, state.step, layout)
+        spec = self._active[job_id].spec
+        info = self._ckpts.save(job_id, state.step, state.step, state.params, state.optimizer_state,
+                                state.scheduler_state, keep=spec.keep_checkpoints,
+                                resume_state={"clocks": [state.step] * spec.workers})
+        tracker.saved(state.step)
+        self._log(job_id, f"checkpoint at step {info.step} ({info.size_bytes / 1e6:.1f} MB)")
+        self.notify()
+        return info.step, info.size_bytes
+
+    def load_checkpoint(self, job_id: str, rank: int) -> TrainingState:
+        tracker = self._tracker(job_id)
+        tracker.heartbeat(rank)  # NOT_FOUND for a rank outside the job
+        step = tracker.start_step
+        if step == 0:
+            raise NotFoundError(f"checkpoint: job {job_id!r} starts at step 0; there is no state to load")
+        loaded = self._ckpts.load(job_id, step)
+        return TrainingState(step=loaded.info.step, params=loaded.params, optimizer_state=loaded.optimizer_state,
+                             scheduler_state=loaded.scheduler_state)
+
     def on_register(self, job_id: str, rank: int, total_steps: int, train_size: int) -> None:
-        store = self.store(job_id)
+        store = self.state(job_id)
         store.set_total_steps(total_steps)
         with self._cond:
             a = self._active[job_id]
@@ -234,7 +273,9 @@ class JobManager:
             self._db.update(job_id, total_steps=total_steps)
 
     def on_metrics(self, job_id: str, rank: int, step: int, kind: str, metrics: Mapping[str, float]) -> None:
-        store = self.store(job_id)
+        store = self.state(job_id)
+        if isinstance(store, GroupTracker):
+            store.heartbeat(rank, step)  # progress: the server sees no pushes in this mode
         with self._cond:
             a = self._active[job_id]
             rec = self._db.get(job_id)
@@ -246,6 +287,8 @@ class JobManager:
                 merged["loss"] = sum(a.losses.values()) / len(a.losses)
                 # the whole run's rate so far, summed over workers
                 merged["avg_samples_per_s"] = sum(a.avg_rates.values())
+                if "allreduce_s" in metrics:  # allreduce mode: seconds per step in the all-reduce
+                    merged["allreduce_s"] = float(metrics["allreduce_s"])
             else:
                 merged.update({k: float(v) for k, v in metrics.items()})
             self._db.update(job_id, metrics=merged, step=store.step(), version=store.version,
@@ -306,10 +349,13 @@ class JobManager:
 
     # ----------------------------------------------------------- running
     def _run_job(self, a: _Active) -> None:
-        from gradhub.server.monitor import JobMonitor  # the per-job loop lives in its own module
+        # the per-job loops live in their own modules
+        from gradhub.server.group_monitor import GroupMonitor
+        from gradhub.server.monitor import JobMonitor
 
         try:
-            state, reason = JobMonitor(self, a).run()
+            monitor = JobMonitor(self, a) if a.spec.is_ps else GroupMonitor(self, a)
+            state, reason = monitor.run()
         except Exception as e:
             log.exception("job %s crashed", a.id)
             state, reason = "FAILED", f"internal error: {type(e).__name__}: {e}"

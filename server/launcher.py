@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from gradhub.client.errors import PeerLostError
 from gradhub.client.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class WorkerExit:
     result: dict[str, Any] | None = None  # the WorkerResult, when it returned
     died: bool = False  # the process died (killed, OOM, node lost): Ray may restart it
     error: str | None = None  # the worker raised: a bug or bad user code, not retried
+    lost_peer: bool = False  # allreduce: it raised because another worker of its group is gone
 
 
 class WorkerGroup(Protocol):
@@ -74,7 +76,12 @@ def demand(spec: JobSpec) -> dict[str, float]:
 
 
 class RayWorkerGroup:
-    """A job's actors, one per rank, in one placement group."""
+    """A job's actors, one per rank, in one placement group.
+
+    ps-* modes: Ray restarts a dead actor (up to ``max_restarts``) and ``rerun`` starts it
+    again. allreduce: rank 0 opens the group's rendezvous on its node, then every rank runs;
+    actors are not restarted one by one (the server restarts the whole group).
+    """
 
     def __init__(self, job_id: str, spec: JobSpec, server_address: str, token: str | None,
                  runtime_env: Mapping[str, Any] | None) -> None:
@@ -94,10 +101,11 @@ class RayWorkerGroup:
             ray.util.remove_placement_group(self._pg)
             raise
         remote = ray.remote(WorkerActor)
+        self._rendezvous: tuple[str, int] | None = None
         self._actors = [
             remote.options(
                 num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0),
-                max_restarts=spec.max_restarts, max_task_retries=0,
+                max_restarts=spec.max_restarts if spec.is_ps else 0, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self._pg, placement_group_bundle_index=rank),
                 runtime_env=dict(runtime_env) if runtime_env else None,
@@ -105,11 +113,17 @@ class RayWorkerGroup:
             for rank in range(spec.workers)
         ]
         self._runs: dict[Any, int] = {}
-        for rank in range(spec.workers):
-            self.rerun(rank)
+        try:
+            if not spec.is_ps:
+                self._rendezvous = ray.get(self._actors[0].rendezvous.remote(), timeout=PLACEMENT_TIMEOUT_S)
+            for rank in range(spec.workers):
+                self.rerun(rank)
+        except Exception:
+            self.stop()
+            raise
 
     def rerun(self, rank: int) -> None:
-        self._runs[self._actors[rank].run.remote()] = rank
+        self._runs[self._actors[rank].run.remote(self._rendezvous)] = rank
 
     def wait(self, timeout: float) -> list[WorkerExit]:
         ray = self._ray
@@ -124,7 +138,8 @@ class RayWorkerGroup:
             except ray.exceptions.RayActorError as e:
                 exits.append(WorkerExit(rank, died=True, error=str(e).splitlines()[0]))
             except ray.exceptions.RayTaskError as e:
-                exits.append(WorkerExit(rank, error=_reason(e)))
+                lost = isinstance(getattr(e, "cause", None), PeerLostError)
+                exits.append(WorkerExit(rank, error=_reason(e), lost_peer=lost))
         return exits
 
     def kill(self, rank: int) -> None:

@@ -9,9 +9,11 @@ import grpc
 
 from gradhub.client.errors import ProtocolError, StateError
 from gradhub.proto.codec import Layout, Receiver, data_of_chunk
+from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server.rpc import handler
 from gradhub.server.store import ParameterStore
+from gradhub.server.tracker import GroupTracker
 
 # A pull waits at most this long per call when the client set no deadline;
 # the worker simply pulls again.
@@ -19,11 +21,26 @@ MAX_PULL_WAIT_S = 60.0
 
 
 class PSBackend(Protocol):
-    """What the servicer needs from the server: the job's store and two notifications."""
+    """What the servicer needs from the server: the job's state, notifications, checkpoints."""
 
     heartbeat_interval_s: float
+    collective_timeout_s: float
 
-    def store(self, job_id: str) -> ParameterStore: ...
+    def store(self, job_id: str) -> ParameterStore:
+        """A ps-* job's parameter store (FAILED_PRECONDITION for an allreduce job)."""
+        ...
+
+    def state(self, job_id: str) -> ParameterStore | GroupTracker:
+        """What the server keeps of a running job in any mode."""
+        ...
+
+    def save_checkpoint(self, job_id: str, rank: int, state: TrainingState) -> tuple[int, int]:
+        """allreduce mode: store rank 0's state; returns (step, bytes written)."""
+        ...
+
+    def load_checkpoint(self, job_id: str, rank: int) -> TrainingState:
+        """allreduce mode: the state the job's current group starts from."""
+        ...
 
     def on_register(self, job_id: str, rank: int, total_steps: int, train_size: int) -> None: ...
 
@@ -76,7 +93,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @handler
     def Register(self, request: ps_pb2.RegisterRequest, context: grpc.ServicerContext) -> ps_pb2.RegisterResponse:
-        store = self._backend.store(request.job_id)
+        store = self._backend.state(request.job_id)
         if request.total_steps < 1:
             raise ProtocolError("total_steps: must be >= 1")
         self._backend.on_register(request.job_id, request.rank, request.total_steps, request.train_size)
@@ -88,6 +105,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             needs_init=needs_init,
             world_size=store.config.world_size,
             heartbeat_interval_s=self._backend.heartbeat_interval_s,
+            collective_timeout_s=self._backend.collective_timeout_s,
         )
 
     @handler
@@ -145,7 +163,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @handler
     def Heartbeat(self, request: ps_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> ps_pb2.HeartbeatResponse:
-        reason = self._backend.store(request.job_id).heartbeat(request.rank, request.step)
+        reason = self._backend.state(request.job_id).heartbeat(request.rank, request.step)
         return ps_pb2.HeartbeatResponse(stop=reason is not None, reason=reason or "")
 
     @handler
@@ -155,6 +173,21 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._backend.on_metrics(request.job_id, request.rank, request.step, request.kind, dict(request.metrics))
         return ps_pb2.ReportMetricsResponse()
 
+    @handler
+    def SaveCheckpoint(self, request_iterator: Iterator[ps_pb2.CheckpointChunk | memoryview], context: grpc.ServicerContext) -> ps_pb2.SaveCheckpointResponse:
+        first = next(request_iterator, None)
+        if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
+            raise ProtocolError("header: the first message of a checkpoint must be a CheckpointHeader")
+        header = first.header
+        self._backend.state(header.job_id)  # NOT_FOUND before reading the bytes
+        step, size = self._backend.save_checkpoint(header.job_id, header.rank, read_state(header, request_iterator))
+        return ps_pb2.SaveCheckpointResponse(step=step, size_bytes=size)
+
+    @handler
+    def LoadCheckpoint(self, request: ps_pb2.LoadCheckpointRequest, context: grpc.ServicerContext) -> Iterator[ps_pb2.CheckpointChunk | bytes]:
+        state = self._backend.load_checkpoint(request.job_id, request.rank)
+        yield from state_messages(request.job_id, request.rank, state)
+
 
 def _push_request(raw: bytes) -> ps_pb2.PushChunk | memoryview:
     """Data chunks come through as zero-copy views; anything else is parsed by protobuf."""
@@ -162,7 +195,12 @@ def _push_request(raw: bytes) -> ps_pb2.PushChunk | memoryview:
     return data if data is not None else ps_pb2.PushChunk.FromString(raw)
 
 
-def _pull_response(message: ps_pb2.PullChunk | bytes) -> bytes:
+def _checkpoint_request(raw: bytes) -> ps_pb2.CheckpointChunk | memoryview:
+    data = data_of_chunk(raw)
+    return data if data is not None else ps_pb2.CheckpointChunk.FromString(raw)
+
+
+def _pull_response(message: ps_pb2.PullChunk | ps_pb2.CheckpointChunk | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
@@ -188,6 +226,12 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> Non
         servicer.PushPull, request_deserializer=_push_request, response_serializer=_pull_response)
     handlers["PullParameters"] = grpc.unary_stream_rpc_method_handler(
         servicer.PullParameters, request_deserializer=ps_pb2.PullRequest.FromString,
+        response_serializer=_pull_response)
+    handlers["SaveCheckpoint"] = grpc.stream_unary_rpc_method_handler(
+        servicer.SaveCheckpoint, request_deserializer=_checkpoint_request,
+        response_serializer=ps_pb2.SaveCheckpointResponse.SerializeToString)
+    handlers["LoadCheckpoint"] = grpc.unary_stream_rpc_method_handler(
+        servicer.LoadCheckpoint, request_deserializer=ps_pb2.LoadCheckpointRequest.FromString,
         response_serializer=_pull_response)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 

@@ -9,28 +9,64 @@ from typing import Any
 
 from gradhub.client.spec import JobSpec
 from gradhub.proto.alloc import tune_for_streaming
-from gradhub.worker.loop import PSTrainer
 from gradhub.worker.ps_client import PSClient
 
 
 class WorkerActor:
-    """Wrapped with ``ray.remote`` by the server's launcher; holds nothing but its arguments.
+    """Wrapped with ``ray.remote`` by the server's launcher; holds nothing but its arguments
+    (and, on rank 0 of an allreduce job, the group's rendezvous store).
 
-    Ray may restart the actor after its process dies; ``run`` is then called again
-    and the worker resumes where the server says.
+    ps-* modes: Ray may restart the actor after its process dies; ``run`` is then called
+    again and the worker resumes where the server says.
     """
 
     def __init__(self, job_id: str, rank: int, spec_json: str, server_address: str,
                  token: str | None = None) -> None:
         self.job_id, self.rank = job_id, rank
         self.spec_json, self.server_address, self.token = spec_json, server_address, token
+        self._store: Any = None
 
     def info(self) -> dict[str, Any]:
         return {"host": socket.gethostname(), "pid": os.getpid()}
 
-    def run(self) -> dict[str, Any]:
+    def rendezvous(self) -> tuple[str, int]:
+        """allreduce, rank 0: open the group's store on a free port of this node; returns
+        (address, port) for the other ranks."""
+        import ray
+
+        from gradhub.worker.collective import open_store
+
+        host = ray.util.get_node_ip_address()
+        self._store = open_store(host, JobSpec.from_json(self.spec_json).workers)
+        return host, self._store.port
+
+    def run(self, rendezvous: tuple[str, int] | None = None) -> dict[str, Any]:
         tune_for_streaming()
         spec = JobSpec.from_json(self.spec_json)
         # the channel is created here, inside the actor's process, never inherited
         with PSClient(self.server_address, self.job_id, self.rank, spec.compression, self.token) as client:
-            return asdict(PSTrainer(spec, self.rank, client).run())
+            if spec.is_ps:
+                from gradhub.worker.loop import PSTrainer
+
+                return asdict(PSTrainer(spec, self.rank, client).run())
+            if rendezvous is None:
+                raise ValueError("rendezvous: an allreduce worker needs rank 0's address and port")
+            _bind_collectives_to_node()
+            from gradhub.worker.allreduce import AllReduceTrainer
+
+            return asdict(AllReduceTrainer(spec, self.rank, client, rendezvous, self._store).run())
+
+
+def _bind_collectives_to_node() -> None:
+    """Gloo and NCCL pick their network interface from the environment or the hostname; the
+    hostname can resolve to a loopback or another host's address (containers, network
+    namespaces). Unless the user chose one, use the interface of the address Ray uses for
+    this node, as the other nodes reach it."""
+    import ray
+
+    from gradhub.worker.collective import interface_of
+
+    iface = interface_of(ray.util.get_node_ip_address())
+    if iface is not None and not iface.startswith("lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)

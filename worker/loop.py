@@ -51,7 +51,7 @@ def pick_device(spec: JobSpec) -> torch.device:
     return torch.device("cpu")
 
 
-class _Heartbeat:
+class Heartbeat:
     """Background heartbeats; sets ``stop_reason`` when the server says the job is over."""
 
     def __init__(self, client: PSClient, interval: float) -> None:
@@ -81,6 +81,34 @@ class _Heartbeat:
                 return
 
 
+class Meter:
+    """Training loss and throughput over windows of ``REPORT_EVERY_S``, and over the whole run.
+
+    The loss stays on the device between reports: no host sync per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._loss = torch.zeros((), device=device)
+        self._samples, self._run_samples = 0, 0
+        self._start = self._run_start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self._loss += loss.detach() * samples
+        self._samples += samples
+        self._run_samples += samples
+
+    def due(self, last: bool) -> dict[str, float] | None:
+        """The window's metrics when it is time to report (or ``last``), else None."""
+        now = time.perf_counter()
+        elapsed = now - self._start
+        if (elapsed < REPORT_EVERY_S and not last) or not self._samples:
+            return None
+        out = {"loss": float(self._loss) / self._samples, "samples_per_s": self._samples / elapsed,
+               "avg_samples_per_s": self._run_samples / (now - self._run_start)}
+        self._loss.zero_()
+        self._samples, self._start = 0, now
+        return out
+
+
 class PSTrainer:
     """Runs one worker of a ps-* job against a parameter server."""
 
@@ -102,10 +130,8 @@ class PSTrainer:
             self.client.init_parameters(flat.layout, flat.params.detach().cpu())
         step = reg.next_step
         result = WorkerResult(rank=rank, steps_run=0)
-        # the loss stays on the device between reports: no host sync per step
-        window_loss, window_samples, window_start = torch.zeros((), device=device), 0, time.perf_counter()
-        run_samples, run_start = 0, time.perf_counter()
-        with _Heartbeat(self.client, reg.heartbeat_interval_s) as beat:
+        meter = Meter(device)
+        with Heartbeat(self.client, reg.heartbeat_interval_s) as beat:
             version = self.client.pull(flat.layout, step, flat.params) if step < total else 0
             while step < total:
                 if beat.stop_reason is not None:
@@ -128,16 +154,9 @@ class PSTrainer:
                 step += 1
                 beat.step = step
                 result.steps_run += 1
-                window_loss += loss.detach() * len(idx)
-                window_samples += len(idx)
-                run_samples += len(idx)
-                now = time.perf_counter()
-                elapsed = now - window_start
-                if elapsed >= REPORT_EVERY_S or step == total:
-                    self.client.report(step, "train", {"loss": float(window_loss) / window_samples,
-                                                       "samples_per_s": window_samples / elapsed,
-                                                       "avg_samples_per_s": run_samples / (now - run_start)})
-                    window_loss, window_samples, window_start = window_loss.zero_(), 0, time.perf_counter()
+                meter.add(loss, len(idx))
+                if (metrics := meter.due(step == total)) is not None:
+                    self.client.report(step, "train", metrics)
             if rank == 0:
                 if result.steps_run == 0:  # resumed at the end: fetch the final parameters
                     self.client.pull(flat.layout, total, flat.params)

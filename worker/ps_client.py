@@ -27,6 +27,7 @@ from gradhub.proto.codec import (
     iter_data_chunks,
     torch_dtype,
 )
+from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 
 T = TypeVar("T")
@@ -85,6 +86,11 @@ class PSClient:
         self._pull = self._channel.unary_stream(svc + "PullParameters",
                                                 request_serializer=ps_pb2.PullRequest.SerializeToString,
                                                 response_deserializer=_pull_response)
+        self._save = self._channel.stream_unary(svc + "SaveCheckpoint", request_serializer=_push_request,
+                                                response_deserializer=ps_pb2.SaveCheckpointResponse.FromString)
+        self._load = self._channel.unary_stream(svc + "LoadCheckpoint",
+                                                request_serializer=ps_pb2.LoadCheckpointRequest.SerializeToString,
+                                                response_deserializer=_checkpoint_response)
         self._staging: torch.Tensor | None = None
         self._session: _Session | None = None
 
@@ -192,6 +198,24 @@ class PSClient:
             timeout=10.0, metadata=self._metadata)
         return reply.reason if reply.stop else None
 
+    def save_checkpoint(self, state: TrainingState) -> int:
+        """allreduce mode (rank 0): store ``state`` on the server; returns once it is on disk."""
+        timeout = _transfer_timeout(_numel(state))
+        reply = _retry(lambda: self._save(state_messages(self.job_id, self.rank, state), timeout=timeout,
+                                          metadata=self._metadata))
+        return int(reply.size_bytes)
+
+    def load_checkpoint(self) -> TrainingState:
+        """allreduce mode: the state the job's group starts from (see ``register().next_step``)."""
+        def call() -> TrainingState:
+            stream = self._load(ps_pb2.LoadCheckpointRequest(job_id=self.job_id, rank=self.rank),
+                                timeout=RPC_TIMEOUT_S * 10, metadata=self._metadata)
+            first = next(stream, None)
+            if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
+                raise ProtocolError("checkpoint: the server's stream did not start with a header")
+            return read_state(first.header, stream)
+        return _retry(call)
+
     def report(self, step: int, kind: str, metrics: Mapping[str, float]) -> None:
         self._stub.ReportMetrics(
             ps_pb2.ReportMetricsRequest(job_id=self.job_id, rank=self.rank, step=step, kind=kind,
@@ -234,9 +258,20 @@ def _pull_response(raw: bytes) -> ps_pb2.PullChunk | memoryview:
     return data if data is not None else ps_pb2.PullChunk.FromString(raw)
 
 
-def _transfer_timeout(flat: torch.Tensor) -> float:
+def _checkpoint_response(raw: bytes) -> ps_pb2.CheckpointChunk | memoryview:
+    data = data_of_chunk(raw)
+    return data if data is not None else ps_pb2.CheckpointChunk.FromString(raw)
+
+
+def _numel(state: TrainingState) -> int:
+    params = sum(t.numel() for t in state.params.values())
+    return params * 3 if state.optimizer_state else params  # Adam keeps two more of each
+
+
+def _transfer_timeout(flat: torch.Tensor | int) -> float:
     # generous: 30 s plus 1 s per 50 MB
-    return RPC_TIMEOUT_S + flat.numel() * 4 / 50e6
+    numel = flat if isinstance(flat, int) else flat.numel()
+    return RPC_TIMEOUT_S + numel * 4 / 50e6
 
 
 def _until_answered(call: Callable[[], T]) -> T:

@@ -24,18 +24,20 @@ class RegisterRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., total_steps: _Optional[int] = ..., train_size: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("version", "next_step", "needs_init", "world_size", "heartbeat_interval_s")
+    __slots__ = ("version", "next_step", "needs_init", "world_size", "heartbeat_interval_s", "collective_timeout_s")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     NEEDS_INIT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     version: int
     next_step: int
     needs_init: bool
     world_size: int
     heartbeat_interval_s: float
-    def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    collective_timeout_s: float
+    def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., collective_timeout_s: _Optional[float] = ...) -> None: ...
 
 class PushHeader(_message.Message):
     __slots__ = ("job_id", "rank", "step", "base_version", "tensors")
@@ -137,3 +139,45 @@ class ReportMetricsRequest(_message.Message):
 class ReportMetricsResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class CheckpointHeader(_message.Message):
+    __slots__ = ("job_id", "rank", "step", "params", "state", "optimizer_json", "scheduler_json")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_JSON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    rank: int
+    step: int
+    params: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorMeta]
+    state: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorMeta]
+    optimizer_json: str
+    scheduler_json: str
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., params: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., state: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., scheduler_json: _Optional[str] = ...) -> None: ...
+
+class CheckpointChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: CheckpointHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[CheckpointHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SaveCheckpointResponse(_message.Message):
+    __slots__ = ("step", "size_bytes")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    size_bytes: int
+    def __init__(self, step: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class LoadCheckpointRequest(_message.Message):
+    __slots__ = ("job_id", "rank")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    rank: int
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...

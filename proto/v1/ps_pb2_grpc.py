@@ -69,6 +69,16 @@ class ParameterServerStub:
                 request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
+        self.SaveCheckpoint = channel.stream_unary(
+                '/gradhub.v1.ParameterServer/SaveCheckpoint',
+                request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.SerializeToString,
+                response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.SaveCheckpointResponse.FromString,
+                _registered_method=True)
+        self.LoadCheckpoint = channel.unary_stream(
+                '/gradhub.v1.ParameterServer/LoadCheckpoint',
+                request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.LoadCheckpointRequest.SerializeToString,
+                response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -127,6 +137,22 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveCheckpoint(self, request_iterator, context):
+        """allreduce mode, where the workers average gradients among themselves and the server
+        keeps only progress and checkpoints:
+        rank 0 saves the training state its group agreed on; answered once it is on disk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadCheckpoint(self, request, context):
+        """A (re)started worker loads the state its job resumes from (RegisterResponse.next_step).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +190,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.ReportMetricsRequest.FromString,
                     response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'SaveCheckpoint': grpc.stream_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.FromString,
+                    response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.SaveCheckpointResponse.SerializeToString,
+            ),
+            'LoadCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.LoadCheckpoint,
+                    request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.LoadCheckpointRequest.FromString,
+                    response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +391,60 @@ class ParameterServer:
             '/gradhub.v1.ParameterServer/ReportMetrics',
             gradhub_dot_proto_dot_v1_dot_ps__pb2.ReportMetricsRequest.SerializeToString,
             gradhub_dot_proto_dot_v1_dot_ps__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradhub.v1.ParameterServer/SaveCheckpoint',
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.SerializeToString,
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.SaveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradhub.v1.ParameterServer/LoadCheckpoint',
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.LoadCheckpointRequest.SerializeToString,
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,175 @@
+"""Training state on the wire: parameters, optimizer and schedule state as tensors plus JSON.
+
+A state dict (``optimizer.state_dict()``, a schedule's) becomes JSON with its tensors moved
+out by dotted path, so it can be stored (checkpoints) and sent (allreduce mode's
+SaveCheckpoint / LoadCheckpoint) without pickling. ``state_messages`` and ``read_state``
+carry a whole ``TrainingState`` as one ``CheckpointHeader`` and its bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gradhub.client.errors import ProtocolError
+from gradhub.proto.codec import CHUNK_BYTES, Layout, Receiver, encode_data_chunk
+from gradhub.proto.v1 import ps_pb2, tensor_pb2
+
+_TAGS = ("__tensor__", "__tuple__", "__float__", "__dict__")
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Everything needed to continue training exactly after ``step`` steps."""
+
+    step: int
+    params: dict[str, torch.Tensor]  # by parameter name, in the model's order
+    optimizer_state: dict[str, Any] | None = None
+    scheduler_state: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------- state dict <-> JSON
+
+
+def encode_state(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-ready form of a state dict: tensors move to ``tensors`` keyed by their dotted path.
+
+    Tuples, non-string dict keys and non-finite floats are tagged so ``decode_state`` restores them.
+    """
+    where = path.rstrip(".") or "<root>"
+    if isinstance(obj, torch.Tensor):
+        key = path.rstrip(".")
+        if key in tensors:
+            raise ValueError(f"two state tensors map to the checkpoint key {key!r}")
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+    if isinstance(obj, (list, tuple)):
+        items = [encode_state(v, f"{path}{i}.", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, Mapping):
+        plain = all(isinstance(k, str) for k in obj) and not (
+            len(obj) == 1 and next(iter(obj)) in _TAGS
+        )
+        if plain:
+            return {k: encode_state(v, f"{path}{k}.", tensors) for k, v in obj.items()}
+        return {
+            "__dict__": [
+                [encode_state(k, f"{path}{k}.key.", tensors), encode_state(v, f"{path}{k}.", tensors)]
+                for k, v in obj.items()
+            ]
+        }
+    raise TypeError(
+        f"cannot store {where} of type {type(obj).__name__} in a checkpoint "
+        "(supported: tensors, numbers, str, None, lists, tuples, dicts)"
+    )
+
+
+def decode_state(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of ``encode_state``."""
+    if isinstance(obj, list):
+        return [decode_state(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1:
+        tag, value = next(iter(obj.items()))
+        if tag == "__tensor__":
+            try:
+                return tensors[value]
+            except (KeyError, TypeError):
+                raise ProtocolError(f"state: refers to tensor {value!r}, which was not sent") from None
+        if tag == "__tuple__":
+            return tuple(decode_state(v, tensors) for v in value)
+        if tag == "__float__":
+            return float(value)
+        if tag == "__dict__":
+            return {decode_state(k, tensors): decode_state(v, tensors) for k, v in value}
+    return {k: decode_state(v, tensors) for k, v in obj.items()}
+
+
+# --------------------------------------------------------------------- the wire
+
+
+def state_messages(job_id: str, rank: int, state: TrainingState) -> Iterator[ps_pb2.CheckpointChunk | bytes]:
+    """``state`` as a header and serialized data chunks of about ``CHUNK_BYTES``."""
+    extra: dict[str, torch.Tensor] = {}
+    optim = None if state.optimizer_state is None else encode_state(state.optimizer_state, "", extra)
+    sched = None if state.scheduler_state is None else encode_state(state.scheduler_state, "scheduler.", extra)
+    for name, t in [*state.params.items(), *extra.items()]:
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"state: tensor {name!r} is {t.dtype}; only floating-point state can be sent")
+    header = ps_pb2.CheckpointHeader(
+        job_id=job_id, rank=rank, step=state.step,
+        params=_metas(state.params), state=_metas(extra),
+        optimizer_json="" if optim is None else json.dumps(optim, allow_nan=False),
+        scheduler_json="" if sched is None else json.dumps(sched, allow_nan=False),
+    )
+    yield ps_pb2.CheckpointChunk(header=header)
+    yield from _data_chunks([*state.params.values(), *extra.values()])
+
+
+def read_state(header: ps_pb2.CheckpointHeader, chunks: Iterator[Any]) -> TrainingState:
+    """The state a header announces, its bytes read from ``chunks`` (data chunks or views).
+
+    Raises ProtocolError naming what is wrong (a tensor, the byte count, the JSON)."""
+    if not header.params:
+        raise ProtocolError("params: the checkpoint lists no parameters")
+    for field, metas in (("params", header.params), ("state", header.state)):
+        for i, m in enumerate(metas):
+            if m.dtype != tensor_pb2.FLOAT32:
+                raise ProtocolError(f"{field}[{i}].dtype: '{m.name}' must be FLOAT32")
+    params_layout = Layout.from_metas(header.params)
+    state_layout = Layout.from_metas(header.state) if header.state else None
+    nbytes = params_layout.nbytes(tensor_pb2.FLOAT32)
+    total = nbytes + (state_layout.nbytes(tensor_pb2.FLOAT32) if state_layout else 0)
+    receiver = Receiver(total)
+    if receiver.fill(chunks) and next(chunks, None) is not None:
+        raise ProtocolError(f"byte count: stream carries more than the expected {total} bytes")
+    flat = receiver.tensor(tensor_pb2.FLOAT32)
+    if not bool(flat.isfinite().all()):
+        raise ProtocolError("state values: the checkpoint holds NaN or Inf (did training diverge?)")
+    params = params_layout.split(flat[: nbytes // 4])
+    extra = state_layout.split(flat[nbytes // 4:]) if state_layout else {}
+    try:
+        optim = json.loads(header.optimizer_json) if header.optimizer_json else None
+        sched = json.loads(header.scheduler_json) if header.scheduler_json else None
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"optimizer_json: not valid JSON ({e})") from None
+    return TrainingState(
+        step=header.step, params=params,
+        optimizer_state=None if optim is None else decode_state(optim, extra),
+        scheduler_state=None if sched is None else decode_state(sched, extra),
+    )
+
+
+def _metas(tensors: Mapping[str, torch.Tensor]) -> list[tensor_pb2.TensorMeta]:
+    return [tensor_pb2.TensorMeta(name=n, dtype=tensor_pb2.FLOAT32, shape=list(t.shape)) for n, t in tensors.items()]
+
+
+def _data_chunks(tensors: Iterable[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The tensors' float32 bytes back to back, as serialized data chunks of ``chunk_bytes``
+    (small tensors share a chunk; a large one is sent from its own memory)."""
+    pending = bytearray()
+    for t in tensors:
+        data = t.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy().data
+        start = 0
+        if pending:
+            start = min(chunk_bytes - len(pending), len(data))
+            pending += data[:start]
+            if len(pending) == chunk_bytes:
+                yield encode_data_chunk(pending)
+                pending = bytearray()
+        while len(data) - start >= chunk_bytes:
+            yield encode_data_chunk(data[start:start + chunk_bytes])
+            start += chunk_bytes
+        pending += data[start:]
+    if pending:
+        yield encode_data_chunk(pending)

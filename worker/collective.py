@@ -1,0 +1,117 @@
+"""torch.distributed for the allreduce mode: rendezvous, the process group, and the DDP
+communication hook that averages gradients (optionally compressed) and times the all-reduce.
+
+Rendezvous needs no fixed port and no shared file: rank 0 opens a TCPStore on a free port
+of its node and the server passes (address, port) to the other ranks.
+"""
+
+# no "from __future__ import annotations": DDP compares the hook's annotations with real types
+
+import fcntl
+import socket
+import struct
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Self
+
+import torch
+import torch.distributed as dist
+
+COMPRESSION = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+STORE_TIMEOUT_S = 120.0  # every rank must reach the rendezvous within this
+
+_SIOCGIFADDR = 0x8915
+
+
+def open_store(host: str, world_size: int) -> dist.TCPStore:
+    """Rank 0: the group's key-value store, listening on a free port (``store.port``)."""
+    return dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=timedelta(seconds=STORE_TIMEOUT_S))
+
+
+def interface_of(ip: str) -> str | None:
+    """The network interface that holds IPv4 address ``ip`` (Linux), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue  # no IPv4 address
+            if socket.inet_ntoa(raw[20:24]) == ip:
+                return name
+    return None
+
+
+class ProcessGroup:
+    """The job's default process group, for the lifetime of a ``with`` block."""
+
+    def __init__(self, rendezvous: tuple[str, int], rank: int, world_size: int, backend: str,
+                 timeout_s: float, store: dist.TCPStore | None = None) -> None:
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self._timeout = timedelta(seconds=timeout_s)
+        host, port = rendezvous
+        self._store = store or dist.TCPStore(host, port, world_size, is_master=False,
+                                             timeout=timedelta(seconds=STORE_TIMEOUT_S))
+
+    def __enter__(self) -> Self:
+        dist.init_process_group(self.backend, store=self._store, rank=self.rank, world_size=self.world_size,
+                                timeout=self._timeout)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` came out of a collective or the rendezvous (a peer is gone, a timeout),
+    rather than from the model, the data or the loss."""
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        k in text for k in ("gloo", "Gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe")
+    )
+
+
+class AllReduceHook:
+    """A DDP communication hook (register ``.hook``): each gradient bucket is averaged over the group, sent as
+    ``dtype`` (fp16/bf16 compression, as DDP's ``fp16_compress_hook``) or as is.
+
+    It also times the all-reduce: ``take_seconds()`` is the span from the first bucket's
+    launch to the last bucket's completion since the previous call (one step's all-reduce).
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self._lock = threading.Lock()
+        self._first: float | None = None
+        self._last = 0.0
+
+    def hook(self, group: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        start = time.perf_counter()
+        with self._lock:
+            if self._first is None:
+                self._first = start
+        buffer = bucket.buffer()
+        world = dist.get_world_size(group)
+        tensor = buffer.div_(world) if self.dtype is None else buffer.to(self.dtype).div_(world)
+        fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
+
+        def done(f: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+            out = f.value()[0]
+            with self._lock:
+                self._last = max(self._last, time.perf_counter())
+            if self.dtype is None:
+                return out
+            buffer.copy_(out)
+            return buffer
+
+        return fut.then(done)
+
+    def take_seconds(self) -> float:
+        with self._lock:
+            first, last = self._first, self._last
+            self._first, self._last = None, 0.0
+        return 0.0 if first is None else max(last - first, 0.0)
