@@ -230,7 +230,7 @@ class JobManager:
                              "gradients among themselves, there are no parameters to push or pull")
         return store
 
-    def _tracker(self, job_id: str) -> GroupTracker:
+    def tracker(self, job_id: str) -> GroupTracker:
         tracker = self.state(job_id)
         if not isinstance(tracker, GroupTracker):
             raise StateError(f"mode: job {job_id!r} runs in {tracker.config.mode} mode: the parameter "
@@ -238,7 +238,7 @@ class JobManager:
         return tracker
 
     def save_checkpoint(self, job_id: str, rank: int, state: TrainingState) -> tuple[int, int]:
-        tracker = self._tracker(job_id)
+        tracker = self.tracker(job_id)
         layout = Layout(tuple(state.params), tuple(tuple(t.shape) for t in state.params.values()))
         tracker.accept_checkpoint(rank, state.step, layout)
         spec = self._active[job_id].spec
@@ -251,7 +251,7 @@ class JobManager:
         return info.step, info.size_bytes
 
     def load_checkpoint(self, job_id: str, rank: int) -> TrainingState:
-        tracker = self._tracker(job_id)
+        tracker = self.tracker(job_id)
         tracker.heartbeat(rank)  # NOT_FOUND for a rank outside the job
         step = tracker.start_step
         if step == 0:

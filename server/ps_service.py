@@ -34,6 +34,10 @@ class PSBackend(Protocol):
         """What the server keeps of a running job in any mode."""
         ...
 
+    def tracker(self, job_id: str) -> GroupTracker:
+        """An allreduce job's tracker (FAILED_PRECONDITION for a ps-* job)."""
+        ...
+
     def save_checkpoint(self, job_id: str, rank: int, state: TrainingState) -> tuple[int, int]:
         """allreduce mode: store rank 0's state; returns (step, bytes written)."""
         ...
@@ -179,7 +183,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
             raise ProtocolError("header: the first message of a checkpoint must be a CheckpointHeader")
         header = first.header
-        self._backend.state(header.job_id)  # NOT_FOUND before reading the bytes
+        self._backend.tracker(header.job_id)  # NOT_FOUND / FAILED_PRECONDITION before reading the bytes
         step, size = self._backend.save_checkpoint(header.job_id, header.rank, read_state(header, request_iterator))
         return ps_pb2.SaveCheckpointResponse(step=step, size_bytes=size)
 

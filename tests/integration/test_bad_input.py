@@ -183,7 +183,6 @@ def test_total_steps_must_agree(job, unchanged):
     ({"model": "mlp", "dataset": "digits", "optimizer": {"name": "adam", "lr": -1}}, "optimizer.lr"),
     ({"model": "mlp", "dataset": "digits", "mode": "ps-magic"}, "mode"),
     ({"model": "mlp", "dataset": "digits", "bogus": 1}, "bogus"),
-    ({"model": "mlp", "dataset": "digits", "mode": "allreduce"}, "mode"),
     ({"model": "mlp", "dataset": "digits", "workers": 64, "resources": {"cpus": 1}}, "resources"),
 ])
 def test_invalid_job_spec_is_rejected_by_the_server(job, unchanged, spec, field):
