@@ -31,6 +31,7 @@ from gradhub.worker.collective import (
     AllReduceHook,
     ProcessGroup,
     is_collective_failure,
+    one_line,
 )
 from gradhub.worker.data import (
     build_datasets,
@@ -170,8 +171,7 @@ class AllReduceTrainer:
                     loss.backward()  # DDP averages the gradients over the group here
                 except Exception as e:
                     if is_collective_failure(e):
-                        raise PeerLostError(f"worker {rank} lost its group at step {step}: "
-                                            f"{' '.join(str(e).split())[:300]}") from None
+                        raise PeerLostError(f"worker {rank} lost its group at step {step}: {one_line(e)}") from None
                     raise
                 optimizer.step()
                 if scheduler is not None:

@@ -18,6 +18,8 @@ from typing import Any, Self
 import torch
 import torch.distributed as dist
 
+from gradhub.client.errors import PeerLostError
+
 COMPRESSION = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 STORE_TIMEOUT_S = 120.0  # every rank must reach the rendezvous within this
 
@@ -51,17 +53,32 @@ class ProcessGroup:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self._timeout = timedelta(seconds=timeout_s)
         host, port = rendezvous
-        self._store = store or dist.TCPStore(host, port, world_size, is_master=False,
-                                             timeout=timedelta(seconds=STORE_TIMEOUT_S))
+        try:
+            self._store = store or dist.TCPStore(host, port, world_size, is_master=False,
+                                                 timeout=timedelta(seconds=STORE_TIMEOUT_S))
+        except Exception as e:
+            if is_collective_failure(e):
+                raise PeerLostError(f"worker {rank} cannot reach rank 0's rendezvous at {host}:{port}: "
+                                    f"{one_line(e)}") from None
+            raise
 
     def __enter__(self) -> Self:
-        dist.init_process_group(self.backend, store=self._store, rank=self.rank, world_size=self.world_size,
-                                timeout=self._timeout)
+        try:
+            dist.init_process_group(self.backend, store=self._store, rank=self.rank, world_size=self.world_size,
+                                    timeout=self._timeout)
+        except Exception as e:
+            if is_collective_failure(e):  # a peer died or is unreachable while the group forms
+                raise PeerLostError(f"worker {self.rank} could not form its group: {one_line(e)}") from None
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    return " ".join(str(e).split())[:limit]
 
 
 def is_collective_failure(e: BaseException) -> bool:

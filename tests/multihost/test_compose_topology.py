@@ -10,6 +10,11 @@ For each mode in MODES it submits deploy/job-cluster.yaml with the CLI and check
 - ``gradhub status --watch --json`` shows the two workers on the two worker hosts, one on each
   (the server names a worker by the address its connection comes from);
 - the job succeeds with the accuracy README.md gives for this job;
+- allreduce: the two ranks, each in a namespace of its own, reach each other only across the
+  bridge, so their Gloo group (rendezvous at rank 0's node IP, sockets on the interface that
+  holds each node's IP) really spans two hosts; the all-reduce took time, and the final
+  parameters equal ps-sync's for the same spec (same samples per step, same seed), as
+  tests/integration/test_allreduce.py checks on one host;
 - ``gradhub pull`` writes the checkpoint the server lists (sha256), and that checkpoint,
   evaluated here, gives the val_accuracy the job reported;
 - after the head is stopped (SIGTERM to the server, then the rest of the node killed, as
@@ -49,13 +54,13 @@ NODE_SCRIPT = REPO / "deploy" / "gradhub-node"
 JOB_FILE = REPO / "deploy" / "job-cluster.yaml"
 BIN = Path(sys.executable).parent  # the virtualenv's bin: gradhub, ray
 
-# "allreduce" joins once the server accepts it; today it is reserved and rejected at submit.
-MODES = ("ps-sync",)
+MODES = ("ps-sync", "allreduce")
 HEAD_IP, WORKER_IPS = "198.18.0.1", ("198.18.0.2", "198.18.0.3")
 RAY_PORT, SERVER_PORT = 6379, 50051
 SERVER = f"{HEAD_IP}:{SERVER_PORT}"
 OBJECT_STORE_BYTES = 100_000_000  # per node; Ray's default (30 % of memory) times three is a lot of /dev/shm
 MIN_ACCURACY = 0.96  # the job is `gradhub demo`'s: 97.5 % in README.md, >= 96 % in client/demo.py
+SAME_PARAMS_ATOL = 1e-6  # allreduce against ps-sync, as in tests/integration/test_allreduce.py
 START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 240.0
 HOST_LABEL = re.compile(r"\((?P<ip>[0-9.]+)\)$")  # "hostname (ip)", see server/ps_service.py
@@ -237,6 +242,7 @@ def _exercise(cluster: Cluster, tmp_path: Path) -> None:
     cluster.wait_for_cpus(len(WORKER_IPS))
 
     pulled: dict[str, bytes] = {}
+    params: dict[str, dict[str, torch.Tensor]] = {}
     for mode in MODES:
         info, hosts = _run_job(cluster, _job_file(mode, tmp_path))
         assert info.state == "SUCCEEDED", f"{mode}: {info.state}: {info.reason}"
@@ -250,6 +256,8 @@ def _exercise(cluster: Cluster, tmp_path: Path) -> None:
 
         accuracy = info.metrics["val_accuracy"]
         assert accuracy >= MIN_ACCURACY, f"{mode}: val_accuracy {accuracy}"
+        if mode == "allreduce":
+            assert info.metrics.get("allreduce_s", 0.0) > 0, f"no time in the all-reduce: {info.metrics}"
 
         path = tmp_path / f"{info.id}.safetensors"
         out = cluster.cli("pull", info.id, "-o", str(path))
@@ -259,10 +267,17 @@ def _exercise(cluster: Cluster, tmp_path: Path) -> None:
         assert hashlib.sha256(path.read_bytes()).hexdigest() == latest.sha256, out
         assert _checkpoint_accuracy(path, info.spec) == pytest.approx(accuracy, abs=1e-9)
         pulled[info.id] = path.read_bytes()
+        params[mode] = load_file(path)
+
+    if {"ps-sync", "allreduce"} <= params.keys():
+        ps, ar = params["ps-sync"], params["allreduce"]
+        assert ps.keys() == ar.keys()
+        worst = max(float((ps[k] - ar[k]).abs().max()) for k in ps)
+        assert worst <= SAME_PARAMS_ATOL, f"allreduce across hosts and ps-sync differ by {worst:.3g}"
 
     table = cluster.cli("status")
     for job_id in pulled:
-        assert job_id in table and "SUCCEEDED" in table, table
+        assert any(job_id in row and "SUCCEEDED" in row for row in table.splitlines()), table
 
     # `docker compose down` and `up` again: the same data dir (the named volume) keeps everything
     with Client(SERVER, token=cluster.token) as client:
