@@ -30,6 +30,7 @@ from gradhub.worker.collective import (
     COMPRESSION,
     AllReduceHook,
     ProcessGroup,
+    backend_for,
     is_collective_failure,
     one_line,
 )
@@ -147,7 +148,7 @@ class AllReduceTrainer:
                 raise ProtocolError(f"step: the server resumes at step {step} but sent the state of step {state.step}")
             restore(state, model, optimizer, scheduler)
         result = WorkerResult(rank=rank, steps_run=0)
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = backend_for(device, spec.resources.gpus)
         timeout = reg.collective_timeout_s or 120.0
         with (ProcessGroup(self.rendezvous, rank, spec.workers, backend, timeout, self._store),
               Heartbeat(self.client, reg.heartbeat_interval_s) as beat, _Uploader(self.client) as uploader):

@@ -26,6 +26,13 @@ STORE_TIMEOUT_S = 120.0  # every rank must reach the rendezvous within this
 _SIOCGIFADDR = 0x8915
 
 
+def backend_for(device: torch.device, gpus_per_worker: float) -> str:
+    """NCCL when every worker owns a GPU; Gloo on CPU, and for workers that share a GPU
+    (fractional ``resources.gpus``: NCCL cannot put two ranks on one device; Gloo all-reduces
+    CUDA tensors through the host)."""
+    return "nccl" if device.type == "cuda" and gpus_per_worker >= 1 else "gloo"
+
+
 def open_store(host: str, world_size: int) -> dist.TCPStore:
     """Rank 0: the group's key-value store, listening on a free port (``store.port``)."""
     return dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,

@@ -32,10 +32,12 @@ def gpu_server(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.mark.parametrize("mode", ["ps-sync", "allreduce"])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_cuda_workers_match_single_process_pytorch(gpu_server, tmp_path, workers):
+def test_cuda_workers_match_single_process_pytorch(gpu_server, tmp_path, workers, mode):
+    """allreduce: one worker owns the GPU (NCCL), or two share it (Gloo on CUDA tensors)."""
     with Client(gpu_server.address) as client:
-        spec = {"name": f"gpu-{workers}", "mode": "ps-sync", "workers": workers,
+        spec = {"name": f"gpu-{mode}-{workers}", "mode": mode, "workers": workers,
                 "resources": {"cpus": 1, "gpus": 1 / workers}, "model": {"name": "mlp", "args": {"hidden": [32]}},
                 "dataset": "digits", "optimizer": OPTIMIZERS["adam"], "batch_size": BATCH, "steps": STEPS, "seed": 7}
         info = client.submit(spec).wait(timeout=300)
