@@ -138,16 +138,20 @@ def read_state(header: ps_pb2.CheckpointHeader, chunks: Iterator[Any]) -> Traini
         raise ProtocolError("state values: the checkpoint holds NaN or Inf (did training diverge?)")
     params = params_layout.split(flat[: nbytes // 4])
     extra = state_layout.split(flat[nbytes // 4:]) if state_layout else {}
+    return TrainingState(step=header.step, params=params,
+                         optimizer_state=_state_of("optimizer_json", header.optimizer_json, extra),
+                         scheduler_state=_state_of("scheduler_json", header.scheduler_json, extra))
+
+
+def _state_of(field: str, text: str, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if not text:
+        return None
     try:
-        optim = json.loads(header.optimizer_json) if header.optimizer_json else None
-        sched = json.loads(header.scheduler_json) if header.scheduler_json else None
+        return decode_state(json.loads(text), tensors)
     except json.JSONDecodeError as e:
-        raise ProtocolError(f"optimizer_json: not valid JSON ({e})") from None
-    return TrainingState(
-        step=header.step, params=params,
-        optimizer_state=None if optim is None else decode_state(optim, extra),
-        scheduler_state=None if sched is None else decode_state(sched, extra),
-    )
+        raise ProtocolError(f"{field}: not valid JSON ({e})") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ProtocolError(f"{field}: malformed state ({e})") from None
 
 
 def _metas(tensors: Mapping[str, torch.Tensor]) -> list[tensor_pb2.TensorMeta]:

@@ -42,8 +42,8 @@ class GroupMonitor:
         tracker = GroupTracker(GroupConfig(a.id, spec.workers))
         tracker.restart(self._latest_step() if a.resume else 0)
         if a.resume:
-            m.log_line(a.id, f"resuming all {spec.workers} workers at step {tracker.start_step}"
-                             + ("" if tracker.start_step else " (no checkpoint yet; same result, by determinism)"))
+            m.log_line(a.id, f"resuming from the checkpoint at step {tracker.start_step}" if tracker.start_step
+                       else "no checkpoint yet: restarting from step 0 (same result, by determinism)")
         with m.cond:
             a.store = tracker
             a.restarts = [0] * spec.workers

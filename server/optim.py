@@ -1,7 +1,8 @@
-"""Server-side optimizer and learning-rate schedule, built from the plain values of a job spec.
+"""Optimizer and learning-rate schedule, built from the plain values of a job spec: on the
+server in the ps modes, on every worker in allreduce mode (plain torch, no server parts).
 
 Both are ordinary ``torch.optim`` objects built with exactly the options a user would write by
-hand, so a local run in plain PyTorch can reproduce the server's updates bit for bit.
+hand, so a local run in plain PyTorch can reproduce the updates bit for bit.
 """
 
 from __future__ import annotations

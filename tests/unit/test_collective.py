@@ -1,0 +1,124 @@
+"""worker/collective.py: interface lookup, failure classification, and the DDP all-reduce hook in a
+real single-process Gloo group, compared with a plain (non-DDP) copy of the model."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gradhub.worker.collective import (
+    AllReduceHook,
+    ProcessGroup,
+    interface_of,
+    is_collective_failure,
+    open_store,
+)
+
+
+# ----------------------------------------------------------------- interfaces
+def test_interface_of_loopback() -> None:
+    name = interface_of("127.0.0.1")
+    assert name is not None and name.startswith("lo")
+
+
+def test_interface_of_an_address_not_on_this_machine() -> None:
+    assert interface_of("192.0.2.1") is None  # TEST-NET-1, never assigned
+
+
+# ------------------------------------------------------------- classification
+@pytest.mark.parametrize(
+    "error",
+    [
+        dist.DistError("store timed out"),
+        dist.DistBackendError("NCCL communicator was aborted"),
+        RuntimeError(
+            "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error "
+            "[10.0.0.2]:1234: Connection reset by peer"
+        ),
+        RuntimeError("Connection closed by peer [127.0.0.1]:29500"),
+    ],
+)
+def test_collective_failures(error: BaseException) -> None:
+    assert is_collective_failure(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("gloo"),  # not a RuntimeError: the model or data, whatever it says
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x2)"),
+        KeyError("Connection reset"),
+    ],
+)
+def test_not_collective_failures(error: BaseException) -> None:
+    assert not is_collective_failure(error)
+
+
+# ------------------------------------------------------- the all-reduce hook
+@pytest.fixture
+def group() -> Iterator[ProcessGroup]:
+    """A real one-process Gloo group on a free port; destroyed even when the test fails."""
+    assert not dist.is_initialized(), "a process group leaked from an earlier test"
+    store = open_store("127.0.0.1", 1)
+    assert store.port > 0
+    with ProcessGroup(("127.0.0.1", store.port), 0, 1, "gloo", 30, store) as pg:
+        assert dist.is_initialized() and dist.get_world_size() == 1
+        yield pg
+    assert not dist.is_initialized()
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _grads(
+    dtype: torch.dtype | None,
+) -> tuple[AllReduceHook, list[torch.Tensor], list[torch.Tensor]]:
+    """(hook, DDP's gradients, a plain copy's gradients) after two identical steps' backward."""
+    plain = _model()
+    ddp = DistributedDataParallel(copy.deepcopy(plain))
+    hook = AllReduceHook(dtype)
+    ddp.register_comm_hook(None, hook.hook)
+    torch.manual_seed(1)
+    for _ in range(2):  # the second step runs on DDP's rebuilt buckets
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        for m in (plain, ddp):
+            m.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+    return (hook, [p.grad for p in ddp.module.parameters()], [p.grad for p in plain.parameters()])
+
+
+def test_hook_without_compression_gives_exactly_the_local_gradients(group: ProcessGroup) -> None:
+    _, got, want = _grads(None)
+    assert all(g is not None for g in got)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hook_with_compression_sends_the_gradients_rounded(
+    group: ProcessGroup, dtype: torch.dtype
+) -> None:
+    _, got, want = _grads(dtype)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-3)
+        # one rank, divided by 1: exactly the float32 gradient rounded to the wire dtype
+        assert torch.equal(g, w.to(dtype).to(torch.float32))
+
+
+def test_take_seconds_times_one_step_then_resets(group: ProcessGroup) -> None:
+    hook, _, _ = _grads(None)
+    assert hook.take_seconds() > 0.0
+    assert hook.take_seconds() == 0.0
+
+
+def test_take_seconds_before_any_step_is_zero() -> None:
+    assert AllReduceHook().take_seconds() == 0.0
