@@ -413,8 +413,9 @@ def logs(
 
 @app.command()
 def demo(
-    workers: Annotated[int, typer.Option(min=1, max=8, help="Parameter-server workers.")] = 2,
+    workers: Annotated[int, typer.Option(min=1, max=8, help="Workers.")] = 2,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training set.")] = 20,
+    mode: Annotated[str, typer.Option(help="ps-sync, ps-async, ps-ssp or allreduce.")] = "ps-sync",
     data_dir: Annotated[
         Path | None,
         typer.Option(file_okay=False, help="The server's data (default: a temporary folder)."),
@@ -425,10 +426,10 @@ def demo(
                      help="Where the checkpoint goes (default: <job>-step<step>.safetensors here)."),
     ] = None,
 ) -> None:
-    """Train an MLP on the built-in digits set with 2 ps-sync workers on an embedded server."""
+    """Train an MLP on the built-in digits set with 2 ps-sync workers (or --mode) on an embedded server."""
     with _edge():
         try:
-            run_demo(workers=workers, epochs=epochs, data_dir=data_dir, out=out, console=_stdout())
+            run_demo(workers=workers, epochs=epochs, data_dir=data_dir, out=out, console=_stdout(), mode=mode)
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPTED) from None
 

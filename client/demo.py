@@ -40,12 +40,12 @@ def checkpoint_filename(job_id: str, step: int) -> str:
     return f"{job_id}-step{step}.safetensors"
 
 
-def demo_spec(workers: int = 2, epochs: int = 20) -> JobSpec:
-    """A ``ps-sync`` job: ``mlp(hidden=[128])`` on digits, Adam, half a CPU per worker."""
+def demo_spec(workers: int = 2, epochs: int = 20, mode: str = "ps-sync") -> JobSpec:
+    """A ``ps-sync`` job (or ``mode``): ``mlp(hidden=[128])`` on digits, Adam, half a CPU per worker."""
     per_epoch = max(1, DIGITS_TRAIN // (workers * BATCH_SIZE))
     return JobSpec.from_dict({
         "name": "demo-digits",
-        "mode": "ps-sync",
+        "mode": mode,
         "workers": workers,
         "resources": {"cpus": 0.5},
         "model": {"name": "mlp", "args": {"hidden": list(HIDDEN)}},
@@ -63,6 +63,7 @@ def run_demo(
     data_dir: Path | None = None,
     out: Path | None = None,
     console: Console | None = None,
+    mode: str = "ps-sync",
 ) -> DemoResult:
     """Start a server (port 0, local Ray), train ``demo_spec``, pull the checkpoint, stop.
 
@@ -75,7 +76,7 @@ def run_demo(
     from gradhub.server.config import ServerConfig
 
     console = console or Console(highlight=False, soft_wrap=True)
-    spec = demo_spec(workers, epochs)
+    spec = demo_spec(workers, epochs, mode)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if data_dir is None:

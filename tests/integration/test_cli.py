@@ -310,14 +310,20 @@ def test_server_command_serves_until_sigterm(
     assert "stopped" in result.stderr
 
 
-def test_demo(tmp_path: Path, cli_server: Server) -> None:
+@pytest.mark.parametrize("mode", ["ps-sync", "allreduce"])
+def test_demo(tmp_path: Path, cli_server: Server, mode: str) -> None:
     out = tmp_path / "demo.safetensors"
-    result = run(["demo", "--epochs", "1", "--out", str(out), "--data-dir", str(tmp_path / "d")],
+    result = run(["demo", "--epochs", "1", "--mode", mode, "--out", str(out), "--data-dir", str(tmp_path / "d")],
                  {"COLUMNS": None})
     assert result.exit_code == 0, result.output
     assert out.is_file()
-    for fragment in ("validation accuracy", "wall time", str(out), "load_state_dict"):
+    for fragment in ("validation accuracy", "wall time", str(out), "load_state_dict", mode):
         assert fragment in result.stdout, result.stdout
+
+
+def test_demo_with_an_unknown_mode_fails_naming_the_field(tmp_path: Path) -> None:
+    result = run(["demo", "--mode", "ring", "--data-dir", str(tmp_path / "d")], {"COLUMNS": None})
+    assert result.exit_code == 1 and "mode:" in result.output, result.output
 
 
 # --- renderers ------------------------------------------------------------------------------------
