@@ -79,6 +79,7 @@ class _Active:
     rates: dict[int, float] = field(default_factory=dict)
     losses: dict[int, float] = field(default_factory=dict)
     avg_rates: dict[int, float] = field(default_factory=dict)
+    allreduce_s: dict[int, float] = field(default_factory=dict)
     checkpoints: queue.Queue[CheckpointState] = field(default_factory=queue.Queue)
     thread: threading.Thread | None = None
 
@@ -287,8 +288,12 @@ class JobManager:
                 merged["loss"] = sum(a.losses.values()) / len(a.losses)
                 # the whole run's rate so far, summed over workers
                 merged["avg_samples_per_s"] = sum(a.avg_rates.values())
-                if "allreduce_s" in metrics:  # allreduce mode: seconds per step in the all-reduce
-                    merged["allreduce_s"] = float(metrics["allreduce_s"])
+                if "allreduce_s" in metrics:
+                    # allreduce mode: seconds per step in the all-reduce. A rank that starts it
+                    # first also waits there for the others' backward; the last one to join
+                    # measures the all-reduce itself: the minimum over ranks
+                    a.allreduce_s[rank] = float(metrics["allreduce_s"])
+                    merged["allreduce_s"] = min(a.allreduce_s.values())
             else:
                 merged.update({k: float(v) for k, v in metrics.items()})
             self._db.update(job_id, metrics=merged, step=store.step(), version=store.version,

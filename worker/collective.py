@@ -104,7 +104,8 @@ class AllReduceHook:
     ``dtype`` (fp16/bf16 compression, as DDP's ``fp16_compress_hook``) or as is.
 
     It also times the all-reduce: ``take_seconds()`` is the span from the first bucket's
-    launch to the last bucket's completion since the previous call (one step's all-reduce).
+    launch to the last bucket's completion since the previous call (one step's all-reduce;
+    on the rank that starts first it includes waiting for the others to join).
     """
 
     def __init__(self, dtype: torch.dtype | None = None) -> None:
@@ -114,13 +115,13 @@ class AllReduceHook:
         self._last = 0.0
 
     def hook(self, group: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        start = time.perf_counter()
-        with self._lock:
-            if self._first is None:
-                self._first = start
         buffer = bucket.buffer()
         world = dist.get_world_size(group)
         tensor = buffer.div_(world) if self.dtype is None else buffer.to(self.dtype).div_(world)
+        start = time.perf_counter()  # the all-reduce itself, not the division before it
+        with self._lock:
+            if self._first is None:
+                self._first = start
         fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
 
         def done(f: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:

@@ -71,9 +71,10 @@ def cnn_params() -> int:
 
 
 def hidden_for(mb: float) -> int:
-    """The width H whose ``mlp(64, [H, H], 10)`` holds closest to ``mb * 2**20`` bytes of float32."""
+    """The width H whose ``mlp(64, [H, H], 10)`` comes closest to ``mb * 2**20`` bytes."""
     target = mb * 2**20 / 4
-    a, b, c = 1, IN_FEATURES + OUT_FEATURES + 2, OUT_FEATURES - target  # mlp_params(H) = aH² + bH + c
+    # mlp_params(H) = a H² + b H + c
+    a, b, c = 1, IN_FEATURES + OUT_FEATURES + 2, OUT_FEATURES - target
     h = max(1, round((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)))
     return min((h - 1, h, h + 1), key=lambda w: abs(mlp_params(max(w, 1)) - target))
 
@@ -83,7 +84,8 @@ def hidden_for(mb: float) -> int:
 
 class _SpanTimer:
     """Plain copy of what the job's hook measures: per step, from the first bucket's launch to
-    the last bucket's completion; each bucket is divided by the world size, then all-reduced."""
+    the last bucket's completion; each bucket is divided by the world size (untimed), then
+    all-reduced."""
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
@@ -97,14 +99,15 @@ class _SpanTimer:
     def hook(self, group, bucket):
         import torch.distributed as dist
 
-        start = time.perf_counter()
+        buffer = bucket.buffer()
+        buffer.div_(self.world_size)
+        start = time.perf_counter()  # as the job's hook: the all-reduce, not the division
         with self._lock:
             if self._first is None:
                 self._first = start
                 self.bucket_numels = []
-        buffer = bucket.buffer()
         self.bucket_numels.append(buffer.numel())
-        fut = dist.all_reduce(buffer.div_(self.world_size), group=group, async_op=True).get_future()
+        fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
 
         def done(f):
             with self._lock:
@@ -146,7 +149,7 @@ def _bucketed_seconds(numels: list[int], world_size: int, iters: int) -> float:
 
 def _ddp_rank(results: _Results, rank: int, world_size: int, port: int, hidden: int, steps: int,
               iters: int) -> None:
-    """One rank of plain DDP: train ``steps`` steps, then time plain all-reduces of DDP's buckets."""
+    """One rank of plain DDP: train ``steps`` steps, then time plain all-reduces of its buckets."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -245,7 +248,8 @@ def job_allreduce(client: Any, hidden: int, steps: int) -> dict[str, Any]:
     """A 2-worker allreduce job on the big MLP: its final and steady-state ``allreduce_s``."""
     spec = {"name": "bench-allreduce", "mode": "allreduce", "workers": WORKERS,
             "resources": {"cpus": 1},
-            "model": {"name": "mlp", "args": {"in_features": IN_FEATURES, "hidden": [hidden, hidden],
+            "model": {"name": "mlp", "args": {"in_features": IN_FEATURES,
+                                              "hidden": [hidden, hidden],
                                               "out_features": OUT_FEATURES}},
             "dataset": {"name": "synthetic", "args": {"n": 1024, "features": IN_FEATURES,
                                                       "classes": OUT_FEATURES}},
@@ -293,7 +297,8 @@ def part_a(client: Any, args: argparse.Namespace) -> dict[str, Any]:
         (f"Gloo, DDP's buckets {buckets} MiB, +div", med(lambda r: r["ddp"]["buckets_s"]), None),
         (f"Gloo, {DDP_BUCKET_MIB} MiB pieces, +div", med(lambda r: r["ddp"]["pieces_s"]), None),
         ("torch DDP hook span, mean", med(lambda r: r["ddp"]["span_mean_s"]), ddp_step),
-        ("torch DDP hook span, earlier rank", med(lambda r: r["ddp"]["earlier_rank_span_s"]), ddp_step),
+        ("torch DDP hook span, earlier rank", med(lambda r: r["ddp"]["earlier_rank_span_s"]),
+         ddp_step),
         ("torch DDP hook span, later rank", med(lambda r: r["ddp"]["later_rank_span_s"]), ddp_step),
         ("gradhub job allreduce_s, final", med(lambda r: r["job"]["final_s"]), job_step),
         ("gradhub job allreduce_s, windows", med(lambda r: r["job"]["windows_median_s"]), job_step),
@@ -305,8 +310,9 @@ def part_a(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     job_final = med(lambda r: r["job"]["final_s"])
     job_windows = med(lambda r: r["job"]["windows_median_s"])
     ddp_mean = med(lambda r: r["ddp"]["span_mean_s"])
-    print(f"Gloo / job: {gloo / job_final:.2f} on the final allreduce_s (the issue's figure, target "
-          f">= 0.9), {gloo / job_windows:.2f} on the windows' median; plain DDP / job (windows): "
+    print(f"Gloo / job: {gloo / job_final:.2f} on the final allreduce_s (the issue's figure, "
+          f"target >= 0.9), {gloo / job_windows:.2f} on the windows' median; plain DDP / job "
+          f"(windows): "
           f"{ddp_mean / job_windows:.2f} (1.0: gradhub adds nothing to DDP)")
     return {"mb": args.mb, "hidden": hidden, "nbytes": nbytes, "steps": args.steps, "batch": BATCH,
             "rows": rows, "ratio_gloo_to_job_final": gloo / job_final,
@@ -315,8 +321,10 @@ def part_a(client: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_b(client: Any, args: argparse.Namespace) -> dict[str, Any]:
-    models = [("cnn", {"name": "cnn"}, cnn_params()),
-              ("mlp [1024, 1024]", {"name": "mlp", "args": {"hidden": [1024, 1024]}}, mlp_params(1024))]
+    models = [
+        ("cnn", {"name": "cnn"}, cnn_params()),
+        ("mlp [1024, 1024]", {"name": "mlp", "args": {"hidden": [1024, 1024]}}, mlp_params(1024)),
+    ]
     rows = []
     for label, model, params in models:
         rates: dict[str, list[float]] = {"ps-sync": [], "allreduce": []}
@@ -324,21 +332,21 @@ def part_b(client: Any, args: argparse.Namespace) -> dict[str, Any]:
             for mode, runs in rates.items():
                 runs.append(job_samples_per_second(client, mode, model, args.batch, args.job_steps))
         ps, ar = statistics.median(rates["ps-sync"]), statistics.median(rates["allreduce"])
-        rows.append({"model": label, "params": f"{params:,}", "ps-sync samples/s": ps, "allreduce samples/s": ar,
-                     "allreduce / ps-sync": ar / ps, "runs": rates})
-    print_table(f"(b) digits, {WORKERS} workers of 1 CPU, batch {args.batch} each, {args.job_steps} steps, "
-                f"median of {args.repeats}", rows, COLUMNS_B)
+        rows.append({"model": label, "params": f"{params:,}", "ps-sync samples/s": ps,
+                     "allreduce samples/s": ar, "allreduce / ps-sync": ar / ps, "runs": rates})
+    print_table(f"(b) digits, {WORKERS} workers of 1 CPU, batch {args.batch} each, "
+                f"{args.job_steps} steps, median of {args.repeats}", rows, COLUMNS_B)
     return {"batch": args.batch, "steps": args.job_steps, "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=100, help="(a) model size, MB (2**20 bytes)")
-    parser.add_argument("--steps", type=int, default=30, help="(a) training steps of the job and plain DDP")
-    parser.add_argument("--iters", type=int, default=10, help="(a) timed calls of each plain Gloo reference")
+    parser.add_argument("--steps", type=int, default=30, help="(a) steps of job and plain DDP")
+    parser.add_argument("--iters", type=int, default=10, help="(a) timed calls per Gloo reference")
     parser.add_argument("--batch", type=int, default=32, help="(b) batch size per worker")
     parser.add_argument("--job-steps", type=int, default=200, help="(b) training steps per job")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median kept)")
     parser.add_argument("--skip", choices=["a", "b"], default=None, help="leave out one part")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -349,7 +357,8 @@ def main() -> None:
 
     start = time.perf_counter()
     payload: dict[str, Any] = {"command": " ".join(sys.argv)}
-    with (tempfile.TemporaryDirectory() as tmp, Server(ServerConfig(port=0, data_dir=Path(tmp))) as server,
+    with (tempfile.TemporaryDirectory() as tmp,
+          Server(ServerConfig(port=0, data_dir=Path(tmp))) as server,
           Client(server.address) as client):
         if args.skip != "a":
             payload["a_allreduce"] = part_a(client, args)
