@@ -44,14 +44,7 @@ class GroupMonitor:
         if a.resume:
             m.log_line(a.id, f"resuming from the checkpoint at step {tracker.start_step}" if tracker.start_step
                        else "no checkpoint yet: restarting from step 0 (same result, by determinism)")
-        with m.cond:
-            a.store = tracker
-            a.restarts = [0] * spec.workers
-            a.worker_state = ["starting"] * spec.workers
-        m.db.update(a.id, state="RUNNING", started_at=time.time(), reason="")
-        m.notify()
-        rec = m.db.get(a.id)
-        runtime_env = {"working_dir": rec.working_dir} if rec.working_dir else None
+        runtime_env = m.begin(a, tracker)
         restarts, reason = 0, "job ended"
         try:
             while True:

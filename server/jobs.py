@@ -408,6 +408,17 @@ class JobManager:
         with self._cond:
             self._changed()
 
+    def begin(self, a: _Active, state: ParameterStore | GroupTracker) -> dict[str, str] | None:
+        """The job is RUNNING, served by ``state``; returns the runtime_env its workers need."""
+        with self._cond:
+            a.store = state
+            a.restarts = [0] * a.spec.workers
+            a.worker_state = ["starting"] * a.spec.workers
+        self._db.update(a.id, state="RUNNING", started_at=time.time(), reason="")
+        self.notify()
+        rec = self._db.get(a.id)
+        return {"working_dir": rec.working_dir} if rec.working_dir else None
+
     def log_line(self, job_id: str, line: str) -> None:
         self._log(job_id, line)
 

@@ -7,7 +7,6 @@ It notices a dead worker within one poll (Ray reports the actor's death) or afte
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from gradhub.client.errors import GradhubError, StateError
@@ -35,13 +34,7 @@ class JobMonitor:
                 self._resume(store, rec.total_steps)
             except GradhubError as e:
                 return "FAILED", f"cannot resume after the server restart: {e}"
-        with m.cond:
-            a.store = store
-            a.restarts = [0] * spec.workers
-            a.worker_state = ["starting"] * spec.workers
-        m.db.update(a.id, state="RUNNING", started_at=time.time(), reason="")
-        m.notify()
-        runtime_env = {"working_dir": rec.working_dir} if rec.working_dir else None
+        runtime_env = m.begin(a, store)
         try:
             group = m.launcher.launch(a.id, spec, runtime_env)
         except Exception as e:  # noqa: BLE001 - reported as the job's failure

@@ -18,7 +18,6 @@ duplicate (a retry) and is ignored, so every step is applied exactly once.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from gradhub.client.errors import NotFoundError, ProtocolError, StateError
+from gradhub.client.errors import ProtocolError, StateError
 from gradhub.proto.codec import (
     CHUNK_BYTES,
     COMPRESSION_DTYPES,
@@ -36,6 +35,9 @@ from gradhub.proto.codec import (
     iter_data_chunks,
 )
 from gradhub.server.optim import build_optimizer, build_scheduler
+from gradhub.server.workers import WorkerState, WorkerTable
+
+__all__ = ["CheckpointState", "ParameterStore", "Snapshot", "StoreConfig", "WorkerState"]
 
 
 @dataclass(frozen=True)
@@ -88,20 +90,7 @@ class CheckpointState:
     clocks: tuple[int, ...]
 
 
-@dataclass
-class WorkerState:
-    rank: int
-    clock: int = 0  # steps pushed and accepted
-    alive: bool = False
-    host: str = ""
-    pid: int = 0
-    registrations: int = 0
-    last_seen: float = 0.0
-    staleness: int = 0
-    max_staleness: int = 0
-
-
-class ParameterStore:
+class ParameterStore(WorkerTable):
     """Owns one job's parameters and optimizer; every mutation happens under ``_cond``."""
 
     def __init__(
@@ -110,11 +99,9 @@ class ParameterStore:
         on_checkpoint: Callable[[CheckpointState], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(config.job_id, config.world_size, clock)
         self.config = config
         self._on_checkpoint = on_checkpoint
-        self._now = clock
-        self._cond = threading.Condition()
-        self._workers = [WorkerState(rank=r) for r in range(config.world_size)]
         self._layout: Layout | None = None
         self._flat: torch.Tensor | None = None
         self._grad: torch.Tensor | None = None  # where ps-sync averages its workers' gradients
@@ -122,10 +109,8 @@ class ParameterStore:
         self._optimizer: torch.optim.Optimizer | None = None
         self._scheduler: Any = None
         self._version = 0
-        self._total_steps: int | None = None
         self._pending: dict[int, torch.Tensor] = {}
         self._snapshots: dict[int, Snapshot] = {}
-        self._closed: str | None = None
         self._last_ckpt_step = -1
         self._resume: CheckpointState | None = None
 
@@ -141,21 +126,6 @@ class ParameterStore:
     @property
     def version(self) -> int:
         return self._version
-
-    @property
-    def total_steps(self) -> int | None:
-        return self._total_steps
-
-    def set_total_steps(self, total_steps: int) -> None:
-        """Record the steps per worker (from the first worker to register); later ones must agree."""
-        with self._cond:
-            if self._total_steps is None:
-                self._total_steps = total_steps
-            elif total_steps != self._total_steps:
-                raise ProtocolError(
-                    f"total_steps: worker computed {total_steps}, the job has {self._total_steps} "
-                    "(do the workers build the same dataset?)"
-                )
 
     def initialize(self, layout: Layout, flat: torch.Tensor) -> bool:
         """Take the initial parameters; False (and nothing changes) when already initialized."""
@@ -215,22 +185,10 @@ class ParameterStore:
         self._scheduler = build_scheduler(self._optimizer, c.schedule, max(updates, 1))
 
     # --------------------------------------------------------------- workers
-    def _worker(self, rank: int) -> WorkerState:
-        if not 0 <= rank < len(self._workers):
-            raise NotFoundError(
-                f"rank: worker {rank} is not in job {self.config.job_id!r} "
-                f"(world size {len(self._workers)})"
-            )
-        return self._workers[rank]
-
     def register(self, rank: int, host: str = "", pid: int = 0) -> tuple[int, int, bool]:
         """A worker (re)joins: returns (version, next step, whether it must send the parameters)."""
         with self._cond:
-            self._check_open()
-            w = self._worker(rank)
-            w.alive, w.host, w.pid, w.last_seen = True, host, pid, self._now()
-            w.registrations += 1
-            self._cond.notify_all()
+            w = self._joined(rank, host, pid)
             return self._version, w.clock, (self._flat is None and rank == 0)
 
     def heartbeat(self, rank: int, step: int | None = None) -> str | None:
@@ -239,17 +197,6 @@ class ParameterStore:
             w = self._worker(rank)
             w.last_seen = self._now()
             return self._closed
-
-    def mark_dead(self, rank: int) -> None:
-        """The worker's process is gone (it may come back and register again)."""
-        with self._cond:
-            self._worker(rank).alive = False
-            self._cond.notify_all()
-
-    def seconds_since_seen(self) -> list[float]:
-        with self._cond:
-            now = self._now()
-            return [now - w.last_seen if w.alive else 0.0 for w in self._workers]
 
     # ----------------------------------------------------------------- push
     def push(self, rank: int, step: int, base_version: int, grad: torch.Tensor) -> tuple[bool, int]:
@@ -385,19 +332,10 @@ class ParameterStore:
         return snap
 
     # ------------------------------------------------------- state and life
-    def step(self) -> int:
-        """The job's progress in steps: the slowest worker's clock."""
-        with self._cond:
-            return min(w.clock for w in self._workers)
-
     def finished(self) -> bool:
         with self._cond:
             t = self._total_steps
             return t is not None and all(w.clock >= t for w in self._workers)
-
-    def workers(self) -> list[WorkerState]:
-        with self._cond:
-            return [WorkerState(**vars(w)) for w in self._workers]
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """A copy of the current parameters by name."""
@@ -441,18 +379,3 @@ class ParameterStore:
         if due and (self._total_steps is None or step < self._total_steps):
             self._last_ckpt_step = step
             self._on_checkpoint(self._capture())
-
-    def close(self, reason: str) -> None:
-        """End the job: every waiting and future call fails with ``reason``."""
-        with self._cond:
-            if self._closed is None:
-                self._closed = reason
-            self._cond.notify_all()
-
-    @property
-    def closed(self) -> str | None:
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed is not None:
-            raise StateError(f"job {self.config.job_id!r} is over: {self._closed}")

@@ -7,14 +7,13 @@ among themselves, rank 0 saves checkpoints, and a restarted group loads the late
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gradhub.client.errors import NotFoundError, ProtocolError, StateError
+from gradhub.client.errors import ProtocolError, StateError
 from gradhub.proto.codec import Layout
-from gradhub.server.store import WorkerState
+from gradhub.server.workers import WorkerTable
 
 
 @dataclass(frozen=True)
@@ -28,28 +27,24 @@ class GroupConfig:
             raise ValueError("world_size: must be >= 1")
 
 
-class GroupTracker:
-    """One allreduce job's workers and progress; every mutation happens under ``_lock``.
+class GroupTracker(WorkerTable):
+    """One allreduce job's workers and progress; every mutation happens under ``_cond``.
 
     Offers the read side of ``ParameterStore`` that the job manager shows (``workers``,
     ``step``, ``version``, ``total_steps``), so status looks the same in every mode.
     """
 
     def __init__(self, config: GroupConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(config.job_id, config.world_size, clock)
         self.config = config
-        self._now = clock
-        self._lock = threading.Lock()
-        self._workers = [WorkerState(rank=r) for r in range(config.world_size)]
         self._start_step = 0
-        self._total_steps: int | None = None
         self._layout: Layout | None = None
         self._final = False
-        self._closed: str | None = None
 
     # ----------------------------------------------------------- the group
     def restart(self, step: int) -> None:
         """A new group starts at ``step`` (0, or a checkpoint's): every worker rejoins there."""
-        with self._lock:
+        with self._cond:
             self._start_step = step
             for w in self._workers:
                 w.clock, w.alive = step, False
@@ -60,37 +55,23 @@ class GroupTracker:
 
     def register(self, rank: int, host: str = "", pid: int = 0) -> tuple[int, int, bool]:
         """A worker joins: returns (version, the step it starts at, False: nothing to send)."""
-        with self._lock:
-            self._check_open()
-            w = self._worker(rank)
-            w.alive, w.host, w.pid, w.last_seen = True, host, pid, self._now()
-            w.registrations += 1
-            w.clock = self._start_step
+        with self._cond:
+            self._joined(rank, host, pid).clock = self._start_step
             return self._start_step, self._start_step, False
 
     def heartbeat(self, rank: int, step: int | None = None) -> str | None:
         """A worker is alive at ``step``; returns the reason to stop when the job is over."""
-        with self._lock:
+        with self._cond:
             w = self._worker(rank)
             w.last_seen = self._now()
             if step is not None and w.alive:
                 w.clock = max(w.clock, step)
             return self._closed
 
-
-    def mark_dead(self, rank: int) -> None:
-        with self._lock:
-            self._worker(rank).alive = False
-
-    def seconds_since_seen(self) -> list[float]:
-        with self._lock:
-            now = self._now()
-            return [now - w.last_seen if w.alive else 0.0 for w in self._workers]
-
     # ------------------------------------------------------- checkpoints
     def accept_checkpoint(self, rank: int, step: int, layout: Layout) -> None:
         """Check a checkpoint rank 0 sends before it is stored; the first fixes the model's layout."""
-        with self._lock:
+        with self._cond:
             self._check_open()
             self._worker(rank)
             if rank != 0:
@@ -107,30 +88,11 @@ class GroupTracker:
 
     def saved(self, step: int) -> None:
         """A checkpoint is on disk; the one at the last step means training is complete."""
-        with self._lock:
+        with self._cond:
             if step == self._total_steps:
                 self._final = True
 
     # ----------------------------------------------------- state and life
-    def set_total_steps(self, total_steps: int) -> None:
-        with self._lock:
-            if self._total_steps is None:
-                self._total_steps = total_steps
-            elif total_steps != self._total_steps:
-                raise ProtocolError(
-                    f"total_steps: worker computed {total_steps}, the job has {self._total_steps} "
-                    "(do the workers build the same dataset?)"
-                )
-
-    @property
-    def total_steps(self) -> int | None:
-        return self._total_steps
-
-    def step(self) -> int:
-        """The job's progress: the slowest worker's step."""
-        with self._lock:
-            return min(w.clock for w in self._workers)
-
     @property
     def version(self) -> int:
         """Updates applied: in this mode one per step, on every worker at once."""
@@ -138,30 +100,5 @@ class GroupTracker:
 
     def finished(self) -> bool:
         """True once the final state (step == total steps) is saved."""
-        with self._lock:
+        with self._cond:
             return self._final
-
-    def workers(self) -> list[WorkerState]:
-        with self._lock:
-            return [WorkerState(**vars(w)) for w in self._workers]
-
-    def close(self, reason: str) -> None:
-        with self._lock:
-            if self._closed is None:
-                self._closed = reason
-
-    @property
-    def closed(self) -> str | None:
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed is not None:
-            raise StateError(f"job {self.config.job_id!r} is over: {self._closed}")
-
-    def _worker(self, rank: int) -> WorkerState:
-        if not 0 <= rank < len(self._workers):
-            raise NotFoundError(
-                f"rank: worker {rank} is not in job {self.config.job_id!r} "
-                f"(world size {len(self._workers)})"
-            )
-        return self._workers[rank]

@@ -34,16 +34,8 @@ from gradhub.worker.collective import (
     is_collective_failure,
     one_line,
 )
-from gradhub.worker.data import (
-    build_datasets,
-    build_loss,
-    evaluate,
-    get_batch,
-    worker_batch_indices,
-)
-from gradhub.worker.loop import Heartbeat, Meter, WorkerResult, pick_device
-from gradhub.worker.models import seeded_model
 from gradhub.worker.ps_client import PSClient
+from gradhub.worker.workload import Heartbeat, Meter, WorkerResult, Workload
 
 log = logging.getLogger(__name__)
 
@@ -128,19 +120,13 @@ class AllReduceTrainer:
 
     def run(self) -> WorkerResult:
         spec, rank = self.spec, self.rank
-        device = pick_device(spec)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        model = seeded_model(spec.seed, spec.model.name, spec.model.factory, spec.model.args).to(device)
-        train, val = build_datasets(spec.dataset.name, spec.dataset.factory, spec.dataset.args, spec.val_fraction)
-        loss_fn = build_loss(spec.loss.name, spec.loss.factory, spec.loss.args)
-        n = len(train)  # type: ignore[arg-type]
-        total = spec.total_steps(n)
+        work = Workload.build(spec, rank)
+        model, device, total = work.model, work.device, work.total
         optimizer = build_optimizer(list(model.parameters()), spec.optimizer.name, spec.optimizer.lr,
                                     spec.optimizer.hyper)
         scheduler = build_scheduler(optimizer, spec.lr_schedule.to_dict(), max(total, 1))
 
-        reg = self.client.register(socket.gethostname(), os.getpid(), total, n)
+        reg = self.client.register(socket.gethostname(), os.getpid(), total, work.train_size)
         step = reg.next_step
         if step > 0:
             state = self.client.load_checkpoint()
@@ -161,14 +147,12 @@ class AllReduceTrainer:
                 if beat.stop_reason is not None:
                     result.stopped = beat.stop_reason
                     return result
-                if rank == 0 and spec.eval_every and step and step % spec.eval_every == 0 and val is not None:
-                    self.client.report(step, "eval", evaluate(model, val, loss_fn, device))
-                idx = worker_batch_indices(n, spec.batch_size, spec.workers, rank, spec.seed, step)
-                x, y = get_batch(train, idx)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if work.eval_due(step):
+                    self.client.report(step, "eval", work.evaluate())
+                x, y = work.batch(step)
                 optimizer.zero_grad()
                 try:
-                    loss = loss_fn(ddp(x), y)
+                    loss = work.loss_fn(ddp(x), y)
                     loss.backward()  # DDP averages the gradients over the group here
                 except Exception as e:
                     if is_collective_failure(e):
@@ -184,7 +168,7 @@ class AllReduceTrainer:
                 comm_steps += 1
                 if rank == 0 and spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < total:
                     uploader.save(capture(step, model, optimizer, scheduler))
-                meter.add(loss, len(idx))
+                meter.add(loss, len(x))
                 if (metrics := meter.due(step == total)) is not None:
                     metrics["allreduce_s"] = comm_s / max(comm_steps, 1)
                     comm_s, comm_steps = 0.0, 0
@@ -192,8 +176,8 @@ class AllReduceTrainer:
             if rank == 0:
                 uploader.save(capture(total, model, optimizer, scheduler))  # the final state
                 uploader.wait()
-                if val is not None:
-                    result.metrics = evaluate(model, val, loss_fn, device)
+                if work.val is not None:
+                    result.metrics = work.evaluate()
                     self.client.report(total, "eval", result.metrics)
         return result
 

@@ -1,0 +1,151 @@
+"""What every worker does whatever the mode: build its workload from the spec (the seeded model
+on its device, the data, the loss, which samples each step uses), heartbeat to the server,
+and measure its loss and throughput.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Self
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from gradhub.client.spec import JobSpec
+from gradhub.worker.data import (
+    LossFn,
+    build_datasets,
+    build_loss,
+    evaluate,
+    get_batch,
+    worker_batch_indices,
+)
+from gradhub.worker.models import seeded_model
+from gradhub.worker.ps_client import PSClient
+
+log = logging.getLogger(__name__)
+
+REPORT_EVERY_S = 0.5
+
+
+@dataclass
+class WorkerResult:
+    rank: int
+    steps_run: int
+    stopped: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def pick_device(spec: JobSpec) -> torch.device:
+    """CUDA when the job asks for GPUs and one is visible (Ray shows a worker its own), else CPU."""
+    if spec.resources.gpus > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError("resources.gpus: the job asks for GPUs but this worker sees no CUDA device")
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+@dataclass
+class Workload:
+    """What one worker trains, built from the spec the same way in every mode: the seeded
+    model on its device, the data, the loss, and which samples each step uses."""
+
+    spec: JobSpec
+    rank: int
+    device: torch.device
+    model: nn.Module
+    train: Dataset
+    val: Dataset | None
+    loss_fn: LossFn
+    total: int  # steps per worker
+
+    @classmethod
+    def build(cls, spec: JobSpec, rank: int) -> Workload:
+        device = pick_device(spec)
+        model = seeded_model(spec.seed, spec.model.name, spec.model.factory, spec.model.args).to(device)
+        train, val = build_datasets(spec.dataset.name, spec.dataset.factory, spec.dataset.args, spec.val_fraction)
+        loss_fn = build_loss(spec.loss.name, spec.loss.factory, spec.loss.args)
+        return cls(spec, rank, device, model, train, val, loss_fn, spec.total_steps(len(train)))  # type: ignore[arg-type]
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)  # type: ignore[arg-type]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This worker's slice of step ``step``'s global batch, on its device."""
+        spec = self.spec
+        idx = worker_batch_indices(self.train_size, spec.batch_size, spec.workers, self.rank, spec.seed, step)
+        x, y = get_batch(self.train, idx)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def eval_due(self, step: int) -> bool:
+        """Rank 0 evaluates every ``eval_every`` steps (and at the end, which the loops do)."""
+        every = self.spec.eval_every
+        return self.rank == 0 and self.val is not None and bool(every) and step > 0 and step % every == 0
+
+    def evaluate(self) -> dict[str, float]:
+        assert self.val is not None
+        return evaluate(self.model, self.val, self.loss_fn, self.device)
+
+
+class Heartbeat:
+    """Background heartbeats; sets ``stop_reason`` when the server says the job is over."""
+
+    def __init__(self, client: PSClient, interval: float) -> None:
+        self.step = 0
+        self.stop_reason: str | None = None
+        self._client, self._interval = client, max(interval, 0.1)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gradhub-heartbeat", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._done.wait(self._interval):
+            try:
+                reason = self._client.heartbeat(self.step)
+            except Exception as e:  # noqa: BLE001 - the training loop sees real failures
+                log.warning("heartbeat failed: %s", e)
+                continue
+            if reason is not None:
+                self.stop_reason = reason
+                return
+
+
+class Meter:
+    """Training loss and throughput over windows of ``REPORT_EVERY_S``, and over the whole run.
+
+    The loss stays on the device between reports: no host sync per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._loss = torch.zeros((), device=device)
+        self._samples, self._run_samples = 0, 0
+        self._start = self._run_start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self._loss += loss.detach() * samples
+        self._samples += samples
+        self._run_samples += samples
+
+    def due(self, last: bool) -> dict[str, float] | None:
+        """The window's metrics when it is time to report (or ``last``), else None."""
+        now = time.perf_counter()
+        elapsed = now - self._start
+        if (elapsed < REPORT_EVERY_S and not last) or not self._samples:
+            return None
+        out = {"loss": float(self._loss) / self._samples, "samples_per_s": self._samples / elapsed,
+               "avg_samples_per_s": self._run_samples / (now - self._run_start)}
+        self._loss.zero_()
+        self._samples, self._start = 0, now
+        return out
