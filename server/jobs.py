@@ -217,12 +217,17 @@ class JobManager:
             self._cond.wait(timeout)
 
     # ------------------------------------------------- PS servicer backend
-    def state(self, job_id: str) -> ParameterStore | GroupTracker:
+    def _running(self, job_id: str) -> _Active:
         with self._cond:
             a = self._active.get(job_id)
             if a is None or a.store is None:
                 raise NotFoundError(f"job_id: job {job_id!r} is not running on this server")
-            return a.store
+            return a
+
+    def state(self, job_id: str) -> ParameterStore | GroupTracker:
+        store = self._running(job_id).store
+        assert store is not None
+        return store
 
     def store(self, job_id: str) -> ParameterStore:
         store = self.state(job_id)
@@ -239,10 +244,10 @@ class JobManager:
         return tracker
 
     def save_checkpoint(self, job_id: str, rank: int, state: TrainingState) -> tuple[int, int]:
+        spec = self._running(job_id).spec
         tracker = self.tracker(job_id)
         layout = Layout(tuple(state.params), tuple(tuple(t.shape) for t in state.params.values()))
         tracker.accept_checkpoint(rank, state.step, layout)
-        spec = self._active[job_id].spec
         info = self._ckpts.save(job_id, state.step, state.step, state.params, state.optimizer_state,
                                 state.scheduler_state, keep=spec.keep_checkpoints,
                                 resume_state={"clocks": [state.step] * spec.workers})
