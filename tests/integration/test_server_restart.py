@@ -5,8 +5,8 @@ it, its Ray and Ray's workers form one process group. It is SIGKILLed while two 
 run: one that has written a checkpoint and is past it, and one that has none yet. A new server
 on the same data dir (and the same port) lists both, resumes the first from its checkpoint and
 restarts the second from step 0; both end SUCCEEDED with the parameters of an undisturbed run
-(ps-sync is deterministic and the checkpoint holds the optimizer's state). No process of the
-killed server's Ray may outlive it.
+(ps-sync and allreduce are deterministic and the checkpoint holds the optimizer's state). No
+process of the killed server's Ray may outlive it. The same test runs in both modes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from gradhub.client.client import Client, JobInfo
 
 from ..conftest import final_params, wait_for
 
-STEPS, CKPT_EVERY = 1000, 50
+CKPT_EVERY = 50
+STEPS = {"ps-sync": 1000, "allreduce": 4000}  # allreduce steps are faster: the kill must land mid-run
 START_TIMEOUT_S = 120.0
 
 SERVER_SCRIPT = """
@@ -44,11 +45,11 @@ threading.Event().wait()  # serve until killed
 """
 
 
-def spec(name: str, checkpoint_every: int) -> dict:
+def spec(name: str, checkpoint_every: int, mode: str) -> dict:
     return {
-        "name": name, "mode": "ps-sync", "workers": 2, "resources": {"cpus": 0.25},
+        "name": name, "mode": mode, "workers": 2, "resources": {"cpus": 0.25},
         "model": {"name": "mlp", "args": {"hidden": [128, 128]}}, "dataset": "digits",
-        "optimizer": {"name": "adam", "lr": 0.001}, "batch_size": 16, "steps": STEPS, "seed": 5,
+        "optimizer": {"name": "adam", "lr": 0.001}, "batch_size": 16, "steps": STEPS[mode], "seed": 5,
         "checkpoint_every": checkpoint_every,
     }
 
@@ -163,15 +164,16 @@ def assert_nothing_left(server: ServerProcess, extra_pids: set[int] = frozenset(
 
 
 @pytest.mark.timeout(420)
-def test_jobs_survive_a_server_kill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", list(STEPS))
+def test_jobs_survive_a_server_kill(tmp_path: Path, mode: str) -> None:
     data = tmp_path / "data"
     first = ServerProcess(data, tmp_path, "first")
     second = ServerProcess(data, tmp_path, "second")
     try:
         first.start()
         with Client(first.address) as client:
-            ckpt_job = client.submit(spec("with-checkpoint", CKPT_EVERY)).id
-            bare_job = client.submit(spec("no-checkpoint", 0)).id
+            ckpt_job = client.submit(spec("with-checkpoint", CKPT_EVERY, mode)).id
+            bare_job = client.submit(spec("no-checkpoint", 0, mode)).id
 
             def ready_to_kill() -> bool:
                 a, b = client.get_job(ckpt_job), client.get_job(bare_job)
@@ -192,7 +194,7 @@ def test_jobs_survive_a_server_kill(tmp_path: Path) -> None:
             first.kill()
         assert_nothing_left(first, worker_pids)
         for info in before.values():
-            assert info.step < STEPS, f"{info.name} must be killed before its end, was at {info.step}"
+            assert info.step < STEPS[mode], f"{info.name} must be killed before its end, was at {info.step}"
 
         second.start(port=first.port)  # the same address, as a restarted service would have
         with Client(second.address) as client:
@@ -200,7 +202,7 @@ def test_jobs_survive_a_server_kill(tmp_path: Path) -> None:
             assert {ckpt_job, bare_job} <= listed.keys()
             for job_id in (ckpt_job, bare_job):
                 assert listed[job_id].state in ("QUEUED", "RUNNING"), listed[job_id]
-            undisturbed = client.submit(spec("undisturbed", 0))
+            undisturbed = client.submit(spec("undisturbed", 0, mode))
             finished: dict[str, JobInfo] = {}
             for job_id in (ckpt_job, bare_job, undisturbed.id):
                 finished[job_id] = client.job(job_id).wait(timeout=180)
@@ -210,14 +212,14 @@ def test_jobs_survive_a_server_kill(tmp_path: Path) -> None:
             resumed = re.findall(r"resuming from the checkpoint at step (\d+)", logs[ckpt_job])
             assert len(resumed) == 1, logs[ckpt_job]
             step = int(resumed[0])
-            assert checkpointed <= step < STEPS and step % CKPT_EVERY == 0, (checkpointed, step)
+            assert checkpointed <= step < STEPS[mode] and step % CKPT_EVERY == 0, (checkpointed, step)
             assert "server restarted" in logs[bare_job]
             assert "no checkpoint yet: restarting from step 0" in logs[bare_job], logs[bare_job]
 
             expected = final_params(client, finished[undisturbed.id], tmp_path)
             for job_id in (ckpt_job, bare_job):
                 info = finished[job_id]
-                assert info.state == "SUCCEEDED" and info.step == info.version == STEPS, info
+                assert info.state == "SUCCEEDED" and info.step == info.version == STEPS[mode], info
                 got = final_params(client, info, tmp_path)
                 worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
                 assert worst <= 1e-6, f"{info.name} differs from the undisturbed run by {worst:.3g}"
