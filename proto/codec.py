@@ -7,17 +7,19 @@ shape) followed by their bytes back to back in meta order, cut into chunks of
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from math import prod
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from google.protobuf.message import Message
 
 from gradhub.client.errors import ProtocolError
 from gradhub.proto.v1 import tensor_pb2
 
 CHUNK_BYTES = 1 << 20
+M = TypeVar("M", bound=Message)
 
 WIRE_DTYPES: dict[int, torch.dtype] = {
     tensor_pb2.FLOAT32: torch.float32,
@@ -226,6 +228,15 @@ def iter_data_chunks(data: memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterat
     """``data`` as serialized data chunks of ``chunk_bytes`` each."""
     for start in range(0, len(data), chunk_bytes):
         yield encode_data_chunk(data[start : start + chunk_bytes])
+
+
+def chunk_parser(message: type[M]) -> Callable[[bytes], M | memoryview]:
+    """A gRPC deserializer for a chunk stream of ``message`` (PushChunk, PullChunk,
+    CheckpointChunk): data chunks come through as zero-copy views, anything else is parsed."""
+    def parse(raw: bytes) -> M | memoryview:
+        data = data_of_chunk(raw)
+        return data if data is not None else message.FromString(raw)
+    return parse
 
 
 def data_of_chunk(raw: bytes) -> memoryview | None:

@@ -84,6 +84,17 @@ def build_optimizer(
         raise SpecError("optimizer.hyper", f"{name}: {e}") from e
 
 
+def optimizer_state_copy(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with its tensors copied to the host: a snapshot that the
+    next step does not change (for checkpoints)."""
+    opt = optimizer.state_dict()
+    return {
+        "state": {k: {n: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for n, v in s.items()}
+                  for k, s in opt["state"].items()},
+        "param_groups": [dict(g) for g in opt["param_groups"]],
+    }
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     schedule: Mapping[str, Any] | None,

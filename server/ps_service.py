@@ -8,7 +8,7 @@ from typing import Protocol
 import grpc
 
 from gradhub.client.errors import ProtocolError, StateError
-from gradhub.proto.codec import Layout, Receiver, data_of_chunk
+from gradhub.proto.codec import Layout, Receiver, chunk_parser
 from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server.rpc import handler
@@ -193,15 +193,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         yield from state_messages(request.job_id, request.rank, state)
 
 
-def _push_request(raw: bytes) -> ps_pb2.PushChunk | memoryview:
-    """Data chunks come through as zero-copy views; anything else is parsed by protobuf."""
-    data = data_of_chunk(raw)
-    return data if data is not None else ps_pb2.PushChunk.FromString(raw)
-
-
-def _checkpoint_request(raw: bytes) -> ps_pb2.CheckpointChunk | memoryview:
-    data = data_of_chunk(raw)
-    return data if data is not None else ps_pb2.CheckpointChunk.FromString(raw)
+_push_request = chunk_parser(ps_pb2.PushChunk)
+_checkpoint_request = chunk_parser(ps_pb2.CheckpointChunk)
 
 
 def _pull_response(message: ps_pb2.PullChunk | ps_pb2.CheckpointChunk | bytes) -> bytes:

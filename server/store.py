@@ -34,7 +34,7 @@ from gradhub.proto.codec import (
     encode,
     iter_data_chunks,
 )
-from gradhub.server.optim import build_optimizer, build_scheduler
+from gradhub.server.optim import build_optimizer, build_scheduler, optimizer_state_copy
 from gradhub.server.workers import WorkerState, WorkerTable
 
 __all__ = ["CheckpointState", "ParameterStore", "Snapshot", "StoreConfig", "WorkerState"]
@@ -351,17 +351,11 @@ class ParameterStore(WorkerTable):
     def _capture(self) -> CheckpointState:
         if self._flat is None or self._layout is None or self._optimizer is None:
             raise StateError("parameters: the job has no parameters yet")
-        opt = self._optimizer.state_dict()
-        opt_copy = {
-            "state": {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-                      for k, s in opt["state"].items()},
-            "param_groups": [dict(g) for g in opt["param_groups"]],
-        }
         return CheckpointState(
             step=min(w.clock for w in self._workers),
             version=self._version,
             params={k: v.clone() for k, v in self._layout.split(self._flat).items()},
-            optimizer_state=opt_copy,
+            optimizer_state=optimizer_state_copy(self._optimizer),
             scheduler_state=self._scheduler.state_dict() if self._scheduler is not None else None,
             clocks=tuple(w.clock for w in self._workers),
         )

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gradhub.client.errors import PeerLostError, ProtocolError
 from gradhub.client.spec import JobSpec
 from gradhub.proto.state import TrainingState
-from gradhub.server.optim import build_optimizer, build_scheduler
+from gradhub.server.optim import build_optimizer, build_scheduler, optimizer_state_copy
 from gradhub.worker.collective import (
     COMPRESSION,
     AllReduceHook,
@@ -43,15 +43,10 @@ log = logging.getLogger(__name__)
 def capture(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> TrainingState:
     """A copy of the training state on the host (training may go on while it is sent)."""
-    opt = optimizer.state_dict()
     return TrainingState(
         step=step,
         params={n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()},
-        optimizer_state={
-            "state": {k: {n: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for n, v in s.items()}
-                      for k, s in opt["state"].items()},
-            "param_groups": [dict(g) for g in opt["param_groups"]],
-        },
+        optimizer_state=optimizer_state_copy(optimizer),
         scheduler_state=None if scheduler is None else scheduler.state_dict(),
     )
 

@@ -22,7 +22,7 @@ from gradhub.proto.codec import (
     Layout,
     Receiver,
     as_bytes,
-    data_of_chunk,
+    chunk_parser,
     encode,
     iter_data_chunks,
     torch_dtype,
@@ -253,14 +253,8 @@ def _push_request(message: ps_pb2.PushChunk | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def _pull_response(raw: bytes) -> ps_pb2.PullChunk | memoryview:
-    data = data_of_chunk(raw)
-    return data if data is not None else ps_pb2.PullChunk.FromString(raw)
-
-
-def _checkpoint_response(raw: bytes) -> ps_pb2.CheckpointChunk | memoryview:
-    data = data_of_chunk(raw)
-    return data if data is not None else ps_pb2.CheckpointChunk.FromString(raw)
+_pull_response = chunk_parser(ps_pb2.PullChunk)
+_checkpoint_response = chunk_parser(ps_pb2.CheckpointChunk)
 
 
 def _numel(state: TrainingState) -> int:
