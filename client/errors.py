@@ -57,3 +57,16 @@ class AuthError(GradhubError):
 class PeerLostError(GradhubError):
     """allreduce mode: a collective failed because another worker of the group is gone (died,
     hung past the collective timeout, or unreachable). The server restarts the whole group."""
+
+
+class WorkerFailure(GradhubError):
+    """A worker's own error (bad data, a bug in the model or loss, ...), with where it happened
+    (``phase``: build, train, eval or checkpoint; ``step``) and the worker's traceback, which
+    the server writes to the job's log."""
+
+    def __init__(self, message: str, phase: str = "", step: int = 0, traceback: str = "") -> None:
+        super().__init__(message)
+        self.phase, self.step, self.traceback = phase, step, traceback
+
+    def __reduce__(self):  # keep pickling (Ray) working with the extra fields
+        return (type(self), (str(self), self.phase, self.step, self.traceback))

@@ -19,6 +19,7 @@ import yaml
 
 from gradhub.client._validate import (
     HYPER_CHECKS,
+    check_bool,
     check_choice,
     check_int,
     check_keys,
@@ -36,7 +37,9 @@ MODES = ("ps-sync", "ps-async", "ps-ssp", "allreduce")
 COMPRESSIONS = ("none", "fp16", "bf16")
 BUILTIN_MODELS = frozenset({"mlp", "cnn"})
 BUILTIN_DATASETS = frozenset({"digits", "synthetic"})
-BUILTIN_LOSSES = frozenset({"cross_entropy", "mse"})
+BUILTIN_LOSSES = frozenset({"cross_entropy", "mse", "model"})
+BUFFER_MODES = ("broadcast", "average", "local")
+PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZER_HYPERPARAMETERS: dict[str, frozenset[str]] = {
     "sgd": frozenset({"momentum", "dampening", "weight_decay", "nesterov"}),
@@ -140,6 +143,8 @@ class OptimizerSpec:
     name: str = "sgd"
     lr: float = 0.01
     hyper: Mapping[str, Any] = field(default_factory=dict)
+    # [{"params": [name patterns], ...hyperparameters}]: torch parameter groups by name
+    param_groups: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("name", self.name, OPTIMIZER_HYPERPARAMETERS, "optimizer")
@@ -156,14 +161,46 @@ class OptimizerSpec:
         ):
             raise SpecError("nesterov", "requires momentum > 0 and dampening = 0 (as torch does)")
         object.__setattr__(self, "hyper", hyper)
+        object.__setattr__(self, "param_groups", self._groups(self.param_groups))
+
+    def _groups(self, groups: Any) -> tuple[dict[str, Any], ...]:
+        if not isinstance(groups, list | tuple):
+            raise SpecError("param_groups", f"must be a list of groups, got {type_name(groups)}")
+        allowed = {"params", "lr", *OPTIMIZER_HYPERPARAMETERS[self.name]}
+        out = []
+        for i, group in enumerate(groups):
+            path = f"param_groups[{i}]"
+            check_mapping(path, group)
+            check_keys(path, group, allowed, f"key of a {self.name} parameter group")
+            patterns = group.get("params")
+            if isinstance(patterns, str):
+                patterns = [patterns]
+            if not isinstance(patterns, list | tuple) or not patterns or not all(
+                    isinstance(p, str) and p for p in patterns):
+                raise SpecError(f"{path}.params", "must be a non-empty list of parameter name patterns "
+                                                  f"(such as '*.bias'), got {patterns!r}")
+            checked: dict[str, Any] = {"params": list(patterns)}
+            for key, value in group.items():
+                if key == "lr":
+                    checked[key] = check_number(f"{path}.lr", value, lo=0, lo_open=True)
+                elif key != "params":
+                    checked[key] = HYPER_CHECKS[key](f"{path}.{key}", value)
+            out.append(checked)
+        return tuple(out)
 
     def __hash__(self) -> int:
-        return hash((self.name, self.lr, json.dumps(self.hyper, sort_keys=True)))
+        return hash((self.name, self.lr, json.dumps(self.hyper, sort_keys=True),
+                     json.dumps(self.to_dict().get("param_groups"), sort_keys=True)))
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"name", "lr"}`` with the hyperparameters flat beside them (tuples as lists)."""
-        hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in self.hyper.items()}
-        return {"name": self.name, "lr": self.lr, **hyper}
+        """``{"name", "lr"}`` with the hyperparameters flat beside them (tuples as lists), and
+        ``param_groups`` when there are any."""
+        def plain(d: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        out = {"name": self.name, "lr": self.lr, **plain(self.hyper)}
+        if self.param_groups:
+            out["param_groups"] = [plain(g) for g in self.param_groups]
+        return out
 
 
 def _optimizer(value: Any, path: str) -> OptimizerSpec:
@@ -173,8 +210,8 @@ def _optimizer(value: Any, path: str) -> OptimizerSpec:
         for key in value:
             if not isinstance(key, str):
                 raise SpecError(path, f"keys must be strings, got {key!r}")
-        hyper = {k: v for k, v in value.items() if k not in ("name", "lr")}
-        kwargs = {k: value[k] for k in ("name", "lr") if k in value}
+        hyper = {k: v for k, v in value.items() if k not in ("name", "lr", "param_groups")}
+        kwargs = {k: value[k] for k in ("name", "lr", "param_groups") if k in value}
         with prefixed(path):
             value = OptimizerSpec(**kwargs, hyper=hyper)
     if not isinstance(value, OptimizerSpec):
@@ -282,6 +319,13 @@ class JobSpec:
     working_dir: str | None = None
     max_restarts: int = 3
     val_fraction: float = 0.2
+    buffers: str = "broadcast"
+    sync_batchnorm: bool = False
+    find_unused_parameters: bool | None = None
+    precision: str = "fp32"
+    accumulate: int = 1
+    clip_grad_norm: float | None = None
+    metrics: ComponentSpec | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -331,7 +375,41 @@ class JobSpec:
             "val_fraction",
             check_number("val_fraction", self.val_fraction, lo=0, hi=1, hi_open=True),
         )
+        self._check_training_options()
 
+    def _check_training_options(self) -> None:
+        """The options that make any PyTorch model train as it would in plain PyTorch."""
+        put = object.__setattr__
+        check_choice("buffers", self.buffers, BUFFER_MODES, "buffer mode")
+        if self.buffers == "average" and self.mode in ("ps-async", "ps-ssp"):
+            raise SpecError("buffers", f"'average' needs a synchronous mode (ps-sync or allreduce), "
+                                       f"not {self.mode!r}; use 'broadcast' or 'local'")
+        put(self, "sync_batchnorm", check_bool("sync_batchnorm", self.sync_batchnorm))
+        if self.sync_batchnorm:
+            if self.mode != "allreduce":
+                raise SpecError("sync_batchnorm", f"only applies to mode allreduce, not {self.mode!r}")
+            if self.resources.gpus <= 0:
+                raise SpecError("sync_batchnorm", "torch's SyncBatchNorm runs on GPU workers only; "
+                                                  "set resources.gpus > 0 or use buffers: average")
+        if self.find_unused_parameters is not None:
+            check_bool("find_unused_parameters", self.find_unused_parameters)
+            if self.mode != "allreduce":
+                raise SpecError("find_unused_parameters", "only applies to mode allreduce (the ps modes "
+                                                          f"always skip unused parameters), not {self.mode!r}")
+        check_choice("precision", self.precision, PRECISIONS, "precision")
+        put(self, "accumulate", check_int("accumulate", self.accumulate, lo=1))
+        if self.batch_size % self.accumulate:
+            raise SpecError("accumulate", f"must divide batch_size ({self.batch_size}) into equal "
+                                          f"micro-batches, got {self.accumulate}")
+        if self.clip_grad_norm is not None:
+            put(self, "clip_grad_norm", check_number("clip_grad_norm", self.clip_grad_norm, lo=0, lo_open=True))
+        if self.metrics is not None:
+            metrics = self.metrics
+            if isinstance(metrics, str) and ":" not in metrics or isinstance(metrics, ComponentSpec) and metrics.name:
+                raise SpecError("metrics", "must be a factory 'package.module:function' returning "
+                                           "fn(output, target) -> {name: value}; val_loss and val_accuracy "
+                                           "are always reported")
+            put(self, "metrics", _component(metrics, "metrics", frozenset()))
     # --- derived values ---
 
     @property

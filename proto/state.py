@@ -18,6 +18,7 @@ import torch
 
 from gradhub.client.errors import ProtocolError
 from gradhub.proto.codec import CHUNK_BYTES, Layout, Receiver, encode_data_chunk
+from gradhub.proto.model_state import BUFFER_DTYPES, WIRE_OF_DTYPE
 from gradhub.proto.v1 import ps_pb2, tensor_pb2
 
 _TAGS = ("__tensor__", "__tuple__", "__float__", "__dict__")
@@ -28,7 +29,7 @@ class TrainingState:
     """Everything needed to continue training exactly after ``step`` steps."""
 
     step: int
-    params: dict[str, torch.Tensor]  # by parameter name, in the model's order
+    params: dict[str, torch.Tensor]  # the model's state_dict: parameters and buffers by key, in order
     optimizer_state: dict[str, Any] | None = None
     scheduler_state: dict[str, Any] | None = None
 
@@ -103,17 +104,20 @@ def state_messages(job_id: str, rank: int, state: TrainingState) -> Iterator[ps_
     extra: dict[str, torch.Tensor] = {}
     optim = None if state.optimizer_state is None else encode_state(state.optimizer_state, "", extra)
     sched = None if state.scheduler_state is None else encode_state(state.scheduler_state, "scheduler.", extra)
-    for name, t in [*state.params.items(), *extra.items()]:
+    for name, t in extra.items():
         if not t.dtype.is_floating_point:
             raise TypeError(f"state: tensor {name!r} is {t.dtype}; only floating-point state can be sent")
+    for name, t in state.params.items():
+        if t.dtype not in WIRE_OF_DTYPE:
+            raise TypeError(f"params: tensor {name!r} is {t.dtype}, which gradhub cannot carry")
     header = ps_pb2.CheckpointHeader(
         job_id=job_id, rank=rank, step=state.step,
-        params=_metas(state.params), state=_metas(extra),
+        params=_metas(state.params, keep_dtype=True), state=_metas(extra),
         optimizer_json="" if optim is None else json.dumps(optim, allow_nan=False),
         scheduler_json="" if sched is None else json.dumps(sched, allow_nan=False),
     )
     yield ps_pb2.CheckpointChunk(header=header)
-    yield from _data_chunks([*state.params.values(), *extra.values()])
+    yield from _data_chunks([*state.params.values(), *(t.to(torch.float32) for t in extra.values())])
 
 
 def read_state(header: ps_pb2.CheckpointHeader, chunks: Iterator[Any]) -> TrainingState:
@@ -122,22 +126,36 @@ def read_state(header: ps_pb2.CheckpointHeader, chunks: Iterator[Any]) -> Traini
     Raises ProtocolError naming what is wrong (a tensor, the byte count, the JSON)."""
     if not header.params:
         raise ProtocolError("params: the checkpoint lists no parameters")
-    for field, metas in (("params", header.params), ("state", header.state)):
-        for i, m in enumerate(metas):
-            if m.dtype != tensor_pb2.FLOAT32:
-                raise ProtocolError(f"{field}[{i}].dtype: '{m.name}' must be FLOAT32")
+    for i, m in enumerate(header.params):
+        if m.dtype not in BUFFER_DTYPES:
+            raise ProtocolError(f"params[{i}].dtype: '{m.name}' has unknown dtype {m.dtype}")
+    for i, m in enumerate(header.state):
+        if m.dtype != tensor_pb2.FLOAT32:
+            raise ProtocolError(f"state[{i}].dtype: '{m.name}' must be FLOAT32")
     params_layout = Layout.from_metas(header.params)
     state_layout = Layout.from_metas(header.state) if header.state else None
-    nbytes = params_layout.nbytes(tensor_pb2.FLOAT32)
+    dtypes = [BUFFER_DTYPES[m.dtype] for m in header.params]
+    sizes = [n * d.itemsize for n, d in zip(params_layout.numels, dtypes, strict=True)]
+    nbytes = sum(sizes)
     total = nbytes + (state_layout.nbytes(tensor_pb2.FLOAT32) if state_layout else 0)
     receiver = Receiver(total)
     if receiver.fill(chunks) and next(chunks, None) is not None:
         raise ProtocolError(f"byte count: stream carries more than the expected {total} bytes")
-    flat = receiver.tensor(tensor_pb2.FLOAT32)
+    if receiver.received != total:
+        raise ProtocolError(f"byte count: got {receiver.received} of the expected {total} bytes (stream cut short?)")
+    raw = torch.frombuffer(receiver.buffer, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
+    params, offset = {}, 0
+    for name, shape, dtype, size in zip(params_layout.names, params_layout.shapes, dtypes, sizes, strict=True):
+        # a copy: a tensor after an odd-sized one (int8, bool) does not start aligned
+        t = raw[offset:offset + size].clone().view(dtype).view(shape) if size else torch.empty(shape, dtype=dtype)
+        if dtype.is_floating_point and not bool(t.isfinite().all()):
+            raise ProtocolError(f"state values: '{name}' holds NaN or Inf (did training diverge?)")
+        params[name] = t
+        offset += size
+    flat = raw[nbytes:].clone().view(torch.float32)
     if not bool(flat.isfinite().all()):
-        raise ProtocolError("state values: the checkpoint holds NaN or Inf (did training diverge?)")
-    params = params_layout.split(flat[: nbytes // 4])
-    extra = state_layout.split(flat[nbytes // 4:]) if state_layout else {}
+        raise ProtocolError("state values: the optimizer state holds NaN or Inf (did training diverge?)")
+    extra = state_layout.split(flat) if state_layout else {}
     return TrainingState(step=header.step, params=params,
                          optimizer_state=_state_of("optimizer_json", header.optimizer_json, extra),
                          scheduler_state=_state_of("scheduler_json", header.scheduler_json, extra))
@@ -154,8 +172,9 @@ def _state_of(field: str, text: str, tensors: Mapping[str, torch.Tensor]) -> Any
         raise ProtocolError(f"{field}: malformed state ({e})") from None
 
 
-def _metas(tensors: Mapping[str, torch.Tensor]) -> list[tensor_pb2.TensorMeta]:
-    return [tensor_pb2.TensorMeta(name=n, dtype=tensor_pb2.FLOAT32, shape=list(t.shape)) for n, t in tensors.items()]
+def _metas(tensors: Mapping[str, torch.Tensor], keep_dtype: bool = False) -> list[tensor_pb2.TensorMeta]:
+    return [tensor_pb2.TensorMeta(name=n, dtype=WIRE_OF_DTYPE[t.dtype] if keep_dtype else tensor_pb2.FLOAT32,
+                                  shape=list(t.shape)) for n, t in tensors.items()]
 
 
 def _data_chunks(tensors: Iterable[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -163,7 +182,7 @@ def _data_chunks(tensors: Iterable[torch.Tensor], chunk_bytes: int = CHUNK_BYTES
     (small tensors share a chunk; a large one is sent from its own memory)."""
     pending = bytearray()
     for t in tensors:
-        data = t.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy().data
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
         start = 0
         if pending:
             start = min(chunk_bytes - len(pending), len(data))

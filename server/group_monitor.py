@@ -133,7 +133,8 @@ class GroupMonitor:
         own = [ex for ex in failed if not ex.died and not ex.lost_peer]
         if own:
             ex = min(own, key=lambda e: e.rank)
-            return "FAILED", f"worker {ex.rank} failed: {ex.error}"
+            self.m.log_traceback(self.a.id, ex.rank, ex.traceback)
+            return "FAILED", ex.failure()
         died = sorted((ex for ex in failed if ex.died), key=lambda e: e.rank)
         if died:
             names = ", ".join(f"worker {ex.rank} died ({ex.error})" for ex in died)

@@ -427,13 +427,21 @@ class JobManager:
     def log_line(self, job_id: str, line: str) -> None:
         self._log(job_id, line)
 
+    def log_traceback(self, job_id: str, rank: int, traceback: str) -> None:
+        """A failed worker's traceback, line by line, in the job's log (``gradhub logs``)."""
+        if traceback:
+            self._log(job_id, f"worker {rank} traceback (most recent call last):")
+            for line in traceback.rstrip().splitlines()[1:]:
+                self._log(job_id, f"  {line}")
+
 
 def store_config(job_id: str, spec: JobSpec) -> StoreConfig:
     return StoreConfig(
         job_id=job_id, mode=spec.mode, world_size=spec.workers, staleness=spec.effective_staleness,
         optimizer=spec.optimizer.name, lr=spec.optimizer.lr, hyper=dict(spec.optimizer.hyper),
         schedule=spec.lr_schedule.to_dict(), checkpoint_every=spec.checkpoint_every,
-        compression=spec.compression,
+        compression=spec.compression, param_groups=spec.optimizer.param_groups, buffers=spec.buffers,
+        clip_grad_norm=spec.clip_grad_norm,
     )
 
 

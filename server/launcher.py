@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from gradhub.client.errors import PeerLostError
+from gradhub.client.errors import PeerLostError, WorkerFailure
 from gradhub.client.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,12 @@ class WorkerExit:
     died: bool = False  # the process died (killed, OOM, node lost): Ray may restart it
     error: str | None = None  # the worker raised: a bug or bad user code, not retried
     lost_peer: bool = False  # allreduce: it raised because another worker of its group is gone
+    traceback: str = ""  # the worker's traceback (user frames included), for the job's log
+    phase: str = ""  # where the worker failed (build, train, eval, checkpoint), when it said
+
+    def failure(self) -> str:
+        """The job's failure reason: ``worker 1 failed at training step 5: ValueError: ...``."""
+        return f"worker {self.rank} failed {self.error}" if self.phase else f"worker {self.rank} failed: {self.error}"
 
 
 class WorkerGroup(Protocol):
@@ -51,7 +57,9 @@ class Launcher(Protocol):
 def _reason(e: Exception, limit: int = 500) -> str:
     """A worker's exception as one line: the user's error, not Ray's traceback around it."""
     cause = getattr(e, "cause", None)
-    if cause is not None:
+    if isinstance(cause, WorkerFailure):  # already says where, in one line
+        text = str(cause)
+    elif cause is not None:
         text = f"{type(cause).__name__}: {cause}"
     else:
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
@@ -138,8 +146,10 @@ class RayWorkerGroup:
             except ray.exceptions.RayActorError as e:
                 exits.append(WorkerExit(rank, died=True, error=str(e).splitlines()[0]))
             except ray.exceptions.RayTaskError as e:
-                lost = isinstance(getattr(e, "cause", None), PeerLostError)
-                exits.append(WorkerExit(rank, error=_reason(e), lost_peer=lost))
+                cause = getattr(e, "cause", None)
+                exits.append(WorkerExit(rank, error=_reason(e), lost_peer=isinstance(cause, PeerLostError),
+                                        traceback=cause.traceback if isinstance(cause, WorkerFailure) else "",
+                                        phase=cause.phase if isinstance(cause, WorkerFailure) else ""))
         return exits
 
     def kill(self, rank: int) -> None:

@@ -44,6 +44,8 @@ class JobMonitor:
         reason = "job ended"
         try:
             state, reason = self._loop(store)
+            if state == "FAILED":
+                self._keep_state(store)
             return state, reason
         finally:
             store.close(reason or "job ended")
@@ -94,7 +96,8 @@ class JobMonitor:
                     self._set_state(ex.rank, "restarting")
                     a.group.rerun(ex.rank)
                 else:
-                    return "FAILED", f"worker {ex.rank} failed: {ex.error}"
+                    m.log_traceback(a.id, ex.rank, ex.traceback)
+                    return "FAILED", ex.failure()
             for rank, silent in enumerate(store.seconds_since_seen()):
                 if rank not in done and silent > m.config.heartbeat_timeout_s and a.worker_state[rank] == "running":
                     m.log_line(a.id, f"worker {rank} silent for {silent:.0f} s: killing it so Ray restarts it")
@@ -115,6 +118,18 @@ class JobMonitor:
         with self.m.cond:
             self.a.worker_state[rank] = state
         self.m.notify()
+
+    def _keep_state(self, store: ParameterStore) -> None:
+        """A failed job keeps what it trained: the store's state, consistent at every moment,
+        becomes a checkpoint that ``gradhub pull`` fetches (unless the latest one already is it)."""
+        if not store.initialized or store.version == 0:
+            return
+        try:
+            self._final_checkpoint(store)
+        except Exception as e:  # noqa: BLE001 - the job's own failure is what the user must see
+            log.warning("job %s: could not keep its state after the failure: %s", self.a.id, e)
+            return
+        self.m.log_line(self.a.id, f"kept the state at version {store.version} as a checkpoint (gradhub pull)")
 
     def _final_checkpoint(self, store: ParameterStore) -> None:
         self._write_checkpoints()

@@ -8,7 +8,8 @@ hand, so a local run in plain PyTorch can reproduce the updates bit for bit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -42,13 +43,46 @@ _SCHEDULE_KEYS = frozenset(
 )
 
 
+def parameter_groups(
+    named: Sequence[tuple[str, torch.Tensor]], groups: Sequence[Mapping[str, Any]]
+) -> list[torch.Tensor] | list[dict[str, Any]]:
+    """The ``params`` argument of a torch optimizer for the trainable parameters ``named``.
+
+    Without ``groups``, the tensors in order. With them, one torch parameter group per spec
+    group, in the order given, holding the parameters (in model order) whose name matches one
+    of its ``params`` patterns (``fnmatch``: ``*.bias``, ``*norm*.weight``) and no earlier
+    group's, with the group's hyperparameters; then one group of the remaining parameters with
+    the optimizer's own. A group that matches nothing is a ``SpecError`` naming it.
+    """
+    if not groups:
+        return [t for _, t in named]
+    taken: set[str] = set()
+    out: list[dict[str, Any]] = []
+    for i, group in enumerate(groups):
+        patterns = group["params"]
+        members = [(n, t) for n, t in named if n not in taken and any(fnmatchcase(n, p) for p in patterns)]
+        if not members:
+            names = [n for n, _ in named]
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise SpecError(f"optimizer.param_groups[{i}].params",
+                            f"no trainable parameter left matches {list(patterns)}; the model's are: {shown}")
+        taken.update(n for n, _ in members)
+        hyper = {k: tuple(v) if k == "betas" else v for k, v in group.items() if k != "params"}
+        out.append({"params": [t for _, t in members], **hyper})
+    rest = [t for n, t in named if n not in taken]
+    if rest:
+        out.append({"params": rest})
+    return out
+
+
 def build_optimizer(
-    params: Iterable[torch.Tensor],
+    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
     name: str,
     lr: float,
     hyper: Mapping[str, Any],
 ) -> torch.optim.Optimizer:
-    """Build the ``torch.optim`` optimizer ``name`` over ``params``.
+    """Build the ``torch.optim`` optimizer ``name`` over ``params`` (tensors, or the parameter
+    groups ``parameter_groups`` makes).
 
     The result is exactly ``OPTIMIZERS[name](params, lr=lr, **hyper)`` (with a ``betas`` list
     turned into a tuple): no ``foreach``/``fused`` or other option is added, so
@@ -82,6 +116,13 @@ def build_optimizer(
         return make(params, lr=lr, **kwargs)
     except (TypeError, ValueError) as e:
         raise SpecError("optimizer.hyper", f"{name}: {e}") from e
+
+
+def clip_gradients(params: Iterable[torch.Tensor], max_norm: float | None) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` over the parameters that have a gradient, as a
+    single-process script calls it on the (global) gradient; nothing when ``max_norm`` is None."""
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
 
 
 def optimizer_state_copy(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

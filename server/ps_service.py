@@ -9,6 +9,7 @@ import grpc
 
 from gradhub.client.errors import ProtocolError, StateError
 from gradhub.proto.codec import Layout, Receiver, chunk_parser
+from gradhub.proto.model_state import ModelLayout, buffer_specs, tensors_from_proto
 from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server.rpc import handler
@@ -87,7 +88,8 @@ def _pull(store: ParameterStore, rank: int, step: int, wire_dtype: int,
     snapshot = store.pull(rank, step, wire_dtype, timeout=wait)
     layout = store.layout
     assert layout is not None
-    yield ps_pb2.PullChunk(header=ps_pb2.PullHeader(version=snapshot.version, tensors=layout.metas(wire_dtype)))
+    yield ps_pb2.PullChunk(header=ps_pb2.PullHeader(version=snapshot.version, tensors=layout.metas(wire_dtype),
+                                                    buffers=snapshot.buffers))
     yield from snapshot.chunks  # already serialized PullChunks (see add_to_server)
 
 
@@ -116,16 +118,23 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def InitParameters(self, request_iterator: Iterator[ps_pb2.PushChunk], context: grpc.ServicerContext) -> ps_pb2.PushResponse:
         header = _header(next(request_iterator, None))
         store = self._backend.store(header.job_id)
-        for i, meta in enumerate(header.tensors):
-            if meta.dtype != tensor_pb2.FLOAT32:
-                raise ProtocolError(f"tensors[{i}].dtype: initial parameters must be FLOAT32")
-        layout = Layout.from_metas(header.tensors)
-        receiver = Receiver(layout.nbytes(tensor_pb2.FLOAT32))
+        for field, metas in (("tensors", header.tensors), ("frozen", header.frozen)):
+            for i, meta in enumerate(metas):
+                if meta.dtype != tensor_pb2.FLOAT32:
+                    raise ProtocolError(f"{field}[{i}].dtype: initial parameters must be FLOAT32")
+        buffers = tensors_from_proto(header.buffers, "buffers")
+        model = ModelLayout(trainable=Layout.from_metas(header.tensors),
+                            frozen=Layout.from_metas(header.frozen) if header.frozen else None,
+                            buffers=buffer_specs(buffers), aliases=dict(header.aliases))
+        frozen_bytes = model.frozen.nbytes(tensor_pb2.FLOAT32) if model.frozen else 0
+        nbytes = model.trainable.nbytes(tensor_pb2.FLOAT32)
+        receiver = Receiver(nbytes + frozen_bytes)
         _receive(request_iterator, receiver)
         flat = receiver.tensor(tensor_pb2.FLOAT32)
         if not bool(flat.isfinite().all()):
             raise ProtocolError("parameter values: initial parameters contain NaN or Inf")
-        accepted = store.initialize(layout, flat)
+        params, frozen = flat[: nbytes // 4], (flat[nbytes // 4:] if model.frozen else None)
+        accepted = store.initialize(model, params, frozen, buffers)
         return ps_pb2.PushResponse(accepted=accepted, version=store.version)
 
     @handler
@@ -148,7 +157,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         receiver = Receiver(layout.nbytes(wire_dtype))
         _receive(request_iterator, receiver, to_end)
         grad = receiver.tensor(wire_dtype)
-        accepted, version = store.push(header.rank, header.step, header.base_version, grad)
+        buffers = tensors_from_proto(header.buffers, "buffers") if header.buffers else None
+        accepted, version = store.push(header.rank, header.step, header.base_version, grad, buffers,
+                                       list(header.unused))
         return header, store, accepted, version
 
     @handler

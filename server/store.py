@@ -14,12 +14,18 @@ update happens and when a pull may proceed:
 
 Each push is identified by (rank, step): a step below the worker's clock is a
 duplicate (a retry) and is ignored, so every step is applied exactly once.
+
+Besides the flat parameters the store keeps the rest of the model's state (see
+``gradhub.proto.model_state``): frozen parameters (never updated), buffers (rank 0's after
+each step by default, or the workers' average) and tied keys, so checkpoints hold the
+model's complete ``state_dict``. A parameter that no worker's gradient reached in a step is
+not updated by it (its ``grad`` is None, as in torch.optim).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +40,15 @@ from gradhub.proto.codec import (
     encode,
     iter_data_chunks,
 )
-from gradhub.server.optim import build_optimizer, build_scheduler, optimizer_state_copy
+from gradhub.proto.model_state import ModelLayout, tensors_to_proto
+from gradhub.proto.v1 import tensor_pb2
+from gradhub.server.optim import (
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    optimizer_state_copy,
+    parameter_groups,
+)
 from gradhub.server.workers import WorkerState, WorkerTable
 
 __all__ = ["CheckpointState", "ParameterStore", "Snapshot", "StoreConfig", "WorkerState"]
@@ -54,8 +68,13 @@ class StoreConfig:
     schedule: Mapping[str, Any] | None = None
     checkpoint_every: int = 0
     compression: str = "none"
+    param_groups: tuple[Mapping[str, Any], ...] = ()
+    buffers: str = "broadcast"  # whose buffers the job keeps: "broadcast" (rank 0), "average", "local"
+    clip_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
+        if self.buffers not in ("broadcast", "average", "local"):
+            raise ValueError(f"buffers: must be broadcast, average or local, not {self.buffers!r}")
         if self.compression not in COMPRESSION_DTYPES:
             raise ValueError(f"compression: must be one of {sorted(COMPRESSION_DTYPES)}")
         if self.mode not in ("ps-sync", "ps-async", "ps-ssp"):
@@ -76,6 +95,7 @@ class Snapshot:
     version: int
     wire_dtype: int
     chunks: tuple[bytes, ...]  # each a serialized PullChunk holding ~1 MiB of data
+    buffers: tuple[tensor_pb2.Tensor, ...] = ()  # the job's buffers, for the header
 
 
 @dataclass(frozen=True)
@@ -84,10 +104,19 @@ class CheckpointState:
 
     step: int
     version: int
-    params: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]  # the model's whole state_dict (parameters, buffers, tied keys)
     optimizer_state: dict[str, Any]
     scheduler_state: dict[str, Any] | None
     clocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Push:
+    """One worker's contribution to a step."""
+
+    grad: torch.Tensor
+    buffers: dict[str, torch.Tensor] | None
+    unused: frozenset[int]
 
 
 class ParameterStore(WorkerTable):
@@ -103,13 +132,16 @@ class ParameterStore(WorkerTable):
         self.config = config
         self._on_checkpoint = on_checkpoint
         self._layout: Layout | None = None
+        self._model: ModelLayout | None = None
+        self._frozen: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
         self._flat: torch.Tensor | None = None
         self._grad: torch.Tensor | None = None  # where ps-sync averages its workers' gradients
         self._params: list[torch.nn.Parameter] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._scheduler: Any = None
         self._version = 0
-        self._pending: dict[int, torch.Tensor] = {}
+        self._pending: dict[int, _Push] = {}
         self._snapshots: dict[int, Snapshot] = {}
         self._last_ckpt_step = -1
         self._resume: CheckpointState | None = None
@@ -127,16 +159,29 @@ class ParameterStore(WorkerTable):
     def version(self) -> int:
         return self._version
 
-    def initialize(self, layout: Layout, flat: torch.Tensor) -> bool:
-        """Take the initial parameters; False (and nothing changes) when already initialized."""
+    def initialize(self, layout: Layout | ModelLayout, flat: torch.Tensor, frozen: torch.Tensor | None = None,
+                   buffers: Mapping[str, torch.Tensor] | None = None) -> bool:
+        """Take the initial state: the trainable parameters ``flat`` (in ``layout``'s order), the
+        frozen ones and the buffers; False (and nothing changes) when already initialized."""
+        model = layout if isinstance(layout, ModelLayout) else ModelLayout(trainable=layout)
+        buffers = dict(buffers or {})
+        model.check_buffers(buffers, "buffers")
+        frozen_numel = model.frozen.numel if model.frozen else 0
+        if (0 if frozen is None else frozen.numel()) != frozen_numel:
+            raise ProtocolError(f"frozen: {0 if frozen is None else frozen.numel()} values for "
+                                f"{frozen_numel} frozen parameter values")
         with self._cond:
             if self._flat is not None:
                 return False
+            self._model = model
+            self._frozen = {} if model.frozen is None or frozen is None else \
+                {k: v.clone() for k, v in model.frozen.split(frozen.to(torch.float32)).items()}
+            self._buffers = {k: v.clone() for k, v in buffers.items()}
             if self._resume is not None:
-                self._install_resume(layout, self._resume)
+                self._install_resume(model, self._resume)
                 self._resume = None
             else:
-                self._install(layout, flat.to(torch.float32).clone())
+                self._install(model.trainable, flat.to(torch.float32).clone())
             self._cond.notify_all()
             return True
 
@@ -156,17 +201,12 @@ class ParameterStore(WorkerTable):
                 w.clock = c
             self._cond.notify_all()
 
-    def _install_resume(self, layout: Layout, state: CheckpointState) -> None:
-        missing = [n for n in layout.names if n not in state.params]
-        if missing or len(state.params) != len(layout.names):
-            raise ProtocolError(f"tensors: the model's parameters {missing or list(layout.names)} do not "
-                                "match the checkpoint being resumed")
-        for i, (name, shape) in enumerate(zip(layout.names, layout.shapes, strict=True)):
-            if tuple(state.params[name].shape) != shape:
-                raise ProtocolError(f"tensors[{i}].shape: '{name}' is {list(shape)} in the model but "
-                                    f"{list(state.params[name].shape)} in the checkpoint being resumed")
-        flat = torch.cat([state.params[n].reshape(-1).to(torch.float32) for n in layout.names])
-        self._install(layout, flat)
+    def _install_resume(self, model: ModelLayout, state: CheckpointState) -> None:
+        trainable, frozen, buffers = model.split_state(state.params)
+        flat = torch.cat([trainable[n].reshape(-1).to(torch.float32) for n in model.trainable.names])
+        self._install(model.trainable, flat)
+        self._frozen = {k: v.to(torch.float32).clone() for k, v in frozen.items()}
+        self._buffers = {k: v.clone() for k, v in buffers.items()}
         assert self._optimizer is not None
         self._optimizer.load_state_dict(state.optimizer_state)
         if self._scheduler is not None and state.scheduler_state is not None:
@@ -180,7 +220,8 @@ class ParameterStore(WorkerTable):
         self._layout, self._flat = layout, flat.contiguous()
         self._params = [torch.nn.Parameter(p, requires_grad=True) for p in layout.split(self._flat).values()]
         c = self.config
-        self._optimizer = build_optimizer(self._params, c.optimizer, c.lr, c.hyper)
+        named = list(zip(layout.names, self._params, strict=True))
+        self._optimizer = build_optimizer(parameter_groups(named, c.param_groups), c.optimizer, c.lr, c.hyper)
         updates = self._total_steps * (1 if c.mode == "ps-sync" else c.world_size)
         self._scheduler = build_scheduler(self._optimizer, c.schedule, max(updates, 1))
 
@@ -199,15 +240,18 @@ class ParameterStore(WorkerTable):
             return self._closed
 
     # ----------------------------------------------------------------- push
-    def push(self, rank: int, step: int, base_version: int, grad: torch.Tensor) -> tuple[bool, int]:
+    def push(self, rank: int, step: int, base_version: int, grad: torch.Tensor,
+             buffers: Mapping[str, torch.Tensor] | None = None, unused: Sequence[int] = ()) -> tuple[bool, int]:
         """Take worker ``rank``'s gradient for ``step``; returns (accepted, version).
 
-        ``grad`` is the flat gradient (any float dtype; converted to float32).
+        ``grad`` is the flat gradient (any float dtype; converted to float32). ``buffers`` are
+        the worker's buffers after its forward pass (used as the job's buffer mode says);
+        ``unused`` the indexes of parameters that got no gradient from this worker.
         """
         with self._cond:
             self._check_open()
             w = self._worker(rank)
-            if self._flat is None or self._layout is None:
+            if self._flat is None or self._layout is None or self._model is None:
                 raise StateError("parameters: the job has no parameters yet; pull first")
             if grad.numel() != self._layout.numel:
                 raise ProtocolError(f"byte count: {grad.numel()} values, expected {self._layout.numel}")
@@ -223,21 +267,58 @@ class ParameterStore(WorkerTable):
                 raise ProtocolError(
                     f"base_version: {base_version} is ahead of the server's version {self._version}"
                 )
+            count = len(self._layout.names)
+            bad = [i for i in unused if not 0 <= i < count]
+            if bad:
+                raise ProtocolError(f"unused: index {bad[0]} is outside the model's {count} parameters")
+            if buffers:
+                self._model.check_buffers(buffers, "buffers")
             grad = grad.to(torch.float32)  # before the check: a float64 value may overflow to inf
             self._check_finite(grad)
+            self._check_buffer_values(buffers)
+            push = _Push(grad, dict(buffers) if buffers else None, frozenset(unused))
             w.clock += 1
             w.last_seen = self._now()
             if self.config.mode == "ps-sync":
-                self._pending[rank] = grad
+                self._pending[rank] = push
                 if len(self._pending) == len(self._workers):
                     pending, self._pending = self._pending, {}
-                    self._apply(self._average(pending))
+                    self._take_buffers(pending)
+                    self._apply(self._average(pending), frozenset.intersection(*(p.unused for p in pending.values())))
             else:
                 w.staleness = self._version - base_version
                 w.max_staleness = max(w.max_staleness, w.staleness)
-                self._apply(grad)
+                self._take_buffers({rank: push})
+                self._apply(grad, push.unused)
             self._cond.notify_all()
             return True, self._version
+
+    def _check_buffer_values(self, buffers: Mapping[str, torch.Tensor] | None) -> None:
+        for name, t in (buffers or {}).items():
+            if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+                raise ProtocolError(f"buffers: non-finite value (NaN or Inf) in buffer '{name}'; nothing was applied")
+
+    def _take_buffers(self, pushes: Mapping[int, _Push]) -> None:
+        """The job's buffers after a step: rank 0's ("broadcast", "local"), or the mean of the
+        workers' floating buffers in rank order ("average"; others from rank 0)."""
+        first = pushes.get(0)
+        if first is None or first.buffers is None:
+            return
+        if self.config.buffers != "average" or len(pushes) == 1:
+            self._buffers = first.buffers
+            return
+        out = {}
+        for name, t in first.buffers.items():
+            if t.dtype.is_floating_point:
+                total = t.to(torch.float64).clone()
+                for r in range(1, len(pushes)):
+                    other = pushes[r].buffers
+                    if other is None:
+                        raise ProtocolError(f"buffers: worker {r} sent none; buffers: average needs every worker's")
+                    total += other[name]
+                t = (total / len(pushes)).to(t.dtype)
+            out[name] = t
+        self._buffers = out
 
     def _check_finite(self, grad: torch.Tensor) -> None:
         # One vectorized pass: NaN and Inf propagate through a sum. Only when the sum is not
@@ -253,25 +334,27 @@ class ParameterStore(WorkerTable):
                 f"'{self._layout.name_at(first)}'; nothing was applied"
             )
 
-    def _average(self, pending: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _average(self, pending: dict[int, _Push]) -> torch.Tensor:
         """The mean of the workers' gradients, summed in rank order (deterministic)."""
         if len(pending) == 1:
-            return pending[0]
+            return pending[0].grad
         if self._grad is None:
-            self._grad = torch.empty_like(pending[0])
+            self._grad = torch.empty_like(pending[0].grad)
         total = self._grad
-        total.copy_(pending[0])
+        total.copy_(pending[0].grad)
         for r in range(1, len(pending)):
-            total += pending[r]
+            total += pending[r].grad
         total /= len(pending)
         return total
 
-    def _apply(self, grad: torch.Tensor) -> None:
+    def _apply(self, grad: torch.Tensor, unused: frozenset[int] = frozenset()) -> None:
         """One optimizer step with ``grad`` (flat float32): the parameters' ``.grad`` become its
-        views, so a received gradient is used where it landed, without a copy."""
+        views, so a received gradient is used where it landed, without a copy. Parameters in
+        ``unused`` get ``grad = None``: torch.optim leaves them as they are."""
         assert self._layout is not None and self._optimizer is not None
-        for param, view in zip(self._params, self._layout.split(grad).values(), strict=True):
-            param.grad = view
+        for i, (param, view) in enumerate(zip(self._params, self._layout.split(grad).values(), strict=True)):
+            param.grad = None if i in unused else view
+        clip_gradients(self._params, self.config.clip_grad_norm)
         self._optimizer.step()
         if self._scheduler is not None:
             self._scheduler.step()
@@ -327,7 +410,8 @@ class ParameterStore(WorkerTable):
         if snap is None:
             assert self._flat is not None
             data = as_bytes(encode(self._flat, wire_dtype))
-            snap = Snapshot(self._version, wire_dtype, tuple(iter_data_chunks(data, CHUNK_BYTES)))
+            snap = Snapshot(self._version, wire_dtype, tuple(iter_data_chunks(data, CHUNK_BYTES)),
+                            tuple(tensors_to_proto(self._buffers)))
             self._snapshots[wire_dtype] = snap
         return snap
 
@@ -338,23 +422,34 @@ class ParameterStore(WorkerTable):
             return t is not None and all(w.clock >= t for w in self._workers)
 
     def parameters(self) -> dict[str, torch.Tensor]:
-        """A copy of the current parameters by name."""
+        """A copy of the current trainable parameters by name."""
         with self._cond:
             if self._flat is None or self._layout is None:
                 raise StateError("parameters: the job has no parameters yet")
             return {k: v.clone() for k, v in self._layout.split(self._flat).items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the model's whole ``state_dict`` as the job holds it now."""
+        with self._cond:
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, torch.Tensor]:
+        if self._flat is None or self._layout is None or self._model is None:
+            raise StateError("parameters: the job has no parameters yet")
+        params = {k: v.clone() for k, v in self._layout.split(self._flat).items()}
+        return self._model.state_dict(params, self._frozen, {k: v.clone() for k, v in self._buffers.items()})
 
     def checkpoint_state(self) -> CheckpointState:
         with self._cond:
             return self._capture()
 
     def _capture(self) -> CheckpointState:
-        if self._flat is None or self._layout is None or self._optimizer is None:
+        if self._optimizer is None:
             raise StateError("parameters: the job has no parameters yet")
         return CheckpointState(
             step=min(w.clock for w in self._workers),
             version=self._version,
-            params={k: v.clone() for k, v in self._layout.split(self._flat).items()},
+            params=self._state_dict(),
             optimizer_state=optimizer_state_copy(self._optimizer),
             scheduler_state=self._scheduler.state_dict() if self._scheduler is not None else None,
             clocks=tuple(w.clock for w in self._workers),

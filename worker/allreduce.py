@@ -16,16 +16,23 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Self
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gradhub.client.errors import PeerLostError, ProtocolError
+from gradhub.client.errors import PeerLostError, ProtocolError, SpecError, WorkerFailure
 from gradhub.client.spec import JobSpec
 from gradhub.proto.state import TrainingState
-from gradhub.server.optim import build_optimizer, build_scheduler, optimizer_state_copy
+from gradhub.server.optim import (
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    optimizer_state_copy,
+    parameter_groups,
+)
 from gradhub.worker.collective import (
     COMPRESSION,
     AllReduceHook,
@@ -34,18 +41,21 @@ from gradhub.worker.collective import (
     is_collective_failure,
     one_line,
 )
+from gradhub.worker.data import call_model, split_batch
+from gradhub.worker.precision import no_sync_except_last
 from gradhub.worker.ps_client import PSClient
-from gradhub.worker.workload import Heartbeat, Meter, WorkerResult, Workload
+from gradhub.worker.workload import Heartbeat, Meter, Phase, WorkerResult, Workload
 
 log = logging.getLogger(__name__)
 
 
 def capture(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> TrainingState:
-    """A copy of the training state on the host (training may go on while it is sent)."""
+    """A copy of the training state on the host (training may go on while it is sent): the
+    model's whole ``state_dict`` (tied keys included), optimizer and schedule state."""
     return TrainingState(
         step=step,
-        params={n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()},
+        params={n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()},
         optimizer_state=optimizer_state_copy(optimizer),
         scheduler_state=None if scheduler is None else scheduler.state_dict(),
     )
@@ -53,16 +63,15 @@ def capture(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def restore(state: TrainingState, model: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
-    """Load a checkpoint into freshly built objects; the model must have the same parameters."""
-    named = dict(model.named_parameters())
-    if named.keys() != state.params.keys():
-        raise ProtocolError(f"params: the checkpoint holds {sorted(state.params)}, the model has {sorted(named)}")
-    with torch.no_grad():
-        for name, p in named.items():
-            if p.shape != state.params[name].shape:
-                raise ProtocolError(f"params: '{name}' is {list(p.shape)} in the model but "
-                                    f"{list(state.params[name].shape)} in the checkpoint")
-            p.copy_(state.params[name])
+    """Load a checkpoint into freshly built objects; the model must have the same state keys."""
+    expected = model.state_dict()
+    if expected.keys() != state.params.keys():
+        raise ProtocolError(f"params: the checkpoint holds {sorted(state.params)}, the model has {sorted(expected)}")
+    for name, t in expected.items():
+        if t.shape != state.params[name].shape:
+            raise ProtocolError(f"params: '{name}' is {list(t.shape)} in the model but "
+                                f"{list(state.params[name].shape)} in the checkpoint")
+    model.load_state_dict(state.params)
     if state.optimizer_state is not None:
         optimizer.load_state_dict(state.optimizer_state)
     if scheduler is not None and state.scheduler_state is not None:
@@ -112,13 +121,37 @@ class AllReduceTrainer:
                  store: torch.distributed.TCPStore | None = None) -> None:
         self.spec, self.rank, self.client = spec, rank, client
         self.rendezvous, self._store = rendezvous, store
+        self.phase = Phase()
 
     def run(self) -> WorkerResult:
-        spec, rank = self.spec, self.rank
+        """Train to the end. On a failure, rank 0 first sends its state (it holds the job's
+        state after its last whole step), so the job keeps it; the error is raised as a
+        PeerLostError (another rank is gone) or a WorkerFailure naming the phase and step."""
+        self._keep: Callable[[], None] | None = None
+        try:
+            return self._run()
+        except BaseException as e:
+            own = isinstance(e, Exception) and not isinstance(e, PeerLostError | WorkerFailure)
+            failure = self.phase.failure(self.rank, e) if own else None
+            if self._keep is not None and self.phase.consistent and self.phase.step > 0:
+                try:
+                    self._keep()
+                except Exception as save_error:  # noqa: BLE001 - the original error matters more
+                    log.warning("could not send the state of step %d: %s", self.phase.step, save_error)
+            if failure is None:
+                raise
+            raise failure from e
+
+    def _run(self) -> WorkerResult:
+        spec, rank, phase = self.spec, self.rank, self.phase
         work = Workload.build(spec, rank)
         model, device, total = work.model, work.device, work.total
-        optimizer = build_optimizer(list(model.parameters()), spec.optimizer.name, spec.optimizer.lr,
-                                    spec.optimizer.hyper)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise SpecError("model", "has no trainable parameters (all have requires_grad=False)")
+        params = [p for _, p in trainable]
+        optimizer = build_optimizer(parameter_groups(trainable, spec.optimizer.param_groups), spec.optimizer.name,
+                                    spec.optimizer.lr, spec.optimizer.hyper)
         scheduler = build_scheduler(optimizer, spec.lr_schedule.to_dict(), max(total, 1))
 
         reg = self.client.register(socket.gethostname(), os.getpid(), total, work.train_size)
@@ -133,9 +166,15 @@ class AllReduceTrainer:
         timeout = reg.collective_timeout_s or 120.0
         with (ProcessGroup(self.rendezvous, rank, spec.workers, backend, timeout, self._store),
               Heartbeat(self.client, reg.heartbeat_interval_s) as beat, _Uploader(self.client) as uploader):
-            ddp = self._wrap(model, device)
+            if rank == 0:
+                def keep() -> None:
+                    uploader.save(capture(phase.step, model, optimizer, scheduler))
+                    uploader.wait()
+                self._keep = keep
+            ddp = self._wrap(model, device, work, step)
             hook = AllReduceHook(COMPRESSION[spec.compression])
             ddp.register_comm_hook(None, hook.hook)
+            no_sync = no_sync_except_last(ddp, spec.accumulate)
             meter = Meter(device)
             comm_s, comm_steps = 0.0, 0
             while step < total:
@@ -143,41 +182,96 @@ class AllReduceTrainer:
                     result.stopped = beat.stop_reason
                     return result
                 if work.eval_due(step):
+                    phase.at("eval", step)
                     self.client.report(step, "eval", work.evaluate())
-                x, y = work.batch(step)
-                optimizer.zero_grad()
+                phase.at("train", step)
                 try:
-                    loss = work.loss_fn(ddp(x), y)
-                    loss.backward()  # DDP averages the gradients over the group here
+                    # DDP averages the gradients over the group in the last micro-batch's backward
+                    loss, samples = work.gradient(step, ddp, optimizer.zero_grad,
+                                                  lambda: [p.grad for p in params if p.grad is not None], no_sync)
+                    if spec.buffers == "average":
+                        average_buffers(model, spec.workers)
                 except Exception as e:
                     if is_collective_failure(e):
                         raise PeerLostError(f"worker {rank} lost its group at step {step}: {one_line(e)}") from None
                     raise
+                phase.at("optimizer", step)
+                clip_gradients(params, spec.clip_grad_norm)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
                 step += 1
+                phase.at("train", step)
                 beat.step = step
                 result.steps_run += 1
                 comm_s += hook.take_seconds()
                 comm_steps += 1
                 if rank == 0 and spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < total:
                     uploader.save(capture(step, model, optimizer, scheduler))
-                meter.add(loss, len(x))
+                meter.add(loss, samples)
                 if (metrics := meter.due(step == total)) is not None:
                     metrics["allreduce_s"] = comm_s / max(comm_steps, 1)
                     comm_s, comm_steps = 0.0, 0
                     self.client.report(step, "train", metrics)
             if rank == 0:
+                phase.at("checkpoint", total)
                 uploader.save(capture(total, model, optimizer, scheduler))  # the final state
                 uploader.wait()
+                self._keep = None  # the final state is kept: a failure from here on loses nothing
                 if work.val is not None:
+                    phase.at("eval", total)
                     result.metrics = work.evaluate()
                     self.client.report(total, "eval", result.metrics)
         return result
 
-    def _wrap(self, model: nn.Module, device: torch.device) -> DistributedDataParallel:
-        """DDP with its defaults (25 MiB buckets, buffers broadcast from rank 0); gradients
-        live in the buckets, so averaging copies nothing."""
+    def _wrap(self, model: nn.Module, device: torch.device, work: Workload, step: int) -> DistributedDataParallel:
+        """DDP with its defaults (25 MiB buckets, buffers broadcast from rank 0 unless the job
+        keeps them otherwise); gradients live in the buckets, so averaging copies nothing.
+        SyncBatchNorm when the job asks; unused parameters looked for when the job says so or
+        when any rank's first step leaves a parameter without a gradient."""
+        spec = self.spec
+        if spec.sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        find_unused = spec.find_unused_parameters
+        if find_unused is None:
+            find_unused = any_rank(has_unused_parameters(work, step), device)
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                       broadcast_buffers=spec.buffers == "broadcast",
+                                       find_unused_parameters=find_unused)
+
+
+def has_unused_parameters(work: Workload, step: int) -> bool:
+    """Whether a trainable parameter gets no gradient from this worker's first micro-batch of
+    ``step``: a forward and backward on the plain model whose effects (gradients, buffers) are
+    undone."""
+    model = work.model
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    x, y = work.batch(step)
+    x0, y0 = split_batch(x, work.spec.accumulate)[0], split_batch(y, work.spec.accumulate)[0]
+    with work.precision.autocast():
+        loss = work.loss_fn(call_model(model, x0), y0)
+    loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    unused = any(p.grad is None for p in trainable)
+    with torch.no_grad():
+        for p in trainable:
+            p.grad = None
+        for n, b in model.named_buffers():
+            b.copy_(saved[n])
+    return unused
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on any rank of the group."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def average_buffers(model: nn.Module, world_size: int) -> None:
+    """``buffers: average``: every floating buffer becomes the mean over the group."""
+    for b in model.buffers():
+        if b.dtype.is_floating_point:
+            torch.distributed.all_reduce(b)
+            b.div_(world_size)

@@ -19,7 +19,7 @@ from torch.utils.data.dataloader import default_collate
 from gradhub.client.errors import FactoryError, SpecError
 from gradhub.worker.factories import call_factory, resolve_component
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, Any], torch.Tensor]  # (model output, target) -> scalar
 
 _DIGITS_TRAIN = 1437  # of 1,797; the last 360 of the fixed permutation are the validation set
 _EPOCH_MIX = 1_000_003  # data-order seed of an epoch: (seed * _EPOCH_MIX + epoch) mod 2**63
@@ -186,13 +186,12 @@ def worker_batch_indices(
 # --- batches ----------------------------------------------------------------------------------
 
 
-def get_batch(
-    dataset: Dataset, indices: torch.Tensor | Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(dataset: Dataset, indices: torch.Tensor | Sequence[int]) -> tuple[Any, Any]:
     """The ``(x, y)`` batch of ``dataset`` at ``indices``.
 
     A ``TensorDataset`` (or a ``Subset`` of one) is indexed directly; any other dataset goes
-    through ``default_collate([dataset[i] for i in indices])`` (``Subset``s are mapped through).
+    through ``default_collate([dataset[i] for i in indices])`` (``Subset``s are mapped through),
+    so ``x`` and ``y`` may be tensors, tuples or mappings of them, nested.
     """
     idx = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
     while isinstance(dataset, Subset):  # map through (nested) subsets to the base dataset
@@ -216,20 +215,119 @@ def get_batch(
     return x, y
 
 
+# --- inputs and outputs as users write them ---------------------------------------------------
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """``obj`` with every tensor in it (nested in tuples, lists and mappings) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def call_model(model: Callable[..., Any], x: Any) -> Any:
+    """``model(x)`` for a tensor, ``model(*x)`` for a tuple or list, ``model(**x)`` for a mapping."""
+    if isinstance(x, Mapping):
+        return model(**x)
+    if isinstance(x, tuple | list):
+        return model(*x)
+    return model(x)
+
+
+def batch_len(x: Any) -> int:
+    """The batch size of an input: the first dimension of its first tensor."""
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() else 1
+    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, tuple | list) else ()
+    for v in values:
+        n = batch_len(v)
+        if n:
+            return n
+    return 0
+
+
+def split_batch(obj: Any, parts: int) -> list[Any]:
+    """``obj`` cut into ``parts`` equal micro-batches along the first dimension of every tensor."""
+    if parts == 1:
+        return [obj]
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() == 0 or obj.shape[0] % parts:
+            raise SpecError("accumulate", f"cannot split a batch of {obj.shape[0] if obj.dim() else 0} "
+                                          f"samples into {parts} equal micro-batches")
+        return list(obj.chunk(parts))
+    if isinstance(obj, Mapping):
+        split = {k: split_batch(v, parts) for k, v in obj.items()}
+        return [{k: v[i] for k, v in split.items()} for i in range(parts)]
+    if isinstance(obj, tuple | list):
+        items = [split_batch(v, parts) for v in obj]
+        return [type(obj)(v[i] for v in items) for i in range(parts)]
+    return [obj] * parts
+
+
+def logits_of(out: Any) -> torch.Tensor | None:
+    """The class scores in a model's output: the tensor itself, the first element of a tuple,
+    or ``logits`` of a mapping or output object (Hugging Face); None when there are none."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        found = out.get("logits")
+    elif isinstance(out, tuple | list):
+        found = out[0] if out else None
+    else:
+        found = getattr(out, "logits", None)
+    return found if isinstance(found, torch.Tensor) else None
+
+
+def loss_of(out: Any) -> torch.Tensor:
+    """The loss a model computed itself (``loss: model``): ``out.loss`` or ``out["loss"]``."""
+    found = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if not isinstance(found, torch.Tensor):
+        raise FactoryError(f"loss 'model': the model returned a {type(out).__name__} without a 'loss' tensor "
+                           "(pass the labels in the inputs, as Hugging Face models take them)")
+    return found
+
+
+class _OnLogits:
+    """A built-in loss applied to the class scores in whatever the model returns."""
+
+    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.loss = loss
+
+    def __call__(self, out: Any, y: Any) -> torch.Tensor:
+        logits = logits_of(out)
+        if logits is None:
+            raise FactoryError(f"loss: the model returned a {type(out).__name__} with no tensor of class "
+                               "scores (a tensor, a tuple starting with one, or 'logits'); give a loss factory")
+        return self.loss(logits, y)
+
+
+def _model_loss() -> LossFn:
+    return lambda out, y: loss_of(out)
+
+
 # --- losses and evaluation --------------------------------------------------------------------
 
 
 BUILTIN_LOSSES: dict[str, Callable[..., LossFn]] = {
-    "cross_entropy": nn.CrossEntropyLoss,
-    "mse": nn.MSELoss,
+    "cross_entropy": lambda **args: _OnLogits(nn.CrossEntropyLoss(**args)),
+    "mse": lambda **args: _OnLogits(nn.MSELoss(**args)),
+    "model": _model_loss,
 }
+
+MetricFn = Callable[[Any, Any], Mapping[str, float]]
 
 
 def build_loss(name: str | None, factory: str | None, args: Mapping[str, Any]) -> LossFn:
     """The loss ``loss_fn(output, target) -> scalar`` named by exactly one of name or factory.
 
     Built-ins: ``cross_entropy`` (``nn.CrossEntropyLoss(**args)``) and ``mse``
-    (``nn.MSELoss(**args)``); a factory is called with ``**args`` and must return a callable.
+    (``nn.MSELoss(**args)``) on the output's class scores (``logits_of``), and ``model`` (the
+    loss the model returns, ``output.loss``); a factory is called with ``**args`` and must
+    return a callable, which receives the model's output as it is.
     """
     fn, label = resolve_component("loss", name, factory, BUILTIN_LOSSES)
     loss = call_factory(fn, args, label=label, args_field="loss.args")
@@ -238,18 +336,34 @@ def build_loss(name: str | None, factory: str | None, args: Mapping[str, Any]) -
     return loss
 
 
+def build_metrics(factory: str | None, args: Mapping[str, Any]) -> MetricFn | None:
+    """The user's metric function ``fn(output, target) -> {name: value}`` (one batch), or None."""
+    if factory is None:
+        return None
+    fn, label = resolve_component("metrics", None, factory, {})
+    metric = call_factory(fn, args, label=label, args_field="metrics.args")
+    if not callable(metric):
+        raise FactoryError(f"{label} returned a {type(metric).__name__}, expected a callable "
+                           "fn(output, target) -> {name: value}")
+    return metric
+
+
 def evaluate(
     model: nn.Module,
     dataset: Dataset,
     loss_fn: LossFn,
     device: torch.device | str = "cpu",
     batch_size: int = 1024,
+    metrics: MetricFn | None = None,
+    autocast: Callable[[], Any] | None = None,
 ) -> dict[str, float]:
     """Validation metrics of ``model`` on ``dataset``, in eval mode and without gradients.
 
     ``val_loss`` is the sample-weighted mean of ``loss_fn`` over batches (so ``loss_fn`` should
-    average over its batch); ``val_accuracy`` (0..1) is added when the outputs are 2-D and the
-    targets integer class labels. The model's train/eval mode is restored afterwards.
+    average over its batch); ``val_accuracy`` (0..1) is added when the output carries class
+    scores for integer targets (``(B, C)`` for ``(B,)``, or one more dimension than the
+    targets; targets < 0 are ignored, as Hugging Face's -100). ``metrics`` values are
+    averaged the same way as ``val_<name>``. The model's train/eval mode is restored afterwards.
     """
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
@@ -258,24 +372,55 @@ def evaluate(
         raise SpecError("batch_size", f"must be >= 1, got {batch_size!r}")
     was_training = model.training
     model.eval()
-    total_loss, correct, classified = 0.0, 0, 0
+    total_loss, correct, counted, classified = 0.0, 0, 0, True
+    sums: dict[str, float] = {}
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 x, y = get_batch(dataset, range(start, min(start + batch_size, n)))
-                x, y = x.to(device), y.to(device)
-                out = model(x)
-                total_loss += float(loss_fn(out, y)) * len(y)
-                if out.dim() == 2 and y.dim() == 1 and _is_integer(y):
-                    correct += int((out.argmax(dim=1) == y).sum())
-                    classified += len(y)
+                x, y = to_device(x, device), to_device(y, device)
+                size = batch_len(x) or len(y)
+                if autocast is not None:
+                    with autocast():
+                        out = call_model(model, x)
+                        loss = loss_fn(out, y)
+                else:
+                    out = call_model(model, x)
+                    loss = loss_fn(out, y)
+                total_loss += float(loss) * size
+                hits = _hits(logits_of(out), y) if classified else None
+                if hits is None:
+                    classified = False
+                else:
+                    correct += hits[0]
+                    counted += hits[1]
+                if metrics is not None:
+                    for key, value in metrics(out, y).items():
+                        sums[key] = sums.get(key, 0.0) + float(value) * size
     finally:
         model.train(was_training)
-    metrics = {"val_loss": total_loss / n}
-    if classified == n:
-        metrics["val_accuracy"] = correct / n
-    return metrics
+    out_metrics = {"val_loss": total_loss / n}
+    if classified and counted:
+        out_metrics["val_accuracy"] = correct / counted
+    out_metrics.update({f"val_{k}": v / n for k, v in sums.items()})
+    return out_metrics
+
+
+def _hits(logits: torch.Tensor | None, y: Any) -> tuple[int, int] | None:
+    """(correct, counted) when ``logits`` are class scores for the integer targets ``y``."""
+    if logits is None or not isinstance(y, torch.Tensor) or not _is_integer(y):
+        return None
+    if logits.dim() != y.dim() + 1 or tuple(logits.shape[:-1]) != tuple(y.shape):
+        return None
+    keep = y >= 0
+    return int(((logits.argmax(dim=-1) == y) & keep).sum()), int(keep.sum())
 
 
 def _is_integer(t: torch.Tensor) -> bool:
     return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The RNG seed of worker ``rank`` at ``step`` (dropout and any other randomness):
+    ``((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63``."""
+    return ((seed * _EPOCH_MIX + rank) * _EPOCH_MIX + step) % (1 << 63)

@@ -11,10 +11,12 @@ import logging
 import os
 import socket
 
+from gradhub.client.errors import PeerLostError, WorkerFailure
 from gradhub.client.spec import JobSpec
+from gradhub.server.optim import parameter_groups
 from gradhub.worker.flat import FlatModel
-from gradhub.worker.ps_client import PSClient
-from gradhub.worker.workload import Heartbeat, Meter, WorkerResult, Workload
+from gradhub.worker.ps_client import PSClient, Pulled
+from gradhub.worker.workload import Heartbeat, Meter, Phase, WorkerResult, Workload
 
 log = logging.getLogger(__name__)
 
@@ -24,47 +26,72 @@ class PSTrainer:
 
     def __init__(self, spec: JobSpec, rank: int, client: PSClient) -> None:
         self.spec, self.rank, self.client = spec, rank, client
+        self.phase = Phase()
 
     def run(self) -> WorkerResult:
-        rank = self.rank
-        work = Workload.build(self.spec, rank)
+        """Train to the end; a failure is raised as a WorkerFailure naming the phase and step
+        (the server keeps the job's state: it owns the parameters in these modes)."""
+        try:
+            return self._run()
+        except (PeerLostError, WorkerFailure):
+            raise
+        except Exception as e:
+            raise self.phase.failure(self.rank, e) from e
+
+    def _run(self) -> WorkerResult:
+        rank, spec, phase = self.rank, self.spec, self.phase
+        work = Workload.build(spec, rank)
         model, total = work.model, work.total
         flat = FlatModel(model)
+        parameter_groups(list(flat.trainable.items()), spec.optimizer.param_groups)  # names a group that matches nothing
+        # which buffers travel: rank 0's ("broadcast": the job's; "local": for checkpoints), or all
+        send_buffers = bool(flat.buffers) and (rank == 0 or spec.buffers == "average")
+        take_buffers = bool(flat.buffers) and spec.buffers != "local"
 
         reg = self.client.register(socket.gethostname(), os.getpid(), total, work.train_size)
         if reg.needs_init:
-            self.client.init_parameters(flat.layout, flat.params.detach().cpu())
+            self.client.init_parameters(flat.state, flat.params.detach().cpu(), flat.frozen_flat(),
+                                        flat.buffer_values())
         step = reg.next_step
         result = WorkerResult(rank=rank, steps_run=0)
         meter = Meter(work.device)
+
+        def received(pulled: Pulled) -> int:
+            if take_buffers:
+                flat.load_buffers(pulled.buffers)
+            return pulled.version
+
         with Heartbeat(self.client, reg.heartbeat_interval_s) as beat:
-            version = self.client.pull(flat.layout, step, flat.params) if step < total else 0
+            version = received(self.client.pull(flat.layout, step, flat.params)) if step < total else 0
             while step < total:
                 if beat.stop_reason is not None:
                     result.stopped = beat.stop_reason
                     return result
                 if work.eval_due(step):
+                    phase.at("eval", step)
                     self.client.report(step, "eval", work.evaluate())
-                x, y = work.batch(step)
-                flat.zero_grad()
-                loss = work.loss_fn(model(x), y)
-                loss.backward()
+                phase.at("train", step)
+                loss, samples = work.gradient(step, model, flat.zero_grad, lambda: [flat.grads])
+                grads = flat.gather_grads()
+                buffers = flat.buffer_values() if send_buffers else None
                 if step + 1 < total or rank == 0:
                     # push step t and receive step t + 1's parameters (rank 0's last pull is the
                     # final parameters, which it evaluates)
-                    version = self.client.push_pull(flat.layout, step, version, flat.gather_grads(), flat.params)
+                    version = received(self.client.push_pull(flat.layout, step, version, grads, flat.params,
+                                                              buffers, flat.unused()))
                 else:
-                    self.client.push(flat.layout, step, version, flat.gather_grads())
+                    self.client.push(flat.layout, step, version, grads, buffers, flat.unused())
                 step += 1
                 beat.step = step
                 result.steps_run += 1
-                meter.add(loss, len(x))
+                meter.add(loss, samples)
                 if (metrics := meter.due(step == total)) is not None:
                     self.client.report(step, "train", metrics)
             if rank == 0:
                 if result.steps_run == 0:  # resumed at the end: fetch the final parameters
-                    self.client.pull(flat.layout, total, flat.params)
+                    received(self.client.pull(flat.layout, total, flat.params))
                 if work.val is not None:
+                    phase.at("eval", total)
                     result.metrics = work.evaluate()
                     self.client.report(total, "eval", result.metrics)
         return result

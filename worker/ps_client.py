@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import queue
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Self, TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Self, TypeVar
 
 import grpc
 import torch
@@ -27,6 +27,7 @@ from gradhub.proto.codec import (
     iter_data_chunks,
     torch_dtype,
 )
+from gradhub.proto.model_state import ModelLayout, tensors_from_proto, tensors_to_proto
 from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 
@@ -62,6 +63,13 @@ CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 1),
     ("grpc.service_config", _SERVICE_CONFIG),
 ]
+
+
+class Pulled(NamedTuple):
+    """What a pull brings besides the parameters: their version and the job's buffers."""
+
+    version: int
+    buffers: dict[str, torch.Tensor]
 
 
 class PSClient:
@@ -111,39 +119,49 @@ class PSClient:
         return self._stub.Register(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata,
                                    wait_for_ready=True)
 
-    def init_parameters(self, layout: Layout, params: torch.Tensor) -> bool:
+    def init_parameters(self, state: ModelLayout, params: torch.Tensor, frozen: torch.Tensor | None,
+                        buffers: Mapping[str, torch.Tensor]) -> bool:
+        """Send the job's initial state: the trainable parameters, then the frozen ones (their
+        only trip), the buffers and the tied keys."""
+        flat = params if frozen is None else torch.cat([params.detach().cpu(), frozen])
+
         def call() -> ps_pb2.PushResponse:
             header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank,
-                                       tensors=layout.metas(tensor_pb2.FLOAT32))
-            return self._init(_push_stream(header, params, tensor_pb2.FLOAT32),
-                              timeout=_transfer_timeout(params), metadata=self._metadata)
+                                       tensors=state.trainable.metas(tensor_pb2.FLOAT32),
+                                       frozen=state.frozen.metas(tensor_pb2.FLOAT32) if state.frozen else [],
+                                       buffers=tensors_to_proto(buffers), aliases=dict(state.aliases))
+            return self._init(_push_stream(header, flat, tensor_pb2.FLOAT32),
+                              timeout=_transfer_timeout(flat), metadata=self._metadata)
         return _retry(call).accepted
 
-    def push(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor) -> bool:
-        """Push the flat gradient for ``step``; False when the server already had it."""
+    def push(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor,
+             buffers: Mapping[str, torch.Tensor] | None = None, unused: Sequence[int] = ()) -> bool:
+        """Push the flat gradient for ``step`` (with this worker's buffers, when the job uses
+        them, and the parameters that got no gradient); False when the server already had it."""
+        header = self._push_header(layout, step, base_version, buffers, unused)
+
         def call() -> ps_pb2.PushResponse:
-            header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step,
-                                       base_version=base_version, tensors=layout.metas(self.wire_dtype))
             return self._push(_push_stream(header, grads, self.wire_dtype),
                               timeout=_transfer_timeout(grads), metadata=self._metadata)
         return _retry(call).accepted
 
-    def pull(self, layout: Layout, step: int, params: torch.Tensor) -> int:
+    def pull(self, layout: Layout, step: int, params: torch.Tensor) -> Pulled:
         """Wait as the mode requires, then write the parameters for ``step`` into ``params``.
 
-        Returns the parameter version received.
+        Returns the version received and the job's buffers at that version.
         """
         return _until_answered(lambda: self._pull_once(layout, step, params))
 
     def push_pull(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor,
-                  params: torch.Tensor) -> int:
+                  params: torch.Tensor, buffers: Mapping[str, torch.Tensor] | None = None,
+                  unused: Sequence[int] = ()) -> Pulled:
         """Push the gradient for ``step`` and receive the parameters for ``step + 1`` into
         ``params``, in one round trip on this worker's long-lived PushPull call; returns their
-        version. On any failure the call is reopened and the push sent again (applied at most once)."""
-        header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step,
-                                   base_version=base_version, tensors=layout.metas(self.wire_dtype))
+        version and the job's buffers. On any failure the call is reopened and the push sent
+        again (applied at most once)."""
+        header = self._push_header(layout, step, base_version, buffers, unused)
 
-        def call() -> int:
+        def call() -> Pulled:
             if self._session is None:
                 self._session = _Session(self._push_pull, self._metadata)
             try:
@@ -155,18 +173,24 @@ class PSClient:
 
         return _until_answered(call)  # asking again re-pushes: a duplicate is ignored
 
+    def _push_header(self, layout: Layout, step: int, base_version: int,
+                     buffers: Mapping[str, torch.Tensor] | None, unused: Sequence[int]) -> ps_pb2.PushHeader:
+        return ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step, base_version=base_version,
+                                 tensors=layout.metas(self.wire_dtype), unused=list(unused),
+                                 buffers=tensors_to_proto(buffers) if buffers else [])
+
     def _close_session(self) -> None:
         if self._session is not None:
             self._session.close()
             self._session = None
 
-    def _pull_once(self, layout: Layout, step: int, params: torch.Tensor) -> int:
+    def _pull_once(self, layout: Layout, step: int, params: torch.Tensor) -> Pulled:
         request = ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.wire_dtype)
         stream = self._pull(request, timeout=PULL_WAIT_S + _transfer_timeout(params), metadata=self._metadata)
         return self._receive_params(stream, layout, params)
 
     def _receive_params(self, stream: Iterator[ps_pb2.PullChunk | memoryview], layout: Layout,
-                        params: torch.Tensor, to_end: bool = True) -> int:
+                        params: torch.Tensor, to_end: bool = True) -> Pulled:
         """Read one parameter message (header + bytes) into ``params``; ``to_end``: the stream
         ends after it (a plain pull) rather than carrying more (a session)."""
         first = next(stream, None)
@@ -189,7 +213,7 @@ class PSClient:
         if not direct:
             assert self._staging is not None
             params.copy_(self._staging, non_blocking=False)
-        return first.header.version
+        return Pulled(first.header.version, tensors_from_proto(first.header.buffers, "buffers"))
 
     def heartbeat(self, step: int) -> str | None:
         """Returns the reason to stop when the job is over, else None."""

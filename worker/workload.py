@@ -1,30 +1,43 @@
 """What every worker does whatever the mode: build its workload from the spec (the seeded model
-on its device, the data, the loss, which samples each step uses), heartbeat to the server,
-and measure its loss and throughput.
+on its device, the data, the loss, which samples each step uses), compute a step's gradient
+(seeded randomness, micro-batches, mixed precision), heartbeat to the server, and measure
+its loss and throughput.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Any, Self
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from gradhub.client.errors import WorkerFailure
 from gradhub.client.spec import JobSpec
 from gradhub.worker.data import (
     LossFn,
+    MetricFn,
+    batch_len,
     build_datasets,
     build_loss,
+    build_metrics,
+    call_model,
     evaluate,
     get_batch,
+    split_batch,
+    step_seed,
+    to_device,
     worker_batch_indices,
 )
 from gradhub.worker.models import seeded_model
+from gradhub.worker.precision import Precision
 from gradhub.worker.ps_client import PSClient
 
 log = logging.getLogger(__name__)
@@ -63,6 +76,8 @@ class Workload:
     val: Dataset | None
     loss_fn: LossFn
     total: int  # steps per worker
+    precision: Precision
+    metrics: MetricFn | None = None
 
     @classmethod
     def build(cls, spec: JobSpec, rank: int) -> Workload:
@@ -70,18 +85,60 @@ class Workload:
         model = seeded_model(spec.seed, spec.model.name, spec.model.factory, spec.model.args).to(device)
         train, val = build_datasets(spec.dataset.name, spec.dataset.factory, spec.dataset.args, spec.val_fraction)
         loss_fn = build_loss(spec.loss.name, spec.loss.factory, spec.loss.args)
-        return cls(spec, rank, device, model, train, val, loss_fn, spec.total_steps(len(train)))  # type: ignore[arg-type]
+        metrics = None if spec.metrics is None else build_metrics(spec.metrics.factory, spec.metrics.args)
+        return cls(spec, rank, device, model, train, val, loss_fn, spec.total_steps(len(train)),  # type: ignore[arg-type]
+                   Precision(spec.precision, device), metrics)
 
     @property
     def train_size(self) -> int:
         return len(self.train)  # type: ignore[arg-type]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int) -> tuple[Any, Any]:
         """This worker's slice of step ``step``'s global batch, on its device."""
         spec = self.spec
         idx = worker_batch_indices(self.train_size, spec.batch_size, spec.workers, self.rank, spec.seed, step)
         x, y = get_batch(self.train, idx)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return to_device(x, self.device), to_device(y, self.device)
+
+    def gradient(self, step: int, module: Callable[..., Any], zero: Callable[[], None],
+                 grads: Callable[[], Sequence[torch.Tensor]],
+                 no_sync: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
+                 ) -> tuple[torch.Tensor, int]:
+        """Compute step ``step``'s gradient into the parameters' ``.grad``, as plain PyTorch
+        would: ``torch.manual_seed(step_seed(seed, rank, step))``, then for each of the
+        ``accumulate`` equal micro-batches ``(loss_fn(model(x_i), y_i) / accumulate).backward()``
+        under the job's autocast. Returns the step's loss (the batch mean) and batch size.
+
+        ``zero()`` clears the gradients, ``grads()`` lists them (fp16 loss scaling checks and
+        unscales them), ``no_sync(i)`` is DDP's context for micro-batch ``i``."""
+        x, y = self.batch(step)
+        k = self.spec.accumulate
+        xs, ys = split_batch(x, k), split_batch(y, k)
+        saved = ({n: b.detach().clone() for n, b in self.model.named_buffers()}
+                 if self.precision.scaled else None)
+
+        def compute(scale: float) -> torch.Tensor:
+            torch.manual_seed(step_seed(self.spec.seed, self.rank, step))
+            total = torch.zeros((), device=self.device)
+            for i, (xi, yi) in enumerate(zip(xs, ys, strict=True)):
+                with no_sync(i) if no_sync is not None else contextlib.nullcontext():
+                    with self.precision.autocast():
+                        loss = self.loss_fn(call_model(module, xi), yi)
+                    if k > 1:
+                        loss = loss / k
+                    (loss * scale if scale != 1.0 else loss).backward()
+                total += loss.detach().float()
+            return total
+
+        def restart() -> None:
+            zero()
+            if saved:
+                with torch.no_grad():
+                    for n, b in self.model.named_buffers():
+                        b.copy_(saved[n])
+
+        zero()
+        return self.precision.run(compute, grads, restart), batch_len(x) or self.spec.batch_size
 
     def eval_due(self, step: int) -> bool:
         """Rank 0 evaluates every ``eval_every`` steps (and at the end, which the loops do)."""
@@ -90,7 +147,41 @@ class Workload:
 
     def evaluate(self) -> dict[str, float]:
         assert self.val is not None
-        return evaluate(self.model, self.val, self.loss_fn, self.device)
+        return evaluate(self.model, self.val, self.loss_fn, self.device, metrics=self.metrics,
+                        autocast=self.precision.autocast if self.precision.dtype is not None else None)
+
+
+PHASES = {
+    "build": "while building the model and data",
+    "train": "at training step {step}",
+    "optimizer": "in the optimizer update of step {step}",
+    "eval": "in evaluation after step {step}",
+    "checkpoint": "saving the checkpoint of step {step}",
+}
+
+
+@dataclass
+class Phase:
+    """Where a worker is (``PHASES``), so a failure can say where it happened."""
+
+    name: str = "build"
+    step: int = 0
+
+    def at(self, name: str, step: int) -> None:
+        self.name, self.step = name, step
+
+    @property
+    def consistent(self) -> bool:
+        """Whether the model and optimizer hold the state after ``step`` whole steps (not
+        half-way through an optimizer update)."""
+        return self.name != "optimizer"
+
+    def failure(self, rank: int, e: BaseException) -> WorkerFailure:
+        """``e`` as a WorkerFailure naming the phase and step, with the traceback."""
+        where = PHASES[self.name].format(step=self.step)
+        text = " ".join(f"{type(e).__name__}: {e}".split())
+        return WorkerFailure(f"{where}: {text[:500]}", self.name, self.step,
+                             "".join(traceback.format_exception(e)))
 
 
 class Heartbeat:

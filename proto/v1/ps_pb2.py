@@ -25,49 +25,53 @@ _sym_db = _symbol_database.Default()
 from gradhub.proto.v1 import tensor_pb2 as gradhub_dot_proto_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gradhub/proto/v1/ps.proto\x12\ngradhub.v1\x1a\x1dgradhub/proto/v1/tensor.proto\"s\n\x0fRegisterRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x03\x12\x12\n\ntrain_size\x18\x06 \x01(\x03\"\x9a\x01\n\x10RegisterResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tnext_step\x18\x02 \x01(\x03\x12\x12\n\nneeds_init\x18\x03 \x01(\x08\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x1c\n\x14\x63ollective_timeout_s\x18\x06 \x01(\x01\"w\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.gradhub.v1.TensorMeta\"M\n\tPushChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.gradhub.v1.PushHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"1\n\x0cPushResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\"[\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.gradhub.v1.DType\"F\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.gradhub.v1.TensorMeta\"M\n\tPullChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.gradhub.v1.PullHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\">\n\x10HeartbeatRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\"1\n\x11HeartbeatResponse\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc0\x01\n\x14ReportMetricsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12>\n\x07metrics\x18\x05 \x03(\x0b\x32-.gradhub.v1.ReportMetricsRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x17\n\x15ReportMetricsResponse\"\xbd\x01\n\x10\x43heckpointHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12&\n\x06params\x18\x04 \x03(\x0b\x32\x16.gradhub.v1.TensorMeta\x12%\n\x05state\x18\x05 \x03(\x0b\x32\x16.gradhub.v1.TensorMeta\x12\x16\n\x0eoptimizer_json\x18\x06 \x01(\t\x12\x16\n\x0escheduler_json\x18\x07 \x01(\t\"Y\n\x0f\x43heckpointChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.gradhub.v1.CheckpointHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\":\n\x16SaveCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"5\n\x15LoadCheckpointRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x32\xac\x05\n\x0fParameterServer\x12\x45\n\x08Register\x12\x1b.gradhub.v1.RegisterRequest\x1a\x1c.gradhub.v1.RegisterResponse\x12\x43\n\x0eInitParameters\x12\x15.gradhub.v1.PushChunk\x1a\x18.gradhub.v1.PushResponse(\x01\x12\x42\n\rPushGradients\x12\x15.gradhub.v1.PushChunk\x1a\x18.gradhub.v1.PushResponse(\x01\x12\x42\n\x0ePullParameters\x12\x17.gradhub.v1.PullRequest\x1a\x15.gradhub.v1.PullChunk0\x01\x12<\n\x08PushPull\x12\x15.gradhub.v1.PushChunk\x1a\x15.gradhub.v1.PullChunk(\x01\x30\x01\x12H\n\tHeartbeat\x12\x1c.gradhub.v1.HeartbeatRequest\x1a\x1d.gradhub.v1.HeartbeatResponse\x12T\n\rReportMetrics\x12 .gradhub.v1.ReportMetricsRequest\x1a!.gradhub.v1.ReportMetricsResponse\x12S\n\x0eSaveCheckpoint\x12\x1b.gradhub.v1.CheckpointChunk\x1a\".gradhub.v1.SaveCheckpointResponse(\x01\x12R\n\x0eLoadCheckpoint\x12!.gradhub.v1.LoadCheckpointRequest\x1a\x1b.gradhub.v1.CheckpointChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gradhub/proto/v1/ps.proto\x12\ngradhub.v1\x1a\x1dgradhub/proto/v1/tensor.proto\"s\n\x0fRegisterRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x03\x12\x12\n\ntrain_size\x18\x06 \x01(\x03\"\x9a\x01\n\x10RegisterResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tnext_step\x18\x02 \x01(\x03\x12\x12\n\nneeds_init\x18\x03 \x01(\x08\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x1c\n\x14\x63ollective_timeout_s\x18\x06 \x01(\x01\"\xba\x02\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.gradhub.v1.TensorMeta\x12&\n\x06\x66rozen\x18\x06 \x03(\x0b\x32\x16.gradhub.v1.TensorMeta\x12#\n\x07\x62uffers\x18\x07 \x03(\x0b\x32\x12.gradhub.v1.Tensor\x12\x34\n\x07\x61liases\x18\x08 \x03(\x0b\x32#.gradhub.v1.PushHeader.AliasesEntry\x12\x0e\n\x06unused\x18\t \x03(\x05\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\tPushChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.gradhub.v1.PushHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"1\n\x0cPushResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\"[\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.gradhub.v1.DType\"k\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.gradhub.v1.TensorMeta\x12#\n\x07\x62uffers\x18\x03 \x03(\x0b\x32\x12.gradhub.v1.Tensor\"M\n\tPullChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.gradhub.v1.PullHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\">\n\x10HeartbeatRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\"1\n\x11HeartbeatResponse\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc0\x01\n\x14ReportMetricsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12>\n\x07metrics\x18\x05 \x03(\x0b\x32-.gradhub.v1.ReportMetricsRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x17\n\x15ReportMetricsResponse\"\xbd\x01\n\x10\x43heckpointHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12&\n\x06params\x18\x04 \x03(\x0b\x32\x16.gradhub.v1.TensorMeta\x12%\n\x05state\x18\x05 \x03(\x0b\x32\x16.gradhub.v1.TensorMeta\x12\x16\n\x0eoptimizer_json\x18\x06 \x01(\t\x12\x16\n\x0escheduler_json\x18\x07 \x01(\t\"Y\n\x0f\x43heckpointChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.gradhub.v1.CheckpointHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\":\n\x16SaveCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"5\n\x15LoadCheckpointRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x32\xac\x05\n\x0fParameterServer\x12\x45\n\x08Register\x12\x1b.gradhub.v1.RegisterRequest\x1a\x1c.gradhub.v1.RegisterResponse\x12\x43\n\x0eInitParameters\x12\x15.gradhub.v1.PushChunk\x1a\x18.gradhub.v1.PushResponse(\x01\x12\x42\n\rPushGradients\x12\x15.gradhub.v1.PushChunk\x1a\x18.gradhub.v1.PushResponse(\x01\x12\x42\n\x0ePullParameters\x12\x17.gradhub.v1.PullRequest\x1a\x15.gradhub.v1.PullChunk0\x01\x12<\n\x08PushPull\x12\x15.gradhub.v1.PushChunk\x1a\x15.gradhub.v1.PullChunk(\x01\x30\x01\x12H\n\tHeartbeat\x12\x1c.gradhub.v1.HeartbeatRequest\x1a\x1d.gradhub.v1.HeartbeatResponse\x12T\n\rReportMetrics\x12 .gradhub.v1.ReportMetricsRequest\x1a!.gradhub.v1.ReportMetricsResponse\x12S\n\x0eSaveCheckpoint\x12\x1b.gradhub.v1.CheckpointChunk\x1a\".gradhub.v1.SaveCheckpointResponse(\x01\x12R\n\x0eLoadCheckpoint\x12!.gradhub.v1.LoadCheckpointRequest\x1a\x1b.gradhub.v1.CheckpointChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradhub.proto.v1.ps_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PUSHHEADER_ALIASESENTRY']._loaded_options = None
+  _globals['_PUSHHEADER_ALIASESENTRY']._serialized_options = b'8\001'
   _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._loaded_options = None
   _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_REGISTERREQUEST']._serialized_start=72
   _globals['_REGISTERREQUEST']._serialized_end=187
   _globals['_REGISTERRESPONSE']._serialized_start=190
   _globals['_REGISTERRESPONSE']._serialized_end=344
-  _globals['_PUSHHEADER']._serialized_start=346
-  _globals['_PUSHHEADER']._serialized_end=465
-  _globals['_PUSHCHUNK']._serialized_start=467
-  _globals['_PUSHCHUNK']._serialized_end=544
-  _globals['_PUSHRESPONSE']._serialized_start=546
-  _globals['_PUSHRESPONSE']._serialized_end=595
-  _globals['_PULLREQUEST']._serialized_start=597
-  _globals['_PULLREQUEST']._serialized_end=688
-  _globals['_PULLHEADER']._serialized_start=690
-  _globals['_PULLHEADER']._serialized_end=760
-  _globals['_PULLCHUNK']._serialized_start=762
-  _globals['_PULLCHUNK']._serialized_end=839
-  _globals['_HEARTBEATREQUEST']._serialized_start=841
-  _globals['_HEARTBEATREQUEST']._serialized_end=903
-  _globals['_HEARTBEATRESPONSE']._serialized_start=905
-  _globals['_HEARTBEATRESPONSE']._serialized_end=954
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=957
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=1149
-  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_start=1103
-  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_end=1149
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=1151
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=1174
-  _globals['_CHECKPOINTHEADER']._serialized_start=1177
-  _globals['_CHECKPOINTHEADER']._serialized_end=1366
-  _globals['_CHECKPOINTCHUNK']._serialized_start=1368
-  _globals['_CHECKPOINTCHUNK']._serialized_end=1457
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=1459
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=1517
-  _globals['_LOADCHECKPOINTREQUEST']._serialized_start=1519
-  _globals['_LOADCHECKPOINTREQUEST']._serialized_end=1572
-  _globals['_PARAMETERSERVER']._serialized_start=1575
-  _globals['_PARAMETERSERVER']._serialized_end=2259
+  _globals['_PUSHHEADER']._serialized_start=347
+  _globals['_PUSHHEADER']._serialized_end=661
+  _globals['_PUSHHEADER_ALIASESENTRY']._serialized_start=615
+  _globals['_PUSHHEADER_ALIASESENTRY']._serialized_end=661
+  _globals['_PUSHCHUNK']._serialized_start=663
+  _globals['_PUSHCHUNK']._serialized_end=740
+  _globals['_PUSHRESPONSE']._serialized_start=742
+  _globals['_PUSHRESPONSE']._serialized_end=791
+  _globals['_PULLREQUEST']._serialized_start=793
+  _globals['_PULLREQUEST']._serialized_end=884
+  _globals['_PULLHEADER']._serialized_start=886
+  _globals['_PULLHEADER']._serialized_end=993
+  _globals['_PULLCHUNK']._serialized_start=995
+  _globals['_PULLCHUNK']._serialized_end=1072
+  _globals['_HEARTBEATREQUEST']._serialized_start=1074
+  _globals['_HEARTBEATREQUEST']._serialized_end=1136
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1138
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1187
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=1190
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=1382
+  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_start=1336
+  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_end=1382
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=1384
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=1407
+  _globals['_CHECKPOINTHEADER']._serialized_start=1410
+  _globals['_CHECKPOINTHEADER']._serialized_end=1599
+  _globals['_CHECKPOINTCHUNK']._serialized_start=1601
+  _globals['_CHECKPOINTCHUNK']._serialized_end=1690
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=1692
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=1750
+  _globals['_LOADCHECKPOINTREQUEST']._serialized_start=1752
+  _globals['_LOADCHECKPOINTREQUEST']._serialized_end=1805
+  _globals['_PARAMETERSERVER']._serialized_start=1808
+  _globals['_PARAMETERSERVER']._serialized_end=2492
 # @@protoc_insertion_point(module_scope)

@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgradhub/proto/v1/tensor.proto\x12\ngradhub.v1\"K\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.gradhub.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgradhub/proto/v1/tensor.proto\x12\ngradhub.v1\"K\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.gradhub.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"<\n\x06Tensor\x12$\n\x04meta\x18\x01 \x01(\x0b\x32\x16.gradhub.v1.TensorMeta\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*\x93\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT16\x10\x07\x12\x08\n\x04INT8\x10\x08\x12\t\n\x05UINT8\x10\t\x12\x08\n\x04\x42OOL\x10\nb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradhub.proto.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=122
-  _globals['_DTYPE']._serialized_end=192
+  _globals['_DTYPE']._serialized_start=185
+  _globals['_DTYPE']._serialized_end=332
   _globals['_TENSORMETA']._serialized_start=45
   _globals['_TENSORMETA']._serialized_end=120
+  _globals['_TENSOR']._serialized_start=122
+  _globals['_TENSOR']._serialized_end=182
 # @@protoc_insertion_point(module_scope)

@@ -113,6 +113,10 @@ def test_example_yaml_parses_and_to_dict_is_the_canonical_form() -> None:
         "keep_checkpoints": 3,
         "max_restarts": 3,
         "val_fraction": 0.2,
+        "buffers": "broadcast",
+        "sync_batchnorm": False,
+        "precision": "fp32",
+        "accumulate": 1,
     }
 
 
@@ -162,7 +166,7 @@ def test_constants() -> None:
     assert set(MODES) == {"ps-sync", "ps-async", "ps-ssp", "allreduce"}
     assert set(COMPRESSIONS) == {"none", "fp16", "bf16"}
     assert BUILTIN_MODELS == {"mlp", "cnn"} and BUILTIN_DATASETS == {"digits", "synthetic"}
-    assert BUILTIN_LOSSES == {"cross_entropy", "mse"}
+    assert BUILTIN_LOSSES == {"cross_entropy", "mse", "model"}
     assert set(SCHEDULES) == {"constant", "step", "cosine"}
 
 
@@ -286,6 +290,26 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("val_fraction", {"val_fraction": 1.0}),
     ("val_fraction", {"val_fraction": -0.1}),
     ("val_fraction", {"val_fraction": "0.2"}),
+    ("buffers", {"buffers": "sync"}),
+    ("buffers", {"mode": "ps-async", "buffers": "average"}),
+    ("sync_batchnorm", {"sync_batchnorm": 1}),
+    ("sync_batchnorm", {"sync_batchnorm": True}),
+    ("sync_batchnorm", {"mode": "allreduce", "sync_batchnorm": True}),
+    ("find_unused_parameters", {"find_unused_parameters": "yes"}),
+    ("find_unused_parameters", {"find_unused_parameters": True}),
+    ("precision", {"precision": "fp8"}),
+    ("accumulate", {"accumulate": 0}),
+    ("accumulate", {"batch_size": 32, "accumulate": 3}),
+    ("clip_grad_norm", {"clip_grad_norm": 0}),
+    ("clip_grad_norm", {"clip_grad_norm": "1"}),
+    ("metrics", {"metrics": "accuracy"}),
+    ("metrics.factory", {"metrics": {"factory": "not a factory"}}),
+    ("optimizer.param_groups", {"optimizer": {"name": "sgd", "param_groups": {"params": ["*"]}}}),
+    ("optimizer.param_groups[0].params", {"optimizer": {"name": "sgd", "param_groups": [{"params": []}]}}),
+    ("optimizer.param_groups[0].betas", {"optimizer": {"name": "sgd", "param_groups": [{"params": ["*"], "betas": [0.9, 0.9]}]}}),
+    ("optimizer.param_groups[0].weight_decay",
+     {"optimizer": {"name": "adamw", "param_groups": [{"params": "*.bias", "weight_decay": -1}]}}),
+    ("optimizer.param_groups[0].lr", {"optimizer": {"name": "sgd", "param_groups": [{"params": ["*"], "lr": 0}]}}),
 ]
 
 

@@ -199,9 +199,14 @@ def test_large_state_is_cut_into_chunks_of_at_most_chunk_bytes() -> None:
     assert_same(read_state(header, _views(raws)).params, want.params)
 
 
-def test_state_messages_rejects_integer_tensors() -> None:
-    with pytest.raises(TypeError, match="state: tensor 'ids' is torch.int64"):
-        list(state_messages("j", 0, _state(ids=torch.arange(3))))
+def test_buffers_keep_their_dtype_and_optimizer_state_must_be_float() -> None:
+    state = _state(w=torch.ones(3), count=torch.tensor(7), mask=torch.tensor([True, False, True]),
+                   half=torch.tensor([0.5, 1.5], dtype=torch.float16), stats=torch.randn(5, dtype=torch.float64))
+    header, raws = _messages(state)
+    back = read_state(header, _views(raws))
+    assert list(back.params) == list(state.params)
+    for name, t in state.params.items():
+        assert back.params[name].dtype == t.dtype and torch.equal(back.params[name], t), name
     with pytest.raises(TypeError, match="state: tensor 'count' is torch.int32"):
         list(
             state_messages(
@@ -220,7 +225,7 @@ TENSORS = [
     torch.empty(0),
     torch.arange(5.0),
     torch.empty(2, 0),
-    torch.randn(13, dtype=torch.float64),  # sent as float32
+    torch.randn(13, dtype=torch.float64),  # sent as float64 (optimizer state is converted first)
     torch.randn(3, 4).t(),  # not contiguous
     torch.tensor(-2.0),
 ]
@@ -228,7 +233,7 @@ TENSORS = [
 
 @pytest.mark.parametrize("chunk_bytes", [1, 4, 8, 12, 28, 44, 1 << 20])
 def test_data_chunks_are_the_float32_bytes_back_to_back(chunk_bytes: int) -> None:
-    want = b"".join(t.to(torch.float32).contiguous().numpy().tobytes() for t in TENSORS)
+    want = b"".join(t.contiguous().numpy().tobytes() for t in TENSORS)  # each in its own dtype
     payloads = [bytes(v) for v in _views(list(_data_chunks(TENSORS, chunk_bytes)))]
     assert b"".join(payloads) == want
     assert all(len(p) == chunk_bytes for p in payloads[:-1])
@@ -253,7 +258,7 @@ def _messages(state: TrainingState | None = None) -> tuple[ps_pb2.CheckpointHead
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_values_are_rejected(bad: float) -> None:
     header, raws = _messages(_state(w=torch.tensor([1.0, bad]), b=torch.ones(1)))
-    with pytest.raises(ProtocolError, match="state values: the checkpoint holds NaN or Inf"):
+    with pytest.raises(ProtocolError, match="state values: 'w' holds NaN or Inf"):
         read_state(header, _views(raws))
 
 
@@ -264,7 +269,16 @@ def test_non_finite_optimizer_state_is_rejected() -> None:
         read_state(header, _views(raws))
 
 
-@pytest.mark.parametrize("field", ["params", "state"])
+@pytest.mark.parametrize("dtype", [99, tensor_pb2.DTYPE_UNSPECIFIED])
+def test_a_param_meta_of_unknown_dtype_is_named(dtype: int) -> None:
+    header, raws = _messages()
+    header.params[1].dtype = dtype
+    name = header.params[1].name
+    with pytest.raises(ProtocolError, match=rf"params\[1\]\.dtype: '{name}' has unknown dtype"):
+        read_state(header, _views(raws))
+
+
+@pytest.mark.parametrize("field", ["state"])
 @pytest.mark.parametrize("dtype", [tensor_pb2.FLOAT16, tensor_pb2.DTYPE_UNSPECIFIED])
 def test_a_meta_that_is_not_float32_is_named(field: str, dtype: int) -> None:
     header, raws = _messages()

@@ -584,10 +584,10 @@ def test_resume_from_a_manual_checkpoint_state_copy() -> None:
 @pytest.mark.parametrize(
     ("layout", "message"),
     [
-        (Layout(("weight", "b"), ((3, 4), (3,))), r"\['b'\] do not match"),
-        (Layout(("weight",), ((3, 4),)), "do not match the checkpoint"),
-        (Layout(("weight", "bias", "extra"), ((3, 4), (3,), (1,))), r"\['extra'\] do not match"),
-        (Layout(("weight", "bias"), ((4, 3), (3,))), r"tensors\[0\].shape: 'weight' is \[4, 3\]"),
+        (Layout(("weight", "b"), ((3, 4), (3,))), r"missing \['b'\], unexpected \['bias'\]"),
+        (Layout(("weight",), ((3, 4),)), r"does not match the model \(missing \[\], unexpected \['bias'\]"),
+        (Layout(("weight", "bias", "extra"), ((3, 4), (3,), (1,))), r"missing \['extra'\]"),
+        (Layout(("weight", "bias"), ((4, 3), (3,))), r"state: 'weight' is \[4, 3\] in the model but \[3, 4\]"),
     ],
 )
 def test_resume_with_a_different_model_is_refused(layout: Layout, message: str) -> None:
