@@ -1,0 +1,120 @@
+"""User model code of the kinds people bring (shipped to the workers as a job's working_dir):
+BatchNorm and dropout, tied weights, a frozen backbone, an unused parameter, dict inputs with an
+output object that carries its own loss. Written for scikit-learn's digits (64 pixels, 10 classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+def bn_net(hidden: int = 32, p: float = 0.1) -> nn.Module:
+    """BatchNorm (running statistics and a step counter as buffers) and dropout."""
+    return nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(p),
+                         nn.Linear(hidden, 10))
+
+
+class TiedLM(nn.Module):
+    """A language-model-style classifier: pixels as tokens, an embedding whose weight is also the
+    output head (``head.weight`` is ``embed.weight``, as GPT-2's ``lm_head``)."""
+
+    def __init__(self, vocab: int = 16, dim: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+        self.vocab = vocab
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = (x * (self.vocab - 1)).round().long().clamp(0, self.vocab - 1)
+        h = torch.tanh(self.mix(self.embed(tokens).mean(dim=1)))
+        return self.head(h)[:, :10]
+
+
+def tied_lm(vocab: int = 16, dim: int = 12) -> nn.Module:
+    return TiedLM(vocab, dim)
+
+
+def frozen_backbone(hidden: int = 32) -> nn.Module:
+    """Fine-tuning: a backbone (with BatchNorm) whose parameters are frozen, and a trained head."""
+    backbone = nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    return nn.Sequential(backbone, nn.Linear(hidden, 10))
+
+
+class WithPooler(nn.Module):
+    """A BERT-style encoder whose pooler takes no part in the loss."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(64, hidden), nn.GELU())
+        self.pooler = nn.Linear(hidden, hidden)
+        self.classifier = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.encoder(x))
+
+
+def with_pooler(hidden: int = 32) -> nn.Module:
+    return WithPooler(hidden)
+
+
+@dataclass
+class Output:
+    """Like a Hugging Face ``ModelOutput``: the loss when labels were given, and the logits."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class DictModel(nn.Module):
+    """Takes keyword inputs (``pixels``, ``scale``, optional ``labels``) and returns an Output."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+
+    def forward(self, pixels: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor | None = None) -> Output:
+        logits = self.body(pixels * scale.unsqueeze(1))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return Output(loss, logits)
+
+
+def dict_model(hidden: int = 32) -> nn.Module:
+    return DictModel(hidden)
+
+
+class DictDigits(Dataset):
+    """Digits as tokenizer-style samples: ``({"pixels", "scale", "labels"}, label)``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return {"pixels": self.x[i], "scale": torch.tensor(0.5 + (i % 3) * 0.25), "labels": self.y[i]}, self.y[i]
+
+
+def dict_digits() -> tuple[Dataset, Dataset]:
+    from gradhub.worker.data import digits
+
+    train, val = digits()
+    return DictDigits(*train.tensors), DictDigits(*val.tensors)
+
+
+def top_k(k: int = 2) -> Callable[[object, torch.Tensor], dict[str, float]]:
+    """A user metric factory: top-k accuracy of a batch, reported as ``val_top<k>``."""
+    def metric(output: object, target: torch.Tensor) -> dict[str, float]:
+        logits = output.logits if isinstance(output, Output) else output
+        best = logits.topk(k, dim=1).indices
+        return {f"top{k}": float((best == target.unsqueeze(1)).any(dim=1).float().mean())}
+    return metric
