@@ -98,6 +98,12 @@ class GroupMonitor:
                     done.add(ex.rank)
                     self._set_state(ex.rank, "done")
             if failed:
+                for ex in failed:
+                    if not ex.died:
+                        # a worker that raised keeps its process, and with it its sockets: its
+                        # peers would wait in their collective. End it, so they fail at once
+                        # (and rank 0 sends the state of its last whole step)
+                        group.kill(ex.rank)
                 failed += self._settle(group, done, {ex.rank for ex in failed})
                 return self._verdict(tracker, failed)
             for rank, silent in enumerate(tracker.seconds_since_seen()):

@@ -28,7 +28,8 @@ class Precision:
     def __init__(self, precision: str, device: torch.device) -> None:
         self.dtype = DTYPES.get(precision)
         self.device_type = device.type
-        self.scale = INIT_SCALE if precision == "fp16" else 1.0
+        self.scaled = precision == "fp16"
+        self.scale = INIT_SCALE if self.scaled else 1.0
         self._clean = 0
 
     @contextlib.contextmanager
@@ -39,10 +40,6 @@ class Precision:
         else:
             with torch.autocast(self.device_type, dtype=self.dtype):
                 yield
-
-    @property
-    def scaled(self) -> bool:
-        return self.scale != 1.0
 
     def run(self, compute: Callable[[float], torch.Tensor], grads: Callable[[], Sequence[torch.Tensor]],
             restart: Callable[[], None]) -> torch.Tensor:

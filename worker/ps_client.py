@@ -119,17 +119,20 @@ class PSClient:
         return self._stub.Register(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata,
                                    wait_for_ready=True)
 
-    def init_parameters(self, state: ModelLayout, params: torch.Tensor, frozen: torch.Tensor | None,
-                        buffers: Mapping[str, torch.Tensor]) -> bool:
-        """Send the job's initial state: the trainable parameters, then the frozen ones (their
-        only trip), the buffers and the tied keys."""
+    def init_parameters(self, state: Layout | ModelLayout, params: torch.Tensor, frozen: torch.Tensor | None = None,
+                        buffers: Mapping[str, torch.Tensor] | None = None) -> bool:
+        """Send the job's initial state: the trainable parameters (a ``Layout`` describes a
+        model of those alone), then the frozen ones (their only trip), the buffers and the
+        tied keys."""
+        if isinstance(state, Layout):
+            state = ModelLayout(trainable=state)
         flat = params if frozen is None else torch.cat([params.detach().cpu(), frozen])
 
         def call() -> ps_pb2.PushResponse:
             header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank,
                                        tensors=state.trainable.metas(tensor_pb2.FLOAT32),
                                        frozen=state.frozen.metas(tensor_pb2.FLOAT32) if state.frozen else [],
-                                       buffers=tensors_to_proto(buffers), aliases=dict(state.aliases))
+                                       buffers=tensors_to_proto(buffers or {}), aliases=dict(state.aliases))
             return self._init(_push_stream(header, flat, tensor_pb2.FLOAT32),
                               timeout=_transfer_timeout(flat), metadata=self._metadata)
         return _retry(call).accepted

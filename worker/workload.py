@@ -126,7 +126,7 @@ class Workload:
                         loss = self.loss_fn(call_model(module, xi), yi)
                     if k > 1:
                         loss = loss / k
-                    (loss * scale if scale != 1.0 else loss).backward()
+                    (loss * scale if self.precision.scaled else loss).backward()
                 total += loss.detach().float()
             return total
 

@@ -108,7 +108,10 @@ def test_a_killed_worker_restarts_the_group_from_its_checkpoint(server, code, un
         restart = re.search(rf"restarting all {WORKERS} workers from step (\d+) \(restart 1 of 1\)", logs)
         assert restart, logs
         resumed_at = int(restart[1])
-        assert 0 < resumed_at <= 70 and resumed_at % EVERY == 0  # the latest checkpoint before the kill
+        # the latest state before the kill: rank 0 sends the state of its last whole step when it
+        # loses its peer, so the group recomputes at most the step in flight
+        assert 70 - EVERY < resumed_at <= 70, resumed_at
+        assert f"checkpoint at step {resumed_at} " in logs
         assert info.step == info.version == STEPS
         got = final_params(client, info, tmp_path)
     worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)

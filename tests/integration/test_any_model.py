@@ -66,6 +66,9 @@ CASES = {
     "accumulate": Case("gh_zoo:bn_net", {"name": "sgd", "lr": 0.1, "momentum": 0.9}, extra={"accumulate": 2}),
     "clipping": Case("gh_zoo:tied_lm", {"name": "sgd", "lr": 0.5}, extra={"clip_grad_norm": 0.05}),
     "bf16": Case("gh_zoo:bn_net", {"name": "adam", "lr": 0.01}, extra={"precision": "bf16"}),
+    "buffers_average": Case("gh_zoo:bn_net", {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+                            extra={"buffers": "average"}),
+    "buffers_local": Case("gh_zoo:bn_net", {"name": "sgd", "lr": 0.1, "momentum": 0.9}, extra={"buffers": "local"}),
 }
 
 
@@ -155,13 +158,16 @@ def reference(zoo: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, t
     k = case.extra.get("accumulate", 1)
     bf16 = case.extra.get("precision") == "bf16"
     clipped = False
+    buffer_mode = case.extra.get("buffers", "broadcast")
+    own = [{n: b.clone() for n, b in model.named_buffers()} for _ in range(WORKERS)]  # "local"
     for step in range(STEPS):
         job_buffers = {n: b.clone() for n, b in model.named_buffers()}
         grads: list[list[torch.Tensor | None]] = []
+        after: list[dict[str, torch.Tensor]] = []
         for rank in range(WORKERS):
-            with torch.no_grad():  # every worker starts the step from the job's buffers
+            with torch.no_grad():  # a worker starts the step from the job's buffers, or its own
                 for n, b in model.named_buffers():
-                    b.copy_(job_buffers[n])
+                    b.copy_(own[rank][n] if buffer_mode == "local" else job_buffers[n])
             x, y = get_batch(train, worker_batch_indices(len(train), BATCH, WORKERS, rank, SEED, step))
             opt.zero_grad()
             torch.manual_seed(step_seed(SEED, rank, step))
@@ -172,8 +178,7 @@ def reference(zoo: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, t
                     _, loss = _forward_loss(model, case, xi, y[part])
                 (loss / k if k > 1 else loss).backward()
             grads.append([None if p.grad is None else p.grad.clone() for p in trainable])
-            if rank == 0:
-                rank0_buffers = {n: b.clone() for n, b in model.named_buffers()}
+            after.append({n: b.clone() for n, b in model.named_buffers()})
         for i, p in enumerate(trainable):
             per_rank = [g[i] for g in grads]
             if all(g is None for g in per_rank):
@@ -188,9 +193,13 @@ def reference(zoo: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, t
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), case.extra["clip_grad_norm"])
             clipped |= bool(norm > case.extra["clip_grad_norm"])
         opt.step()
-        with torch.no_grad():  # the job's buffers are rank 0's
+        own = after
+        with torch.no_grad():  # the job's buffers: rank 0's, or the mean of floating ones
             for n, b in model.named_buffers():
-                b.copy_(rank0_buffers[n])
+                if buffer_mode == "average" and b.dtype.is_floating_point:
+                    b.copy_(sum((a[n].double() for a in after), torch.zeros((), dtype=torch.float64)) / WORKERS)
+                else:
+                    b.copy_(after[0][n])
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, init, clipped
 
 

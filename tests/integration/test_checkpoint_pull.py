@@ -31,10 +31,10 @@ def test_pulled_checkpoint_equals_the_servers_parameters(tmp_path):
         with PSClient(server.address, job.id, 0) as ps:
             ps.register("t", 0, total_steps=10, train_size=1)
             ps.init_parameters(model.layout, model.params)
-            version = ps.pull(model.layout, 0, model.params)
+            version = ps.pull(model.layout, 0, model.params).version
             for step in range(2):
                 grads = torch.randn(model.params.shape, generator=torch.Generator().manual_seed(step))
-                version = ps.push_pull(model.layout, step, version, grads, model.params)
+                version = ps.push_pull(model.layout, step, version, grads, model.params).version
         wait_for(lambda: [c.step for c in client.list_checkpoints(job.id)] == [2], 30, "the step-2 checkpoint")
         on_server = server.manager.store(job.id).parameters()  # still at version 2: nobody pushed since
 

@@ -45,3 +45,22 @@ def test_cuda_workers_match_single_process_pytorch(gpu_server, tmp_path, workers
     expected = reference(workers, OPTIMIZERS["adam"])
     worst = max(float((params[k] - expected[k]).abs().max()) for k in expected)
     assert worst <= 1e-4, f"CUDA run differs from CPU PyTorch by {worst:.3g}"
+
+
+@pytest.mark.parametrize("mode", ["ps-sync", "allreduce"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_on_cuda_trains_a_batchnorm_model(gpu_server, tmp_path, mode, precision):
+    """autocast on CUDA (fp16 with loss scaling); the checkpoint is the model's whole state_dict."""
+    from pathlib import Path
+
+    user_code = Path(__file__).parent / "user_code"
+    with Client(gpu_server.address) as client:
+        spec = {"name": f"gpu-{precision}-{mode}", "mode": mode, "workers": 1, "resources": {"cpus": 1, "gpus": 1},
+                "model": "gh_zoo:bn_net", "dataset": "digits", "optimizer": {"name": "adam", "lr": 0.01},
+                "batch_size": 32, "epochs": 3, "precision": precision, "working_dir": str(user_code),
+                "sync_batchnorm": mode == "allreduce"}
+        info = client.submit(spec).wait(timeout=300)
+        params = final_params(client, info, tmp_path)
+    assert info.metrics["val_accuracy"] > 0.8, info.metrics
+    assert params["1.num_batches_tracked"].dtype == torch.int64 and int(params["1.num_batches_tracked"]) > 0
+    assert all(bool(torch.isfinite(t).all()) for t in params.values() if t.dtype.is_floating_point)

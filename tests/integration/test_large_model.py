@@ -34,11 +34,11 @@ def test_exchange_a_320_mib_model(tmp_path):
             assert init.numel() * 4 > 300e6
             assert ps.init_parameters(layout, init)
             params = torch.empty_like(init)
-            assert ps.pull(layout, 0, params) == 0
+            assert ps.pull(layout, 0, params).version == 0
             assert torch.equal(params, init)
             grads = torch.full_like(init, 2.0)
             assert ps.push(layout, 0, 0, grads)
-            assert ps.pull(layout, 1, params) == 1
+            assert ps.pull(layout, 1, params).version == 1
             torch.testing.assert_close(params, init - 1.0, rtol=0, atol=0)  # SGD: p - 0.5 * 2
             # the largest gRPC message stays ~1 MiB: a 4 MiB receive limit on a raw channel suffices
             channel = grpc.insecure_channel(server.address, options=[("grpc.max_receive_message_length", 4 << 20)])

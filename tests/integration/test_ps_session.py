@@ -37,9 +37,9 @@ def test_one_call_carries_many_pushes(job):
         ps.register("t", 0, total_steps=10, train_size=1)
         ps.init_parameters(LAYOUT, torch.zeros(6))
         params = torch.empty(6)
-        version = ps.pull(LAYOUT, 0, params)
+        version = ps.pull(LAYOUT, 0, params).version
         for step in range(3):
-            version = ps.push_pull(LAYOUT, step, version, torch.ones(6), params)
+            version = ps.push_pull(LAYOUT, step, version, torch.ones(6), params).version
             assert version == step + 1
             assert torch.equal(params, torch.full((6,), -LR * (step + 1)))
         session = ps._session
@@ -54,13 +54,13 @@ def test_a_broken_session_is_reopened_and_the_push_applied_once(job):
         ps.register("t", 0, total_steps=10, train_size=1)
         ps.init_parameters(LAYOUT, torch.zeros(6))
         params = torch.empty(6)
-        version = ps.push_pull(LAYOUT, 0, ps.pull(LAYOUT, 0, params), torch.ones(6), params)
+        version = ps.push_pull(LAYOUT, 0, ps.pull(LAYOUT, 0, params).version, torch.ones(6), params).version
         ps._session._responses.cancel()  # the call dies (as on a network reset)
         with pytest.raises(grpc.RpcError):
             ps.push_pull(LAYOUT, 1, version, torch.ones(6), params)
         assert ps._session is None
         # the worker does not know whether step 1 landed: it pushes it again on a new call
-        version = ps.push_pull(LAYOUT, 1, version, torch.ones(6), params)
+        version = ps.push_pull(LAYOUT, 1, version, torch.ones(6), params).version
         assert version == 2 and torch.equal(params, torch.full((6,), -2 * LR))
         assert server.manager.store(job_id).version == 2
 

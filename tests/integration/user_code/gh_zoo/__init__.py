@@ -118,3 +118,43 @@ def top_k(k: int = 2) -> Callable[[object, torch.Tensor], dict[str, float]]:
         best = logits.topk(k, dim=1).indices
         return {f"top{k}": float((best == target.unsqueeze(1)).any(dim=1).float().mean())}
     return metric
+
+
+class BreaksInEval(nn.Module):
+    """Trains like an MLP, but its evaluation-mode forward raises (a bug that shows only after
+    training, like an output type the evaluation does not expect)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            raise ValueError("this model cannot evaluate")
+        return self.body(x)
+
+
+def breaks_in_eval() -> nn.Module:
+    return BreaksInEval()
+
+
+class BadSample(Dataset):
+    """Digits whose sample ``bad`` cannot be read (a corrupt record)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, bad: int) -> None:
+        self.x, self.y, self.bad = x, y, bad
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == self.bad:
+            raise OSError(f"sample {i} is corrupt")
+        return self.x[i], self.y[i]
+
+
+def bad_sample_digits(bad: int) -> tuple[Dataset, Dataset]:
+    from gradhub.worker.data import digits
+
+    train, val = digits()
+    return BadSample(*train.tensors, bad=bad), val
