@@ -60,12 +60,12 @@ def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, out: A
         reg = ps.register("bench", 0, total_steps=iters + 1, train_size=1)
         if reg.needs_init:
             ps.init_parameters(layout, params)
-        version = ps.pull(layout, 0, params)
+        version = ps.pull(layout, 0, params).version
         times = []
         for step in range(iters):
             t0 = time.perf_counter()
             ps.push(layout, step, version, grads)
-            version = ps.pull(layout, step + 1, params)
+            version = ps.pull(layout, step + 1, params).version
             times.append(time.perf_counter() - t0)
         out.put((rank, times))
 
