@@ -273,6 +273,8 @@ class ParameterStore(WorkerTable):
                 raise ProtocolError(f"unused: index {bad[0]} is outside the model's {count} parameters")
             if buffers:
                 self._model.check_buffers(buffers, "buffers")
+            elif self.config.buffers == "average" and self._model.buffers and self.config.mode == "ps-sync":
+                raise ProtocolError(f"buffers: worker {rank} sent none; the job averages every worker's buffers")
             grad = grad.to(torch.float32)  # before the check: a float64 value may overflow to inf
             self._check_finite(grad)
             self._check_buffer_values(buffers)
@@ -313,8 +315,7 @@ class ParameterStore(WorkerTable):
                 total = t.to(torch.float64).clone()
                 for r in range(1, len(pushes)):
                     other = pushes[r].buffers
-                    if other is None:
-                        raise ProtocolError(f"buffers: worker {r} sent none; buffers: average needs every worker's")
+                    assert other is not None  # push() refuses a push without them
                     total += other[name]
                 t = (total / len(pushes)).to(t.dtype)
             out[name] = t

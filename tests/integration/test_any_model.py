@@ -32,6 +32,7 @@ from gradhub.worker.data import get_batch, step_seed, worker_batch_indices
 USER_CODE = Path(__file__).parent / "user_code"
 STEPS, BATCH, SEED, WORKERS = 25, 16, 3, 2
 MODES = ("ps-sync", "allreduce")
+ASYNC_MODES = ("ps-async", "ps-ssp")  # frozen and unused parameters are checked there too
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ def finished(server, tmp_path_factory) -> dict[tuple[str, str], tuple[Any, Path]
     tmp = tmp_path_factory.mktemp("any-model")
     with Client(server.address) as client:
         jobs = {(name, mode): client.submit(spec(name, mode)) for name in CASES for mode in MODES}
+        jobs |= {(name, mode): client.submit(spec(name, mode)) for name in ("frozen", "unused")
+                 for mode in ASYNC_MODES}
         out = {}
         for key, job in jobs.items():
             info = job.wait(timeout=300)
@@ -246,7 +249,7 @@ def test_equals_plain_pytorch_and_the_checkpoint_loads_strictly(zoo, finished, n
     assert metrics["val_accuracy"] == pytest.approx(info.metrics["val_accuracy"], abs=1e-9)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + ASYNC_MODES)
 def test_frozen_parameters_stay_bit_identical(zoo, finished, mode):
     _, path = finished[("frozen", mode)]
     got, init = load_file(path), _build(zoo, CASES["frozen"]).state_dict()
@@ -257,7 +260,7 @@ def test_frozen_parameters_stay_bit_identical(zoo, finished, mode):
     assert int(got["0.1.num_batches_tracked"]) == STEPS
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + ASYNC_MODES)
 def test_an_unused_parameter_is_not_updated(zoo, finished, mode):
     _, path = finished[("unused", mode)]
     got, init = load_file(path), _build(zoo, CASES["unused"]).state_dict()

@@ -205,6 +205,32 @@ def test_malformed_spec_json(job, unchanged):
                     grpc.StatusCode.NOT_FOUND, "j-nope")
 
 
+def test_buffers_the_model_does_not_have(job, unchanged):
+    job_id, stub, *_ = job
+    hdr = header(job_id)
+    hdr.buffers.append(tensor_pb2.Tensor(meta=tensor_pb2.TensorMeta(name="bn.running_mean", dtype=F32, shape=[2]),
+                                         data=b"\0" * 8))
+    assert_rejected(lambda: stub.PushGradients(stream(hdr, grad()), timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "buffers", "bn.running_mean", "has []")
+
+
+def test_an_inline_buffer_with_the_wrong_byte_count(job, unchanged):
+    job_id, stub, *_ = job
+    hdr = header(job_id)
+    hdr.buffers.append(tensor_pb2.Tensor(meta=tensor_pb2.TensorMeta(name="count", dtype=tensor_pb2.INT64, shape=[]),
+                                         data=b"\0" * 4))
+    assert_rejected(lambda: stub.PushGradients(stream(hdr, grad()), timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "buffers[0].data", "'count' carries 4 bytes", "need 8")
+
+
+def test_an_unused_index_outside_the_model(job, unchanged):
+    job_id, stub, *_ = job
+    hdr = header(job_id)
+    hdr.unused.append(5)
+    assert_rejected(lambda: stub.PushGradients(stream(hdr, grad()), timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "unused: index 5", "2 parameters")
+
+
 def test_a_good_push_after_all_that_is_applied(job):
     """Control: the same connection and job still work (and the bad pushes did not count)."""
     job_id, stub, server, _ = job
@@ -215,3 +241,4 @@ def test_a_good_push_after_all_that_is_applied(job):
     stub.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=10, train_size=100), timeout=10)
     assert stub.PushGradients(stream(header(job_id, rank=1), grad()), timeout=10).accepted
     assert store.version == 1
+

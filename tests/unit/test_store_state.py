@@ -137,3 +137,13 @@ def test_the_store_builds_the_groups() -> None:
     store.push(0, 0, 0, torch.ones(8))
     assert torch.equal(store.parameters()["b"], torch.tensor([6.0, 7.0]))  # lr 0 for 'b'
     assert torch.equal(store.parameters()["w"], torch.arange(6.0).view(2, 3) - 0.5)
+
+
+def test_averaging_buffers_refuses_a_push_without_them_before_anything_changes() -> None:
+    store = _store(2, buffers="average")
+    store.push(0, 0, 0, torch.ones(8), _buffers(1.0, 1))
+    with pytest.raises(ProtocolError, match="buffers: worker 1 sent none; the job averages every worker's"):
+        store.push(1, 0, 0, torch.ones(8))
+    assert store.version == 0 and store.workers()[1].clock == 0
+    store.push(1, 0, 0, torch.ones(8), _buffers(3.0, 2))
+    assert store.version == 1 and torch.equal(store.state_dict()["mean"], torch.full((2,), 2.0))
