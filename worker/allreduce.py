@@ -122,17 +122,17 @@ class AllReduceTrainer:
         self.spec, self.rank, self.client = spec, rank, client
         self.rendezvous, self._store = rendezvous, store
         self.phase = Phase()
+        self._keep: Callable[[], None] | None = None  # rank 0: sends the state of the last whole step
 
     def run(self) -> WorkerResult:
         """Train to the end. On a failure, rank 0 first sends its state (it holds the job's
         state after its last whole step), so the job keeps it; the error is raised as a
         PeerLostError (another rank is gone) or a WorkerFailure naming the phase and step."""
-        self._keep: Callable[[], None] | None = None
         try:
             return self._run()
         except BaseException as e:
             own = isinstance(e, Exception) and not isinstance(e, PeerLostError | WorkerFailure)
-            failure = self.phase.failure(self.rank, e) if own else None
+            failure = self.phase.failure(e) if own else None
             if self._keep is not None and self.phase.consistent and self.phase.step > 0:
                 try:
                     self._keep()

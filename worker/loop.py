@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 
-from gradhub.client.errors import PeerLostError, WorkerFailure
+from gradhub.client.errors import WorkerFailure
 from gradhub.client.spec import JobSpec
 from gradhub.server.optim import parameter_groups
 from gradhub.worker.flat import FlatModel
@@ -33,10 +33,10 @@ class PSTrainer:
         (the server keeps the job's state: it owns the parameters in these modes)."""
         try:
             return self._run()
-        except (PeerLostError, WorkerFailure):
+        except WorkerFailure:
             raise
         except Exception as e:
-            raise self.phase.failure(self.rank, e) from e
+            raise self.phase.failure(e) from e
 
     def _run(self) -> WorkerResult:
         rank, spec, phase = self.rank, self.spec, self.phase

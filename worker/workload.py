@@ -185,7 +185,7 @@ class Phase:
         half-way through an optimizer update)."""
         return self.name != "optimizer"
 
-    def failure(self, rank: int, e: BaseException) -> WorkerFailure:
+    def failure(self, e: BaseException) -> WorkerFailure:
         """``e`` as a WorkerFailure naming the phase and step, with the traceback."""
         where = PHASES[self.name].format(step=self.step)
         text = " ".join(f"{type(e).__name__}: {e}".split())

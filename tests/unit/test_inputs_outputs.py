@@ -163,16 +163,16 @@ def test_a_failure_names_its_phase_and_step_and_pickles_with_its_traceback() -> 
     try:
         raise ValueError("bad\nsample")
     except ValueError as e:
-        failure = phase.failure(0, e)
+        failure = phase.failure(e)
     assert str(failure) == "while building the model and data: ValueError: bad sample"
     phase.at("train", 12)
-    failure = phase.failure(1, KeyError("x"))
+    failure = phase.failure(KeyError("x"))
     assert str(failure) == "at training step 12: KeyError: 'x'" and failure.phase == "train" and failure.step == 12
     phase.at("eval", 40)
     try:
         raise RuntimeError("boom")
     except RuntimeError as e:
-        failure = phase.failure(0, e)
+        failure = phase.failure(e)
     back = pickle.loads(pickle.dumps(failure))
     assert isinstance(back, WorkerFailure) and str(back) == str(failure) == "in evaluation after step 40: RuntimeError: boom"
     assert back.step == 40 and "Traceback" in back.traceback and 'raise RuntimeError("boom")' in back.traceback
