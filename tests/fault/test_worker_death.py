@@ -1,14 +1,17 @@
 """A worker whose process is killed does not change the result (ps-sync).
 
 Worker 1 of 3 is SIGKILLed once it reaches a chosen step; Ray restarts the actor, it
-re-registers, resumes at the step the server says and recomputes the gradient it owed.
-The final parameters must equal an undisturbed run of the same spec (<= 1e-6).
+re-registers, pulls the parameters and the job's buffers, resumes at the step the server says
+and recomputes the gradient it owed, with the same dropout mask (randomness is seeded per
+(seed, rank, step)). The model has BatchNorm and dropout. The final state must equal an
+undisturbed run of the same spec (<= 1e-6).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -17,12 +20,14 @@ from gradhub.client.client import Client
 from ..conftest import final_params, wait_for
 
 KILL_RANK, KILL_AT = 1, 40
+USER_CODE = Path(__file__).parents[1] / "integration" / "user_code"
 
 
 def spec(name: str) -> dict:
     return {
         "name": name, "mode": "ps-sync", "workers": 3, "resources": {"cpus": 0.5},
-        "model": {"name": "mlp", "args": {"hidden": [256, 256]}}, "dataset": "digits",
+        "model": {"factory": "gh_zoo:bn_net", "args": {"hidden": 256, "p": 0.2}}, "dataset": "digits",
+        "working_dir": str(USER_CODE),
         "optimizer": {"name": "adam", "lr": 0.001}, "batch_size": 16, "steps": 400, "seed": 3,
         "max_restarts": 2,
     }
