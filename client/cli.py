@@ -31,6 +31,7 @@ from gradhub.client.demo import checkpoint_filename, run_demo
 from gradhub.client.errors import GradhubError, NotFoundError, ServerUnavailableError
 from gradhub.client.progress import job_details, jobs_table, number
 from gradhub.client.spec import JobSpec
+from gradhub.client.states import JobState
 
 DEFAULT_SERVER = "localhost:50051"
 EXIT_INTERRUPTED = 130
@@ -390,7 +391,7 @@ def cancel(job_id: JobArg, server: ServerOpt = DEFAULT_SERVER, token_file: Token
             typer.echo(f"{job_id} already {before.state}; nothing to cancel")
             return
         info = client.cancel(job_id)
-        if info.state == "CANCELLED":
+        if info.state == JobState.CANCELLED:
             typer.echo(f"{job_id} CANCELLED")
         else:
             typer.echo(f"{job_id} cancelling (its workers are stopping; it is {info.state} now)")

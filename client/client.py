@@ -31,12 +31,13 @@ from gradhub.client.errors import (
     StateError,
 )
 from gradhub.client.spec import JobSpec
+from gradhub.client.states import JobState
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc
 
 DEFAULT_ADDRESS = "localhost:50051"
 RPC_TIMEOUT_S = 30.0
 WORKING_DIR_LIMIT = 100 << 20  # bytes, packed; Ray's runtime_env limit as well
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+TERMINAL = tuple(s for s in JobState if s.terminal)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class JobInfo:
     id: str
     name: str
     mode: str
-    state: str
+    state: JobState
     reason: str
     step: int
     total_steps: int
@@ -78,7 +79,7 @@ class JobInfo:
     @classmethod
     def from_proto(cls, p: jobs_pb2.Job) -> JobInfo:
         return cls(
-            id=p.id, name=p.name, mode=p.mode, state=jobs_pb2.JobState.Name(p.state), reason=p.reason,
+            id=p.id, name=p.name, mode=p.mode, state=JobState(jobs_pb2.JobState.Name(p.state)), reason=p.reason,
             step=p.step, total_steps=p.total_steps, version=p.version, metrics=dict(p.metrics),
             samples_per_second=p.samples_per_second, created_at=p.created_at,
             started_at=p.started_at or None, finished_at=p.finished_at or None,
@@ -251,7 +252,7 @@ class Job:
         else:
             for info in self.client.watch(self.id, timeout=timeout):
                 self.info = info
-        if self.info.state != "SUCCEEDED":
+        if self.info.state != JobState.SUCCEEDED:
             raise JobFailedError(f"job {self.id} {self.info.state}: {self.info.reason or 'no reason given'}")
         return self.info
 

@@ -16,6 +16,7 @@ from gradhub.client.client import CheckpointMeta, Client, JobInfo
 from gradhub.client.errors import JobFailedError, NotFoundError
 from gradhub.client.progress import spec_summary, watch_with_progress
 from gradhub.client.spec import JobSpec
+from gradhub.client.states import JobState
 
 HIDDEN = (128,)
 DIGITS_TRAIN = 1437  # training samples of the built-in digits set (gradhub.worker.data)
@@ -91,7 +92,7 @@ def run_demo(
         console.print(f"job {job.id}: {spec_summary(spec.to_dict())}")
         info = watch_with_progress(client, job.id, timeout=JOB_TIMEOUT_S, console=console)
         job_s = time.perf_counter() - t_submit
-        if info.state != "SUCCEEDED":
+        if info.state != JobState.SUCCEEDED:
             raise JobFailedError(f"job {job.id} {info.state}: {info.reason or 'no reason given'}")
         steps = [c.step for c in client.list_checkpoints(job.id)]
         if not steps:

@@ -13,14 +13,15 @@ from rich.text import Text
 
 from gradhub.client.client import CheckpointMeta, Client, JobInfo
 from gradhub.client.errors import GradhubError
+from gradhub.client.states import JobState
 
 ACCURACY_KEY = "val_accuracy"
 STATE_STYLES = {
-    "QUEUED": "dim",
-    "RUNNING": "cyan",
-    "SUCCEEDED": "green",
-    "FAILED": "bold red",
-    "CANCELLED": "yellow",
+    JobState.QUEUED: "dim",
+    JobState.RUNNING: "cyan",
+    JobState.SUCCEEDED: "green",
+    JobState.FAILED: "bold red",
+    JobState.CANCELLED: "yellow",
 }
 
 

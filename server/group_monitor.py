@@ -13,6 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from gradhub.client.states import JobState, WorkerPhase
 from gradhub.server.launcher import WorkerExit, WorkerGroup
 from gradhub.server.tracker import GroupConfig, GroupTracker
 
@@ -36,7 +37,7 @@ class GroupMonitor:
     def __init__(self, manager: JobManager, active: _Active) -> None:
         self.m, self.a = manager, active
 
-    def run(self) -> tuple[str | None, str]:
+    def run(self) -> tuple[JobState | None, str]:
         """Run the job to its end; returns (final state, reason), or (None, "") when the server stops."""
         m, a, spec = self.m, self.a, self.a.spec
         tracker = GroupTracker(GroupConfig(a.id, spec.workers))
@@ -52,7 +53,7 @@ class GroupMonitor:
                     a.group = m.launcher.launch(a.id, spec, runtime_env)
                 except Exception as e:  # noqa: BLE001 - reported as the job's failure
                     reason = "could not start workers"
-                    return "FAILED", f"could not start the workers: {type(e).__name__}: {e}"
+                    return JobState.FAILED, f"could not start the workers: {type(e).__name__}: {e}"
                 try:
                     state, reason = self._watch(tracker, a.group)
                     return state, reason
@@ -64,13 +65,13 @@ class GroupMonitor:
                     if restarts > spec.max_restarts:
                         reason = (f"{lost.reason}; the group was restarted {restarts - 1} times "
                                   f"(max_restarts is {spec.max_restarts})")
-                        return "FAILED", reason
+                        return JobState.FAILED, reason
                     step = self._latest_step()
                     m.log_line(a.id, f"{lost.reason}; restarting all {spec.workers} workers from step {step} "
                                      f"(restart {restarts} of {spec.max_restarts})")
                     tracker.restart(step)
                     for r in range(spec.workers):
-                        self._set_state(r, "restarting")
+                        self.m.set_worker_phase(self.a, r, WorkerPhase.RESTARTING)
         finally:
             tracker.close(reason or "job ended")
             if a.group is not None:
@@ -80,7 +81,7 @@ class GroupMonitor:
         latest = self.m.checkpoint_store.latest(self.a.id)
         return 0 if latest is None else latest.step
 
-    def _watch(self, tracker: GroupTracker, group: WorkerGroup) -> tuple[str | None, str]:
+    def _watch(self, tracker: GroupTracker, group: WorkerGroup) -> tuple[JobState | None, str]:
         """Until the group ends: a final state, or ``_Retry`` when a worker was lost."""
         m, a, spec = self.m, self.a, self.a.spec
         done: set[int] = set()
@@ -88,7 +89,7 @@ class GroupMonitor:
             if m.stopping:
                 return None, "server shutting down"
             if a.cancel is not None:
-                return "CANCELLED", a.cancel
+                return JobState.CANCELLED, a.cancel
             exits = group.wait(m.config.poll_s)
             if m.stopping or a.cancel is not None:
                 continue  # workers end with errors when the job closes: not the job's failure
@@ -96,7 +97,7 @@ class GroupMonitor:
             for ex in exits:
                 if ex.result is not None:
                     done.add(ex.rank)
-                    self._set_state(ex.rank, "done")
+                    self.m.set_worker_phase(self.a, ex.rank, WorkerPhase.DONE)
             if failed:
                 for ex in failed:
                     if not ex.died:
@@ -107,14 +108,14 @@ class GroupMonitor:
                 failed += self._settle(group, done, {ex.rank for ex in failed})
                 return self._verdict(tracker, failed)
             for rank, silent in enumerate(tracker.seconds_since_seen()):
-                if rank not in done and silent > m.config.heartbeat_timeout_s and a.worker_state[rank] == "running":
+                if rank not in done and silent > m.config.heartbeat_timeout_s and a.worker_state[rank] == WorkerPhase.RUNNING:
                     m.log_line(a.id, f"worker {rank} silent for {silent:.0f} s: killing it")
                     tracker.mark_dead(rank)
                     group.kill(rank)  # its death then restarts the group
             if len(done) == spec.workers:
                 if not tracker.finished():
-                    return "FAILED", "the workers stopped before the last step"
-                return "SUCCEEDED", ""
+                    return JobState.FAILED, "the workers stopped before the last step"
+                return JobState.SUCCEEDED, ""
 
     def _settle(self, group: WorkerGroup, done: set[int], ended: set[int]) -> list[WorkerExit]:
         """The outcomes of the other ranks that end within ``SETTLE_S`` (they usually fail
@@ -130,17 +131,18 @@ class GroupMonitor:
                     more.append(ex)
         return more
 
-    def _verdict(self, tracker: GroupTracker, failed: list[WorkerExit]) -> tuple[str, str]:
+    def _verdict(self, tracker: GroupTracker, failed: list[WorkerExit]) -> tuple[JobState, str]:
         """FAILED for a worker's own error (bad code or data would fail again); ``_Retry`` when
         a worker died or lost its peers (the group can go on from a checkpoint)."""
         for ex in failed:
-            self._set_state(ex.rank, "failed" if ex.error and not ex.lost_peer else "lost")
+            phase = WorkerPhase.FAILED if ex.error and not ex.lost_peer else WorkerPhase.LOST
+            self.m.set_worker_phase(self.a, ex.rank, phase)
             tracker.mark_dead(ex.rank)
         own = [ex for ex in failed if not ex.died and not ex.lost_peer]
         if own:
             ex = min(own, key=lambda e: e.rank)
             self.m.log_traceback(self.a.id, ex.rank, ex.traceback)
-            return "FAILED", ex.failure()
+            return JobState.FAILED, ex.failure()
         died = sorted((ex for ex in failed if ex.died), key=lambda e: e.rank)
         if died:
             names = ", ".join(f"worker {ex.rank} died ({ex.error})" for ex in died)
@@ -148,7 +150,3 @@ class GroupMonitor:
         ex = min(failed, key=lambda e: e.rank)
         raise _Retry(f"worker {ex.rank} lost its peers: {ex.error}", [ex.rank])
 
-    def _set_state(self, rank: int, state: str) -> None:
-        with self.m.cond:
-            self.a.worker_state[rank] = state
-        self.m.notify()

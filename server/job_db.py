@@ -19,10 +19,11 @@ from types import TracebackType
 from typing import Any, Self
 
 from gradhub.client.errors import NotFoundError, StateError
+from gradhub.client.states import JobState
 
 __all__ = ["JOB_STATES", "SCHEMA_VERSION", "JobDB", "JobRecord"]
 
-JOB_STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+JOB_STATES = tuple(JobState)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,7 +34,7 @@ class JobRecord:
     name: str
     mode: str
     spec_json: str
-    state: str
+    state: JobState
     reason: str = ""
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -48,6 +49,7 @@ class JobRecord:
 
     def __post_init__(self) -> None:
         _check_state(self.state)
+        object.__setattr__(self, "state", JobState(self.state))
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord))
@@ -155,7 +157,8 @@ class JobDB:
                 raise
 
     def update(self, job_id: str, **fields: Any) -> JobRecord:
-        """Set the given fields of a job and return the updated record."""
+        """Set the given fields of a job and return the updated record. A change of ``state``
+        must be an allowed transition from the stored one (``JobState.to``): ``StateError``."""
         unknown = sorted(set(fields) - _UPDATABLE)
         if unknown:
             raise ValueError(
@@ -166,6 +169,10 @@ class JobDB:
             _check_state(fields["state"])
         row = _to_row_fields(fields)
         with self._transaction() as conn:
+            if "state" in fields:
+                current = _get(conn, job_id).state
+                if current != fields["state"]:
+                    current.to(fields["state"])
             if row:
                 assignments = ", ".join(f"{c} = :{c}" for c in row)
                 cur = conn.execute(
@@ -285,6 +292,8 @@ def _get(conn: sqlite3.Connection, job_id: str) -> JobRecord:
 
 def _to_row_fields(fields: dict[str, Any]) -> dict[str, Any]:
     row = dict(fields)
+    if "state" in row:
+        row["state"] = str(row["state"])  # the enum's value, as the CHECK constraint lists it
     if "metrics" in row:
         row["metrics"] = json.dumps({str(k): float(v) for k, v in row["metrics"].items()})
     return row

@@ -86,7 +86,7 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
                 yield jobs_pb2.GetJobLogsResponse(lines=[text for _, text in lines])
             if not request.follow or not context.is_active():
                 return
-            if self._jobs.get(request.job_id).record.state in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            if self._jobs.get(request.job_id).record.state.terminal:
                 if not self._jobs.logs(request.job_id, after=after):
                     return
                 continue

@@ -1,6 +1,7 @@
 """The job manager: jobs' lifecycle, the FIFO queue, and the monitor of each running job.
 
-States go QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED. Jobs persist in the
+States go QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED (``gradhub.client.states``
+holds the table; ``JobDB.update`` enforces it, and ``set_worker_phase`` a worker's). Jobs persist in the
 JobDB; a job that was RUNNING when the server stopped is resumed from its latest
 checkpoint at the next start. The Ray side is behind the ``Launcher`` interface.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from gradhub.client.errors import NotFoundError, SpecError, StateError
 from gradhub.client.spec import JobSpec
+from gradhub.client.states import JobState, WorkerPhase
 from gradhub.proto.codec import Layout
 from gradhub.proto.state import TrainingState
 from gradhub.server.checkpoints import CheckpointStore
@@ -30,7 +32,7 @@ from gradhub.server.tracker import GroupTracker
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+TERMINAL = tuple(s for s in JobState if s.terminal)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class ManagerConfig:
 @dataclass(frozen=True)
 class WorkerView:
     rank: int
-    state: str
+    state: WorkerPhase
     step: int
     staleness: int
     max_staleness: int
@@ -75,7 +77,7 @@ class _Active:
     group: WorkerGroup | None = None
     cancel: str | None = None
     restarts: list[int] = field(default_factory=list)
-    worker_state: list[str] = field(default_factory=list)
+    worker_state: list[WorkerPhase] = field(default_factory=list)
     rates: dict[int, float] = field(default_factory=dict)
     losses: dict[int, float] = field(default_factory=dict)
     avg_rates: dict[int, float] = field(default_factory=dict)
@@ -107,12 +109,12 @@ class JobManager:
     def start(self) -> None:
         """Requeue what the last server left QUEUED or RUNNING, then start scheduling."""
         self._started_at = time.monotonic()
-        for rec in self._db.list(states=("QUEUED", "RUNNING")):
+        for rec in self._db.list(states=(JobState.QUEUED, JobState.RUNNING)):
             spec = JobSpec.from_json(rec.spec_json)
-            resume = rec.state == "RUNNING"
+            resume = rec.state == JobState.RUNNING
             if resume:
                 self._log(rec.id, "server restarted: resuming from the latest checkpoint")
-                self._db.update(rec.id, state="QUEUED", attempts=rec.attempts + 1)
+                self._db.update(rec.id, state=JobState.QUEUED, attempts=rec.attempts + 1)
             self._active[rec.id] = _Active(rec.id, spec, resume=resume)
             self._queue.append(rec.id)
         self._scheduler = threading.Thread(target=self._schedule_loop, name="gradhub-scheduler", daemon=True)
@@ -145,7 +147,7 @@ class JobManager:
             path = self._working_dirs / f"{job_id}.zip"
             path.write_bytes(working_dir_zip)
             workdir = str(path)
-        rec = JobRecord(id=job_id, name=spec.name, mode=spec.mode, spec_json=spec.to_json(), state="QUEUED",
+        rec = JobRecord(id=job_id, name=spec.name, mode=spec.mode, spec_json=spec.to_json(), state=JobState.QUEUED,
                         created_at=time.time(), working_dir=workdir)
         with self._cond:
             if self._stopping:
@@ -165,7 +167,7 @@ class JobManager:
                 return JobView(rec)
             store = a.store
             workers = tuple(
-                WorkerView(w.rank, a.worker_state[w.rank] if a.worker_state else "starting", w.clock,
+                WorkerView(w.rank, a.worker_state[w.rank] if a.worker_state else WorkerPhase.STARTING, w.clock,
                            w.staleness, w.max_staleness, w.host, w.pid, a.restarts[w.rank] if a.restarts else 0)
                 for w in store.workers()
             )
@@ -185,7 +187,7 @@ class JobManager:
             a = self._active.get(job_id)
             if a is not None and job_id in self._queue:
                 self._queue.remove(job_id)
-                self._finish(job_id, "CANCELLED", reason)
+                self._finish(job_id, JobState.CANCELLED, reason)
             elif a is not None:
                 a.cancel = reason
                 if a.store is not None:
@@ -272,7 +274,7 @@ class JobManager:
         with self._cond:
             a = self._active[job_id]
             if a.worker_state:
-                a.worker_state[rank] = "running"
+                a.worker_state[rank] = a.worker_state[rank].to(WorkerPhase.RUNNING)
             self._changed()
         rec = self._db.get(job_id)
         if rec.total_steps != total_steps:
@@ -329,7 +331,7 @@ class JobManager:
                     break  # it will fit later (or nodes are still joining after a restart)
                 # queued before a restart on a smaller cluster: it would block the queue forever
                 self._queue.pop(0)
-                self._finish(job_id, "FAILED", f"resources: {too_big}")
+                self._finish(job_id, JobState.FAILED, f"resources: {too_big}")
                 self._changed()
                 continue
             self._queue.pop(0)
@@ -368,14 +370,14 @@ class JobManager:
             state, reason = monitor.run()
         except Exception as e:
             log.exception("job %s crashed", a.id)
-            state, reason = "FAILED", f"internal error: {type(e).__name__}: {e}"
+            state, reason = JobState.FAILED, f"internal error: {type(e).__name__}: {e}"
         with self._cond:
             self._reserved.pop(a.id, None)
             if state is not None:
                 self._finish(a.id, state, reason)
             self._changed()
 
-    def _finish(self, job_id: str, state: str, reason: str) -> None:
+    def _finish(self, job_id: str, state: JobState, reason: str) -> None:
         self._db.update(job_id, state=state, reason=reason, finished_at=time.time())
         self._active.pop(job_id, None)
         self._log(job_id, f"{state}{': ' + reason if reason else ''}")
@@ -418,11 +420,18 @@ class JobManager:
         with self._cond:
             a.store = state
             a.restarts = [0] * a.spec.workers
-            a.worker_state = ["starting"] * a.spec.workers
-        self._db.update(a.id, state="RUNNING", started_at=time.time(), reason="")
+            a.worker_state = [WorkerPhase.STARTING] * a.spec.workers
+        self._db.update(a.id, state=JobState.RUNNING, started_at=time.time(), reason="")
         self.notify()
         rec = self._db.get(a.id)
         return {"working_dir": rec.working_dir} if rec.working_dir else None
+
+    def set_worker_phase(self, a: _Active, rank: int, phase: WorkerPhase) -> None:
+        """Move worker ``rank`` of a running job to ``phase`` (an allowed transition, or
+        ``StateError``) and tell watchers."""
+        with self._cond:
+            a.worker_state[rank] = a.worker_state[rank].to(phase)
+        self.notify()
 
     def log_line(self, job_id: str, line: str) -> None:
         self._log(job_id, line)

@@ -10,6 +10,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from gradhub.client.errors import GradhubError, StateError
+from gradhub.client.states import JobState, WorkerPhase
 from gradhub.server.store import CheckpointState, ParameterStore
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ class JobMonitor:
     def __init__(self, manager: JobManager, active: _Active) -> None:
         self.m, self.a = manager, active
 
-    def run(self) -> tuple[str | None, str]:
+    def run(self) -> tuple[JobState | None, str]:
         """Run the job to its end; returns (final state, reason), or (None, "") when the server stops."""
         from gradhub.server.jobs import store_config
 
@@ -33,18 +34,18 @@ class JobMonitor:
             try:
                 self._resume(store, rec.total_steps)
             except GradhubError as e:
-                return "FAILED", f"cannot resume after the server restart: {e}"
+                return JobState.FAILED, f"cannot resume after the server restart: {e}"
         runtime_env = m.begin(a, store)
         try:
             group = m.launcher.launch(a.id, spec, runtime_env)
         except Exception as e:  # noqa: BLE001 - reported as the job's failure
             store.close("could not start workers")
-            return "FAILED", f"could not start the workers: {type(e).__name__}: {e}"
+            return JobState.FAILED, f"could not start the workers: {type(e).__name__}: {e}"
         a.group = group
         reason = "job ended"
         try:
             state, reason = self._loop(store)
-            if state == "FAILED":
+            if state == JobState.FAILED:
                 self._keep_state(store)
             return state, reason
         finally:
@@ -69,7 +70,7 @@ class JobMonitor:
         )
         self.m.log_line(self.a.id, f"resuming from the checkpoint at step {loaded.info.step}")
 
-    def _loop(self, store: ParameterStore) -> tuple[str | None, str]:
+    def _loop(self, store: ParameterStore) -> tuple[JobState | None, str]:
         m, a, spec = self.m, self.a, self.a.spec
         assert a.group is not None
         done: set[int] = set()
@@ -78,46 +79,42 @@ class JobMonitor:
             if m.stopping:
                 return None, "server shutting down"
             if a.cancel is not None:
-                return "CANCELLED", a.cancel
+                return JobState.CANCELLED, a.cancel
             for ex in a.group.wait(m.config.poll_s):
                 if m.stopping or a.cancel is not None:
                     break  # workers end with errors when their store closes: not the job's failure
                 if ex.result is not None:
                     done.add(ex.rank)
-                    self._set_state(ex.rank, "done")
+                    self.m.set_worker_phase(self.a, ex.rank, WorkerPhase.DONE)
                 elif ex.died:
                     a.restarts[ex.rank] += 1
                     store.mark_dead(ex.rank)
                     if a.restarts[ex.rank] > spec.max_restarts:
-                        return "FAILED", (f"worker {ex.rank} died {a.restarts[ex.rank]} times "
+                        return JobState.FAILED, (f"worker {ex.rank} died {a.restarts[ex.rank]} times "
                                           f"(max_restarts is {spec.max_restarts}): {ex.error}")
                     m.log_line(a.id, f"worker {ex.rank} died ({ex.error}); restart "
                                      f"{a.restarts[ex.rank]} of {spec.max_restarts}")
-                    self._set_state(ex.rank, "restarting")
+                    self.m.set_worker_phase(self.a, ex.rank, WorkerPhase.RESTARTING)
                     a.group.rerun(ex.rank)
                 else:
                     m.log_traceback(a.id, ex.rank, ex.traceback)
-                    return "FAILED", ex.failure()
+                    return JobState.FAILED, ex.failure()
             for rank, silent in enumerate(store.seconds_since_seen()):
-                if rank not in done and silent > m.config.heartbeat_timeout_s and a.worker_state[rank] == "running":
+                if rank not in done and silent > m.config.heartbeat_timeout_s and a.worker_state[rank] == WorkerPhase.RUNNING:
                     m.log_line(a.id, f"worker {rank} silent for {silent:.0f} s: killing it so Ray restarts it")
-                    self._set_state(rank, "restarting")
+                    self.m.set_worker_phase(self.a, rank, WorkerPhase.RESTARTING)
                     store.mark_dead(rank)
                     a.group.kill(rank)
             if len(done) == spec.workers:
                 if not store.finished():
-                    return "FAILED", "the workers stopped before the last step"
+                    return JobState.FAILED, "the workers stopped before the last step"
                 self._final_checkpoint(store)
                 if spec.mode != "ps-sync":
                     rec = m.db.get(a.id)
                     staleness = max(w.max_staleness for w in store.workers())
                     m.db.update(a.id, metrics={**rec.metrics, "max_staleness": float(staleness)})
-                return "SUCCEEDED", ""
+                return JobState.SUCCEEDED, ""
 
-    def _set_state(self, rank: int, state: str) -> None:
-        with self.m.cond:
-            self.a.worker_state[rank] = state
-        self.m.notify()
 
     def _keep_state(self, store: ParameterStore) -> None:
         """A failed job keeps what it trained: the store's state, consistent at every moment,

@@ -123,6 +123,7 @@ def test_persistence_across_close_and_reopen(tmp_path: Path) -> None:
     path = tmp_path / "jobs.db"
     with JobDB(path) as db:
         db.insert(_job("a", metrics={"loss": 1.5}))
+        db.update("a", state="RUNNING")  # jobs only succeed from RUNNING
         db.update("a", state="SUCCEEDED", finished_at=500.0, step=10)
         db.append_log("a", "hello")
         db.append_log("a", "bye")
