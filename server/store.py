@@ -173,15 +173,15 @@ class ParameterStore(WorkerTable):
         with self._cond:
             if self._flat is not None:
                 return False
-            self._model = model
-            self._frozen = {} if model.frozen is None or frozen is None else \
-                {k: v.clone() for k, v in model.frozen.split(frozen.to(torch.float32)).items()}
-            self._buffers = {k: v.clone() for k, v in buffers.items()}
             if self._resume is not None:
-                self._install_resume(model, self._resume)
+                self._install_resume(model, self._resume)  # the frozen values and buffers resumed
                 self._resume = None
             else:
                 self._install(model.trainable, flat.to(torch.float32).clone())
+                self._frozen = {} if model.frozen is None or frozen is None else \
+                    {k: v.clone() for k, v in model.frozen.split(frozen.to(torch.float32)).items()}
+                self._buffers = {k: v.clone() for k, v in buffers.items()}
+            self._model = model
             self._cond.notify_all()
             return True
 
@@ -217,13 +217,16 @@ class ParameterStore(WorkerTable):
             raise ProtocolError(f"byte count: {flat.numel()} values for a model of {layout.numel}")
         if self._total_steps is None:
             raise StateError("total_steps: unknown until a worker registers")
-        self._layout, self._flat = layout, flat.contiguous()
-        self._params = [torch.nn.Parameter(p, requires_grad=True) for p in layout.split(self._flat).values()]
+        flat = flat.contiguous()
+        params = [torch.nn.Parameter(p, requires_grad=True) for p in layout.split(flat).values()]
         c = self.config
-        named = list(zip(layout.names, self._params, strict=True))
-        self._optimizer = build_optimizer(parameter_groups(named, c.param_groups), c.optimizer, c.lr, c.hyper)
+        # built before anything is kept: parameter groups that match nothing raise SpecError
+        optimizer = build_optimizer(parameter_groups(list(zip(layout.names, params, strict=True)), c.param_groups),
+                                    c.optimizer, c.lr, c.hyper)
         updates = self._total_steps * (1 if c.mode == "ps-sync" else c.world_size)
-        self._scheduler = build_scheduler(self._optimizer, c.schedule, max(updates, 1))
+        scheduler = build_scheduler(optimizer, c.schedule, max(updates, 1))
+        self._layout, self._flat, self._params = layout, flat, params
+        self._optimizer, self._scheduler = optimizer, scheduler
 
     # --------------------------------------------------------------- workers
     def register(self, rank: int, host: str = "", pid: int = 0) -> tuple[int, int, bool]:

@@ -147,3 +147,12 @@ def test_averaging_buffers_refuses_a_push_without_them_before_anything_changes()
     assert store.version == 0 and store.workers()[1].clock == 0
     store.push(1, 0, 0, torch.ones(8), _buffers(3.0, 2))
     assert store.version == 1 and torch.equal(store.state_dict()["mean"], torch.full((2,), 2.0))
+
+
+def test_groups_that_match_nothing_leave_the_store_uninitialized() -> None:
+    store = ParameterStore(StoreConfig("job", "ps-sync", 1, param_groups=({"params": ["nope.*"]},)))
+    store.set_total_steps(10)
+    store.register(0)
+    with pytest.raises(SpecError, match=r"param_groups\[0\].params: no trainable parameter left matches"):
+        store.initialize(MODEL, torch.arange(8.0), torch.full((4,), 9.0), _buffers(0.0, 0))
+    assert not store.initialized and store.layout is None
