@@ -32,8 +32,10 @@ from gradhub.client.errors import GradhubError, NotFoundError, ServerUnavailable
 from gradhub.client.progress import job_details, jobs_table, number
 from gradhub.client.spec import JobSpec
 from gradhub.client.states import JobState
+from gradhub.server.config import ServerConfig
 
 DEFAULT_SERVER = "localhost:50051"
+_SERVER_DEFAULTS = ServerConfig()  # `gradhub server` reads its defaults from ServerConfig only
 EXIT_INTERRUPTED = 130
 PIPED_WIDTH = 200
 
@@ -129,14 +131,14 @@ def _root(
 @app.command()
 def server(
     host: Annotated[str, typer.Option(envvar="GRADHUB_HOST", help="Interface to listen on.")] = (
-        "127.0.0.1"
+        _SERVER_DEFAULTS.host
     ),
     port: Annotated[
         int, typer.Option(envvar="GRADHUB_PORT", min=0, max=65535, help="Port (0: any free one).")
-    ] = 50051,
+    ] = _SERVER_DEFAULTS.port,
     data_dir: Annotated[
         Path, typer.Option(envvar="GRADHUB_DATA_DIR", file_okay=False, help="Jobs and checkpoints.")
-    ] = Path("gradhub-data"),
+    ] = _SERVER_DEFAULTS.data_dir,
     ray_address: Annotated[
         str | None,
         typer.Option(envvar="GRADHUB_RAY_ADDRESS", help="A Ray cluster (default: a local Ray)."),
@@ -151,19 +153,19 @@ def server(
     token_file: TokenFileOpt = None,
     grace: Annotated[
         float, typer.Option(min=0, help="Seconds running RPCs get to finish on shutdown.")
-    ] = 5.0,
+    ] = _SERVER_DEFAULTS.stop_grace_s,
     node_join_grace: Annotated[
         float,
         typer.Option(min=0, envvar="GRADHUB_NODE_JOIN_GRACE",
                      help="After a start, seconds a requeued job that does not fit waits for "
                           "worker nodes to join before it fails."),
-    ] = 120.0,
+    ] = _SERVER_DEFAULTS.node_join_grace_s,
     collective_timeout: Annotated[
         float,
         typer.Option(min=1, envvar="GRADHUB_COLLECTIVE_TIMEOUT",
                      help="allreduce mode: seconds a collective waits for a hung peer before the "
                           "group restarts (a dead worker is noticed at once)."),
-    ] = 120.0,
+    ] = _SERVER_DEFAULTS.collective_timeout_s,
 ) -> None:
     """Run the gradhub server until Ctrl-C or SIGTERM, then stop gracefully."""
     from gradhub.server.app import Server
@@ -176,7 +178,8 @@ def server(
     try:
         config = ServerConfig(host=host, port=port, data_dir=data_dir, ray_address=ray_address,
                               advertise_address=advertise_address, token=token,
-                              node_join_grace_s=node_join_grace, collective_timeout_s=collective_timeout)
+                              node_join_grace_s=node_join_grace, collective_timeout_s=collective_timeout,
+                              stop_grace_s=grace)
     except ValueError as e:
         _fail(str(e))
     srv = Server(config)
@@ -196,7 +199,7 @@ def server(
     _wait_for_signal()
     typer.echo(f"gradhub server: stopping (grace {grace:g} s)", err=True)
     try:
-        srv.stop(grace)
+        srv.stop(config.stop_grace_s)
     except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
         raise typer.Exit(EXIT_INTERRUPTED) from None
     typer.echo("gradhub server: stopped", err=True)

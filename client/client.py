@@ -109,7 +109,7 @@ def _translate(e: grpc.RpcError, what: str) -> GradhubError:
     if code == grpc.StatusCode.UNAVAILABLE:
         return ServerUnavailableError(f"{what}: server unavailable ({details})")
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return AuthError(f"{what}: {details} (set GRADHUB_TOKEN or pass token=)")
+        return AuthError(f"{what}: {details} (pass token=, or set GRADHUB_TOKEN for Client.from_env())")
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFoundError(details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -121,16 +121,24 @@ def _translate(e: grpc.RpcError, what: str) -> GradhubError:
 
 
 class Client:
-    """A connection to one gradhub server. ``address``: GRADHUB_SERVER, then localhost:50051."""
+    """A connection to one gradhub server at ``address`` (host:port), with the server's bearer
+    ``token`` when it has one. Reads nothing from the environment: ``Client.from_env()`` does."""
 
-    def __init__(self, address: str | None = None, token: str | None = None, timeout: float = RPC_TIMEOUT_S) -> None:
-        self.address = address or os.environ.get("GRADHUB_SERVER") or DEFAULT_ADDRESS
-        token = token if token is not None else os.environ.get("GRADHUB_TOKEN")
+    def __init__(self, address: str, token: str | None = None, timeout: float = RPC_TIMEOUT_S) -> None:
+        self.address = address
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._timeout = timeout
         self._channel = grpc.insecure_channel(self.address, options=[
             ("grpc.max_receive_message_length", 64 << 20)])
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    @classmethod
+    def from_env(cls, address: str | None = None, token: str | None = None,
+                 timeout: float = RPC_TIMEOUT_S) -> Client:
+        """A client for ``address``, else ``GRADHUB_SERVER``, else localhost:50051, with ``token``,
+        else ``GRADHUB_TOKEN``: the environment is read here, at the edge."""
+        return cls(address or os.environ.get("GRADHUB_SERVER") or DEFAULT_ADDRESS,
+                   token if token is not None else os.environ.get("GRADHUB_TOKEN") or None, timeout)
 
     def close(self) -> None:
         self._channel.close()

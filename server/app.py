@@ -20,7 +20,7 @@ from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig
 from gradhub.server.job_db import JobDB
 from gradhub.server.job_service import JobServiceServicer
-from gradhub.server.jobs import JobManager, ManagerConfig
+from gradhub.server.jobs import JobManager
 from gradhub.server.launcher import Launcher, RayLauncher
 from gradhub.server.ps_service import ParameterServerServicer
 from gradhub.server.ps_service import add_to_server as add_ps_service
@@ -93,9 +93,7 @@ class Server:
         self._db = JobDB(c.data_dir / "jobs.db")
         checkpoints = CheckpointStore(c.data_dir / "checkpoints")
         self._manager = JobManager(
-            self._db, checkpoints, self._launcher or RayLauncher(advertise, c.token), c.data_dir / "working_dirs",
-            ManagerConfig(heartbeat_interval_s=c.heartbeat_interval_s, heartbeat_timeout_s=c.heartbeat_timeout_s,
-                          node_join_grace_s=c.node_join_grace_s, collective_timeout_s=c.collective_timeout_s),
+            self._db, checkpoints, self._launcher or RayLauncher(advertise, c.token), c.data_dir / "working_dirs", c,
         )
         add_ps_service(ParameterServerServicer(self._manager), self._grpc)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(self._manager, checkpoints), self._grpc)

@@ -1,4 +1,5 @@
-"""Server configuration: a frozen dataclass, validated on construction.
+"""Server configuration: a frozen dataclass, validated on construction, and the one place
+where every server default lives (the CLI and the job manager read theirs from here).
 
 Precedence (resolved once, in the CLI): command-line option > ``GRADHUB_*``
 environment variable > default. Library code never reads the environment.
@@ -6,7 +7,7 @@ environment variable > default. Library code never reads the environment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
@@ -28,6 +29,8 @@ class ServerConfig:
     # allreduce mode: a collective that waits this long for a (hung) peer fails, and the group
     # restarts; a worker that dies is noticed at once, whatever this is
     collective_timeout_s: float = 120.0
+    poll_s: float = 0.25  # how often a job's monitor looks at its workers
+    stop_grace_s: float = 5.0  # on shutdown, how long running RPCs get to finish
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -42,4 +45,16 @@ class ServerConfig:
             raise ValueError("node_join_grace_s: must be >= 0")
         if self.collective_timeout_s < 1:
             raise ValueError("collective_timeout_s: must be >= 1")
+        if not self.poll_s > 0:
+            raise ValueError("poll_s: must be > 0")
+        if self.stop_grace_s < 0:
+            raise ValueError("stop_grace_s: must be >= 0")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+
+
+def default(name: str) -> object:
+    """The default of ``ServerConfig.<name>`` (for the CLI's options)."""
+    for f in fields(ServerConfig):
+        if f.name == name:
+            return f.default
+    raise KeyError(name)

@@ -25,6 +25,7 @@ from gradhub.client.states import JobState, WorkerPhase
 from gradhub.proto.codec import Layout
 from gradhub.proto.state import TrainingState
 from gradhub.server.checkpoints import CheckpointStore
+from gradhub.server.config import ServerConfig
 from gradhub.server.job_db import JobDB, JobRecord
 from gradhub.server.launcher import Launcher, WorkerGroup, demand
 from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
@@ -33,17 +34,6 @@ from gradhub.server.tracker import GroupTracker
 log = logging.getLogger(__name__)
 
 TERMINAL = tuple(s for s in JobState if s.terminal)
-
-
-@dataclass(frozen=True)
-class ManagerConfig:
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 20.0  # a worker silent this long is killed (and restarted)
-    # after a server start, how long a requeued job that does not fit the cluster waits for
-    # nodes to (re)join before it fails
-    node_join_grace_s: float = 120.0
-    poll_s: float = 0.25
-    collective_timeout_s: float = 120.0  # allreduce mode: a collective waiting longer fails
 
 
 @dataclass(frozen=True)
@@ -90,10 +80,10 @@ class JobManager:
     """Owns every job; all mutation happens under ``_cond``. Also the PS servicer's backend."""
 
     def __init__(self, db: JobDB, checkpoints: CheckpointStore, launcher: Launcher,
-                 working_dirs: Path, config: ManagerConfig = ManagerConfig()) -> None:
+                 working_dirs: Path, config: ServerConfig | None = None) -> None:
         self._db, self._ckpts, self._launcher = db, checkpoints, launcher
         self._working_dirs = working_dirs
-        self.config = config
+        self.config = config = config or ServerConfig()
         self.heartbeat_interval_s = config.heartbeat_interval_s
         self.collective_timeout_s = config.collective_timeout_s
         self._cond = threading.Condition()

@@ -16,8 +16,9 @@ import torch
 from gradhub.client.spec import JobSpec
 from gradhub.server import group_monitor
 from gradhub.server.checkpoints import CheckpointStore
+from gradhub.server.config import ServerConfig
 from gradhub.server.job_db import JobDB, JobRecord
-from gradhub.server.jobs import TERMINAL, JobManager, ManagerConfig
+from gradhub.server.jobs import TERMINAL, JobManager
 from gradhub.server.launcher import WorkerExit
 
 STEPS = 10
@@ -113,7 +114,7 @@ def run_job(tmp_path: Path) -> Iterator[Callable[..., tuple[JobRecord, FakeLaunc
                 checkpoints=CheckpointStore(tmp_path / "ckpt"),
                 launcher=launcher,
                 working_dirs=tmp_path / "wd",
-                config=ManagerConfig(poll_s=0.01),
+                config=ServerConfig(poll_s=0.01),
             )
             launcher.manager = manager
             managers.append(manager)
