@@ -29,6 +29,7 @@ from gradhub.client.errors import (
     ServerUnavailableError,
     SpecError,
     StateError,
+    from_rpc_error,
 )
 from gradhub.client.spec import JobSpec
 from gradhub.client.states import JobState
@@ -105,7 +106,12 @@ class CheckpointMeta:
 
 
 def _translate(e: grpc.RpcError, what: str) -> GradhubError:
+    """The server's error as the class it raised (from the trailing metadata); by status code
+    when there is none (a server that is down, the token interceptor)."""
     code, details = e.code(), e.details() or ""
+    rebuilt = from_rpc_error(e)
+    if rebuilt is not None:
+        return rebuilt
     if code == grpc.StatusCode.UNAVAILABLE:
         return ServerUnavailableError(f"{what}: server unavailable ({details})")
     if code == grpc.StatusCode.UNAUTHENTICATED:

@@ -70,3 +70,44 @@ class WorkerFailure(GradhubError):
 
     def __reduce__(self):  # keep pickling (Ray) working with the extra fields
         return (type(self), (str(self), self.phase, self.step, self.traceback))
+
+
+# --- errors on the wire --------------------------------------------------------------------
+# The server sends the class of a GradhubError (and a SpecError's field) as trailing metadata
+# beside the status; the client and the workers rebuild the same class from this one table.
+
+ERROR_KEY, FIELD_KEY = "gradhub-error", "gradhub-field"
+
+ERRORS: dict[str, type[GradhubError]] = {cls.__name__: cls for cls in (
+    GradhubError, SpecError, FactoryError, ProtocolError, NotFoundError, StateError, JobFailedError,
+    ServerUnavailableError, AuthError, PeerLostError, WorkerFailure,
+)}
+
+
+def error_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata that names ``exc``'s class (and a SpecError's field); () for others."""
+    if not isinstance(exc, GradhubError) or type(exc).__name__ not in ERRORS:
+        return ()
+    out = ((ERROR_KEY, type(exc).__name__),)
+    return out + ((FIELD_KEY, exc.field),) if isinstance(exc, SpecError) else out
+
+
+def rebuild_error(metadata: object, details: str) -> GradhubError | None:
+    """The error a server raised, from its trailing metadata (pairs of key and value) and the
+    status details; None when the metadata names no gradhub error."""
+    pairs = dict(metadata) if isinstance(metadata, tuple | list) else {}  # type: ignore[arg-type]
+    cls = ERRORS.get(str(pairs.get(ERROR_KEY, "")))
+    if cls is None:
+        return None
+    if cls is SpecError:
+        field = str(pairs.get(FIELD_KEY, "spec"))
+        return SpecError(field, details.removeprefix(f"{field}: "))
+    return cls(details)
+
+
+def from_rpc_error(e: BaseException) -> GradhubError | None:
+    """``rebuild_error`` for a ``grpc.RpcError`` (read by duck typing: no grpc import here)."""
+    trailing, details = getattr(e, "trailing_metadata", None), getattr(e, "details", None)
+    if not callable(trailing) or not callable(details):
+        return None
+    return rebuild_error(trailing(), details() or "")

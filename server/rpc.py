@@ -1,4 +1,5 @@
-"""Shared gRPC edge helpers: domain errors -> status codes, and the bearer-token interceptor."""
+"""Shared gRPC edge helpers: domain errors -> status codes (with the error's class in the trailing
+metadata, see ``gradhub.client.errors.rebuild_error``), and the bearer-token interceptor."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from gradhub.client.errors import (
     ProtocolError,
     SpecError,
     StateError,
+    error_metadata,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     if code is grpc.StatusCode.INTERNAL and not isinstance(exc, GradhubError):
         log.exception("unexpected error in RPC handler")
         context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
+    metadata = error_metadata(exc)
+    if metadata:
+        context.set_trailing_metadata(metadata)  # the client rebuilds the same class
     context.abort(code, str(exc))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from gradhub.client.errors import ProtocolError, StateError
+from gradhub.client.errors import ProtocolError, SpecError, StateError
 from gradhub.proto.codec import (
     CHUNK_BYTES,
     COMPRESSION_DTYPES,
@@ -74,13 +74,13 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         if self.buffers not in ("broadcast", "average", "local"):
-            raise ValueError(f"buffers: must be broadcast, average or local, not {self.buffers!r}")
+            raise SpecError("buffers", f"must be broadcast, average or local, not {self.buffers!r}")
         if self.compression not in COMPRESSION_DTYPES:
-            raise ValueError(f"compression: must be one of {sorted(COMPRESSION_DTYPES)}")
+            raise SpecError("compression", f"must be one of {sorted(COMPRESSION_DTYPES)}")
         if self.mode not in ("ps-sync", "ps-async", "ps-ssp"):
-            raise ValueError(f"mode: the parameter store serves ps-* modes, not {self.mode!r}")
+            raise SpecError("mode", f"the parameter store serves ps-* modes, not {self.mode!r}")
         if self.world_size < 1:
-            raise ValueError("world_size: must be >= 1")
+            raise SpecError("workers", "must be >= 1")
 
     @property
     def wire_dtype(self) -> int:

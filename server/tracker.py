@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gradhub.client.errors import ProtocolError, StateError
+from gradhub.client.errors import ProtocolError, SpecError, StateError
 from gradhub.proto.codec import Layout
 from gradhub.server.workers import WorkerTable
 
@@ -24,7 +24,7 @@ class GroupConfig:
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
-            raise ValueError("world_size: must be >= 1")
+            raise SpecError("workers", "must be >= 1")
 
 
 class GroupTracker(WorkerTable):

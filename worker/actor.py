@@ -7,6 +7,7 @@ import socket
 from dataclasses import asdict
 from typing import Any
 
+from gradhub.client.errors import StateError
 from gradhub.client.spec import JobSpec
 from gradhub.proto.alloc import tune_for_streaming
 from gradhub.worker.ps_client import PSClient
@@ -50,7 +51,7 @@ class WorkerActor:
 
                 return asdict(PSTrainer(spec, self.rank, client).run())
             if rendezvous is None:
-                raise ValueError("rendezvous: an allreduce worker needs rank 0's address and port")
+                raise StateError("rendezvous: an allreduce worker needs rank 0's address and port")
             _bind_collectives_to_node()
             from gradhub.worker.allreduce import AllReduceTrainer
 

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Self, TypeVar
 import grpc
 import torch
 
-from gradhub.client.errors import ProtocolError, StateError
+from gradhub.client.errors import ProtocolError, from_rpc_error
 from gradhub.proto.codec import (
     COMPRESSION_DTYPES,
     Layout,
@@ -116,8 +116,8 @@ class PSClient:
     def register(self, host: str, pid: int, total_steps: int, train_size: int) -> ps_pb2.RegisterResponse:
         request = ps_pb2.RegisterRequest(job_id=self.job_id, rank=self.rank, host=host, pid=pid,
                                          total_steps=total_steps, train_size=train_size)
-        return self._stub.Register(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata,
-                                   wait_for_ready=True)
+        return _translated(lambda: self._stub.Register(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata,
+                                                       wait_for_ready=True))
 
     def init_parameters(self, state: Layout | ModelLayout, params: torch.Tensor, frozen: torch.Tensor | None = None,
                         buffers: Mapping[str, torch.Tensor] | None = None) -> bool:
@@ -220,9 +220,9 @@ class PSClient:
 
     def heartbeat(self, step: int) -> str | None:
         """Returns the reason to stop when the job is over, else None."""
-        reply = self._stub.Heartbeat(
+        reply = _translated(lambda: self._stub.Heartbeat(
             ps_pb2.HeartbeatRequest(job_id=self.job_id, rank=self.rank, step=step),
-            timeout=10.0, metadata=self._metadata)
+            timeout=10.0, metadata=self._metadata))
         return reply.reason if reply.stop else None
 
     def save_checkpoint(self, state: TrainingState) -> int:
@@ -244,10 +244,10 @@ class PSClient:
         return _retry(call)
 
     def report(self, step: int, kind: str, metrics: Mapping[str, float]) -> None:
-        self._stub.ReportMetrics(
+        _translated(lambda: self._stub.ReportMetrics(
             ps_pb2.ReportMetricsRequest(job_id=self.job_id, rank=self.rank, step=step, kind=kind,
                                         metrics=dict(metrics)),
-            timeout=RPC_TIMEOUT_S, metadata=self._metadata)
+            timeout=RPC_TIMEOUT_S, metadata=self._metadata))
 
 
 class _Session:
@@ -306,16 +306,29 @@ def _until_answered(call: Callable[[], T]) -> T:
                 raise
 
 
+def _translated(call: Callable[[], T]) -> T:
+    """``call()``, with a gradhub error the server raised raised as the same class."""
+    try:
+        return call()
+    except grpc.RpcError as e:
+        rebuilt = from_rpc_error(e)
+        if rebuilt is not None:
+            raise rebuilt from e
+        raise
+
+
 def _retry(call: Callable[[], T]) -> T:
-    """Retry ``call`` on UNAVAILABLE (server restarting, connection reset) for a bounded time."""
+    """Retry ``call`` on UNAVAILABLE (server restarting, connection reset) for a bounded time.
+    A gradhub error the server raised is raised here as the same class."""
     deadline, delay = time.monotonic() + RETRY_FOR_S, 0.2
     while True:
         try:
             return call()
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
-                if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise StateError(e.details()) from e
+                rebuilt = from_rpc_error(e)
+                if rebuilt is not None:
+                    raise rebuilt from e
                 raise
             time.sleep(delay)  # backoff before a retry, not synchronization
             delay = min(delay * 2, 2.0)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from gradhub.client.errors import WorkerFailure
+from gradhub.client.errors import SpecError, WorkerFailure
 from gradhub.client.spec import JobSpec
 from gradhub.worker.data import (
     LossFn,
@@ -57,7 +57,7 @@ def pick_device(spec: JobSpec) -> torch.device:
     """CUDA when the job asks for GPUs and one is visible (Ray shows a worker its own), else CPU."""
     if spec.resources.gpus > 0:
         if not torch.cuda.is_available():
-            raise RuntimeError("resources.gpus: the job asks for GPUs but this worker sees no CUDA device")
+            raise SpecError("resources.gpus", "the job asks for GPUs but this worker sees no CUDA device")
         torch.cuda.set_device(0)
         return torch.device("cuda", 0)
     return torch.device("cpu")

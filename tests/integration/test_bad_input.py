@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from gradhub.client.client import Client
+from gradhub.client.errors import NotFoundError, ProtocolError
 from gradhub.proto.codec import Layout, as_bytes, iter_chunks
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc, ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
 from gradhub.server.launcher import ExternalLauncher
+from gradhub.worker.ps_client import PSClient
 
 from ..conftest import wait_for
 
@@ -229,6 +231,19 @@ def test_an_unused_index_outside_the_model(job, unchanged):
     hdr.unused.append(5)
     assert_rejected(lambda: stub.PushGradients(stream(hdr, grad()), timeout=10),
                     grpc.StatusCode.INVALID_ARGUMENT, "unused: index 5", "2 parameters")
+
+
+def test_errors_keep_their_class_across_the_wire(job, unchanged):
+    job_id, stub, server, _ = job
+    metas = LAYOUT.metas(F32)
+    metas[0].shape[:] = [3, 4]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushGradients(stream(header(job_id, metas=metas), grad()), timeout=10)
+    assert dict(err.value.trailing_metadata())["gradhub-error"] == "ProtocolError"
+    with PSClient(server.address, "no-such-job", 0) as ps, pytest.raises(NotFoundError, match="no-such-job"):
+        ps.heartbeat(0)
+    with PSClient(server.address, job_id, 0) as ps, pytest.raises(ProtocolError, match=r"tensors\[0\].shape"):
+        ps.push(Layout(("fc.weight", "fc.bias"), ((3, 4), (4,))), 0, 0, grad())
 
 
 def test_a_good_push_after_all_that_is_applied(job):

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from gradhub.client.errors import NotFoundError, ProtocolError, StateError
+from gradhub.client.errors import NotFoundError, ProtocolError, SpecError, StateError
 from gradhub.proto.codec import CHUNK_BYTES, Layout, data_of_chunk
 from gradhub.proto.v1.tensor_pb2 import BFLOAT16, FLOAT16, FLOAT32
 from gradhub.server.optim import build_optimizer, build_scheduler
@@ -140,7 +140,7 @@ def test_config_is_validated() -> None:
         StoreConfig("j", "ps-sync", 1, compression="int8")
     with pytest.raises(ValueError, match="mode"):
         StoreConfig("j", "ddp", 1)
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(SpecError, match="workers: must be >= 1"):
         StoreConfig("j", "ps-sync", 0)
     assert StoreConfig("j", "ps-sync", 1, compression="fp16").wire_dtype == FLOAT16
 

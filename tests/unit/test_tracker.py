@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gradhub.client.errors import NotFoundError, ProtocolError, StateError
+from gradhub.client.errors import NotFoundError, ProtocolError, SpecError, StateError
 from gradhub.proto.codec import Layout
 from gradhub.server.tracker import GroupConfig, GroupTracker
 
@@ -40,7 +40,7 @@ def ready(tracker: GroupTracker) -> GroupTracker:
 
 def test_config_validates_world_size() -> None:
     assert GroupConfig("j", 1).mode == "allreduce"
-    with pytest.raises(ValueError, match="world_size: must be >= 1"):
+    with pytest.raises(SpecError, match="workers: must be >= 1"):
         GroupConfig("j", 0)
 
 
