@@ -4,7 +4,7 @@
 """
 
 from gradhub.client.client import CheckpointMeta, Client, Job, JobInfo, WorkerInfo
-from gradhub.client.errors import (
+from gradhub.proto.contract.errors import (
     AuthError,
     GradhubError,
     JobFailedError,
@@ -12,7 +12,7 @@ from gradhub.client.errors import (
     ServerUnavailableError,
     SpecError,
 )
-from gradhub.client.spec import JobSpec
+from gradhub.proto.contract.spec import JobSpec
 
 __all__ = [
     "AuthError",

@@ -28,10 +28,10 @@ from rich.live import Live
 
 from gradhub.client.client import CheckpointMeta, Client, JobInfo
 from gradhub.client.demo import checkpoint_filename, run_demo
-from gradhub.client.errors import GradhubError, NotFoundError, ServerUnavailableError
 from gradhub.client.progress import job_details, jobs_table, number
-from gradhub.client.spec import JobSpec
-from gradhub.client.states import JobState
+from gradhub.proto.contract.errors import GradhubError, NotFoundError, ServerUnavailableError
+from gradhub.proto.contract.spec import JobSpec
+from gradhub.proto.contract.states import JobState
 from gradhub.server.config import ServerConfig
 
 DEFAULT_SERVER = "localhost:50051"

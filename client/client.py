@@ -21,7 +21,7 @@ from typing import Any, Self
 
 import grpc
 
-from gradhub.client.errors import (
+from gradhub.proto.contract.errors import (
     AuthError,
     GradhubError,
     JobFailedError,
@@ -31,13 +31,12 @@ from gradhub.client.errors import (
     StateError,
     from_rpc_error,
 )
-from gradhub.client.spec import JobSpec
-from gradhub.client.states import JobState
+from gradhub.proto.contract.spec import WORKING_DIR_LIMIT, JobSpec
+from gradhub.proto.contract.states import JobState
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc
 
 DEFAULT_ADDRESS = "localhost:50051"
 RPC_TIMEOUT_S = 30.0
-WORKING_DIR_LIMIT = 100 << 20  # bytes, packed; Ray's runtime_env limit as well
 TERMINAL = tuple(s for s in JobState if s.terminal)
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from rich.console import Console
 
 from gradhub.client.client import CheckpointMeta, Client, JobInfo
-from gradhub.client.errors import JobFailedError, NotFoundError
 from gradhub.client.progress import spec_summary, watch_with_progress
-from gradhub.client.spec import JobSpec
-from gradhub.client.states import JobState
+from gradhub.proto.contract.errors import JobFailedError, NotFoundError
+from gradhub.proto.contract.spec import JobSpec
+from gradhub.proto.contract.states import JobState
 
 HIDDEN = (128,)
 DIGITS_TRAIN = 1437  # training samples of the built-in digits set (gradhub.worker.data)

@@ -12,8 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from gradhub.client.client import CheckpointMeta, Client, JobInfo
-from gradhub.client.errors import GradhubError
-from gradhub.client.states import JobState
+from gradhub.proto.contract.errors import GradhubError
+from gradhub.proto.contract.states import JobState
 
 ACCURACY_KEY = "val_accuracy"
 STATE_STYLES = {

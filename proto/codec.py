@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 from google.protobuf.message import Message
 
-from gradhub.client.errors import ProtocolError
+from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import tensor_pb2
 
 CHUNK_BYTES = 1 << 20

@@ -16,8 +16,8 @@ from math import prod
 
 import torch
 
-from gradhub.client.errors import ProtocolError
 from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import tensor_pb2
 
 # Buffers keep their dtype on the wire and in checkpoints.

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from gradhub.client.errors import ProtocolError
 from gradhub.proto.codec import CHUNK_BYTES, Layout, Receiver, encode_data_chunk
+from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.model_state import BUFFER_DTYPES, WIRE_OF_DTYPE
 from gradhub.proto.v1 import ps_pb2, tensor_pb2
 

@@ -13,8 +13,8 @@ from typing import Self
 
 import grpc
 
-from gradhub.client.client import WORKING_DIR_LIMIT
 from gradhub.proto.alloc import tune_for_streaming
+from gradhub.proto.contract.spec import WORKING_DIR_LIMIT
 from gradhub.proto.v1 import jobs_pb2_grpc
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig

@@ -25,7 +25,7 @@ from typing import IO, Any
 import torch
 from safetensors.torch import load_file
 
-from gradhub.client.errors import NotFoundError, SpecError
+from gradhub.proto.contract.errors import NotFoundError, SpecError
 from gradhub.proto.state import decode_state, encode_state
 
 __all__ = ["CheckpointInfo", "CheckpointStore", "LoadedCheckpoint"]

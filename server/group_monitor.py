@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from gradhub.client.states import JobState, WorkerPhase
+from gradhub.proto.contract.states import JobState, WorkerPhase
 from gradhub.server.launcher import WorkerExit, WorkerGroup
 from gradhub.server.tracker import GroupConfig, GroupTracker
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from gradhub.client.errors import NotFoundError, StateError
-from gradhub.client.states import JobState
+from gradhub.proto.contract.errors import NotFoundError, StateError
+from gradhub.proto.contract.states import JobState
 
 __all__ = ["JOB_STATES", "SCHEMA_VERSION", "JobDB", "JobRecord"]
 

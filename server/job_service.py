@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from gradhub.client.spec import JobSpec
+from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from gradhub.server.checkpoints import CheckpointInfo, CheckpointStore
 from gradhub.server.jobs import JobManager, JobView

@@ -1,6 +1,6 @@
 """The job manager: jobs' lifecycle, the FIFO queue, and the monitor of each running job.
 
-States go QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED (``gradhub.client.states``
+States go QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED (``gradhub.proto.contract.states``
 holds the table; ``JobDB.update`` enforces it, and ``set_worker_phase`` a worker's). Jobs persist in the
 JobDB; a job that was RUNNING when the server stopped is resumed from its latest
 checkpoint at the next start. The Ray side is behind the ``Launcher`` interface.
@@ -19,10 +19,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gradhub.client.errors import NotFoundError, SpecError, StateError
-from gradhub.client.spec import JobSpec
-from gradhub.client.states import JobState, WorkerPhase
 from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import NotFoundError, SpecError, StateError
+from gradhub.proto.contract.spec import JobSpec
+from gradhub.proto.contract.states import JobState, WorkerPhase
 from gradhub.proto.state import TrainingState
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from gradhub.client.errors import PeerLostError, WorkerFailure
-from gradhub.client.spec import JobSpec
+from gradhub.proto.contract.errors import PeerLostError, WorkerFailure
+from gradhub.proto.contract.spec import JobSpec
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from gradhub.client.errors import GradhubError, StateError
-from gradhub.client.states import JobState, WorkerPhase
+from gradhub.proto.contract.errors import GradhubError, StateError
+from gradhub.proto.contract.states import JobState, WorkerPhase
 from gradhub.server.store import CheckpointState, ParameterStore
 
 if TYPE_CHECKING:

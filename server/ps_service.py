@@ -7,8 +7,8 @@ from typing import Protocol
 
 import grpc
 
-from gradhub.client.errors import ProtocolError, StateError
 from gradhub.proto.codec import Layout, Receiver, chunk_parser
+from gradhub.proto.contract.errors import ProtocolError, StateError
 from gradhub.proto.model_state import ModelLayout, buffer_specs, tensors_from_proto
 from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2

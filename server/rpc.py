@@ -1,5 +1,5 @@
 """Shared gRPC edge helpers: domain errors -> status codes (with the error's class in the trailing
-metadata, see ``gradhub.client.errors.rebuild_error``), and the bearer-token interceptor."""
+metadata, see ``gradhub.proto.contract.errors.rebuild_error``), and the bearer-token interceptor."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from gradhub.client.errors import (
+from gradhub.proto.contract.errors import (
     AuthError,
     FactoryError,
     GradhubError,

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-from gradhub.client.errors import ProtocolError, SpecError, StateError
 from gradhub.proto.codec import (
     CHUNK_BYTES,
     COMPRESSION_DTYPES,
@@ -40,15 +39,16 @@ from gradhub.proto.codec import (
     encode,
     iter_data_chunks,
 )
-from gradhub.proto.model_state import ModelLayout, tensors_to_proto
-from gradhub.proto.v1 import tensor_pb2
-from gradhub.server.optim import (
+from gradhub.proto.contract.errors import ProtocolError, SpecError, StateError
+from gradhub.proto.contract.optim import (
     build_optimizer,
     build_scheduler,
     clip_gradients,
     optimizer_state_copy,
     parameter_groups,
 )
+from gradhub.proto.model_state import ModelLayout, tensors_to_proto
+from gradhub.proto.v1 import tensor_pb2
 from gradhub.server.workers import WorkerState, WorkerTable
 
 __all__ = ["CheckpointState", "ParameterStore", "Snapshot", "StoreConfig", "WorkerState"]

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gradhub.client.errors import ProtocolError, SpecError, StateError
 from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import ProtocolError, SpecError, StateError
 from gradhub.server.workers import WorkerTable
 
 

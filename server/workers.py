@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gradhub.client.errors import NotFoundError, ProtocolError, StateError
+from gradhub.proto.contract.errors import NotFoundError, ProtocolError, StateError
 
 
 @dataclass

@@ -7,9 +7,9 @@ import socket
 from dataclasses import asdict
 from typing import Any
 
-from gradhub.client.errors import StateError
-from gradhub.client.spec import JobSpec
 from gradhub.proto.alloc import tune_for_streaming
+from gradhub.proto.contract.errors import StateError
+from gradhub.proto.contract.spec import JobSpec
 from gradhub.worker.ps_client import PSClient
 
 

@@ -23,16 +23,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gradhub.client.errors import PeerLostError, ProtocolError, SpecError, WorkerFailure
-from gradhub.client.spec import JobSpec
-from gradhub.proto.state import TrainingState
-from gradhub.server.optim import (
+from gradhub.proto.contract.errors import PeerLostError, ProtocolError, SpecError, WorkerFailure
+from gradhub.proto.contract.optim import (
     build_optimizer,
     build_scheduler,
     clip_gradients,
     optimizer_state_copy,
     parameter_groups,
 )
+from gradhub.proto.contract.spec import JobSpec
+from gradhub.proto.state import TrainingState
 from gradhub.worker.collective import (
     COMPRESSION,
     AllReduceHook,

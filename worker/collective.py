@@ -18,7 +18,7 @@ from typing import Any, Self
 import torch
 import torch.distributed as dist
 
-from gradhub.client.errors import PeerLostError
+from gradhub.proto.contract.errors import PeerLostError
 
 COMPRESSION = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 STORE_TIMEOUT_S = 120.0  # every rank must reach the rendezvous within this

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset, random_split
 from torch.utils.data.dataloader import default_collate
 
-from gradhub.client.errors import FactoryError, SpecError
+from gradhub.proto.contract.errors import FactoryError, SpecError
 from gradhub.worker.factories import call_factory, resolve_component
 
 LossFn = Callable[[Any, Any], torch.Tensor]  # (model output, target) -> scalar

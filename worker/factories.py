@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gradhub.client.errors import FactoryError, GradhubError, SpecError
+from gradhub.proto.contract.errors import FactoryError, GradhubError, SpecError
 
 
 def resolve(ref: str, what: str) -> Callable[..., Any]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradhub.client.errors import SpecError
 from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import SpecError
 from gradhub.proto.model_state import ModelLayout, buffer_specs, layout_of
 
 

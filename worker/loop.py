@@ -11,9 +11,9 @@ import logging
 import os
 import socket
 
-from gradhub.client.errors import WorkerFailure
-from gradhub.client.spec import JobSpec
-from gradhub.server.optim import parameter_groups
+from gradhub.proto.contract.errors import WorkerFailure
+from gradhub.proto.contract.optim import parameter_groups
+from gradhub.proto.contract.spec import JobSpec
 from gradhub.worker.flat import FlatModel
 from gradhub.worker.ps_client import PSClient, Pulled
 from gradhub.worker.workload import Heartbeat, Meter, Phase, WorkerResult, Workload

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradhub.client.errors import FactoryError, SpecError
+from gradhub.proto.contract.errors import FactoryError, SpecError
 from gradhub.worker.factories import call_factory, resolve_component
 
 

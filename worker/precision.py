@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from gradhub.client.errors import GradhubError
+from gradhub.proto.contract.errors import GradhubError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 INIT_SCALE, GROWTH_INTERVAL, MAX_RETRIES = 2.0**16, 2000, 40

@@ -16,7 +16,6 @@ from typing import Any, NamedTuple, Self, TypeVar
 import grpc
 import torch
 
-from gradhub.client.errors import ProtocolError, from_rpc_error
 from gradhub.proto.codec import (
     COMPRESSION_DTYPES,
     Layout,
@@ -27,6 +26,7 @@ from gradhub.proto.codec import (
     iter_data_chunks,
     torch_dtype,
 )
+from gradhub.proto.contract.errors import ProtocolError, from_rpc_error
 from gradhub.proto.model_state import ModelLayout, tensors_from_proto, tensors_to_proto
 from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2

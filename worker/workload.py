@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from gradhub.client.errors import SpecError, WorkerFailure
-from gradhub.client.spec import JobSpec
+from gradhub.proto.contract.errors import SpecError, WorkerFailure
+from gradhub.proto.contract.spec import JobSpec
 from gradhub.worker.data import (
     LossFn,
     MetricFn,

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from gradhub.client.client import Client
-from gradhub.client.errors import AuthError
 from gradhub.proto.codec import Layout, as_bytes, iter_chunks
+from gradhub.proto.contract.errors import AuthError
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc, ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig

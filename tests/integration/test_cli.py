@@ -21,8 +21,8 @@ from typer.testing import CliRunner, Result
 
 from gradhub.client.cli import app
 from gradhub.client.client import Client, JobInfo, WorkerInfo
-from gradhub.client.errors import ServerUnavailableError
 from gradhub.client.progress import ago, jobs_table
+from gradhub.proto.contract.errors import ServerUnavailableError
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
 

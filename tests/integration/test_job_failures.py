@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gradhub.client.client import Client
-from gradhub.client.errors import JobFailedError
+from gradhub.proto.contract.errors import JobFailedError
 
 
 def test_missing_model_factory_fails_the_job_with_a_clear_reason(server):

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from gradhub.client.client import Client, JobInfo
-from gradhub.client.errors import SpecError
+from gradhub.proto.contract.errors import SpecError
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gradhub.client.client import Client, pack_working_dir
-from gradhub.client.errors import SpecError
+from gradhub.proto.contract.errors import SpecError
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
 from gradhub.server.launcher import ExternalLauncher

@@ -43,7 +43,7 @@ import yaml
 from safetensors.torch import load_file
 
 from gradhub.client.client import Client, JobInfo
-from gradhub.client.errors import GradhubError
+from gradhub.proto.contract.errors import GradhubError
 from gradhub.worker.data import digits, evaluate
 from gradhub.worker.models import mlp
 

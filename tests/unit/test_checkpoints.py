@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from gradhub.client.errors import GradhubError, NotFoundError
+from gradhub.proto.contract.errors import GradhubError, NotFoundError
 from gradhub.server.checkpoints import CheckpointInfo, CheckpointStore, LoadedCheckpoint
 
 

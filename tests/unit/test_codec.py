@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradhub.client.errors import ProtocolError
 from gradhub.proto.codec import (
     Layout,
     Receiver,
@@ -15,6 +14,7 @@ from gradhub.proto.codec import (
     iter_chunks,
     torch_dtype,
 )
+from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import tensor_pb2
 from gradhub.proto.v1.tensor_pb2 import BFLOAT16, DTYPE_UNSPECIFIED, FLOAT16, FLOAT32
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from gradhub.client.spec import JobSpec
+from gradhub.proto.contract.spec import JobSpec
 from gradhub.server import group_monitor
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from gradhub.client.errors import FactoryError, GradhubError, SpecError, WorkerFailure
+from gradhub.proto.contract.errors import FactoryError, GradhubError, SpecError, WorkerFailure
 from gradhub.worker.data import (
     batch_len,
     build_loss,

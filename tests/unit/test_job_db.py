@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gradhub.client.errors import NotFoundError, StateError
+from gradhub.proto.contract.errors import NotFoundError, StateError
 from gradhub.server.job_db import SCHEMA_VERSION, JobDB, JobRecord
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradhub.client.errors import ProtocolError, SpecError
 from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import ProtocolError, SpecError
 from gradhub.proto.model_state import (
     MAX_INLINE_BYTES,
     ModelLayout,

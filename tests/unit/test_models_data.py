@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from gradhub.client.errors import FactoryError, SpecError
+from gradhub.proto.contract.errors import FactoryError, SpecError
 from gradhub.worker.data import (
     build_datasets,
     build_loss,

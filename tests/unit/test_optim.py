@@ -16,8 +16,13 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-from gradhub.client.errors import SpecError
-from gradhub.server.optim import HYPERPARAMETERS, OPTIMIZERS, build_optimizer, build_scheduler
+from gradhub.proto.contract.errors import SpecError
+from gradhub.proto.contract.optim import (
+    HYPERPARAMETERS,
+    OPTIMIZERS,
+    build_optimizer,
+    build_scheduler,
+)
 
 HYPER: dict[str, dict[str, Any]] = {
     "sgd": {"momentum": 0.9, "dampening": 0.0, "weight_decay": 1e-4, "nesterov": True},

@@ -1,4 +1,4 @@
-"""Unit tests for gradhub.client.spec: round trips, defaults, and a failing case for every field."""
+"""Unit tests for gradhub.proto.contract.spec: round trips, defaults, and a failing case for every field."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gradhub.client.errors import SpecError
-from gradhub.client.spec import (
+from gradhub.proto.contract.errors import SpecError
+from gradhub.proto.contract.spec import (
     BUILTIN_DATASETS,
     BUILTIN_LOSSES,
     BUILTIN_MODELS,

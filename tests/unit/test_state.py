@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradhub.client.errors import ProtocolError
 from gradhub.proto.codec import CHUNK_BYTES, data_of_chunk
+from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.state import (
     TrainingState,
     _data_chunks,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gradhub.client.errors import StateError
-from gradhub.client.states import JOB_TRANSITIONS, WORKER_TRANSITIONS, JobState, WorkerPhase
+from gradhub.proto.contract.errors import StateError
+from gradhub.proto.contract.states import JOB_TRANSITIONS, WORKER_TRANSITIONS, JobState, WorkerPhase
 from gradhub.proto.v1 import jobs_pb2
 from gradhub.server.job_db import JobDB, JobRecord
 

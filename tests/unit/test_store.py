@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from gradhub.client.errors import NotFoundError, ProtocolError, SpecError, StateError
 from gradhub.proto.codec import CHUNK_BYTES, Layout, data_of_chunk
+from gradhub.proto.contract.errors import NotFoundError, ProtocolError, SpecError, StateError
+from gradhub.proto.contract.optim import build_optimizer, build_scheduler
 from gradhub.proto.v1.tensor_pb2 import BFLOAT16, FLOAT16, FLOAT32
-from gradhub.server.optim import build_optimizer, build_scheduler
 from gradhub.server.store import CheckpointState, ParameterStore, Snapshot, StoreConfig
 
 LAYOUT = Layout(names=("weight", "bias"), shapes=((3, 4), (3,)))

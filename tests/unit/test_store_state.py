@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from gradhub.client.errors import ProtocolError, SpecError
 from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import ProtocolError, SpecError
+from gradhub.proto.contract.optim import parameter_groups
 from gradhub.proto.model_state import ModelLayout, TensorSpec
-from gradhub.server.optim import parameter_groups
 from gradhub.server.store import ParameterStore, StoreConfig
 
 TRAINABLE = Layout(("w", "b"), ((2, 3), (2,)))

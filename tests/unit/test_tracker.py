@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gradhub.client.errors import NotFoundError, ProtocolError, SpecError, StateError
 from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import NotFoundError, ProtocolError, SpecError, StateError
 from gradhub.server.tracker import GroupConfig, GroupTracker
 
 LAYOUT = Layout(names=("w", "b"), shapes=((2, 3), (2,)))

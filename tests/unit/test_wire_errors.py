@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gradhub.client.errors import (
+from gradhub.proto.contract.errors import (
     ERRORS,
     GradhubError,
     NotFoundError,

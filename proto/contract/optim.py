@@ -21,8 +21,8 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-from gradhub.client.errors import SpecError
-from gradhub.client.spec import OPTIMIZER_HYPERPARAMETERS
+from gradhub.proto.contract.errors import SpecError
+from gradhub.proto.contract.spec import OPTIMIZER_HYPERPARAMETERS
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from gradhub.client._validate import (
+from gradhub.proto.contract._validate import (
     HYPER_CHECKS,
     check_bool,
     check_choice,
@@ -31,7 +31,7 @@ from gradhub.client._validate import (
     prefixed,
     type_name,
 )
-from gradhub.client.errors import SpecError
+from gradhub.proto.contract.errors import SpecError
 
 MODES = ("ps-sync", "ps-async", "ps-ssp", "allreduce")
 COMPRESSIONS = ("none", "fp16", "bf16")
@@ -51,6 +51,7 @@ OPTIMIZER_HYPERPARAMETERS: dict[str, frozenset[str]] = {
 }
 
 DEFAULT_STALENESS = 2
+WORKING_DIR_LIMIT = 100 << 20  # bytes of a packed working_dir; Ray's runtime_env limit as well
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _MAX_SEED = 2**63 - 1

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from gradhub.client.errors import SpecError
+from gradhub.proto.contract.errors import SpecError
 
 
 def join(prefix: str, field: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TypeVar
 
-from gradhub.client.errors import StateError
+from gradhub.proto.contract.errors import StateError
 
 
 class JobState(StrEnum):
