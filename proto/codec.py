@@ -239,6 +239,12 @@ def chunk_parser(message: type[M]) -> Callable[[bytes], M | memoryview]:
     return parse
 
 
+def serialize_chunk(message: Message | bytes) -> bytes:
+    """The response serializer of a chunk stream: pre-serialized data chunks (``bytes``) pass
+    as they are, messages are serialized."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 def data_of_chunk(raw: bytes) -> memoryview | None:
     """The payload of a serialized chunk that holds only ``data`` (no copy); None otherwise."""
     if not raw or raw[0] != _DATA_TAG:

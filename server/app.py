@@ -18,6 +18,8 @@ from gradhub.proto.contract.spec import WORKING_DIR_LIMIT
 from gradhub.proto.v1 import jobs_pb2_grpc
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig
+from gradhub.server.control_service import WorkerControlServicer
+from gradhub.server.control_service import add_to_server as add_control_service
 from gradhub.server.job_db import JobDB
 from gradhub.server.job_service import JobServiceServicer
 from gradhub.server.jobs import JobManager
@@ -95,6 +97,7 @@ class Server:
         self._manager = JobManager(
             self._db, checkpoints, self._launcher or RayLauncher(advertise, c.token), c.data_dir / "working_dirs", c,
         )
+        add_control_service(WorkerControlServicer(self._manager), self._grpc)
         add_ps_service(ParameterServerServicer(self._manager), self._grpc)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(self._manager, checkpoints), self._grpc)
         self._grpc.start()

@@ -1,55 +1,23 @@
-"""gRPC adapter for the ParameterServer service: translates between protos and ParameterStore calls."""
+"""gRPC adapter for the ParameterServer service (the ps modes' data path): translates between
+protos and ParameterStore calls."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Protocol
+from collections.abc import Iterator
 
 import grpc
 
-from gradhub.proto.codec import Layout, Receiver, chunk_parser
+from gradhub.proto.codec import Layout, Receiver, chunk_parser, serialize_chunk
 from gradhub.proto.contract.errors import ProtocolError, StateError
 from gradhub.proto.model_state import ModelLayout, buffer_specs, tensors_from_proto
-from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+from gradhub.server.control_service import WorkerBackend
 from gradhub.server.rpc import handler
 from gradhub.server.store import ParameterStore
-from gradhub.server.tracker import GroupTracker
 
 # A pull waits at most this long per call when the client set no deadline;
 # the worker simply pulls again.
 MAX_PULL_WAIT_S = 60.0
-
-
-class PSBackend(Protocol):
-    """What the servicer needs from the server: the job's state, notifications, checkpoints."""
-
-    heartbeat_interval_s: float
-    collective_timeout_s: float
-
-    def store(self, job_id: str) -> ParameterStore:
-        """A ps-* job's parameter store (FAILED_PRECONDITION for an allreduce job)."""
-        ...
-
-    def state(self, job_id: str) -> ParameterStore | GroupTracker:
-        """What the server keeps of a running job in any mode."""
-        ...
-
-    def tracker(self, job_id: str) -> GroupTracker:
-        """An allreduce job's tracker (FAILED_PRECONDITION for a ps-* job)."""
-        ...
-
-    def save_checkpoint(self, job_id: str, rank: int, state: TrainingState) -> tuple[int, int]:
-        """allreduce mode: store rank 0's state; returns (step, bytes written)."""
-        ...
-
-    def load_checkpoint(self, job_id: str, rank: int) -> TrainingState:
-        """allreduce mode: the state the job's current group starts from."""
-        ...
-
-    def on_register(self, job_id: str, rank: int, total_steps: int, train_size: int) -> None: ...
-
-    def on_metrics(self, job_id: str, rank: int, step: int, kind: str, metrics: Mapping[str, float]) -> None: ...
 
 
 def _header(first: ps_pb2.PushChunk | memoryview | None) -> ps_pb2.PushHeader:
@@ -69,17 +37,6 @@ def _receive(request_iterator: Iterator[ps_pb2.PushChunk | memoryview], receiver
         raise ProtocolError(f"byte count: stream carries more than the expected {receiver.expected} bytes")
 
 
-def _host_label(hostname: str, peer: str) -> str:
-    """``hostname (ip)``: the name the worker gives and the address the server sees it from
-    (hostnames alone repeat across containers and network namespaces)."""
-    kind, _, rest = peer.partition(":")
-    if kind not in ("ipv4", "ipv6"):
-        return hostname
-    ip = rest.rsplit(":", 1)[0].strip("[]")
-    ip = ip.removeprefix("::ffff:")  # an IPv4 client on a dual-stack socket
-    return f"{hostname} ({ip})" if hostname else ip
-
-
 def _pull(store: ParameterStore, rank: int, step: int, wire_dtype: int,
           context: grpc.ServicerContext) -> Iterator[ps_pb2.PullChunk | bytes]:
     """Wait as the mode requires (at most the call's deadline), then stream the parameters."""
@@ -94,25 +51,10 @@ def _pull(store: ParameterStore, rank: int, step: int, wire_dtype: int,
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
-    def __init__(self, backend: PSBackend) -> None:
-        self._backend = backend
+    """The ps modes' data path: initial parameters, pushes and pulls."""
 
-    @handler
-    def Register(self, request: ps_pb2.RegisterRequest, context: grpc.ServicerContext) -> ps_pb2.RegisterResponse:
-        store = self._backend.state(request.job_id)
-        if request.total_steps < 1:
-            raise ProtocolError("total_steps: must be >= 1")
-        self._backend.on_register(request.job_id, request.rank, request.total_steps, request.train_size)
-        host = _host_label(request.host, context.peer())
-        version, next_step, needs_init = store.register(request.rank, host, request.pid)
-        return ps_pb2.RegisterResponse(
-            version=version,
-            next_step=next_step,
-            needs_init=needs_init,
-            world_size=store.config.world_size,
-            heartbeat_interval_s=self._backend.heartbeat_interval_s,
-            collective_timeout_s=self._backend.collective_timeout_s,
-        )
+    def __init__(self, backend: WorkerBackend) -> None:
+        self._backend = backend
 
     @handler
     def InitParameters(self, request_iterator: Iterator[ps_pb2.PushChunk], context: grpc.ServicerContext) -> ps_pb2.PushResponse:
@@ -176,71 +118,23 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             header, store, _, _ = self._push(first, request_iterator, to_end=False)
             yield from _pull(store, header.rank, header.step + 1, store.config.wire_dtype, context)
 
-    @handler
-    def Heartbeat(self, request: ps_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> ps_pb2.HeartbeatResponse:
-        reason = self._backend.state(request.job_id).heartbeat(request.rank, request.step)
-        return ps_pb2.HeartbeatResponse(stop=reason is not None, reason=reason or "")
-
-    @handler
-    def ReportMetrics(self, request: ps_pb2.ReportMetricsRequest, context: grpc.ServicerContext) -> ps_pb2.ReportMetricsResponse:
-        if request.kind not in ("train", "eval"):
-            raise ProtocolError(f"kind: must be 'train' or 'eval', got {request.kind!r}")
-        self._backend.on_metrics(request.job_id, request.rank, request.step, request.kind, dict(request.metrics))
-        return ps_pb2.ReportMetricsResponse()
-
-    @handler
-    def SaveCheckpoint(self, request_iterator: Iterator[ps_pb2.CheckpointChunk | memoryview], context: grpc.ServicerContext) -> ps_pb2.SaveCheckpointResponse:
-        first = next(request_iterator, None)
-        if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
-            raise ProtocolError("header: the first message of a checkpoint must be a CheckpointHeader")
-        header = first.header
-        self._backend.tracker(header.job_id)  # NOT_FOUND / FAILED_PRECONDITION before reading the bytes
-        step, size = self._backend.save_checkpoint(header.job_id, header.rank, read_state(header, request_iterator))
-        return ps_pb2.SaveCheckpointResponse(step=step, size_bytes=size)
-
-    @handler
-    def LoadCheckpoint(self, request: ps_pb2.LoadCheckpointRequest, context: grpc.ServicerContext) -> Iterator[ps_pb2.CheckpointChunk | bytes]:
-        state = self._backend.load_checkpoint(request.job_id, request.rank)
-        yield from state_messages(request.job_id, request.rank, state)
-
-
 _push_request = chunk_parser(ps_pb2.PushChunk)
-_checkpoint_request = chunk_parser(ps_pb2.CheckpointChunk)
-
-
-def _pull_response(message: ps_pb2.PullChunk | ps_pb2.CheckpointChunk | bytes) -> bytes:
-    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
     """Register the service like the generated ``add_ParameterServerServicer_to_server``, but
     with the hot path's (de)serializers: identical bytes on the wire, one copy fewer each way."""
-    unary = {
-        "Register": (ps_pb2.RegisterRequest, ps_pb2.RegisterResponse),
-        "Heartbeat": (ps_pb2.HeartbeatRequest, ps_pb2.HeartbeatResponse),
-        "ReportMetrics": (ps_pb2.ReportMetricsRequest, ps_pb2.ReportMetricsResponse),
-    }
     handlers = {
-        name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name), request_deserializer=req.FromString,
-            response_serializer=resp.SerializeToString)
-        for name, (req, resp) in unary.items()
-    }
-    for name in ("InitParameters", "PushGradients"):
-        handlers[name] = grpc.stream_unary_rpc_method_handler(
+        name: grpc.stream_unary_rpc_method_handler(
             getattr(servicer, name), request_deserializer=_push_request,
             response_serializer=ps_pb2.PushResponse.SerializeToString)
+        for name in ("InitParameters", "PushGradients")
+    }
     handlers["PushPull"] = grpc.stream_stream_rpc_method_handler(
-        servicer.PushPull, request_deserializer=_push_request, response_serializer=_pull_response)
+        servicer.PushPull, request_deserializer=_push_request, response_serializer=serialize_chunk)
     handlers["PullParameters"] = grpc.unary_stream_rpc_method_handler(
         servicer.PullParameters, request_deserializer=ps_pb2.PullRequest.FromString,
-        response_serializer=_pull_response)
-    handlers["SaveCheckpoint"] = grpc.stream_unary_rpc_method_handler(
-        servicer.SaveCheckpoint, request_deserializer=_checkpoint_request,
-        response_serializer=ps_pb2.SaveCheckpointResponse.SerializeToString)
-    handlers["LoadCheckpoint"] = grpc.unary_stream_rpc_method_handler(
-        servicer.LoadCheckpoint, request_deserializer=ps_pb2.LoadCheckpointRequest.FromString,
-        response_serializer=_pull_response)
+        response_serializer=serialize_chunk)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 

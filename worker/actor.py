@@ -1,4 +1,4 @@
-"""The worker as a Ray actor: a thin shell that builds a PSClient inside its own process and runs the loop."""
+"""The worker as a Ray actor: a thin shell that builds a ServerLink inside its own process and runs the loop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from gradhub.proto.alloc import tune_for_streaming
 from gradhub.proto.contract.errors import StateError
 from gradhub.proto.contract.spec import JobSpec
-from gradhub.worker.ps_client import PSClient
+from gradhub.worker.server_link import ServerLink
 
 
 class WorkerActor:
@@ -45,7 +45,7 @@ class WorkerActor:
         tune_for_streaming()
         spec = JobSpec.from_json(self.spec_json)
         # the channel is created here, inside the actor's process, never inherited
-        with PSClient(self.server_address, self.job_id, self.rank, spec.compression, self.token) as client:
+        with ServerLink(self.server_address, self.job_id, self.rank, spec.compression, self.token) as client:
             if spec.is_ps:
                 from gradhub.worker.loop import PSTrainer
 

@@ -43,7 +43,7 @@ from gradhub.worker.collective import (
 )
 from gradhub.worker.data import call_model, split_batch
 from gradhub.worker.precision import no_sync_except_last
-from gradhub.worker.ps_client import PSClient
+from gradhub.worker.server_link import ServerLink
 from gradhub.worker.workload import Heartbeat, Meter, Phase, WorkerResult, Workload
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class _Uploader:
     """Sends rank 0's checkpoints in a background thread, one at a time, so training goes on
     while they travel. A failed upload is raised at the next ``save`` or at ``close``."""
 
-    def __init__(self, client: PSClient) -> None:
+    def __init__(self, client: ServerLink) -> None:
         self._client = client
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -117,7 +117,7 @@ class _Uploader:
 class AllReduceTrainer:
     """Runs one worker of an allreduce job; ``rendezvous`` is rank 0's (address, port)."""
 
-    def __init__(self, spec: JobSpec, rank: int, client: PSClient, rendezvous: tuple[str, int],
+    def __init__(self, spec: JobSpec, rank: int, client: ServerLink, rendezvous: tuple[str, int],
                  store: torch.distributed.TCPStore | None = None) -> None:
         self.spec, self.rank, self.client = spec, rank, client
         self.rendezvous, self._store = rendezvous, store

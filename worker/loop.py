@@ -15,7 +15,7 @@ from gradhub.proto.contract.errors import WorkerFailure
 from gradhub.proto.contract.optim import parameter_groups
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.worker.flat import FlatModel
-from gradhub.worker.ps_client import PSClient, Pulled
+from gradhub.worker.server_link import Pulled, ServerLink
 from gradhub.worker.workload import Heartbeat, Meter, Phase, WorkerResult, Workload
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class PSTrainer:
     """Runs one worker of a ps-* job against a parameter server."""
 
-    def __init__(self, spec: JobSpec, rank: int, client: PSClient) -> None:
+    def __init__(self, spec: JobSpec, rank: int, client: ServerLink) -> None:
         self.spec, self.rank, self.client = spec, rank, client
         self.phase = Phase()
 

@@ -38,7 +38,7 @@ from gradhub.worker.data import (
 )
 from gradhub.worker.models import seeded_model
 from gradhub.worker.precision import Precision
-from gradhub.worker.ps_client import PSClient
+from gradhub.worker.server_link import ServerLink
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Phase:
 class Heartbeat:
     """Background heartbeats; sets ``stop_reason`` when the server says the job is over."""
 
-    def __init__(self, client: PSClient, interval: float) -> None:
+    def __init__(self, client: ServerLink, interval: float) -> None:
         self.step = 0
         self.stop_reason: str | None = None
         self._client, self._interval = client, max(interval, 0.1)

@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class ParameterServerStub:
+class WorkerControlStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,91 +35,38 @@ class ParameterServerStub:
             channel: A grpc.Channel.
         """
         self.Register = channel.unary_unary(
-                '/gradhub.v1.ParameterServer/Register',
+                '/gradhub.v1.WorkerControl/Register',
                 request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.RegisterResponse.FromString,
                 _registered_method=True)
-        self.InitParameters = channel.stream_unary(
-                '/gradhub.v1.ParameterServer/InitParameters',
-                request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.SerializeToString,
-                response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushResponse.FromString,
-                _registered_method=True)
-        self.PushGradients = channel.stream_unary(
-                '/gradhub.v1.ParameterServer/PushGradients',
-                request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.SerializeToString,
-                response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushResponse.FromString,
-                _registered_method=True)
-        self.PullParameters = channel.unary_stream(
-                '/gradhub.v1.ParameterServer/PullParameters',
-                request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
-                response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.FromString,
-                _registered_method=True)
-        self.PushPull = channel.stream_stream(
-                '/gradhub.v1.ParameterServer/PushPull',
-                request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.SerializeToString,
-                response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.FromString,
-                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
-                '/gradhub.v1.ParameterServer/Heartbeat',
+                '/gradhub.v1.WorkerControl/Heartbeat',
                 request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
-                '/gradhub.v1.ParameterServer/ReportMetrics',
+                '/gradhub.v1.WorkerControl/ReportMetrics',
                 request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
         self.SaveCheckpoint = channel.stream_unary(
-                '/gradhub.v1.ParameterServer/SaveCheckpoint',
+                '/gradhub.v1.WorkerControl/SaveCheckpoint',
                 request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.SerializeToString,
                 response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.SaveCheckpointResponse.FromString,
                 _registered_method=True)
         self.LoadCheckpoint = channel.unary_stream(
-                '/gradhub.v1.ParameterServer/LoadCheckpoint',
+                '/gradhub.v1.WorkerControl/LoadCheckpoint',
                 request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.LoadCheckpointRequest.SerializeToString,
                 response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.FromString,
                 _registered_method=True)
 
 
-class ParameterServerServicer:
+class WorkerControlServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
         """A worker (re)joins its job; says where to resume and whether the server
-        still needs the initial parameters.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def InitParameters(self, request_iterator, context):
-        """The initial parameters, sent once by one worker; later copies are ignored.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PushGradients(self, request_iterator, context):
-        """A gradient for (job, rank, step); a retried push is applied at most once.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PullParameters(self, request, context):
-        """The parameters a worker needs for its next step. Blocks as the job's mode
-        requires (ps-sync: until the previous step is applied; ps-ssp: until the
-        slowest worker is within the staleness bound).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PushPull(self, request_iterator, context):
-        """PushGradients for step t, then PullParameters for step t + 1, in one round trip.
-        One call may carry many pushes, one after another (a worker keeps it open across
-        steps): each push (header + its bytes) is answered with the parameters (header +
-        bytes). Retrying a push is safe: it is applied at most once.
+        still needs the initial parameters (ps modes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,32 +101,12 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_ParameterServerServicer_to_server(servicer, server):
+def add_WorkerControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
                     request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.RegisterRequest.FromString,
                     response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.RegisterResponse.SerializeToString,
-            ),
-            'InitParameters': grpc.stream_unary_rpc_method_handler(
-                    servicer.InitParameters,
-                    request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.FromString,
-                    response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushResponse.SerializeToString,
-            ),
-            'PushGradients': grpc.stream_unary_rpc_method_handler(
-                    servicer.PushGradients,
-                    request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.FromString,
-                    response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushResponse.SerializeToString,
-            ),
-            'PullParameters': grpc.unary_stream_rpc_method_handler(
-                    servicer.PullParameters,
-                    request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullRequest.FromString,
-                    response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.SerializeToString,
-            ),
-            'PushPull': grpc.stream_stream_rpc_method_handler(
-                    servicer.PushPull,
-                    request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.FromString,
-                    response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -203,13 +130,13 @@ def add_ParameterServerServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'gradhub.v1.ParameterServer', rpc_method_handlers)
+            'gradhub.v1.WorkerControl', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('gradhub.v1.ParameterServer', rpc_method_handlers)
+    server.add_registered_method_handlers('gradhub.v1.WorkerControl', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class ParameterServer:
+class WorkerControl:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -226,7 +153,7 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/gradhub.v1.ParameterServer/Register',
+            '/gradhub.v1.WorkerControl/Register',
             gradhub_dot_proto_dot_v1_dot_ps__pb2.RegisterRequest.SerializeToString,
             gradhub_dot_proto_dot_v1_dot_ps__pb2.RegisterResponse.FromString,
             options,
@@ -238,6 +165,216 @@ class ParameterServer:
             timeout,
             metadata,
             _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradhub.v1.WorkerControl/Heartbeat',
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.HeartbeatRequest.SerializeToString,
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradhub.v1.WorkerControl/ReportMetrics',
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.ReportMetricsRequest.SerializeToString,
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradhub.v1.WorkerControl/SaveCheckpoint',
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.SerializeToString,
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.SaveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradhub.v1.WorkerControl/LoadCheckpoint',
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.LoadCheckpointRequest.SerializeToString,
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ParameterServerStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.InitParameters = channel.stream_unary(
+                '/gradhub.v1.ParameterServer/InitParameters',
+                request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.SerializeToString,
+                response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushResponse.FromString,
+                _registered_method=True)
+        self.PushGradients = channel.stream_unary(
+                '/gradhub.v1.ParameterServer/PushGradients',
+                request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.SerializeToString,
+                response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushResponse.FromString,
+                _registered_method=True)
+        self.PullParameters = channel.unary_stream(
+                '/gradhub.v1.ParameterServer/PullParameters',
+                request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
+                response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.FromString,
+                _registered_method=True)
+        self.PushPull = channel.stream_stream(
+                '/gradhub.v1.ParameterServer/PushPull',
+                request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.SerializeToString,
+                response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.FromString,
+                _registered_method=True)
+
+
+class ParameterServerServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def InitParameters(self, request_iterator, context):
+        """The initial parameters, sent once by one worker; later copies are ignored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushGradients(self, request_iterator, context):
+        """A gradient for (job, rank, step); a retried push is applied at most once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullParameters(self, request, context):
+        """The parameters a worker needs for its next step. Blocks as the job's mode
+        requires (ps-sync: until the previous step is applied; ps-ssp: until the
+        slowest worker is within the staleness bound).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushPull(self, request_iterator, context):
+        """PushGradients for step t, then PullParameters for step t + 1, in one round trip.
+        One call may carry many pushes, one after another (a worker keeps it open across
+        steps): each push (header + its bytes) is answered with the parameters (header +
+        bytes). Retrying a push is safe: it is applied at most once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ParameterServerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'InitParameters': grpc.stream_unary_rpc_method_handler(
+                    servicer.InitParameters,
+                    request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.FromString,
+                    response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushResponse.SerializeToString,
+            ),
+            'PushGradients': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushGradients,
+                    request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.FromString,
+                    response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushResponse.SerializeToString,
+            ),
+            'PullParameters': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullParameters,
+                    request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullRequest.FromString,
+                    response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.SerializeToString,
+            ),
+            'PushPull': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushPull,
+                    request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.FromString,
+                    response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'gradhub.v1.ParameterServer', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('gradhub.v1.ParameterServer', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ParameterServer:
+    """Missing associated documentation comment in .proto file."""
 
     @staticmethod
     def InitParameters(request_iterator,
@@ -337,114 +474,6 @@ class ParameterServer:
             '/gradhub.v1.ParameterServer/PushPull',
             gradhub_dot_proto_dot_v1_dot_ps__pb2.PushChunk.SerializeToString,
             gradhub_dot_proto_dot_v1_dot_ps__pb2.PullChunk.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Heartbeat(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/gradhub.v1.ParameterServer/Heartbeat',
-            gradhub_dot_proto_dot_v1_dot_ps__pb2.HeartbeatRequest.SerializeToString,
-            gradhub_dot_proto_dot_v1_dot_ps__pb2.HeartbeatResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReportMetrics(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/gradhub.v1.ParameterServer/ReportMetrics',
-            gradhub_dot_proto_dot_v1_dot_ps__pb2.ReportMetricsRequest.SerializeToString,
-            gradhub_dot_proto_dot_v1_dot_ps__pb2.ReportMetricsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def SaveCheckpoint(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/gradhub.v1.ParameterServer/SaveCheckpoint',
-            gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.SerializeToString,
-            gradhub_dot_proto_dot_v1_dot_ps__pb2.SaveCheckpointResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def LoadCheckpoint(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/gradhub.v1.ParameterServer/LoadCheckpoint',
-            gradhub_dot_proto_dot_v1_dot_ps__pb2.LoadCheckpointRequest.SerializeToString,
-            gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.FromString,
             options,
             channel_credentials,
             insecure,

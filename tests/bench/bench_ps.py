@@ -50,13 +50,13 @@ def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, out: A
     """Push a gradient and pull the parameters ``iters`` times; reports each exchange's seconds."""
     from gradhub.proto.alloc import tune_for_streaming
     from gradhub.proto.codec import Layout
-    from gradhub.worker.ps_client import PSClient
+    from gradhub.worker.server_link import ServerLink
 
     tune_for_streaming()  # as the worker actor does
     layout = Layout(("weight",), ((numel,),))
     params = torch.zeros(numel)
     grads = torch.full((numel,), 1e-3)
-    with PSClient(address, job_id, rank) as ps:
+    with ServerLink(address, job_id, rank) as ps:
         reg = ps.register("bench", 0, total_steps=iters + 1, train_size=1)
         if reg.needs_init:
             ps.init_parameters(layout, params)

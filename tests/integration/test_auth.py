@@ -53,22 +53,24 @@ def idle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def stubs(idle_server: Server) -> Iterator[tuple[jobs_pb2_grpc.JobServiceStub, ps_pb2_grpc.ParameterServerStub]]:
+def stubs(idle_server: Server) -> Iterator[tuple[jobs_pb2_grpc.JobServiceStub, ps_pb2_grpc.ParameterServerStub,
+                                                 ps_pb2_grpc.WorkerControlStub]]:
     channel = grpc.insecure_channel(idle_server.address)
-    yield jobs_pb2_grpc.JobServiceStub(channel), ps_pb2_grpc.ParameterServerStub(channel)
+    yield (jobs_pb2_grpc.JobServiceStub(channel), ps_pb2_grpc.ParameterServerStub(channel),
+           ps_pb2_grpc.WorkerControlStub(channel))
     channel.close()
 
 
 @pytest.fixture(scope="module")
 def job(idle_server: Server, stubs) -> str:
     """A RUNNING ps-sync job of 2 workers; worker 0 registered and sent the initial parameters."""
-    jobs, ps = stubs
+    jobs, ps, control = stubs
     job_id = jobs.SubmitJob(jobs_pb2.SubmitJobRequest(spec_json=json.dumps(SPEC)), timeout=10,
                             metadata=GOOD).job.id
     wait_for(lambda: jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=10,
                                  metadata=GOOD).job.state == jobs_pb2.RUNNING, 30, "the job to run")
-    reg = ps.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=0, total_steps=10, train_size=100),
-                      timeout=10, metadata=GOOD)
+    reg = control.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=0, total_steps=10, train_size=100),
+                           timeout=10, metadata=GOOD)
     assert reg.needs_init
     ps.InitParameters(push_stream(job_id, 0, initial()), timeout=10, metadata=GOOD)
     return job_id
@@ -86,8 +88,8 @@ def push_stream(job_id: str, rank: int, flat: torch.Tensor, step: int = 0) -> It
 
 
 def every_rpc(jobs: jobs_pb2_grpc.JobServiceStub, ps: ps_pb2_grpc.ParameterServerStub,
-              job_id: str) -> dict[str, Callable[[Any], object]]:
-    """Each RPC of both services with a request that would be served (and would change
+              control: ps_pb2_grpc.WorkerControlStub, job_id: str) -> dict[str, Callable[[Any], object]]:
+    """Each RPC of the three services with a request that would be served (and would change
     something) if it were authenticated; called with the metadata to send."""
     spec = json.dumps({**SPEC, "name": "intruder"})
     grad = torch.ones(LAYOUT.numel)
@@ -103,30 +105,31 @@ def every_rpc(jobs: jobs_pb2_grpc.JobServiceStub, ps: ps_pb2_grpc.ParameterServe
                                                               timeout=10, metadata=md)),
         "GetJobLogs": lambda md: list(jobs.GetJobLogs(jobs_pb2.GetJobLogsRequest(job_id=job_id), timeout=10,
                                                       metadata=md)),
-        "Register": lambda md: ps.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=10,
+        "Register": lambda md: control.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=10,
                                                                   train_size=100), timeout=10, metadata=md),
         "InitParameters": lambda md: ps.InitParameters(push_stream(job_id, 0, grad), timeout=10, metadata=md),
         "PushGradients": lambda md: ps.PushGradients(push_stream(job_id, 0, grad), timeout=10, metadata=md),
         "PullParameters": lambda md: list(ps.PullParameters(ps_pb2.PullRequest(job_id=job_id, rank=0, step=0),
                                                             timeout=10, metadata=md)),
         "PushPull": lambda md: list(ps.PushPull(push_stream(job_id, 0, grad), timeout=10, metadata=md)),
-        "Heartbeat": lambda md: ps.Heartbeat(ps_pb2.HeartbeatRequest(job_id=job_id, rank=0, step=0), timeout=10,
+        "Heartbeat": lambda md: control.Heartbeat(ps_pb2.HeartbeatRequest(job_id=job_id, rank=0, step=0), timeout=10,
                                              metadata=md),
-        "SaveCheckpoint": lambda md: ps.SaveCheckpoint(iter([ps_pb2.CheckpointChunk(
+        "SaveCheckpoint": lambda md: control.SaveCheckpoint(iter([ps_pb2.CheckpointChunk(
             header=ps_pb2.CheckpointHeader(job_id=job_id, rank=0, step=1, params=LAYOUT.metas(F32)))]),
             timeout=10, metadata=md),
-        "LoadCheckpoint": lambda md: list(ps.LoadCheckpoint(ps_pb2.LoadCheckpointRequest(job_id=job_id, rank=0),
+        "LoadCheckpoint": lambda md: list(control.LoadCheckpoint(ps_pb2.LoadCheckpointRequest(job_id=job_id, rank=0),
                                                             timeout=10, metadata=md)),
-        "ReportMetrics": lambda md: ps.ReportMetrics(
+        "ReportMetrics": lambda md: control.ReportMetrics(
             ps_pb2.ReportMetricsRequest(job_id=job_id, rank=0, step=0, kind="eval", metrics={"val_accuracy": 1.0}),
             timeout=10, metadata=md),
     }
 
 
-def test_every_method_of_both_services_is_covered(stubs, job):
+def test_every_method_of_every_service_is_covered(stubs, job):
     names = set(every_rpc(*stubs, job))
     services = {s.full_name: s for s in (jobs_pb2.DESCRIPTOR.services_by_name["JobService"],
-                                         ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"])}
+                                         ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"],
+                                         ps_pb2.DESCRIPTOR.services_by_name["WorkerControl"])}
     assert names == {m.name for s in services.values() for m in s.methods}
 
 
@@ -158,8 +161,8 @@ def test_without_the_right_token_every_rpc_is_refused_and_changes_nothing(idle_s
 
 def test_with_the_token_the_same_requests_are_served(idle_server, stubs, job):
     """Control: the refusals above were about the token, not the requests."""
-    jobs, ps = stubs
-    rpcs = every_rpc(jobs, ps, job)
+    jobs, ps, control = stubs
+    rpcs = every_rpc(jobs, ps, control, job)
     for name in ("GetJob", "ListJobs", "WatchJob", "ListCheckpoints", "GetJobLogs", "Heartbeat"):
         rpcs[name](GOOD)
     assert not rpcs["InitParameters"](GOOD).accepted  # already initialized: nothing changes

@@ -21,7 +21,7 @@ from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc, ps_pb2, ps_pb2_grpc, tenso
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
 from gradhub.server.launcher import ExternalLauncher
-from gradhub.worker.ps_client import PSClient
+from gradhub.worker.server_link import ServerLink
 
 from ..conftest import wait_for
 
@@ -43,11 +43,16 @@ def job(idle_server):
                               "steps": 10, "resources": {"cpus": 1}})
         wait_for(lambda: client.get_job(info.id).state == "RUNNING", 30, "the job to run")
     stub = ps_pb2_grpc.ParameterServerStub(grpc.insecure_channel(idle_server.address))
-    reg = stub.Register(ps_pb2.RegisterRequest(job_id=info.id, rank=0, total_steps=10, train_size=100), timeout=10)
+    reg = control(idle_server).Register(ps_pb2.RegisterRequest(job_id=info.id, rank=0, total_steps=10, train_size=100), timeout=10)
     assert reg.needs_init and reg.world_size == 2
     init = torch.arange(LAYOUT.numel, dtype=torch.float32)
     stub.InitParameters(stream(header(info.id, step=0), init), timeout=10)
     return info.id, stub, idle_server, init
+
+
+def control(server: Server) -> ps_pb2_grpc.WorkerControlStub:
+    """The WorkerControl service (register, heartbeats, metrics) on its own channel."""
+    return ps_pb2_grpc.WorkerControlStub(grpc.insecure_channel(server.address))
 
 
 def header(job_id: str, step: int = 0, rank: int = 0, metas=None) -> ps_pb2.PushHeader:
@@ -153,12 +158,12 @@ def test_header_missing(job, unchanged):
 
 
 def test_unknown_job_and_worker(job, unchanged):
-    job_id, stub, *_ = job
+    job_id, stub, server, _ = job
     assert_rejected(lambda: stub.PushGradients(stream(header("j-nope"), grad()), timeout=10),
                     grpc.StatusCode.NOT_FOUND, "j-nope")
     assert_rejected(lambda: stub.PushGradients(stream(header(job_id, rank=7), grad()), timeout=10),
                     grpc.StatusCode.NOT_FOUND, "rank", "worker 7", "world size 2")
-    assert_rejected(lambda: stub.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=-1, total_steps=10),
+    assert_rejected(lambda: control(server).Register(ps_pb2.RegisterRequest(job_id=job_id, rank=-1, total_steps=10),
                                           timeout=10),
                     grpc.StatusCode.NOT_FOUND, "rank")
     assert_rejected(lambda: list(stub.PullParameters(ps_pb2.PullRequest(job_id="j-nope"), timeout=10)),
@@ -172,8 +177,8 @@ def test_step_out_of_order(job, unchanged):
 
 
 def test_total_steps_must_agree(job, unchanged):
-    job_id, stub, *_ = job
-    assert_rejected(lambda: stub.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=11),
+    job_id, _, server, _ = job
+    assert_rejected(lambda: control(server).Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=11),
                                           timeout=10),
                     grpc.StatusCode.INVALID_ARGUMENT, "total_steps", "11", "10")
 
@@ -240,9 +245,9 @@ def test_errors_keep_their_class_across_the_wire(job, unchanged):
     with pytest.raises(grpc.RpcError) as err:
         stub.PushGradients(stream(header(job_id, metas=metas), grad()), timeout=10)
     assert dict(err.value.trailing_metadata())["gradhub-error"] == "ProtocolError"
-    with PSClient(server.address, "no-such-job", 0) as ps, pytest.raises(NotFoundError, match="no-such-job"):
+    with ServerLink(server.address, "no-such-job", 0) as ps, pytest.raises(NotFoundError, match="no-such-job"):
         ps.heartbeat(0)
-    with PSClient(server.address, job_id, 0) as ps, pytest.raises(ProtocolError, match=r"tensors\[0\].shape"):
+    with ServerLink(server.address, job_id, 0) as ps, pytest.raises(ProtocolError, match=r"tensors\[0\].shape"):
         ps.push(Layout(("fc.weight", "fc.bias"), ((3, 4), (4,))), 0, 0, grad())
 
 
@@ -253,7 +258,8 @@ def test_a_good_push_after_all_that_is_applied(job):
     assert not stub.PushGradients(stream(header(job_id), grad()), timeout=10).accepted  # retry: at most once
     store = server.manager.store(job_id)
     assert store.version == 0  # ps-sync: waits for worker 1
-    stub.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=10, train_size=100), timeout=10)
+    control(server).Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=10, train_size=100),
+                             timeout=10)
     assert stub.PushGradients(stream(header(job_id, rank=1), grad()), timeout=10).accepted
     assert store.version == 1
 

@@ -12,7 +12,7 @@ from gradhub.proto.v1 import tensor_pb2
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
 from gradhub.server.launcher import ExternalLauncher
-from gradhub.worker.ps_client import PSClient
+from gradhub.worker.server_link import ServerLink
 
 from ..conftest import wait_for
 
@@ -27,7 +27,7 @@ def test_exchange_a_320_mib_model(tmp_path):
             job = client.submit({"name": "big", "workers": 1, "model": "mlp", "dataset": "digits", "steps": 2,
                                  "optimizer": {"name": "sgd", "lr": 0.5}, "resources": {"cpus": 1}})
             wait_for(lambda: client.get_job(job.id).state == "RUNNING", 30, "the job to run")
-        with PSClient(server.address, job.id, rank=0) as ps:
+        with ServerLink(server.address, job.id, rank=0) as ps:
             reg = ps.register("test", 0, total_steps=2, train_size=10)
             assert reg.needs_init
             init = torch.randn(layout.numel, generator=torch.Generator().manual_seed(0))

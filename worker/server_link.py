@@ -1,4 +1,6 @@
-"""gRPC client a worker uses to talk to the parameter server (created inside the worker process).
+"""A worker's connection to the gradhub server (created inside the worker process): the
+WorkerControl service in every mode (register, heartbeats, metrics, allreduce checkpoints) and
+the ParameterServer service in the ps modes (initial parameters, pushes, pulls).
 
 Every call has a deadline. Unary calls are retried by the channel's service config
 on UNAVAILABLE only; pushes and pulls are retried here, which is safe because the
@@ -42,7 +44,7 @@ _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": "gradhub.v1.ParameterServer"}],
+                "name": [{"service": "gradhub.v1.ParameterServer"}, {"service": "gradhub.v1.WorkerControl"}],
                 "retryPolicy": {
                     "maxAttempts": 5,
                     "initialBackoff": "0.2s",
@@ -72,8 +74,8 @@ class Pulled(NamedTuple):
     buffers: dict[str, torch.Tensor]
 
 
-class PSClient:
-    """One worker's connection to the parameter server for one job."""
+class ServerLink:
+    """One worker's connection to the server for one job."""
 
     def __init__(self, address: str, job_id: str, rank: int, compression: str = "none",
                  token: str | None = None) -> None:
@@ -81,7 +83,7 @@ class PSClient:
         self.wire_dtype = COMPRESSION_DTYPES[compression]
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = ps_pb2_grpc.ParameterServerStub(self._channel)
+        self._control = ps_pb2_grpc.WorkerControlStub(self._channel)
         # The hot methods carry pre-serialized data chunks out and zero-copy views in
         # (byte-identical to the generated stubs' encoding; see gradhub.proto.codec).
         svc = "/gradhub.v1.ParameterServer/"
@@ -94,9 +96,10 @@ class PSClient:
         self._pull = self._channel.unary_stream(svc + "PullParameters",
                                                 request_serializer=ps_pb2.PullRequest.SerializeToString,
                                                 response_deserializer=_pull_response)
-        self._save = self._channel.stream_unary(svc + "SaveCheckpoint", request_serializer=_push_request,
+        control = "/gradhub.v1.WorkerControl/"
+        self._save = self._channel.stream_unary(control + "SaveCheckpoint", request_serializer=_push_request,
                                                 response_deserializer=ps_pb2.SaveCheckpointResponse.FromString)
-        self._load = self._channel.unary_stream(svc + "LoadCheckpoint",
+        self._load = self._channel.unary_stream(control + "LoadCheckpoint",
                                                 request_serializer=ps_pb2.LoadCheckpointRequest.SerializeToString,
                                                 response_deserializer=_checkpoint_response)
         self._staging: torch.Tensor | None = None
@@ -116,7 +119,7 @@ class PSClient:
     def register(self, host: str, pid: int, total_steps: int, train_size: int) -> ps_pb2.RegisterResponse:
         request = ps_pb2.RegisterRequest(job_id=self.job_id, rank=self.rank, host=host, pid=pid,
                                          total_steps=total_steps, train_size=train_size)
-        return _translated(lambda: self._stub.Register(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata,
+        return _translated(lambda: self._control.Register(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata,
                                                        wait_for_ready=True))
 
     def init_parameters(self, state: Layout | ModelLayout, params: torch.Tensor, frozen: torch.Tensor | None = None,
@@ -220,7 +223,7 @@ class PSClient:
 
     def heartbeat(self, step: int) -> str | None:
         """Returns the reason to stop when the job is over, else None."""
-        reply = _translated(lambda: self._stub.Heartbeat(
+        reply = _translated(lambda: self._control.Heartbeat(
             ps_pb2.HeartbeatRequest(job_id=self.job_id, rank=self.rank, step=step),
             timeout=10.0, metadata=self._metadata))
         return reply.reason if reply.stop else None
@@ -244,7 +247,7 @@ class PSClient:
         return _retry(call)
 
     def report(self, step: int, kind: str, metrics: Mapping[str, float]) -> None:
-        _translated(lambda: self._stub.ReportMetrics(
+        _translated(lambda: self._control.ReportMetrics(
             ps_pb2.ReportMetricsRequest(job_id=self.job_id, rank=self.rank, step=step, kind=kind,
                                         metrics=dict(metrics)),
             timeout=RPC_TIMEOUT_S, metadata=self._metadata))

@@ -1,0 +1,137 @@
+"""gRPC adapter for the WorkerControl service: a job's workers join, stay alive and report, in
+every mode, and (allreduce) save and load their group's checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Protocol
+
+import grpc
+
+from gradhub.proto.codec import chunk_parser, serialize_chunk
+from gradhub.proto.contract.errors import ProtocolError
+from gradhub.proto.state import TrainingState, read_state, state_messages
+from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc
+from gradhub.server.rpc import handler
+from gradhub.server.store import ParameterStore
+from gradhub.server.tracker import GroupTracker
+
+
+class WorkerBackend(Protocol):
+    """What the worker services need from the server: the job's state, notifications, checkpoints."""
+
+    heartbeat_interval_s: float
+    collective_timeout_s: float
+
+    def store(self, job_id: str) -> ParameterStore:
+        """A ps-* job's parameter store (FAILED_PRECONDITION for an allreduce job)."""
+        ...
+
+    def state(self, job_id: str) -> ParameterStore | GroupTracker:
+        """What the server keeps of a running job in any mode."""
+        ...
+
+    def tracker(self, job_id: str) -> GroupTracker:
+        """An allreduce job's tracker (FAILED_PRECONDITION for a ps-* job)."""
+        ...
+
+    def save_checkpoint(self, job_id: str, rank: int, state: TrainingState) -> tuple[int, int]:
+        """allreduce mode: store rank 0's state; returns (step, bytes written)."""
+        ...
+
+    def load_checkpoint(self, job_id: str, rank: int) -> TrainingState:
+        """allreduce mode: the state the job's current group starts from."""
+        ...
+
+    def on_register(self, job_id: str, rank: int, total_steps: int, train_size: int) -> None: ...
+
+    def on_metrics(self, job_id: str, rank: int, step: int, kind: str, metrics: Mapping[str, float]) -> None: ...
+
+
+def _host_label(hostname: str, peer: str) -> str:
+    """``hostname (ip)``: the name the worker gives and the address the server sees it from
+    (hostnames alone repeat across containers and network namespaces)."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return hostname
+    ip = rest.rsplit(":", 1)[0].strip("[]")
+    ip = ip.removeprefix("::ffff:")  # an IPv4 client on a dual-stack socket
+    return f"{hostname} ({ip})" if hostname else ip
+
+
+class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
+    """Registration, heartbeats, metrics and (allreduce) checkpoints, for every mode."""
+
+    def __init__(self, backend: WorkerBackend) -> None:
+        self._backend = backend
+
+    @handler
+    def Register(self, request: ps_pb2.RegisterRequest, context: grpc.ServicerContext) -> ps_pb2.RegisterResponse:
+        store = self._backend.state(request.job_id)
+        if request.total_steps < 1:
+            raise ProtocolError("total_steps: must be >= 1")
+        self._backend.on_register(request.job_id, request.rank, request.total_steps, request.train_size)
+        host = _host_label(request.host, context.peer())
+        version, next_step, needs_init = store.register(request.rank, host, request.pid)
+        return ps_pb2.RegisterResponse(
+            version=version,
+            next_step=next_step,
+            needs_init=needs_init,
+            world_size=store.config.world_size,
+            heartbeat_interval_s=self._backend.heartbeat_interval_s,
+            collective_timeout_s=self._backend.collective_timeout_s,
+        )
+
+    @handler
+    def Heartbeat(self, request: ps_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> ps_pb2.HeartbeatResponse:
+        reason = self._backend.state(request.job_id).heartbeat(request.rank, request.step)
+        return ps_pb2.HeartbeatResponse(stop=reason is not None, reason=reason or "")
+
+    @handler
+    def ReportMetrics(self, request: ps_pb2.ReportMetricsRequest, context: grpc.ServicerContext) -> ps_pb2.ReportMetricsResponse:
+        if request.kind not in ("train", "eval"):
+            raise ProtocolError(f"kind: must be 'train' or 'eval', got {request.kind!r}")
+        self._backend.on_metrics(request.job_id, request.rank, request.step, request.kind, dict(request.metrics))
+        return ps_pb2.ReportMetricsResponse()
+
+    @handler
+    def SaveCheckpoint(self, request_iterator: Iterator[ps_pb2.CheckpointChunk | memoryview], context: grpc.ServicerContext) -> ps_pb2.SaveCheckpointResponse:
+        first = next(request_iterator, None)
+        if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
+            raise ProtocolError("header: the first message of a checkpoint must be a CheckpointHeader")
+        header = first.header
+        self._backend.tracker(header.job_id)  # NOT_FOUND / FAILED_PRECONDITION before reading the bytes
+        step, size = self._backend.save_checkpoint(header.job_id, header.rank, read_state(header, request_iterator))
+        return ps_pb2.SaveCheckpointResponse(step=step, size_bytes=size)
+
+    @handler
+    def LoadCheckpoint(self, request: ps_pb2.LoadCheckpointRequest, context: grpc.ServicerContext) -> Iterator[ps_pb2.CheckpointChunk | bytes]:
+        state = self._backend.load_checkpoint(request.job_id, request.rank)
+        yield from state_messages(request.job_id, request.rank, state)
+
+
+def add_to_server(servicer: WorkerControlServicer, server: grpc.Server) -> None:
+    """Register the service like the generated ``add_WorkerControlServicer_to_server``, with the
+    chunk streams' (de)serializers (data chunks as views in, pre-serialized chunks out)."""
+    unary = {
+        "Register": (ps_pb2.RegisterRequest, ps_pb2.RegisterResponse),
+        "Heartbeat": (ps_pb2.HeartbeatRequest, ps_pb2.HeartbeatResponse),
+        "ReportMetrics": (ps_pb2.ReportMetricsRequest, ps_pb2.ReportMetricsResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=req.FromString,
+            response_serializer=resp.SerializeToString)
+        for name, (req, resp) in unary.items()
+    }
+    handlers["SaveCheckpoint"] = grpc.stream_unary_rpc_method_handler(
+        servicer.SaveCheckpoint, request_deserializer=_checkpoint_request,
+        response_serializer=ps_pb2.SaveCheckpointResponse.SerializeToString)
+    handlers["LoadCheckpoint"] = grpc.unary_stream_rpc_method_handler(
+        servicer.LoadCheckpoint, request_deserializer=ps_pb2.LoadCheckpointRequest.FromString,
+        response_serializer=serialize_chunk)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+_checkpoint_request = chunk_parser(ps_pb2.CheckpointChunk)
+SERVICE = "gradhub.v1.WorkerControl"
