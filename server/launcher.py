@@ -28,6 +28,7 @@ class WorkerExit:
     rank: int
     result: dict[str, Any] | None = None  # the WorkerResult, when it returned
     died: bool = False  # the process died (killed, OOM, node lost): Ray may restart it
+    unavailable: bool = False  # with died: Ray is restarting the actor (not a final death)
     error: str | None = None  # the worker raised: a bug or bad user code, not retried
     lost_peer: bool = False  # allreduce: it raised because another worker of its group is gone
     traceback: str = ""  # the worker's traceback (user frames included), for the job's log
@@ -144,7 +145,8 @@ class RayWorkerGroup:
             try:
                 exits.append(WorkerExit(rank, result=ray.get(ref, timeout=10)))
             except ray.exceptions.RayActorError as e:
-                exits.append(WorkerExit(rank, died=True, error=str(e).splitlines()[0]))
+                exits.append(WorkerExit(rank, died=True, error=str(e).splitlines()[0],
+                                        unavailable=isinstance(e, ray.exceptions.ActorUnavailableError)))
             except ray.exceptions.RayTaskError as e:
                 cause = getattr(e, "cause", None)
                 exits.append(WorkerExit(rank, error=_reason(e), lost_peer=isinstance(cause, PeerLostError),

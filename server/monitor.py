@@ -7,6 +7,7 @@ It notices a dead worker within one poll (Ray reports the actor's death) or afte
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from gradhub.proto.contract.errors import GradhubError, StateError
@@ -74,12 +75,16 @@ class JobMonitor:
         m, a, spec = self.m, self.a, self.a.spec
         assert a.group is not None
         done: set[int] = set()
+        rerun_at: dict[int, float] = {}  # ranks to run again once Ray has restarted their actor
         while True:
             self._write_checkpoints()
             if m.stopping:
                 return None, "server shutting down"
             if a.cancel is not None:
                 return JobState.CANCELLED, a.cancel
+            for rank in [r for r, at in rerun_at.items() if at <= time.monotonic()]:
+                del rerun_at[rank]
+                a.group.rerun(rank)
             for ex in a.group.wait(m.config.poll_s):
                 if m.stopping or a.cancel is not None:
                     break  # workers end with errors when their store closes: not the job's failure
@@ -87,14 +92,13 @@ class JobMonitor:
                     done.add(ex.rank)
                     self.m.set_worker_phase(self.a, ex.rank, WorkerPhase.DONE)
                 elif ex.died:
-                    a.restarts[ex.rank] += 1
-                    store.mark_dead(ex.rank)
-                    if a.restarts[ex.rank] > spec.max_restarts:
-                        return JobState.FAILED, (f"worker {ex.rank} died {a.restarts[ex.rank]} times "
-                                          f"(max_restarts is {spec.max_restarts}): {ex.error}")
-                    m.log_line(a.id, f"worker {ex.rank} died ({ex.error}); restart "
-                                     f"{a.restarts[ex.rank]} of {spec.max_restarts}")
-                    self.m.set_worker_phase(self.a, ex.rank, WorkerPhase.RESTARTING)
+                    if ex.unavailable and a.worker_state[ex.rank] == WorkerPhase.RESTARTING:
+                        # the run reached the actor while Ray was still restarting it after the
+                        # death already counted: the same death. Run it again a poll later
+                        rerun_at[ex.rank] = time.monotonic() + m.config.poll_s
+                        continue
+                    if (failed := self._death(store, ex.rank, ex.error)) is not None:
+                        return JobState.FAILED, failed
                     a.group.rerun(ex.rank)
                 else:
                     m.log_traceback(a.id, ex.rank, ex.traceback)
@@ -102,9 +106,9 @@ class JobMonitor:
             for rank, silent in enumerate(store.seconds_since_seen()):
                 if rank not in done and silent > m.config.heartbeat_timeout_s and a.worker_state[rank] == WorkerPhase.RUNNING:
                     m.log_line(a.id, f"worker {rank} silent for {silent:.0f} s: killing it so Ray restarts it")
-                    self.m.set_worker_phase(self.a, rank, WorkerPhase.RESTARTING)
-                    store.mark_dead(rank)
-                    a.group.kill(rank)
+                    if (failed := self._death(store, rank, f"silent for {silent:.0f} s")) is not None:
+                        return JobState.FAILED, failed
+                    a.group.kill(rank)  # its run then ends as this same death (counted once)
             if len(done) == spec.workers:
                 if not store.finished():
                     return JobState.FAILED, "the workers stopped before the last step"
@@ -115,6 +119,18 @@ class JobMonitor:
                     m.db.update(a.id, metrics={**rec.metrics, "max_staleness": float(staleness)})
                 return JobState.SUCCEEDED, ""
 
+
+    def _death(self, store: ParameterStore, rank: int, error: str | None) -> str | None:
+        """Count one death of worker ``rank``: the job's failure reason past ``max_restarts``,
+        else None (the worker is RESTARTING)."""
+        a, spec = self.a, self.a.spec
+        a.restarts[rank] += 1
+        store.mark_dead(rank)
+        if a.restarts[rank] > spec.max_restarts:
+            return f"worker {rank} died {a.restarts[rank]} times (max_restarts is {spec.max_restarts}): {error}"
+        self.m.log_line(a.id, f"worker {rank} died ({error}); restart {a.restarts[rank]} of {spec.max_restarts}")
+        self.m.set_worker_phase(a, rank, WorkerPhase.RESTARTING)
+        return None
 
     def _keep_state(self, store: ParameterStore) -> None:
         """A failed job keeps what it trained: the store's state, consistent at every moment,

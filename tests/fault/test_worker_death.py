@@ -29,7 +29,7 @@ def spec(name: str) -> dict:
         "model": {"factory": "gh_zoo:bn_net", "args": {"hidden": 256, "p": 0.2}}, "dataset": "digits",
         "working_dir": str(USER_CODE),
         "optimizer": {"name": "adam", "lr": 0.001}, "batch_size": 16, "steps": 400, "seed": 3,
-        "max_restarts": 2,
+        "max_restarts": 1,  # one kill is one death: max_restarts 1 survives it
     }
 
 
@@ -53,7 +53,9 @@ def test_killed_worker_is_restarted_and_the_result_is_unchanged(server, tmp_path
         assert info.state == "SUCCEEDED", info.reason
         assert victim.step < info.total_steps, "the kill must land before the job's end"
         logs = "\n".join(client.logs(job.id))
-        assert f"worker {KILL_RANK} died" in logs and "restart 1 of 2" in logs
+        assert f"worker {KILL_RANK} died" in logs and "restart 1 of 1" in logs
+        # the rerun that reaches the actor while Ray is still restarting it is the same death
+        assert logs.count("died") == 1, logs
 
         expected = final_params(client, undisturbed, tmp_path)
         got = final_params(client, info, tmp_path)
