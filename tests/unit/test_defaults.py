@@ -24,10 +24,20 @@ def test_the_server_command_takes_its_defaults_from_server_config() -> None:
         assert params[option].default == defaults[field], option
 
 
-def test_the_job_manager_has_no_defaults_of_its_own() -> None:
-    from gradhub.server import jobs
+def test_the_job_manager_takes_the_server_config(tmp_path) -> None:
+    from gradhub.server.checkpoints import CheckpointStore
+    from gradhub.server.job_db import JobDB
+    from gradhub.server.jobs import JobManager
+    from gradhub.server.launcher import ExternalLauncher
 
-    assert not hasattr(jobs, "ManagerConfig")
+    with JobDB(tmp_path / "jobs.db") as db:
+        def manager(config: ServerConfig | None) -> JobManager:
+            return JobManager(db, CheckpointStore(tmp_path / "c"), ExternalLauncher({"CPU": 1.0}), tmp_path, config)
+
+        given = ServerConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=2.0, collective_timeout_s=9.0)
+        m = manager(given)
+        assert m.config is given and (m.heartbeat_interval_s, m.collective_timeout_s) == (0.5, 9.0)
+        assert manager(None).config == ServerConfig()  # its defaults are ServerConfig's
 
 
 def test_client_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
