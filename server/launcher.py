@@ -231,8 +231,8 @@ class _ExternalGroup:
 
 
 class ExternalLauncher:
-    """Launches nothing: the workers are external processes speaking the ParameterServer
-    protocol themselves (benchmarks, protocol tests, a hand-rolled launcher).
+    """Launches nothing: the workers are external processes speaking the WorkerControl and
+    ParameterServer protocols themselves (benchmarks, protocol tests, a hand-rolled launcher).
 
     ``resources`` is what the queue believes the cluster has.
     """

@@ -1,6 +1,6 @@
-"""A server started with a token: every RPC of both services needs ``authorization: Bearer <token>``.
+"""A server started with a token: every RPC of every service needs ``authorization: Bearer <token>``.
 
-Without it, or with a wrong one, each RPC of the JobService and of the ParameterServer gets
+Without it, or with a wrong one, each RPC of the JobService, the WorkerControl and the ParameterServer gets
 UNAUTHENTICATED and changes nothing: no job appears, none is cancelled, no log line or metric
 is written, the parameters, the workers' clocks and registrations stay as they were. With the
 right token the same requests are served, and a real job on Ray workers (which get the token

@@ -2,7 +2,7 @@
 stays up and the stored parameters are unchanged.
 
 The test is the worker here: a real server on port 0 with an ExternalLauncher (it starts no workers), and
-raw gRPC stubs speaking the ParameterServer protocol.
+raw gRPC stubs speaking the WorkerControl and ParameterServer protocols.
 """
 
 from __future__ import annotations
