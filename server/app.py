@@ -1,5 +1,6 @@
 """The gradhub server process: one gRPC server (thread pool) serving the JobService, the
-WorkerControl and the ParameterServer, backed by the JobManager, and connected to Ray (embedded local, or a cluster).
+WorkerControl and the ParameterServer, backed by the JobManager, and connected to Ray
+(embedded local, or a cluster).
 
     with Server(ServerConfig(port=0, data_dir=tmp)) as server:
         print(server.address)
