@@ -74,6 +74,10 @@ class _Active:
     allreduce_s: dict[int, float] = field(default_factory=dict)
     checkpoints: queue.Queue[CheckpointState] = field(default_factory=queue.Queue)
     thread: threading.Thread | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # the job's, as last reported
+    metrics_seq: int = 0  # reports merged so far
+    metrics_written: int = 0  # the report the database holds
+    db_lock: threading.Lock = field(default_factory=threading.Lock)  # orders this job's metric writes
 
 
 class JobManager:
@@ -276,8 +280,7 @@ class JobManager:
             store.heartbeat(rank, step)  # progress: the server sees no pushes in this mode
         with self._cond:
             a = self._active[job_id]
-            rec = self._db.get(job_id)
-            merged = dict(rec.metrics)
+            merged = a.metrics
             if kind == "train":
                 a.rates[rank] = float(metrics.get("samples_per_s", 0.0))
                 a.losses[rank] = float(metrics.get("loss", 0.0))
@@ -293,9 +296,16 @@ class JobManager:
                     merged["allreduce_s"] = min(a.allreduce_s.values())
             else:
                 merged.update({k: float(v) for k, v in metrics.items()})
-            self._db.update(job_id, metrics=merged, step=store.step(), version=store.version,
-                            samples_per_second=sum(a.rates.values()))
-            self._changed()
+            a.metrics_seq += 1
+            seq, snapshot, rate = a.metrics_seq, dict(merged), sum(a.rates.values())
+        # the database is written outside the manager's lock, which every push and pull takes;
+        # a report that lost the race to a newer one is not written over it
+        with a.db_lock:
+            if seq > a.metrics_written:
+                self._db.update(job_id, metrics=snapshot, step=store.step(), version=store.version,
+                                samples_per_second=rate)
+                a.metrics_written = seq
+        self.notify()
         if kind == "eval":
             self._log(job_id, f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
 
@@ -411,9 +421,10 @@ class JobManager:
             a.store = state
             a.restarts = [0] * a.spec.workers
             a.worker_state = [WorkerPhase.STARTING] * a.spec.workers
-        self._db.update(a.id, state=JobState.RUNNING, started_at=time.time(), reason="")
-        self.notify()
-        rec = self._db.get(a.id)
+        rec = self._db.update(a.id, state=JobState.RUNNING, started_at=time.time(), reason="")
+        with self._cond:
+            a.metrics = dict(rec.metrics)  # a resumed job keeps what it reported before
+            self._changed()
         return {"working_dir": rec.working_dir} if rec.working_dir else None
 
     def set_worker_phase(self, a: _Active, rank: int, phase: WorkerPhase) -> None:
