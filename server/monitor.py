@@ -119,7 +119,6 @@ class JobMonitor:
                     m.db.update(a.id, metrics={**rec.metrics, "max_staleness": float(staleness)})
                 return JobState.SUCCEEDED, ""
 
-
     def _death(self, store: ParameterStore, rank: int, error: str | None) -> str | None:
         """Count one death of worker ``rank``: the job's failure reason past ``max_restarts``,
         else None (the worker is RESTARTING)."""
