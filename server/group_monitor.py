@@ -61,7 +61,7 @@ class GroupMonitor:
                     a.group.stop()  # the survivors may sit in a collective: end them now
                     restarts += 1
                     for r in lost.ranks:
-                        a.restarts[r] += 1
+                        m.count_death(a, r)
                     if restarts > spec.max_restarts:
                         reason = (f"{lost.reason}; the group was restarted {restarts - 1} times "
                                   f"(max_restarts is {spec.max_restarts})")

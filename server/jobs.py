@@ -427,6 +427,12 @@ class JobManager:
             self._changed()
         return {"working_dir": rec.working_dir} if rec.working_dir else None
 
+    def count_death(self, a: _Active, rank: int) -> int:
+        """One more death of worker ``rank`` of a running job; returns its deaths so far."""
+        with self._cond:
+            a.restarts[rank] += 1
+            return a.restarts[rank]
+
     def set_worker_phase(self, a: _Active, rank: int, phase: WorkerPhase) -> None:
         """Move worker ``rank`` of a running job to ``phase`` (an allowed transition, or
         ``StateError``) and tell watchers."""

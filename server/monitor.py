@@ -123,11 +123,11 @@ class JobMonitor:
         """Count one death of worker ``rank``: the job's failure reason past ``max_restarts``,
         else None (the worker is RESTARTING)."""
         a, spec = self.a, self.a.spec
-        a.restarts[rank] += 1
+        deaths = self.m.count_death(a, rank)
         store.mark_dead(rank)
-        if a.restarts[rank] > spec.max_restarts:
-            return f"worker {rank} died {a.restarts[rank]} times (max_restarts is {spec.max_restarts}): {error}"
-        self.m.log_line(a.id, f"worker {rank} died ({error}); restart {a.restarts[rank]} of {spec.max_restarts}")
+        if deaths > spec.max_restarts:
+            return f"worker {rank} died {deaths} times (max_restarts is {spec.max_restarts}): {error}"
+        self.m.log_line(a.id, f"worker {rank} died ({error}); restart {deaths} of {spec.max_restarts}")
         self.m.set_worker_phase(a, rank, WorkerPhase.RESTARTING)
         return None
 
