@@ -6,6 +6,7 @@ size, rank, seed, step), so a restarted worker recomputes exactly the gradient i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -355,7 +356,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     batch_size: int = 1024,
     metrics: MetricFn | None = None,
-    autocast: Callable[[], Any] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Validation metrics of ``model`` on ``dataset``, in eval mode and without gradients.
 
@@ -380,11 +381,7 @@ def evaluate(
                 x, y = get_batch(dataset, range(start, min(start + batch_size, n)))
                 x, y = to_device(x, device), to_device(y, device)
                 size = batch_len(x) or len(y)
-                if autocast is not None:
-                    with autocast():
-                        out = call_model(model, x)
-                        loss = loss_fn(out, y)
-                else:
+                with autocast():
                     out = call_model(model, x)
                     loss = loss_fn(out, y)
                 total_loss += float(loss) * size

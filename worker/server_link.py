@@ -322,16 +322,13 @@ def _translated(call: Callable[[], T]) -> T:
 
 def _retry(call: Callable[[], T]) -> T:
     """Retry ``call`` on UNAVAILABLE (server restarting, connection reset) for a bounded time.
-    A gradhub error the server raised is raised here as the same class."""
+    A gradhub error the server raised is raised here as the same class (``_translated``)."""
     deadline, delay = time.monotonic() + RETRY_FOR_S, 0.2
     while True:
         try:
-            return call()
+            return _translated(call)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
-                rebuilt = from_rpc_error(e)
-                if rebuilt is not None:
-                    raise rebuilt from e
                 raise
             time.sleep(delay)  # backoff before a retry, not synchronization
             delay = min(delay * 2, 2.0)

@@ -148,7 +148,7 @@ class Workload:
     def evaluate(self) -> dict[str, float]:
         assert self.val is not None
         return evaluate(self.model, self.val, self.loss_fn, self.device, metrics=self.metrics,
-                        autocast=self.precision.autocast if self.precision.dtype is not None else None)
+                        autocast=self.precision.autocast)
 
 
 def seed_rng(seed: int, device: torch.device) -> None:
