@@ -101,6 +101,13 @@ def decode_state(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
 
 def state_messages(job_id: str, rank: int, state: TrainingState) -> Iterator[ps_pb2.CheckpointChunk | bytes]:
     """``state`` as a header and serialized data chunks of about ``CHUNK_BYTES``."""
+    header, tensors = state_header(job_id, rank, state)
+    yield ps_pb2.CheckpointChunk(header=header)
+    yield from _data_chunks(tensors)
+
+
+def state_header(job_id: str, rank: int, state: TrainingState) -> tuple[ps_pb2.CheckpointHeader, list[torch.Tensor]]:
+    """``state``'s header, and the tensors whose bytes follow it back to back (``read_state``)."""
     extra: dict[str, torch.Tensor] = {}
     optim = None if state.optimizer_state is None else encode_state(state.optimizer_state, "", extra)
     sched = None if state.scheduler_state is None else encode_state(state.scheduler_state, "scheduler.", extra)
@@ -116,8 +123,7 @@ def state_messages(job_id: str, rank: int, state: TrainingState) -> Iterator[ps_
         optimizer_json="" if optim is None else json.dumps(optim, allow_nan=False),
         scheduler_json="" if sched is None else json.dumps(sched, allow_nan=False),
     )
-    yield ps_pb2.CheckpointChunk(header=header)
-    yield from _data_chunks([*state.params.values(), *(t.to(torch.float32) for t in extra.values())])
+    return header, [*state.params.values(), *(t.to(torch.float32) for t in extra.values())]
 
 
 def read_state(header: ps_pb2.CheckpointHeader, chunks: Iterator[Any]) -> TrainingState:

@@ -14,7 +14,9 @@ from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc
 from gradhub.server.rpc import handler
 from gradhub.server.store import ParameterStore
-from gradhub.server.tracker import GroupTracker
+from gradhub.server.tracker import Formation, GroupTracker
+
+JOIN_RETRY_S = 0.05  # how soon a worker asks again while its group is not complete
 
 
 class WorkerBackend(Protocol):
@@ -41,6 +43,12 @@ class WorkerBackend(Protocol):
 
     def load_checkpoint(self, job_id: str, rank: int) -> TrainingState:
         """allreduce mode: the state the job's current group starts from."""
+        ...
+
+    def join_group(self, job_id: str, rank: int, step: int | None) -> tuple[Formation | None, int, str]:
+        """allreduce mode: worker ``rank`` asks to join the next group, holding the state after
+        ``step`` (None: none). Returns (the group or None: not yet, the rendezvous store's port, its
+        key prefix for the group)."""
         ...
 
     def on_register(self, job_id: str, rank: int, total_steps: int, train_size: int) -> None: ...
@@ -88,6 +96,17 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
         return ps_pb2.HeartbeatResponse(stop=reason is not None, reason=reason or "")
 
     @handler
+    def JoinGroup(self, request: ps_pb2.JoinGroupRequest, context: grpc.ServicerContext) -> ps_pb2.JoinGroupResponse:
+        step = request.step if request.has_state else None
+        formed, port, prefix = self._backend.join_group(request.job_id, request.rank, step)
+        if formed is None:
+            return ps_pb2.JoinGroupResponse(ready=False, retry_after_s=JOIN_RETRY_S)
+        return ps_pb2.JoinGroupResponse(
+            ready=True, generation=formed.generation, world_size=formed.world_size, group_rank=request.rank,
+            store_port=port, store_prefix=prefix, step=formed.step, source_rank=formed.source,
+            finished=formed.finished, keep_state=formed.keep)
+
+    @handler
     def ReportMetrics(self, request: ps_pb2.ReportMetricsRequest, context: grpc.ServicerContext) -> ps_pb2.ReportMetricsResponse:
         if request.kind not in ("train", "eval"):
             raise ProtocolError(f"kind: must be 'train' or 'eval', got {request.kind!r}")
@@ -117,6 +136,7 @@ def add_to_server(servicer: WorkerControlServicer, server: grpc.Server) -> None:
         "Register": (ps_pb2.RegisterRequest, ps_pb2.RegisterResponse),
         "Heartbeat": (ps_pb2.HeartbeatRequest, ps_pb2.HeartbeatResponse),
         "ReportMetrics": (ps_pb2.ReportMetricsRequest, ps_pb2.ReportMetricsResponse),
+        "JoinGroup": (ps_pb2.JoinGroupRequest, ps_pb2.JoinGroupResponse),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(

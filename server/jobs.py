@@ -1,9 +1,10 @@
-"""The job manager: jobs' lifecycle, the FIFO queue, and the monitor of each running job.
+"""The job manager: jobs' lifecycle, the FIFO queue, and a controller thread per running job.
 
 States go QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED (``gradhub.proto.contract.states``
-holds the table; ``JobDB.update`` enforces it, and ``set_worker_phase`` a worker's). Jobs persist in the
-JobDB; a job that was RUNNING when the server stopped is resumed from its latest
-checkpoint at the next start. The Ray side is behind the ``Launcher`` interface.
+holds the table; ``JobDB.update`` enforces it, and ``JobRun.set_phase`` a worker's). Jobs persist
+in the JobDB; a job that was RUNNING when the server stopped is resumed from its latest
+checkpoint at the next start. Each running job's live state is its ``JobRun`` (which owns its
+lock); its ``Controller`` runs it; the Ray side is behind the ``Launcher`` interface.
 """
 
 from __future__ import annotations
@@ -11,25 +12,29 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import logging
-import queue
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from gradhub.proto.codec import Layout
-from gradhub.proto.contract.errors import NotFoundError, SpecError, StateError
+from gradhub.proto.contract.errors import GradhubError, NotFoundError, SpecError, StateError
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.contract.states import JobState, WorkerPhase
 from gradhub.proto.state import TrainingState
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig
+from gradhub.server.controller import Controller, Outcome
 from gradhub.server.job_db import JobDB, JobRecord
-from gradhub.server.launcher import Launcher, WorkerGroup, demand
-from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
-from gradhub.server.tracker import GroupTracker
+from gradhub.server.job_run import JobRun
+from gradhub.server.launcher import Launcher, demand
+from gradhub.server.modes import runtime_for
+from gradhub.server.policies import MaxRestarts
+from gradhub.server.rendezvous import RendezvousStore
+from gradhub.server.store import ParameterStore
+from gradhub.server.tracker import Formation, GroupTracker
 
 log = logging.getLogger(__name__)
 
@@ -56,32 +61,9 @@ class JobView:
     workers: tuple[WorkerView, ...] = ()
 
 
-@dataclass
-class _Active:
-    """Runtime state of a QUEUED or RUNNING job (owned by the manager, guarded by its lock)."""
-
-    id: str
-    spec: JobSpec
-    resume: bool = False
-    store: ParameterStore | GroupTracker | None = None  # GroupTracker in allreduce mode
-    group: WorkerGroup | None = None
-    cancel: str | None = None
-    restarts: list[int] = field(default_factory=list)
-    worker_state: list[WorkerPhase] = field(default_factory=list)
-    rates: dict[int, float] = field(default_factory=dict)
-    losses: dict[int, float] = field(default_factory=dict)
-    avg_rates: dict[int, float] = field(default_factory=dict)
-    allreduce_s: dict[int, float] = field(default_factory=dict)
-    checkpoints: queue.Queue[CheckpointState] = field(default_factory=queue.Queue)
-    thread: threading.Thread | None = None
-    metrics: dict[str, float] = field(default_factory=dict)  # the job's, as last reported
-    metrics_seq: int = 0  # reports merged so far
-    metrics_written: int = 0  # the report the database holds
-    db_lock: threading.Lock = field(default_factory=threading.Lock)  # orders this job's metric writes
-
-
 class JobManager:
-    """Owns every job; all mutation happens under ``_cond``. Also the PS servicer's backend."""
+    """Owns the queue and the set of running jobs (under ``_cond``, which also tells watchers of
+    every change); each job's live state is its ``JobRun``. Also the worker services' backend."""
 
     def __init__(self, db: JobDB, checkpoints: CheckpointStore, launcher: Launcher,
                  working_dirs: Path, config: ServerConfig | None = None) -> None:
@@ -91,7 +73,8 @@ class JobManager:
         self.heartbeat_interval_s = config.heartbeat_interval_s
         self.collective_timeout_s = config.collective_timeout_s
         self._cond = threading.Condition()
-        self._active: dict[str, _Active] = {}
+        self._active: dict[str, JobRun] = {}
+        self._rendezvous = RendezvousStore()
         self._queue: list[str] = []
         self._reserved: dict[str, dict[str, float]] = {}
         self._changes = 0
@@ -109,7 +92,7 @@ class JobManager:
             if resume:
                 self._log(rec.id, "server restarted: resuming from the latest checkpoint")
                 self._db.update(rec.id, state=JobState.QUEUED, attempts=rec.attempts + 1)
-            self._active[rec.id] = _Active(rec.id, spec, resume=resume)
+            self._active[rec.id] = JobRun(rec.id, spec, resume=resume)
             self._queue.append(rec.id)
         self._scheduler = threading.Thread(target=self._schedule_loop, name="gradhub-scheduler", daemon=True)
         self._scheduler.start()
@@ -120,14 +103,15 @@ class JobManager:
             self._stopping = True
             active = list(self._active.values())
             for a in active:
-                if a.store is not None:
-                    a.store.close("server shutting down")
+                if a.state is not None:
+                    a.state.close("server shutting down")
             self._cond.notify_all()
         for a in active:
             if a.thread is not None:
                 a.thread.join(timeout=grace)
         if self._scheduler is not None:
             self._scheduler.join(timeout=grace)
+        self._rendezvous.close()
 
     # -------------------------------------------------------------- the API
     def submit(self, spec: JobSpec, working_dir_zip: bytes | None = None) -> JobView:
@@ -147,7 +131,7 @@ class JobManager:
             if self._stopping:
                 raise StateError("server: shutting down, not accepting jobs")
             self._db.insert(rec)
-            self._active[job_id] = _Active(job_id, spec)
+            self._active[job_id] = JobRun(job_id, spec)
             self._queue.append(job_id)
             self._changed()
         self._log(job_id, f"submitted: {spec.workers} workers, mode {spec.mode}")
@@ -157,17 +141,18 @@ class JobManager:
         rec = self._db.get(job_id)
         with self._cond:
             a = self._active.get(job_id)
-            if a is None or a.store is None:
-                return JobView(rec)
-            store = a.store
-            workers = tuple(
-                WorkerView(w.rank, a.worker_state[w.rank] if a.worker_state else WorkerPhase.STARTING, w.clock,
-                           w.staleness, w.max_staleness, w.host, w.pid, a.restarts[w.rank] if a.restarts else 0)
-                for w in store.workers()
-            )
-            rates = sum(a.rates.values())
+        store = None if a is None else a.state
+        if a is None or store is None:
+            return JobView(rec)
+        run = a.snapshot()
+        workers = tuple(
+            WorkerView(w.rank, run.phases[w.rank] if run.phases else WorkerPhase.STARTING, w.clock,
+                       w.staleness, w.max_staleness, w.host, w.pid, run.restarts[w.rank] if run.restarts else 0)
+            for w in store.workers()
+        )
         rec = dataclasses.replace(rec, step=store.step(), version=store.version,
-                       total_steps=store.total_steps or rec.total_steps, samples_per_second=rates)
+                                  total_steps=store.total_steps or rec.total_steps,
+                                  samples_per_second=run.samples_per_second)
         return JobView(rec, workers)
 
     def list(self) -> list[JobView]:
@@ -183,9 +168,7 @@ class JobManager:
                 self._queue.remove(job_id)
                 self._finish(job_id, JobState.CANCELLED, reason)
             elif a is not None:
-                a.cancel = reason
-                if a.store is not None:
-                    a.store.close(reason)
+                a.request_cancel(reason)
             self._changed()
         return self.get(job_id)
 
@@ -213,15 +196,15 @@ class JobManager:
             self._cond.wait(timeout)
 
     # ------------------------------------------------- PS servicer backend
-    def _running(self, job_id: str) -> _Active:
+    def _running(self, job_id: str) -> JobRun:
         with self._cond:
             a = self._active.get(job_id)
-            if a is None or a.store is None:
-                raise NotFoundError(f"job_id: job {job_id!r} is not running on this server")
-            return a
+        if a is None or a.state is None:
+            raise NotFoundError(f"job_id: job {job_id!r} is not running on this server")
+        return a
 
     def state(self, job_id: str) -> ParameterStore | GroupTracker:
-        store = self._running(job_id).store
+        store = self._running(job_id).state
         assert store is not None
         return store
 
@@ -262,49 +245,37 @@ class JobManager:
         return TrainingState(step=loaded.info.step, params=loaded.params, optimizer_state=loaded.optimizer_state,
                              scheduler_state=loaded.scheduler_state)
 
+    def join_group(self, job_id: str, rank: int, step: int | None) -> tuple[Formation | None, int, str]:
+        formed = self.tracker(job_id).join(rank, step)
+        if formed is None or formed.finished:
+            return formed, 0, ""
+        if formed.generation > 1 and self._running(job_id).first_to_see(formed.generation):
+            source = (f"the live state of worker {formed.source}" if formed.source >= 0
+                      else "the checkpoint" if formed.step else "the start")
+            self._log(job_id, f"group {formed.generation} formed: {formed.world_size} workers go on from step "
+                              f"{formed.step}, with {source}")
+        return formed, self._rendezvous.port(), self._rendezvous.prefix(job_id, formed.generation)
+
     def on_register(self, job_id: str, rank: int, total_steps: int, train_size: int) -> None:
+        run = self._running(job_id)
         store = self.state(job_id)
         store.set_total_steps(total_steps)
-        with self._cond:
-            a = self._active[job_id]
-            if a.worker_state:
-                a.worker_state[rank] = a.worker_state[rank].to(WorkerPhase.RUNNING)
-            self._changed()
+        run.set_phase(rank, WorkerPhase.RUNNING)
+        self.notify()
         rec = self._db.get(job_id)
         if rec.total_steps != total_steps:
             self._db.update(job_id, total_steps=total_steps)
 
     def on_metrics(self, job_id: str, rank: int, step: int, kind: str, metrics: Mapping[str, float]) -> None:
+        run = self._running(job_id)
         store = self.state(job_id)
         if isinstance(store, GroupTracker):
             store.heartbeat(rank, step)  # progress: the server sees no pushes in this mode
-        with self._cond:
-            a = self._active[job_id]
-            merged = a.metrics
-            if kind == "train":
-                a.rates[rank] = float(metrics.get("samples_per_s", 0.0))
-                a.losses[rank] = float(metrics.get("loss", 0.0))
-                a.avg_rates[rank] = float(metrics.get("avg_samples_per_s", 0.0))
-                merged["loss"] = sum(a.losses.values()) / len(a.losses)
-                # the whole run's rate so far, summed over workers
-                merged["avg_samples_per_s"] = sum(a.avg_rates.values())
-                if "allreduce_s" in metrics:
-                    # allreduce mode: seconds per step in the all-reduce. A rank that starts it
-                    # first also waits there for the others' backward; the last one to join
-                    # measures the all-reduce itself: the minimum over ranks
-                    a.allreduce_s[rank] = float(metrics["allreduce_s"])
-                    merged["allreduce_s"] = min(a.allreduce_s.values())
-            else:
-                merged.update({k: float(v) for k, v in metrics.items()})
-            a.metrics_seq += 1
-            seq, snapshot, rate = a.metrics_seq, dict(merged), sum(a.rates.values())
-        # the database is written outside the manager's lock, which every push and pull takes;
-        # a report that lost the race to a newer one is not written over it
-        with a.db_lock:
-            if seq > a.metrics_written:
-                self._db.update(job_id, metrics=snapshot, step=store.step(), version=store.version,
-                                samples_per_second=rate)
-                a.metrics_written = seq
+        seq, snapshot, rate = run.merge_metrics(rank, kind, metrics)
+        # the database is written outside every lock that a push or a pull takes; a report
+        # that lost the race to a newer one is not written over it
+        run.write_metrics(seq, lambda: self._db.update(job_id, metrics=snapshot, step=store.step(),
+                                                       version=store.version, samples_per_second=rate))
         self.notify()
         if kind == "eval":
             self._log(job_id, f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
@@ -360,14 +331,10 @@ class JobManager:
         return all(v <= total.get(k, 0.0) - used.get(k, 0.0) + 1e-9 for k, v in need.items())
 
     # ----------------------------------------------------------- running
-    def _run_job(self, a: _Active) -> None:
-        # the per-job loops live in their own modules
-        from gradhub.server.group_monitor import GroupMonitor
-        from gradhub.server.monitor import JobMonitor
-
+    def _run_job(self, a: JobRun) -> None:
         try:
-            monitor = JobMonitor(self, a) if a.spec.is_ps else GroupMonitor(self, a)
-            state, reason = monitor.run()
+            outcome = self._control(a)
+            state, reason = outcome.state, outcome.reason
         except Exception as e:
             log.exception("job %s crashed", a.id)
             state, reason = JobState.FAILED, f"internal error: {type(e).__name__}: {e}"
@@ -376,6 +343,20 @@ class JobManager:
             if state is not None:
                 self._finish(a.id, state, reason)
             self._changed()
+
+    def _control(self, a: JobRun) -> Outcome:
+        """Prepare the job's mode, mark it RUNNING and run its controller to the end."""
+        runtime = runtime_for(a, self)
+        try:
+            runtime.prepare()
+        except GradhubError as e:
+            return Outcome(JobState.FAILED, f"cannot resume after the server restart: {e}")
+        rec = self._db.update(a.id, state=JobState.RUNNING, started_at=time.time(), reason="")
+        a.begin(runtime.table, rec.metrics)  # a resumed job keeps what it reported before
+        self.notify()
+        env = {"working_dir": rec.working_dir} if rec.working_dir else None
+        policy = MaxRestarts(a.spec.max_restarts, a.spec.workers)
+        return Controller(a, runtime, self._launcher, self, policy, self.config, env).execute()
 
     def _finish(self, job_id: str, state: JobState, reason: str) -> None:
         self._db.update(job_id, state=state, reason=reason, finished_at=time.time())
@@ -415,31 +396,6 @@ class JobManager:
         with self._cond:
             self._changed()
 
-    def begin(self, a: _Active, state: ParameterStore | GroupTracker) -> dict[str, str] | None:
-        """The job is RUNNING, served by ``state``; returns the runtime_env its workers need."""
-        with self._cond:
-            a.store = state
-            a.restarts = [0] * a.spec.workers
-            a.worker_state = [WorkerPhase.STARTING] * a.spec.workers
-        rec = self._db.update(a.id, state=JobState.RUNNING, started_at=time.time(), reason="")
-        with self._cond:
-            a.metrics = dict(rec.metrics)  # a resumed job keeps what it reported before
-            self._changed()
-        return {"working_dir": rec.working_dir} if rec.working_dir else None
-
-    def count_death(self, a: _Active, rank: int) -> int:
-        """One more death of worker ``rank`` of a running job; returns its deaths so far."""
-        with self._cond:
-            a.restarts[rank] += 1
-            return a.restarts[rank]
-
-    def set_worker_phase(self, a: _Active, rank: int, phase: WorkerPhase) -> None:
-        """Move worker ``rank`` of a running job to ``phase`` (an allowed transition, or
-        ``StateError``) and tell watchers."""
-        with self._cond:
-            a.worker_state[rank] = a.worker_state[rank].to(phase)
-        self.notify()
-
     def log_line(self, job_id: str, line: str) -> None:
         self._log(job_id, line)
 
@@ -449,16 +405,6 @@ class JobManager:
             self._log(job_id, f"worker {rank} traceback (most recent call last):")
             for line in traceback.rstrip().splitlines()[1:]:
                 self._log(job_id, f"  {line}")
-
-
-def store_config(job_id: str, spec: JobSpec) -> StoreConfig:
-    return StoreConfig(
-        job_id=job_id, mode=spec.mode, world_size=spec.workers, staleness=spec.effective_staleness,
-        optimizer=spec.optimizer.name, lr=spec.optimizer.lr, hyper=dict(spec.optimizer.hyper),
-        schedule=spec.lr_schedule.to_dict(), checkpoint_every=spec.checkpoint_every,
-        compression=spec.compression, param_groups=spec.optimizer.param_groups, buffers=spec.buffers,
-        clip_grad_norm=spec.clip_grad_norm,
-    )
 
 
 def _fmt(res: Mapping[str, float], per: int = 1) -> str:

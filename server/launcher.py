@@ -87,9 +87,8 @@ def demand(spec: JobSpec) -> dict[str, float]:
 class RayWorkerGroup:
     """A job's actors, one per rank, in one placement group.
 
-    ps-* modes: Ray restarts a dead actor (up to ``max_restarts``) and ``rerun`` starts it
-    again. allreduce: rank 0 opens the group's rendezvous on its node, then every rank runs;
-    actors are not restarted one by one (the server restarts the whole group).
+    Ray restarts a dead actor (up to ``max_restarts``) and ``rerun`` starts it again, in
+    every mode (in allreduce, the survivors wait for it to join their next group).
     """
 
     def __init__(self, job_id: str, spec: JobSpec, server_address: str, token: str | None,
@@ -110,11 +109,10 @@ class RayWorkerGroup:
             ray.util.remove_placement_group(self._pg)
             raise
         remote = ray.remote(WorkerActor)
-        self._rendezvous: tuple[str, int] | None = None
         self._actors = [
             remote.options(
                 num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0),
-                max_restarts=spec.max_restarts if spec.is_ps else 0, max_task_retries=0,
+                max_restarts=spec.max_restarts, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self._pg, placement_group_bundle_index=rank),
                 runtime_env=dict(runtime_env) if runtime_env else None,
@@ -122,17 +120,11 @@ class RayWorkerGroup:
             for rank in range(spec.workers)
         ]
         self._runs: dict[Any, int] = {}
-        try:
-            if not spec.is_ps:
-                self._rendezvous = ray.get(self._actors[0].rendezvous.remote(), timeout=PLACEMENT_TIMEOUT_S)
-            for rank in range(spec.workers):
-                self.rerun(rank)
-        except Exception:
-            self.stop()
-            raise
+        for rank in range(spec.workers):
+            self.rerun(rank)
 
     def rerun(self, rank: int) -> None:
-        self._runs[self._actors[rank].run.remote(self._rendezvous)] = rank
+        self._runs[self._actors[rank].run.remote()] = rank
 
     def wait(self, timeout: float) -> list[WorkerExit]:
         ray = self._ray

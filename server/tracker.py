@@ -1,15 +1,18 @@
 """What the server keeps of an allreduce job (no gRPC, no Ray in here): who is in the group,
-how far each worker got, where the group starts from, and whether the final state arrived.
+how far each worker got, which group forms next, and whether the final state arrived.
 
 The parameters never pass through the server in this mode: the workers average gradients
-among themselves, rank 0 saves checkpoints, and a restarted group loads the latest one.
+among themselves and rank 0 saves checkpoints. When a worker is lost, the others keep their
+processes and their state and ask to join the next group (``join``); the restarted worker asks
+too, and the group forms again from the survivor that got furthest. A group whose members all
+start fresh (a new job, a server restart) starts from the latest checkpoint.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gradhub.proto.codec import Layout
 from gradhub.proto.contract.errors import ProtocolError, SpecError, StateError
@@ -27,6 +30,20 @@ class GroupConfig:
             raise SpecError("workers", "must be >= 1")
 
 
+@dataclass(frozen=True)
+class Formation:
+    """A group the tracker formed: every rank of the job, starting at ``step`` from the live
+    state of rank ``source`` (-1: nobody has it; the members load the checkpoint of ``step``)."""
+
+    generation: int
+    world_size: int
+    step: int
+    source: int
+    finished: bool = False  # nothing is left to train: the final state is saved, or the job failed
+    keep: bool = False  # with finished, to rank 0 of a failed job: send the state it holds
+    asks: dict[int, int | None] = field(default_factory=dict, compare=False)  # what each rank asked with
+
+
 class GroupTracker(WorkerTable):
     """One allreduce job's workers and progress; every mutation happens under ``_cond``.
 
@@ -40,14 +57,77 @@ class GroupTracker(WorkerTable):
         self._start_step = 0
         self._layout: Layout | None = None
         self._final = False
+        self._generation = 0  # groups formed so far
+        self._asks: dict[int, int | None] = {}  # rank -> the step of its live state (None: none), for the next group
+        self._formed: Formation | None = None  # the latest group, while some members have not heard of it
+        self._untold: set[int] = set()
+        self._failing = False  # the job failed: no group forms again; rank 0 is asked for its state
+        self._kept = False  # rank 0's state arrived after the failure
 
     # ----------------------------------------------------------- the group
     def restart(self, step: int) -> None:
-        """A new group starts at ``step`` (0, or a checkpoint's): every worker rejoins there."""
+        """A new group starts at ``step`` (0, or a checkpoint's): every worker rejoins there,
+        fresh (what a worker of an earlier group asked for is void)."""
         with self._cond:
             self._start_step = step
+            self._asks, self._formed, self._untold = {}, None, set()
             for w in self._workers:
                 w.clock, w.alive = step, False
+
+    def join(self, rank: int, step: int | None) -> Formation | None:
+        """Worker ``rank`` asks to join the next group, holding the state after ``step`` whole
+        steps (None: a fresh process). Returns the group once every rank has asked, else None
+        (ask again). The group starts at the furthest step any member holds; the lowest rank
+        holding it shares its state."""
+        with self._cond:
+            self._check_open()
+            self._worker(rank)
+            if step is not None and not 0 <= step <= (self._total_steps or 0):
+                raise ProtocolError(f"step: {step} is outside this job's steps 0..{self._total_steps}")
+            if self._final or self._failing:
+                keep = self._failing and not self._final and rank == 0 and bool(step)
+                return Formation(self._generation, len(self._workers), step or 0, -1, finished=True, keep=keep)
+            formed = self._formed
+            if formed is not None and rank in self._untold:
+                if formed.asks.get(rank, step) == step:
+                    self._untold.discard(rank)
+                    return formed
+                # it asked for this group with other state: it was lost and restarted since.
+                # The group is void (members that already formed it fail at their rendezvous)
+                self._formed, self._untold = None, set()
+            self._asks[rank] = step
+            if len(self._asks) < len(self._workers):
+                return None
+            held = {r: s for r, s in self._asks.items() if s is not None}
+            start = max(held.values()) if held else self._start_step
+            source = min((r for r, s in held.items() if s == start), default=-1)
+            self._generation += 1
+            formed = Formation(self._generation, len(self._workers), start, source, asks=self._asks)
+            self._formed, self._untold, self._asks = formed, set(self._asks) - {rank}, {}
+            for w in self._workers:
+                w.clock = start
+            self._cond.notify_all()
+            return formed
+
+    def fail(self) -> None:
+        """The job failed: every worker that asks to join is told it is finished, and rank 0 to
+        send the state it holds first."""
+        with self._cond:
+            self._failing = True
+            self._cond.notify_all()
+
+    def mark_dead(self, rank: int) -> None:
+        """Worker ``rank``'s process is gone: what it asked for is void, and so is a group it was
+        still to be told of."""
+        with self._cond:
+            self._asks.pop(rank, None)
+            if rank in self._untold:
+                self._formed, self._untold = None, set()
+        super().mark_dead(rank)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
 
     @property
     def start_step(self) -> int:
@@ -91,6 +171,14 @@ class GroupTracker(WorkerTable):
         with self._cond:
             if step == self._total_steps:
                 self._final = True
+            if self._failing:
+                self._kept = True
+            self._cond.notify_all()
+
+    def wait_kept(self, timeout: float) -> bool:
+        """After ``fail``: wait until rank 0's state is on disk; False after ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._kept or self._closed is not None, timeout)
 
     # ----------------------------------------------------- state and life
     @property

@@ -8,40 +8,27 @@ from dataclasses import asdict
 from typing import Any
 
 from gradhub.proto.alloc import tune_for_streaming
-from gradhub.proto.contract.errors import StateError
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.worker.server_link import ServerLink
 
 
 class WorkerActor:
-    """Wrapped with ``ray.remote`` by the server's launcher; holds nothing but its arguments
-    (and, on rank 0 of an allreduce job, the group's rendezvous store).
+    """Wrapped with ``ray.remote`` by the server's launcher; holds nothing but its arguments.
 
-    ps-* modes: Ray may restart the actor after its process dies; ``run`` is then called
-    again and the worker resumes where the server says.
+    Ray may restart the actor after its process dies; ``run`` is then called again and the
+    worker resumes where the server says (ps modes), or joins its group's next generation
+    and takes a survivor's state (allreduce).
     """
 
     def __init__(self, job_id: str, rank: int, spec_json: str, server_address: str,
                  token: str | None = None) -> None:
         self.job_id, self.rank = job_id, rank
         self.spec_json, self.server_address, self.token = spec_json, server_address, token
-        self._store: Any = None
 
     def info(self) -> dict[str, Any]:
         return {"host": socket.gethostname(), "pid": os.getpid()}
 
-    def rendezvous(self) -> tuple[str, int]:
-        """allreduce, rank 0: open the group's store on a free port of this node; returns
-        (address, port) for the other ranks."""
-        import ray
-
-        from gradhub.worker.collective import open_store
-
-        host = ray.util.get_node_ip_address()
-        self._store = open_store(host, JobSpec.from_json(self.spec_json).workers)
-        return host, self._store.port
-
-    def run(self, rendezvous: tuple[str, int] | None = None) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
         tune_for_streaming()
         spec = JobSpec.from_json(self.spec_json)
         # the channel is created here, inside the actor's process, never inherited
@@ -50,12 +37,10 @@ class WorkerActor:
                 from gradhub.worker.loop import PSTrainer
 
                 return asdict(PSTrainer(spec, self.rank, client).run())
-            if rendezvous is None:
-                raise StateError("rendezvous: an allreduce worker needs rank 0's address and port")
             _bind_collectives_to_node()
             from gradhub.worker.allreduce import AllReduceTrainer
 
-            return asdict(AllReduceTrainer(spec, self.rank, client, rendezvous, self._store).run())
+            return asdict(AllReduceTrainer(spec, self.rank, client).run())
 
 
 def _bind_collectives_to_node() -> None:

@@ -5,9 +5,15 @@ DistributedDataParallel, which averages gradients in buckets while backward runs
 worker runs the same optimizer on the same averaged gradients, so all hold the same
 parameters; the server sees registrations, heartbeats, metrics and rank 0's checkpoints.
 
-Step t of rank r trains on the same samples as in ps-sync (``worker_batch_indices``), and a
-restarted group loads the latest checkpoint and goes on from its step, so a job gives the
-same parameters as ps-sync and as single-process PyTorch on the global batches.
+Step t of rank r trains on the same samples as in ps-sync (``worker_batch_indices``), so a job
+gives the same parameters as ps-sync and as single-process PyTorch on the global batches.
+
+A worker lives through as many groups (generations) as the job needs. When a peer is lost,
+the survivors keep their processes and their state: each rolls back the step in flight (its
+parameters are untouched until the optimizer runs; its buffers come back from a copy taken at
+the step's start) and asks the server to join the next group. The restarted worker asks too;
+the new group starts from the survivor that got furthest, which broadcasts its state to all.
+A group whose members all start fresh (a new job, a server restart) loads the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,14 +22,22 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Self
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gradhub.proto.contract.errors import PeerLostError, ProtocolError, SpecError, WorkerFailure
+from gradhub.proto.contract.errors import (
+    PeerLostError,
+    ProtocolError,
+    SpecError,
+    StateError,
+    WorkerFailure,
+)
 from gradhub.proto.contract.optim import (
     build_optimizer,
     build_scheduler,
@@ -33,11 +47,13 @@ from gradhub.proto.contract.optim import (
 )
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.state import TrainingState
+from gradhub.proto.v1 import ps_pb2
 from gradhub.worker.collective import (
     COMPRESSION,
     AllReduceHook,
     ProcessGroup,
     backend_for,
+    broadcast_state,
     is_collective_failure,
     one_line,
 )
@@ -114,28 +130,41 @@ class _Uploader:
             self._thread.join()
 
 
-class AllReduceTrainer:
-    """Runs one worker of an allreduce job; ``rendezvous`` is rank 0's (address, port)."""
+@contextmanager
+def collectives(rank: int, step: int) -> Iterator[None]:
+    """Collective failures inside the block (a peer is gone) become PeerLostErrors."""
+    try:
+        yield
+    except Exception as e:
+        if is_collective_failure(e):
+            raise PeerLostError(f"worker {rank} lost its group at step {step}: {one_line(e)}") from None
+        raise
 
-    def __init__(self, spec: JobSpec, rank: int, client: ServerLink, rendezvous: tuple[str, int],
-                 store: torch.distributed.TCPStore | None = None) -> None:
+
+class AllReduceTrainer:
+    """Runs one worker of an allreduce job, through as many groups as it takes."""
+
+    def __init__(self, spec: JobSpec, rank: int, client: ServerLink) -> None:
         self.spec, self.rank, self.client = spec, rank, client
-        self.rendezvous, self._store = rendezvous, store
         self.phase = Phase()
-        self._keep: Callable[[], None] | None = None  # rank 0: sends the state of the last whole step
+        self._keep: Callable[[int], None] | None = None  # rank 0: sends the state of a whole step
+        self.held: int | None = None  # the step whose whole state this process holds (None: none)
+        self._buffers: list[torch.Tensor] = []  # the buffers at the start of the step in flight
+        self._live_buffers: list[torch.Tensor] = []  # the model's buffers
 
     def run(self) -> WorkerResult:
-        """Train to the end. On a failure, rank 0 first sends its state (it holds the job's
-        state after its last whole step), so the job keeps it; the error is raised as a
-        PeerLostError (another rank is gone) or a WorkerFailure naming the phase and step."""
+        """Train to the end. On its own failure, rank 0 first sends its state (it holds the
+        job's state after its last whole step), so the job keeps it; the error is raised as a
+        WorkerFailure naming the phase and step."""
         try:
             return self._run()
         except BaseException as e:
             own = isinstance(e, Exception) and not isinstance(e, PeerLostError | WorkerFailure)
             failure = self.phase.failure(e) if own else None
+            self._rollback()  # a failure inside a step: its buffers as they were at its start
             if self._keep is not None and self.phase.consistent and self.phase.step > 0:
                 try:
-                    self._keep()
+                    self._keep(self.phase.step)
                 except Exception as save_error:  # noqa: BLE001 - the original error matters more
                     log.warning("could not send the state of step %d: %s", self.phase.step, save_error)
             if failure is None:
@@ -143,86 +172,152 @@ class AllReduceTrainer:
             raise failure from e
 
     def _run(self) -> WorkerResult:
-        spec, rank, phase = self.spec, self.rank, self.phase
+        spec, rank = self.spec, self.rank
         work = Workload.build(spec, rank)
         model, device, total = work.model, work.device, work.total
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise SpecError("model", "has no trainable parameters (all have requires_grad=False)")
-        params = [p for _, p in trainable]
         optimizer = build_optimizer(parameter_groups(trainable, spec.optimizer.param_groups), spec.optimizer.name,
                                     spec.optimizer.lr, spec.optimizer.hyper)
         scheduler = build_scheduler(optimizer, spec.lr_schedule.to_dict(), max(total, 1))
 
         reg = self.client.register(socket.gethostname(), os.getpid(), total, work.train_size)
-        step = reg.next_step
-        if step > 0:
-            state = self.client.load_checkpoint()
-            if state.step != step:
-                raise ProtocolError(f"step: the server resumes at step {step} but sent the state of step {state.step}")
-            restore(state, model, optimizer, scheduler)
         result = WorkerResult(rank=rank, steps_run=0)
         backend = backend_for(device, spec.resources.gpus)
         timeout = reg.collective_timeout_s or 120.0
-        with (ProcessGroup(self.rendezvous, rank, spec.workers, backend, timeout, self._store),
-              Heartbeat(self.client, reg.heartbeat_interval_s) as beat, _Uploader(self.client) as uploader):
+        with Heartbeat(self.client, reg.heartbeat_interval_s) as beat, _Uploader(self.client) as uploader:
             if rank == 0:
-                def keep() -> None:
-                    uploader.save(capture(phase.step, model, optimizer, scheduler))
+                def keep(step: int) -> None:
+                    uploader.save(capture(step, model, optimizer, scheduler))
                     uploader.wait()
                 self._keep = keep
-            ddp = self._wrap(model, device, work, step)
-            hook = AllReduceHook(COMPRESSION[spec.compression])
-            ddp.register_comm_hook(None, hook.hook)
-            no_sync = no_sync_except_last(ddp, spec.accumulate)
-            meter = Meter(device)
-            comm_s, comm_steps = 0.0, 0
-            while step < total:
-                if beat.stop_reason is not None:
-                    result.stopped = beat.stop_reason
+            while True:
+                group = self._join(beat)
+                if group is None or group.finished:
+                    if group is not None and group.keep_state and self._keep is not None and self.held:
+                        self._keep(self.held)  # the job failed elsewhere: it keeps this state
+                    result.stopped = beat.stop_reason if group is None else None
                     return result
-                if work.eval_due(step):
-                    phase.at("eval", step)
-                    self.client.report(step, "eval", work.evaluate())
-                phase.at("train", step)
+                step = group.step
+                if group.source_rank < 0 and step > 0 and self.held != step:
+                    state = self.client.load_checkpoint()
+                    if state.step != step:
+                        raise ProtocolError(f"step: the group starts at step {step} but the server sent "
+                                            f"the state of step {state.step}")
+                    restore(state, model, optimizer, scheduler)
+                    self.held = step
+                elif group.source_rank < 0:
+                    self.held = step  # step 0: every member starts from the model as built
                 try:
-                    # DDP averages the gradients over the group in the last micro-batch's backward
-                    loss, samples = work.gradient(step, ddp, optimizer.zero_grad,
-                                                  lambda: [p.grad for p in params if p.grad is not None], no_sync)
-                    if spec.buffers == "average":
-                        average_buffers(model, spec.workers)
-                except Exception as e:
-                    if is_collective_failure(e):
-                        raise PeerLostError(f"worker {rank} lost its group at step {step}: {one_line(e)}") from None
-                    raise
-                phase.at("optimizer", step)
-                clip_gradients(params, spec.clip_grad_norm)
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                step += 1
-                phase.at("train", step)
-                beat.step = step
-                result.steps_run += 1
-                comm_s += hook.take_seconds()
-                comm_steps += 1
-                if rank == 0 and spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < total:
-                    uploader.save(capture(step, model, optimizer, scheduler))
-                meter.add(loss, samples)
-                if (metrics := meter.due(step == total)) is not None:
-                    metrics["allreduce_s"] = comm_s / max(comm_steps, 1)
-                    comm_s, comm_steps = 0.0, 0
-                    self.client.report(step, "train", metrics)
-            if rank == 0:
-                phase.at("checkpoint", total)
-                uploader.save(capture(total, model, optimizer, scheduler))  # the final state
-                uploader.wait()
-                self._keep = None  # the final state is kept: a failure from here on loses nothing
-                if work.val is not None:
-                    phase.at("eval", total)
-                    result.metrics = work.evaluate()
-                    self.client.report(total, "eval", result.metrics)
+                    with ProcessGroup((self.client.host, group.store_port, group.store_prefix), group.group_rank,
+                                      group.world_size, backend, timeout):
+                        if group.source_rank >= 0:
+                            self._take_state(group.source_rank, step, model, optimizer, scheduler, device)
+                        return self._train(work, optimizer, scheduler, step, result, beat, uploader)
+                except PeerLostError as e:
+                    self._rollback()
+                    log.warning("%s; joining the next group with the state of step %s", e, self.held)
+
+    def _join(self, beat: Heartbeat) -> ps_pb2.JoinGroupResponse | None:
+        """Ask the server for the next group until it forms; None when the job is over."""
+        while beat.stop_reason is None:
+            try:
+                group = self.client.join_group(self.held)
+            except StateError as e:  # the job ended while this worker waited
+                beat.stop_reason = beat.stop_reason or str(e)
+                return None
+            if group.ready:
+                return group
+            time.sleep(group.retry_after_s)  # the server's pacing, while the others arrive
+        return None
+
+    def _take_state(self, source: int, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device) -> None:
+        """Every member takes the state of the group's ``source`` rank (which holds ``step``)."""
+        mine = self.rank == source
+        if not mine:
+            self.held = None  # until the state is in whole, this worker holds none
+        with collectives(self.rank, step):
+            state = broadcast_state(capture(step, model, optimizer, scheduler) if mine else None, source, device)
+        if not mine:
+            restore(state, model, optimizer, scheduler)
+            self.held = step
+
+    def _rollback(self) -> None:
+        """After a lost peer: undo the step in flight (its parameters were not updated yet; its
+        buffers come back from the copy taken at its start)."""
+        if self.held is not None and self.phase.name == "train" and self._buffers:
+            with torch.no_grad():
+                for b, saved in zip(self._live_buffers, self._buffers, strict=True):
+                    b.copy_(saved)
+        self._buffers = []
+
+    def _train(self, work: Workload, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None, step: int, result: WorkerResult,
+               beat: Heartbeat, uploader: _Uploader) -> WorkerResult:
+        """Train from ``step`` to the end in the current group; rank 0 saves the final state, and
+        nobody leaves before it is saved."""
+        spec, rank, phase = self.spec, self.rank, self.phase
+        model, device, total = work.model, work.device, work.total
+        params = [p for p in model.parameters() if p.requires_grad]
+        self._live_buffers = list(model.buffers())
+        phase.at("train", step)
+        with collectives(rank, step):
+            ddp = self._wrap(model, device, work, step)
+        hook = AllReduceHook(COMPRESSION[spec.compression])
+        ddp.register_comm_hook(None, hook.hook)
+        no_sync = no_sync_except_last(ddp, spec.accumulate)
+        meter = Meter(device)
+        comm_s, comm_steps = 0.0, 0
+        while step < total:
+            if beat.stop_reason is not None:
+                result.stopped = beat.stop_reason
+                return result
+            if work.eval_due(step):
+                phase.at("eval", step)
+                self.client.report(step, "eval", work.evaluate())
+            phase.at("train", step)
+            self._buffers = [b.detach().clone() for b in self._live_buffers]
+            with collectives(rank, step):
+                # DDP averages the gradients over the group in the last micro-batch's backward
+                loss, samples = work.gradient(step, ddp, optimizer.zero_grad,
+                                              lambda: [p.grad for p in params if p.grad is not None], no_sync)
+                if spec.buffers == "average":
+                    average_buffers(model, spec.workers)
+            phase.at("optimizer", step)
+            clip_gradients(params, spec.clip_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            self.held, self._buffers = step, []
+            phase.at("train", step)
+            beat.step = step
+            result.steps_run += 1
+            comm_s += hook.take_seconds()
+            comm_steps += 1
+            if rank == 0 and spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < total:
+                uploader.save(capture(step, model, optimizer, scheduler))
+            meter.add(loss, samples)
+            if (metrics := meter.due(step == total)) is not None:
+                metrics["allreduce_s"] = comm_s / max(comm_steps, 1)
+                comm_s, comm_steps = 0.0, 0
+                self.client.report(step, "train", metrics)
+        self._buffers = []
+        if rank == 0:
+            phase.at("checkpoint", total)
+            uploader.save(capture(total, model, optimizer, scheduler))  # the final state
+            uploader.wait()
+            self._keep = None  # the final state is kept: a failure from here on loses nothing
+            if work.val is not None:
+                phase.at("eval", total)
+                result.metrics = work.evaluate()
+                self.client.report(total, "eval", result.metrics)
+        with collectives(rank, total):
+            torch.distributed.barrier()  # a member lost before the final state is saved re-forms the group
         return result
+
 
     def _wrap(self, model: nn.Module, device: torch.device, work: Workload, step: int) -> DistributedDataParallel:
         """DDP with its defaults (25 MiB buckets, buffers broadcast from rank 0 unless the job

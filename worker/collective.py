@@ -1,8 +1,10 @@
-"""torch.distributed for the allreduce mode: rendezvous, the process group, and the DDP
-communication hook that averages gradients (optionally compressed) and times the all-reduce.
+"""torch.distributed for the allreduce mode: the process group of one generation, sharing the
+training state inside it, and the DDP communication hook that averages gradients (optionally
+compressed) and times the all-reduce.
 
-Rendezvous needs no fixed port and no shared file: rank 0 opens a TCPStore on a free port
-of its node and the server passes (address, port) to the other ranks.
+Rendezvous needs no fixed port and no shared file: the server hosts a TCPStore on a free port
+and gives every group its own key prefix (``JoinGroup``). A group that loses a member is
+destroyed and the survivors form the next one in the same processes.
 """
 
 # no "from __future__ import annotations": DDP compares the hook's annotations with real types
@@ -19,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from gradhub.proto.contract.errors import PeerLostError
+from gradhub.proto.state import TrainingState, read_state, state_header
+from gradhub.proto.v1 import ps_pb2
 
 COMPRESSION = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 STORE_TIMEOUT_S = 120.0  # every rank must reach the rendezvous within this
@@ -31,12 +35,6 @@ def backend_for(device: torch.device, gpus_per_worker: float) -> str:
     (fractional ``resources.gpus``: NCCL cannot put two ranks on one device; Gloo all-reduces
     CUDA tensors through the host)."""
     return "nccl" if device.type == "cuda" and gpus_per_worker >= 1 else "gloo"
-
-
-def open_store(host: str, world_size: int) -> dist.TCPStore:
-    """Rank 0: the group's key-value store, listening on a free port (``store.port``)."""
-    return dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
-                         timeout=timedelta(seconds=STORE_TIMEOUT_S))
 
 
 def interface_of(ip: str) -> str | None:
@@ -53,26 +51,22 @@ def interface_of(ip: str) -> str | None:
 
 
 class ProcessGroup:
-    """The job's default process group, for the lifetime of a ``with`` block."""
+    """One generation's default process group, for the lifetime of a ``with`` block: it meets in
+    the server's store at ``(host, port)`` under ``prefix``. Collective failures while it forms
+    are PeerLostErrors."""
 
-    def __init__(self, rendezvous: tuple[str, int], rank: int, world_size: int, backend: str,
-                 timeout_s: float, store: dist.TCPStore | None = None) -> None:
+    def __init__(self, store: tuple[str, int, str], rank: int, world_size: int, backend: str,
+                 timeout_s: float) -> None:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self._timeout = timedelta(seconds=timeout_s)
-        host, port = rendezvous
-        try:
-            self._store = store or dist.TCPStore(host, port, world_size, is_master=False,
-                                                 timeout=timedelta(seconds=STORE_TIMEOUT_S))
-        except Exception as e:
-            if is_collective_failure(e):
-                raise PeerLostError(f"worker {rank} cannot reach rank 0's rendezvous at {host}:{port}: "
-                                    f"{one_line(e)}") from None
-            raise
+        self._address = store
 
     def __enter__(self) -> Self:
+        host, port, prefix = self._address
         try:
-            dist.init_process_group(self.backend, store=self._store, rank=self.rank, world_size=self.world_size,
-                                    timeout=self._timeout)
+            store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
+            dist.init_process_group(self.backend, store=dist.PrefixStore(prefix, store), rank=self.rank,
+                                    world_size=self.world_size, timeout=self._timeout)
         except Exception as e:
             if is_collective_failure(e):  # a peer died or is unreachable while the group forms
                 raise PeerLostError(f"worker {self.rank} could not form its group: {one_line(e)}") from None
@@ -82,6 +76,33 @@ class ProcessGroup:
     def __exit__(self, *exc: object) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def broadcast_state(state: TrainingState | None, source: int, device: torch.device) -> TrainingState:
+    """Rank ``source`` sends ``state`` (the training state it holds) to every rank of the group;
+    returns it on every rank. It travels as a checkpoint's header and bytes (no pickle)."""
+    sizes = torch.zeros(2, dtype=torch.int64, device=device)
+    header_bytes, payload = b"", torch.empty(0, dtype=torch.uint8)
+    if dist.get_rank() == source:
+        if state is None:
+            raise ValueError("the source rank must hold the state it shares")
+        header, tensors = state_header("", source, state)
+        header_bytes = header.SerializeToString()
+        payload = torch.cat([t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+        sizes.copy_(torch.tensor([len(header_bytes), payload.numel()]))
+    dist.broadcast(sizes, source)
+    n_header, n_payload = (int(v) for v in sizes.tolist())
+    header_t = (torch.frombuffer(bytearray(header_bytes), dtype=torch.uint8) if header_bytes
+                else torch.empty(n_header, dtype=torch.uint8)).to(device)
+    payload_t = (payload if payload.numel() else torch.empty(n_payload, dtype=torch.uint8)).to(device)
+    dist.broadcast(header_t, source)
+    if n_payload:
+        dist.broadcast(payload_t, source)
+    if dist.get_rank() == source:
+        assert state is not None
+        return state
+    header = ps_pb2.CheckpointHeader.FromString(header_t.cpu().numpy().tobytes())
+    return read_state(header, iter([memoryview(payload_t.cpu().numpy().tobytes())]))
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:

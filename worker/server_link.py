@@ -80,6 +80,7 @@ class ServerLink:
     def __init__(self, address: str, job_id: str, rank: int, compression: str = "none",
                  token: str | None = None) -> None:
         self.job_id, self.rank = job_id, rank
+        self.host = address.rsplit(":", 1)[0].strip("[]")  # the server's host (its rendezvous store is there)
         self.wire_dtype = COMPRESSION_DTYPES[compression]
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -245,6 +246,13 @@ class ServerLink:
                 raise ProtocolError("checkpoint: the server's stream did not start with a header")
             return read_state(first.header, stream)
         return _retry(call)
+
+    def join_group(self, step: int | None) -> ps_pb2.JoinGroupResponse:
+        """allreduce mode: ask to join the next group, holding the state after ``step`` whole steps
+        (None: none). ``ready`` is false until every rank has asked."""
+        request = ps_pb2.JoinGroupRequest(job_id=self.job_id, rank=self.rank, has_state=step is not None,
+                                          step=step or 0)
+        return _translated(lambda: self._control.JoinGroup(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata))
 
     def report(self, step: int, kind: str, metrics: Mapping[str, float]) -> None:
         _translated(lambda: self._control.ReportMetrics(

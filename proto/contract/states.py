@@ -43,6 +43,10 @@ class WorkerPhase(StrEnum):
         """``new``, when a worker in this phase may move there; else ``StateError``."""
         return _checked("worker", WORKER_TRANSITIONS, self, WorkerPhase(new))
 
+    def allows(self, new: WorkerPhase | str) -> bool:
+        """Whether a worker in this phase may move to ``new``."""
+        return WorkerPhase(new) in WORKER_TRANSITIONS[self]
+
 
 _S, _W = JobState, WorkerPhase
 

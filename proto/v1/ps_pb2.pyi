@@ -191,6 +191,44 @@ class SaveCheckpointResponse(_message.Message):
     size_bytes: int
     def __init__(self, step: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
+class JoinGroupRequest(_message.Message):
+    __slots__ = ("job_id", "rank", "has_state", "step")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    HAS_STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    rank: int
+    has_state: bool
+    step: int
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., has_state: _Optional[bool] = ..., step: _Optional[int] = ...) -> None: ...
+
+class JoinGroupResponse(_message.Message):
+    __slots__ = ("ready", "retry_after_s", "generation", "world_size", "group_rank", "store_port", "store_prefix", "step", "source_rank", "finished", "keep_state")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
+    STORE_PORT_FIELD_NUMBER: _ClassVar[int]
+    STORE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_RANK_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    KEEP_STATE_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    retry_after_s: float
+    generation: int
+    world_size: int
+    group_rank: int
+    store_port: int
+    store_prefix: str
+    step: int
+    source_rank: int
+    finished: bool
+    keep_state: bool
+    def __init__(self, ready: _Optional[bool] = ..., retry_after_s: _Optional[float] = ..., generation: _Optional[int] = ..., world_size: _Optional[int] = ..., group_rank: _Optional[int] = ..., store_port: _Optional[int] = ..., store_prefix: _Optional[str] = ..., step: _Optional[int] = ..., source_rank: _Optional[int] = ..., finished: _Optional[bool] = ..., keep_state: _Optional[bool] = ...) -> None: ...
+
 class LoadCheckpointRequest(_message.Message):
     __slots__ = ("job_id", "rank")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

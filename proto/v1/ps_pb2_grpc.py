@@ -59,6 +59,11 @@ class WorkerControlStub:
                 request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.LoadCheckpointRequest.SerializeToString,
                 response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.FromString,
                 _registered_method=True)
+        self.JoinGroup = channel.unary_unary(
+                '/gradhub.v1.WorkerControl/JoinGroup',
+                request_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.JoinGroupRequest.SerializeToString,
+                response_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.JoinGroupResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerControlServicer:
@@ -100,6 +105,15 @@ class WorkerControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinGroup(self, request, context):
+        """A worker asks to join the job's next group: at its start, and after it lost its peers
+        (it keeps its process and its live state). Answered at once: ready with the group, or
+        not yet (ask again after retry_after_s); a group forms when every rank has asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +141,11 @@ def add_WorkerControlServicer_to_server(servicer, server):
                     servicer.LoadCheckpoint,
                     request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.LoadCheckpointRequest.FromString,
                     response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.SerializeToString,
+            ),
+            'JoinGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinGroup,
+                    request_deserializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.JoinGroupRequest.FromString,
+                    response_serializer=gradhub_dot_proto_dot_v1_dot_ps__pb2.JoinGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +283,33 @@ class WorkerControl:
             '/gradhub.v1.WorkerControl/LoadCheckpoint',
             gradhub_dot_proto_dot_v1_dot_ps__pb2.LoadCheckpointRequest.SerializeToString,
             gradhub_dot_proto_dot_v1_dot_ps__pb2.CheckpointChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradhub.v1.WorkerControl/JoinGroup',
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.JoinGroupRequest.SerializeToString,
+            gradhub_dot_proto_dot_v1_dot_ps__pb2.JoinGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

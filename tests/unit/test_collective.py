@@ -1,5 +1,6 @@
-"""worker/collective.py: interface lookup, failure classification, and the DDP all-reduce hook in a
-real single-process Gloo group, compared with a plain (non-DDP) copy of the model."""
+"""worker/collective.py: interface lookup, failure classification, the DDP all-reduce hook in a
+real single-process Gloo group (compared with a plain copy of the model), and the state a
+group's source rank shares with a fresh member, in a real two-process group."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gradhub.server.rendezvous import RendezvousStore
 from gradhub.worker.collective import (
     AllReduceHook,
     ProcessGroup,
+    broadcast_state,
     interface_of,
     is_collective_failure,
-    open_store,
 )
 
 
@@ -65,12 +67,14 @@ def test_not_collective_failures(error: BaseException) -> None:
 def group() -> Iterator[ProcessGroup]:
     """A real one-process Gloo group on a free port; destroyed even when the test fails."""
     assert not dist.is_initialized(), "a process group leaked from an earlier test"
-    store = open_store("127.0.0.1", 1)
-    assert store.port > 0
-    with ProcessGroup(("127.0.0.1", store.port), 0, 1, "gloo", 30, store) as pg:
-        assert dist.is_initialized() and dist.get_world_size() == 1
-        yield pg
-    assert not dist.is_initialized()
+    store = RendezvousStore()
+    try:
+        with ProcessGroup(("127.0.0.1", store.port(), store.prefix("j-test", 1)), 0, 1, "gloo", 30) as pg:
+            assert dist.is_initialized() and dist.get_world_size() == 1
+            yield pg
+        assert not dist.is_initialized()
+    finally:
+        store.close()
 
 
 def _model() -> nn.Module:
@@ -122,3 +126,50 @@ def test_take_seconds_times_one_step_then_resets(group: ProcessGroup) -> None:
 
 def test_take_seconds_before_any_step_is_zero() -> None:
     assert AllReduceHook().take_seconds() == 0.0
+
+
+# ------------------------------------------------------------ sharing state
+def _trained() -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Linear(16, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2)
+    return model, optimizer, scheduler
+
+
+def _share(rank: int, port: int, out: str) -> None:
+    """Rank 0 trains 3 steps and shares its state; rank 1, fresh, takes it and saves what it got."""
+    from gradhub.worker.allreduce import capture, restore
+
+    torch.manual_seed(0)
+    model, optimizer, scheduler = _trained()
+    if rank == 0:
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(8, 6)).sum().backward()
+            optimizer.step()
+            scheduler.step()
+    with ProcessGroup(("127.0.0.1", port, "j-share/1/"), rank, 2, "gloo", 30):
+        state = broadcast_state(capture(3, model, optimizer, scheduler) if rank == 0 else None, 0,
+                                torch.device("cpu"))
+    restore(state, model, optimizer, scheduler)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": state.step}, f"{out}/{rank}.pt")
+
+
+def test_a_fresh_member_takes_the_whole_state_of_the_source(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    store = RendezvousStore()
+    try:
+        mp.start_processes(_share, args=(store.port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    finally:
+        store.close()
+    source, fresh = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert fresh["step"] == 3
+    for k, v in source["model"].items():
+        assert torch.equal(v, fresh["model"][k]), k  # BatchNorm's running stats and counter too
+    assert fresh["scheduler"] == source["scheduler"]
+    for pid, st in source["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, fresh["optimizer"]["state"][pid][k]), (pid, k)
+    assert fresh["optimizer"]["param_groups"] == source["optimizer"]["param_groups"]

@@ -180,3 +180,79 @@ def test_seconds_since_seen_on_an_injected_clock(tracker: GroupTracker, clock: F
 def test_workers_are_copies(ready: GroupTracker) -> None:
     ready.workers()[0].clock = 99
     assert ready.workers()[0].clock == 0
+
+
+# ------------------------------------------------------------ group formation
+def _tracker(world: int = 3) -> GroupTracker:
+    t = GroupTracker(GroupConfig("j", world))
+    t.set_total_steps(100)
+    return t
+
+
+def test_a_group_forms_when_every_rank_has_asked_from_the_furthest_live_state() -> None:
+    t = _tracker()
+    assert t.join(0, 41) is None and t.join(2, None) is None  # a survivor, a fresh process
+    formed = t.join(1, 42)  # a survivor that finished one step more before the loss
+    assert formed is not None and (formed.generation, formed.step, formed.source) == (1, 42, 1)
+    assert t.join(0, 41) == formed and t.join(2, None) == formed  # the others hear of it
+    assert [w.clock for w in t.workers()] == [42, 42, 42]
+
+
+def test_a_group_of_fresh_processes_starts_where_the_job_does() -> None:
+    t = _tracker(2)
+    t.restart(30)  # e.g. the latest checkpoint, after a server restart
+    t.join(0, None)
+    formed = t.join(1, None)
+    assert formed is not None and (formed.step, formed.source) == (30, -1)
+
+
+def test_the_next_group_needs_every_rank_to_ask_again() -> None:
+    t = _tracker(2)
+    t.join(0, None)
+    first = t.join(1, None)
+    assert t.join(0, None) == first
+    assert t.join(0, 7) is None  # it lost its peer: a new group
+    second = t.join(1, None)
+    assert second is not None and (second.generation, second.step, second.source) == (2, 7, 0)
+
+
+def test_a_rank_that_died_before_hearing_of_its_group_voids_it() -> None:
+    t = _tracker(2)
+    t.join(0, 5)
+    formed = t.join(1, 5)
+    assert formed is not None
+    t.mark_dead(0)  # rank 0 died before it was told
+    assert t.join(1, 5) is None  # rank 1 asks for the next group
+    again = t.join(0, None)  # the restarted rank 0, fresh
+    assert again is not None and again.generation == 2 and (again.step, again.source) == (5, 1)
+
+
+def test_a_restarted_rank_that_asks_with_other_state_voids_the_group_it_missed() -> None:
+    t = _tracker(2)
+    t.join(0, 5)
+    t.join(1, 5)
+    assert t.join(0, None) is None  # the same rank, now a fresh process: that group is void
+    again = t.join(1, 5)
+    assert again is not None and again.generation == 2 and again.source == 1
+
+
+def test_after_the_final_state_or_a_failure_nobody_forms_a_group() -> None:
+    t = _tracker(2)
+    t.fail()
+    told = t.join(0, 12)
+    assert told is not None and told.finished and told.keep  # rank 0: send the state of step 12
+    other = t.join(1, 12)
+    assert other is not None and other.finished and not other.keep
+    assert not t.wait_kept(0.01)
+    t.saved(12)
+    assert t.wait_kept(0.01)
+    done = _tracker(2)
+    done.saved(100)
+    told = done.join(1, None)
+    assert told is not None and told.finished and not told.keep
+
+
+def test_a_join_outside_the_steps_is_refused() -> None:
+    t = _tracker(2)
+    with pytest.raises(ProtocolError, match="step: 101 is outside"):
+        t.join(0, 101)

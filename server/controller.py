@@ -1,0 +1,199 @@
+"""The controller of one running job, in every mode: it launches the job's worker group, and
+each ``step()`` observes the group once (how runs ended, who went silent) and returns the job's
+outcome, or None to go on. What a failure leads to is the injected ``RestartPolicy``'s
+decision; what differs between modes is the ``ModeRuntime``'s.
+
+Failures it sees: a death (Ray reports the actor's process gone; Ray restarts it and the
+controller runs it again), a hang (no heartbeat for ``heartbeat_timeout_s``: it kills the
+process, whose death follows and counts as this one), a worker's own error (the job fails),
+a lost group (allreduce: the whole group restarts), the server stopping and a cancel.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gradhub.proto.contract.states import JobState, WorkerPhase
+from gradhub.server.config import ServerConfig
+from gradhub.server.job_run import JobRun
+from gradhub.server.launcher import Launcher, WorkerExit, WorkerGroup
+from gradhub.server.modes import ModeRuntime
+from gradhub.server.policies import Failure, FailureDecision, FailureKind, RestartPolicy
+
+log = logging.getLogger(__name__)
+
+KEEP_STATE_S = 30.0  # allreduce: how long a failed job waits for rank 0 to send its state
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the job ended: a final state and its reason; state None when the server stops (the
+    job stays RUNNING and resumes at the next start)."""
+
+    state: JobState | None
+    reason: str = ""
+
+
+class ControllerHost(Protocol):
+    """What the controller needs of the server around it."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def log_line(self, job_id: str, line: str) -> None: ...
+
+    def log_traceback(self, job_id: str, rank: int, traceback: str) -> None: ...
+
+    def notify(self) -> None: ...
+
+
+class Controller:
+    def __init__(self, run: JobRun, runtime: ModeRuntime, launcher: Launcher, host: ControllerHost,
+                 policy: RestartPolicy, config: ServerConfig, runtime_env: Mapping[str, Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.run, self.runtime, self.launcher, self.host = run, runtime, launcher, host
+        self.policy, self.config, self.runtime_env = policy, config, runtime_env
+        self._now = clock
+        self.group: WorkerGroup | None = None
+        self._done: set[int] = set()
+        self._rerun_at: dict[int, float] = {}  # ranks to run again once Ray has restarted their actor
+        self._killed: set[int] = set()  # ranks killed for a failure already counted
+        self._failed_rank: int | None = None  # the worker whose failure failed the job
+
+    # ------------------------------------------------------------ the loop
+    def execute(self) -> Outcome:
+        """Launch the group and step until the job ends; the group is stopped on the way out."""
+        outcome = self.start()
+        reason = "job ended"
+        try:
+            while outcome is None:
+                outcome = self.step()
+            reason = outcome.reason or reason
+            if outcome.state == JobState.FAILED:
+                self._keep_state(outcome)
+            return outcome
+        finally:
+            self.runtime.table.close(reason)
+            if self.group is not None:
+                self.group.stop()
+            self.runtime.tick()
+
+    def start(self) -> Outcome | None:
+        """Launch the worker group; the job's failure when it cannot start."""
+        try:
+            self.group = self.launcher.launch(self.run.id, self.run.spec, self.runtime_env)
+        except Exception as e:  # noqa: BLE001 - reported as the job's failure
+            return Outcome(JobState.FAILED, f"could not start the workers: {type(e).__name__}: {e}")
+        return None
+
+    def step(self) -> Outcome | None:
+        """Observe the group once (waiting up to ``poll_s`` for runs to end); the job's outcome,
+        or None while it goes on."""
+        assert self.group is not None, "start() first"
+        run, group, table = self.run, self.group, self.runtime.table
+        self.runtime.tick()
+        if self.host.stopping:
+            return Outcome(None, "server shutting down")
+        if run.cancelled is not None:
+            return Outcome(JobState.CANCELLED, run.cancelled)
+        for rank in [r for r, at in self._rerun_at.items() if at <= self._now()]:
+            del self._rerun_at[rank]
+            group.rerun(rank)
+        for ex in group.wait(self.config.poll_s):
+            if self.host.stopping or run.cancelled is not None:
+                break  # workers end with errors when the job closes: not the job's failure
+            if (outcome := self._ended(ex)) is not None:
+                return outcome
+        for rank, silent in enumerate(table.seconds_since_seen()):
+            if (rank not in self._done and silent > self.config.heartbeat_timeout_s
+                    and run.phase(rank) == WorkerPhase.RUNNING):
+                failure = Failure(rank, FailureKind.HANG, f"silent for {silent:.0f} s")
+                if (outcome := self._failed(failure)) is not None:
+                    return outcome
+        if len(self._done) == run.spec.workers:
+            state, reason = self.runtime.finish()
+            return Outcome(state, reason)
+        return None
+
+    # ------------------------------------------------------------ failures
+    def _ended(self, ex: WorkerExit) -> Outcome | None:
+        """One run of a worker ended: done, or a failure to decide on."""
+        run = self.run
+        if ex.result is not None:
+            self._done.add(ex.rank)
+            run.set_phase(ex.rank, WorkerPhase.DONE)
+            self.host.notify()
+            return None
+        if ex.died:
+            if ex.rank in self._killed or (ex.unavailable and run.phase(ex.rank) == WorkerPhase.RESTARTING):
+                # the death the controller caused, or a rerun that reached the actor while Ray was
+                # still restarting it: the same death, counted already. Run it again a poll later
+                self._killed.discard(ex.rank)
+                self._rerun_at[ex.rank] = self._now() + self.config.poll_s
+                return None
+            return self._failed(Failure(ex.rank, FailureKind.DEATH, ex.error or "died"))
+        if ex.lost_peer:
+            return self._failed(Failure(ex.rank, FailureKind.LOST_PEER, ex.error or "lost its peers"))
+        self.host.log_traceback(run.id, ex.rank, ex.traceback)
+        return self._failed(Failure(ex.rank, FailureKind.USER_ERROR, ex.failure()))
+
+    def _failed(self, failure: Failure) -> Outcome | None:
+        run, group, table = self.run, self.group, self.runtime.table
+        assert group is not None
+        decision = self.policy.decide(failure)
+        why = self.policy.explain(failure)
+        if failure.kind in (FailureKind.DEATH, FailureKind.HANG):
+            run.count_death(failure.rank)  # what the user sees: one per death, in every mode
+            table.mark_dead(failure.rank)
+        if failure.kind == FailureKind.HANG:
+            self.host.log_line(run.id, f"worker {failure.rank} {failure.error}: killing it")
+            self._killed.add(failure.rank)
+            group.kill(failure.rank)  # Ray restarts it; its run ends as this same failure
+        if decision == FailureDecision.FAIL:
+            self._failed_rank = failure.rank
+            _set_phase(run, failure.rank, WorkerPhase.FAILED if failure.kind == FailureKind.USER_ERROR
+                       else WorkerPhase.LOST)
+            return Outcome(JobState.FAILED, why)
+        self.host.log_line(run.id, why)
+        if decision == FailureDecision.RESTART_WORKER:
+            _set_phase(run, failure.rank, WorkerPhase.RESTARTING)
+            if failure.kind == FailureKind.DEATH:
+                group.rerun(failure.rank)
+        else:
+            self._restart_group()
+        self.host.notify()
+        return None
+
+    def _restart_group(self) -> None:
+        assert self.group is not None
+        self.group.stop()
+        self._done.clear()
+        self._rerun_at.clear()
+        self._killed.clear()
+        self.runtime.restart_group()
+        for rank in range(self.run.spec.workers):
+            _set_phase(self.run, rank, WorkerPhase.RESTARTING)
+        self.group = self.launcher.launch(self.run.id, self.run.spec, self.runtime_env)
+
+    def _keep_state(self, outcome: Outcome) -> None:
+        """The job failed: keep what it trained. ps modes: the store's state. allreduce: rank 0
+        sends its state, once the worker that failed is gone (its peers wait for it)."""
+        failed = self._failed_rank
+        if self.runtime.holds_state or self.group is None:
+            self.runtime.keep_state()
+            return
+        self.runtime.keep_state()  # from now on, rank 0 is asked for its state when it rejoins
+        if failed is not None and failed != 0:
+            self.group.kill(failed)
+            if not self.runtime.wait_kept(KEEP_STATE_S):
+                log.warning("job %s: rank 0 sent no state within %.0f s of the failure", self.run.id, KEEP_STATE_S)
+
+
+def _set_phase(run: JobRun, rank: int, phase: WorkerPhase) -> None:
+    """Move a worker to ``phase`` when that is an allowed transition (a worker that is DONE stays so)."""
+    if run.phase(rank).allows(phase):
+        run.set_phase(rank, phase)

@@ -1,0 +1,134 @@
+"""One QUEUED or RUNNING job's live state on the server: what serves it (the parameter store or
+the group tracker), its workers' phases and deaths, its merged metrics and a cancel request.
+
+A ``JobRun`` owns that state and the lock that guards it; the job's controller and the RPC
+handlers change it only through its methods, and the manager reads snapshots.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from gradhub.proto.contract.spec import JobSpec
+from gradhub.proto.contract.states import WorkerPhase
+from gradhub.server.store import CheckpointState, ParameterStore
+from gradhub.server.tracker import GroupTracker
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    phases: tuple[WorkerPhase, ...]
+    restarts: tuple[int, ...]  # deaths of each worker so far
+    samples_per_second: float  # the latest rate, summed over workers
+
+
+class JobRun:
+    def __init__(self, job_id: str, spec: JobSpec, resume: bool = False) -> None:
+        self.id, self.spec, self.resume = job_id, spec, resume
+        self._lock = threading.Lock()
+        self._state: ParameterStore | GroupTracker | None = None
+        self._phases: list[WorkerPhase] = []
+        self._restarts: list[int] = []
+        self._cancel: str | None = None
+        self._rates: dict[int, float] = {}
+        self._losses: dict[int, float] = {}
+        self._avg_rates: dict[int, float] = {}
+        self._allreduce_s: dict[int, float] = {}
+        self._metrics: dict[str, float] = {}  # the job's, as last reported
+        self._metrics_seq = 0  # reports merged so far
+        self._metrics_written = 0  # the report the database holds
+        self._db_lock = threading.Lock()  # orders this job's metric writes
+        # checkpoints the store took (in an RPC thread), for the controller to write
+        self.checkpoints: queue.Queue[CheckpointState] = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self._generation_seen = 0  # allreduce: the latest group formation told to the job's log
+
+    # ------------------------------------------------------------ serving
+    @property
+    def state(self) -> ParameterStore | GroupTracker | None:
+        """What serves the running job (None until it starts)."""
+        return self._state
+
+    def begin(self, state: ParameterStore | GroupTracker, metrics: Mapping[str, float]) -> None:
+        """The job runs, served by ``state``; it keeps the metrics it reported before (a resume)."""
+        with self._lock:
+            self._state = state
+            self._phases = [WorkerPhase.STARTING] * self.spec.workers
+            self._restarts = [0] * self.spec.workers
+            self._metrics = dict(metrics)
+
+    # ------------------------------------------------------------ workers
+    def phase(self, rank: int) -> WorkerPhase:
+        with self._lock:
+            return self._phases[rank] if self._phases else WorkerPhase.STARTING
+
+    def set_phase(self, rank: int, phase: WorkerPhase) -> None:
+        """Move worker ``rank`` to ``phase``: an allowed transition, or ``StateError``."""
+        with self._lock:
+            if self._phases:
+                self._phases[rank] = self._phases[rank].to(phase)
+
+    def count_death(self, rank: int) -> int:
+        """One more death of worker ``rank``; returns its deaths so far."""
+        with self._lock:
+            self._restarts[rank] += 1
+            return self._restarts[rank]
+
+    def first_to_see(self, generation: int) -> bool:
+        """True for the first caller that sees group ``generation`` formed (it logs it)."""
+        with self._lock:
+            if generation <= self._generation_seen:
+                return False
+            self._generation_seen = generation
+            return True
+
+    def snapshot(self) -> RunSnapshot:
+        with self._lock:
+            return RunSnapshot(tuple(self._phases), tuple(self._restarts), sum(self._rates.values()))
+
+    # ------------------------------------------------------------ cancel
+    def request_cancel(self, reason: str) -> None:
+        with self._lock:
+            if self._cancel is None:
+                self._cancel = reason
+        if self._state is not None:
+            self._state.close(reason)
+
+    @property
+    def cancelled(self) -> str | None:
+        return self._cancel
+
+    # ------------------------------------------------------------ metrics
+    def merge_metrics(self, rank: int, kind: str, metrics: Mapping[str, float]) -> tuple[int, dict[str, float], float]:
+        """Fold one worker's report into the job's metrics; returns (its sequence number, the
+        job's metrics, the summed samples/s) for ``write_metrics``."""
+        with self._lock:
+            merged = self._metrics
+            if kind == "train":
+                self._rates[rank] = float(metrics.get("samples_per_s", 0.0))
+                self._losses[rank] = float(metrics.get("loss", 0.0))
+                self._avg_rates[rank] = float(metrics.get("avg_samples_per_s", 0.0))
+                merged["loss"] = sum(self._losses.values()) / len(self._losses)
+                # the whole run's rate so far, summed over workers
+                merged["avg_samples_per_s"] = sum(self._avg_rates.values())
+                if "allreduce_s" in metrics:
+                    # allreduce mode: seconds per step in the all-reduce. A rank that starts it
+                    # first also waits there for the others' backward; the last one to join
+                    # measures the all-reduce itself: the minimum over ranks
+                    self._allreduce_s[rank] = float(metrics["allreduce_s"])
+                    merged["allreduce_s"] = min(self._allreduce_s.values())
+            else:
+                merged.update({k: float(v) for k, v in metrics.items()})
+            self._metrics_seq += 1
+            return self._metrics_seq, dict(merged), sum(self._rates.values())
+
+    def write_metrics(self, seq: int, write: Callable[[], None]) -> None:
+        """Run ``write`` (the database update of report ``seq``) unless a newer report is
+        already written; writes of one job never overlap. Called outside every other lock."""
+        with self._db_lock:
+            if seq > self._metrics_written:
+                write()
+                self._metrics_written = seq

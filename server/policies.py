@@ -1,0 +1,73 @@
+"""What a job's controller does when a worker fails: plain policy objects, injected into the
+controller and tested on their own (no Ray, no gRPC).
+
+A failure has a kind; the ``RestartPolicy`` turns it into a decision (restart the worker,
+restart the whole group, or fail the job) and keeps the count it decides on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import Protocol
+
+
+class FailureKind(StrEnum):
+    DEATH = "death"  # the worker's process died (killed, out of memory, node lost)
+    HANG = "hang"  # the worker went silent past the heartbeat timeout (the controller kills it)
+    USER_ERROR = "user error"  # the worker raised: bad code or data, which would fail again
+    LOST_PEER = "lost peer"  # allreduce: the worker gave up on its group (it could not re-form)
+
+
+@dataclass(frozen=True)
+class Failure:
+    rank: int
+    kind: FailureKind
+    error: str
+
+
+class FailureDecision(Enum):
+    RESTART_WORKER = "restart the worker"  # Ray restarts its actor; the others go on
+    RESTART_GROUP = "restart the group"  # stop every worker and launch the group again
+    FAIL = "fail the job"
+
+
+class RestartPolicy(Protocol):
+    def decide(self, failure: Failure) -> FailureDecision: ...
+
+    def explain(self, failure: Failure) -> str:
+        """Why the last decision on ``failure`` was what it was, for the job's log or its reason."""
+        ...
+
+
+class MaxRestarts:
+    """The job's ``max_restarts``: each worker may die (or hang) that many times, and the group
+    be restarted that many times; a worker's own error fails the job at once."""
+
+    def __init__(self, max_restarts: int, world_size: int) -> None:
+        self.max_restarts = max_restarts
+        self.deaths = [0] * world_size
+        self.group_restarts = 0
+
+    def decide(self, failure: Failure) -> FailureDecision:
+        if failure.kind == FailureKind.USER_ERROR:
+            return FailureDecision.FAIL
+        if failure.kind == FailureKind.LOST_PEER:
+            self.group_restarts += 1
+            return FailureDecision.FAIL if self.group_restarts > self.max_restarts else FailureDecision.RESTART_GROUP
+        self.deaths[failure.rank] += 1
+        return FailureDecision.FAIL if self.deaths[failure.rank] > self.max_restarts else FailureDecision.RESTART_WORKER
+
+    def explain(self, failure: Failure) -> str:
+        what = {FailureKind.DEATH: "died", FailureKind.HANG: "hung"}.get(failure.kind, "failed")
+        if failure.kind == FailureKind.USER_ERROR:
+            return failure.error  # the worker's own words: "worker 1 failed at training step 5: ..."
+        if failure.kind == FailureKind.LOST_PEER:
+            n = self.group_restarts
+            return (f"worker {failure.rank} lost its peers ({failure.error}); "
+                    + (f"the group was restarted {n - 1} times (max_restarts is {self.max_restarts})"
+                       if n > self.max_restarts else f"restarting the group ({n} of {self.max_restarts})"))
+        n = self.deaths[failure.rank]
+        if n > self.max_restarts:
+            return f"worker {failure.rank} {what} {n} times (max_restarts is {self.max_restarts}): {failure.error}"
+        return f"worker {failure.rank} {what} ({failure.error}); restart {n} of {self.max_restarts}"

@@ -1,0 +1,317 @@
+"""The job controller driven one ``step()`` at a time with a fake worker group, in every mode,
+for every failure kind (death, hang, user error, lost group, server stop, cancel), the way Ray
+Train v2 tests its controller. The mode runtimes, the job's database and the checkpoint store
+are the real ones; only Ray is faked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from gradhub.proto.contract.spec import JobSpec
+from gradhub.proto.contract.states import JobState, WorkerPhase
+from gradhub.server.checkpoints import CheckpointStore
+from gradhub.server.config import ServerConfig
+from gradhub.server.controller import Controller, Outcome
+from gradhub.server.job_db import JobDB, JobRecord
+from gradhub.server.job_run import JobRun
+from gradhub.server.launcher import WorkerExit
+from gradhub.server.modes import ModeRuntime, runtime_for
+from gradhub.server.policies import MaxRestarts
+from gradhub.server.tracker import GroupTracker
+
+MODES = ("ps-sync", "ps-async", "ps-ssp", "allreduce")
+STEPS = 10
+DIED = "The actor died unexpectedly before finishing this task."
+RESTARTING = "The actor is temporarily unavailable: IOError: The actor is restarting."
+CONFIG = ServerConfig(poll_s=0.01, heartbeat_interval_s=1.0, heartbeat_timeout_s=20.0)
+
+
+class FakeGroup:
+    """Ends the runs it is told to (``end``) at the next ``wait``; records what it was asked."""
+
+    def __init__(self) -> None:
+        self.pending: list[WorkerExit] = []
+        self.reruns: list[int] = []
+        self.kills: list[int] = []
+        self.stops = 0
+        self.on_kill: Any = None
+
+    def end(self, *exits: WorkerExit) -> None:
+        self.pending.extend(exits)
+
+    def wait(self, timeout: float) -> list[WorkerExit]:
+        out, self.pending = self.pending, []
+        return out
+
+    def rerun(self, rank: int) -> None:
+        self.reruns.append(rank)
+
+    def kill(self, rank: int) -> None:
+        self.kills.append(rank)
+        if self.on_kill is not None:
+            self.on_kill(rank)
+
+    def stop(self) -> None:
+        self.stops += 1
+
+
+@dataclass
+class FakeLauncher:
+    fail_with: Exception | None = None
+    on_launch: Any = None  # called with each new group
+    groups: list[FakeGroup] = field(default_factory=list)
+
+    def total_resources(self) -> dict[str, float]:
+        return {"CPU": 64.0}
+
+    def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> FakeGroup:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.groups.append(FakeGroup())
+        if self.on_launch is not None:
+            self.on_launch(self.groups[-1])
+        return self.groups[-1]
+
+
+class FakeHost:
+    def __init__(self, db: JobDB, checkpoints: CheckpointStore) -> None:
+        self._db, self._ckpts = db, checkpoints
+        self.stopping = False
+        self.lines: list[str] = []
+        self.tracebacks: list[tuple[int, str]] = []
+
+    @property
+    def db(self) -> JobDB:
+        return self._db
+
+    @property
+    def checkpoint_store(self) -> CheckpointStore:
+        return self._ckpts
+
+    def log_line(self, job_id: str, line: str) -> None:
+        self.lines.append(line)
+
+    def log_traceback(self, job_id: str, rank: int, traceback: str) -> None:
+        self.tracebacks.append((rank, traceback))
+
+    def notify(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Rig:
+    controller: Controller
+    run: JobRun
+    runtime: ModeRuntime
+    host: FakeHost
+    launcher: FakeLauncher
+    clock: Clock
+
+    @property
+    def group(self) -> FakeGroup:
+        return self.launcher.groups[-1]
+
+    def step(self) -> Outcome | None:
+        return self.controller.step()
+
+    def register(self, rank: int) -> None:
+        """Worker ``rank`` registers, as its run does when it starts."""
+        self.runtime.table.set_total_steps(STEPS)
+        self.runtime.table.register(rank)
+        self.run.set_phase(rank, WorkerPhase.RUNNING)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Any]:
+    dbs: list[JobDB] = []
+
+    def make(mode: str, max_restarts: int = 1, launcher: FakeLauncher | None = None) -> Rig:
+        db = JobDB(tmp_path / f"jobs-{len(dbs)}.db")
+        dbs.append(db)
+        spec = JobSpec.from_dict({"mode": mode, "workers": 2, "model": "mlp", "dataset": "digits",
+                                  "steps": STEPS, "max_restarts": max_restarts})
+        db.insert(JobRecord(id="j-1", name="t", mode=mode, spec_json=spec.to_json(), state=JobState.QUEUED,
+                            created_at=0.0))
+        db.update("j-1", state=JobState.RUNNING)
+        host, clock = FakeHost(db, CheckpointStore(tmp_path / f"ckpt-{len(dbs)}")), Clock()
+        run = JobRun("j-1", spec)
+        runtime = runtime_for(run, host, clock)
+        run.begin(runtime.table, {})
+        launcher = launcher or FakeLauncher()
+        controller = Controller(run, runtime, launcher, host, MaxRestarts(max_restarts, 2), CONFIG, clock=clock)
+        return Rig(controller, run, runtime, host, launcher, clock)
+
+    yield make
+    for db in dbs:
+        db.close()
+
+
+def started(rig: Any, mode: str, **kw: Any) -> Rig:
+    r: Rig = rig(mode, **kw)
+    assert r.controller.start() is None
+    r.register(0)
+    r.register(1)
+    return r
+
+
+# ------------------------------------------------------------------- death
+@pytest.mark.parametrize("mode", MODES)
+def test_a_death_restarts_only_that_worker_and_counts_once(rig: Any, mode: str) -> None:
+    r = started(rig, mode)
+    r.group.end(WorkerExit(1, died=True, error=DIED))
+    assert r.step() is None
+    assert r.group.reruns == [1] and r.group.kills == [] and r.group.stops == 0
+    assert r.run.snapshot().restarts == (0, 1)
+    assert r.run.phase(1) == WorkerPhase.RESTARTING and r.run.phase(0) == WorkerPhase.RUNNING
+    assert f"worker 1 died ({DIED}); restart 1 of 1" in r.host.lines
+    assert len(r.launcher.groups) == 1  # no group restart, in any mode
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_rerun_that_meets_the_restarting_actor_is_the_same_death(rig: Any, mode: str) -> None:
+    r = started(rig, mode)
+    r.group.end(WorkerExit(1, died=True, error=DIED))
+    r.step()
+    r.group.end(WorkerExit(1, died=True, unavailable=True, error=RESTARTING))  # the rerun, too early
+    assert r.step() is None
+    assert r.group.reruns == [1], "not at once: a poll later"
+    r.clock.now += CONFIG.poll_s
+    assert r.step() is None
+    assert r.group.reruns == [1, 1]
+    assert r.run.snapshot().restarts == (0, 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_past_max_restarts_the_job_fails_naming_the_worker(rig: Any, mode: str) -> None:
+    r = started(rig, mode, max_restarts=1)
+    for _ in range(2):
+        r.group.end(WorkerExit(1, died=True, error=DIED))
+        outcome = r.step()
+    assert outcome == Outcome(JobState.FAILED, f"worker 1 died 2 times (max_restarts is 1): {DIED}")
+    assert r.run.phase(1) == WorkerPhase.LOST
+    assert r.run.snapshot().restarts == (0, 2)
+
+
+# -------------------------------------------------------------------- hang
+@pytest.mark.parametrize("mode", MODES)
+def test_a_silent_worker_is_killed_and_its_death_is_the_same_failure(rig: Any, mode: str) -> None:
+    r = started(rig, mode)
+    r.clock.now += CONFIG.heartbeat_timeout_s / 2
+    r.runtime.table.heartbeat(0)
+    assert r.step() is None and r.group.kills == []
+    r.clock.now += CONFIG.heartbeat_timeout_s / 2 + 1
+    assert r.step() is None
+    assert r.group.kills == [1], "only the silent worker"
+    assert r.run.phase(1) == WorkerPhase.RESTARTING and r.run.snapshot().restarts == (0, 1)
+    assert any(line.startswith("worker 1 silent for 21 s: killing it") for line in r.host.lines)
+    r.group.end(WorkerExit(1, died=True, error=DIED))  # the kill, as Ray reports it
+    assert r.step() is None
+    r.clock.now += CONFIG.poll_s
+    assert r.step() is None
+    assert r.group.reruns == [1] and r.run.snapshot().restarts == (0, 1)
+
+
+# -------------------------------------------------------------- user error
+@pytest.mark.parametrize("mode", MODES)
+def test_a_workers_own_error_fails_the_job_without_retry(rig: Any, mode: str) -> None:
+    r = started(rig, mode, max_restarts=3)
+    error = WorkerExit(1, error="at training step 5: ValueError: bad data", phase="train", traceback="Traceback...")
+    r.group.end(error)
+    outcome = r.step()
+    assert outcome == Outcome(JobState.FAILED, "worker 1 failed at training step 5: ValueError: bad data")
+    assert r.group.reruns == [] and r.host.tracebacks == [(1, "Traceback...")]
+    assert r.run.phase(1) == WorkerPhase.FAILED
+
+
+def test_allreduce_a_failed_job_asks_rank_0_for_its_state_after_ending_the_failed_worker(rig: Any) -> None:
+    asked: list[Any] = []
+
+    def launched(group: FakeGroup) -> None:
+        def rank_0_rejoins(rank: int) -> None:
+            # rank 0's collective fails when the failed worker's process goes; it asks to
+            # rejoin holding step 5 and is told to send that state
+            asked.append(tracker.join(0, 5))
+            tracker.saved(5)
+
+        group.on_kill = rank_0_rejoins
+        group.end(WorkerExit(1, error="ValueError: bad data"))
+
+    r = rig("allreduce", max_restarts=0, launcher=FakeLauncher(on_launch=launched))
+    tracker = r.runtime.table
+    assert isinstance(tracker, GroupTracker)
+    tracker.set_total_steps(STEPS)
+    outcome = r.controller.execute()
+    assert outcome.state == JobState.FAILED
+    assert r.group.kills == [1] and asked[0].finished and asked[0].keep
+    assert r.group.stops == 1 and tracker.closed
+
+
+# --------------------------------------------------------- the group is lost
+def test_allreduce_a_worker_that_gave_up_on_its_group_restarts_the_group_from_the_checkpoint(
+        rig: Any) -> None:
+    r = started(rig, "allreduce")
+    r.host.checkpoint_store.save("j-1", 4, 4, {"w": torch.zeros(2)})
+    r.group.end(WorkerExit(0, error="PeerLostError: could not form its group", lost_peer=True))
+    assert r.step() is None
+    assert len(r.launcher.groups) == 2 and r.launcher.groups[0].stops == 1
+    assert r.runtime.table.step() == 4
+    assert r.run.phase(0) == WorkerPhase.RESTARTING and r.run.phase(1) == WorkerPhase.RESTARTING
+    assert "restarting all 2 workers from step 4" in r.host.lines
+
+
+# ------------------------------------------------------- stop, cancel, end
+@pytest.mark.parametrize("mode", MODES)
+def test_a_server_stop_leaves_the_job_to_resume(rig: Any, mode: str) -> None:
+    r = started(rig, mode)
+    r.host.stopping = True
+    r.group.end(WorkerExit(1, error="StateError: job is over: server shutting down"))
+    assert r.step() == Outcome(None, "server shutting down")
+    assert r.group.reruns == [] and r.run.phase(1) == WorkerPhase.RUNNING
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cancel_ends_the_job_and_its_workers_errors_are_not_failures(rig: Any, mode: str) -> None:
+    r = started(rig, mode)
+    assert r.step() is None
+    r.run.request_cancel("cancelled by user")
+    assert r.runtime.table.closed == "cancelled by user"
+    r.group.end(WorkerExit(0, error="StateError: job is over: cancelled by user"))
+    assert r.step() == Outcome(JobState.CANCELLED, "cancelled by user")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_workers_that_return_before_the_last_step_fail_the_job(rig: Any, mode: str) -> None:
+    r = started(rig, mode)
+    r.group.end(WorkerExit(0, result={}))
+    assert r.step() is None and r.run.phase(0) == WorkerPhase.DONE
+    r.group.end(WorkerExit(1, result={}))
+    assert r.step() == Outcome(JobState.FAILED, "the workers stopped before the last step")
+
+
+def test_allreduce_succeeds_once_the_final_state_is_saved(rig: Any) -> None:
+    r = started(rig, "allreduce")
+    r.runtime.table.saved(STEPS)
+    r.group.end(WorkerExit(0, result={}), WorkerExit(1, result={}))
+    assert r.step() == Outcome(JobState.SUCCEEDED, "")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_launch_that_raises_fails_the_job(rig: Any, mode: str) -> None:
+    r = rig(mode, launcher=FakeLauncher(fail_with=RuntimeError("placement group not ready in 120 s")))
+    assert r.controller.execute() == Outcome(
+        JobState.FAILED, "could not start the workers: RuntimeError: placement group not ready in 120 s")
+
