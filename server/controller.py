@@ -102,7 +102,7 @@ class Controller:
             return Outcome(JobState.CANCELLED, run.cancelled)
         for rank in [r for r, at in self._rerun_at.items() if at <= self._now()]:
             del self._rerun_at[rank]
-            group.rerun(rank)
+            self._rerun(rank)
         for ex in group.wait(self.config.poll_s):
             if self.host.stopping or run.cancelled is not None:
                 break  # workers end with errors when the job closes: not the job's failure
@@ -162,11 +162,16 @@ class Controller:
         if decision == FailureDecision.RESTART_WORKER:
             _set_phase(run, failure.rank, WorkerPhase.RESTARTING)
             if failure.kind == FailureKind.DEATH:
-                group.rerun(failure.rank)
+                self._rerun(failure.rank)
         else:
             self._restart_group()
         self.host.notify()
         return None
+
+    def _rerun(self, rank: int) -> None:
+        assert self.group is not None
+        if (note := self.group.rerun(rank)) is not None:
+            self.host.log_line(self.run.id, f"worker {rank}: {note}")
 
     def _restart_group(self) -> None:
         assert self.group is not None

@@ -134,7 +134,8 @@ class JobManager:
             self._active[job_id] = JobRun(job_id, spec)
             self._queue.append(job_id)
             self._changed()
-        self._log(job_id, f"submitted: {spec.workers} workers, mode {spec.mode}")
+        spares = f" and {spec.spares} spares" if spec.spares else ""
+        self._log(job_id, f"submitted: {spec.workers} workers{spares}, mode {spec.mode}")
         return self.get(job_id)
 
     def get(self, job_id: str) -> JobView:
@@ -318,9 +319,10 @@ class JobManager:
         need = demand(spec)
         if all(v <= total.get(k, 0.0) + 1e-9 for k, v in need.items()):
             return None
-        return (f"the job asks for {spec.workers} workers x {_fmt(need, spec.workers)} = {_fmt(need)}, "
+        n, spares = spec.workers + spec.spares, f" (with {spec.spares} spares)" if spec.spares else ""
+        return (f"the job asks for {n} workers{spares} x {_fmt(need, n)} = {_fmt(need)}, "
                 f"but the cluster has {_fmt({k: total.get(k, 0.0) for k in need})} in all; "
-                "lower workers or resources")
+                f"lower workers{', spares' if spec.spares else ''} or resources")
 
     def _fits(self, need: dict[str, float]) -> bool:
         total = self._launcher.total_resources()

@@ -42,7 +42,9 @@ class WorkerExit:
 class WorkerGroup(Protocol):
     def wait(self, timeout: float) -> list[WorkerExit]: ...
 
-    def rerun(self, rank: int) -> None: ...
+    def rerun(self, rank: int) -> str | None:
+        """Run worker ``rank`` again; a note for the job's log when it runs somewhere new (a spare)."""
+        ...
 
     def kill(self, rank: int) -> None: ...
 
@@ -80,15 +82,18 @@ def bundle(spec: JobSpec) -> dict[str, float]:
 
 
 def demand(spec: JobSpec) -> dict[str, float]:
-    """The whole job's resources."""
-    return {k: v * spec.workers for k, v in bundle(spec).items()}
+    """The whole job's resources: its workers' and its spares'."""
+    return {k: v * (spec.workers + spec.spares) for k, v in bundle(spec).items()}
 
 
 class RayWorkerGroup:
-    """A job's actors, one per rank, in one placement group.
+    """A job's actors, one per rank, and its spares, in one placement group (a bundle each).
 
-    Ray restarts a dead actor (up to ``max_restarts``) and ``rerun`` starts it again, in
-    every mode (in allreduce, the survivors wait for it to join their next group).
+    Ray restarts a dead actor (up to ``max_restarts``) and ``rerun`` starts it again, in every
+    mode (in allreduce, the survivors wait for it to join their next group). A job with
+    ``spares`` keeps that many actors with the workload built and waiting: ``rerun`` of a dead
+    rank then hands the rank to a ready spare (no new process, no imports, no build) and a new
+    spare is prepared in the dead actor's bundle.
     """
 
     def __init__(self, job_id: str, spec: JobSpec, server_address: str, token: str | None,
@@ -101,7 +106,7 @@ class RayWorkerGroup:
 
         self._ray = ray
         b = bundle(spec)
-        self._pg = placement_group([dict(b) for _ in range(spec.workers)], strategy="SPREAD",
+        self._pg = placement_group([dict(b) for _ in range(spec.workers + spec.spares)], strategy="SPREAD",
                                    name=f"gradhub-{job_id}")
         try:
             ray.get(self._pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
@@ -109,23 +114,60 @@ class RayWorkerGroup:
             ray.util.remove_placement_group(self._pg)
             raise
         remote = ray.remote(WorkerActor)
-        self._actors = [
-            remote.options(
+
+        def make(rank: int, index: int) -> Any:
+            return remote.options(
                 num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0),
                 max_restarts=spec.max_restarts, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self._pg, placement_group_bundle_index=rank),
+                    placement_group=self._pg, placement_group_bundle_index=index),
                 runtime_env=dict(runtime_env) if runtime_env else None,
             ).remote(job_id, rank, spec.to_json(), server_address, token)
-            for rank in range(spec.workers)
-        ]
-        self._runs: dict[Any, int] = {}
-        for rank in range(spec.workers):
-            self.rerun(rank)
 
-    def rerun(self, rank: int) -> None:
+        self._make = make
+        self._actors = [make(rank, rank) for rank in range(spec.workers)]
+        self._bundles = list(range(spec.workers))  # the bundle each rank's actor is in
+        self._spares: list[tuple[Any, int, Any]] = []  # (actor, bundle, its prepare() ref)
+        for index in range(spec.workers, spec.workers + spec.spares):
+            self._add_spare(index)
+        self._runs: dict[Any, int] = {actor.run.remote(): rank for rank, actor in enumerate(self._actors)}
+
+    def _add_spare(self, index: int) -> None:
+        actor = self._make(-1, index)
+        self._spares.append((actor, index, actor.prepare.remote()))
+
+    def _ready_spare(self) -> tuple[Any, int] | None:
+        """A spare whose workload is built (one that failed to prepare is dropped)."""
+        for entry in list(self._spares):
+            actor, index, prepared = entry
+            done, _ = self._ray.wait([prepared], timeout=0)
+            if not done:
+                continue
+            self._spares.remove(entry)
+            try:
+                self._ray.get(prepared, timeout=10)
+            except Exception as e:  # noqa: BLE001 - a spare that cannot prepare is not used
+                log.warning("a spare failed to prepare: %s", _reason(e))
+                self._ray.kill(actor, no_restart=True)
+                self._add_spare(index)
+                continue
+            return actor, index
+        return None
+
+    def rerun(self, rank: int) -> str | None:
+        """Run worker ``rank`` again (its last run ended with its death): on a ready spare when
+        there is one, else on its actor, which Ray restarts."""
+        spare = self._ready_spare()
+        if spare is not None:
+            actor, index = spare
+            # the dead actor is not restarted: the spare takes its rank, a new spare its bundle
+            self._ray.kill(self._actors[rank], no_restart=True)
+            self._add_spare(self._bundles[rank])
+            self._actors[rank], self._bundles[rank] = actor, index
+            self._runs[actor.run_as.remote(rank)] = rank
+            return "a spare takes over (its workload is built)"
         self._runs[self._actors[rank].run.remote()] = rank
-
+        return None
     def wait(self, timeout: float) -> list[WorkerExit]:
         ray = self._ray
         if not self._runs:
@@ -151,7 +193,7 @@ class RayWorkerGroup:
         self._ray.kill(self._actors[rank], no_restart=False)
 
     def stop(self) -> None:
-        for actor in self._actors:
+        for actor in [*self._actors, *(spare for spare, _, _ in self._spares)]:
             try:
                 self._ray.kill(actor, no_restart=True)
             except Exception as e:  # noqa: BLE001 - best effort on the way out
@@ -212,8 +254,8 @@ class _ExternalGroup:
         self._stopped.wait(timeout)
         return []
 
-    def rerun(self, rank: int) -> None:
-        pass
+    def rerun(self, rank: int) -> str | None:
+        return None
 
     def kill(self, rank: int) -> None:
         pass

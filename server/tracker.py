@@ -167,8 +167,10 @@ class GroupTracker(WorkerTable):
                 raise ProtocolError("params: the model's parameters changed between checkpoints")
 
     def saved(self, step: int) -> None:
-        """A checkpoint is on disk; the one at the last step means training is complete."""
+        """A checkpoint is on disk: a group of fresh processes starts there from now on; the one
+        at the last step means training is complete."""
         with self._cond:
+            self._start_step = max(self._start_step, step)
             if step == self._total_steps:
                 self._final = True
             if self._failing:

@@ -13,34 +13,55 @@ from gradhub.worker.server_link import ServerLink
 
 
 class WorkerActor:
-    """Wrapped with ``ray.remote`` by the server's launcher; holds nothing but its arguments.
+    """Wrapped with ``ray.remote`` by the server's launcher; holds its arguments and, once
+    ``prepare``d, the job's workload (model and data, built as every rank builds them).
 
     Ray may restart the actor after its process dies; ``run`` is then called again and the
     worker resumes where the server says (ps modes), or joins its group's next generation
-    and takes a survivor's state (allreduce).
+    and takes a survivor's state (allreduce). A spare (``rank`` -1) prepares itself and waits;
+    ``run_as`` makes it the worker of a rank whose process died.
     """
 
     def __init__(self, job_id: str, rank: int, spec_json: str, server_address: str,
                  token: str | None = None) -> None:
         self.job_id, self.rank = job_id, rank
         self.spec_json, self.server_address, self.token = spec_json, server_address, token
+        self._work: Any = None
+
+    def prepare(self) -> None:
+        """Build the workload now (imports, model, data), so that a run starts training at once."""
+        from gradhub.worker.allreduce import AllReduceTrainer  # noqa: F401 - imported ahead of the run
+        from gradhub.worker.loop import PSTrainer  # noqa: F401
+        from gradhub.worker.workload import Workload
+
+        if self._work is None:
+            self._work = Workload.build(JobSpec.from_json(self.spec_json), max(self.rank, 0))
+
+    def run_as(self, rank: int) -> dict[str, Any]:
+        """A spare takes over worker ``rank``."""
+        self.rank = rank
+        return self.run()
 
     def info(self) -> dict[str, Any]:
         return {"host": socket.gethostname(), "pid": os.getpid()}
 
     def run(self) -> dict[str, Any]:
+        import dataclasses
+
         tune_for_streaming()
         spec = JobSpec.from_json(self.spec_json)
+        work = None if self._work is None else dataclasses.replace(self._work, rank=self.rank)
+        self._work = None  # a run changes the model: a later run of this process builds afresh
         # the channel is created here, inside the actor's process, never inherited
         with ServerLink(self.server_address, self.job_id, self.rank, spec.compression, self.token) as client:
             if spec.is_ps:
                 from gradhub.worker.loop import PSTrainer
 
-                return asdict(PSTrainer(spec, self.rank, client).run())
+                return asdict(PSTrainer(spec, self.rank, client, work).run())
             _bind_collectives_to_node()
             from gradhub.worker.allreduce import AllReduceTrainer
 
-            return asdict(AllReduceTrainer(spec, self.rank, client).run())
+            return asdict(AllReduceTrainer(spec, self.rank, client, work).run())
 
 
 def _bind_collectives_to_node() -> None:

@@ -144,13 +144,15 @@ def collectives(rank: int, step: int) -> Iterator[None]:
 class AllReduceTrainer:
     """Runs one worker of an allreduce job, through as many groups as it takes."""
 
-    def __init__(self, spec: JobSpec, rank: int, client: ServerLink) -> None:
+    def __init__(self, spec: JobSpec, rank: int, client: ServerLink, work: Workload | None = None) -> None:
         self.spec, self.rank, self.client = spec, rank, client
+        self._prepared = work  # a workload built ahead (a spare's), else built at the start of the run
         self.phase = Phase()
         self._keep: Callable[[int], None] | None = None  # rank 0: sends the state of a whole step
         self.held: int | None = None  # the step whose whole state this process holds (None: none)
         self._buffers: list[torch.Tensor] = []  # the buffers at the start of the step in flight
         self._live_buffers: list[torch.Tensor] = []  # the model's buffers
+        self._groups: list[DistributedDataParallel] = []  # never freed: see _train
 
     def run(self) -> WorkerResult:
         """Train to the end. On its own failure, rank 0 first sends its state (it holds the
@@ -173,7 +175,7 @@ class AllReduceTrainer:
 
     def _run(self) -> WorkerResult:
         spec, rank = self.spec, self.rank
-        work = Workload.build(spec, rank)
+        work = self._prepared or Workload.build(spec, rank)
         model, device, total = work.model, work.device, work.total
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
@@ -267,6 +269,11 @@ class AllReduceTrainer:
             ddp = self._wrap(model, device, work, step)
         hook = AllReduceHook(COMPRESSION[spec.compression])
         ddp.register_comm_hook(None, hook.hook)
+        # Every group's DDP lives as long as this process. Freeing a broken one deadlocks:
+        # the Reducer's destructor (run with the GIL held) destroys the Gloo process group,
+        # which joins its threads, and the thread that failed the all-reduce waits for the GIL
+        # to run the hook's Python callback. The cost: one set of gradient buckets per group.
+        self._groups.append(ddp)
         no_sync = no_sync_except_last(ddp, spec.accumulate)
         meter = Meter(device)
         comm_s, comm_steps = 0.0, 0

@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 class PSTrainer:
     """Runs one worker of a ps-* job against a parameter server."""
 
-    def __init__(self, spec: JobSpec, rank: int, client: ServerLink) -> None:
+    def __init__(self, spec: JobSpec, rank: int, client: ServerLink, work: Workload | None = None) -> None:
         self.spec, self.rank, self.client = spec, rank, client
         self.phase = Phase()
+        self._prepared = work  # a workload built ahead (a spare's), else built at the start of the run
 
     def run(self) -> WorkerResult:
         """Train to the end; a failure is raised as a WorkerFailure naming the phase and step
@@ -40,7 +41,7 @@ class PSTrainer:
 
     def _run(self) -> WorkerResult:
         rank, spec, phase = self.rank, self.spec, self.phase
-        work = Workload.build(spec, rank)
+        work = self._prepared or Workload.build(spec, rank)
         model, total = work.model, work.total
         flat = FlatModel(model)
         parameter_groups(list(flat.trainable.items()), spec.optimizer.param_groups)  # names a group that matches nothing

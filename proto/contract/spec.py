@@ -319,6 +319,7 @@ class JobSpec:
     keep_checkpoints: int = 3
     working_dir: str | None = None
     max_restarts: int = 3
+    spares: int = 0
     val_fraction: float = 0.2
     buffers: str = "broadcast"
     sync_batchnorm: bool = False
@@ -371,6 +372,7 @@ class JobSpec:
             wd = os.fspath(wd) if isinstance(wd, os.PathLike) else wd
             put(self, "working_dir", check_str("working_dir", wd))
         put(self, "max_restarts", check_int("max_restarts", self.max_restarts, lo=0))
+        put(self, "spares", check_int("spares", self.spares, lo=0, hi=self.workers))
         put(
             self,
             "val_fraction",

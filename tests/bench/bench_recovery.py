@@ -1,5 +1,7 @@
 """Recovery from a worker's death: seconds from a SIGKILL to the first training step after it,
-and the job's wall time against the same job undisturbed, in ps-sync and allreduce.
+and the job's wall time against the same job undisturbed, in ps-sync and allreduce, with no
+spare (Ray restarts the dead worker's process) and with one (``spares: 1``: a prepared actor
+takes the dead worker's rank).
 
 The job's dataset (a user factory shipped as working_dir) appends (wall time, pid) to a log on
 every sample it reads, so the first read by a process that did not exist before the kill is the
@@ -55,7 +57,7 @@ MODULE = textwrap.dedent("""
         train, val = digits()
         return Logged(train, log), val
 """)
-COLUMNS = ["mode", "kill → next step s", "undisturbed wall s", "killed wall s", "extra wall s"]  # + "restart log" in JSON
+COLUMNS = ["mode", "spares", "kill → next step s", "undisturbed wall s", "killed wall s", "extra wall s"]  # + "restart log" in JSON
 
 
 def _code(root: Path) -> Path:
@@ -64,8 +66,8 @@ def _code(root: Path) -> Path:
     return root
 
 
-def _spec(mode: str, code: Path, log: Path, steps: int) -> dict[str, Any]:
-    return {"name": f"recovery-{mode}", "mode": mode, "workers": 2, "resources": {"cpus": 0.5},
+def _spec(mode: str, code: Path, log: Path, steps: int, spares: int = 0) -> dict[str, Any]:
+    return {"name": f"recovery-{mode}", "mode": mode, "workers": 2, "spares": spares, "resources": {"cpus": 0.5},
             "model": {"name": "mlp", "args": {"hidden": [64]}}, "batch_size": 16, "steps": steps,
             "dataset": {"factory": f"{PACKAGE}:data", "args": {"log": str(log)}}, "working_dir": str(code),
             "optimizer": {"name": "adam", "lr": 0.002}, "max_restarts": 3, "seed": 1}
@@ -79,12 +81,13 @@ def _reads(log: Path) -> list[tuple[float, int]]:
     return out
 
 
-def run_once(client: Any, mode: str, code: Path, tmp: Path, steps: int, kill_at: float) -> dict[str, Any]:
-    undisturbed_log, killed_log = tmp / f"{mode}-undisturbed.log", tmp / f"{mode}-killed.log"
+def run_once(client: Any, mode: str, spares: int, code: Path, tmp: Path, steps: int,
+             kill_at: float) -> dict[str, Any]:
+    undisturbed_log, killed_log = tmp / f"{mode}-{spares}-undisturbed.log", tmp / f"{mode}-{spares}-killed.log"
     start = time.time()
     undisturbed = client.submit(_spec(mode, code, undisturbed_log, steps)).wait(timeout=600)
     undisturbed_wall = undisturbed.finished_at - undisturbed.started_at
-    job = client.submit(_spec(mode, code, killed_log, steps))
+    job = client.submit(_spec(mode, code, killed_log, steps, spares))
     target = int(steps * kill_at)
     while True:  # polling a remote job's progress: bounded by the job's own timeout
         info = client.get_job(job.id)
@@ -101,8 +104,8 @@ def run_once(client: Any, mode: str, code: Path, tmp: Path, steps: int, kill_at:
     os.kill(w.pid, signal.SIGKILL)
     info = job.wait(timeout=600)
     after = [t for t, pid in _reads(killed_log) if t > killed_at and pid not in before]
-    logs = [line for line in client.logs(job.id) if "died" in line or "restart" in line]
-    return {"mode": mode, "kill → next step s": min(after) - killed_at if after else float("nan"),
+    logs = [line for line in client.logs(job.id) if "died" in line or "restart" in line or "formed" in line]
+    return {"mode": mode, "spares": spares, "kill → next step s": min(after) - killed_at if after else float("nan"),
             "undisturbed wall s": undisturbed_wall, "killed wall s": info.finished_at - info.started_at,
             "extra wall s": (info.finished_at - info.started_at) - undisturbed_wall,
             "restart log": " | ".join(line.split(" ", 1)[1][:90] for line in logs)}
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--kill-at", type=float, default=0.45, help="fraction of the steps at the kill")
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode (the median is kept)")
     parser.add_argument("--modes", nargs="+", default=["ps-sync", "allreduce"])
+    parser.add_argument("--spares", nargs="+", type=int, default=[0, 1], help="spares of the killed job")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -128,8 +132,9 @@ def main() -> None:
           Server(ServerConfig(port=0, data_dir=Path(tmp) / "data")) as server,
           Client(server.address) as client):
         code = _code(Path(tmp) / "code")
-        for mode in args.modes:
-            runs = [run_once(client, mode, code, Path(tmp), args.steps, args.kill_at) for _ in range(args.repeats)]
+        for mode, spares in ((m, s) for m in args.modes for s in args.spares):
+            runs = [run_once(client, mode, spares, code, Path(tmp), args.steps, args.kill_at)
+                    for _ in range(args.repeats)]
             row = dict(runs[0])
             for column in ("kill → next step s", "undisturbed wall s", "killed wall s", "extra wall s"):
                 row[column] = statistics.median(r[column] for r in runs)

@@ -49,8 +49,9 @@ class FakeGroup:
         out, self.pending = self.pending, []
         return out
 
-    def rerun(self, rank: int) -> None:
+    def rerun(self, rank: int) -> str | None:
         self.reruns.append(rank)
+        return None
 
     def kill(self, rank: int) -> None:
         self.kills.append(rank)

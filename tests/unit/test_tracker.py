@@ -256,3 +256,12 @@ def test_a_join_outside_the_steps_is_refused() -> None:
     t = _tracker(2)
     with pytest.raises(ProtocolError, match="step: 101 is outside"):
         t.join(0, 101)
+
+
+def test_a_group_of_fresh_processes_starts_from_the_latest_checkpoint() -> None:
+    t = _tracker(2)
+    t.accept_checkpoint(0, 40, LAYOUT)
+    t.saved(40)
+    t.join(0, None)
+    formed = t.join(1, None)  # every member lost its state: the checkpoint, not step 0
+    assert formed is not None and (formed.step, formed.source) == (40, -1)

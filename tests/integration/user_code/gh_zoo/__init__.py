@@ -1,10 +1,13 @@
 """User model code of the kinds people bring (shipped to the workers as a job's working_dir):
 BatchNorm and dropout, tied weights, a frozen backbone, an unused parameter, dict inputs with an
-output object that carries its own loss. Written for scikit-learn's digits (64 pixels, 10 classes).
+output object that carries its own loss; and data that fails on purpose (a corrupt sample, a
+sample that kills its reader). Written for scikit-learn's digits (64 pixels, 10 classes).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -158,3 +161,27 @@ def bad_sample_digits(bad: int) -> tuple[Dataset, Dataset]:
 
     train, val = digits()
     return BadSample(*train.tensors, bad=bad), val
+
+
+class KillOnSample(Dataset):
+    """Digits whose sample ``at`` kills the process that reads it (SIGKILL), once: a marker file
+    remembers that it fired, so the worker that takes over reads it unharmed."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, at: int, marker: str) -> None:
+        self.x, self.y, self.at, self.marker = x, y, at, marker
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == self.at and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.x[i], self.y[i]
+
+
+def kill_on_sample_digits(at: int, marker: str) -> tuple[Dataset, Dataset]:
+    from gradhub.worker.data import digits
+
+    train, val = digits()
+    return KillOnSample(*train.tensors, at=at, marker=marker), val

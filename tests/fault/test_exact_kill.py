@@ -1,0 +1,76 @@
+"""A worker killed at an exact (rank, step), in every mode: the job counts one death, the
+worker comes back (Ray restarts its process, or a spare takes its rank) and the final
+parameters equal those of the same job undisturbed.
+
+The kill comes from the data: the job's dataset SIGKILLs the process that reads one chosen
+sample, a sample that worker ``rank`` reads first at step ``KILL_STEP`` (a marker file makes
+it fire once). The model has BatchNorm and dropout, so buffers and seeded randomness travel
+with the recovery too. The asynchronous modes run one worker, where their result is
+deterministic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gradhub.client.client import Client
+from gradhub.worker.data import global_batch_indices
+
+from ..conftest import final_params
+
+USER_CODE = Path(__file__).parents[1] / "integration" / "user_code"
+TRAIN, BATCH, SEED, STEPS, KILL_STEP = 1437, 16, 3, 120, 30  # digits' training samples
+# (mode, workers, the rank killed, spares)
+CASES = [("ps-sync", 2, 1, 0), ("ps-sync", 2, 1, 1), ("ps-async", 1, 0, 0), ("ps-ssp", 1, 0, 1),
+         ("allreduce", 2, 1, 0), ("allreduce", 2, 1, 1)]
+
+
+def first_read_at(workers: int, rank: int, step: int) -> int:
+    """A sample that worker ``rank`` reads at ``step`` and nobody reads before."""
+    earlier = {int(i) for s in range(step) for i in global_batch_indices(TRAIN, workers * BATCH, SEED, s)}
+    mine = global_batch_indices(TRAIN, workers * BATCH, SEED, step)[rank * BATCH:(rank + 1) * BATCH]
+    return next(int(i) for i in mine if int(i) not in earlier)
+
+
+def spec(name: str, mode: str, workers: int, dataset: object, spares: int = 0) -> dict:
+    return {"name": name, "mode": mode, "workers": workers, "spares": spares, "resources": {"cpus": 0.5},
+            "model": {"factory": "gh_zoo:bn_net", "args": {"hidden": 64, "p": 0.2}}, "dataset": dataset,
+            "working_dir": str(USER_CODE), "optimizer": {"name": "adam", "lr": 0.002}, "batch_size": BATCH,
+            "steps": STEPS, "seed": SEED, "max_restarts": 1}
+
+
+@pytest.fixture(scope="module")
+def undisturbed(server, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("undisturbed")
+    out = {}
+    with Client(server.address) as client:
+        for mode, workers in sorted({(m, w) for m, w, _, _ in CASES}):
+            info = client.submit(spec(f"undisturbed-{mode}", mode, workers, "digits")).wait(timeout=180)
+            assert info.state == "SUCCEEDED", info.reason
+            out[mode] = final_params(client, info, tmp)
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("mode", "workers", "rank", "spares"), CASES,
+                         ids=[f"{m}-{'spare' if s else 'restart'}" for m, _, _, s in CASES])
+def test_a_worker_killed_at_a_step_dies_once_and_changes_nothing(server, undisturbed, tmp_path, mode, workers,
+                                                                 rank, spares):
+    marker = tmp_path / "fired"
+    dataset = {"factory": "gh_zoo:kill_on_sample_digits",
+               "args": {"at": first_read_at(workers, rank, KILL_STEP), "marker": str(marker)}}
+    with Client(server.address) as client:
+        info = client.submit(spec(f"killed-{mode}", mode, workers, dataset, spares)).wait(timeout=180)
+        logs = "\n".join(client.logs(info.id))
+        assert info.state == "SUCCEEDED", (info.reason, logs)
+        assert marker.exists(), "the kill fired"
+        assert logs.count(" died ") == 1 and f"worker {rank} died (" in logs, logs
+        assert "restart 1 of 1" in logs, logs
+        assert ("a spare takes over" in logs) == bool(spares), logs
+        got = final_params(client, info, tmp_path)
+    expected = undisturbed[mode]
+    assert got.keys() == expected.keys()
+    worst = max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected)
+    assert worst <= 1e-6, f"the killed run differs from the undisturbed run by {worst:.3g}"
