@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,9 @@ from gradhub.proto.contract.spec import JobSpec
 log = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120.0
+# after a spare takes over, how long before its replacement is started (a new process importing
+# torch and building the workload competes with the recovering group for CPU)
+SPARE_DELAY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,7 @@ class RayWorkerGroup:
         self._actors = [make(rank, rank) for rank in range(spec.workers)]
         self._bundles = list(range(spec.workers))  # the bundle each rank's actor is in
         self._spares: list[tuple[Any, int, Any]] = []  # (actor, bundle, its prepare() ref)
+        self._later: list[tuple[float, int]] = []  # (when, bundle): spares to start
         for index in range(spec.workers, spec.workers + spec.spares):
             self._add_spare(index)
         self._runs: dict[Any, int] = {actor.run.remote(): rank for rank, actor in enumerate(self._actors)}
@@ -162,7 +167,7 @@ class RayWorkerGroup:
             actor, index = spare
             # the dead actor is not restarted: the spare takes its rank, a new spare its bundle
             self._ray.kill(self._actors[rank], no_restart=True)
-            self._add_spare(self._bundles[rank])
+            self._later.append((time.monotonic() + SPARE_DELAY_S, self._bundles[rank]))
             self._actors[rank], self._bundles[rank] = actor, index
             self._runs[actor.run_as.remote(rank)] = rank
             return "a spare takes over (its workload is built)"
@@ -170,6 +175,9 @@ class RayWorkerGroup:
         return None
     def wait(self, timeout: float) -> list[WorkerExit]:
         ray = self._ray
+        for due in [entry for entry in self._later if entry[0] <= time.monotonic()]:
+            self._later.remove(due)
+            self._add_spare(due[1])
         if not self._runs:
             return []
         ready, _ = ray.wait(list(self._runs), num_returns=len(self._runs), timeout=timeout)

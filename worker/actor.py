@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from gradhub.proto.alloc import tune_for_streaming
+from gradhub.proto.contract.optim import build_optimizer, parameter_groups
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.worker.server_link import ServerLink
 
@@ -35,7 +36,13 @@ class WorkerActor:
         from gradhub.worker.workload import Workload
 
         if self._work is None:
-            self._work = Workload.build(JobSpec.from_json(self.spec_json), max(self.rank, 0))
+            spec = JobSpec.from_json(self.spec_json)
+            self._work = Workload.build(spec, max(self.rank, 0))
+            # a first optimizer imports what torch.optim loads lazily (torch._dynamo: about a second)
+            trainable = [(n, p) for n, p in self._work.model.named_parameters() if p.requires_grad]
+            if trainable:
+                build_optimizer(parameter_groups(trainable, spec.optimizer.param_groups), spec.optimizer.name,
+                                spec.optimizer.lr, spec.optimizer.hyper)
 
     def run_as(self, rank: int) -> dict[str, Any]:
         """A spare takes over worker ``rank``."""
