@@ -119,6 +119,8 @@ def every_rpc(jobs: jobs_pb2_grpc.JobServiceStub, ps: ps_pb2_grpc.ParameterServe
             timeout=10, metadata=md),
         "LoadCheckpoint": lambda md: list(control.LoadCheckpoint(ps_pb2.LoadCheckpointRequest(job_id=job_id, rank=0),
                                                             timeout=10, metadata=md)),
+        "JoinGroup": lambda md: control.JoinGroup(ps_pb2.JoinGroupRequest(job_id=job_id, rank=0), timeout=10,
+                                                  metadata=md),
         "ReportMetrics": lambda md: control.ReportMetrics(
             ps_pb2.ReportMetricsRequest(job_id=job_id, rank=0, step=0, kind="eval", metrics={"val_accuracy": 1.0}),
             timeout=10, metadata=md),

@@ -170,6 +170,14 @@ def test_unknown_job_and_worker(job, unchanged):
                     grpc.StatusCode.NOT_FOUND, "j-nope")
 
 
+def test_joining_a_group_of_a_ps_job(job, unchanged):
+    job_id, _, server, _ = job
+    assert_rejected(lambda: control(server).JoinGroup(ps_pb2.JoinGroupRequest(job_id=job_id, rank=0), timeout=10),
+                    grpc.StatusCode.FAILED_PRECONDITION, "mode", "parameter server")
+    assert_rejected(lambda: control(server).JoinGroup(ps_pb2.JoinGroupRequest(job_id="j-nope", rank=0), timeout=10),
+                    grpc.StatusCode.NOT_FOUND, "j-nope")
+
+
 def test_step_out_of_order(job, unchanged):
     job_id, stub, *_ = job
     assert_rejected(lambda: stub.PushGradients(stream(header(job_id, step=5), grad()), timeout=10),
