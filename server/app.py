@@ -21,6 +21,7 @@ from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig
 from gradhub.server.control_service import WorkerControlServicer
 from gradhub.server.control_service import add_to_server as add_control_service
+from gradhub.server.data_dir import DataDirLock
 from gradhub.server.job_db import JobDB
 from gradhub.server.job_service import JobServiceServicer
 from gradhub.server.jobs import JobManager
@@ -54,6 +55,7 @@ class Server:
         self._db: JobDB | None = None
         self._manager: JobManager | None = None
         self._owns_ray = False
+        self._lock = DataDirLock(config.data_dir)
         self.port = 0
         self.advertise_address = ""  # host:port workers use to reach this server (set by start)
 
@@ -72,6 +74,14 @@ class Server:
         return self._manager
 
     def start(self) -> Self:
+        self._lock.acquire()  # first: a second server on this data dir stops here, before Ray starts
+        try:
+            return self._start()
+        except BaseException:
+            self.stop(0)
+            raise
+
+    def _start(self) -> Self:
         import ray
 
         c = self.config
@@ -92,7 +102,7 @@ class Server:
             raise RuntimeError(f"port: could not bind {c.host}:{c.port}")
         self.advertise_address = c.advertise_address or f"{_bracket(self._worker_host())}:{self.port}"
         advertise = self.advertise_address
-        c.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.note(f"{_bracket(c.host)}:{self.port}")
         self._db = JobDB(c.data_dir / "jobs.db")
         checkpoints = CheckpointStore(c.data_dir / "checkpoints")
         self._manager = JobManager(
@@ -126,6 +136,7 @@ class Server:
 
             ray.shutdown()
             self._owns_ray = False
+        self._lock.release()
         self._grpc = self._db = self._manager = None
 
     def wait(self) -> None:

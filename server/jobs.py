@@ -74,7 +74,7 @@ class JobManager:
         self.collective_timeout_s = config.collective_timeout_s
         self._cond = threading.Condition()
         self._active: dict[str, JobRun] = {}
-        self._rendezvous = RendezvousStore()
+        self._rendezvous = RendezvousStore(config.host)
         self._queue: list[str] = []
         self._reserved: dict[str, dict[str, float]] = {}
         self._changes = 0

@@ -228,3 +228,14 @@ def test_jobs_survive_a_server_kill(tmp_path: Path, mode: str) -> None:
         second.kill()
         first.kill()
     assert_nothing_left(second)
+
+
+def test_a_second_server_on_the_same_data_dir_refuses_to_start(server):
+    from gradhub.proto.contract.errors import StateError
+    from gradhub.server.app import Server as SecondServer
+    from gradhub.server.config import ServerConfig as Config
+
+    second = SecondServer(Config(port=0, data_dir=server.config.data_dir))
+    with pytest.raises(StateError, match=f"is in use by the gradhub server pid {os.getpid()} .* at .*:{server.port}"):
+        second.start()
+    assert second.port == 0  # it stopped before binding a port or touching the jobs
