@@ -74,7 +74,7 @@ class Controller:
                 outcome = self.step()
             reason = outcome.reason or reason
             if outcome.state == JobState.FAILED:
-                self._keep_state(outcome)
+                self._keep_state()
             return outcome
         finally:
             self.runtime.table.close(reason)
@@ -159,21 +159,23 @@ class Controller:
                        else WorkerPhase.LOST)
             return Outcome(JobState.FAILED, why)
         self.host.log_line(run.id, why)
+        outcome = None
         if decision == FailureDecision.RESTART_WORKER:
             _set_phase(run, failure.rank, WorkerPhase.RESTARTING)
             if failure.kind == FailureKind.DEATH:
                 self._rerun(failure.rank)
         else:
-            self._restart_group()
+            outcome = self._restart_group()
         self.host.notify()
-        return None
+        return outcome
 
     def _rerun(self, rank: int) -> None:
         assert self.group is not None
         if (note := self.group.rerun(rank)) is not None:
             self.host.log_line(self.run.id, f"worker {rank}: {note}")
 
-    def _restart_group(self) -> None:
+    def _restart_group(self) -> Outcome | None:
+        """Stop every worker and launch the group again; the job's failure when it cannot start."""
         assert self.group is not None
         self.group.stop()
         self._done.clear()
@@ -182,9 +184,10 @@ class Controller:
         self.runtime.restart_group()
         for rank in range(self.run.spec.workers):
             _set_phase(self.run, rank, WorkerPhase.RESTARTING)
-        self.group = self.launcher.launch(self.run.id, self.run.spec, self.runtime_env)
+        self.group = None
+        return self.start()
 
-    def _keep_state(self, outcome: Outcome) -> None:
+    def _keep_state(self) -> None:
         """The job failed: keep what it trained. ps modes: the store's state. allreduce: rank 0
         sends its state, once the worker that failed is gone (its peers wait for it)."""
         failed = self._failed_rank

@@ -86,6 +86,9 @@ class GroupTracker(WorkerTable):
                 raise ProtocolError(f"step: {step} is outside this job's steps 0..{self._total_steps}")
             if self._final or self._failing:
                 keep = self._failing and not self._final and rank == 0 and bool(step)
+                if rank == 0 and not keep:
+                    self._kept = True  # rank 0 holds nothing to keep: nobody waits for it
+                    self._cond.notify_all()
                 return Formation(self._generation, len(self._workers), step or 0, -1, finished=True, keep=keep)
             formed = self._formed
             if formed is not None and rank in self._untold:

@@ -316,3 +316,11 @@ def test_a_launch_that_raises_fails_the_job(rig: Any, mode: str) -> None:
     assert r.controller.execute() == Outcome(
         JobState.FAILED, "could not start the workers: RuntimeError: placement group not ready in 120 s")
 
+
+
+def test_allreduce_a_relaunch_that_raises_fails_the_job(rig: Any) -> None:
+    r = started(rig, "allreduce")
+    r.launcher.fail_with = RuntimeError("node lost")
+    r.group.end(WorkerExit(0, error="PeerLostError: could not form its group", lost_peer=True))
+    assert r.step() == Outcome(JobState.FAILED, "could not start the workers: RuntimeError: node lost")
+    assert r.launcher.groups[0].stops == 1

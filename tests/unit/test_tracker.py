@@ -265,3 +265,11 @@ def test_a_group_of_fresh_processes_starts_from_the_latest_checkpoint() -> None:
     t.join(0, None)
     formed = t.join(1, None)  # every member lost its state: the checkpoint, not step 0
     assert formed is not None and (formed.step, formed.source) == (40, -1)
+
+
+def test_a_failed_job_waits_for_nothing_when_rank_0_holds_no_whole_step() -> None:
+    t = _tracker(2)
+    t.fail()
+    told = t.join(0, 0)  # it failed in step 0: nothing to keep
+    assert told is not None and told.finished and not told.keep
+    assert t.wait_kept(0.0)
