@@ -237,7 +237,7 @@ class AllReduceTrainer:
     def _take_state(self, source: int, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device) -> None:
         """Every member takes the state of the group's ``source`` rank (which holds ``step``)."""
-        mine = self.rank == source
+        mine = torch.distributed.get_rank() == source
         if not mine:
             self.held = None  # until the state is in whole, this worker holds none
         with collectives(self.rank, step):
