@@ -87,7 +87,11 @@ class JobManager:
         """Requeue what the last server left QUEUED or RUNNING, then start scheduling."""
         self._started_at = time.monotonic()
         for rec in self._db.list(states=(JobState.QUEUED, JobState.RUNNING)):
-            spec = JobSpec.from_json(rec.spec_json)
+            try:
+                spec = JobSpec.from_json(rec.spec_json)
+            except SpecError as e:  # stored by an older server that accepted it: fail that job only
+                self._finish(rec.id, JobState.FAILED, f"its stored spec is not valid any more: {e}")
+                continue
             resume = rec.state == JobState.RUNNING
             if resume:
                 self._log(rec.id, "server restarted: resuming from the latest checkpoint")

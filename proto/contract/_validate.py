@@ -63,13 +63,24 @@ def _bounds(
 
 
 def check_int(path: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
-    """An integer (never a bool) within ``[lo, hi]``."""
+    """An integer (never a bool) within ``[lo, hi]``, and within 64 bits."""
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if ok:
+        _check_int64(path, int(value))
     if ok and not ((lo is None or value >= lo) and (hi is None or value <= hi)):
         ok = False
     if not ok:
         raise SpecError(path, f"must be an integer{_bounds(lo, hi)}, got {value!r}")
     return int(value)
+
+
+INT64 = (-(2**63), 2**63 - 1)
+MAX_DEPTH = 16  # nesting of free-form values (a factory's args)
+
+
+def _check_int64(path: str, value: int) -> None:
+    if not INT64[0] <= value <= INT64[1]:
+        raise SpecError(path, f"must fit in 64 bits, got an integer of {value.bit_length()} bits")
 
 
 def check_optional_int(path: str, value: Any, *, lo: int | None = None) -> int | None:
@@ -89,7 +100,11 @@ def check_number(
     """A finite real number (an int is fine, a bool or string is not) within the bounds."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if ok:
-        x = float(value)
+        try:
+            x = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise SpecError(path, f"must be a finite number{_bounds(lo, hi, lo_open, hi_open)}, "
+                                  f"got an integer of {int(value).bit_length()} bits") from None
         ok = math.isfinite(x)
         if ok and lo is not None:
             ok = x > lo if lo_open else x >= lo
@@ -145,11 +160,15 @@ def check_keys(path: str, mapping: Mapping[Any, Any], allowed: Iterable[str], wh
             raise SpecError(join(path, key), f"unknown {what}{hint}")
 
 
-def json_value(path: str, value: Any) -> Any:
-    """A deep copy of ``value`` as plain JSON data (dicts with str keys, lists, finite numbers)."""
+def json_value(path: str, value: Any, depth: int = 0) -> Any:
+    """A deep copy of ``value`` as plain JSON data (dicts with str keys, lists, finite numbers,
+    64-bit integers), nested at most ``MAX_DEPTH`` levels."""
+    if depth > MAX_DEPTH:
+        raise SpecError(path, f"is nested deeper than {MAX_DEPTH} levels")
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, numbers.Integral):
+        _check_int64(path, int(value))
         return int(value)
     if isinstance(value, numbers.Real):
         if not math.isfinite(float(value)):
@@ -160,10 +179,10 @@ def json_value(path: str, value: Any) -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise SpecError(path, f"keys must be strings, got {key!r}")
-            out[key] = json_value(join(path, key), item)
+            out[key] = json_value(join(path, key), item, depth + 1)
         return out
     if isinstance(value, (list, tuple)):
-        return [json_value(f"{path}[{i}]", item) for i, item in enumerate(value)]
+        return [json_value(f"{path}[{i}]", item, depth + 1) for i, item in enumerate(value)]
     raise SpecError(path, f"must be JSON-serializable, got {type_name(value)} {value!r}")
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from gradhub.proto.contract._validate import (
     HYPER_CHECKS,
+    MAX_DEPTH,
     check_bool,
     check_choice,
     check_int,
@@ -52,6 +53,7 @@ OPTIMIZER_HYPERPARAMETERS: dict[str, frozenset[str]] = {
 
 DEFAULT_STALENESS = 2
 WORKING_DIR_LIMIT = 100 << 20  # bytes of a packed working_dir; Ray's runtime_env limit as well
+MAX_SPEC_BYTES = 1 << 20  # a spec's JSON (it is stored, listed and sent to every worker)
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _MAX_SEED = 2**63 - 1
@@ -470,11 +472,16 @@ class JobSpec:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> JobSpec:
-        """Parse JSON text whose top level is an object."""
+        """Parse JSON text whose top level is an object, of at most ``MAX_SPEC_BYTES``."""
+        if len(text) > MAX_SPEC_BYTES:
+            raise SpecError("json", f"the spec is {len(text)} bytes; the limit is {MAX_SPEC_BYTES} "
+                                    "(ship data in the working_dir or a dataset factory, not in args)")
         try:
             data = json.loads(text)
         except ValueError as e:
             raise SpecError("json", f"invalid JSON: {e}") from e
+        except RecursionError:
+            raise SpecError("json", f"nested too deeply (the limit is {MAX_DEPTH} levels)") from None
         if not isinstance(data, Mapping):
             raise SpecError("json", f"top level must be an object, got {type_name(data)}")
         return cls.from_dict(data)

@@ -573,3 +573,35 @@ def test_spec_error_pickles_with_its_field() -> None:
         build(workers=0)
     again = pickle.loads(pickle.dumps(info.value))
     assert (again.field, str(again)) == ("workers", str(info.value))
+
+
+# ------------------------------------------------------------- hostile values
+@pytest.mark.parametrize(("field", "extra"), [
+    ("steps", {"steps": 10**400}),
+    ("batch_size", {"batch_size": -(10**30)}),
+    ("optimizer.lr", {"optimizer": {"name": "adam", "lr": 10**400}}),
+    ("model.args.hidden", {"model": {"name": "mlp", "args": {"hidden": 10**400}}}),
+])
+def test_integers_beyond_64_bits_are_spec_errors(field: str, extra: dict) -> None:
+    with pytest.raises(SpecError) as e:
+        JobSpec.from_dict({"model": "mlp", "dataset": "digits", **extra})
+    assert e.value.field == field and "bits" in str(e.value)
+
+
+def test_args_nested_deeper_than_the_limit_are_refused() -> None:
+    args: dict = {}
+    inner = args
+    for _ in range(40):
+        inner["x"] = {}
+        inner = inner["x"]
+    with pytest.raises(SpecError, match="nested deeper than 16 levels"):
+        JobSpec.from_dict({"model": {"name": "mlp", "args": args}, "dataset": "digits"})
+    text = '{"model": {"name": "mlp", "args": {"h": ' + "[" * 100_000 + "]" * 100_000 + '}}, "dataset": "digits"}'
+    with pytest.raises(SpecError, match=r"json: nested too deeply \(the limit is 16 levels\)"):
+        JobSpec.from_json(text)  # deeper than the JSON parser's recursion: refused, not a crash
+
+
+def test_a_spec_over_the_size_limit_is_refused_before_it_is_parsed() -> None:
+    text = json.dumps({"model": {"name": "mlp", "args": {"blob": "x" * (2 << 20)}}, "dataset": "digits"})
+    with pytest.raises(SpecError, match="json: the spec is .* bytes; the limit is 1048576"):
+        JobSpec.from_json(text)
