@@ -75,7 +75,7 @@ def check_int(path: str, value: Any, *, lo: int | None = None, hi: int | None = 
 
 
 INT64 = (-(2**63), 2**63 - 1)
-MAX_DEPTH = 16  # nesting of free-form values (a factory's args)
+MAX_DEPTH = 30  # nesting of free-form values (a factory's args), so that a whole spec nests <= 32 levels
 
 
 def _check_int64(path: str, value: int) -> None:
@@ -123,10 +123,15 @@ def check_bool(path: str, value: Any) -> bool:
     return value
 
 
+MAX_STR = 4096  # characters of any string in a spec
+
+
 def check_str(path: str, value: Any) -> str:
-    """A non-empty string."""
+    """A non-empty string of at most ``MAX_STR`` characters."""
     if not isinstance(value, str) or not value:
         raise SpecError(path, f"must be a non-empty string, got {value!r}")
+    if len(value) > MAX_STR:
+        raise SpecError(path, f"is {len(value)} characters long; the limit is {MAX_STR}")
     return value
 
 
@@ -165,7 +170,11 @@ def json_value(path: str, value: Any, depth: int = 0) -> Any:
     64-bit integers), nested at most ``MAX_DEPTH`` levels."""
     if depth > MAX_DEPTH:
         raise SpecError(path, f"is nested deeper than {MAX_DEPTH} levels")
-    if value is None or isinstance(value, (bool, str)):
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if len(value) > MAX_STR:
+            raise SpecError(path, f"is {len(value)} characters long; the limit is {MAX_STR}")
         return value
     if isinstance(value, numbers.Integral):
         _check_int64(path, int(value))

@@ -53,7 +53,7 @@ OPTIMIZER_HYPERPARAMETERS: dict[str, frozenset[str]] = {
 
 DEFAULT_STALENESS = 2
 WORKING_DIR_LIMIT = 100 << 20  # bytes of a packed working_dir; Ray's runtime_env limit as well
-MAX_SPEC_BYTES = 1 << 20  # a spec's JSON (it is stored, listed and sent to every worker)
+MAX_SPEC_BYTES = 64 << 10  # a spec's JSON (it is stored, listed and sent to every worker)
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _MAX_SEED = 2**63 - 1
@@ -481,7 +481,7 @@ class JobSpec:
         except ValueError as e:
             raise SpecError("json", f"invalid JSON: {e}") from e
         except RecursionError:
-            raise SpecError("json", f"nested too deeply (the limit is {MAX_DEPTH} levels)") from None
+            raise SpecError("json", f"nested too deeply (the limit is {MAX_DEPTH + 2} levels)") from None
         if not isinstance(data, Mapping):
             raise SpecError("json", f"top level must be an object, got {type_name(data)}")
         return cls.from_dict(data)

@@ -201,9 +201,9 @@ def test_total_steps_must_agree(job, unchanged):
     ({"model": "mlp", "dataset": "digits", "workers": 64, "resources": {"cpus": 1}}, "resources"),
     ({"model": "mlp", "dataset": "digits", "steps": 10**400}, "steps"),
     ({"model": "mlp", "dataset": "digits", "optimizer": {"name": "sgd", "lr": 10**400}}, "optimizer.lr"),
-    ({"model": {"name": "mlp", "args": {"a": json.loads("[" * 20 + "]" * 20)}}, "dataset": "digits"},
+    ({"model": {"name": "mlp", "args": {"a": json.loads("[" * 40 + "]" * 40)}}, "dataset": "digits"},
      "model.args.a"),
-    ({"model": {"name": "mlp", "args": {"blob": "x" * (2 << 20)}}, "dataset": "digits"}, "json"),
+    ({"model": {"name": "mlp", "args": {"blobs": ["x" * 4000] * 20}}, "dataset": "digits"}, "json"),
 ])
 def test_invalid_job_spec_is_rejected_by_the_server(job, unchanged, spec, field):
     _, _, server, _ = job

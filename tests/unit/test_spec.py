@@ -594,14 +594,21 @@ def test_args_nested_deeper_than_the_limit_are_refused() -> None:
     for _ in range(40):
         inner["x"] = {}
         inner = inner["x"]
-    with pytest.raises(SpecError, match="nested deeper than 16 levels"):
+    with pytest.raises(SpecError, match="nested deeper than 30 levels"):
         JobSpec.from_dict({"model": {"name": "mlp", "args": args}, "dataset": "digits"})
-    text = '{"model": {"name": "mlp", "args": {"h": ' + "[" * 100_000 + "]" * 100_000 + '}}, "dataset": "digits"}'
-    with pytest.raises(SpecError, match=r"json: nested too deeply \(the limit is 16 levels\)"):
+    text = '{"model": {"name": "mlp", "args": {"h": ' + "[" * 30_000 + "]" * 30_000 + '}}, "dataset": "digits"}'
+    with pytest.raises(SpecError, match=r"json: nested too deeply \(the limit is 32 levels\)"):
         JobSpec.from_json(text)  # deeper than the JSON parser's recursion: refused, not a crash
 
 
 def test_a_spec_over_the_size_limit_is_refused_before_it_is_parsed() -> None:
-    text = json.dumps({"model": {"name": "mlp", "args": {"blob": "x" * (2 << 20)}}, "dataset": "digits"})
-    with pytest.raises(SpecError, match="json: the spec is .* bytes; the limit is 1048576"):
+    text = json.dumps({"model": {"name": "mlp", "args": {"blobs": ["x" * 4000] * 20}}, "dataset": "digits"})
+    with pytest.raises(SpecError, match="json: the spec is .* bytes; the limit is 65536"):
         JobSpec.from_json(text)
+
+
+def test_strings_are_bounded() -> None:
+    with pytest.raises(SpecError, match="model.args.s: is 5000 characters long; the limit is 4096"):
+        JobSpec.from_dict({"model": {"name": "mlp", "args": {"s": "x" * 5000}}, "dataset": "digits"})
+    with pytest.raises(SpecError, match="working_dir: is 5000 characters long"):
+        JobSpec.from_dict({"model": "mlp", "dataset": "digits", "working_dir": "d" * 5000})
