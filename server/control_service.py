@@ -3,6 +3,7 @@ every mode, and (allreduce) save and load their group's checkpoints."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Protocol
 
@@ -110,6 +111,7 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
     def ReportMetrics(self, request: ps_pb2.ReportMetricsRequest, context: grpc.ServicerContext) -> ps_pb2.ReportMetricsResponse:
         if request.kind not in ("train", "eval"):
             raise ProtocolError(f"kind: must be 'train' or 'eval', got {request.kind!r}")
+        check_metrics(request.metrics)
         self._backend.on_metrics(request.job_id, request.rank, request.step, request.kind, dict(request.metrics))
         return ps_pb2.ReportMetricsResponse()
 
@@ -127,6 +129,21 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
     def LoadCheckpoint(self, request: ps_pb2.LoadCheckpointRequest, context: grpc.ServicerContext) -> Iterator[ps_pb2.CheckpointChunk | bytes]:
         state = self._backend.load_checkpoint(request.job_id, request.rank)
         yield from state_messages(request.job_id, request.rank, state)
+
+
+MAX_METRICS, MAX_METRIC_NAME = 64, 64
+
+
+def check_metrics(metrics: Mapping[str, float]) -> None:
+    """At most ``MAX_METRICS`` metrics a report, names of at most ``MAX_METRIC_NAME`` characters,
+    finite values."""
+    if len(metrics) > MAX_METRICS:
+        raise ProtocolError(f"metrics: {len(metrics)} in one report; the limit is {MAX_METRICS}")
+    for name, value in metrics.items():
+        if not name or len(name) > MAX_METRIC_NAME:
+            raise ProtocolError(f"metrics: a name must be 1 to {MAX_METRIC_NAME} characters, got {name[:80]!r}")
+        if not math.isfinite(value):
+            raise ProtocolError(f"metrics.{name}: must be finite, got {value}")
 
 
 def add_to_server(servicer: WorkerControlServicer, server: grpc.Server) -> None:

@@ -274,6 +274,7 @@ class JobManager:
     def on_metrics(self, job_id: str, rank: int, step: int, kind: str, metrics: Mapping[str, float]) -> None:
         run = self._running(job_id)
         store = self.state(job_id)
+        store.check_registered(rank)  # only the job's registered workers report
         if isinstance(store, GroupTracker):
             store.heartbeat(rank, step)  # progress: the server sees no pushes in this mode
         seq, snapshot, rate = run.merge_metrics(rank, kind, metrics)

@@ -67,6 +67,12 @@ class WorkerTable:
             self._worker(rank).alive = False
             self._cond.notify_all()
 
+    def check_registered(self, rank: int) -> None:
+        """NotFoundError for a rank outside the job, StateError for one that never registered."""
+        with self._cond:
+            if self._worker(rank).registrations == 0:
+                raise StateError(f"rank: worker {rank} of job {self._job_id!r} has not registered")
+
     def seconds_since_seen(self) -> list[float]:
         with self._cond:
             now = self._now()

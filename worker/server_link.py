@@ -10,6 +10,8 @@ server applies each (job, rank, step) at most once.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import queue
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,6 +37,7 @@ from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 30.0
 PULL_WAIT_S = 65.0  # the server answers within 60 s; the worker then asks again
 RETRY_FOR_S = 60.0
@@ -255,9 +258,15 @@ class ServerLink:
         return _translated(lambda: self._control.JoinGroup(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata))
 
     def report(self, step: int, kind: str, metrics: Mapping[str, float]) -> None:
+        """Report metrics; the server takes finite values only, so a NaN or Inf (a diverging loss)
+        is left out here, with a warning."""
+        finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+        if len(finite) < len(metrics):
+            log.warning("step %d: not reporting non-finite %s", step,
+                        ", ".join(f"{k}={v}" for k, v in metrics.items() if k not in finite))
         _translated(lambda: self._control.ReportMetrics(
             ps_pb2.ReportMetricsRequest(job_id=self.job_id, rank=self.rank, step=step, kind=kind,
-                                        metrics=dict(metrics)),
+                                        metrics=finite),
             timeout=RPC_TIMEOUT_S, metadata=self._metadata))
 
 

@@ -178,6 +178,24 @@ def test_joining_a_group_of_a_ps_job(job, unchanged):
                     grpc.StatusCode.NOT_FOUND, "j-nope")
 
 
+def test_metrics_only_finite_and_only_from_registered_workers(job, unchanged):
+    job_id, _, server, _ = job
+
+    def report(rank: int, **metrics: float):
+        return lambda: control(server).ReportMetrics(
+            ps_pb2.ReportMetricsRequest(job_id=job_id, rank=rank, step=0, kind="eval", metrics=metrics), timeout=10)
+
+    assert_rejected(report(0, val_loss=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "metrics.val_loss",
+                    "finite")
+    assert_rejected(report(0, val_loss=float("inf")), grpc.StatusCode.INVALID_ARGUMENT, "metrics.val_loss")
+    assert_rejected(report(0, **{f"m{i}": 1.0 for i in range(65)}), grpc.StatusCode.INVALID_ARGUMENT,
+                    "65 in one report", "limit is 64")
+    assert_rejected(report(7, val_loss=1.0), grpc.StatusCode.NOT_FOUND, "rank", "worker 7")
+    assert_rejected(report(1, val_loss=1.0), grpc.StatusCode.FAILED_PRECONDITION, "worker 1", "has not registered")
+    with Client(server.address) as c:
+        assert "val_loss" not in c.get_job(job_id).metrics
+
+
 def test_step_out_of_order(job, unchanged):
     job_id, stub, *_ = job
     assert_rejected(lambda: stub.PushGradients(stream(header(job_id, step=5), grad()), timeout=10),
