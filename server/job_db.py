@@ -111,6 +111,10 @@ class JobDB:
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
             self._migrate(conn)
+        except sqlite3.DatabaseError as e:  # not SQLite, truncated, or another program's schema
+            conn.close()
+            raise StateError(f"data_dir: {path} is not a readable gradhub job database ({e}); move it "
+                             "aside to start with an empty one, or give the server another --data-dir") from e
         except BaseException:
             conn.close()
             raise

@@ -344,3 +344,19 @@ def test_jobs_table_before_total_steps_is_known() -> None:
     for cell in ("j-1", "RUNNING", "3/?", "0.5000", "90.0%", "1,234", "1/2", "3m ago"):
         assert cell in row, row
     assert ago(1000.0, now=1000.0 + 5) == "5s ago" and ago(None) == "-"
+
+
+def test_server_on_a_corrupt_database_exits_with_one_line(tmp_path: Path, cli_server: Server) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jobs.db").write_bytes(b"not a database" * 512)
+    result = run(["server", "--port", "0", "--data-dir", str(data)])
+    assert result.exit_code == 1
+    assert_one_line_error(result, "cannot start the server: data_dir:", "jobs.db is not a readable gradhub job "
+                          "database", "move it aside")
+
+
+def test_a_second_server_on_a_data_dir_exits_with_one_line(cli_server: Server) -> None:
+    result = run(["server", "--port", "0", "--data-dir", str(cli_server.config.data_dir)])
+    assert result.exit_code == 1
+    assert_one_line_error(result, "cannot start the server: data_dir:", "is in use by the gradhub server pid")

@@ -182,3 +182,10 @@ def test_concurrent_updates_and_logs_stay_consistent(db: JobDB) -> None:
     for t in range(n_threads):  # each thread's lines appear in its own order
         mine = [int(line.split(":")[1]) for _, line in logs if line.startswith(f"{t}:")]
         assert mine == list(range(n_ops))
+
+
+def test_a_corrupt_database_is_a_state_error_that_says_what_to_do(tmp_path) -> None:
+    path = tmp_path / "jobs.db"
+    path.write_bytes(b"this is not SQLite" * 100)
+    with pytest.raises(StateError, match=r"jobs.db is not a readable gradhub job database .*move it aside"):
+        JobDB(path)
