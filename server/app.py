@@ -44,6 +44,13 @@ GRPC_OPTIONS = [
 ]
 
 
+# The embedded Ray is one machine, where a worker's connection never drops but with its process:
+# a task whose actor went away fails after 100 ms instead of Ray's default wait of about a second
+# for the GCS's word on the death, so a dead worker is replaced that much sooner. A cluster
+# (--ray-address) keeps its own setting, where a slow network can delay that word.
+EMBEDDED_RAY_CONFIG = {"timeout_ms_task_wait_for_death_info": 100}
+
+
 class Server:
     """Start with ``start()`` (or ``with``); ``stop(grace)`` ends it. Nothing runs before ``start``."""
 
@@ -91,7 +98,7 @@ class Server:
                 ray.init(address=c.ray_address, log_to_driver=False, logging_level=logging.WARNING)
             else:
                 ray.init(num_cpus=c.ray_num_cpus, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
+                         logging_level=logging.WARNING, _system_config=EMBEDDED_RAY_CONFIG)
             self._owns_ray = True
         interceptors = [TokenInterceptor(c.token)] if c.token else []
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=c.max_rpc_threads,
