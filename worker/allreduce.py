@@ -64,6 +64,10 @@ from gradhub.worker.workload import Heartbeat, Meter, Phase, WorkerResult, Workl
 
 log = logging.getLogger(__name__)
 
+# A worker gives up (its run ends with PeerLostError, and the server restarts the whole group)
+# after this many groups in a row broke before it finished a step.
+MAX_REJOINS = 5
+
 
 def capture(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> TrainingState:
@@ -194,6 +198,7 @@ class AllReduceTrainer:
                     uploader.save(capture(step, model, optimizer, scheduler))
                     uploader.wait()
                 self._keep = keep
+            stalled, lost_at = 0, None  # groups lost in a row at the same step, and that step
             while True:
                 group = self._join(beat)
                 if group is None or group.finished:
@@ -219,6 +224,11 @@ class AllReduceTrainer:
                         return self._train(work, optimizer, scheduler, step, result, beat, uploader)
                 except PeerLostError as e:
                     self._rollback()
+                    stalled = stalled + 1 if self.held == lost_at else 1
+                    lost_at = self.held
+                    if stalled > MAX_REJOINS:  # groups keep breaking before a step is done: give up
+                        raise PeerLostError(f"{e}; {stalled} groups in a row lost a member before any step "
+                                            "was done") from None
                     log.warning("%s; joining the next group with the state of step %s", e, self.held)
 
     def _join(self, beat: Heartbeat) -> ps_pb2.JoinGroupResponse | None:
