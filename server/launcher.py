@@ -173,6 +173,7 @@ class RayWorkerGroup:
             return "a spare takes over (its workload is built)"
         self._runs[self._actors[rank].run.remote()] = rank
         return None
+
     def wait(self, timeout: float) -> list[WorkerExit]:
         ray = self._ray
         for due in [entry for entry in self._later if entry[0] <= time.monotonic()]:
