@@ -190,12 +190,9 @@ class Controller:
     def _keep_state(self) -> None:
         """The job failed: keep what it trained. ps modes: the store's state. allreduce: rank 0
         sends its state, once the worker that failed is gone (its peers wait for it)."""
+        self.runtime.keep_state()  # allreduce: from now on, rank 0 is asked for its state when it rejoins
         failed = self._failed_rank
-        if self.runtime.holds_state or self.group is None:
-            self.runtime.keep_state()
-            return
-        self.runtime.keep_state()  # from now on, rank 0 is asked for its state when it rejoins
-        if failed is not None and failed != 0:
+        if not self.runtime.holds_state and self.group is not None and failed not in (None, 0):
             self.group.kill(failed)
             if not self.runtime.wait_kept(KEEP_STATE_S):
                 log.warning("job %s: rank 0 sent no state within %.0f s of the failure", self.run.id, KEEP_STATE_S)

@@ -8,7 +8,6 @@ from dataclasses import asdict
 from typing import Any
 
 from gradhub.proto.alloc import tune_for_streaming
-from gradhub.proto.contract.optim import build_optimizer, parameter_groups
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.worker.server_link import ServerLink
 
@@ -36,13 +35,10 @@ class WorkerActor:
         from gradhub.worker.workload import Workload
 
         if self._work is None:
-            spec = JobSpec.from_json(self.spec_json)
-            self._work = Workload.build(spec, max(self.rank, 0))
+            self._work = Workload.build(JobSpec.from_json(self.spec_json), max(self.rank, 0))
             # a first optimizer imports what torch.optim loads lazily (torch._dynamo: about a second)
-            trainable = [(n, p) for n, p in self._work.model.named_parameters() if p.requires_grad]
-            if trainable:
-                build_optimizer(parameter_groups(trainable, spec.optimizer.param_groups), spec.optimizer.name,
-                                spec.optimizer.lr, spec.optimizer.hyper)
+            if any(p.requires_grad for p in self._work.model.parameters()):
+                self._work.build_optimizer()
 
     def run_as(self, rank: int) -> dict[str, Any]:
         """A spare takes over worker ``rank``."""

@@ -34,16 +34,13 @@ from torch.nn.parallel import DistributedDataParallel
 from gradhub.proto.contract.errors import (
     PeerLostError,
     ProtocolError,
-    SpecError,
     StateError,
     WorkerFailure,
 )
 from gradhub.proto.contract.optim import (
-    build_optimizer,
     build_scheduler,
     clip_gradients,
     optimizer_state_copy,
-    parameter_groups,
 )
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.state import TrainingState
@@ -181,11 +178,7 @@ class AllReduceTrainer:
         spec, rank = self.spec, self.rank
         work = self._prepared or Workload.build(spec, rank)
         model, device, total = work.model, work.device, work.total
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise SpecError("model", "has no trainable parameters (all have requires_grad=False)")
-        optimizer = build_optimizer(parameter_groups(trainable, spec.optimizer.param_groups), spec.optimizer.name,
-                                    spec.optimizer.lr, spec.optimizer.hyper)
+        optimizer = work.build_optimizer()
         scheduler = build_scheduler(optimizer, spec.lr_schedule.to_dict(), max(total, 1))
 
         reg = self.client.register(socket.gethostname(), os.getpid(), total, work.train_size)

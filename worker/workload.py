@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gradhub.proto.contract.errors import SpecError, WorkerFailure
+from gradhub.proto.contract.optim import build_optimizer, parameter_groups
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.worker.data import (
     LossFn,
@@ -88,6 +89,15 @@ class Workload:
         metrics = None if spec.metrics is None else build_metrics(spec.metrics.factory, spec.metrics.args)
         return cls(spec, rank, device, model, train, val, loss_fn, spec.total_steps(len(train)),  # type: ignore[arg-type]
                    Precision(spec.precision, device), metrics)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The job's optimizer over this model's trainable parameters, grouped as the spec says
+        (the server builds the same one in the ps modes)."""
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise SpecError("model", "has no trainable parameters (all have requires_grad=False)")
+        o = self.spec.optimizer
+        return build_optimizer(parameter_groups(trainable, o.param_groups), o.name, o.lr, o.hyper)
 
     @property
     def train_size(self) -> int:
