@@ -50,6 +50,7 @@ class WorkerInfo:
     host: str
     restarts: int
     pid: int
+    transport: str = ""  # ps modes: "unix" or "tcp" (the data plane) or "grpc"
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class JobInfo:
             samples_per_second=p.samples_per_second, created_at=p.created_at,
             started_at=p.started_at or None, finished_at=p.finished_at or None,
             workers=tuple(WorkerInfo(w.rank, w.state, w.step, w.staleness, w.max_staleness, w.host,
-                                     w.restarts, w.pid) for w in p.workers),
+                                     w.restarts, w.pid, w.transport) for w in p.workers),
             spec=json.loads(p.spec_json) if p.spec_json else {},
         )
 

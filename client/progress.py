@@ -216,11 +216,11 @@ def job_details(
 
     if info.workers:
         workers = Table(title="workers", title_justify="left", box=None, header_style="bold")
-        for name in ("RANK", "STATE", "STEP", "STALENESS", "MAX", "HOST", "PID", "RESTARTS"):
+        for name in ("RANK", "STATE", "STEP", "STALENESS", "MAX", "HOST", "PID", "RESTARTS", "TRANSPORT"):
             workers.add_column(name, justify="left" if name in ("STATE", "HOST") else "right")
         for w in sorted(info.workers, key=lambda w: w.rank):
             workers.add_row(str(w.rank), w.state, str(w.step), str(w.staleness), str(w.max_staleness),
-                            w.host or "-", str(w.pid or "-"), str(w.restarts))
+                            w.host or "-", str(w.pid or "-"), str(w.restarts), w.transport or "-")
         parts += [Text(), workers]
 
     if info.metrics:

@@ -1,5 +1,6 @@
 """The gradhub server process: one gRPC server (thread pool) serving the JobService, the
-WorkerControl and the ParameterServer, backed by the JobManager, and connected to Ray
+WorkerControl and the ParameterServer (the ps modes' gRPC fallback), the data plane (an event
+loop that moves the ps modes' tensors), backed by the JobManager, and connected to Ray
 (embedded local, or a cluster).
 
     with Server(ServerConfig(port=0, data_dir=tmp)) as server:
@@ -22,6 +23,7 @@ from gradhub.server.config import ServerConfig
 from gradhub.server.control_service import WorkerControlServicer
 from gradhub.server.control_service import add_to_server as add_control_service
 from gradhub.server.data_dir import DataDirLock
+from gradhub.server.data_plane import DataPlane
 from gradhub.server.job_db import JobDB
 from gradhub.server.job_service import JobServiceServicer
 from gradhub.server.jobs import JobManager
@@ -61,6 +63,7 @@ class Server:
         self._grpc: grpc.Server | None = None
         self._db: JobDB | None = None
         self._manager: JobManager | None = None
+        self._data: DataPlane | None = None
         self._owns_ray = False
         self._lock = DataDirLock(config.data_dir)
         self.port = 0
@@ -115,8 +118,10 @@ class Server:
         self._manager = JobManager(
             self._db, checkpoints, self._launcher or RayLauncher(advertise, c.token), c.data_dir / "working_dirs", c,
         )
-        add_control_service(WorkerControlServicer(self._manager), self._grpc)
-        add_ps_service(ParameterServerServicer(self._manager), self._grpc)
+        self._data = DataPlane(self._manager, c.host, c.data_port, max_model_bytes=c.max_model_bytes).start()
+        data_host = advertise.rsplit(":", 1)[0].strip("[]")
+        add_control_service(WorkerControlServicer(self._manager, self._data, data_host), self._grpc)
+        add_ps_service(ParameterServerServicer(self._manager, c.max_model_bytes), self._grpc)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(self._manager, checkpoints), self._grpc)
         self._grpc.start()
         self._manager.start()
@@ -136,6 +141,8 @@ class Server:
             self._manager.stop(grace)
         if self._grpc is not None:
             self._grpc.stop(grace).wait(grace + 1)
+        if self._data is not None:
+            self._data.stop(grace)
         if self._db is not None:
             self._db.close()
         if self._owns_ray:
@@ -144,7 +151,7 @@ class Server:
             ray.shutdown()
             self._owns_ray = False
         self._lock.release()
-        self._grpc = self._db = self._manager = None
+        self._grpc = self._db = self._manager = self._data = None
 
     def wait(self) -> None:
         if self._grpc is not None:

@@ -21,6 +21,12 @@ class ServerConfig:
     advertise_address: str | None = None
     token: str | None = None  # when set, every RPC needs "authorization: Bearer <token>"
     max_rpc_threads: int = 64
+    # the data plane (ps modes' tensors): TCP port on ``host`` (0: any free port; a cluster
+    # behind a firewall or in containers fixes it), beside a Unix socket for workers on this host
+    data_port: int = 0
+    # the largest model (parameters, float32 bytes) a job may have: checked before a byte of it
+    # is received
+    max_model_bytes: int = 4 << 30
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 20.0
     ray_num_cpus: int | None = None  # embedded Ray only: logical CPUs (default: the machine's)
@@ -35,6 +41,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be 0..65535, got {self.port}")
+        if not 0 <= self.data_port <= 65535:
+            raise ValueError(f"data_port: must be 0..65535, got {self.data_port}")
+        if self.max_model_bytes < 1:
+            raise ValueError("max_model_bytes: must be >= 1")
         if self.max_rpc_threads < 8:
             raise ValueError("max_rpc_threads: must be >= 8 (pulls block while they wait)")
         if self.token is not None and not self.token.strip():

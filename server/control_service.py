@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
@@ -15,6 +15,9 @@ from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc
 from gradhub.server.rpc import handler
 from gradhub.server.store import ParameterStore
+
+if TYPE_CHECKING:
+    from gradhub.server.data_plane import DataPlane
 from gradhub.server.tracker import Formation, GroupTracker
 
 JOIN_RETRY_S = 0.05  # how soon a worker asks again while its group is not complete
@@ -71,8 +74,11 @@ def _host_label(hostname: str, peer: str) -> str:
 class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
     """Registration, heartbeats, metrics and (allreduce) checkpoints, for every mode."""
 
-    def __init__(self, backend: WorkerBackend) -> None:
+    def __init__(self, backend: WorkerBackend, data_plane: DataPlane | None = None, data_host: str = "") -> None:
+        """``data_plane``: where ps workers send their tensors (None: gRPC only); ``data_host``:
+        the host they reach it at when it is not the control plane's."""
         self._backend = backend
+        self._data_plane, self._data_host = data_plane, data_host
 
     @handler
     def Register(self, request: ps_pb2.RegisterRequest, context: grpc.ServicerContext) -> ps_pb2.RegisterResponse:
@@ -82,7 +88,7 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
         self._backend.on_register(request.job_id, request.rank, request.total_steps, request.train_size)
         host = _host_label(request.host, context.peer())
         version, next_step, needs_init = store.register(request.rank, host, request.pid)
-        return ps_pb2.RegisterResponse(
+        reply = ps_pb2.RegisterResponse(
             version=version,
             next_step=next_step,
             needs_init=needs_init,
@@ -90,6 +96,9 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
             heartbeat_interval_s=self._backend.heartbeat_interval_s,
             collective_timeout_s=self._backend.collective_timeout_s,
         )
+        if self._data_plane is not None and isinstance(store, ParameterStore):
+            reply.data.CopyFrom(self._data_plane.endpoint(store.credential(request.rank), self._data_host))
+        return reply
 
     @handler
     def Heartbeat(self, request: ps_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> ps_pb2.HeartbeatResponse:

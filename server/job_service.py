@@ -22,7 +22,8 @@ def job_to_proto(view: JobView) -> jobs_pb2.Job:
         metrics=r.metrics, samples_per_second=r.samples_per_second,
         workers=[
             jobs_pb2.WorkerStatus(rank=w.rank, state=w.state, step=w.step, staleness=w.staleness,
-                                  max_staleness=w.max_staleness, host=w.host, restarts=w.restarts, pid=w.pid)
+                                  max_staleness=w.max_staleness, host=w.host, restarts=w.restarts, pid=w.pid,
+                                  transport=w.transport)
             for w in view.workers
         ],
     )

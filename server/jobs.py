@@ -51,6 +51,7 @@ class WorkerView:
     host: str
     pid: int
     restarts: int
+    transport: str = ""
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,8 @@ class JobManager:
         run = a.snapshot()
         workers = tuple(
             WorkerView(w.rank, run.phases[w.rank] if run.phases else WorkerPhase.STARTING, w.clock,
-                       w.staleness, w.max_staleness, w.host, w.pid, run.restarts[w.rank] if run.restarts else 0)
+                       w.staleness, w.max_staleness, w.host, w.pid, run.restarts[w.rank] if run.restarts else 0,
+                       w.transport)
             for w in store.workers()
         )
         rec = dataclasses.replace(rec, step=store.step(), version=store.version,

@@ -1,5 +1,6 @@
-"""gRPC adapter for the ParameterServer service (the ps modes' data path): translates between
-protos and ParameterStore calls."""
+"""gRPC adapter for the ParameterServer service: the ps modes' gradients and parameters on gRPC
+streams, for workers with ``transport: grpc`` or that cannot reach the data plane
+(``gradhub.server.data_plane``, the faster path). Translates between protos and ParameterStore calls."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from collections.abc import Iterator
 
 import grpc
 
-from gradhub.proto.codec import Layout, Receiver, chunk_parser, serialize_chunk
-from gradhub.proto.contract.errors import ProtocolError, StateError
-from gradhub.proto.model_state import ModelLayout, buffer_specs, tensors_from_proto
+from gradhub.proto.codec import Receiver, chunk_parser, serialize_chunk
+from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server.control_service import WorkerBackend
+from gradhub.server.ps_requests import init_request, push_buffers, push_bytes
 from gradhub.server.rpc import handler
 from gradhub.server.store import ParameterStore
 
@@ -23,8 +24,6 @@ MAX_PULL_WAIT_S = 60.0
 def _header(first: ps_pb2.PushChunk | memoryview | None) -> ps_pb2.PushHeader:
     if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
         raise ProtocolError("header: the first message of a push must be a PushHeader")
-    if not first.header.tensors:
-        raise ProtocolError("tensors: the header lists no tensors")
     return first.header
 
 
@@ -53,30 +52,18 @@ def _pull(store: ParameterStore, rank: int, step: int, wire_dtype: int,
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     """The ps modes' data path: initial parameters, pushes and pulls."""
 
-    def __init__(self, backend: WorkerBackend) -> None:
+    def __init__(self, backend: WorkerBackend, max_model_bytes: int) -> None:
         self._backend = backend
+        self._max_model_bytes = max_model_bytes
 
     @handler
     def InitParameters(self, request_iterator: Iterator[ps_pb2.PushChunk], context: grpc.ServicerContext) -> ps_pb2.PushResponse:
         header = _header(next(request_iterator, None))
         store = self._backend.store(header.job_id)
-        for field, metas in (("tensors", header.tensors), ("frozen", header.frozen)):
-            for i, meta in enumerate(metas):
-                if meta.dtype != tensor_pb2.FLOAT32:
-                    raise ProtocolError(f"{field}[{i}].dtype: initial parameters must be FLOAT32")
-        buffers = tensors_from_proto(header.buffers, "buffers")
-        model = ModelLayout(trainable=Layout.from_metas(header.tensors),
-                            frozen=Layout.from_metas(header.frozen) if header.frozen else None,
-                            buffers=buffer_specs(buffers), aliases=dict(header.aliases))
-        frozen_bytes = model.frozen.nbytes(tensor_pb2.FLOAT32) if model.frozen else 0
-        nbytes = model.trainable.nbytes(tensor_pb2.FLOAT32)
-        receiver = Receiver(nbytes + frozen_bytes)
+        init = init_request(header, self._max_model_bytes)
+        receiver = Receiver(init.payload_bytes)
         _receive(request_iterator, receiver)
-        flat = receiver.tensor(tensor_pb2.FLOAT32)
-        if not bool(flat.isfinite().all()):
-            raise ProtocolError("parameter values: initial parameters contain NaN or Inf")
-        params, frozen = flat[: nbytes // 4], (flat[nbytes // 4:] if model.frozen else None)
-        accepted = store.initialize(model, params, frozen, buffers)
+        accepted = init.take(store, receiver.tensor(tensor_pb2.FLOAT32))
         return ps_pb2.PushResponse(accepted=accepted, version=store.version)
 
     @handler
@@ -91,17 +78,12 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         (header, store, accepted, version)."""
         header = _header(first)
         store = self._backend.store(header.job_id)
-        layout = store.layout
-        if layout is None:
-            raise StateError("parameters: the job has no parameters yet; pull before pushing")
-        wire_dtype = store.config.wire_dtype
-        layout.check_metas(header.tensors, wire_dtype)
-        receiver = Receiver(layout.nbytes(wire_dtype))
+        receiver = Receiver(push_bytes(store, header))
         _receive(request_iterator, receiver, to_end)
-        grad = receiver.tensor(wire_dtype)
-        buffers = tensors_from_proto(header.buffers, "buffers") if header.buffers else None
-        accepted, version = store.push(header.rank, header.step, header.base_version, grad, buffers,
+        grad = receiver.tensor(store.config.wire_dtype)
+        accepted, version = store.push(header.rank, header.step, header.base_version, grad, push_buffers(header),
                                        list(header.unused))
+        store.note_transport(header.rank, "grpc")
         return header, store, accepted, version
 
     @handler

@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -90,12 +91,22 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Parameters at one version, as serialized data chunks for the wire (immutable; safe to stream)."""
+    """Parameters at one version, encoded in a wire dtype, for any number of pulls at once.
+
+    ``data`` never changes while a pull may read it: in ps-sync with float32 on the wire it is
+    the store's own parameters (no update can happen before every worker has pulled this
+    version and pushed its next gradient), otherwise a copy made for this version.
+    """
 
     version: int
     wire_dtype: int
-    chunks: tuple[bytes, ...]  # each a serialized PullChunk holding ~1 MiB of data
+    data: torch.Tensor  # flat, contiguous, CPU, in the wire dtype
     buffers: tuple[tensor_pb2.Tensor, ...] = ()  # the job's buffers, for the header
+
+    @cached_property
+    def chunks(self) -> tuple[bytes, ...]:
+        """``data`` as serialized gRPC data chunks of ~1 MiB (the gRPC path's pulls)."""
+        return tuple(iter_data_chunks(as_bytes(self.data), CHUNK_BYTES))
 
 
 @dataclass(frozen=True)
@@ -182,7 +193,7 @@ class ParameterStore(WorkerTable):
                     {k: v.clone() for k, v in model.frozen.split(frozen.to(torch.float32)).items()}
                 self._buffers = {k: v.clone() for k, v in buffers.items()}
             self._model = model
-            self._cond.notify_all()
+            self._changed()
             return True
 
     def resume_from(self, state: CheckpointState, total_steps: int) -> None:
@@ -199,7 +210,7 @@ class ParameterStore(WorkerTable):
             self._version = state.version
             for w, c in zip(self._workers, state.clocks, strict=True):
                 w.clock = c
-            self._cond.notify_all()
+            self._changed()
 
     def _install_resume(self, model: ModelLayout, state: CheckpointState) -> None:
         trainable, frozen, buffers = model.split_state(state.params)
@@ -295,7 +306,7 @@ class ParameterStore(WorkerTable):
                 w.max_staleness = max(w.max_staleness, w.staleness)
                 self._take_buffers({rank: push})
                 self._apply(grad, push.unused)
-            self._cond.notify_all()
+            self._changed()
             return True, self._version
 
     def _check_buffer_values(self, buffers: Mapping[str, torch.Tensor] | None) -> None:
@@ -360,6 +371,8 @@ class ParameterStore(WorkerTable):
             param.grad = None if i in unused else view
         clip_gradients(self._params, self.config.clip_grad_norm)
         self._optimizer.step()
+        for param in self._params:
+            param.grad = None  # the gradient's memory goes back to whoever received it
         if self._scheduler is not None:
             self._scheduler.step()
         self._version += 1
@@ -375,15 +388,30 @@ class ParameterStore(WorkerTable):
         """
         deadline = None if timeout is None else self._now() + timeout
         with self._cond:
-            self._worker(rank)
-            while True:
-                self._check_open()
-                if self._flat is not None and self._may_pull(step):
-                    return self._snapshot(wire_dtype)
+            while (snapshot := self._try_pull(rank, step, wire_dtype)) is None:
                 remaining = None if deadline is None else deadline - self._now()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(self._waiting_for(step))
                 self._cond.wait(remaining)
+            return snapshot
+
+    def try_pull(self, rank: int, step: int, wire_dtype: int) -> Snapshot | None:
+        """``pull`` without waiting: the parameters for ``step``, or None while the mode says
+        wait (the caller waits for a listener's call, see ``add_listener``)."""
+        with self._cond:
+            return self._try_pull(rank, step, wire_dtype)
+
+    def _try_pull(self, rank: int, step: int, wire_dtype: int) -> Snapshot | None:
+        self._worker(rank)
+        self._check_open()
+        if self._flat is not None and self._may_pull(step):
+            return self._snapshot(wire_dtype)
+        return None
+
+    def waiting_for(self, step: int) -> str:
+        """What a pull for ``step`` waits for, in words (the message of its timeout)."""
+        with self._cond:
+            return self._waiting_for(step)
 
     def _may_pull(self, step: int) -> bool:
         total = self._total_steps
@@ -413,9 +441,10 @@ class ParameterStore(WorkerTable):
         snap = self._snapshots.get(wire_dtype)
         if snap is None:
             assert self._flat is not None
-            data = as_bytes(encode(self._flat, wire_dtype))
-            snap = Snapshot(self._version, wire_dtype, tuple(iter_data_chunks(data, CHUNK_BYTES)),
-                            tuple(tensors_to_proto(self._buffers)))
+            data = encode(self._flat, wire_dtype)
+            if data.data_ptr() == self._flat.data_ptr() and self.config.mode != "ps-sync":
+                data = data.clone()  # updates may happen while a pull still sends this version
+            snap = Snapshot(self._version, wire_dtype, data, tuple(tensors_to_proto(self._buffers)))
             self._snapshots[wire_dtype] = snap
         return snap
 

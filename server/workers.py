@@ -4,12 +4,14 @@ store (ps modes) and the group tracker (allreduce) share. No gRPC, no Ray in her
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gradhub.proto.contract.errors import NotFoundError, ProtocolError, StateError
+from gradhub.proto.contract.errors import AuthError, NotFoundError, ProtocolError, StateError
 
 
 @dataclass
@@ -23,11 +25,16 @@ class WorkerState:
     last_seen: float = 0.0
     staleness: int = 0
     max_staleness: int = 0
+    # the worker's data-plane credential, new at each registration (see DataEndpoint)
+    credential: str = ""
+    transport: str = ""  # how its gradients arrive: "tcp", "unix" or "grpc" (the latest seen)
 
 
 class WorkerTable:
     """A job's workers, its total steps and whether it is over, guarded by ``_cond``
-    (subclasses keep their own state under the same condition)."""
+    (subclasses keep their own state under the same condition). Every change that may let a
+    waiting call go on goes through ``_changed``: it wakes the threads waiting on ``_cond`` and
+    calls the listeners (the data plane's event loop, which waits without a thread)."""
 
     def __init__(self, job_id: str, world_size: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._job_id = job_id
@@ -36,6 +43,19 @@ class WorkerTable:
         self._workers = [WorkerState(rank=r) for r in range(world_size)]
         self._total_steps: int | None = None
         self._closed: str | None = None
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (under the lock: it must only schedule work, never block) after
+        every change that may let a waiting pull go on."""
+        with self._cond:
+            self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        """Wake whoever waits for this job's state; call under ``_cond``."""
+        self._cond.notify_all()
+        for listener in self._listeners:
+            listener()
 
     @property
     def total_steps(self) -> int | None:
@@ -58,14 +78,45 @@ class WorkerTable:
         w = self._worker(rank)
         w.alive, w.host, w.pid, w.last_seen = True, host, pid, self._now()
         w.registrations += 1
-        self._cond.notify_all()
+        w.credential = secrets.token_urlsafe(24)
+        self._changed()
         return w
+
+    def credential(self, rank: int) -> str:
+        """Worker ``rank``'s data-plane credential (issued at its latest registration)."""
+        with self._cond:
+            return self._worker(rank).credential
+
+    def open_session(self, rank: int, credential: str, transport: str) -> int:
+        """A data-plane connection says it is worker ``rank``: AuthError unless ``credential`` is
+        the one its latest registration got. Returns that registration's number, which
+        ``check_session`` compares later."""
+        with self._cond:
+            self._check_open()
+            w = self._worker(rank)
+            if not w.credential or not hmac.compare_digest(w.credential.encode(), credential.encode()):
+                raise AuthError(f"credential: not the one worker {rank} of job {self._job_id!r} "
+                                "got at its latest registration")
+            w.transport = transport
+            return w.registrations
+
+    def note_transport(self, rank: int, transport: str) -> None:
+        with self._cond:
+            self._worker(rank).transport = transport
+
+    def check_session(self, rank: int, registration: int) -> None:
+        """StateError when worker ``rank`` registered again since its connection opened (that
+        connection belongs to a process that was replaced)."""
+        with self._cond:
+            if self._worker(rank).registrations != registration:
+                raise StateError(f"rank: worker {rank} registered again; this data-plane connection "
+                                 "belongs to its previous process")
 
     def mark_dead(self, rank: int) -> None:
         """The worker's process is gone (it may come back and register again)."""
         with self._cond:
             self._worker(rank).alive = False
-            self._cond.notify_all()
+            self._changed()
 
     def check_registered(self, rank: int) -> None:
         """NotFoundError for a rank outside the job, StateError for one that never registered."""
@@ -92,7 +143,7 @@ class WorkerTable:
         with self._cond:
             if self._closed is None:
                 self._closed = reason
-            self._cond.notify_all()
+            self._changed()
 
     @property
     def closed(self) -> str | None:

@@ -56,7 +56,8 @@ class WorkerActor:
         work = None if self._work is None else dataclasses.replace(self._work, rank=self.rank)
         self._work = None  # a run changes the model: a later run of this process builds afresh
         # the channel is created here, inside the actor's process, never inherited
-        with ServerLink(self.server_address, self.job_id, self.rank, spec.compression, self.token) as client:
+        with ServerLink(self.server_address, self.job_id, self.rank, spec.compression, self.token,
+                        spec.transport) as client:
             if spec.is_ps:
                 from gradhub.worker.loop import PSTrainer
 

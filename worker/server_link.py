@@ -1,10 +1,13 @@
 """A worker's connection to the gradhub server (created inside the worker process): the
-WorkerControl service in every mode (register, heartbeats, metrics, allreduce checkpoints) and
-the ParameterServer service in the ps modes (initial parameters, pushes, pulls).
+WorkerControl service in every mode (register, heartbeats, metrics, allreduce checkpoints) and,
+in the ps modes, the tensors (initial parameters, pushes, pulls): on the server's data plane
+(``gradhub.worker.data_link``) when the job's ``transport`` is ``auto`` and it can be reached,
+else on the ParameterServer service's gRPC streams.
 
 Every call has a deadline. Unary calls are retried by the channel's service config
-on UNAVAILABLE only; pushes and pulls are retried here, which is safe because the
-server applies each (job, rank, step) at most once.
+on UNAVAILABLE only; pushes and pulls are retried here (gRPC: UNAVAILABLE; data plane: a
+broken connection, reopened), which is safe because the server applies each (job, rank, step)
+at most once.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from gradhub.proto.codec import (
     iter_data_chunks,
     torch_dtype,
 )
-from gradhub.proto.contract.errors import ProtocolError, from_rpc_error
+from gradhub.proto.contract.errors import GradhubError, ProtocolError, from_rpc_error
 from gradhub.proto.model_state import ModelLayout, tensors_from_proto, tensors_to_proto
 from gradhub.proto.state import TrainingState, read_state, state_messages
-from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+from gradhub.proto.v1 import data_pb2, ps_pb2, ps_pb2_grpc, tensor_pb2
+from gradhub.worker.data_link import DataLink, ServerWaitTimeout
 
 T = TypeVar("T")
 
@@ -81,8 +85,15 @@ class ServerLink:
     """One worker's connection to the server for one job."""
 
     def __init__(self, address: str, job_id: str, rank: int, compression: str = "none",
-                 token: str | None = None) -> None:
+                 token: str | None = None, transport: str = "auto") -> None:
+        """``transport``: ``auto`` (the data plane when the server offers one and it can be
+        reached, else gRPC, with the reason logged) or ``grpc``."""
+        if transport not in ("auto", "grpc"):
+            raise ValueError(f"transport: must be auto or grpc, not {transport!r}")
         self.job_id, self.rank = job_id, rank
+        self._transport = transport
+        self._data: DataLink | None = None
+        self.transport = "grpc"  # what this worker's tensors use: "unix", "tcp" or "grpc"
         self.host = address.rsplit(":", 1)[0].strip("[]")  # the server's host (its rendezvous store is there)
         self.wire_dtype = COMPRESSION_DTYPES[compression]
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -111,6 +122,8 @@ class ServerLink:
 
     def close(self) -> None:
         self._close_session()
+        if self._data is not None:
+            self._data.close()
         self._channel.close()
 
     def __enter__(self) -> Self:
@@ -123,8 +136,28 @@ class ServerLink:
     def register(self, host: str, pid: int, total_steps: int, train_size: int) -> ps_pb2.RegisterResponse:
         request = ps_pb2.RegisterRequest(job_id=self.job_id, rank=self.rank, host=host, pid=pid,
                                          total_steps=total_steps, train_size=train_size)
-        return _translated(lambda: self._control.Register(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata,
-                                                       wait_for_ready=True))
+        reply = _translated(lambda: self._control.Register(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata,
+                                                        wait_for_ready=True))
+        self._open_data(reply)
+        return reply
+
+    def _open_data(self, reply: ps_pb2.RegisterResponse) -> None:
+        """Connect to the data plane the server offers (with this registration's credential),
+        or stay on gRPC: by choice, or with a warning that says why."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        self.transport = "grpc"
+        if self._transport == "grpc" or not reply.HasField("data"):
+            return
+        link = DataLink(reply.data, self.job_id, self.rank, self.host)
+        try:
+            link.connect()
+        except (OSError, GradhubError) as e:
+            log.warning("worker %d: the data plane at %s cannot be used (%s: %s); sending tensors on "
+                        "gRPC streams instead", self.rank, link.where, type(e).__name__, e)
+            return
+        self._data, self.transport = link, link.kind
 
     def init_parameters(self, state: Layout | ModelLayout, params: torch.Tensor, frozen: torch.Tensor | None = None,
                         buffers: Mapping[str, torch.Tensor] | None = None) -> bool:
@@ -135,11 +168,14 @@ class ServerLink:
             state = ModelLayout(trainable=state)
         flat = params if frozen is None else torch.cat([params.detach().cpu(), frozen])
 
+        header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank,
+                                   tensors=state.trainable.metas(tensor_pb2.FLOAT32),
+                                   frozen=state.frozen.metas(tensor_pb2.FLOAT32) if state.frozen else [],
+                                   buffers=tensors_to_proto(buffers or {}), aliases=dict(state.aliases))
+        if self._data is not None:
+            return self._on_data(lambda d: d.init(header, flat)).accepted
+
         def call() -> ps_pb2.PushResponse:
-            header = ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank,
-                                       tensors=state.trainable.metas(tensor_pb2.FLOAT32),
-                                       frozen=state.frozen.metas(tensor_pb2.FLOAT32) if state.frozen else [],
-                                       buffers=tensors_to_proto(buffers or {}), aliases=dict(state.aliases))
             return self._init(_push_stream(header, flat, tensor_pb2.FLOAT32),
                               timeout=_transfer_timeout(flat), metadata=self._metadata)
         return _retry(call).accepted
@@ -149,6 +185,8 @@ class ServerLink:
         """Push the flat gradient for ``step`` (with this worker's buffers, when the job uses
         them, and the parameters that got no gradient); False when the server already had it."""
         header = self._push_header(layout, step, base_version, buffers, unused)
+        if self._data is not None:
+            return self._on_data(lambda d: d.push(header, grads, self.wire_dtype)).accepted
 
         def call() -> ps_pb2.PushResponse:
             return self._push(_push_stream(header, grads, self.wire_dtype),
@@ -160,6 +198,13 @@ class ServerLink:
 
         Returns the version received and the job's buffers at that version.
         """
+        if self._data is not None:
+            request = ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.wire_dtype)
+            while True:  # the server answers within a minute; a slow or restarting worker is waited for
+                try:
+                    return _pulled(self._on_data(lambda d: d.pull(request, layout, params)))
+                except ServerWaitTimeout:
+                    continue
         return _until_answered(lambda: self._pull_once(layout, step, params))
 
     def push_pull(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor,
@@ -170,6 +215,11 @@ class ServerLink:
         version and the job's buffers. On any failure the call is reopened and the push sent
         again (applied at most once)."""
         header = self._push_header(layout, step, base_version, buffers, unused)
+        if self._data is not None:
+            try:
+                return _pulled(self._on_data(lambda d: d.push(header, grads, self.wire_dtype, (layout, params))))
+            except ServerWaitTimeout:  # pushed; the parameters are still to come
+                return self.pull(layout, step + 1, params)
 
         def call() -> Pulled:
             if self._session is None:
@@ -182,6 +232,22 @@ class ServerLink:
                 raise
 
         return _until_answered(call)  # asking again re-pushes: a duplicate is ignored
+
+    def _on_data(self, call: Callable[[DataLink], T]) -> T:
+        """``call`` on the data plane, reconnecting and calling again while the connection breaks
+        (for a bounded time); the server's own errors are raised as they are."""
+        assert self._data is not None
+        deadline, delay = time.monotonic() + RETRY_FOR_S, 0.2
+        while True:
+            try:
+                if not self._data.connected:
+                    self._data.connect()
+                return call(self._data)
+            except OSError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)  # backoff before reconnecting, not synchronization
+                delay = min(delay * 2, 2.0)
 
     def _push_header(self, layout: Layout, step: int, base_version: int,
                      buffers: Mapping[str, torch.Tensor] | None, unused: Sequence[int]) -> ps_pb2.PushHeader:
@@ -302,6 +368,10 @@ def _push_request(message: ps_pb2.PushChunk | bytes) -> bytes:
 
 _pull_response = chunk_parser(ps_pb2.PullChunk)
 _checkpoint_response = chunk_parser(ps_pb2.CheckpointChunk)
+
+
+def _pulled(reply: data_pb2.DataReply) -> Pulled:
+    return Pulled(reply.params.version, tensors_from_proto(reply.params.buffers, "buffers"))
 
 
 def _numel(state: TrainingState) -> int:

@@ -36,6 +36,7 @@ from gradhub.proto.contract.errors import SpecError
 
 MODES = ("ps-sync", "ps-async", "ps-ssp", "allreduce")
 COMPRESSIONS = ("none", "fp16", "bf16")
+TRANSPORTS = ("auto", "grpc")
 BUILTIN_MODELS = frozenset({"mlp", "cnn"})
 BUILTIN_DATASETS = frozenset({"digits", "synthetic"})
 BUILTIN_LOSSES = frozenset({"cross_entropy", "mse", "model"})
@@ -312,6 +313,7 @@ class JobSpec:
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     lr_schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     compression: str = "none"
+    transport: str = "auto"
     batch_size: int = 32
     epochs: int | None = None
     steps: int | None = None
@@ -356,6 +358,7 @@ class JobSpec:
                 f"must not exceed optimizer.lr ({self.lr_schedule.eta_min} > {self.optimizer.lr})",
             )
         check_choice("compression", self.compression, COMPRESSIONS, "compression")
+        check_choice("transport", self.transport, TRANSPORTS, "transport")
         put(self, "batch_size", check_int("batch_size", self.batch_size, lo=1))
         if self.epochs is not None and self.steps is not None:
             raise SpecError("steps", "give either epochs or steps, not both")

@@ -23,7 +23,7 @@ FAILED: JobState
 CANCELLED: JobState
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("rank", "state", "step", "staleness", "max_staleness", "host", "restarts", "pid")
+    __slots__ = ("rank", "state", "step", "staleness", "max_staleness", "host", "restarts", "pid", "transport")
     RANK_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class WorkerStatus(_message.Message):
     HOST_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     rank: int
     state: str
     step: int
@@ -40,7 +41,8 @@ class WorkerStatus(_message.Message):
     host: str
     restarts: int
     pid: int
-    def __init__(self, rank: _Optional[int] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., staleness: _Optional[int] = ..., max_staleness: _Optional[int] = ..., host: _Optional[str] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    transport: str
+    def __init__(self, rank: _Optional[int] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., staleness: _Optional[int] = ..., max_staleness: _Optional[int] = ..., host: _Optional[str] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "name", "mode", "state", "reason", "spec_json", "created_at", "started_at", "finished_at", "step", "total_steps", "version", "metrics", "workers", "samples_per_second")

@@ -24,20 +24,38 @@ class RegisterRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., total_steps: _Optional[int] = ..., train_size: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("version", "next_step", "needs_init", "world_size", "heartbeat_interval_s", "collective_timeout_s")
+    __slots__ = ("version", "next_step", "needs_init", "world_size", "heartbeat_interval_s", "collective_timeout_s", "data")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     NEEDS_INIT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     version: int
     next_step: int
     needs_init: bool
     world_size: int
     heartbeat_interval_s: float
     collective_timeout_s: float
-    def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., collective_timeout_s: _Optional[float] = ...) -> None: ...
+    data: DataEndpoint
+    def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., collective_timeout_s: _Optional[float] = ..., data: _Optional[_Union[DataEndpoint, _Mapping]] = ...) -> None: ...
+
+class DataEndpoint(_message.Message):
+    __slots__ = ("protocol", "tcp_host", "tcp_port", "unix_path", "host_id", "credential")
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    TCP_HOST_FIELD_NUMBER: _ClassVar[int]
+    TCP_PORT_FIELD_NUMBER: _ClassVar[int]
+    UNIX_PATH_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    protocol: int
+    tcp_host: str
+    tcp_port: int
+    unix_path: str
+    host_id: str
+    credential: str
+    def __init__(self, protocol: _Optional[int] = ..., tcp_host: _Optional[str] = ..., tcp_port: _Optional[int] = ..., unix_path: _Optional[str] = ..., host_id: _Optional[str] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class PushHeader(_message.Message):
     __slots__ = ("job_id", "rank", "step", "base_version", "tensors", "frozen", "buffers", "aliases", "unused")

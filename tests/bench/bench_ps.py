@@ -1,13 +1,16 @@
-"""Parameter-server benchmark (issue: parameter-server training end to end, point 8).
+"""Parameter-server benchmark (issue: parameter server v2, point 5).
 
-(a) one worker exchanging a 100 MB model with the server (push gradient + pull parameters),
-    in GB/s, against raw TCP loopback (and plain gRPC streaming) measured in the same run;
+(a) one worker exchanging a 100 MB model with the server (push gradient + pull parameters, one
+    round trip), in GB/s, on each transport (the data plane's Unix socket and TCP, and the gRPC
+    fallback), against raw TCP loopback (and plain gRPC streaming) measured in the same run;
 (b) ps-sync step communication time with 2 workers against torch.distributed Gloo
     all_reduce of the same bytes;
 (c) a 1-worker ps-sync job (real server, real Ray worker) against a plain PyTorch loop on
-    the same model, data and batch: samples/s.
+    the same model, data and batch: samples/s;
+(d) a 2-worker ps-sync job against the same job in allreduce mode: samples/s;
+(e) the server process's CPU seconds per GB moved and its peak RSS, for (a) and (b).
 
-    python tests/bench/bench_ps.py [--mb 100] [--iters 5] [--out DIR]
+    python tests/bench/bench_ps.py [--mb 100] [--iters 6] [--out DIR]
 
 Server and workers run in separate processes (as deployed), so nobody shares a GIL.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
@@ -46,32 +50,51 @@ def _serve(port_queue: Any, stop: Any, data_dir: str) -> None:
         stop.wait(TIMEOUT_S)
 
 
-def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, out: Any) -> None:
-    """Push a gradient and pull the parameters ``iters`` times; reports each exchange's seconds."""
+def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, transport: str, out: Any) -> None:
+    """Push a gradient and receive the next parameters ``iters`` times (one round trip each, as
+    a training worker does); reports each exchange's seconds."""
+    from gradhub.proto import frames
     from gradhub.proto.alloc import tune_for_streaming
     from gradhub.proto.codec import Layout
     from gradhub.worker.server_link import ServerLink
 
     tune_for_streaming()  # as the worker actor does
+    if transport == "tcp":
+        frames.host_id = lambda: ""  # as a worker on another host: the data plane's TCP port
     layout = Layout(("weight",), ((numel,),))
     params = torch.zeros(numel)
     grads = torch.full((numel,), 1e-3)
-    with ServerLink(address, job_id, rank) as ps:
+    with ServerLink(address, job_id, rank, transport="grpc" if transport == "grpc" else "auto") as ps:
         reg = ps.register("bench", 0, total_steps=iters + 1, train_size=1)
+        if ps.transport != transport:
+            raise RuntimeError(f"worker {rank} uses {ps.transport}, not {transport}")
         if reg.needs_init:
             ps.init_parameters(layout, params)
         version = ps.pull(layout, 0, params).version
         times = []
         for step in range(iters):
             t0 = time.perf_counter()
-            ps.push(layout, step, version, grads)
-            version = ps.pull(layout, step + 1, params).version
+            version = ps.push_pull(layout, step, version, grads, params).version
             times.append(time.perf_counter() - t0)
         out.put((rank, times))
 
 
-def exchange_seconds(workers: int, nbytes: int, iters: int) -> list[float]:
-    """Per-step push+pull seconds of rank 0 in a ps-sync job of ``workers`` external workers."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "unix") -> tuple[list[float], dict]:
+    """Per-step push+pull seconds of rank 0 in a ps-sync job of ``workers`` external workers, and
+    the server's CPU seconds per GB moved and peak RSS (MB) over the exchanges."""
     from gradhub.client.client import Client
 
     ctx = mp.get_context("spawn")
@@ -89,14 +112,19 @@ def exchange_seconds(workers: int, nbytes: int, iters: int) -> list[float]:
                     if time.monotonic() > deadline:
                         raise TimeoutError("the benchmark job did not start")
                     time.sleep(0.05)
-            procs = [ctx.Process(target=_worker, args=(address, job.id, r, nbytes // 4, iters, out), daemon=True)
-                     for r in range(workers)]
+            assert server.pid is not None
+            cpu0 = _cpu_seconds(server.pid)
+            procs = [ctx.Process(target=_worker, args=(address, job.id, r, nbytes // 4, iters, transport, out),
+                                 daemon=True) for r in range(workers)]
             for p in procs:
                 p.start()
             results = dict(out.get(timeout=TIMEOUT_S) for _ in procs)
+            moved_gb = 2 * nbytes * workers * (iters + 1) / 1e9  # init and first pull included
+            server_use = {"cpu_s_per_gb": (_cpu_seconds(server.pid) - cpu0) / moved_gb,
+                          "peak_rss_mb": _peak_rss_mb(server.pid)}
             for p in procs:
                 p.join(timeout=30)
-            return results[0][1:]  # the first exchange warms up
+            return results[0][1:], server_use  # the first exchange warms up
         finally:
             stop.set()
             server.join(timeout=30)
@@ -104,18 +132,21 @@ def exchange_seconds(workers: int, nbytes: int, iters: int) -> list[float]:
                 server.terminate()
 
 
-def job_samples_per_second(model: str, batch: int, steps: int) -> float:
-    """A real 1-worker ps-sync job (in-process server, local Ray): the worker's own rate."""
+def job_samples_per_second(model: Any, batch: int, steps: int, workers: int = 1, mode: str = "ps-sync") -> float:
+    """A real job (in-process server, local Ray): its workers' summed average rate."""
     from gradhub.client.client import Client
     from gradhub.server.app import Server
     from gradhub.server.config import ServerConfig
 
     with (tempfile.TemporaryDirectory() as tmp, Server(ServerConfig(port=0, data_dir=Path(tmp))) as server,
           Client(server.address) as client):
-            spec = {"name": "bench-c", "workers": 1, "resources": {"cpus": torch.get_num_threads()},
+            cpus = max(torch.get_num_threads() // workers, 1)
+            spec = {"name": "bench-job", "mode": mode, "workers": workers, "resources": {"cpus": cpus},
                     "model": model, "dataset": "digits", "optimizer": {"name": "sgd", "lr": 0.05},
                     "batch_size": batch, "steps": steps}
             info = client.submit(spec).wait(timeout=TIMEOUT_S)
+            if info.state != "SUCCEEDED":
+                raise RuntimeError(f"benchmark job {info.state}: {info.reason}")
             return info.metrics["avg_samples_per_s"]
 
 
@@ -126,30 +157,44 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="training steps for (c)")
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512], help="batch sizes for (c)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure in (c); the median is kept")
+    parser.add_argument("--transports", nargs="+", default=["unix", "tcp", "grpc"],
+                        choices=["unix", "tcp", "grpc"], help="transports for (a) and (b)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     nbytes = args.mb * 2**20
 
     tcp = raw_tcp_throughput(nbytes)
     grpc_plain = grpc_stream_throughput(nbytes)
-    one = exchange_seconds(1, nbytes, args.iters)
-    ps_gbs = 2 * nbytes / statistics.median(one) / 1e9
     rows_a = [
         {"measure": "raw TCP loopback (push+pull)", "GB/s": f"{tcp:.2f}", "ratio to TCP": "1.00"},
         {"measure": "plain gRPC stream, 1 MiB chunks", "GB/s": f"{grpc_plain:.2f}", "ratio to TCP": f"{grpc_plain / tcp:.2f}"},
-        {"measure": f"gradhub push+pull, {args.mb} MB, 1 worker", "GB/s": f"{ps_gbs:.2f}", "ratio to TCP": f"{ps_gbs / tcp:.2f}"},
     ]
+    a_figures, e_rows = {}, []
+    for transport in args.transports:
+        one, use = exchange_seconds(1, nbytes, args.iters, transport)
+        gbs = 2 * nbytes / statistics.median(one) / 1e9
+        a_figures[transport] = {"gbs": gbs, "ratio_to_tcp": gbs / tcp, "exchange_seconds": one, **use}
+        rows_a.append({"measure": f"gradhub push+pull, {args.mb} MB, 1 worker, {transport}", "GB/s": f"{gbs:.2f}",
+                       "ratio to TCP": f"{gbs / tcp:.2f}"})
+        e_rows.append({"run": f"(a) {transport}", "server CPU s/GB": f"{use['cpu_s_per_gb']:.2f}",
+                       "server peak RSS MB": f"{use['peak_rss_mb']:,.0f}"})
     print_table(f"(a) exchanging a {args.mb} MB model", rows_a, ["measure", "GB/s", "ratio to TCP"])
 
-    two = exchange_seconds(2, nbytes, args.iters)
     gloo = gloo_allreduce_seconds(nbytes, world_size=2, iters=args.iters)
-    ps_step = statistics.median(two)
-    rows_b = [
-        {"measure": f"Gloo all_reduce, {args.mb} MB, 2 ranks", "seconds/step": f"{gloo:.3f}", "ratio to Gloo": "1.00"},
-        {"measure": f"gradhub ps-sync push+pull, {args.mb} MB, 2 workers", "seconds/step": f"{ps_step:.3f}",
-         "ratio to Gloo": f"{ps_step / gloo:.2f}"},
-    ]
+    rows_b = [{"measure": f"Gloo all_reduce, {args.mb} MB, 2 ranks", "seconds/step": f"{gloo:.3f}",
+               "ratio to Gloo": "1.00"}]
+    b_figures = {}
+    for transport in args.transports:
+        two, use = exchange_seconds(2, nbytes, args.iters, transport)
+        step_s = statistics.median(two)
+        b_figures[transport] = {"step_s": step_s, "ratio_to_gloo": step_s / gloo, "step_seconds": two, **use}
+        rows_b.append({"measure": f"gradhub ps-sync push+pull, {args.mb} MB, 2 workers, {transport}",
+                       "seconds/step": f"{step_s:.3f}", "ratio to Gloo": f"{step_s / gloo:.2f}"})
+        e_rows.append({"run": f"(b) {transport}", "server CPU s/GB": f"{use['cpu_s_per_gb']:.2f}",
+                       "server peak RSS MB": f"{use['peak_rss_mb']:,.0f}"})
     print_table("(b) ps-sync step communication vs Gloo all_reduce", rows_b, ["measure", "seconds/step", "ratio to Gloo"])
+    print_table("(e) the server process (CPU over the whole exchange, both directions)", e_rows,
+                ["run", "server CPU s/GB", "server peak RSS MB"])
 
     from gradhub.worker.data import digits
     from gradhub.worker.models import cnn
@@ -166,13 +211,24 @@ def main() -> None:
     print_table("(c) 1-worker ps-sync job vs plain PyTorch", rows_c,
                 ["model", "batch", "plain PyTorch samples/s", "gradhub 1-worker ps-sync samples/s", "ratio"])
 
+    rows_d = []
+    models = {"cnn": "cnn", "mlp 1024x1024": {"name": "mlp", "args": {"hidden": [1024, 1024]}}}
+    for label, model in models.items():
+        ps = statistics.median(job_samples_per_second(model, 32, args.steps, 2, "ps-sync")
+                               for _ in range(args.repeats))
+        ar = statistics.median(job_samples_per_second(model, 32, args.steps, 2, "allreduce")
+                               for _ in range(args.repeats))
+        rows_d.append({"model": label, "batch": 32, "allreduce samples/s": f"{ar:,.0f}",
+                       "ps-sync samples/s": f"{ps:,.0f}", "ratio": f"{ps / ar:.2f}"})
+    print_table("(d) 2-worker ps-sync job vs the same job in allreduce mode", rows_d,
+                ["model", "batch", "allreduce samples/s", "ps-sync samples/s", "ratio"])
+
     path = write_json("ps", {
         "command": " ".join(sys.argv),
-        "a_exchange": {"mb": args.mb, "raw_tcp_gbs": tcp, "plain_grpc_gbs": grpc_plain, "gradhub_gbs": ps_gbs,
-                       "ratio_to_tcp": ps_gbs / tcp, "exchange_seconds": one},
-        "b_sync_step": {"mb": args.mb, "gloo_allreduce_s": gloo, "gradhub_step_s": ps_step,
-                        "ratio_to_gloo": ps_step / gloo, "step_seconds": two},
+        "a_exchange": {"mb": args.mb, "raw_tcp_gbs": tcp, "plain_grpc_gbs": grpc_plain, "gradhub": a_figures},
+        "b_sync_step": {"mb": args.mb, "gloo_allreduce_s": gloo, "gradhub": b_figures},
         "c_training": rows_c,
+        "d_vs_allreduce": rows_d,
     }, args.out)
     print(f"wrote {path}")
 

@@ -1,8 +1,9 @@
 """The headline guarantee: ps-sync with N workers of batch b equals single-process PyTorch
 on the same global batches of N*b samples (max abs difference <= 1e-5 after 100 steps).
 
-Runs through the real server (port 0) and real Ray workers. All nine jobs are submitted
-at once, so the FIFO queue runs them as the two logical CPUs allow.
+Runs through the real server (port 0) and real Ray workers, with tensors on the data plane
+(``transport: auto``) and, for N = 2, on the gRPC fallback path as well. All the jobs are
+submitted at once, so the FIFO queue runs them as the two logical CPUs allow.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ OPTIMIZERS = {
     "adamw": {"name": "adamw", "lr": 0.002, "weight_decay": 0.05},
 }
 WORLD_SIZES = (1, 2, 4)
+CASES = [(n, "auto") for n in WORLD_SIZES] + [(2, "grpc")]
 
 
-def spec(workers: int, optimizer: dict) -> dict:
+def spec(workers: int, optimizer: dict, transport: str) -> dict:
     return {
-        "name": f"exact-{optimizer['name']}-{workers}", "mode": "ps-sync", "workers": workers,
+        "name": f"exact-{optimizer['name']}-{workers}-{transport}", "mode": "ps-sync", "workers": workers,
+        "transport": transport,
         "resources": {"cpus": 0.5}, "model": {"name": "mlp", "args": {"hidden": [32]}},
         "dataset": "digits", "optimizer": optimizer, "batch_size": BATCH, "steps": STEPS, "seed": SEED,
     }
@@ -54,7 +57,7 @@ def reference(workers: int, optimizer: dict) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def finished_jobs(server, tmp_path_factory):
     with Client(server.address) as client:
-        jobs = {(n, name): client.submit(spec(n, opt)) for name, opt in OPTIMIZERS.items() for n in WORLD_SIZES}
+        jobs = {(n, t, name): client.submit(spec(n, opt, t)) for name, opt in OPTIMIZERS.items() for n, t in CASES}
         out = {}
         tmp = tmp_path_factory.mktemp("exact")
         for key, job in jobs.items():
@@ -63,10 +66,10 @@ def finished_jobs(server, tmp_path_factory):
         return out
 
 
-@pytest.mark.parametrize("workers", WORLD_SIZES)
+@pytest.mark.parametrize(("workers", "transport"), CASES)
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_ps_sync_equals_single_process_pytorch(finished_jobs, workers, optimizer):
-    info, params = finished_jobs[(workers, optimizer)]
+def test_ps_sync_equals_single_process_pytorch(finished_jobs, workers, transport, optimizer):
+    info, params = finished_jobs[(workers, transport, optimizer)]
     assert info.state == "SUCCEEDED" and info.step == STEPS and info.version == STEPS
     expected = reference(workers, OPTIMIZERS[optimizer])
     assert params.keys() == expected.keys()

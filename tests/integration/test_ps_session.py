@@ -1,4 +1,4 @@
-"""The PushPull session: many pushes on one call, and a broken call reopened without a step
+"""The gRPC fallback path's PushPull session: many pushes on one call, and a broken call reopened without a step
 being applied twice."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def job(tmp_path):
 
 def test_one_call_carries_many_pushes(job):
     server, job_id = job
-    with ServerLink(server.address, job_id, 0) as ps:
+    with ServerLink(server.address, job_id, 0, transport="grpc") as ps:
         ps.register("t", 0, total_steps=10, train_size=1)
         ps.init_parameters(LAYOUT, torch.zeros(6))
         params = torch.empty(6)
@@ -50,7 +50,7 @@ def test_one_call_carries_many_pushes(job):
 
 def test_a_broken_session_is_reopened_and_the_push_applied_once(job):
     server, job_id = job
-    with ServerLink(server.address, job_id, 0) as ps:
+    with ServerLink(server.address, job_id, 0, transport="grpc") as ps:
         ps.register("t", 0, total_steps=10, train_size=1)
         ps.init_parameters(LAYOUT, torch.zeros(6))
         params = torch.empty(6)
@@ -67,7 +67,7 @@ def test_a_broken_session_is_reopened_and_the_push_applied_once(job):
 
 def test_a_push_cut_short_inside_a_session_is_rejected(job):
     server, job_id = job
-    with ServerLink(server.address, job_id, 0) as ps:
+    with ServerLink(server.address, job_id, 0, transport="grpc") as ps:
         ps.register("t", 0, total_steps=10, train_size=1)
         ps.init_parameters(LAYOUT, torch.zeros(6))
     channel = grpc.insecure_channel(server.address)

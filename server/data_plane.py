@@ -1,0 +1,423 @@
+"""The parameter server's data plane: gradients in and parameters out on plain sockets (TCP, and
+a Unix socket for workers on this host), framed as proto/v1/data.proto says, beside the gRPC
+control plane.
+
+One asyncio event loop, in a thread of its own, serves every connection: no thread per worker,
+per waiting pull or per stalled upload. Payloads are received with ``recv_into`` straight into
+the buffer the store keeps, and parameters are sent from the store's snapshot without a copy.
+The store's work (applying an update, encoding a snapshot) runs on a small fixed pool so that
+the loop goes on receiving meanwhile; a pull that must wait is a coroutine woken by the
+store's listener, not a thread.
+
+    with DataPlane(manager, host="127.0.0.1", max_model_bytes=1 << 30) as plane:
+        endpoint = plane.endpoint(credential)   # what a worker gets in RegisterResponse.data
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Self, TypeVar
+
+import torch
+
+from gradhub.proto import frames
+from gradhub.proto.codec import as_bytes, torch_dtype
+from gradhub.proto.contract.errors import GradhubError, ProtocolError
+from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
+from gradhub.server.ps_requests import init_request, push_buffers, push_bytes
+from gradhub.server.rpc import status_for
+from gradhub.server.store import ParameterStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+HELLO_TIMEOUT_S = 10.0  # a connection must authenticate this soon
+IDLE_TIMEOUT_S = 120.0  # a frame whose bytes stop coming (either way) for this long ends its connection
+MAX_PULL_WAIT_S = 60.0  # a pull waits at most this long, then is told to ask again (as on gRPC)
+MAX_CONNECTIONS = 16384
+COMPUTE_THREADS = 4
+
+
+class Stores(Protocol):
+    def store(self, job_id: str) -> ParameterStore: ...
+
+
+class _Closed(Exception):
+    """The peer closed the connection, or stopped sending mid-frame."""
+
+
+class _Refused(Exception):
+    """A request that could not be read whole: answered with ``error``, then the connection ends."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class _Session:
+    store: ParameterStore
+    job_id: str
+    rank: int
+    registration: int
+
+
+class _Signal:
+    """Wakes the pulls that wait on one store: ``fire`` completes the current event and starts the
+    next one (a waiter takes ``event`` before it checks the store, so no change is missed)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def fire(self) -> None:
+        self.event.set()
+        self.event = asyncio.Event()
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket, transport: str) -> None:
+        self.sock, self.transport = sock, transport
+        self.prefix = bytearray(frames.PREFIX.size)
+        # the gradient buffer, reused once the store no longer holds it (version >= free_at)
+        self.buffer: bytearray | None = None
+        self.free_at = 0
+
+    def gradient_buffer(self, nbytes: int, version: int) -> bytearray:
+        if self.buffer is None or len(self.buffer) != nbytes or version < self.free_at:
+            self.buffer = bytearray(nbytes)
+        return self.buffer
+
+
+class DataPlane:
+    """Listens on ``host``:``port`` (TCP; 0: any free port) and, when ``unix_socket``, on a Unix
+    socket in a private temporary folder. ``start()`` binds and starts the loop; ``stop()`` ends
+    every connection."""
+
+    def __init__(self, stores: Stores, host: str, port: int = 0, *, max_model_bytes: int,
+                 unix_socket: bool = True, compute_threads: int = COMPUTE_THREADS) -> None:
+        self._stores = stores
+        self._host, self._port = host, port
+        self._max_model_bytes = max_model_bytes
+        self._unix = unix_socket
+        self._compute_threads = compute_threads
+        self._listeners: list[tuple[socket.socket, str]] = []
+        self._unix_dir: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._stopping: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._signals: dict[int, _Signal] = {}  # id(store) -> signal (the loop's thread only)
+        self._stores_seen: dict[int, ParameterStore] = {}
+        self.port = 0
+        self.unix_path = ""
+        self.host_id = frames.host_id()
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> Self:
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        tcp = socket.create_server((self._host.strip("[]"), self._port), family=family, backlog=1024)
+        tcp.setblocking(False)
+        self._listeners.append((tcp, "tcp"))
+        self.port = tcp.getsockname()[1]
+        if self._unix and self.host_id:
+            self._unix_dir = tempfile.mkdtemp(prefix="gradhub-data-")  # mode 0700: this user only
+            path = str(Path(self._unix_dir) / "s")
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            unix.bind(path)
+            unix.listen(1024)
+            unix.setblocking(False)
+            self._listeners.append((unix, "unix"))
+            self.unix_path = path
+        self._pool = ThreadPoolExecutor(self._compute_threads, thread_name_prefix="gradhub-apply")
+        self._thread = threading.Thread(target=self._run, name="gradhub-data-plane", daemon=True)
+        self._thread.start()
+        self._started.wait(10)
+        log.info("data plane on %s:%d%s", self._host, self.port, f" and {self.unix_path}" if self.unix_path else "")
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(stopping.set)
+        if self._thread is not None:
+            self._thread.join(grace + 5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        for sock, _ in self._listeners:
+            sock.close()
+        if self._unix_dir is not None:
+            shutil.rmtree(self._unix_dir, ignore_errors=True)
+        self._listeners, self._thread, self._pool, self._unix_dir = [], None, None, None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def endpoint(self, credential: str, tcp_host: str = "") -> ps_pb2.DataEndpoint:
+        """What a worker needs to connect (RegisterResponse.data)."""
+        return ps_pb2.DataEndpoint(protocol=frames.DATA_PROTOCOL, tcp_host=tcp_host, tcp_port=self.port,
+                                   unix_path=self.unix_path, host_id=self.host_id if self.unix_path else "",
+                                   credential=credential)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        self._stopping = asyncio.Event()
+        connections: set[asyncio.Task[None]] = set()
+        accepting = [asyncio.create_task(self._accept(sock, kind, connections)) for sock, kind in self._listeners]
+        self._started.set()
+        await self._stopping.wait()
+        for task in accepting + list(connections):
+            task.cancel()
+        await asyncio.gather(*accepting, *connections, return_exceptions=True)
+
+    async def _accept(self, listener: socket.socket, kind: str, connections: set[asyncio.Task[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            if len(connections) >= MAX_CONNECTIONS:
+                log.warning("data plane: refusing a connection over the limit of %d", MAX_CONNECTIONS)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            if kind == "tcp":
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.create_task(self._serve(_Connection(sock, kind)))
+            connections.add(task)
+            task.add_done_callback(connections.discard)
+
+    # -------------------------------------------------------------- one connection
+    async def _serve(self, conn: _Connection) -> None:
+        try:
+            try:
+                session = await self._hello(conn)
+                while (frame := await self._read_frame(conn, frames.MAX_HEADER_BYTES, None)) is not None:
+                    await self._request(conn, session, frame)
+            except _Refused as refused:
+                await self._send_error(conn, refused.error)
+        except (_Closed, ConnectionError, TimeoutError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("data plane: unexpected error on a connection")
+        finally:
+            conn.sock.close()
+
+    async def _hello(self, conn: _Connection) -> _Session:
+        frame = await self._read_frame(conn, frames.MAX_HELLO_BYTES, HELLO_TIMEOUT_S)
+        if frame is None:
+            raise _Closed
+        try:
+            if frame.WhichOneof("kind") != "hello" or frame.payload_bytes:
+                raise ProtocolError("hello: a connection must start with a DataHello (and no payload)")
+            hello = frame.hello
+            if hello.protocol != frames.DATA_PROTOCOL:
+                raise ProtocolError(f"hello.protocol: version {hello.protocol} is not the server's "
+                                    f"{frames.DATA_PROTOCOL}")
+            store = await self._call(self._stores.store, hello.job_id)
+            registration = await self._call(store.open_session, hello.rank, hello.credential, conn.transport)
+        except GradhubError as e:
+            raise _Refused(e) from e
+        await self._watch(store)
+        await self._send(conn, frames.frame_head(data_pb2.DataFrame(
+            reply=data_pb2.DataReply(accepted=True, version=store.version))))
+        return _Session(store, hello.job_id, hello.rank, registration)
+
+    async def _request(self, conn: _Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
+        kind = frame.WhichOneof("kind")
+        try:
+            await self._call(session.store.check_session, session.rank, session.registration)
+            if kind in ("push", "init"):
+                header = getattr(frame, kind)
+                _check_worker(session, header.job_id, header.rank, kind)
+            elif kind == "pull":
+                _check_worker(session, frame.pull.job_id, frame.pull.rank, kind)
+                if frame.payload_bytes:
+                    raise ProtocolError("payload_bytes: a pull carries no payload")
+                torch_dtype(frame.pull.dtype)  # a dtype the wire knows
+            else:
+                raise ProtocolError(f"kind: a worker sends init, push or pull, not {kind or 'nothing'}")
+        except GradhubError as e:
+            raise _Refused(e) from e
+        if kind == "push":
+            await self._push(conn, session, frame)
+        elif kind == "init":
+            await self._init(conn, session, frame)
+        else:
+            await self._pull(conn, session, frame.pull.step, frame.pull.dtype or tensor_pb2.FLOAT32)
+
+    async def _push(self, conn: _Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
+        store, header = session.store, frame.push
+        try:
+            nbytes = push_bytes(store, header)
+            if frame.payload_bytes != nbytes:
+                raise ProtocolError(f"payload_bytes: {frame.payload_bytes}, the job's gradient has {nbytes}")
+            buffers = push_buffers(header)
+        except GradhubError as e:
+            raise _Refused(e) from e
+        buffer = conn.gradient_buffer(nbytes, store.version)
+        await self._recv_into(conn, memoryview(buffer), IDLE_TIMEOUT_S)
+        wire_dtype = store.config.wire_dtype
+        grad = torch.frombuffer(buffer, dtype=torch_dtype(wire_dtype)) if nbytes else \
+            torch.empty(0, dtype=torch_dtype(wire_dtype))
+        try:
+            accepted, version = await self._call(store.push, header.rank, header.step, header.base_version, grad,
+                                                 buffers, list(header.unused))
+        except Exception as e:  # noqa: BLE001 - any error goes back to the worker (as gRPC's handler does)
+            conn.buffer = None  # the store may hold it
+            await self._send_error(conn, e)
+            return
+        # ps-sync keeps the gradient until every worker's is in (the update makes version step + 1)
+        conn.free_at = header.step + 1 if accepted and store.config.mode == "ps-sync" else 0
+        if frame.pull_next:
+            await self._pull(conn, session, header.step + 1, wire_dtype)
+        else:
+            await self._send(conn, frames.frame_head(data_pb2.DataFrame(
+                reply=data_pb2.DataReply(accepted=accepted, version=version))))
+
+    async def _init(self, conn: _Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
+        try:
+            init = init_request(frame.init, self._max_model_bytes)
+            if frame.payload_bytes != init.payload_bytes:
+                raise ProtocolError(f"payload_bytes: {frame.payload_bytes}, the tensors listed hold "
+                                    f"{init.payload_bytes}")
+        except GradhubError as e:
+            raise _Refused(e) from e
+        buffer = bytearray(init.payload_bytes)
+        await self._recv_into(conn, memoryview(buffer), IDLE_TIMEOUT_S)
+        flat = torch.frombuffer(buffer, dtype=torch.float32)
+        try:
+            accepted = await self._call(init.take, session.store, flat)
+        except Exception as e:  # noqa: BLE001 - any error goes back to the worker (as gRPC's handler does)
+            await self._send_error(conn, e)
+            return
+        await self._send(conn, frames.frame_head(data_pb2.DataFrame(
+            reply=data_pb2.DataReply(accepted=accepted, version=session.store.version))))
+
+    async def _pull(self, conn: _Connection, session: _Session, step: int, wire_dtype: int) -> None:
+        """Send the parameters for ``step`` once the mode allows; after MAX_PULL_WAIT_S, a
+        DEADLINE_EXCEEDED error (the worker asks again)."""
+        loop = asyncio.get_running_loop()
+        store, signal = session.store, self._signals[id(session.store)]
+        deadline = loop.time() + MAX_PULL_WAIT_S
+        while True:
+            changed = signal.event  # taken before the check: a change after it sets this event
+            try:
+                snapshot = await self._call(store.try_pull, session.rank, step, wire_dtype)
+                if snapshot is not None:
+                    break
+                if loop.time() >= deadline:
+                    raise TimeoutError(await self._call(store.waiting_for, step))
+            except Exception as e:  # noqa: BLE001 - any error goes back to the worker
+                await self._send_error(conn, e)
+                return
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await changed.wait()
+            except TimeoutError:
+                pass
+        layout = store.layout
+        assert layout is not None
+        data = as_bytes(snapshot.data)
+        head = frames.frame_head(data_pb2.DataFrame(
+            reply=data_pb2.DataReply(version=snapshot.version, params=ps_pb2.PullHeader(
+                version=snapshot.version, tensors=layout.metas(wire_dtype), buffers=snapshot.buffers)),
+            payload_bytes=len(data)))
+        await self._send(conn, head, data)
+
+    # -------------------------------------------------------------- plumbing
+    async def _watch(self, store: ParameterStore) -> None:
+        """Make the store wake this loop's waiting pulls (once per store)."""
+        key = id(store)
+        if key in self._signals:
+            return
+        signal = self._signals[key] = _Signal()
+        self._stores_seen[key] = store  # keeps id(store) from being reused while the signal lives
+        loop = asyncio.get_running_loop()
+
+        def changed() -> None:  # called in whichever thread changed the store
+            try:
+                loop.call_soon_threadsafe(signal.fire)
+            except RuntimeError:
+                pass  # the loop is closed: the data plane stopped
+
+        await self._call(store.add_listener, changed)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+
+    async def _read_frame(self, conn: _Connection, limit: int, timeout: float | None) -> data_pb2.DataFrame | None:
+        """The next frame's header (its payload is the caller's to read); None when the peer
+        closed the connection between frames."""
+        try:
+            await self._recv_into(conn, memoryview(conn.prefix), timeout)
+        except _Closed as closed:
+            if closed.args and closed.args[0] == 0:
+                return None
+            raise
+        try:
+            length = frames.header_length(conn.prefix, limit)
+        except ProtocolError as e:
+            raise _Refused(e) from e
+        raw = bytearray(length)
+        await self._recv_into(conn, memoryview(raw), IDLE_TIMEOUT_S if timeout is None else timeout)
+        try:
+            return frames.parse_header(raw)
+        except ProtocolError as e:
+            raise _Refused(e) from e
+
+    async def _recv_into(self, conn: _Connection, view: memoryview, timeout: float | None) -> None:
+        """Fill ``view``; _Closed(bytes received) when the peer closes first or sends nothing
+        for ``timeout`` seconds (None: wait as long as it takes, for the first byte only)."""
+        loop = asyncio.get_running_loop()
+        pos, total = 0, len(view)
+        while pos < total:
+            try:
+                async with asyncio.timeout(timeout if pos == 0 else IDLE_TIMEOUT_S):
+                    got = await loop.sock_recv_into(conn.sock, view[pos:])
+            except TimeoutError:
+                raise _Closed(pos) from None
+            if got == 0:
+                raise _Closed(pos)
+            pos += got
+
+    async def _send(self, conn: _Connection, head: bytes, payload: memoryview | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        size = len(head) + (len(payload) if payload is not None else 0)
+        async with asyncio.timeout(IDLE_TIMEOUT_S + size / 10e6):  # a reader that stalls is dropped
+            await loop.sock_sendall(conn.sock, head)
+            if payload is not None and len(payload):
+                await loop.sock_sendall(conn.sock, payload)
+
+    async def _send_error(self, conn: _Connection, exc: BaseException) -> None:
+        code = status_for(exc)
+        if not isinstance(exc, GradhubError | TimeoutError):
+            log.error("data plane: unexpected error", exc_info=exc)
+        await self._send(conn, frames.frame_head(frames.error_reply(exc, code.name)))
+
+
+def _check_worker(session: _Session, job_id: str, rank: int, kind: str) -> None:
+    if job_id != session.job_id or rank != session.rank:
+        raise ProtocolError(f"{kind}: job {job_id!r} rank {rank} is not this connection's worker "
+                            f"(job {session.job_id!r} rank {session.rank})")

@@ -1,0 +1,68 @@
+"""What both parameter-server adapters (gRPC streams and the data plane) check in a request's
+header before they allocate or read a byte of its payload, and how they hand the received
+bytes to the store. No transport in here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import ProtocolError, StateError
+from gradhub.proto.model_state import ModelLayout, buffer_specs, tensors_from_proto
+from gradhub.proto.v1 import ps_pb2, tensor_pb2
+from gradhub.server.store import ParameterStore
+
+
+@dataclass(frozen=True)
+class InitRequest:
+    """A checked InitParameters header: the model it describes and the bytes that follow."""
+
+    model: ModelLayout
+    buffers: dict[str, torch.Tensor]
+    trainable_bytes: int
+    payload_bytes: int  # trainable, then frozen, float32
+
+    def take(self, store: ParameterStore, flat: torch.Tensor) -> bool:
+        """Give the received payload (float32) to the store; False when it had parameters already."""
+        if not bool(flat.isfinite().all()):
+            raise ProtocolError("parameter values: initial parameters contain NaN or Inf")
+        n = self.trainable_bytes // 4
+        params, frozen = flat[:n], (flat[n:] if self.model.frozen else None)
+        return store.initialize(self.model, params, frozen, self.buffers)
+
+
+def init_request(header: ps_pb2.PushHeader, max_model_bytes: int) -> InitRequest:
+    if not header.tensors:
+        raise ProtocolError("tensors: the header lists no tensors")
+    for field, metas in (("tensors", header.tensors), ("frozen", header.frozen)):
+        for i, meta in enumerate(metas):
+            if meta.dtype != tensor_pb2.FLOAT32:
+                raise ProtocolError(f"{field}[{i}].dtype: initial parameters must be FLOAT32")
+    buffers = tensors_from_proto(header.buffers, "buffers")
+    model = ModelLayout(trainable=Layout.from_metas(header.tensors),
+                        frozen=Layout.from_metas(header.frozen) if header.frozen else None,
+                        buffers=buffer_specs(buffers), aliases=dict(header.aliases))
+    trainable = model.trainable.nbytes(tensor_pb2.FLOAT32)
+    total = trainable + (model.frozen.nbytes(tensor_pb2.FLOAT32) if model.frozen else 0)
+    if total > max_model_bytes:
+        raise ProtocolError(f"tensors: a model of {total} bytes is over the server's limit of "
+                            f"{max_model_bytes} (gradhub server --max-model-bytes)")
+    return InitRequest(model, buffers, trainable, total)
+
+
+def push_bytes(store: ParameterStore, header: ps_pb2.PushHeader) -> int:
+    """The bytes of the gradient ``header`` announces, once its tensors match the job's model."""
+    if not header.tensors:
+        raise ProtocolError("tensors: the header lists no tensors")
+    layout = store.layout
+    if layout is None:
+        raise StateError("parameters: the job has no parameters yet; pull before pushing")
+    wire_dtype = store.config.wire_dtype
+    layout.check_metas(header.tensors, wire_dtype)
+    return layout.nbytes(wire_dtype)
+
+
+def push_buffers(header: ps_pb2.PushHeader) -> dict[str, torch.Tensor] | None:
+    return tensors_from_proto(header.buffers, "buffers") if header.buffers else None

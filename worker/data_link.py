@@ -1,0 +1,203 @@
+"""A worker's connection to the server's data plane (see proto/v1/data.proto): its gradients go
+out and the parameters come in on one socket, a Unix socket when the worker shares the server's
+host and network namespace, TCP otherwise. Blocking sockets: the worker is a plain process
+whose training loop waits for its parameters anyway.
+
+Payloads are sent from the tensors' own memory and received with ``recv_into`` straight into
+the model's flat parameters (CPU, float32), or through a staging buffer (pinned for a GPU
+model; the wire dtype when the job compresses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+import torch
+
+from gradhub.proto import frames
+from gradhub.proto.codec import Layout, as_bytes, torch_dtype
+from gradhub.proto.contract.errors import ProtocolError
+from gradhub.proto.v1 import data_pb2, ps_pb2
+
+CONNECT_TIMEOUT_S = 10.0
+# a reply may wait for the other workers up to the server's 60 s, then the payload's transfer
+SOCKET_TIMEOUT_S = 90.0
+
+
+class ServerWaitTimeout(Exception):
+    """The server's wait for the other workers ran out (after a minute): ask again."""
+
+
+class DataClosed(ConnectionError):
+    """The server closed the data-plane connection (or it broke) before the reply was whole."""
+
+
+class DataLink:
+    """One worker's data-plane connection; ``connect()`` opens and authenticates it."""
+
+    def __init__(self, endpoint: ps_pb2.DataEndpoint, job_id: str, rank: int, control_host: str) -> None:
+        self.endpoint, self.job_id, self.rank = endpoint, job_id, rank
+        self._tcp_host = endpoint.tcp_host or control_host
+        self._sock: socket.socket | None = None
+        self.kind = ""  # "unix" or "tcp" once connected
+        self._prefix = bytearray(frames.PREFIX.size)
+        self._staging: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
+
+    @property
+    def where(self) -> str:
+        return (f"unix:{self.endpoint.unix_path}" if self.kind == "unix"
+                else f"tcp:{self._tcp_host}:{self.endpoint.tcp_port}")
+
+    def connect(self) -> None:
+        """Open the connection (the Unix socket when this host is the server's, else TCP) and
+        say who this worker is; raises OSError when unreachable, the server's error (AuthError,
+        NotFoundError, ...) when it refuses."""
+        self.close()
+        e = self.endpoint
+        if e.protocol != frames.DATA_PROTOCOL:
+            raise ProtocolError(f"data.protocol: the server speaks version {e.protocol}, this worker "
+                                f"{frames.DATA_PROTOCOL}")
+        sock = None
+        if e.unix_path and e.host_id and e.host_id == frames.host_id():
+            with contextlib.suppress(OSError):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(CONNECT_TIMEOUT_S)
+                sock.connect(e.unix_path)
+                self.kind = "unix"
+        if self.kind != "unix":
+            if sock is not None:
+                sock.close()
+            sock = socket.create_connection((self._tcp_host, e.tcp_port), timeout=CONNECT_TIMEOUT_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.kind = "tcp"
+        assert sock is not None
+        self._sock = sock
+        try:
+            hello = data_pb2.DataHello(protocol=frames.DATA_PROTOCOL, job_id=self.job_id, rank=self.rank,
+                                       credential=e.credential)
+            self._exchange(data_pb2.DataFrame(hello=hello))
+            sock.settimeout(SOCKET_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self.kind = ""
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    # ------------------------------------------------------------------ requests
+    def init(self, header: ps_pb2.PushHeader, flat: torch.Tensor) -> data_pb2.DataReply:
+        data = self._outgoing(flat, torch.float32)
+        return self._exchange(data_pb2.DataFrame(init=header, payload_bytes=len(data)), data)
+
+    def push(self, header: ps_pb2.PushHeader, grads: torch.Tensor, wire_dtype: int,
+             then_pull: tuple[Layout, torch.Tensor] | None = None) -> data_pb2.DataReply:
+        """Send a gradient; with ``then_pull`` (layout, params) the reply brings the parameters
+        for the next step into ``params``."""
+        data = self._outgoing(grads, torch_dtype(wire_dtype))
+        frame = data_pb2.DataFrame(push=header, pull_next=then_pull is not None, payload_bytes=len(data))
+        into = None if then_pull is None else self._params_target(*then_pull, wire_dtype)
+        return self._exchange(frame, data, into)
+
+    def pull(self, request: ps_pb2.PullRequest, layout: Layout, params: torch.Tensor) -> data_pb2.DataReply:
+        return self._exchange(data_pb2.DataFrame(pull=request), None,
+                              self._params_target(layout, params, request.dtype))
+
+    # ------------------------------------------------------------------ plumbing
+    def _outgoing(self, flat: torch.Tensor, dtype: torch.dtype) -> memoryview:
+        flat = flat.detach()
+        if flat.device.type == "cpu" and flat.dtype == dtype and flat.is_contiguous():
+            return as_bytes(flat)
+        staging = self._buffer(dtype, flat.numel(), pinned=flat.device.type == "cuda", key="out")
+        staging.copy_(flat.reshape(-1))
+        return as_bytes(staging)
+
+    def _params_target(self, layout: Layout, params: torch.Tensor, wire_dtype: int) -> _ParamsTarget:
+        dtype = torch_dtype(wire_dtype)
+        direct = params.device.type == "cpu" and params.dtype == dtype and params.is_contiguous()
+        staging = None if direct else self._buffer(dtype, layout.numel, pinned=params.device.type == "cuda", key="in")
+        return _ParamsTarget(layout, params, wire_dtype, staging)
+
+    def _buffer(self, dtype: torch.dtype, numel: int, pinned: bool, key: str) -> torch.Tensor:
+        k = (key, dtype, pinned)
+        buf = self._staging.get(k)
+        if buf is None or buf.numel() != numel:
+            buf = torch.empty(numel, dtype=dtype, pin_memory=pinned and torch.cuda.is_available())
+            self._staging[k] = buf
+        return buf
+
+    def _exchange(self, frame: data_pb2.DataFrame, payload: memoryview | None = None,
+                  into: _ParamsTarget | None = None) -> data_pb2.DataReply:
+        """Send one request and read its reply (its payload into ``into``); raises the server's
+        error for an error reply, OSError (DataClosed) when the connection breaks."""
+        sock = self._sock
+        if sock is None:
+            raise DataClosed("data plane: not connected")
+        try:
+            sock.sendall(frames.frame_head(frame))
+            if payload is not None and len(payload):
+                sock.sendall(payload)
+            self._recv_into(sock, memoryview(self._prefix))
+            raw = bytearray(frames.header_length(self._prefix, frames.MAX_HEADER_BYTES))
+            self._recv_into(sock, memoryview(raw))
+            reply_frame = frames.parse_header(raw)
+            if reply_frame.WhichOneof("kind") != "reply":
+                raise ProtocolError("data plane: the server answered with something else than a reply")
+            reply, nbytes = reply_frame.reply, reply_frame.payload_bytes
+            if reply.HasField("error"):
+                if nbytes:
+                    raise ProtocolError("data plane: an error reply with a payload")
+            elif nbytes:
+                if into is None:
+                    raise ProtocolError(f"data plane: a reply with {nbytes} unexpected bytes")
+                self._recv_into(sock, into.buffer(reply, nbytes))
+            elif into is not None:
+                raise ProtocolError("pull: the server's reply carries no parameters")
+        except (OSError, ProtocolError):
+            self.close()  # a connection whose framing is in doubt is not used again
+            raise
+        if reply.HasField("error"):
+            error = frames.reply_error(reply.error)
+            if isinstance(error, TimeoutError):  # the connection stays good
+                raise ServerWaitTimeout(str(error))
+            self.close()  # the server ends the connection after other errors
+            raise error
+        if into is not None:
+            into.land()
+        return reply
+
+    def _recv_into(self, sock: socket.socket, view: memoryview) -> None:
+        pos, total = 0, len(view)
+        while pos < total:
+            got = sock.recv_into(view[pos:], total - pos)
+            if got == 0:
+                raise DataClosed(f"data plane: the server closed the connection ({pos} of {total} bytes)")
+            pos += got
+
+
+class _ParamsTarget:
+    """Where the parameters of a reply go: straight into ``params`` when they are CPU tensors of
+    the wire dtype, else into ``staging`` (pinned for a GPU model), copied into them once whole."""
+
+    def __init__(self, layout: Layout, params: torch.Tensor, wire_dtype: int, staging: torch.Tensor | None) -> None:
+        self.layout, self.params, self.wire_dtype, self.staging = layout, params, wire_dtype, staging
+
+    def buffer(self, reply: data_pb2.DataReply, nbytes: int) -> memoryview:
+        if not reply.HasField("params"):
+            raise ProtocolError("pull: the server's reply carries no parameters")
+        self.layout.check_metas(reply.params.tensors, self.wire_dtype)
+        expected = self.layout.numel * torch_dtype(self.wire_dtype).itemsize
+        if nbytes != expected:
+            raise ProtocolError(f"pull: {nbytes} bytes for a model of {expected}")
+        return as_bytes(self.params if self.staging is None else self.staging)
+
+    def land(self) -> None:
+        if self.staging is not None:
+            self.params.copy_(self.staging)
