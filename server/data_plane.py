@@ -5,9 +5,10 @@ control plane.
 One asyncio event loop, in a thread of its own, serves every connection: no thread per worker,
 per waiting pull or per stalled upload. Payloads are received with ``recv_into`` straight into
 the buffer the store keeps, and parameters are sent from the store's snapshot without a copy.
-The store's work (applying an update, encoding a snapshot) runs on a small fixed pool so that
-the loop goes on receiving meanwhile; a pull that must wait is a coroutine woken by the
-store's listener, not a thread.
+A pull that must wait is a coroutine woken by the store's listener, not a thread. The store's
+work for a large model (applying an update, encoding a snapshot) runs on a small fixed pool
+so that the loop goes on receiving meanwhile; for a small one (``INLINE_BYTES``) it runs on
+the loop itself, where a thread hop would cost more than the work.
 
     with DataPlane(manager, host="127.0.0.1", max_model_bytes=1 << 30) as plane:
         endpoint = plane.endpoint(credential)   # what a worker gets in RegisterResponse.data
@@ -36,7 +37,7 @@ from gradhub.proto.contract.errors import GradhubError, ProtocolError
 from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
 from gradhub.server.ps_requests import init_request, push_buffers, push_bytes
 from gradhub.server.rpc import status_for
-from gradhub.server.store import ParameterStore
+from gradhub.server.store import ParameterStore, Snapshot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,6 +47,10 @@ IDLE_TIMEOUT_S = 120.0  # a frame whose bytes stop coming (either way) for this 
 MAX_PULL_WAIT_S = 60.0  # a pull waits at most this long, then is told to ask again (as on gRPC)
 MAX_CONNECTIONS = 16384
 COMPUTE_THREADS = 4
+# a model up to this size is updated on the loop (its update takes microseconds); larger ones
+# on the pool
+INLINE_BYTES = 1 << 20
+READ_AHEAD_BYTES = 64 << 10  # reads of less than a quarter of this take what else has arrived too
 
 
 class Stores(Protocol):
@@ -71,6 +76,12 @@ class _Session:
     rank: int
     registration: int
 
+    @property
+    def inline(self) -> bool:
+        """Whether the store's work for this job runs on the loop (a small model)."""
+        layout = self.store.layout
+        return layout is not None and layout.numel * 4 <= INLINE_BYTES
+
 
 class _Signal:
     """Wakes the pulls that wait on one store: ``fire`` completes the current event and starts the
@@ -88,6 +99,9 @@ class _Connection:
     def __init__(self, sock: socket.socket, transport: str) -> None:
         self.sock, self.transport = sock, transport
         self.prefix = bytearray(frames.PREFIX.size)
+        # bytes received ahead of need (a small frame's prefix, header and payload come in one read)
+        self.ahead = memoryview(bytearray(READ_AHEAD_BYTES))
+        self.start = self.end = 0
         # the gradient buffer, reused once the store no longer holds it (version >= free_at)
         self.buffer: bytearray | None = None
         self.free_at = 0
@@ -246,7 +260,7 @@ class DataPlane:
     async def _request(self, conn: _Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
         kind = frame.WhichOneof("kind")
         try:
-            await self._call(session.store.check_session, session.rank, session.registration)
+            session.store.check_session(session.rank, session.registration)
             if kind in ("push", "init"):
                 header = getattr(frame, kind)
                 _check_worker(session, header.job_id, header.rank, kind)
@@ -280,17 +294,18 @@ class DataPlane:
         wire_dtype = store.config.wire_dtype
         grad = torch.frombuffer(buffer, dtype=torch_dtype(wire_dtype)) if nbytes else \
             torch.empty(0, dtype=torch_dtype(wire_dtype))
+        pull_step = header.step + 1 if frame.pull_next else None
         try:
-            accepted, version = await self._call(store.push, header.rank, header.step, header.base_version, grad,
-                                                 buffers, list(header.unused))
+            accepted, version, snapshot = await self._store_call(
+                session, _push_then_try_pull, store, header, grad, buffers, pull_step, wire_dtype)
         except Exception as e:  # noqa: BLE001 - any error goes back to the worker (as gRPC's handler does)
             conn.buffer = None  # the store may hold it
             await self._send_error(conn, e)
             return
         # ps-sync keeps the gradient until every worker's is in (the update makes version step + 1)
         conn.free_at = header.step + 1 if accepted and store.config.mode == "ps-sync" else 0
-        if frame.pull_next:
-            await self._pull(conn, session, header.step + 1, wire_dtype)
+        if pull_step is not None:
+            await self._pull(conn, session, pull_step, wire_dtype, snapshot)
         else:
             await self._send(conn, frames.frame_head(data_pb2.DataFrame(
                 reply=data_pb2.DataReply(accepted=accepted, version=version))))
@@ -314,16 +329,17 @@ class DataPlane:
         await self._send(conn, frames.frame_head(data_pb2.DataFrame(
             reply=data_pb2.DataReply(accepted=accepted, version=session.store.version))))
 
-    async def _pull(self, conn: _Connection, session: _Session, step: int, wire_dtype: int) -> None:
-        """Send the parameters for ``step`` once the mode allows; after MAX_PULL_WAIT_S, a
-        DEADLINE_EXCEEDED error (the worker asks again)."""
+    async def _pull(self, conn: _Connection, session: _Session, step: int, wire_dtype: int,
+                    snapshot: Snapshot | None = None) -> None:
+        """Send the parameters for ``step`` (``snapshot`` when the caller already has them) once
+        the mode allows; after MAX_PULL_WAIT_S, a DEADLINE_EXCEEDED error (the worker asks again)."""
         loop = asyncio.get_running_loop()
         store, signal = session.store, self._signals[id(session.store)]
         deadline = loop.time() + MAX_PULL_WAIT_S
-        while True:
+        while snapshot is None:
             changed = signal.event  # taken before the check: a change after it sets this event
             try:
-                snapshot = await self._call(store.try_pull, session.rank, step, wire_dtype)
+                snapshot = await self._store_call(session, store.try_pull, session.rank, step, wire_dtype)
                 if snapshot is not None:
                     break
                 if loop.time() >= deadline:
@@ -355,13 +371,22 @@ class DataPlane:
         self._stores_seen[key] = store  # keeps id(store) from being reused while the signal lives
         loop = asyncio.get_running_loop()
 
+        loop_thread = threading.get_ident()
+
         def changed() -> None:  # called in whichever thread changed the store
+            if threading.get_ident() == loop_thread:
+                signal.fire()
+                return
             try:
                 loop.call_soon_threadsafe(signal.fire)
             except RuntimeError:
                 pass  # the loop is closed: the data plane stopped
 
         await self._call(store.add_listener, changed)
+
+    async def _store_call(self, session: _Session, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``: on the loop for a small model, else on the pool."""
+        return fn(*args) if session.inline else await self._call(fn, *args)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -389,32 +414,70 @@ class DataPlane:
 
     async def _recv_into(self, conn: _Connection, view: memoryview, timeout: float | None) -> None:
         """Fill ``view``; _Closed(bytes received) when the peer closes first or sends nothing
-        for ``timeout`` seconds (None: wait as long as it takes, for the first byte only)."""
-        loop = asyncio.get_running_loop()
-        pos, total = 0, len(view)
+        for ``timeout`` seconds (None: wait as long as it takes, for the first byte only).
+        Small reads go through the read-ahead buffer; large ones land in ``view`` directly."""
+        total = len(view)
+        pos = min(conn.end - conn.start, total)
+        view[:pos] = conn.ahead[conn.start : conn.start + pos]
+        conn.start += pos
         while pos < total:
+            wait = timeout if pos == 0 else IDLE_TIMEOUT_S
+            if total - pos < READ_AHEAD_BYTES // 4:
+                got = await self._recv_some(conn, conn.ahead, wait, pos)
+                take = min(got, total - pos)
+                view[pos : pos + take] = conn.ahead[:take]
+                conn.start, conn.end = take, got
+            else:
+                take = await self._recv_some(conn, view[pos:], wait, pos)
+            pos += take
+
+    async def _recv_some(self, conn: _Connection, into: memoryview, timeout: float | None, pos: int) -> int:
+        """One receive into ``into`` (at least a byte); waits on the loop only when nothing has
+        arrived yet."""
+        try:
+            got = conn.sock.recv_into(into)
+        except BlockingIOError:
             try:
-                async with asyncio.timeout(timeout if pos == 0 else IDLE_TIMEOUT_S):
-                    got = await loop.sock_recv_into(conn.sock, view[pos:])
+                async with asyncio.timeout(timeout):
+                    got = await asyncio.get_running_loop().sock_recv_into(conn.sock, into)
             except TimeoutError:
                 raise _Closed(pos) from None
-            if got == 0:
-                raise _Closed(pos)
-            pos += got
+        if got == 0:
+            raise _Closed(pos)
+        return got
 
     async def _send(self, conn: _Connection, head: bytes, payload: memoryview | None = None) -> None:
+        """Write a frame: one gathered write when the socket takes it all, else the rest on the loop."""
+        parts = [memoryview(head)] if payload is None or not len(payload) else [memoryview(head), payload]
+        try:
+            sent = conn.sock.sendmsg(parts)
+        except BlockingIOError:
+            sent = 0
         loop = asyncio.get_running_loop()
-        size = len(head) + (len(payload) if payload is not None else 0)
+        size = sum(len(p) for p in parts)
         async with asyncio.timeout(IDLE_TIMEOUT_S + size / 10e6):  # a reader that stalls is dropped
-            await loop.sock_sendall(conn.sock, head)
-            if payload is not None and len(payload):
-                await loop.sock_sendall(conn.sock, payload)
+            for part in parts:
+                if sent >= len(part):
+                    sent -= len(part)
+                    continue
+                await loop.sock_sendall(conn.sock, part[sent:])
+                sent = 0
 
     async def _send_error(self, conn: _Connection, exc: BaseException) -> None:
         code = status_for(exc)
         if not isinstance(exc, GradhubError | TimeoutError):
             log.error("data plane: unexpected error", exc_info=exc)
         await self._send(conn, frames.frame_head(frames.error_reply(exc, code.name)))
+
+
+def _push_then_try_pull(store: ParameterStore, header: ps_pb2.PushHeader, grad: torch.Tensor,
+                        buffers: dict[str, torch.Tensor] | None, pull_step: int | None, wire_dtype: int,
+                        ) -> tuple[bool, int, Snapshot | None]:
+    """A push, and (``pull_step``) the parameters for the next step when they are ready already."""
+    accepted, version = store.push(header.rank, header.step, header.base_version, grad, buffers,
+                                   list(header.unused))
+    snapshot = None if pull_step is None else store.try_pull(header.rank, pull_step, wire_dtype)
+    return accepted, version, snapshot
 
 
 def _check_worker(session: _Session, job_id: str, rank: int, kind: str) -> None:

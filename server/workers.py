@@ -106,11 +106,12 @@ class WorkerTable:
 
     def check_session(self, rank: int, registration: int) -> None:
         """StateError when worker ``rank`` registered again since its connection opened (that
-        connection belongs to a process that was replaced)."""
-        with self._cond:
-            if self._worker(rank).registrations != registration:
-                raise StateError(f"rank: worker {rank} registered again; this data-plane connection "
-                                 "belongs to its previous process")
+        connection belongs to a process that was replaced). Reads one int without the lock (the
+        data plane's loop calls it for every frame and must not wait for an update to finish):
+        a registration that lands meanwhile is seen at the next frame."""
+        if self._worker(rank).registrations != registration:
+            raise StateError(f"rank: worker {rank} registered again; this data-plane connection "
+                             "belongs to its previous process")
 
     def mark_dead(self, rank: int) -> None:
         """The worker's process is gone (it may come back and register again)."""

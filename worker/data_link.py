@@ -23,6 +23,7 @@ from gradhub.proto.v1 import data_pb2, ps_pb2
 CONNECT_TIMEOUT_S = 10.0
 # a reply may wait for the other workers up to the server's 60 s, then the payload's transfer
 SOCKET_TIMEOUT_S = 90.0
+READ_AHEAD_BYTES = 64 << 10  # reads of less than a quarter of this take what else has arrived too
 
 
 class ServerWaitTimeout(Exception):
@@ -42,6 +43,8 @@ class DataLink:
         self._sock: socket.socket | None = None
         self.kind = ""  # "unix" or "tcp" once connected
         self._prefix = bytearray(frames.PREFIX.size)
+        self._ahead = memoryview(bytearray(READ_AHEAD_BYTES))
+        self._start = self._end = 0
         self._staging: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
 
     @property
@@ -87,6 +90,7 @@ class DataLink:
             self._sock.close()
             self._sock = None
             self.kind = ""
+        self._start = self._end = 0  # what was read ahead belonged to that connection
 
     @property
     def connected(self) -> bool:
@@ -141,9 +145,7 @@ class DataLink:
         if sock is None:
             raise DataClosed("data plane: not connected")
         try:
-            sock.sendall(frames.frame_head(frame))
-            if payload is not None and len(payload):
-                sock.sendall(payload)
+            _send_all(sock, frames.frame_head(frame), payload)
             self._recv_into(sock, memoryview(self._prefix))
             raw = bytearray(frames.header_length(self._prefix, frames.MAX_HEADER_BYTES))
             self._recv_into(sock, memoryview(raw))
@@ -174,12 +176,34 @@ class DataLink:
         return reply
 
     def _recv_into(self, sock: socket.socket, view: memoryview) -> None:
-        pos, total = 0, len(view)
+        """Fill ``view``: small reads through the read-ahead buffer (a reply's prefix, header
+        and small payload come in one read), large ones straight into ``view``."""
+        total = len(view)
+        pos = min(self._end - self._start, total)
+        view[:pos] = self._ahead[self._start : self._start + pos]
+        self._start += pos
         while pos < total:
-            got = sock.recv_into(view[pos:], total - pos)
+            small = total - pos < READ_AHEAD_BYTES // 4
+            got = sock.recv_into(self._ahead if small else view[pos:])
             if got == 0:
                 raise DataClosed(f"data plane: the server closed the connection ({pos} of {total} bytes)")
+            if small:
+                take = min(got, total - pos)
+                view[pos : pos + take] = self._ahead[:take]
+                self._start, self._end = take, got
+                got = take
             pos += got
+
+
+def _send_all(sock: socket.socket, head: bytes, payload: memoryview | None) -> None:
+    """Write a frame in gathered writes (no copy to join the header and the payload)."""
+    parts = [memoryview(head)] if payload is None or not len(payload) else [memoryview(head), payload]
+    while parts:
+        sent = sock.sendmsg(parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts.pop(0))
+        if parts:
+            parts[0] = parts[0][sent:]
 
 
 class _ParamsTarget:

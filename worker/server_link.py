@@ -118,6 +118,7 @@ class ServerLink:
                                                 request_serializer=ps_pb2.LoadCheckpointRequest.SerializeToString,
                                                 response_deserializer=_checkpoint_response)
         self._staging: torch.Tensor | None = None
+        self._metas: tuple[Layout, list[tensor_pb2.TensorMeta]] | None = None  # the last layout's, for headers
         self._session: _Session | None = None
 
     def close(self) -> None:
@@ -251,8 +252,10 @@ class ServerLink:
 
     def _push_header(self, layout: Layout, step: int, base_version: int,
                      buffers: Mapping[str, torch.Tensor] | None, unused: Sequence[int]) -> ps_pb2.PushHeader:
+        if self._metas is None or self._metas[0] is not layout:
+            self._metas = (layout, layout.metas(self.wire_dtype))
         return ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step, base_version=base_version,
-                                 tensors=layout.metas(self.wire_dtype), unused=list(unused),
+                                 tensors=self._metas[1], unused=list(unused),
                                  buffers=tensors_to_proto(buffers) if buffers else [])
 
     def _close_session(self) -> None:
