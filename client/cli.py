@@ -166,6 +166,19 @@ def server(
                      help="allreduce mode: seconds a collective waits for a hung peer before the "
                           "group restarts (a dead worker is noticed at once)."),
     ] = _SERVER_DEFAULTS.collective_timeout_s,
+    data_port: Annotated[
+        int,
+        typer.Option(min=0, max=65535, envvar="GRADHUB_DATA_PORT",
+                     help="TCP port of the data plane (the ps modes' tensors) on --host; 0: any free "
+                          "port. Fix it where workers reach the server through a firewall or a "
+                          "container's published ports."),
+    ] = _SERVER_DEFAULTS.data_port,
+    max_model_bytes: Annotated[
+        int,
+        typer.Option(min=1, envvar="GRADHUB_MAX_MODEL_BYTES",
+                     help="Largest model (float32 parameter bytes) a job may send; checked before "
+                          "a byte of it is received."),
+    ] = _SERVER_DEFAULTS.max_model_bytes,
 ) -> None:
     """Run the gradhub server until Ctrl-C or SIGTERM, then stop gracefully."""
     from gradhub.server.app import Server
@@ -179,7 +192,7 @@ def server(
         config = ServerConfig(host=host, port=port, data_dir=data_dir, ray_address=ray_address,
                               advertise_address=advertise_address, token=token,
                               node_join_grace_s=node_join_grace, collective_timeout_s=collective_timeout,
-                              stop_grace_s=grace)
+                              stop_grace_s=grace, data_port=data_port, max_model_bytes=max_model_bytes)
     except ValueError as e:
         _fail(str(e))
     srv = Server(config)
@@ -188,8 +201,8 @@ def server(
     except (GradhubError, RuntimeError, ConnectionError, OSError, ValueError) as e:
         srv.stop(0)
         _fail(f"cannot start the server: {e}")
-    typer.echo(f"gradhub server listening on {_hostport(host, srv.port)}, workers reach it at "
-               f"{srv.advertise_address}, data in {data_dir.resolve()}")
+    typer.echo(f"gradhub server listening on {_hostport(host, srv.port)} (data plane on port "
+               f"{srv.data_port}), workers reach it at {srv.advertise_address}, data in {data_dir.resolve()}")
     if token is None:
         warning = ("warning: no token (--token-file or GRADHUB_TOKEN): the server accepts "
                    "unauthenticated RPCs")

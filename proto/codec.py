@@ -7,7 +7,7 @@ shape) followed by their bytes back to back in meta order, cut into chunks of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any, TypeVar
@@ -169,13 +169,26 @@ class Receiver:
             chunk = next(chunks, None)
             if chunk is None:
                 return False
-            if isinstance(chunk, memoryview):
-                self.write(chunk)
-            elif chunk.WhichOneof("kind") == "data":
-                self.write(chunk.data)
-            else:
-                raise ProtocolError("data: only data chunks may follow the header")
+            self.take(chunk)
         return True
+
+    async def afill(self, chunks: AsyncIterator[Any]) -> bool:
+        """``fill`` from an async stream (a call served on an event loop)."""
+        while self.received < self.expected:
+            chunk = await anext(chunks, None)
+            if chunk is None:
+                return False
+            self.take(chunk)
+        return True
+
+    def take(self, chunk: Any) -> None:
+        """One chunk of the stream: a zero-copy view, or a message whose ``data`` is set."""
+        if isinstance(chunk, memoryview):
+            self.write(chunk)
+        elif chunk.WhichOneof("kind") == "data":
+            self.write(chunk.data)
+        else:
+            raise ProtocolError("data: only data chunks may follow the header")
 
     def write(self, data: bytes | memoryview) -> None:
         end = self.received + len(data)

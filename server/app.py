@@ -1,7 +1,8 @@
-"""The gradhub server process: one gRPC server (thread pool) serving the JobService, the
-WorkerControl and the ParameterServer (the ps modes' gRPC fallback), the data plane (an event
-loop that moves the ps modes' tensors), backed by the JobManager, and connected to Ray
-(embedded local, or a cluster).
+"""The gradhub server process: one event loop (``gradhub.server.io_loop``) runs the gRPC server
+(grpc.aio: the JobService, the WorkerControl and the ParameterServer, the ps modes' gRPC
+fallback) and the data plane (the ps modes' tensors), backed by the JobManager, and connected
+to Ray (embedded local, or a cluster). Calls that wait or stream (pulls, push sessions,
+watches, logs) are coroutines on the loop; the other handlers run in a bounded thread pool.
 
     with Server(ServerConfig(port=0, data_dir=tmp)) as server:
         print(server.address)
@@ -14,6 +15,7 @@ from concurrent import futures
 from typing import Self
 
 import grpc
+import grpc.aio
 
 from gradhub.proto.alloc import tune_for_streaming
 from gradhub.proto.contract.spec import WORKING_DIR_LIMIT
@@ -24,6 +26,7 @@ from gradhub.server.control_service import WorkerControlServicer
 from gradhub.server.control_service import add_to_server as add_control_service
 from gradhub.server.data_dir import DataDirLock
 from gradhub.server.data_plane import DataPlane
+from gradhub.server.io_loop import IOLoop
 from gradhub.server.job_db import JobDB
 from gradhub.server.job_service import JobServiceServicer
 from gradhub.server.jobs import JobManager
@@ -31,6 +34,7 @@ from gradhub.server.launcher import Launcher, RayLauncher
 from gradhub.server.ps_service import ParameterServerServicer
 from gradhub.server.ps_service import add_to_server as add_ps_service
 from gradhub.server.rpc import TokenInterceptor
+from gradhub.server.waits import StoreCalls
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ GRPC_OPTIONS = [
 # for the GCS's word on the death, so a dead worker is replaced that much sooner. A cluster
 # (--ray-address) keeps its own setting, where a slow network can delay that word.
 EMBEDDED_RAY_CONFIG = {"timeout_ms_task_wait_for_death_info": 100}
+STORE_THREADS = 4  # where large models' updates run, beside the loop
 
 
 class Server:
@@ -60,7 +65,9 @@ class Server:
         """``launcher`` replaces the Ray launcher (tests that act as the workers themselves)."""
         self.config = config
         self._launcher = launcher
-        self._grpc: grpc.Server | None = None
+        self._io: IOLoop | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._pools: list[futures.ThreadPoolExecutor] = []
         self._db: JobDB | None = None
         self._manager: JobManager | None = None
         self._data: DataPlane | None = None
@@ -76,6 +83,11 @@ class Server:
         if host in ("0.0.0.0", "::", "[::]", ""):
             host = "127.0.0.1"
         return f"{host}:{self.port}"
+
+    @property
+    def data_port(self) -> int:
+        """The data plane's TCP port (0 before ``start``)."""
+        return self._data.port if self._data is not None else 0
 
     @property
     def manager(self) -> JobManager:
@@ -104,12 +116,19 @@ class Server:
                          logging_level=logging.WARNING, _system_config=EMBEDDED_RAY_CONFIG)
             self._owns_ray = True
         interceptors = [TokenInterceptor(c.token)] if c.token else []
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=c.max_rpc_threads,
-                                                            thread_name_prefix="gradhub-rpc"),
-                                 options=GRPC_OPTIONS, interceptors=interceptors)
-        self.port = self._grpc.add_insecure_port(f"{_bracket(c.host)}:{c.port}")
+        rpc_pool = futures.ThreadPoolExecutor(max_workers=c.max_rpc_threads, thread_name_prefix="gradhub-rpc")
+        store_pool = futures.ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="gradhub-apply")
+        self._pools = [rpc_pool, store_pool]
+        self._io = io = IOLoop().start()
+
+        async def create() -> tuple[grpc.aio.Server, int]:  # on the loop, which the server binds to
+            server = grpc.aio.server(migration_thread_pool=rpc_pool, options=GRPC_OPTIONS, interceptors=interceptors)
+            return server, server.add_insecure_port(f"{_bracket(c.host)}:{c.port}")
+
+        self._grpc, self.port = io.run(create(), timeout=30)
         if self.port == 0:
             raise RuntimeError(f"port: could not bind {c.host}:{c.port}")
+        calls = StoreCalls(store_pool)
         self.advertise_address = c.advertise_address or f"{_bracket(self._worker_host())}:{self.port}"
         advertise = self.advertise_address
         self._lock.note(f"{_bracket(c.host)}:{self.port}")
@@ -118,12 +137,13 @@ class Server:
         self._manager = JobManager(
             self._db, checkpoints, self._launcher or RayLauncher(advertise, c.token), c.data_dir / "working_dirs", c,
         )
-        self._data = DataPlane(self._manager, c.host, c.data_port, max_model_bytes=c.max_model_bytes).start()
+        self._data = DataPlane(self._manager, c.host, c.data_port, max_model_bytes=c.max_model_bytes
+                               ).start(io.loop, calls)
         data_host = advertise.rsplit(":", 1)[0].strip("[]")
         add_control_service(WorkerControlServicer(self._manager, self._data, data_host), self._grpc)
-        add_ps_service(ParameterServerServicer(self._manager, c.max_model_bytes), self._grpc)
+        add_ps_service(ParameterServerServicer(self._manager, c.max_model_bytes, calls), self._grpc)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(self._manager, checkpoints), self._grpc)
-        self._grpc.start()
+        io.run(self._grpc.start(), timeout=30)
         self._manager.start()
         log.info("gradhub server on %s:%d (workers reach it at %s)", c.host, self.port, advertise)
         return self
@@ -139,10 +159,14 @@ class Server:
     def stop(self, grace: float = 5.0) -> None:
         if self._manager is not None:
             self._manager.stop(grace)
-        if self._grpc is not None:
-            self._grpc.stop(grace).wait(grace + 1)
+        if self._grpc is not None and self._io is not None:
+            self._io.run(self._grpc.stop(grace), timeout=grace + 5)
         if self._data is not None:
             self._data.stop(grace)
+        if self._io is not None:
+            self._io.stop()
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
         if self._db is not None:
             self._db.close()
         if self._owns_ray:
@@ -151,11 +175,13 @@ class Server:
             ray.shutdown()
             self._owns_ray = False
         self._lock.release()
-        self._grpc = self._db = self._manager = self._data = None
+        self._grpc = self._db = self._manager = self._data = self._io = None
+        self._pools = []
 
     def wait(self) -> None:
-        if self._grpc is not None:
-            self._grpc.wait_for_termination()
+        """Block until the server stops."""
+        if self._grpc is not None and self._io is not None:
+            self._io.run(self._grpc.wait_for_termination())
 
     def __enter__(self) -> Self:
         return self.start()

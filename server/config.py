@@ -20,7 +20,7 @@ class ServerConfig:
     # host:port that workers use to reach this server; default: this node's Ray IP and the bound port
     advertise_address: str | None = None
     token: str | None = None  # when set, every RPC needs "authorization: Bearer <token>"
-    max_rpc_threads: int = 64
+    max_rpc_threads: int = 64  # the pool that runs the short (sync) RPC handlers
     # the data plane (ps modes' tensors): TCP port on ``host`` (0: any free port; a cluster
     # behind a firewall or in containers fixes it), beside a Unix socket for workers on this host
     data_port: int = 0
@@ -46,7 +46,7 @@ class ServerConfig:
         if self.max_model_bytes < 1:
             raise ValueError("max_model_bytes: must be >= 1")
         if self.max_rpc_threads < 8:
-            raise ValueError("max_rpc_threads: must be >= 8 (pulls block while they wait)")
+            raise ValueError("max_rpc_threads: must be >= 8 (short calls run in this pool)")
         if self.token is not None and not self.token.strip():
             raise ValueError("token: is empty")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:

@@ -2,13 +2,13 @@
 a Unix socket for workers on this host), framed as proto/v1/data.proto says, beside the gRPC
 control plane.
 
-One asyncio event loop, in a thread of its own, serves every connection: no thread per worker,
-per waiting pull or per stalled upload. Payloads are received with ``recv_into`` straight into
+One asyncio event loop serves every connection (the server's, or one of its own in a thread
+when started alone): no thread per worker, per waiting pull or per stalled upload. Payloads are received with ``recv_into`` straight into
 the buffer the store keeps, and parameters are sent from the store's snapshot without a copy.
 A pull that must wait is a coroutine woken by the store's listener, not a thread. The store's
 work for a large model (applying an update, encoding a snapshot) runs on a small fixed pool
-so that the loop goes on receiving meanwhile; for a small one (``INLINE_BYTES``) it runs on
-the loop itself, where a thread hop would cost more than the work.
+so that the loop goes on receiving meanwhile; for a small one it runs on the loop itself,
+where a thread hop would cost more than the work (``gradhub.server.waits``).
 
     with DataPlane(manager, host="127.0.0.1", max_model_bytes=1 << 30) as plane:
         endpoint = plane.endpoint(credential)   # what a worker gets in RegisterResponse.data
@@ -17,17 +17,15 @@ the loop itself, where a thread hop would cost more than the work.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Self, TypeVar
+from typing import Protocol, Self, TypeVar
 
 import torch
 
@@ -38,6 +36,7 @@ from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
 from gradhub.server.ps_requests import init_request, push_buffers, push_bytes
 from gradhub.server.rpc import status_for
 from gradhub.server.store import ParameterStore, Snapshot
+from gradhub.server.waits import StoreCalls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,10 +45,6 @@ HELLO_TIMEOUT_S = 10.0  # a connection must authenticate this soon
 IDLE_TIMEOUT_S = 120.0  # a frame whose bytes stop coming (either way) for this long ends its connection
 MAX_PULL_WAIT_S = 60.0  # a pull waits at most this long, then is told to ask again (as on gRPC)
 MAX_CONNECTIONS = 16384
-COMPUTE_THREADS = 4
-# a model up to this size is updated on the loop (its update takes microseconds); larger ones
-# on the pool
-INLINE_BYTES = 1 << 20
 READ_AHEAD_BYTES = 64 << 10  # reads of less than a quarter of this take what else has arrived too
 
 
@@ -76,24 +71,6 @@ class _Session:
     rank: int
     registration: int
 
-    @property
-    def inline(self) -> bool:
-        """Whether the store's work for this job runs on the loop (a small model)."""
-        layout = self.store.layout
-        return layout is not None and layout.numel * 4 <= INLINE_BYTES
-
-
-class _Signal:
-    """Wakes the pulls that wait on one store: ``fire`` completes the current event and starts the
-    next one (a waiter takes ``event`` before it checks the store, so no change is missed)."""
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-
-    def fire(self) -> None:
-        self.event.set()
-        self.event = asyncio.Event()
-
 
 class _Connection:
     def __init__(self, sock: socket.socket, transport: str) -> None:
@@ -114,31 +91,32 @@ class _Connection:
 
 class DataPlane:
     """Listens on ``host``:``port`` (TCP; 0: any free port) and, when ``unix_socket``, on a Unix
-    socket in a private temporary folder. ``start()`` binds and starts the loop; ``stop()`` ends
-    every connection."""
+    socket in a private temporary folder. ``start(loop, calls)`` binds and serves on the given
+    loop (the server's), ``start()`` on a loop of its own; ``stop()`` ends every connection."""
 
     def __init__(self, stores: Stores, host: str, port: int = 0, *, max_model_bytes: int,
-                 unix_socket: bool = True, compute_threads: int = COMPUTE_THREADS) -> None:
+                 unix_socket: bool = True) -> None:
         self._stores = stores
         self._host, self._port = host, port
         self._max_model_bytes = max_model_bytes
         self._unix = unix_socket
-        self._compute_threads = compute_threads
         self._listeners: list[tuple[socket.socket, str]] = []
         self._unix_dir: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None  # only when it runs a loop of its own
+        self._pool: ThreadPoolExecutor | None = None  # idem
+        self._calls: StoreCalls | None = None
         self._stopping: asyncio.Event | None = None
+        self._done: threading.Event = threading.Event()
         self._started = threading.Event()
-        self._signals: dict[int, _Signal] = {}  # id(store) -> signal (the loop's thread only)
-        self._stores_seen: dict[int, ParameterStore] = {}
         self.port = 0
         self.unix_path = ""
         self.host_id = frames.host_id()
 
     # -------------------------------------------------------------- lifecycle
-    def start(self) -> Self:
+    def start(self, loop: asyncio.AbstractEventLoop | None = None, calls: StoreCalls | None = None) -> Self:
+        """Bind, then serve on ``loop`` with ``calls`` (both the server's), or on a loop and
+        pool of its own (``loop`` None)."""
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
         tcp = socket.create_server((self._host.strip("[]"), self._port), family=family, backlog=1024)
         tcp.setblocking(False)
@@ -153,10 +131,17 @@ class DataPlane:
             unix.setblocking(False)
             self._listeners.append((unix, "unix"))
             self.unix_path = path
-        self._pool = ThreadPoolExecutor(self._compute_threads, thread_name_prefix="gradhub-apply")
-        self._thread = threading.Thread(target=self._run, name="gradhub-data-plane", daemon=True)
-        self._thread.start()
-        self._started.wait(10)
+        if loop is None:
+            self._pool = ThreadPoolExecutor(4, thread_name_prefix="gradhub-apply")
+            self._calls = StoreCalls(self._pool)
+            self._thread = threading.Thread(target=self._run, name="gradhub-data-plane", daemon=True)
+            self._thread.start()
+        else:
+            assert calls is not None
+            self._loop, self._calls = loop, calls
+            asyncio.run_coroutine_threadsafe(self._main(), loop)
+        if not self._started.wait(10):
+            raise RuntimeError("data plane: its loop did not start")
         log.info("data plane on %s:%d%s", self._host, self.port, f" and {self.unix_path}" if self.unix_path else "")
         return self
 
@@ -164,6 +149,7 @@ class DataPlane:
         loop, stopping = self._loop, self._stopping
         if loop is not None and stopping is not None and not loop.is_closed():
             loop.call_soon_threadsafe(stopping.set)
+            self._done.wait(grace + 5)
         if self._thread is not None:
             self._thread.join(grace + 5)
         if self._pool is not None:
@@ -172,7 +158,7 @@ class DataPlane:
             sock.close()
         if self._unix_dir is not None:
             shutil.rmtree(self._unix_dir, ignore_errors=True)
-        self._listeners, self._thread, self._pool, self._unix_dir = [], None, None, None
+        self._listeners, self._thread, self._pool, self._unix_dir, self._loop = [], None, None, None, None
 
     def __enter__(self) -> Self:
         return self.start()
@@ -199,10 +185,13 @@ class DataPlane:
         connections: set[asyncio.Task[None]] = set()
         accepting = [asyncio.create_task(self._accept(sock, kind, connections)) for sock, kind in self._listeners]
         self._started.set()
-        await self._stopping.wait()
-        for task in accepting + list(connections):
-            task.cancel()
-        await asyncio.gather(*accepting, *connections, return_exceptions=True)
+        try:
+            await self._stopping.wait()
+            for task in accepting + list(connections):
+                task.cancel()
+            await asyncio.gather(*accepting, *connections, return_exceptions=True)
+        finally:
+            self._done.set()
 
     async def _accept(self, listener: socket.socket, kind: str, connections: set[asyncio.Task[None]]) -> None:
         loop = asyncio.get_running_loop()
@@ -248,11 +237,13 @@ class DataPlane:
             if hello.protocol != frames.DATA_PROTOCOL:
                 raise ProtocolError(f"hello.protocol: version {hello.protocol} is not the server's "
                                     f"{frames.DATA_PROTOCOL}")
-            store = await self._call(self._stores.store, hello.job_id)
-            registration = await self._call(store.open_session, hello.rank, hello.credential, conn.transport)
+            calls = self._calls
+            assert calls is not None
+            store = await calls.run(self._stores.store, hello.job_id)
+            registration = await calls.run(store.open_session, hello.rank, hello.credential, conn.transport)
         except GradhubError as e:
             raise _Refused(e) from e
-        await self._watch(store)
+        calls.signal(store)  # from now on the store wakes this loop's waiting pulls
         await self._send(conn, frames.frame_head(data_pb2.DataFrame(
             reply=data_pb2.DataReply(accepted=True, version=store.version))))
         return _Session(store, hello.job_id, hello.rank, registration)
@@ -296,8 +287,9 @@ class DataPlane:
             torch.empty(0, dtype=torch_dtype(wire_dtype))
         pull_step = header.step + 1 if frame.pull_next else None
         try:
-            accepted, version, snapshot = await self._store_call(
-                session, _push_then_try_pull, store, header, grad, buffers, pull_step, wire_dtype)
+            assert self._calls is not None
+            accepted, version, snapshot = await self._calls.call(
+                store, _push_then_try_pull, store, header, grad, buffers, pull_step, wire_dtype)
         except Exception as e:  # noqa: BLE001 - any error goes back to the worker (as gRPC's handler does)
             conn.buffer = None  # the store may hold it
             await self._send_error(conn, e)
@@ -322,7 +314,8 @@ class DataPlane:
         await self._recv_into(conn, memoryview(buffer), IDLE_TIMEOUT_S)
         flat = torch.frombuffer(buffer, dtype=torch.float32)
         try:
-            accepted = await self._call(init.take, session.store, flat)
+            assert self._calls is not None
+            accepted = await self._calls.run(init.take, session.store, flat)
         except Exception as e:  # noqa: BLE001 - any error goes back to the worker (as gRPC's handler does)
             await self._send_error(conn, e)
             return
@@ -333,25 +326,14 @@ class DataPlane:
                     snapshot: Snapshot | None = None) -> None:
         """Send the parameters for ``step`` (``snapshot`` when the caller already has them) once
         the mode allows; after MAX_PULL_WAIT_S, a DEADLINE_EXCEEDED error (the worker asks again)."""
-        loop = asyncio.get_running_loop()
-        store, signal = session.store, self._signals[id(session.store)]
-        deadline = loop.time() + MAX_PULL_WAIT_S
-        while snapshot is None:
-            changed = signal.event  # taken before the check: a change after it sets this event
+        store = session.store
+        if snapshot is None:
             try:
-                snapshot = await self._store_call(session, store.try_pull, session.rank, step, wire_dtype)
-                if snapshot is not None:
-                    break
-                if loop.time() >= deadline:
-                    raise TimeoutError(await self._call(store.waiting_for, step))
+                assert self._calls is not None
+                snapshot = await self._calls.pull(store, session.rank, step, wire_dtype, MAX_PULL_WAIT_S)
             except Exception as e:  # noqa: BLE001 - any error goes back to the worker
                 await self._send_error(conn, e)
                 return
-            try:
-                async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                    await changed.wait()
-            except TimeoutError:
-                pass
         layout = store.layout
         assert layout is not None
         data = as_bytes(snapshot.data)
@@ -362,36 +344,6 @@ class DataPlane:
         await self._send(conn, head, data)
 
     # -------------------------------------------------------------- plumbing
-    async def _watch(self, store: ParameterStore) -> None:
-        """Make the store wake this loop's waiting pulls (once per store)."""
-        key = id(store)
-        if key in self._signals:
-            return
-        signal = self._signals[key] = _Signal()
-        self._stores_seen[key] = store  # keeps id(store) from being reused while the signal lives
-        loop = asyncio.get_running_loop()
-
-        loop_thread = threading.get_ident()
-
-        def changed() -> None:  # called in whichever thread changed the store
-            if threading.get_ident() == loop_thread:
-                signal.fire()
-                return
-            try:
-                loop.call_soon_threadsafe(signal.fire)
-            except RuntimeError:
-                pass  # the loop is closed: the data plane stopped
-
-        await self._call(store.add_listener, changed)
-
-    async def _store_call(self, session: _Session, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``: on the loop for a small model, else on the pool."""
-        return fn(*args) if session.inline else await self._call(fn, *args)
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
-
     async def _read_frame(self, conn: _Connection, limit: int, timeout: float | None) -> data_pb2.DataFrame | None:
         """The next frame's header (its payload is the caller's to read); None when the peer
         closed the connection between frames."""

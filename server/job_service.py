@@ -1,16 +1,23 @@
-"""gRPC adapter for the JobService: translates between protos and JobManager / CheckpointStore calls."""
+"""gRPC adapter for the JobService: translates between protos and JobManager / CheckpointStore calls.
+Watches and followed logs are coroutines on the server's event loop, woken by the manager's
+listener: an open watch holds no thread."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
+import grpc.aio
 
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from gradhub.server.checkpoints import CheckpointInfo, CheckpointStore
 from gradhub.server.jobs import JobManager, JobView
 from gradhub.server.rpc import handler
+from gradhub.server.waits import Signal, listen
+
+WATCH_REFRESH_S = 1.0  # a watch sends the job at least this often (its metrics move between changes)
 
 
 def job_to_proto(view: JobView) -> jobs_pb2.Job:
@@ -37,6 +44,12 @@ def checkpoint_to_proto(info: CheckpointInfo) -> jobs_pb2.CheckpointInfo:
 class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
     def __init__(self, manager: JobManager, checkpoints: CheckpointStore) -> None:
         self._jobs, self._ckpts = manager, checkpoints
+        self._signal: Signal | None = None  # the manager's changes, on the event loop
+
+    def _changes(self) -> Signal:
+        if self._signal is None:
+            self._signal = listen(self._jobs, asyncio.get_running_loop())
+        return self._signal
 
     @handler
     def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: grpc.ServicerContext) -> jobs_pb2.SubmitJobResponse:
@@ -57,11 +70,17 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         return jobs_pb2.CancelJobResponse(job=job_to_proto(self._jobs.cancel(request.job_id)))
 
     @handler
-    def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.WatchJobResponse]:
-        for view in self._jobs.watch(request.job_id):
-            if not context.is_active():
-                return
+    async def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext,
+                       ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
+        """The job now and after every change (at least every WATCH_REFRESH_S), until it ends."""
+        signal = self._changes()
+        while True:
+            changed = signal.event  # taken before the read: a change after it sets this event
+            view = await asyncio.to_thread(self._jobs.get, request.job_id)
             yield jobs_pb2.WatchJobResponse(job=job_to_proto(view))
+            if view.record.state.terminal:
+                return
+            await signal.wait(changed, WATCH_REFRESH_S)
 
     @handler
     def ListCheckpoints(self, request: jobs_pb2.ListCheckpointsRequest, context: grpc.ServicerContext) -> jobs_pb2.ListCheckpointsResponse:
@@ -78,17 +97,19 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
             yield jobs_pb2.PullCheckpointResponse(data=data)
 
     @handler
-    def GetJobLogs(self, request: jobs_pb2.GetJobLogsRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.GetJobLogsResponse]:
-        after = 0
+    async def GetJobLogs(self, request: jobs_pb2.GetJobLogsRequest, context: grpc.aio.ServicerContext,
+                         ) -> AsyncIterator[jobs_pb2.GetJobLogsResponse]:
+        signal, after = self._changes(), 0
         while True:
-            lines = self._jobs.logs(request.job_id, after=after)
+            changed = signal.event
+            lines = await asyncio.to_thread(self._jobs.logs, request.job_id, after)
             if lines:
                 after = lines[-1][0]
                 yield jobs_pb2.GetJobLogsResponse(lines=[text for _, text in lines])
-            if not request.follow or not context.is_active():
+            if not request.follow:
                 return
-            if self._jobs.get(request.job_id).record.state.terminal:
-                if not self._jobs.logs(request.job_id, after=after):
+            if (await asyncio.to_thread(self._jobs.get, request.job_id)).record.state.terminal:
+                if not await asyncio.to_thread(self._jobs.logs, request.job_id, after):
                     return
                 continue
-            self._jobs.wait_for_change(1.0)
+            await signal.wait(changed, WATCH_REFRESH_S)

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +79,7 @@ class JobManager:
         self._queue: list[str] = []
         self._reserved: dict[str, dict[str, float]] = {}
         self._changes = 0
+        self._listeners: list[Callable[[], None]] = []
         self._stopping = False
         self._scheduler: threading.Thread | None = None
         self._started_at = time.monotonic()
@@ -179,28 +180,9 @@ class JobManager:
             self._changed()
         return self.get(job_id)
 
-    def watch(self, job_id: str, refresh_s: float = 1.0) -> Iterator[JobView]:
-        """The job now and after every change (at least every ``refresh_s``), until it ends."""
-        seen = -1
-        while True:
-            view = self.get(job_id)
-            yield view
-            if view.record.state in TERMINAL:
-                return
-            with self._cond:
-                if self._changes == seen:
-                    self._cond.wait(refresh_s)
-                seen = self._changes
-                if self._stopping:
-                    return
-
     def logs(self, job_id: str, after: int = 0) -> builtins.list[tuple[int, str]]:
         self._db.get(job_id)
         return self._db.logs(job_id, after=after)
-
-    def wait_for_change(self, timeout: float) -> None:
-        with self._cond:
-            self._cond.wait(timeout)
 
     # ------------------------------------------------- PS servicer backend
     def _running(self, job_id: str) -> JobRun:
@@ -372,9 +354,17 @@ class JobManager:
         self._active.pop(job_id, None)
         self._log(job_id, f"{state}{': ' + reason if reason else ''}")
 
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (under the lock: it must only schedule work, never block) after
+        every change to a job (the event loop's watches wait on it without a thread)."""
+        with self._cond:
+            self._listeners.append(listener)
+
     def _changed(self) -> None:
         self._changes += 1
         self._cond.notify_all()
+        for listener in self._listeners:
+            listener()
 
     def _log(self, job_id: str, line: str) -> None:
         log.info("job %s: %s", job_id, line)

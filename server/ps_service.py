@@ -1,12 +1,15 @@
 """gRPC adapter for the ParameterServer service: the ps modes' gradients and parameters on gRPC
 streams, for workers with ``transport: grpc`` or that cannot reach the data plane
-(``gradhub.server.data_plane``, the faster path). Translates between protos and ParameterStore calls."""
+(``gradhub.server.data_plane``, the faster path). Translates between protos and ParameterStore
+calls. Every method is a coroutine on the server's event loop: a push session, a pull that waits
+for the other workers or an upload that stalls holds no thread."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import grpc
+import grpc.aio
 
 from gradhub.proto.codec import Receiver, chunk_parser, serialize_chunk
 from gradhub.proto.contract.errors import ProtocolError
@@ -15,10 +18,13 @@ from gradhub.server.control_service import WorkerBackend
 from gradhub.server.ps_requests import init_request, push_buffers, push_bytes
 from gradhub.server.rpc import handler
 from gradhub.server.store import ParameterStore
+from gradhub.server.waits import StoreCalls
 
 # A pull waits at most this long per call when the client set no deadline;
 # the worker simply pulls again.
 MAX_PULL_WAIT_S = 60.0
+
+Chunks = AsyncIterator[ps_pb2.PushChunk | memoryview]
 
 
 def _header(first: ps_pb2.PushChunk | memoryview | None) -> ps_pb2.PushHeader:
@@ -27,83 +33,92 @@ def _header(first: ps_pb2.PushChunk | memoryview | None) -> ps_pb2.PushHeader:
     return first.header
 
 
-def _receive(request_iterator: Iterator[ps_pb2.PushChunk | memoryview], receiver: Receiver,
-             to_end: bool = True) -> None:
+async def _receive(chunks: Chunks, receiver: Receiver, to_end: bool = True) -> None:
     """Fill ``receiver`` from the stream. ``to_end``: the stream must end right after the
     expected bytes (a single push); otherwise stop there (more pushes may follow). A stream
     cut short is reported by ``receiver.tensor()``, which names the byte counts."""
-    if receiver.fill(request_iterator) and to_end and next(request_iterator, None) is not None:
+    if await receiver.afill(chunks) and to_end and await anext(chunks, None) is not None:
         raise ProtocolError(f"byte count: stream carries more than the expected {receiver.expected} bytes")
 
 
-def _pull(store: ParameterStore, rank: int, step: int, wire_dtype: int,
-          context: grpc.ServicerContext) -> Iterator[ps_pb2.PullChunk | bytes]:
-    """Wait as the mode requires (at most the call's deadline), then stream the parameters."""
-    remaining = context.time_remaining()
-    wait = MAX_PULL_WAIT_S if remaining is None else max(0.0, min(remaining - 0.5, MAX_PULL_WAIT_S))
-    snapshot = store.pull(rank, step, wire_dtype, timeout=wait)
-    layout = store.layout
-    assert layout is not None
-    yield ps_pb2.PullChunk(header=ps_pb2.PullHeader(version=snapshot.version, tensors=layout.metas(wire_dtype),
-                                                    buffers=snapshot.buffers))
-    yield from snapshot.chunks  # already serialized PullChunks (see add_to_server)
-
-
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
-    """The ps modes' data path: initial parameters, pushes and pulls."""
+    """The ps modes' gRPC data path: initial parameters, pushes and pulls."""
 
-    def __init__(self, backend: WorkerBackend, max_model_bytes: int) -> None:
+    def __init__(self, backend: WorkerBackend, max_model_bytes: int, calls: StoreCalls) -> None:
         self._backend = backend
         self._max_model_bytes = max_model_bytes
+        self._calls = calls
 
     @handler
-    def InitParameters(self, request_iterator: Iterator[ps_pb2.PushChunk], context: grpc.ServicerContext) -> ps_pb2.PushResponse:
-        header = _header(next(request_iterator, None))
-        store = self._backend.store(header.job_id)
+    async def InitParameters(self, request_iterator: Chunks, context: grpc.aio.ServicerContext) -> ps_pb2.PushResponse:
+        chunks = aiter(request_iterator)
+        header = _header(await anext(chunks, None))
+        store = await self._calls.run(self._backend.store, header.job_id)
         init = init_request(header, self._max_model_bytes)
         receiver = Receiver(init.payload_bytes)
-        _receive(request_iterator, receiver)
-        accepted = init.take(store, receiver.tensor(tensor_pb2.FLOAT32))
+        await _receive(chunks, receiver)
+        accepted = await self._calls.run(init.take, store, receiver.tensor(tensor_pb2.FLOAT32))
         return ps_pb2.PushResponse(accepted=accepted, version=store.version)
 
     @handler
-    def PushGradients(self, request_iterator: Iterator[ps_pb2.PushChunk | memoryview], context: grpc.ServicerContext) -> ps_pb2.PushResponse:
-        _, _, accepted, version = self._push(next(request_iterator, None), request_iterator)
+    async def PushGradients(self, request_iterator: Chunks, context: grpc.aio.ServicerContext) -> ps_pb2.PushResponse:
+        chunks = aiter(request_iterator)
+        _, _, accepted, version = await self._push(await anext(chunks, None), chunks)
         return ps_pb2.PushResponse(accepted=accepted, version=version)
 
-    def _push(self, first: ps_pb2.PushChunk | memoryview | None,
-              request_iterator: Iterator[ps_pb2.PushChunk | memoryview], to_end: bool = True,
-              ) -> tuple[ps_pb2.PushHeader, ParameterStore, bool, int]:
+    async def _push(self, first: ps_pb2.PushChunk | memoryview | None, chunks: Chunks, to_end: bool = True,
+                    ) -> tuple[ps_pb2.PushHeader, ParameterStore, bool, int]:
         """Receive one push (``first`` is its header) and hand it to the store:
         (header, store, accepted, version)."""
         header = _header(first)
-        store = self._backend.store(header.job_id)
+        store = await self._calls.run(self._backend.store, header.job_id)
         receiver = Receiver(push_bytes(store, header))
-        _receive(request_iterator, receiver, to_end)
+        await _receive(chunks, receiver, to_end)
         grad = receiver.tensor(store.config.wire_dtype)
-        accepted, version = store.push(header.rank, header.step, header.base_version, grad, push_buffers(header),
-                                       list(header.unused))
+        accepted, version = await self._calls.call(store, store.push, header.rank, header.step, header.base_version,
+                                                   grad, push_buffers(header), list(header.unused))
         store.note_transport(header.rank, "grpc")
         return header, store, accepted, version
 
-    @handler
-    def PullParameters(self, request: ps_pb2.PullRequest, context: grpc.ServicerContext) -> Iterator[ps_pb2.PullChunk | bytes]:
-        store = self._backend.store(request.job_id)
-        yield from _pull(store, request.rank, request.step, request.dtype or tensor_pb2.FLOAT32, context)
+    async def _pull(self, store: ParameterStore, rank: int, step: int, wire_dtype: int,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[ps_pb2.PullChunk | bytes]:
+        """Wait as the mode requires (at most the call's deadline), then stream the parameters."""
+        remaining = context.time_remaining()
+        wait = MAX_PULL_WAIT_S if remaining is None else max(0.0, min(remaining - 0.5, MAX_PULL_WAIT_S))
+        snapshot = await self._calls.pull(store, rank, step, wire_dtype, wait)
+        layout = store.layout
+        assert layout is not None
+        chunks = await self._calls.call(store, lambda: snapshot.chunks)  # encoded once per version
+        yield ps_pb2.PullChunk(header=ps_pb2.PullHeader(version=snapshot.version, tensors=layout.metas(wire_dtype),
+                                                        buffers=snapshot.buffers))
+        for chunk in chunks:  # already serialized PullChunks (see add_to_server)
+            yield chunk
 
     @handler
-    def PushPull(self, request_iterator: Iterator[ps_pb2.PushChunk | memoryview], context: grpc.ServicerContext) -> Iterator[ps_pb2.PullChunk | bytes]:
+    async def PullParameters(self, request: ps_pb2.PullRequest, context: grpc.aio.ServicerContext,
+                             ) -> AsyncIterator[ps_pb2.PullChunk | bytes]:
+        store = await self._calls.run(self._backend.store, request.job_id)
+        async for message in self._pull(store, request.rank, request.step, request.dtype or tensor_pb2.FLOAT32,
+                                         context):
+            yield message
+
+    @handler
+    async def PushPull(self, request_iterator: Chunks, context: grpc.aio.ServicerContext,
+                       ) -> AsyncIterator[ps_pb2.PullChunk | bytes]:
+        chunks = aiter(request_iterator)
         while True:
-            first = next(request_iterator, None)
+            first = await anext(chunks, None)
             if first is None:
                 return  # the worker closed its session
-            header, store, _, _ = self._push(first, request_iterator, to_end=False)
-            yield from _pull(store, header.rank, header.step + 1, store.config.wire_dtype, context)
+            header, store, _, _ = await self._push(first, chunks, to_end=False)
+            async for message in self._pull(store, header.rank, header.step + 1, store.config.wire_dtype, context):
+                yield message
+
 
 _push_request = chunk_parser(ps_pb2.PushChunk)
 
 
-def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
+def add_to_server(servicer: ParameterServerServicer, server: grpc.aio.Server) -> None:
     """Register the service like the generated ``add_ParameterServerServicer_to_server``, but
     with the hot path's (de)serializers: identical bytes on the wire, one copy fewer each way."""
     handlers = {

@@ -303,7 +303,8 @@ def test_server_command_serves_until_sigterm(
         root.handlers[:], root.level = handlers, level  # basicConfig may have added one
     assert result.exit_code == 0, result.output
     assert answered == [0]
-    assert f"listening on 127.0.0.1:{port}, workers reach it at 127.0.0.1:{port}" in result.stdout
+    assert f"listening on 127.0.0.1:{port} (data plane on port " in result.stdout
+    assert f"workers reach it at 127.0.0.1:{port}" in result.stdout
     assert str((tmp_path / "data").resolve()) in result.stdout
     assert "accepts unauthenticated RPCs" in result.stderr
     assert "anyone who can reach" not in result.stderr  # loopback only

@@ -28,7 +28,7 @@ WORLD_SIZES = (1, 2, 4)
 CASES = [(n, "auto") for n in WORLD_SIZES] + [(2, "grpc")]
 
 
-def spec(workers: int, optimizer: dict, transport: str) -> dict:
+def spec(workers: int, optimizer: dict, transport: str = "auto") -> dict:
     return {
         "name": f"exact-{optimizer['name']}-{workers}-{transport}", "mode": "ps-sync", "workers": workers,
         "transport": transport,
