@@ -10,7 +10,9 @@ watches, logs) are coroutines on the loop; the other handlers run in a bounded t
 
 from __future__ import annotations
 
+import gc
 import logging
+import threading
 from concurrent import futures
 from typing import Self
 
@@ -56,6 +58,7 @@ GRPC_OPTIONS = [
 # (--ray-address) keeps its own setting, where a slow network can delay that word.
 EMBEDDED_RAY_CONFIG = {"timeout_ms_task_wait_for_death_info": 100}
 STORE_THREADS = 4  # where large models' updates run, beside the loop
+JOBS_THREADS = 8  # the JobService's own: users' calls never queue behind the workers' traffic
 
 
 class Server:
@@ -108,6 +111,10 @@ class Server:
 
         c = self.config
         tune_for_streaming()
+        # the first torch.optim optimizer imports torch._dynamo (about a second, holding the GIL):
+        # done here, beside Ray's start, it cannot stall the calls of a running job later
+        warm = threading.Thread(target=_first_optimizer, name="gradhub-warm-up", daemon=True)
+        warm.start()
         if self._launcher is None and not ray.is_initialized():
             if c.ray_address:
                 ray.init(address=c.ray_address, log_to_driver=False, logging_level=logging.WARNING)
@@ -115,10 +122,12 @@ class Server:
                 ray.init(num_cpus=c.ray_num_cpus, include_dashboard=False, log_to_driver=False,
                          logging_level=logging.WARNING, _system_config=EMBEDDED_RAY_CONFIG)
             self._owns_ray = True
+        warm.join()
         interceptors = [TokenInterceptor(c.token)] if c.token else []
         rpc_pool = futures.ThreadPoolExecutor(max_workers=c.max_rpc_threads, thread_name_prefix="gradhub-rpc")
         store_pool = futures.ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="gradhub-apply")
-        self._pools = [rpc_pool, store_pool]
+        jobs_pool = futures.ThreadPoolExecutor(max_workers=JOBS_THREADS, thread_name_prefix="gradhub-jobs")
+        self._pools = [rpc_pool, store_pool, jobs_pool]
         self._io = io = IOLoop().start()
 
         async def create() -> tuple[grpc.aio.Server, int]:  # on the loop, which the server binds to
@@ -137,12 +146,17 @@ class Server:
         self._manager = JobManager(
             self._db, checkpoints, self._launcher or RayLauncher(advertise, c.token), c.data_dir / "working_dirs", c,
         )
-        self._data = DataPlane(self._manager, c.host, c.data_port, max_model_bytes=c.max_model_bytes
-                               ).start(io.loop, calls)
+        # the data plane on a loop of its own: a storm of pushes never delays a control-plane call
+        self._data = DataPlane(self._manager, c.host, c.data_port, max_model_bytes=c.max_model_bytes).start()
         data_host = advertise.rsplit(":", 1)[0].strip("[]")
         add_control_service(WorkerControlServicer(self._manager, self._data, data_host), self._grpc)
         add_ps_service(ParameterServerServicer(self._manager, c.max_model_bytes, calls), self._grpc)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(self._manager, checkpoints), self._grpc)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(self._manager, checkpoints, jobs_pool),
+                                                  self._grpc)
+        # what is loaded by now (torch, Ray, gradhub: hundreds of thousands of objects) lives as
+        # long as the process: kept out of the cyclic collector's full passes, which would
+        # otherwise walk all of it and stall every thread for a tenth of a second or more
+        gc.freeze()
         io.run(self._grpc.start(), timeout=30)
         self._manager.start()
         log.info("gradhub server on %s:%d (workers reach it at %s)", c.host, self.port, advertise)
@@ -188,6 +202,12 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _first_optimizer() -> None:
+    import torch
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
 def _bracket(host: str) -> str:

@@ -20,7 +20,10 @@ class ServerConfig:
     # host:port that workers use to reach this server; default: this node's Ray IP and the bound port
     advertise_address: str | None = None
     token: str | None = None  # when set, every RPC needs "authorization: Bearer <token>"
-    max_rpc_threads: int = 64  # the pool that runs the short (sync) RPC handlers
+    # the pool that runs the short (sync) RPC handlers; every call that waits or streams runs
+    # on the event loop instead, so a few threads serve any number of workers (more only add
+    # contention for the GIL)
+    max_rpc_threads: int = 16
     # the data plane (ps modes' tensors): TCP port on ``host`` (0: any free port; a cluster
     # behind a firewall or in containers fixes it), beside a Unix socket for workers on this host
     data_port: int = 0

@@ -5,7 +5,10 @@ listener: an open watch holds no thread."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import functools
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -17,6 +20,7 @@ from gradhub.server.jobs import JobManager, JobView
 from gradhub.server.rpc import handler
 from gradhub.server.waits import Signal, listen
 
+T = TypeVar("T")
 WATCH_REFRESH_S = 1.0  # a watch sends the job at least this often (its metrics move between changes)
 
 
@@ -42,8 +46,14 @@ def checkpoint_to_proto(info: CheckpointInfo) -> jobs_pb2.CheckpointInfo:
 
 
 class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, manager: JobManager, checkpoints: CheckpointStore) -> None:
+    """Every method is a coroutine on the server's event loop; the blocking work (the job database,
+    checkpoint files) runs in a pool of the service's own, so a user's call never queues behind the
+    workers' traffic (registrations and heartbeats of hundreds of workers run in the server's
+    pool), and a watch or a followed log holds no thread while it waits."""
+
+    def __init__(self, manager: JobManager, checkpoints: CheckpointStore, pool: Executor) -> None:
         self._jobs, self._ckpts = manager, checkpoints
+        self._pool = pool
         self._signal: Signal | None = None  # the manager's changes, on the event loop
 
     def _changes(self) -> Signal:
@@ -51,23 +61,29 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
             self._signal = listen(self._jobs, asyncio.get_running_loop())
         return self._signal
 
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+
     @handler
-    def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: grpc.ServicerContext) -> jobs_pb2.SubmitJobResponse:
+    async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext,
+                        ) -> jobs_pb2.SubmitJobResponse:
         spec = JobSpec.from_json(request.spec_json)  # validated again here, whatever the client did
-        view = self._jobs.submit(spec, request.working_dir_zip or None)
+        view = await self._run(self._jobs.submit, spec, request.working_dir_zip or None)
         return jobs_pb2.SubmitJobResponse(job=job_to_proto(view))
 
     @handler
-    def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> jobs_pb2.GetJobResponse:
-        return jobs_pb2.GetJobResponse(job=job_to_proto(self._jobs.get(request.job_id)))
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.GetJobResponse:
+        return jobs_pb2.GetJobResponse(job=await self._run(lambda: job_to_proto(self._jobs.get(request.job_id))))
 
     @handler
-    def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> jobs_pb2.ListJobsResponse:
-        return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(v) for v in self._jobs.list()])
+    async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext,
+                       ) -> jobs_pb2.ListJobsResponse:
+        return jobs_pb2.ListJobsResponse(jobs=await self._run(lambda: [job_to_proto(v) for v in self._jobs.list()]))
 
     @handler
-    def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> jobs_pb2.CancelJobResponse:
-        return jobs_pb2.CancelJobResponse(job=job_to_proto(self._jobs.cancel(request.job_id)))
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext,
+                        ) -> jobs_pb2.CancelJobResponse:
+        return jobs_pb2.CancelJobResponse(job=await self._run(lambda: job_to_proto(self._jobs.cancel(request.job_id))))
 
     @handler
     async def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext,
@@ -76,24 +92,27 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         signal = self._changes()
         while True:
             changed = signal.event  # taken before the read: a change after it sets this event
-            view = await asyncio.to_thread(self._jobs.get, request.job_id)
+            view = await self._run(self._jobs.get, request.job_id)
             yield jobs_pb2.WatchJobResponse(job=job_to_proto(view))
             if view.record.state.terminal:
                 return
             await signal.wait(changed, WATCH_REFRESH_S)
 
     @handler
-    def ListCheckpoints(self, request: jobs_pb2.ListCheckpointsRequest, context: grpc.ServicerContext) -> jobs_pb2.ListCheckpointsResponse:
-        self._jobs.get(request.job_id)  # NOT_FOUND for an unknown job
-        return jobs_pb2.ListCheckpointsResponse(
-            checkpoints=[checkpoint_to_proto(i) for i in self._ckpts.list(request.job_id)])
+    async def ListCheckpoints(self, request: jobs_pb2.ListCheckpointsRequest, context: grpc.aio.ServicerContext,
+                              ) -> jobs_pb2.ListCheckpointsResponse:
+        await self._run(self._jobs.get, request.job_id)  # NOT_FOUND for an unknown job
+        infos = await self._run(self._ckpts.list, request.job_id)
+        return jobs_pb2.ListCheckpointsResponse(checkpoints=[checkpoint_to_proto(i) for i in infos])
 
     @handler
-    def PullCheckpoint(self, request: jobs_pb2.PullCheckpointRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.PullCheckpointResponse]:
-        self._jobs.get(request.job_id)
-        info = self._ckpts.get(request.job_id, request.step if request.HasField("step") else None)
+    async def PullCheckpoint(self, request: jobs_pb2.PullCheckpointRequest, context: grpc.aio.ServicerContext,
+                             ) -> AsyncIterator[jobs_pb2.PullCheckpointResponse]:
+        await self._run(self._jobs.get, request.job_id)
+        info = await self._run(self._ckpts.get, request.job_id, request.step if request.HasField("step") else None)
         yield jobs_pb2.PullCheckpointResponse(info=checkpoint_to_proto(info))
-        for data in self._ckpts.iter_bytes(info):
+        chunks = self._ckpts.iter_bytes(info)
+        while (data := await self._run(next, chunks, None)) is not None:  # file reads off the loop
             yield jobs_pb2.PullCheckpointResponse(data=data)
 
     @handler
@@ -102,14 +121,14 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         signal, after = self._changes(), 0
         while True:
             changed = signal.event
-            lines = await asyncio.to_thread(self._jobs.logs, request.job_id, after)
+            lines = await self._run(self._jobs.logs, request.job_id, after)
             if lines:
                 after = lines[-1][0]
                 yield jobs_pb2.GetJobLogsResponse(lines=[text for _, text in lines])
             if not request.follow:
                 return
-            if (await asyncio.to_thread(self._jobs.get, request.job_id)).record.state.terminal:
-                if not await asyncio.to_thread(self._jobs.logs, request.job_id, after):
+            if (await self._run(self._jobs.get, request.job_id)).record.state.terminal:
+                if not await self._run(self._jobs.logs, request.job_id, after):
                     return
                 continue
             await signal.wait(changed, WATCH_REFRESH_S)

@@ -248,11 +248,11 @@ class JobManager:
     def on_register(self, job_id: str, rank: int, total_steps: int, train_size: int) -> None:
         run = self._running(job_id)
         store = self.state(job_id)
-        store.set_total_steps(total_steps)
+        first = store.total_steps is None
+        store.set_total_steps(total_steps)  # the first registration sets it, the others must agree
         run.set_phase(rank, WorkerPhase.RUNNING)
         self.notify()
-        rec = self._db.get(job_id)
-        if rec.total_steps != total_steps:
+        if first and self._db.get(job_id).total_steps != total_steps:
             self._db.update(job_id, total_steps=total_steps)
 
     def on_metrics(self, job_id: str, rank: int, step: int, kind: str, metrics: Mapping[str, float]) -> None:
