@@ -79,6 +79,9 @@ async def _worker(control: Any, job_id: str, rank: int, steps: int, numel: int, 
                 raise AssertionError(f"worker {rank}: {len(params)} bytes of parameters, expected {len(grad)}")
             version = reply.version
             stats["pushes"] += 1
+            now = time.time()  # wall clock: comparable across the swarm's processes
+            stats["first_push_at"] = min(stats["first_push_at"], now)
+            stats["last_push_at"] = max(stats["last_push_at"], now)
         stats["done"] += 1
     finally:
         stop.set()
@@ -91,7 +94,8 @@ async def _swarm(address: str, job_id: str, ranks: range, steps: int, numel: int
 
     from gradhub.proto.v1 import ps_pb2_grpc
 
-    stats: dict[str, Any] = {"pushes": 0, "heartbeats": 0, "done": 0}
+    stats: dict[str, Any] = {"pushes": 0, "heartbeats": 0, "done": 0, "first_push_at": float("inf"),
+                             "last_push_at": 0.0}
     async with grpc.aio.insecure_channel(address) as channel:
         control = ps_pb2_grpc.WorkerControlStub(channel)
         started = time.perf_counter()
