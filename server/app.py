@@ -1,8 +1,10 @@
-"""The gradhub server process: one event loop (``gradhub.server.io_loop``) runs the gRPC server
+"""The gradhub server process: an event loop (``gradhub.server.io_loop``) runs the gRPC server
 (grpc.aio: the JobService, the WorkerControl and the ParameterServer, the ps modes' gRPC
-fallback) and the data plane (the ps modes' tensors), backed by the JobManager, and connected
-to Ray (embedded local, or a cluster). Calls that wait or stream (pulls, push sessions,
-watches, logs) are coroutines on the loop; the other handlers run in a bounded thread pool.
+fallback), another the data plane (the ps modes' tensors, ``gradhub.server.data_plane``), both
+backed by the JobManager and connected to Ray (embedded local, or a cluster). Calls that wait
+or stream (pulls, push sessions, watches, logs) are coroutines; the other handlers run in
+bounded thread pools. Two loops, not one, so that a storm of pushes never delays a
+control-plane call (both are asyncio: one concurrency model).
 
     with Server(ServerConfig(port=0, data_dir=tmp)) as server:
         print(server.address)
@@ -147,7 +149,8 @@ class Server:
             self._db, checkpoints, self._launcher or RayLauncher(advertise, c.token), c.data_dir / "working_dirs", c,
         )
         # the data plane on a loop of its own: a storm of pushes never delays a control-plane call
-        self._data = DataPlane(self._manager, c.host, c.data_port, max_model_bytes=c.max_model_bytes).start()
+        self._data = DataPlane(self._manager, c.host, c.data_port, max_model_bytes=c.max_model_bytes,
+                               pool=store_pool).start()
         data_host = advertise.rsplit(":", 1)[0].strip("[]")
         add_control_service(WorkerControlServicer(self._manager, self._data, data_host), self._grpc)
         add_ps_service(ParameterServerServicer(self._manager, c.max_model_bytes, calls), self._grpc)

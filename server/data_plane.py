@@ -2,15 +2,16 @@
 a Unix socket for workers on this host), framed as proto/v1/data.proto says, beside the gRPC
 control plane.
 
-One asyncio event loop serves every connection (the server's, or one of its own in a thread
-when started alone): no thread per worker, per waiting pull or per stalled upload. Payloads are received with ``recv_into`` straight into
+One asyncio event loop, in a thread of its own, serves every connection: no thread per worker,
+per waiting pull or per stalled upload (and a storm of pushes never delays the gRPC server's
+loop). Payloads are received with ``recv_into`` straight into
 the buffer the store keeps, and parameters are sent from the store's snapshot without a copy.
 A pull that must wait is a coroutine woken by the store's listener, not a thread. The store's
 work for a large model (applying an update, encoding a snapshot) runs on a small fixed pool
 so that the loop goes on receiving meanwhile; for a small one it runs on the loop itself,
 where a thread hop would cost more than the work (``gradhub.server.waits``).
 
-    with DataPlane(manager, host="127.0.0.1", max_model_bytes=1 << 30) as plane:
+    with DataPlane(manager, "127.0.0.1", max_model_bytes=1 << 30, pool=store_pool) as plane:
         endpoint = plane.endpoint(credential)   # what a worker gets in RegisterResponse.data
 """
 
@@ -22,7 +23,7 @@ import shutil
 import socket
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Self, TypeVar
@@ -91,10 +92,10 @@ class _Connection:
 
 class DataPlane:
     """Listens on ``host``:``port`` (TCP; 0: any free port) and, when ``unix_socket``, on a Unix
-    socket in a private temporary folder. ``start(loop, calls)`` binds and serves on the given
-    loop (the server's), ``start()`` on a loop of its own; ``stop()`` ends every connection."""
+    socket in a private temporary folder. ``start()`` binds and starts the loop; ``stop()`` ends
+    every connection. A large model's store work runs on ``pool``."""
 
-    def __init__(self, stores: Stores, host: str, port: int = 0, *, max_model_bytes: int,
+    def __init__(self, stores: Stores, host: str, port: int = 0, *, max_model_bytes: int, pool: Executor,
                  unix_socket: bool = True) -> None:
         self._stores = stores
         self._host, self._port = host, port
@@ -103,9 +104,8 @@ class DataPlane:
         self._listeners: list[tuple[socket.socket, str]] = []
         self._unix_dir: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None  # only when it runs a loop of its own
-        self._pool: ThreadPoolExecutor | None = None  # idem
-        self._calls: StoreCalls | None = None
+        self._thread: threading.Thread | None = None
+        self._calls = StoreCalls(pool)
         self._stopping: asyncio.Event | None = None
         self._done: threading.Event = threading.Event()
         self._started = threading.Event()
@@ -114,9 +114,7 @@ class DataPlane:
         self.host_id = frames.host_id()
 
     # -------------------------------------------------------------- lifecycle
-    def start(self, loop: asyncio.AbstractEventLoop | None = None, calls: StoreCalls | None = None) -> Self:
-        """Bind, then serve on ``loop`` with ``calls`` (both the server's), or on a loop and
-        pool of its own (``loop`` None)."""
+    def start(self) -> Self:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
         tcp = socket.create_server((self._host.strip("[]"), self._port), family=family, backlog=1024)
         tcp.setblocking(False)
@@ -131,15 +129,8 @@ class DataPlane:
             unix.setblocking(False)
             self._listeners.append((unix, "unix"))
             self.unix_path = path
-        if loop is None:
-            self._pool = ThreadPoolExecutor(4, thread_name_prefix="gradhub-apply")
-            self._calls = StoreCalls(self._pool)
-            self._thread = threading.Thread(target=self._run, name="gradhub-data-plane", daemon=True)
-            self._thread.start()
-        else:
-            assert calls is not None
-            self._loop, self._calls = loop, calls
-            asyncio.run_coroutine_threadsafe(self._main(), loop)
+        self._thread = threading.Thread(target=self._run, name="gradhub-data-plane", daemon=True)
+        self._thread.start()
         if not self._started.wait(10):
             raise RuntimeError("data plane: its loop did not start")
         log.info("data plane on %s:%d%s", self._host, self.port, f" and {self.unix_path}" if self.unix_path else "")
@@ -152,13 +143,11 @@ class DataPlane:
             self._done.wait(grace + 5)
         if self._thread is not None:
             self._thread.join(grace + 5)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
         for sock, _ in self._listeners:
             sock.close()
         if self._unix_dir is not None:
             shutil.rmtree(self._unix_dir, ignore_errors=True)
-        self._listeners, self._thread, self._pool, self._unix_dir, self._loop = [], None, None, None, None
+        self._listeners, self._thread, self._unix_dir, self._loop = [], None, None, None
 
     def __enter__(self) -> Self:
         return self.start()
@@ -238,7 +227,6 @@ class DataPlane:
                 raise ProtocolError(f"hello.protocol: version {hello.protocol} is not the server's "
                                     f"{frames.DATA_PROTOCOL}")
             calls = self._calls
-            assert calls is not None
             store = await calls.run(self._stores.store, hello.job_id)
             registration = await calls.run(store.open_session, hello.rank, hello.credential, conn.transport)
         except GradhubError as e:
@@ -287,7 +275,6 @@ class DataPlane:
             torch.empty(0, dtype=torch_dtype(wire_dtype))
         pull_step = header.step + 1 if frame.pull_next else None
         try:
-            assert self._calls is not None
             accepted, version, snapshot = await self._calls.call(
                 store, _push_then_try_pull, store, header, grad, buffers, pull_step, wire_dtype)
         except Exception as e:  # noqa: BLE001 - any error goes back to the worker (as gRPC's handler does)
@@ -314,7 +301,6 @@ class DataPlane:
         await self._recv_into(conn, memoryview(buffer), IDLE_TIMEOUT_S)
         flat = torch.frombuffer(buffer, dtype=torch.float32)
         try:
-            assert self._calls is not None
             accepted = await self._calls.run(init.take, session.store, flat)
         except Exception as e:  # noqa: BLE001 - any error goes back to the worker (as gRPC's handler does)
             await self._send_error(conn, e)
@@ -329,8 +315,7 @@ class DataPlane:
         store = session.store
         if snapshot is None:
             try:
-                assert self._calls is not None
-                snapshot = await self._calls.pull(store, session.rank, step, wire_dtype, MAX_PULL_WAIT_S)
+                    snapshot = await self._calls.pull(store, session.rank, step, wire_dtype, MAX_PULL_WAIT_S)
             except Exception as e:  # noqa: BLE001 - any error goes back to the worker
                 await self._send_error(conn, e)
                 return

@@ -1,7 +1,7 @@
-"""The server's event loop, in a thread of its own: the gRPC server (grpc.aio) and the data plane
-run on it, so a call that waits or streams for long (a pull, a push session, a watch) holds no
-thread. Blocking work goes to thread pools from there: plain (sync) RPC handlers to the gRPC
-server's, a large model's updates to the data plane's (``gradhub.server.waits``)."""
+"""An event loop in a thread of its own, for the gRPC server (grpc.aio): a call that waits or
+streams for long (a pull, a push session, a watch) is a coroutine on it and holds no thread.
+Blocking work goes to thread pools from there: plain (sync) RPC handlers to the gRPC server's,
+the JobService's to its own, a large model's updates to the store pool (``gradhub.server.waits``)."""
 
 from __future__ import annotations
 
