@@ -361,9 +361,8 @@ class ParameterStore(WorkerTable):
             return pending[0].grad
         if self._grad is None:
             self._grad = torch.empty_like(pending[0].grad)
-        total = self._grad
-        total.copy_(pending[0].grad)
-        for r in range(1, len(pending)):
+        total = torch.add(pending[0].grad, pending[1].grad, out=self._grad)  # one pass fewer than copy + add
+        for r in range(2, len(pending)):
             total += pending[r].grad
         total /= len(pending)
         return total

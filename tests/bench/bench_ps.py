@@ -10,7 +10,10 @@
 (d) a 2-worker ps-sync job against the same job in allreduce mode: samples/s;
 (e) the server process's CPU seconds per GB moved and its peak RSS, for (a) and (b).
 
-    python tests/bench/bench_ps.py [--mb 100] [--iters 6] [--out DIR]
+    python tests/bench/bench_ps.py [--mb 100] [--iters 6] [--figures a b c d] [--device cuda] [--out DIR]
+
+``--device cuda``: (a)'s worker keeps its gradient and parameters on the GPU (they travel through
+pinned host buffers) and (c)'s job trains on a GPU (``resources.gpus: 1``).
 
 Server and workers run in separate processes (as deployed), so nobody shares a GIL.
 """
@@ -50,7 +53,8 @@ def _serve(port_queue: Any, stop: Any, data_dir: str) -> None:
         stop.wait(TIMEOUT_S)
 
 
-def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, transport: str, out: Any) -> None:
+def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, transport: str, device: str,
+            out: Any) -> None:
     """Push a gradient and receive the next parameters ``iters`` times (one round trip each, as
     a training worker does); reports each exchange's seconds."""
     from gradhub.proto import frames
@@ -62,8 +66,8 @@ def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, transp
     if transport == "tcp":
         frames.host_id = lambda: ""  # as a worker on another host: the data plane's TCP port
     layout = Layout(("weight",), ((numel,),))
-    params = torch.zeros(numel)
-    grads = torch.full((numel,), 1e-3)
+    params = torch.zeros(numel, device=device)
+    grads = torch.full((numel,), 1e-3, device=device)
     with ServerLink(address, job_id, rank, transport="grpc" if transport == "grpc" else "auto") as ps:
         reg = ps.register("bench", 0, total_steps=iters + 1, train_size=1)
         if ps.transport != transport:
@@ -92,7 +96,8 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "unix") -> tuple[list[float], dict]:
+def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "unix", device: str = "cpu",
+                     ) -> tuple[list[float], dict]:
     """Per-step push+pull seconds of rank 0 in a ps-sync job of ``workers`` external workers, and
     the server's CPU seconds per GB moved and peak RSS (MB) over the exchanges."""
     from gradhub.client.client import Client
@@ -114,8 +119,8 @@ def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "un
                     time.sleep(0.05)
             assert server.pid is not None
             cpu0 = _cpu_seconds(server.pid)
-            procs = [ctx.Process(target=_worker, args=(address, job.id, r, nbytes // 4, iters, transport, out),
-                                 daemon=True) for r in range(workers)]
+            procs = [ctx.Process(target=_worker, args=(address, job.id, r, nbytes // 4, iters, transport, device,
+                                                       out), daemon=True) for r in range(workers)]
             for p in procs:
                 p.start()
             results = dict(out.get(timeout=TIMEOUT_S) for _ in procs)
@@ -132,7 +137,8 @@ def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "un
                 server.terminate()
 
 
-def job_samples_per_second(model: Any, batch: int, steps: int, workers: int = 1, mode: str = "ps-sync") -> float:
+def job_samples_per_second(model: Any, batch: int, steps: int, workers: int = 1, mode: str = "ps-sync",
+                           gpus: float = 0) -> float:
     """A real job (in-process server, local Ray): its workers' summed average rate."""
     from gradhub.client.client import Client
     from gradhub.server.app import Server
@@ -141,7 +147,7 @@ def job_samples_per_second(model: Any, batch: int, steps: int, workers: int = 1,
     with (tempfile.TemporaryDirectory() as tmp, Server(ServerConfig(port=0, data_dir=Path(tmp))) as server,
           Client(server.address) as client):
             cpus = max(torch.get_num_threads() // workers, 1)
-            spec = {"name": "bench-job", "mode": mode, "workers": workers, "resources": {"cpus": cpus},
+            spec = {"name": "bench-job", "mode": mode, "workers": workers, "resources": {"cpus": cpus, "gpus": gpus},
                     "model": model, "dataset": "digits", "optimizer": {"name": "sgd", "lr": 0.05},
                     "batch_size": batch, "steps": steps}
             info = client.submit(spec).wait(timeout=TIMEOUT_S)
@@ -159,27 +165,53 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure in (c); the median is kept")
     parser.add_argument("--transports", nargs="+", default=["unix", "tcp", "grpc"],
                         choices=["unix", "tcp", "grpc"], help="transports for (a) and (b)")
+    parser.add_argument("--figures", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"],
+                        help="which figures to measure ((e) comes with (a) and (b))")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    figures: dict[str, Any] = {"command": " ".join(sys.argv)}
     nbytes = args.mb * 2**20
 
+    e_rows: list[dict[str, Any]] = []
+    if "a" in args.figures:
+        figures["a_exchange"] = figure_a(args, nbytes, e_rows)
+    if "b" in args.figures:
+        figures["b_sync_step"] = figure_b(args, nbytes, e_rows)
+    if e_rows:
+        print_table("(e) the server process (CPU over the whole exchange, both directions)", e_rows,
+                    ["run", "server CPU s/GB", "server peak RSS MB"])
+    if "c" in args.figures:
+        figures["c_training"] = figure_c(args)
+    if "d" in args.figures:
+        figures["d_vs_allreduce"] = figure_d(args)
+    path = write_json("ps", figures, args.out)
+    print(f"wrote {path}")
+
+
+def figure_a(args: argparse.Namespace, nbytes: int, e_rows: list[dict[str, Any]]) -> dict[str, Any]:
     tcp = raw_tcp_throughput(nbytes)
     grpc_plain = grpc_stream_throughput(nbytes)
     rows_a = [
         {"measure": "raw TCP loopback (push+pull)", "GB/s": f"{tcp:.2f}", "ratio to TCP": "1.00"},
         {"measure": "plain gRPC stream, 1 MiB chunks", "GB/s": f"{grpc_plain:.2f}", "ratio to TCP": f"{grpc_plain / tcp:.2f}"},
     ]
-    a_figures, e_rows = {}, []
+    a_figures = {}
     for transport in args.transports:
-        one, use = exchange_seconds(1, nbytes, args.iters, transport)
+        one, use = exchange_seconds(1, nbytes, args.iters, transport, args.device)
         gbs = 2 * nbytes / statistics.median(one) / 1e9
         a_figures[transport] = {"gbs": gbs, "ratio_to_tcp": gbs / tcp, "exchange_seconds": one, **use}
-        rows_a.append({"measure": f"gradhub push+pull, {args.mb} MB, 1 worker, {transport}", "GB/s": f"{gbs:.2f}",
+        rows_a.append({"measure": f"gradhub push+pull, {args.mb} MB, 1 worker, {transport}, {args.device}",
+                       "GB/s": f"{gbs:.2f}",
                        "ratio to TCP": f"{gbs / tcp:.2f}"})
         e_rows.append({"run": f"(a) {transport}", "server CPU s/GB": f"{use['cpu_s_per_gb']:.2f}",
                        "server peak RSS MB": f"{use['peak_rss_mb']:,.0f}"})
     print_table(f"(a) exchanging a {args.mb} MB model", rows_a, ["measure", "GB/s", "ratio to TCP"])
+    return {"mb": args.mb, "raw_tcp_gbs": tcp, "plain_grpc_gbs": grpc_plain, "device": args.device,
+            "gradhub": a_figures}
 
+
+def figure_b(args: argparse.Namespace, nbytes: int, e_rows: list[dict[str, Any]]) -> dict[str, Any]:
     gloo = gloo_allreduce_seconds(nbytes, world_size=2, iters=args.iters)
     rows_b = [{"measure": f"Gloo all_reduce, {args.mb} MB, 2 ranks", "seconds/step": f"{gloo:.3f}",
                "ratio to Gloo": "1.00"}]
@@ -193,24 +225,32 @@ def main() -> None:
         e_rows.append({"run": f"(b) {transport}", "server CPU s/GB": f"{use['cpu_s_per_gb']:.2f}",
                        "server peak RSS MB": f"{use['peak_rss_mb']:,.0f}"})
     print_table("(b) ps-sync step communication vs Gloo all_reduce", rows_b, ["measure", "seconds/step", "ratio to Gloo"])
-    print_table("(e) the server process (CPU over the whole exchange, both directions)", e_rows,
-                ["run", "server CPU s/GB", "server peak RSS MB"])
+    return {"mb": args.mb, "gloo_allreduce_s": gloo, "gradhub": b_figures}
 
+
+def figure_c(args: argparse.Namespace) -> list[dict[str, Any]]:
     from gradhub.worker.data import digits
     from gradhub.worker.models import cnn
 
     train, _ = digits()
     x, y = train.tensors  # type: ignore[attr-defined]
     rows_c = []
+    dev = args.device  # the reference trains where the job does
     for batch in args.batches:  # medians of --repeats runs: this small VM is noisy
-        plain = statistics.median(plain_training_samples_per_second(cnn, x, y, batch_size=batch, steps=args.steps,
-                                                                    lr=0.05) for _ in range(args.repeats))
-        job = statistics.median(job_samples_per_second("cnn", batch, args.steps) for _ in range(args.repeats))
+        plain = statistics.median(plain_training_samples_per_second(lambda: cnn().to(dev), x.to(dev), y.to(dev),
+                                                                    batch_size=batch, steps=args.steps, lr=0.05)
+                                  for _ in range(args.repeats))
+        gpus = 1 if args.device == "cuda" else 0
+        job = statistics.median(job_samples_per_second("cnn", batch, args.steps, gpus=gpus)
+                                for _ in range(args.repeats))
         rows_c.append({"model": "cnn (digits)", "batch": batch, "plain PyTorch samples/s": f"{plain:,.0f}",
                        "gradhub 1-worker ps-sync samples/s": f"{job:,.0f}", "ratio": f"{job / plain:.2f}"})
     print_table("(c) 1-worker ps-sync job vs plain PyTorch", rows_c,
                 ["model", "batch", "plain PyTorch samples/s", "gradhub 1-worker ps-sync samples/s", "ratio"])
+    return rows_c
 
+
+def figure_d(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows_d = []
     models = {"cnn": "cnn", "mlp 1024x1024": {"name": "mlp", "args": {"hidden": [1024, 1024]}}}
     for label, model in models.items():
@@ -222,15 +262,7 @@ def main() -> None:
                        "ps-sync samples/s": f"{ps:,.0f}", "ratio": f"{ps / ar:.2f}"})
     print_table("(d) 2-worker ps-sync job vs the same job in allreduce mode", rows_d,
                 ["model", "batch", "allreduce samples/s", "ps-sync samples/s", "ratio"])
-
-    path = write_json("ps", {
-        "command": " ".join(sys.argv),
-        "a_exchange": {"mb": args.mb, "raw_tcp_gbs": tcp, "plain_grpc_gbs": grpc_plain, "gradhub": a_figures},
-        "b_sync_step": {"mb": args.mb, "gloo_allreduce_s": gloo, "gradhub": b_figures},
-        "c_training": rows_c,
-        "d_vs_allreduce": rows_d,
-    }, args.out)
-    print(f"wrote {path}")
+    return rows_d
 
 
 if __name__ == "__main__":
