@@ -159,6 +159,8 @@ class Server:
         # what is loaded by now (torch, Ray, gradhub: hundreds of thousands of objects) lives as
         # long as the process: kept out of the cyclic collector's full passes, which would
         # otherwise walk all of it and stall every thread for a tenth of a second or more
+        # (collected first, so that no garbage is kept; ``stop`` unfreezes)
+        gc.collect()
         gc.freeze()
         io.run(self._grpc.start(), timeout=30)
         self._manager.start()
@@ -182,6 +184,7 @@ class Server:
             self._data.stop(grace)
         if self._io is not None:
             self._io.stop()
+            gc.unfreeze()  # the process may go on without this server (tests, the demo)
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)
         if self._db is not None:

@@ -297,3 +297,28 @@ def test_an_unreachable_data_plane_leaves_the_worker_on_grpc(job, caplog):
         _train_three_steps(link)
     assert "cannot be used" in caplog.text and "gRPC streams instead" in caplog.text
     assert server.manager.store(job_id).workers()[0].transport == "grpc"
+
+
+def test_garbage_never_harms_the_server(job):
+    """Random bytes, cut frames and lies about lengths end their own connection only."""
+    import random
+
+    server, job_id = job
+    rng = random.Random(0)
+    hello = frames.frame_head(data_pb2.DataFrame(hello=_hello(job_id)))
+    attempts = [
+        bytes(rng.getrandbits(8) for _ in range(64)),
+        frames.MAGIC + bytes(rng.getrandbits(8) for _ in range(60)),
+        hello[:5],  # cut inside the prefix
+        hello[:-3],  # cut inside the header
+        frames.PREFIX.pack(frames.MAGIC, 12) + b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01\x00",  # a bad varint
+        frames.PREFIX.pack(frames.MAGIC, 0),  # an empty header: no kind
+    ]
+    for data in attempts:
+        with _raw(server) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(4096):  # the server answers (or not) and closes: never hangs, never crashes
+                pass
+    with _worker(server, job_id) as link:
+        _train_three_steps(link)  # and the next worker is served as if nothing happened
