@@ -115,8 +115,10 @@ class DataPlane:
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> Self:
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        tcp = socket.create_server((self._host.strip("[]"), self._port), family=family, backlog=1024)
+        host = self._host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        dualstack = host == "::" and socket.has_dualstack_ipv6()  # like gRPC's [::]: IPv4 too
+        tcp = socket.create_server((host, self._port), family=family, backlog=1024, dualstack_ipv6=dualstack)
         tcp.setblocking(False)
         self._listeners.append((tcp, "tcp"))
         self.port = tcp.getsockname()[1]
