@@ -8,7 +8,6 @@ where domain errors become one line on stderr and exit code 1; usage errors exit
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from gradhub.client.progress import job_details, jobs_table, number
 from gradhub.proto.contract.errors import GradhubError, NotFoundError, ServerUnavailableError
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.contract.states import JobState
-from gradhub.server.config import ServerConfig
+from gradhub.server.config import ServerConfig, is_loopback
 
 DEFAULT_SERVER = "localhost:50051"
 _SERVER_DEFAULTS = ServerConfig()  # `gradhub server` reads its defaults from ServerConfig only
@@ -173,6 +172,12 @@ def server(
                           "port. Fix it where workers reach the server through a firewall or a "
                           "container's published ports."),
     ] = _SERVER_DEFAULTS.data_port,
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", envvar="GRADHUB_INSECURE",
+                     help="Listen beyond loopback without a token (refused otherwise): whoever reaches "
+                          "the port can run code on the workers."),
+    ] = False,
     max_model_bytes: Annotated[
         int,
         typer.Option(min=1, envvar="GRADHUB_MAX_MODEL_BYTES",
@@ -192,7 +197,8 @@ def server(
         config = ServerConfig(host=host, port=port, data_dir=data_dir, ray_address=ray_address,
                               advertise_address=advertise_address, token=token,
                               node_join_grace_s=node_join_grace, collective_timeout_s=collective_timeout,
-                              stop_grace_s=grace, data_port=data_port, max_model_bytes=max_model_bytes)
+                              stop_grace_s=grace, data_port=data_port, max_model_bytes=max_model_bytes,
+                              insecure=insecure)
     except ValueError as e:
         _fail(str(e))
     srv = Server(config)
@@ -206,8 +212,9 @@ def server(
     if token is None:
         warning = ("warning: no token (--token-file or GRADHUB_TOKEN): the server accepts "
                    "unauthenticated RPCs")
-        if not _is_loopback(host):
-            warning += f"; anyone who can reach {_hostport(host, srv.port)} can run code on the workers"
+        if not is_loopback(host):
+            warning = (f"warning: --insecure: no token, and anyone who can reach {_hostport(host, srv.port)} "
+                       "can run code on the workers")
         typer.echo(warning, err=True)
     _wait_for_signal()
     typer.echo(f"gradhub server: stopping (grace {grace:g} s)", err=True)
@@ -229,15 +236,6 @@ def _wait_for_signal() -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _hostport(host: str, port: int) -> str:

@@ -7,6 +7,7 @@ environment variable > default. Library code never reads the environment.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -20,6 +21,9 @@ class ServerConfig:
     # host:port that workers use to reach this server; default: this node's Ray IP and the bound port
     advertise_address: str | None = None
     token: str | None = None  # when set, every RPC needs "authorization: Bearer <token>"
+    # listen beyond loopback without a token (whoever reaches the port can run code on the
+    # workers): refused unless this says so
+    insecure: bool = False
     # the pool that runs the short (sync) RPC handlers; every call that waits or streams runs
     # on the event loop instead, so a few threads serve any number of workers (more only add
     # contention for the GIL)
@@ -52,6 +56,10 @@ class ServerConfig:
             raise ValueError("max_rpc_threads: must be >= 8 (short calls run in this pool)")
         if self.token is not None and not self.token.strip():
             raise ValueError("token: is empty")
+        if self.token is None and not self.insecure and not is_loopback(self.host):
+            raise ValueError(f"token: refusing to listen on {self.host} without one: whoever reaches the port "
+                             "could run code on the workers. Give a token (gradhub server --token-file, "
+                             "GRADHUB_TOKEN), or --insecure (GRADHUB_INSECURE=1) to run open anyway")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s: must exceed heartbeat_interval_s")
         if self.node_join_grace_s < 0:
@@ -63,6 +71,16 @@ class ServerConfig:
         if self.stop_grace_s < 0:
             raise ValueError("stop_grace_s: must be >= 0")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, bracketed or not) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def default(name: str) -> object:

@@ -311,6 +311,13 @@ def test_server_command_serves_until_sigterm(
     assert "stopped" in result.stderr
 
 
+def test_server_beyond_loopback_without_a_token_refuses_to_start(tmp_path: Path) -> None:
+    result = run(["server", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path / "data")],
+                 {"GRADHUB_TOKEN": None, "GRADHUB_TOKEN_FILE": None, "GRADHUB_INSECURE": None})
+    assert_one_line_error(result, "refusing to listen on 0.0.0.0", "--token-file", "--insecure")
+    assert not (tmp_path / "data").exists(), "nothing was started or written"
+
+
 @pytest.mark.parametrize("mode", ["ps-sync", "allreduce"])
 def test_demo(tmp_path: Path, cli_server: Server, mode: str) -> None:
     out = tmp_path / "demo.safetensors"

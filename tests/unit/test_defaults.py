@@ -60,3 +60,16 @@ def test_server_config_validates_the_new_knobs() -> None:
         ServerConfig(poll_s=0)
     with pytest.raises(ValueError, match="stop_grace_s"):
         ServerConfig(stop_grace_s=-1)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "head"])
+def test_a_server_beyond_loopback_needs_a_token_or_insecure(host: str) -> None:
+    with pytest.raises(ValueError, match="refusing to listen on .* without one.*--insecure"):
+        ServerConfig(host=host)
+    assert ServerConfig(host=host, token="t").token == "t"
+    assert ServerConfig(host=host, insecure=True).insecure
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"])
+def test_a_loopback_server_runs_without_a_token(host: str) -> None:
+    assert ServerConfig(host=host).token is None
