@@ -35,6 +35,7 @@ from gradhub.server.policies import MaxRestarts
 from gradhub.server.rendezvous import RendezvousStore
 from gradhub.server.store import ParameterStore
 from gradhub.server.tracker import Formation, GroupTracker
+from gradhub.server.working_dirs import WorkingDirs
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class JobManager:
     def __init__(self, db: JobDB, checkpoints: CheckpointStore, launcher: Launcher,
                  working_dirs: Path, config: ServerConfig | None = None) -> None:
         self._db, self._ckpts, self._launcher = db, checkpoints, launcher
-        self._working_dirs = working_dirs
+        self._working_dirs = WorkingDirs(working_dirs)
         self.config = config = config or ServerConfig()
         self.heartbeat_interval_s = config.heartbeat_interval_s
         self.collective_timeout_s = config.collective_timeout_s
@@ -88,6 +89,7 @@ class JobManager:
     def start(self) -> None:
         """Requeue what the last server left QUEUED or RUNNING, then start scheduling."""
         self._started_at = time.monotonic()
+        self._working_dirs.remove_partials()
         for rec in self._db.list(states=(JobState.QUEUED, JobState.RUNNING)):
             try:
                 spec = JobSpec.from_json(rec.spec_json)
@@ -125,21 +127,21 @@ class JobManager:
         if too_big:
             raise SpecError("resources", too_big)
         job_id = "j-" + uuid.uuid4().hex[:10]
-        workdir = None
-        if working_dir_zip:
-            self._working_dirs.mkdir(parents=True, exist_ok=True)
-            path = self._working_dirs / f"{job_id}.zip"
-            path.write_bytes(working_dir_zip)
-            workdir = str(path)
+        # checked (a zip that unpacks safely) and written whole before the job exists
+        workdir = str(self._working_dirs.store(job_id, working_dir_zip)) if working_dir_zip else None
         rec = JobRecord(id=job_id, name=spec.name, mode=spec.mode, spec_json=spec.to_json(), state=JobState.QUEUED,
                         created_at=time.time(), working_dir=workdir)
-        with self._cond:
-            if self._stopping:
-                raise StateError("server: shutting down, not accepting jobs")
-            self._db.insert(rec)
-            self._active[job_id] = JobRun(job_id, spec)
-            self._queue.append(job_id)
-            self._changed()
+        try:
+            with self._cond:
+                if self._stopping:
+                    raise StateError("server: shutting down, not accepting jobs")
+                self._db.insert(rec)
+                self._active[job_id] = JobRun(job_id, spec)
+                self._queue.append(job_id)
+                self._changed()
+        except BaseException:
+            self._working_dirs.delete(job_id)  # no job, no zip
+            raise
         spares = f" and {spec.spares} spares" if spec.spares else ""
         self._log(job_id, f"submitted: {spec.workers} workers{spares}, mode {spec.mode}")
         return self.get(job_id)

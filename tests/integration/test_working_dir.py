@@ -129,3 +129,31 @@ def test_a_working_dir_that_is_not_a_folder_is_refused(client: Client, tmp_path:
                        "working_dir": str(tmp_path / "missing")})
     assert err.value.field == "working_dir" and "is not a folder" in str(err.value)
     assert len(client.list_jobs()) == before
+
+
+def test_the_server_refuses_a_zip_bomb_and_keeps_nothing(tmp_path: Path) -> None:
+    """A client that skips pack_working_dir's checks meets the server's: INVALID_ARGUMENT naming
+    working_dir, no job, no file."""
+    import io
+    import zipfile
+
+    import grpc
+
+    from gradhub.proto.contract.spec import JobSpec
+    from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.bin", bytes(200 << 20))  # ~200 KB packed, 200 MiB unpacked
+    spec = JobSpec.from_dict({"name": "bomb", "model": "mlp", "dataset": "digits", "steps": 1})
+    config = ServerConfig(port=0, data_dir=tmp_path / "data")
+    with Server(config, launcher=ExternalLauncher()) as server, grpc.insecure_channel(server.address) as channel:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec_json=spec.to_json(), working_dir_zip=buf.getvalue()),
+                           timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("working_dir: unpacks to more than")
+        assert not stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10).jobs
+        working_dirs = tmp_path / "data" / "working_dirs"
+        assert not working_dirs.exists() or not list(working_dirs.iterdir())
