@@ -37,7 +37,7 @@ from gradhub.server.jobs import JobManager
 from gradhub.server.launcher import Launcher, RayLauncher
 from gradhub.server.ps_service import ParameterServerServicer
 from gradhub.server.ps_service import add_to_server as add_ps_service
-from gradhub.server.rpc import TokenInterceptor
+from gradhub.server.rpc import TokenInterceptor, WireInterceptor
 from gradhub.server.waits import StoreCalls
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class Server:
             self._owns_ray = True
         warm.join()
         interceptors = [TokenInterceptor(c.token)] if c.token else []
+        interceptors.append(WireInterceptor())
         rpc_pool = futures.ThreadPoolExecutor(max_workers=c.max_rpc_threads, thread_name_prefix="gradhub-rpc")
         store_pool = futures.ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="gradhub-apply")
         jobs_pool = futures.ThreadPoolExecutor(max_workers=JOBS_THREADS, thread_name_prefix="gradhub-jobs")

@@ -163,3 +163,85 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if method.response_streaming:
             return grpc.unary_stream_rpc_method_handler(deny_stream)
         return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class _Garbage:
+    """What a request that does not parse becomes, so that its call ends with INVALID_ARGUMENT
+    (gRPC itself would answer UNKNOWN, or INTERNAL mid-stream, and log a traceback)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.message = f"request: not a valid message ({type(error).__name__}: {error})"
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw) if deserializer is not None else raw
+        except Exception as e:  # noqa: BLE001 - any parse failure is the client's garbage
+            return _Garbage(e)
+    return parse
+
+
+def _checked_sync_iterator(requests: Any) -> Any:
+    for request in requests:
+        if isinstance(request, _Garbage):
+            raise ProtocolError(request.message)
+        yield request
+
+
+async def _checked_async_iterator(requests: Any) -> Any:
+    async for request in requests:
+        if isinstance(request, _Garbage):
+            raise ProtocolError(request.message)
+        yield request
+
+
+def _garbage_checked(behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+    """``behavior`` that refuses garbage requests with INVALID_ARGUMENT (as sync or async as it is)."""
+    is_async = inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+    if streaming:
+        wrap = _checked_async_iterator if is_async else _checked_sync_iterator
+        if inspect.isasyncgenfunction(behavior):
+            async def astream(requests: Any, context: Any) -> Any:
+                async for item in behavior(wrap(requests), context):
+                    yield item
+            return astream
+        if is_async:
+            async def aunary(requests: Any, context: Any) -> Any:
+                return await behavior(wrap(requests), context)
+            return aunary
+        return lambda requests, context: behavior(wrap(requests), context)
+
+    if inspect.isasyncgenfunction(behavior):
+        async def agen(request: Any, context: Any) -> Any:
+            if isinstance(request, _Garbage):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            async for item in behavior(request, context):
+                yield item
+        return agen
+    if is_async:
+        async def acall(request: Any, context: Any) -> Any:
+            if isinstance(request, _Garbage):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await behavior(request, context)
+        return acall
+
+    def call(request: Any, context: Any) -> Any:
+        if isinstance(request, _Garbage):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return behavior(request, context)
+    return call
+
+
+class WireInterceptor(grpc.aio.ServerInterceptor):
+    """Every method's requests are parsed leniently: one that is not a valid message ends its call
+    with INVALID_ARGUMENT and a one-line reason, and leaves nothing in the server's log."""
+
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        method = await continuation(handler_call_details)
+        if method is None:
+            return None
+        kind = ("stream" if method.request_streaming else "unary") + "_" + (
+            "stream" if method.response_streaming else "unary")
+        return method._replace(request_deserializer=_tolerant(method.request_deserializer),
+                               **{kind: _garbage_checked(getattr(method, kind), method.request_streaming)})

@@ -8,6 +8,7 @@ raw gRPC stubs speaking the WorkerControl and ParameterServer protocols.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 
 import grpc
@@ -294,3 +295,32 @@ def test_a_good_push_after_all_that_is_applied(job):
     assert stub.PushGradients(stream(header(job_id, rank=1), grad()), timeout=10).accepted
     assert store.version == 1
 
+
+
+GARBAGE = b"\xff\xff\xff\xff\xff"
+
+
+@pytest.mark.parametrize(("method", "kind"), [
+    ("/gradhub.v1.JobService/GetJob", "unary_unary"),
+    ("/gradhub.v1.JobService/SubmitJob", "unary_unary"),
+    ("/gradhub.v1.JobService/WatchJob", "unary_stream"),
+    ("/gradhub.v1.WorkerControl/Register", "unary_unary"),
+    ("/gradhub.v1.WorkerControl/Heartbeat", "unary_unary"),
+    ("/gradhub.v1.WorkerControl/SaveCheckpoint", "stream_unary"),
+    ("/gradhub.v1.ParameterServer/PullParameters", "unary_stream"),
+    ("/gradhub.v1.ParameterServer/PushGradients", "stream_unary"),
+    ("/gradhub.v1.ParameterServer/PushPull", "stream_stream"),
+])
+def test_garbage_protobuf_is_invalid_argument_and_logs_nothing(idle_server, caplog, method, kind):
+    server = idle_server
+    with grpc.insecure_channel(server.address) as channel, caplog.at_level(logging.WARNING):
+        call = getattr(channel, kind)(method)
+        def send():
+            request = iter([GARBAGE]) if kind.startswith("stream") else GARBAGE
+            result = call(request, timeout=10)
+            return list(result) if kind.endswith("_stream") else result
+        for _ in range(3):  # repeated garbage: the same answer, and nothing in the log
+            assert_rejected(send, grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid message")
+    assert not [r for r in caplog.records if r.name.startswith("gradhub")], caplog.text
+    with Client(server.address) as client:
+        assert client.list_jobs() is not None  # and the server goes on answering
