@@ -397,6 +397,15 @@ def pull(
 
 
 @app.command()
+def delete(job_id: JobArg, server: ServerOpt = DEFAULT_SERVER, token_file: TokenFileOpt = None) -> None:
+    """Delete a job that has ended, with its log, checkpoints and working dir (cancel a running
+    job first)."""
+    with _session(server, token_file) as client:
+        client.delete(job_id)
+        typer.echo(f"{job_id} deleted")
+
+
+@app.command()
 def cancel(job_id: JobArg, server: ServerOpt = DEFAULT_SERVER, token_file: TokenFileOpt = None) -> None:
     """Cancel a queued or running job (a job that has ended is left as it is)."""
     with _session(server, token_file) as client:

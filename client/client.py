@@ -181,6 +181,11 @@ class Client:
     def cancel(self, job_id: str) -> JobInfo:
         return JobInfo.from_proto(self._call("CancelJob", jobs_pb2.CancelJobRequest(job_id=job_id), "cancel").job)
 
+    def delete(self, job_id: str) -> None:
+        """Remove a job that has ended, with its log, checkpoints and working dir (StateError while
+        it is queued or running: cancel it first)."""
+        self._call("DeleteJob", jobs_pb2.DeleteJobRequest(job_id=job_id), "delete")
+
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[JobInfo]:
         """The job now and at each change, until it ends (or ``timeout`` seconds pass)."""
         try:

@@ -160,6 +160,14 @@ class JobDB:
                     raise StateError(f"job {record.id!r} already exists") from e
                 raise
 
+    def delete(self, job_id: str) -> None:
+        """Remove a job and its log; ``NotFoundError`` if there is none."""
+        with self._transaction() as conn:
+            if not _exists(conn, job_id):
+                raise _not_found(job_id)
+            conn.execute("DELETE FROM job_logs WHERE job_id = ?", (job_id,))
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
     def update(self, job_id: str, **fields: Any) -> JobRecord:
         """Set the given fields of a job and return the updated record. A change of ``state``
         must be an allowed transition from the stored one (``JobState.to``): ``StateError``."""

@@ -86,6 +86,12 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         return jobs_pb2.CancelJobResponse(job=await self._run(lambda: job_to_proto(self._jobs.cancel(request.job_id))))
 
     @handler
+    async def DeleteJob(self, request: jobs_pb2.DeleteJobRequest, context: grpc.aio.ServicerContext,
+                        ) -> jobs_pb2.DeleteJobResponse:
+        await self._run(self._jobs.delete, request.job_id)
+        return jobs_pb2.DeleteJobResponse()
+
+    @handler
     async def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext,
                        ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         """The job now and after every change (at least every WATCH_REFRESH_S), until it ends."""

@@ -182,6 +182,19 @@ class JobManager:
             self._changed()
         return self.get(job_id)
 
+    def delete(self, job_id: str) -> None:
+        """Remove a job that has ended, with its log, checkpoints and working dir."""
+        rec = self._db.get(job_id)  # NotFoundError for an unknown job
+        with self._cond:
+            if job_id in self._active or rec.state not in TERMINAL:
+                raise StateError(f"state: job {job_id!r} is {rec.state}; cancel it first (gradhub cancel), "
+                                 "then delete it")
+            self._db.delete(job_id)
+            self._changed()
+        self._ckpts.delete_job(job_id)
+        self._working_dirs.delete(job_id)
+        log.info("job %s: deleted", job_id)
+
     def logs(self, job_id: str, after: int = 0) -> builtins.list[tuple[int, str]]:
         self._db.get(job_id)
         return self._db.logs(job_id, after=after)

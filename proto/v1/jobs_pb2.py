@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgradhub/proto/v1/jobs.proto\x12\ngradhub.v1\"\xa3\x01\n\x0cWorkerStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x11\n\tstaleness\x18\x04 \x01(\x03\x12\x15\n\rmax_staleness\x18\x05 \x01(\x03\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x10\n\x08restarts\x18\x07 \x01(\x05\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x11\n\ttransport\x18\t \x01(\t\"\x8c\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.gradhub.v1.JobState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tspec_json\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nstarted_at\x18\x08 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\t \x01(\x01\x12\x0c\n\x04step\x18\n \x01(\x03\x12\x13\n\x0btotal_steps\x18\x0b \x01(\x03\x12\x0f\n\x07version\x18\x0c \x01(\x03\x12-\n\x07metrics\x18\r \x03(\x0b\x32\x1c.gradhub.v1.Job.MetricsEntry\x12)\n\x07workers\x18\x0e \x03(\x0b\x32\x18.gradhub.v1.WorkerStatus\x12\x1a\n\x12samples_per_second\x18\x0f \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\x10SubmitJobRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\x17\n\x0fworking_dir_zip\x18\x02 \x01(\x0c\"1\n\x11SubmitJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gradhub.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gradhub.v1.Job\"\x11\n\x0fListJobsRequest\"1\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.gradhub.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x11\x43\x61ncelJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gradhub.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x10WatchJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gradhub.v1.Job\"w\n\x0e\x43heckpointInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\"(\n\x16ListCheckpointsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"J\n\x17ListCheckpointsResponse\x12/\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1a.gradhub.v1.CheckpointInfo\"C\n\x15PullCheckpointRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\x04step\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_step\"\\\n\x16PullCheckpointResponse\x12*\n\x04info\x18\x01 \x01(\x0b\x32\x1a.gradhub.v1.CheckpointInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"3\n\x11GetJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"#\n\x12GetJobLogsResponse\x12\r\n\x05lines\x18\x01 \x03(\t*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xf7\x04\n\nJobService\x12H\n\tSubmitJob\x12\x1c.gradhub.v1.SubmitJobRequest\x1a\x1d.gradhub.v1.SubmitJobResponse\x12?\n\x06GetJob\x12\x19.gradhub.v1.GetJobRequest\x1a\x1a.gradhub.v1.GetJobResponse\x12\x45\n\x08ListJobs\x12\x1b.gradhub.v1.ListJobsRequest\x1a\x1c.gradhub.v1.ListJobsResponse\x12H\n\tCancelJob\x12\x1c.gradhub.v1.CancelJobRequest\x1a\x1d.gradhub.v1.CancelJobResponse\x12G\n\x08WatchJob\x12\x1b.gradhub.v1.WatchJobRequest\x1a\x1c.gradhub.v1.WatchJobResponse0\x01\x12Z\n\x0fListCheckpoints\x12\".gradhub.v1.ListCheckpointsRequest\x1a#.gradhub.v1.ListCheckpointsResponse\x12Y\n\x0ePullCheckpoint\x12!.gradhub.v1.PullCheckpointRequest\x1a\".gradhub.v1.PullCheckpointResponse0\x01\x12M\n\nGetJobLogs\x12\x1d.gradhub.v1.GetJobLogsRequest\x1a\x1e.gradhub.v1.GetJobLogsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgradhub/proto/v1/jobs.proto\x12\ngradhub.v1\"\xa3\x01\n\x0cWorkerStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x11\n\tstaleness\x18\x04 \x01(\x03\x12\x15\n\rmax_staleness\x18\x05 \x01(\x03\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x10\n\x08restarts\x18\x07 \x01(\x05\x12\x0b\n\x03pid\x18\x08 \x01(\x05\x12\x11\n\ttransport\x18\t \x01(\t\"\x8c\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.gradhub.v1.JobState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tspec_json\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nstarted_at\x18\x08 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\t \x01(\x01\x12\x0c\n\x04step\x18\n \x01(\x03\x12\x13\n\x0btotal_steps\x18\x0b \x01(\x03\x12\x0f\n\x07version\x18\x0c \x01(\x03\x12-\n\x07metrics\x18\r \x03(\x0b\x32\x1c.gradhub.v1.Job.MetricsEntry\x12)\n\x07workers\x18\x0e \x03(\x0b\x32\x18.gradhub.v1.WorkerStatus\x12\x1a\n\x12samples_per_second\x18\x0f \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\x10SubmitJobRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\x17\n\x0fworking_dir_zip\x18\x02 \x01(\x0c\"1\n\x11SubmitJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gradhub.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gradhub.v1.Job\"\x11\n\x0fListJobsRequest\"1\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.gradhub.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x11\x43\x61ncelJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gradhub.v1.Job\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x10WatchJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.gradhub.v1.Job\"w\n\x0e\x43heckpointInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\"(\n\x16ListCheckpointsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"J\n\x17ListCheckpointsResponse\x12/\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1a.gradhub.v1.CheckpointInfo\"C\n\x15PullCheckpointRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\x04step\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_step\"\\\n\x16PullCheckpointResponse\x12*\n\x04info\x18\x01 \x01(\x0b\x32\x1a.gradhub.v1.CheckpointInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"3\n\x11GetJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"#\n\x12GetJobLogsResponse\x12\r\n\x05lines\x18\x01 \x03(\t*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xc1\x05\n\nJobService\x12H\n\tSubmitJob\x12\x1c.gradhub.v1.SubmitJobRequest\x1a\x1d.gradhub.v1.SubmitJobResponse\x12?\n\x06GetJob\x12\x19.gradhub.v1.GetJobRequest\x1a\x1a.gradhub.v1.GetJobResponse\x12\x45\n\x08ListJobs\x12\x1b.gradhub.v1.ListJobsRequest\x1a\x1c.gradhub.v1.ListJobsResponse\x12H\n\tCancelJob\x12\x1c.gradhub.v1.CancelJobRequest\x1a\x1d.gradhub.v1.CancelJobResponse\x12H\n\tDeleteJob\x12\x1c.gradhub.v1.DeleteJobRequest\x1a\x1d.gradhub.v1.DeleteJobResponse\x12G\n\x08WatchJob\x12\x1b.gradhub.v1.WatchJobRequest\x1a\x1c.gradhub.v1.WatchJobResponse0\x01\x12Z\n\x0fListCheckpoints\x12\".gradhub.v1.ListCheckpointsRequest\x1a#.gradhub.v1.ListCheckpointsResponse\x12Y\n\x0ePullCheckpoint\x12!.gradhub.v1.PullCheckpointRequest\x1a\".gradhub.v1.PullCheckpointResponse0\x01\x12M\n\nGetJobLogs\x12\x1d.gradhub.v1.GetJobLogsRequest\x1a\x1e.gradhub.v1.GetJobLogsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOB_METRICSENTRY']._loaded_options = None
   _globals['_JOB_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1538
-  _globals['_JOBSTATE']._serialized_end=1642
+  _globals['_JOBSTATE']._serialized_start=1595
+  _globals['_JOBSTATE']._serialized_end=1699
   _globals['_WORKERSTATUS']._serialized_start=44
   _globals['_WORKERSTATUS']._serialized_end=207
   _globals['_JOB']._serialized_start=210
@@ -57,24 +57,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELJOBREQUEST']._serialized_end=908
   _globals['_CANCELJOBRESPONSE']._serialized_start=910
   _globals['_CANCELJOBRESPONSE']._serialized_end=959
-  _globals['_WATCHJOBREQUEST']._serialized_start=961
-  _globals['_WATCHJOBREQUEST']._serialized_end=994
-  _globals['_WATCHJOBRESPONSE']._serialized_start=996
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1044
-  _globals['_CHECKPOINTINFO']._serialized_start=1046
-  _globals['_CHECKPOINTINFO']._serialized_end=1165
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1167
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1207
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1209
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1283
-  _globals['_PULLCHECKPOINTREQUEST']._serialized_start=1285
-  _globals['_PULLCHECKPOINTREQUEST']._serialized_end=1352
-  _globals['_PULLCHECKPOINTRESPONSE']._serialized_start=1354
-  _globals['_PULLCHECKPOINTRESPONSE']._serialized_end=1446
-  _globals['_GETJOBLOGSREQUEST']._serialized_start=1448
-  _globals['_GETJOBLOGSREQUEST']._serialized_end=1499
-  _globals['_GETJOBLOGSRESPONSE']._serialized_start=1501
-  _globals['_GETJOBLOGSRESPONSE']._serialized_end=1536
-  _globals['_JOBSERVICE']._serialized_start=1645
-  _globals['_JOBSERVICE']._serialized_end=2276
+  _globals['_DELETEJOBREQUEST']._serialized_start=961
+  _globals['_DELETEJOBREQUEST']._serialized_end=995
+  _globals['_DELETEJOBRESPONSE']._serialized_start=997
+  _globals['_DELETEJOBRESPONSE']._serialized_end=1016
+  _globals['_WATCHJOBREQUEST']._serialized_start=1018
+  _globals['_WATCHJOBREQUEST']._serialized_end=1051
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1053
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1101
+  _globals['_CHECKPOINTINFO']._serialized_start=1103
+  _globals['_CHECKPOINTINFO']._serialized_end=1222
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1224
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1264
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1266
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1340
+  _globals['_PULLCHECKPOINTREQUEST']._serialized_start=1342
+  _globals['_PULLCHECKPOINTREQUEST']._serialized_end=1409
+  _globals['_PULLCHECKPOINTRESPONSE']._serialized_start=1411
+  _globals['_PULLCHECKPOINTRESPONSE']._serialized_end=1503
+  _globals['_GETJOBLOGSREQUEST']._serialized_start=1505
+  _globals['_GETJOBLOGSREQUEST']._serialized_end=1556
+  _globals['_GETJOBLOGSRESPONSE']._serialized_start=1558
+  _globals['_GETJOBLOGSRESPONSE']._serialized_end=1593
+  _globals['_JOBSERVICE']._serialized_start=1702
+  _globals['_JOBSERVICE']._serialized_end=2407
 # @@protoc_insertion_point(module_scope)

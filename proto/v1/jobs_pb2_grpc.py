@@ -54,6 +54,11 @@ class JobServiceStub:
                 request_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/gradhub.v1.JobService/DeleteJob',
+                request_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/gradhub.v1.JobService/WatchJob',
                 request_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
@@ -99,6 +104,14 @@ class JobServiceServicer:
 
     def CancelJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """A job that has ended, with its log, checkpoints and working dir: gone for good.
+        FAILED_PRECONDITION while it is queued or running (cancel it first).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -151,6 +164,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.CancelJobRequest.FromString,
                     response_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.DeleteJobRequest.FromString,
+                    response_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.DeleteJobResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -281,6 +299,33 @@ class JobService:
             '/gradhub.v1.JobService/CancelJob',
             gradhub_dot_proto_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
             gradhub_dot_proto_dot_v1_dot_jobs__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradhub.v1.JobService/DeleteJob',
+            gradhub_dot_proto_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+            gradhub_dot_proto_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
