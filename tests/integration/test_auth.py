@@ -203,6 +203,7 @@ def test_the_python_client_without_the_token_raises_auth_error(ray_server, tmp_p
             "get_job": lambda: client.get_job("j-0000000000"),
             "list_jobs": client.list_jobs,
             "cancel": lambda: client.cancel("j-0000000000"),
+            "delete": lambda: client.delete("j-0000000000"),
             "watch": lambda: list(client.watch("j-0000000000", timeout=10)),
             "logs": lambda: list(client.logs("j-0000000000")),
             "list_checkpoints": lambda: client.list_checkpoints("j-0000000000"),
