@@ -71,7 +71,8 @@ class JobInfo:
     started_at: float | None
     finished_at: float | None
     workers: tuple[WorkerInfo, ...] = ()
-    spec: dict[str, Any] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)  # empty in list_jobs' summaries
+    world_size: int = 0  # the spec's workers (in summaries too)
 
     @property
     def done(self) -> bool:
@@ -86,7 +87,7 @@ class JobInfo:
             started_at=p.started_at or None, finished_at=p.finished_at or None,
             workers=tuple(WorkerInfo(w.rank, w.state, w.step, w.staleness, w.max_staleness, w.host,
                                      w.restarts, w.pid, w.transport) for w in p.workers),
-            spec=json.loads(p.spec_json) if p.spec_json else {},
+            spec=json.loads(p.spec_json) if p.spec_json else {}, world_size=p.world_size,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,8 +176,16 @@ class Client:
     def job(self, job_id: str) -> Job:
         return Job(self, self.get_job(job_id))
 
-    def list_jobs(self) -> list[JobInfo]:
-        return [JobInfo.from_proto(j) for j in self._call("ListJobs", jobs_pb2.ListJobsRequest(), "list").jobs]
+    def list_jobs(self, page_size: int = 100) -> list[JobInfo]:
+        """Every job, in creation order, as summaries (``spec`` is empty: ``get_job`` has it),
+        fetched ``page_size`` at a time."""
+        jobs, token = [], ""
+        while True:
+            reply = self._call("ListJobs", jobs_pb2.ListJobsRequest(page_size=page_size, page_token=token), "list")
+            jobs += [JobInfo.from_proto(j) for j in reply.jobs]
+            token = reply.next_page_token
+            if not token:
+                return jobs
 
     def cancel(self, job_id: str) -> JobInfo:
         return JobInfo.from_proto(self._call("CancelJob", jobs_pb2.CancelJobRequest(job_id=job_id), "cancel").job)

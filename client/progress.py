@@ -89,7 +89,7 @@ def steps_text(info: JobInfo) -> str:
 def workers_alive(info: JobInfo) -> str:
     """``running/total``; a job that is not running has no live workers (``0/2``)."""
     running = sum(1 for w in info.workers if w.state == "running")
-    total = len(info.workers) or int(info.spec.get("workers", 0))
+    total = len(info.workers) or info.world_size
     return f"{running}/{total}"
 
 

@@ -214,6 +214,14 @@ class JobDB:
             rows = conn.execute(query + " ORDER BY created_at, seq", args).fetchall()
         return [_from_row(r) for r in rows]
 
+    def page(self, after: int, limit: int) -> tuple[builtins.list[JobRecord], int]:
+        """Up to ``limit`` jobs inserted after the one numbered ``after`` (0: from the first), in
+        insertion order, and the number of the last one returned (``after`` when none)."""
+        query = f"SELECT seq, {', '.join(_FIELDS)} FROM jobs WHERE seq > ? ORDER BY seq LIMIT ?"
+        with self._transaction() as conn:
+            rows = conn.execute(query, (after, limit)).fetchall()
+        return [_from_row(r[1:]) for r in rows], (rows[-1][0] if rows else after)
+
     # ----------------------------------------------------------------- logs
 
     def append_log(self, job_id: str, line: str) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from gradhub.server.checkpoints import CheckpointInfo, CheckpointStore
@@ -21,14 +23,16 @@ from gradhub.server.rpc import handler
 from gradhub.server.waits import Signal, listen
 
 T = TypeVar("T")
-WATCH_REFRESH_S = 1.0  # a watch sends the job at least this often (its metrics move between changes)
+WATCH_REFRESH_S = 1.0
+DEFAULT_PAGE, MAX_PAGE = 100, 1000  # ListJobs  # a watch sends the job at least this often (its metrics move between changes)
 
 
-def job_to_proto(view: JobView) -> jobs_pb2.Job:
+def job_to_proto(view: JobView, summary: bool = False) -> jobs_pb2.Job:
+    """The job as the API shows it; a ``summary`` (ListJobs) leaves out the spec."""
     r = view.record
     return jobs_pb2.Job(
         id=r.id, name=r.name, mode=r.mode, state=jobs_pb2.JobState.Value(r.state), reason=r.reason,
-        spec_json=r.spec_json, created_at=r.created_at, started_at=r.started_at or 0.0,
+        spec_json="" if summary else r.spec_json, world_size=_world_size(r.spec_json), created_at=r.created_at, started_at=r.started_at or 0.0,
         finished_at=r.finished_at or 0.0, step=r.step, total_steps=r.total_steps, version=r.version,
         metrics=r.metrics, samples_per_second=r.samples_per_second,
         workers=[
@@ -38,6 +42,13 @@ def job_to_proto(view: JobView) -> jobs_pb2.Job:
             for w in view.workers
         ],
     )
+
+
+def _world_size(spec_json: str) -> int:
+    try:
+        return int(json.loads(spec_json).get("workers", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0  # a stored spec that no longer reads (its job fails with a reason at start)
 
 
 def checkpoint_to_proto(info: CheckpointInfo) -> jobs_pb2.CheckpointInfo:
@@ -78,7 +89,16 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
     @handler
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext,
                        ) -> jobs_pb2.ListJobsResponse:
-        return jobs_pb2.ListJobsResponse(jobs=await self._run(lambda: [job_to_proto(v) for v in self._jobs.list()]))
+        size = request.page_size or DEFAULT_PAGE
+        if not 1 <= size <= MAX_PAGE:
+            raise ProtocolError(f"page_size: must be 1 to {MAX_PAGE}, got {request.page_size}")
+        try:
+            after = int(request.page_token or 0)
+        except ValueError:
+            raise ProtocolError(f"page_token: {request.page_token[:40]!r} is not a token this server gave") from None
+        views, last = await self._run(self._jobs.page, after, size)
+        return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(v, summary=True) for v in views],
+                                         next_page_token=str(last) if len(views) == size else "")
 
     @handler
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext,

@@ -147,7 +147,11 @@ class JobManager:
         return self.get(job_id)
 
     def get(self, job_id: str) -> JobView:
-        rec = self._db.get(job_id)
+        return self._view(self._db.get(job_id))
+
+    def _view(self, rec: JobRecord) -> JobView:
+        """``rec`` with the live state of its workers, when it runs."""
+        job_id = rec.id
         with self._cond:
             a = self._active.get(job_id)
         store = None if a is None else a.state
@@ -167,6 +171,11 @@ class JobManager:
 
     def list(self) -> list[JobView]:
         return [self.get(r.id) for r in self._db.list()]
+
+    def page(self, after: int, limit: int) -> tuple[builtins.list[JobView], int]:
+        """A page of jobs (``JobDB.page``), each with its live state."""
+        records, last = self._db.page(after, limit)
+        return [self._view(rec) for rec in records], last
 
     def cancel(self, job_id: str, reason: str = "cancelled by user") -> JobView:
         rec = self._db.get(job_id)
