@@ -7,6 +7,7 @@ shape) followed by their bytes back to back in meta order, cut into chunks of
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from math import prod
@@ -172,10 +173,12 @@ class Receiver:
             self.take(chunk)
         return True
 
-    async def afill(self, chunks: AsyncIterator[Any]) -> bool:
-        """``fill`` from an async stream (a call served on an event loop)."""
+    async def afill(self, chunks: AsyncIterator[Any], stall_s: float | None = None) -> bool:
+        """``fill`` from an async stream (a call served on an event loop); TimeoutError when no
+        chunk comes for ``stall_s`` seconds."""
         while self.received < self.expected:
-            chunk = await anext(chunks, None)
+            async with asyncio.timeout(stall_s):
+                chunk = await anext(chunks, None)
             if chunk is None:
                 return False
             self.take(chunk)

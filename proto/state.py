@@ -130,41 +130,56 @@ def read_state(header: ps_pb2.CheckpointHeader, chunks: Iterator[Any]) -> Traini
     """The state a header announces, its bytes read from ``chunks`` (data chunks or views).
 
     Raises ProtocolError naming what is wrong (a tensor, the byte count, the JSON)."""
-    if not header.params:
-        raise ProtocolError("params: the checkpoint lists no parameters")
-    for i, m in enumerate(header.params):
-        if m.dtype not in BUFFER_DTYPES:
-            raise ProtocolError(f"params[{i}].dtype: '{m.name}' has unknown dtype {m.dtype}")
-    for i, m in enumerate(header.state):
-        if m.dtype != tensor_pb2.FLOAT32:
-            raise ProtocolError(f"state[{i}].dtype: '{m.name}' must be FLOAT32")
-    params_layout = Layout.from_metas(header.params)
-    state_layout = Layout.from_metas(header.state) if header.state else None
-    dtypes = [BUFFER_DTYPES[m.dtype] for m in header.params]
-    sizes = [n * d.itemsize for n, d in zip(params_layout.numels, dtypes, strict=True)]
-    nbytes = sum(sizes)
-    total = nbytes + (state_layout.nbytes(tensor_pb2.FLOAT32) if state_layout else 0)
-    receiver = Receiver(total)
+    plan = StatePlan(header)
+    receiver = Receiver(plan.nbytes)
     if receiver.fill(chunks) and next(chunks, None) is not None:
-        raise ProtocolError(f"byte count: stream carries more than the expected {total} bytes")
-    if receiver.received != total:
-        raise ProtocolError(f"byte count: got {receiver.received} of the expected {total} bytes (stream cut short?)")
-    raw = torch.frombuffer(receiver.buffer, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
-    params, offset = {}, 0
-    for name, shape, dtype, size in zip(params_layout.names, params_layout.shapes, dtypes, sizes, strict=True):
-        # a copy: a tensor after an odd-sized one (int8, bool) does not start aligned
-        t = raw[offset:offset + size].clone().view(dtype).view(shape) if size else torch.empty(shape, dtype=dtype)
-        if dtype.is_floating_point and not bool(t.isfinite().all()):
-            raise ProtocolError(f"state values: '{name}' holds NaN or Inf (did training diverge?)")
-        params[name] = t
-        offset += size
-    flat = raw[nbytes:].clone().view(torch.float32)
-    if not bool(flat.isfinite().all()):
-        raise ProtocolError("state values: the optimizer state holds NaN or Inf (did training diverge?)")
-    extra = state_layout.split(flat) if state_layout else {}
-    return TrainingState(step=header.step, params=params,
-                         optimizer_state=_state_of("optimizer_json", header.optimizer_json, extra),
-                         scheduler_state=_state_of("scheduler_json", header.scheduler_json, extra))
+        raise ProtocolError(f"byte count: stream carries more than the expected {plan.nbytes} bytes")
+    return plan.decode(receiver)
+
+
+class StatePlan:
+    """A checked CheckpointHeader: how many bytes follow it (``nbytes``, known before any is read),
+    and how to turn them into the TrainingState (``decode``)."""
+
+    def __init__(self, header: ps_pb2.CheckpointHeader) -> None:
+        if not header.params:
+            raise ProtocolError("params: the checkpoint lists no parameters")
+        for i, m in enumerate(header.params):
+            if m.dtype not in BUFFER_DTYPES:
+                raise ProtocolError(f"params[{i}].dtype: '{m.name}' has unknown dtype {m.dtype}")
+        for i, m in enumerate(header.state):
+            if m.dtype != tensor_pb2.FLOAT32:
+                raise ProtocolError(f"state[{i}].dtype: '{m.name}' must be FLOAT32")
+        self.header = header
+        self.params_layout = Layout.from_metas(header.params)
+        self.state_layout = Layout.from_metas(header.state) if header.state else None
+        self.dtypes = [BUFFER_DTYPES[m.dtype] for m in header.params]
+        self.sizes = [n * d.itemsize for n, d in zip(self.params_layout.numels, self.dtypes, strict=True)]
+        self.params_bytes = sum(self.sizes)
+        self.nbytes = self.params_bytes + (self.state_layout.nbytes(tensor_pb2.FLOAT32) if self.state_layout else 0)
+
+    def decode(self, receiver: Receiver) -> TrainingState:
+        total, header = self.nbytes, self.header
+        if receiver.received != total:
+            raise ProtocolError(f"byte count: got {receiver.received} of the expected {total} bytes "
+                                "(stream cut short?)")
+        raw = torch.frombuffer(receiver.buffer, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
+        params, offset = {}, 0
+        layout = self.params_layout
+        for name, shape, dtype, size in zip(layout.names, layout.shapes, self.dtypes, self.sizes, strict=True):
+            # a copy: a tensor after an odd-sized one (int8, bool) does not start aligned
+            t = raw[offset:offset + size].clone().view(dtype).view(shape) if size else torch.empty(shape, dtype=dtype)
+            if dtype.is_floating_point and not bool(t.isfinite().all()):
+                raise ProtocolError(f"state values: '{name}' holds NaN or Inf (did training diverge?)")
+            params[name] = t
+            offset += size
+        flat = raw[self.params_bytes:].clone().view(torch.float32)
+        if not bool(flat.isfinite().all()):
+            raise ProtocolError("state values: the optimizer state holds NaN or Inf (did training diverge?)")
+        extra = self.state_layout.split(flat) if self.state_layout else {}
+        return TrainingState(step=header.step, params=params,
+                             optimizer_state=_state_of("optimizer_json", header.optimizer_json, extra),
+                             scheduler_state=_state_of("scheduler_json", header.scheduler_json, extra))
 
 
 def _state_of(field: str, text: str, tensors: Mapping[str, torch.Tensor]) -> Any:

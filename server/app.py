@@ -35,6 +35,7 @@ from gradhub.server.job_db import JobDB
 from gradhub.server.job_service import JobServiceServicer
 from gradhub.server.jobs import JobManager
 from gradhub.server.launcher import Launcher, RayLauncher
+from gradhub.server.limits import StreamLimits
 from gradhub.server.ps_service import ParameterServerServicer
 from gradhub.server.ps_service import add_to_server as add_ps_service
 from gradhub.server.rpc import TokenInterceptor, WireInterceptor
@@ -73,6 +74,7 @@ class Server:
         self._io: IOLoop | None = None
         self._grpc: grpc.aio.Server | None = None
         self._pools: list[futures.ThreadPoolExecutor] = []
+        self._limits: StreamLimits | None = None
         self._db: JobDB | None = None
         self._manager: JobManager | None = None
         self._data: DataPlane | None = None
@@ -153,10 +155,12 @@ class Server:
         self._data = DataPlane(self._manager, c.host, c.data_port, max_model_bytes=c.max_model_bytes,
                                pool=store_pool).start()
         data_host = advertise.rsplit(":", 1)[0].strip("[]")
-        add_control_service(WorkerControlServicer(self._manager, self._data, data_host), self._grpc)
-        add_ps_service(ParameterServerServicer(self._manager, c.max_model_bytes, calls), self._grpc)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(self._manager, checkpoints, jobs_pool),
-                                                  self._grpc)
+        self._limits = limits = StreamLimits()  # long-lived streams, per client and in total
+        add_control_service(WorkerControlServicer(self._manager, self._data, data_host, limits, c.max_model_bytes),
+                            self._grpc)
+        add_ps_service(ParameterServerServicer(self._manager, c.max_model_bytes, calls, limits), self._grpc)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServiceServicer(self._manager, checkpoints, jobs_pool, limits), self._grpc)
         # what is loaded by now (torch, Ray, gradhub: hundreds of thousands of objects) lives as
         # long as the process: kept out of the cyclic collector's full passes, which would
         # otherwise walk all of it and stall every thread for a tenth of a second or more

@@ -3,16 +3,18 @@ every mode, and (allreduce) save and load their group's checkpoints."""
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
-from gradhub.proto.codec import chunk_parser, serialize_chunk
+from gradhub.proto.codec import Receiver, chunk_parser, serialize_chunk
 from gradhub.proto.contract.errors import ProtocolError
-from gradhub.proto.state import TrainingState, read_state, state_messages
+from gradhub.proto.state import StatePlan, TrainingState, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc
+from gradhub.server import limits
 from gradhub.server.rpc import handler
 from gradhub.server.store import ParameterStore
 
@@ -74,11 +76,14 @@ def _host_label(hostname: str, peer: str) -> str:
 class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
     """Registration, heartbeats, metrics and (allreduce) checkpoints, for every mode."""
 
-    def __init__(self, backend: WorkerBackend, data_plane: DataPlane | None = None, data_host: str = "") -> None:
+    def __init__(self, backend: WorkerBackend, data_plane: DataPlane | None = None, data_host: str = "",
+                 stream_limits: limits.StreamLimits | None = None, max_model_bytes: int = 4 << 30) -> None:
         """``data_plane``: where ps workers send their tensors (None: gRPC only); ``data_host``:
         the host they reach it at when it is not the control plane's."""
         self._backend = backend
         self._data_plane, self._data_host = data_plane, data_host
+        self._limits = stream_limits or limits.StreamLimits()
+        self._max_state_bytes = 4 * max_model_bytes  # parameters, buffers and optimizer state
 
     @handler
     def Register(self, request: ps_pb2.RegisterRequest, context: grpc.ServicerContext) -> ps_pb2.RegisterResponse:
@@ -125,14 +130,30 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
         return ps_pb2.ReportMetricsResponse()
 
     @handler
-    def SaveCheckpoint(self, request_iterator: Iterator[ps_pb2.CheckpointChunk | memoryview], context: grpc.ServicerContext) -> ps_pb2.SaveCheckpointResponse:
-        first = next(request_iterator, None)
-        if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
-            raise ProtocolError("header: the first message of a checkpoint must be a CheckpointHeader")
-        header = first.header
-        self._backend.tracker(header.job_id)  # NOT_FOUND / FAILED_PRECONDITION before reading the bytes
-        step, size = self._backend.save_checkpoint(header.job_id, header.rank, read_state(header, request_iterator))
-        return ps_pb2.SaveCheckpointResponse(step=step, size_bytes=size)
+    async def SaveCheckpoint(self, request_iterator: AsyncIterator[ps_pb2.CheckpointChunk | memoryview],
+                             context: grpc.aio.ServicerContext) -> ps_pb2.SaveCheckpointResponse:
+        """A coroutine: an upload that stalls holds no thread (and is cut after STALL_S)."""
+        with self._limits.hold("SaveCheckpoint", context.peer()):
+            chunks = aiter(request_iterator)
+            first = await limits.next_within(chunks, "header")
+            if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
+                raise ProtocolError("header: the first message of a checkpoint must be a CheckpointHeader")
+            header = first.header
+            # NOT_FOUND / FAILED_PRECONDITION before reading the bytes
+            await asyncio.to_thread(self._backend.tracker, header.job_id)
+            plan = StatePlan(header)
+            if plan.nbytes > self._max_state_bytes:
+                raise ProtocolError(f"params: a state of {plan.nbytes} bytes is over the server's limit of "
+                                    f"{self._max_state_bytes} (4 x gradhub server --max-model-bytes)")
+            receiver = Receiver(plan.nbytes)
+            try:
+                if await receiver.afill(chunks, limits.STALL_S) and await limits.next_within(chunks, "end") is not None:
+                    raise ProtocolError(f"byte count: stream carries more than the expected {plan.nbytes} bytes")
+            except TimeoutError:
+                raise TimeoutError(f"chunks: none came for {limits.STALL_S:g} s; the upload was cut") from None
+            state = await asyncio.to_thread(plan.decode, receiver)
+            step, size = await asyncio.to_thread(self._backend.save_checkpoint, header.job_id, header.rank, state)
+            return ps_pb2.SaveCheckpointResponse(step=step, size_bytes=size)
 
     @handler
     def LoadCheckpoint(self, request: ps_pb2.LoadCheckpointRequest, context: grpc.ServicerContext) -> Iterator[ps_pb2.CheckpointChunk | bytes]:

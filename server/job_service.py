@@ -5,6 +5,7 @@ listener: an open watch holds no thread."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from gradhub.server.checkpoints import CheckpointInfo, CheckpointStore
 from gradhub.server.jobs import JobManager, JobView
+from gradhub.server.limits import StreamLimits
 from gradhub.server.rpc import handler
 from gradhub.server.waits import Signal, listen
 
@@ -62,9 +64,11 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
     workers' traffic (registrations and heartbeats of hundreds of workers run in the server's
     pool), and a watch or a followed log holds no thread while it waits."""
 
-    def __init__(self, manager: JobManager, checkpoints: CheckpointStore, pool: Executor) -> None:
+    def __init__(self, manager: JobManager, checkpoints: CheckpointStore, pool: Executor,
+                 limits: StreamLimits | None = None) -> None:
         self._jobs, self._ckpts = manager, checkpoints
         self._pool = pool
+        self._limits = limits or StreamLimits()
         self._signal: Signal | None = None  # the manager's changes, on the event loop
 
     def _changes(self) -> Signal:
@@ -116,13 +120,14 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
                        ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         """The job now and after every change (at least every WATCH_REFRESH_S), until it ends."""
         signal = self._changes()
-        while True:
-            changed = signal.event  # taken before the read: a change after it sets this event
-            view = await self._run(self._jobs.get, request.job_id)
-            yield jobs_pb2.WatchJobResponse(job=job_to_proto(view))
-            if view.record.state.terminal:
-                return
-            await signal.wait(changed, WATCH_REFRESH_S)
+        with self._limits.hold("WatchJob", context.peer()):
+            while True:
+                changed = signal.event  # taken before the read: a change after it sets this event
+                view = await self._run(self._jobs.get, request.job_id)
+                yield jobs_pb2.WatchJobResponse(job=job_to_proto(view))
+                if view.record.state.terminal:
+                    return
+                await signal.wait(changed, WATCH_REFRESH_S)
 
     @handler
     async def ListCheckpoints(self, request: jobs_pb2.ListCheckpointsRequest, context: grpc.aio.ServicerContext,
@@ -145,16 +150,17 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
     async def GetJobLogs(self, request: jobs_pb2.GetJobLogsRequest, context: grpc.aio.ServicerContext,
                          ) -> AsyncIterator[jobs_pb2.GetJobLogsResponse]:
         signal, after = self._changes(), 0
-        while True:
-            changed = signal.event
-            lines = await self._run(self._jobs.logs, request.job_id, after)
-            if lines:
-                after = lines[-1][0]
-                yield jobs_pb2.GetJobLogsResponse(lines=[text for _, text in lines])
-            if not request.follow:
-                return
-            if (await self._run(self._jobs.get, request.job_id)).record.state.terminal:
-                if not await self._run(self._jobs.logs, request.job_id, after):
+        with self._limits.hold("GetJobLogs", context.peer()) if request.follow else contextlib.nullcontext():
+            while True:
+                changed = signal.event
+                lines = await self._run(self._jobs.logs, request.job_id, after)
+                if lines:
+                    after = lines[-1][0]
+                    yield jobs_pb2.GetJobLogsResponse(lines=[text for _, text in lines])
+                if not request.follow:
                     return
-                continue
-            await signal.wait(changed, WATCH_REFRESH_S)
+                if (await self._run(self._jobs.get, request.job_id)).record.state.terminal:
+                    if not await self._run(self._jobs.logs, request.job_id, after):
+                        return
+                    continue
+                await signal.wait(changed, WATCH_REFRESH_S)

@@ -14,6 +14,7 @@ import grpc.aio
 from gradhub.proto.codec import Receiver, chunk_parser, serialize_chunk
 from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+from gradhub.server import limits
 from gradhub.server.control_service import WorkerBackend
 from gradhub.server.ps_requests import init_request, push_buffers, push_bytes
 from gradhub.server.rpc import handler
@@ -36,35 +37,43 @@ def _header(first: ps_pb2.PushChunk | memoryview | None) -> ps_pb2.PushHeader:
 async def _receive(chunks: Chunks, receiver: Receiver, to_end: bool = True) -> None:
     """Fill ``receiver`` from the stream. ``to_end``: the stream must end right after the
     expected bytes (a single push); otherwise stop there (more pushes may follow). A stream
-    cut short is reported by ``receiver.tensor()``, which names the byte counts."""
-    if await receiver.afill(chunks) and to_end and await anext(chunks, None) is not None:
-        raise ProtocolError(f"byte count: stream carries more than the expected {receiver.expected} bytes")
+    cut short is reported by ``receiver.tensor()``, which names the byte counts; one that
+    stalls (no chunk for STALL_S) is cut with TimeoutError."""
+    try:
+        if await receiver.afill(chunks, limits.STALL_S) and to_end and await limits.next_within(chunks, "end of stream") is not None:
+            raise ProtocolError(f"byte count: stream carries more than the expected {receiver.expected} bytes")
+    except TimeoutError:
+        raise TimeoutError(f"chunks: none came for {limits.STALL_S:g} s; the upload was cut") from None
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     """The ps modes' gRPC data path: initial parameters, pushes and pulls."""
 
-    def __init__(self, backend: WorkerBackend, max_model_bytes: int, calls: StoreCalls) -> None:
+    def __init__(self, backend: WorkerBackend, max_model_bytes: int, calls: StoreCalls,
+                 stream_limits: limits.StreamLimits | None = None) -> None:
         self._backend = backend
         self._max_model_bytes = max_model_bytes
         self._calls = calls
+        self._limits = stream_limits or limits.StreamLimits()
 
     @handler
     async def InitParameters(self, request_iterator: Chunks, context: grpc.aio.ServicerContext) -> ps_pb2.PushResponse:
-        chunks = aiter(request_iterator)
-        header = _header(await anext(chunks, None))
-        store = await self._calls.run(self._backend.store, header.job_id)
-        init = init_request(header, self._max_model_bytes)
-        receiver = Receiver(init.payload_bytes)
-        await _receive(chunks, receiver)
-        accepted = await self._calls.run(init.take, store, receiver.tensor(tensor_pb2.FLOAT32))
-        return ps_pb2.PushResponse(accepted=accepted, version=store.version)
+        with self._limits.hold("InitParameters", context.peer()):
+            chunks = aiter(request_iterator)
+            header = _header(await limits.next_within(chunks, "header"))
+            store = await self._calls.run(self._backend.store, header.job_id)
+            init = init_request(header, self._max_model_bytes)
+            receiver = Receiver(init.payload_bytes)
+            await _receive(chunks, receiver)
+            accepted = await self._calls.run(init.take, store, receiver.tensor(tensor_pb2.FLOAT32))
+            return ps_pb2.PushResponse(accepted=accepted, version=store.version)
 
     @handler
     async def PushGradients(self, request_iterator: Chunks, context: grpc.aio.ServicerContext) -> ps_pb2.PushResponse:
-        chunks = aiter(request_iterator)
-        _, _, accepted, version = await self._push(await anext(chunks, None), chunks)
-        return ps_pb2.PushResponse(accepted=accepted, version=version)
+        with self._limits.hold("PushGradients", context.peer()):
+            chunks = aiter(request_iterator)
+            _, _, accepted, version = await self._push(await limits.next_within(chunks, "header"), chunks)
+            return ps_pb2.PushResponse(accepted=accepted, version=version)
 
     async def _push(self, first: ps_pb2.PushChunk | memoryview | None, chunks: Chunks, to_end: bool = True,
                     ) -> tuple[ps_pb2.PushHeader, ParameterStore, bool, int]:
@@ -105,14 +114,16 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     @handler
     async def PushPull(self, request_iterator: Chunks, context: grpc.aio.ServicerContext,
                        ) -> AsyncIterator[ps_pb2.PullChunk | bytes]:
-        chunks = aiter(request_iterator)
-        while True:
-            first = await anext(chunks, None)
-            if first is None:
-                return  # the worker closed its session
-            header, store, _, _ = await self._push(first, chunks, to_end=False)
-            async for message in self._pull(store, header.rank, header.step + 1, store.config.wire_dtype, context):
-                yield message
+        with self._limits.hold("PushPull", context.peer()):
+            chunks = aiter(request_iterator)
+            while True:
+                first = await anext(chunks, None)  # no bound: the worker computes between pushes
+                if first is None:
+                    return  # the worker closed its session
+                header, store, _, _ = await self._push(first, chunks, to_end=False)
+                async for message in self._pull(store, header.rank, header.step + 1, store.config.wire_dtype,
+                                                context):
+                    yield message
 
 
 _push_request = chunk_parser(ps_pb2.PushChunk)

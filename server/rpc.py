@@ -20,6 +20,7 @@ from gradhub.proto.contract.errors import (
     GradhubError,
     NotFoundError,
     ProtocolError,
+    ResourceExhaustedError,
     SpecError,
     StateError,
     error_metadata,
@@ -36,6 +37,7 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (StateError, grpc.StatusCode.FAILED_PRECONDITION),
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (GradhubError, grpc.StatusCode.INTERNAL),
 ]

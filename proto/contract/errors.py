@@ -54,6 +54,11 @@ class AuthError(GradhubError):
     """The server refused the bearer token (missing or wrong)."""
 
 
+class ResourceExhaustedError(GradhubError):
+    """A limit on what one client, or all together, may hold open was reached (the message names
+    it); nothing changed: try again when something was closed."""
+
+
 class PeerLostError(GradhubError):
     """allreduce mode: a collective failed because another worker of the group is gone (died,
     hung past the collective timeout, or unreachable). The server restarts the whole group."""
@@ -80,7 +85,7 @@ ERROR_KEY, FIELD_KEY = "gradhub-error", "gradhub-field"
 
 ERRORS: dict[str, type[GradhubError]] = {cls.__name__: cls for cls in (
     GradhubError, SpecError, FactoryError, ProtocolError, NotFoundError, StateError, JobFailedError,
-    ServerUnavailableError, AuthError, PeerLostError, WorkerFailure,
+    ServerUnavailableError, AuthError, PeerLostError, WorkerFailure, ResourceExhaustedError,
 )}
 
 
