@@ -172,6 +172,12 @@ def server(
                           "port. Fix it where workers reach the server through a firewall or a "
                           "container's published ports."),
     ] = _SERVER_DEFAULTS.data_port,
+    retention_days: Annotated[
+        float,
+        typer.Option(min=0, envvar="GRADHUB_RETENTION_DAYS",
+                     help="Delete jobs that ended more than this many days ago, with their checkpoints "
+                          "and working dirs (at start, then hourly); 0 keeps them."),
+    ] = _SERVER_DEFAULTS.retention_days,
     insecure: Annotated[
         bool,
         typer.Option("--insecure", envvar="GRADHUB_INSECURE",
@@ -198,7 +204,7 @@ def server(
                               advertise_address=advertise_address, token=token,
                               node_join_grace_s=node_join_grace, collective_timeout_s=collective_timeout,
                               stop_grace_s=grace, data_port=data_port, max_model_bytes=max_model_bytes,
-                              insecure=insecure)
+                              insecure=insecure, retention_days=retention_days)
     except ValueError as e:
         _fail(str(e))
     srv = Server(config)

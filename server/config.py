@@ -44,6 +44,9 @@ class ServerConfig:
     collective_timeout_s: float = 120.0
     poll_s: float = 0.25  # how often a job's monitor looks at its workers
     stop_grace_s: float = 5.0  # on shutdown, how long running RPCs get to finish
+    # jobs that ended longer ago than this are deleted with their checkpoints and working dirs
+    # (at start, then hourly); 0 keeps them until `gradhub delete`
+    retention_days: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -70,6 +73,8 @@ class ServerConfig:
             raise ValueError("poll_s: must be > 0")
         if self.stop_grace_s < 0:
             raise ValueError("stop_grace_s: must be >= 0")
+        if not self.retention_days >= 0:
+            raise ValueError("retention_days: must be >= 0 (0: keep every job)")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
 
 

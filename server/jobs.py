@@ -38,6 +38,7 @@ from gradhub.server.tracker import Formation, GroupTracker
 from gradhub.server.working_dirs import WorkingDirs
 
 log = logging.getLogger(__name__)
+PRUNE_EVERY_S = 3600.0  # how often jobs past --retention-days are looked for
 
 TERMINAL = tuple(s for s in JobState if s.terminal)
 
@@ -90,6 +91,7 @@ class JobManager:
         """Requeue what the last server left QUEUED or RUNNING, then start scheduling."""
         self._started_at = time.monotonic()
         self._working_dirs.remove_partials()
+        self.prune()
         for rec in self._db.list(states=(JobState.QUEUED, JobState.RUNNING)):
             try:
                 spec = JobSpec.from_json(rec.spec_json)
@@ -296,6 +298,7 @@ class JobManager:
 
     # ------------------------------------------------------------ scheduling
     def _schedule_loop(self) -> None:
+        next_prune = time.monotonic() + PRUNE_EVERY_S
         while True:
             with self._cond:
                 if self._stopping:
@@ -303,6 +306,24 @@ class JobManager:
                 started = self._start_fitting()
                 if not started:
                     self._cond.wait(self.config.poll_s * 4)
+            if self.config.retention_days and time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_EVERY_S
+                self.prune()
+
+    def prune(self, now: float | None = None) -> builtins.list[str]:
+        """Delete the jobs that ended more than ``retention_days`` ago (none when it is 0); their ids."""
+        days = self.config.retention_days
+        if not days:
+            return []
+        cutoff = (time.time() if now is None else now) - days * 86400
+        old = [r.id for r in self._db.list(states=TERMINAL) if r.finished_at and r.finished_at < cutoff]
+        for job_id in old:
+            try:
+                self.delete(job_id)
+            except (NotFoundError, StateError):
+                continue  # deleted meanwhile
+            log.info("job %s: deleted, it ended more than %g days ago (--retention-days)", job_id, days)
+        return old
 
     def _start_fitting(self) -> bool:
         """Start queued jobs in FIFO order while the head of the queue fits."""

@@ -68,3 +68,20 @@ def test_gradhub_delete(server):
     assert result.exit_code == 0 and result.stdout.strip() == f"{job.id} deleted", result.output
     again = runner.invoke(app, ["delete", job.id, "--server", server.address])
     assert again.exit_code == 1 and again.stderr.startswith("error: ") and job.id in again.stderr
+
+
+def test_jobs_past_the_retention_are_pruned(tmp_path):
+    import time
+
+    config = ServerConfig(port=0, data_dir=tmp_path / "data", retention_days=7)
+    with Server(config, launcher=ExternalLauncher({"CPU": 2})) as server, Client(server.address) as client:
+        running = client.submit(_spec("runs"))
+        wait_for(lambda: client.get_job(running.id).state == "RUNNING", 30, "the job to run")
+        old, recent = client.submit(_spec("old")), client.submit(_spec("recent"))
+        for job in (old, recent):
+            client.cancel(job.id)
+        now = time.time()
+        server.manager.db.update(old.id, finished_at=now - 8 * 86400)
+        server.manager.db.update(recent.id, finished_at=now - 6 * 86400)
+        assert server.manager.prune(now) == [old.id]
+        assert sorted(j.id for j in client.list_jobs()) == sorted([running.id, recent.id])
