@@ -126,25 +126,40 @@ class CheckpointStore:
                 manifest_path.unlink()
                 _fsync_dir(job_dir)
             self._clean_orphans(job_dir)
-            size, sha = _atomic_write(
-                job_dir / f"{stem}.safetensors", lambda f: _write_safetensors(f, params, meta)
-            )
-            optim_file = None
-            if extra:
-                optim_file = f"{stem}.optim.safetensors"
-                _atomic_write(job_dir / optim_file, lambda f: _write_safetensors(f, extra, meta))
-            manifest = {
-                "format": FORMAT_VERSION, "job_id": job_id, "step": step, "version": version,
-                "size_bytes": size, "sha256": sha, "created_at": time.time(),
-                "model_file": f"{stem}.safetensors", "optim_file": optim_file,
-                "optimizer": optim_json, "scheduler": sched_json,
-                "resume": dict(resume_state or {}),
-            }  # fmt: skip
-            data = json.dumps(manifest, indent=1, allow_nan=False).encode()
-            _atomic_write(manifest_path, lambda f: f.write(data))
+            written: builtins.list[Path] = []  # removed again if a later write fails (a full disk)
+            try:
+                size, sha = _atomic_write(
+                    job_dir / f"{stem}.safetensors", lambda f: _write_safetensors(f, params, meta)
+                )
+                written.append(job_dir / f"{stem}.safetensors")
+                optim_file = None
+                if extra:
+                    optim_file = f"{stem}.optim.safetensors"
+                    _atomic_write(job_dir / optim_file, lambda f: _write_safetensors(f, extra, meta))
+                    written.append(job_dir / optim_file)
+                manifest = self._manifest_of(job_id, step, version, size, sha, stem, optim_file, optim_json,
+                                             sched_json, resume_state)
+                data = json.dumps(manifest, indent=1, allow_nan=False).encode()
+                _atomic_write(manifest_path, lambda f: f.write(data))
+            except BaseException:
+                for path in written:
+                    path.unlink(missing_ok=True)
+                raise
             if keep is not None:
                 self._prune_locked(job_dir, keep)
             return _info(manifest, job_dir)
+
+    @staticmethod
+    def _manifest_of(job_id: str, step: int, version: int, size: int, sha: str, stem: str,
+                     optim_file: str | None, optim_json: Any, sched_json: Any,
+                     resume_state: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION, "job_id": job_id, "step": step, "version": version,
+            "size_bytes": size, "sha256": sha, "created_at": time.time(),
+            "model_file": f"{stem}.safetensors", "optim_file": optim_file,
+            "optimizer": optim_json, "scheduler": sched_json,
+            "resume": dict(resume_state or {}),
+        }  # fmt: skip
 
     def prune(self, job_id: str, keep: int) -> None:
         """Delete all but the newest ``keep`` checkpoints of a job, and any crash leftovers."""

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradhub.proto.codec import Layout
-from gradhub.proto.contract.errors import GradhubError, NotFoundError, SpecError, StateError
+from gradhub.proto.contract.errors import (
+    GradhubError,
+    NotFoundError,
+    ResourceExhaustedError,
+    SpecError,
+    StateError,
+)
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.contract.states import JobState, WorkerPhase
 from gradhub.proto.state import TrainingState
@@ -242,9 +248,14 @@ class JobManager:
         tracker = self.tracker(job_id)
         layout = Layout(tuple(state.params), tuple(tuple(t.shape) for t in state.params.values()))
         tracker.accept_checkpoint(rank, state.step, layout)
-        info = self._ckpts.save(job_id, state.step, state.step, state.params, state.optimizer_state,
-                                state.scheduler_state, keep=spec.keep_checkpoints,
-                                resume_state={"clocks": [state.step] * spec.workers})
+        try:
+            info = self._ckpts.save(job_id, state.step, state.step, state.params, state.optimizer_state,
+                                    state.scheduler_state, keep=spec.keep_checkpoints,
+                                    resume_state={"clocks": [state.step] * spec.workers})
+        except OSError as e:  # a full disk: nothing was kept; the worker decides whether to go on
+            self._log(job_id, f"checkpoint at step {state.step} not written ({e.strerror or e})")
+            raise ResourceExhaustedError(f"disk: the checkpoint at step {state.step} could not be written "
+                                         f"({e.strerror or e})") from e
         tracker.saved(state.step)
         self._log(job_id, f"checkpoint at step {info.step} ({info.size_bytes / 1e6:.1f} MB)")
         self.notify()

@@ -111,8 +111,15 @@ class PSRuntime:
         self.host.log_line(job_id, f"resuming from the checkpoint at step {loaded.info.step}")
 
     def tick(self) -> None:
+        """Write the checkpoints the store took. One that cannot be written (a full disk) is
+        logged and training goes on: the next one tries again (only the final one must be)."""
         while not self.run.checkpoints.empty():
-            self._save(self.run.checkpoints.get_nowait())
+            state = self.run.checkpoints.get_nowait()
+            try:
+                self._save(state)
+            except OSError as e:
+                self.host.log_line(self.run.id, f"checkpoint at step {state.step} not written ({e.strerror or e}); "
+                                                "training goes on, the next checkpoint tries again")
 
     def finish(self) -> tuple[JobState, str]:
         store = self.table

@@ -11,7 +11,7 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from gradhub.proto.contract.errors import SpecError
+from gradhub.proto.contract.errors import ResourceExhaustedError, SpecError
 from gradhub.proto.contract.spec import WORKING_DIR_LIMIT
 
 MAX_ENTRIES = 10_000
@@ -77,6 +77,10 @@ class WorkingDirs:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, target)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise ResourceExhaustedError(f"disk: the working_dir could not be stored ({e.strerror or e}); "
+                                         "nothing was submitted") from e
         except BaseException:
             partial.unlink(missing_ok=True)
             raise

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gradhub.proto.contract.errors import (
     PeerLostError,
     ProtocolError,
+    ResourceExhaustedError,
     StateError,
     WorkerFailure,
 )
@@ -104,14 +105,22 @@ class _Uploader:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, state: TrainingState) -> None:
+    def save(self, state: TrainingState, final: bool = False) -> None:
+        """Upload ``state``; a periodic one that the server cannot write is skipped, the
+        ``final`` one must be written."""
         self.wait()
-        self._thread = threading.Thread(target=self._send, args=(state,), name="gradhub-checkpoint", daemon=True)
+        self._thread = threading.Thread(target=self._send, args=(state, final), name="gradhub-checkpoint",
+                                        daemon=True)
         self._thread.start()
 
-    def _send(self, state: TrainingState) -> None:
+    def _send(self, state: TrainingState, final: bool) -> None:
         try:
             self._client.save_checkpoint(state)
+        except ResourceExhaustedError as e:
+            if final:
+                self._error = e
+            else:  # the server could not write it (a full disk): the next checkpoint tries again
+                log.warning("checkpoint at step %d not kept by the server (%s); training goes on", state.step, e)
         except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
             self._error = e
 
@@ -317,7 +326,7 @@ class AllReduceTrainer:
         self._buffers = []
         if rank == 0:
             phase.at("checkpoint", total)
-            uploader.save(capture(total, model, optimizer, scheduler))  # the final state
+            uploader.save(capture(total, model, optimizer, scheduler), final=True)  # the final state
             uploader.wait()
             self._keep = None  # the final state is kept: a failure from here on loses nothing
             if work.val is not None:
