@@ -15,7 +15,7 @@ from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.state import StatePlan, TrainingState, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc
 from gradhub.server import limits
-from gradhub.server.rpc import handler
+from gradhub.server.rpc import handler, job_credential
 from gradhub.server.store import ParameterStore
 
 if TYPE_CHECKING:
@@ -59,6 +59,10 @@ class WorkerBackend(Protocol):
 
     def on_register(self, job_id: str, rank: int, total_steps: int, train_size: int) -> None: ...
 
+    def check_worker(self, job_id: str, credential: str) -> None:
+        """AuthError unless ``credential`` is the one the job gave its workers."""
+        ...
+
     def on_metrics(self, job_id: str, rank: int, step: int, kind: str, metrics: Mapping[str, float]) -> None: ...
 
 
@@ -87,6 +91,7 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
 
     @handler
     def Register(self, request: ps_pb2.RegisterRequest, context: grpc.ServicerContext) -> ps_pb2.RegisterResponse:
+        self._backend.check_worker(request.job_id, job_credential(context))
         store = self._backend.state(request.job_id)
         if request.total_steps < 1:
             raise ProtocolError("total_steps: must be >= 1")
@@ -107,11 +112,13 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
 
     @handler
     def Heartbeat(self, request: ps_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> ps_pb2.HeartbeatResponse:
+        self._backend.check_worker(request.job_id, job_credential(context))
         reason = self._backend.state(request.job_id).heartbeat(request.rank, request.step)
         return ps_pb2.HeartbeatResponse(stop=reason is not None, reason=reason or "")
 
     @handler
     def JoinGroup(self, request: ps_pb2.JoinGroupRequest, context: grpc.ServicerContext) -> ps_pb2.JoinGroupResponse:
+        self._backend.check_worker(request.job_id, job_credential(context))
         step = request.step if request.has_state else None
         formed, port, prefix = self._backend.join_group(request.job_id, request.rank, step)
         if formed is None:
@@ -123,6 +130,7 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
 
     @handler
     def ReportMetrics(self, request: ps_pb2.ReportMetricsRequest, context: grpc.ServicerContext) -> ps_pb2.ReportMetricsResponse:
+        self._backend.check_worker(request.job_id, job_credential(context))
         if request.kind not in ("train", "eval"):
             raise ProtocolError(f"kind: must be 'train' or 'eval', got {request.kind!r}")
         check_metrics(request.metrics)
@@ -139,7 +147,8 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
             if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
                 raise ProtocolError("header: the first message of a checkpoint must be a CheckpointHeader")
             header = first.header
-            # NOT_FOUND / FAILED_PRECONDITION before reading the bytes
+            # UNAUTHENTICATED, NOT_FOUND, FAILED_PRECONDITION before reading the bytes
+            await asyncio.to_thread(self._backend.check_worker, header.job_id, job_credential(context))
             await asyncio.to_thread(self._backend.tracker, header.job_id)
             plan = StatePlan(header)
             if plan.nbytes > self._max_state_bytes:
@@ -157,6 +166,7 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
 
     @handler
     def LoadCheckpoint(self, request: ps_pb2.LoadCheckpointRequest, context: grpc.ServicerContext) -> Iterator[ps_pb2.CheckpointChunk | bytes]:
+        self._backend.check_worker(request.job_id, job_credential(context))
         state = self._backend.load_checkpoint(request.job_id, request.rank)
         yield from state_messages(request.job_id, request.rank, state)
 

@@ -85,7 +85,7 @@ class Controller:
     def start(self) -> Outcome | None:
         """Launch the worker group; the job's failure when it cannot start."""
         try:
-            self.group = self.launcher.launch(self.run.id, self.run.spec, self.runtime_env)
+            self.group = self.launcher.launch(self.run.id, self.run.spec, self.runtime_env, self.run.credential)
         except Exception as e:  # noqa: BLE001 - reported as the job's failure
             return Outcome(JobState.FAILED, f"could not start the workers: {type(e).__name__}: {e}")
         return None

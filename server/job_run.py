@@ -8,6 +8,7 @@ handlers change it only through its methods, and the manager reads snapshots.
 from __future__ import annotations
 
 import queue
+import secrets
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ class RunSnapshot:
 class JobRun:
     def __init__(self, job_id: str, spec: JobSpec, resume: bool = False) -> None:
         self.id, self.spec, self.resume = job_id, spec, resume
+        # the job's workers' credential (launch hands it to them; WorkerControl and the
+        # ParameterServer accept a call for this job only with it); new at every start
+        self.credential = secrets.token_urlsafe(32)
         self._lock = threading.Lock()
         self._state: ParameterStore | GroupTracker | None = None
         self._phases: list[WorkerPhase] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import hmac
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from gradhub.proto.codec import Layout
 from gradhub.proto.contract.errors import (
+    AuthError,
     GradhubError,
     NotFoundError,
     ResourceExhaustedError,
@@ -217,6 +219,18 @@ class JobManager:
         return self._db.logs(job_id, after=after)
 
     # ------------------------------------------------- PS servicer backend
+    def check_worker(self, job_id: str, credential: str) -> None:
+        """AuthError unless ``credential`` is the one the running job ``job_id`` gave its workers."""
+        run = self._running(job_id)
+        if not hmac.compare_digest(run.credential.encode(), credential.encode()):
+            raise AuthError(f"credential: not the one job {job_id!r} gave its workers (a worker's calls "
+                            "carry its job's credential, from the job's launcher)")
+
+    def job_credential(self, job_id: str) -> str:
+        """The running job's worker credential, for a launcher that starts the workers itself
+        (``ExternalLauncher``): they pass it as ``ServerLink(credential=...)``."""
+        return self._running(job_id).credential
+
     def _running(self, job_id: str) -> JobRun:
         with self._cond:
             a = self._active.get(job_id)

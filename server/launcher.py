@@ -58,7 +58,11 @@ class WorkerGroup(Protocol):
 class Launcher(Protocol):
     def total_resources(self) -> dict[str, float]: ...
 
-    def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> WorkerGroup: ...
+    def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
+               credential: str = "") -> WorkerGroup:
+        """Start the job's workers, giving them ``credential`` (the job's: the server accepts
+        their calls only with it)."""
+        ...
 
 
 def _reason(e: Exception, limit: int = 500) -> str:
@@ -101,7 +105,7 @@ class RayWorkerGroup:
     """
 
     def __init__(self, job_id: str, spec: JobSpec, server_address: str, token: str | None,
-                 runtime_env: Mapping[str, Any] | None) -> None:
+                 runtime_env: Mapping[str, Any] | None, credential: str = "") -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -126,7 +130,7 @@ class RayWorkerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self._pg, placement_group_bundle_index=index),
                 runtime_env=dict(runtime_env) if runtime_env else None,
-            ).remote(job_id, rank, spec.to_json(), server_address, token)
+            ).remote(job_id, rank, spec.to_json(), server_address, token, credential)
 
         self._make = make
         self._actors = [make(rank, rank) for rank in range(spec.workers)]
@@ -221,12 +225,13 @@ class RayLauncher:
 
         return {k: float(v) for k, v in ray.cluster_resources().items()}
 
-    def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> WorkerGroup:
+    def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
+               credential: str = "") -> WorkerGroup:
         env = dict(runtime_env or {})
         working_dir = env.get("working_dir")
         if isinstance(working_dir, str) and "://" not in working_dir:
             env["working_dir"] = upload_package(Path(working_dir))
-        return RayWorkerGroup(job_id, spec, self.server_address, self.token, env or None)
+        return RayWorkerGroup(job_id, spec, self.server_address, self.token, env or None, credential)
 
 
 def upload_package(zip_path: Path) -> str:
@@ -286,5 +291,6 @@ class ExternalLauncher:
     def total_resources(self) -> dict[str, float]:
         return dict(self._resources)
 
-    def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> WorkerGroup:
+    def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
+               credential: str = "") -> WorkerGroup:
         return _ExternalGroup()

@@ -17,7 +17,7 @@ from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server import limits
 from gradhub.server.control_service import WorkerBackend
 from gradhub.server.ps_requests import init_request, push_buffers, push_bytes
-from gradhub.server.rpc import handler
+from gradhub.server.rpc import handler, job_credential
 from gradhub.server.store import ParameterStore
 from gradhub.server.waits import StoreCalls
 
@@ -56,12 +56,16 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._calls = calls
         self._limits = stream_limits or limits.StreamLimits()
 
+    def _authorized_store(self, job_id: str, credential: str) -> ParameterStore:
+        self._backend.check_worker(job_id, credential)
+        return self._backend.store(job_id)
+
     @handler
     async def InitParameters(self, request_iterator: Chunks, context: grpc.aio.ServicerContext) -> ps_pb2.PushResponse:
         with self._limits.hold("InitParameters", context.peer()):
             chunks = aiter(request_iterator)
             header = _header(await limits.next_within(chunks, "header"))
-            store = await self._calls.run(self._backend.store, header.job_id)
+            store = await self._calls.run(self._authorized_store, header.job_id, job_credential(context))
             init = init_request(header, self._max_model_bytes)
             receiver = Receiver(init.payload_bytes)
             await _receive(chunks, receiver)
@@ -72,15 +76,16 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     async def PushGradients(self, request_iterator: Chunks, context: grpc.aio.ServicerContext) -> ps_pb2.PushResponse:
         with self._limits.hold("PushGradients", context.peer()):
             chunks = aiter(request_iterator)
-            _, _, accepted, version = await self._push(await limits.next_within(chunks, "header"), chunks)
+            _, _, accepted, version = await self._push(await limits.next_within(chunks, "header"), chunks, context)
             return ps_pb2.PushResponse(accepted=accepted, version=version)
 
-    async def _push(self, first: ps_pb2.PushChunk | memoryview | None, chunks: Chunks, to_end: bool = True,
+    async def _push(self, first: ps_pb2.PushChunk | memoryview | None, chunks: Chunks,
+                    context: grpc.aio.ServicerContext, to_end: bool = True,
                     ) -> tuple[ps_pb2.PushHeader, ParameterStore, bool, int]:
         """Receive one push (``first`` is its header) and hand it to the store:
         (header, store, accepted, version)."""
         header = _header(first)
-        store = await self._calls.run(self._backend.store, header.job_id)
+        store = await self._calls.run(self._authorized_store, header.job_id, job_credential(context))
         receiver = Receiver(push_bytes(store, header))
         await _receive(chunks, receiver, to_end)
         grad = receiver.tensor(store.config.wire_dtype)
@@ -106,7 +111,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     @handler
     async def PullParameters(self, request: ps_pb2.PullRequest, context: grpc.aio.ServicerContext,
                              ) -> AsyncIterator[ps_pb2.PullChunk | bytes]:
-        store = await self._calls.run(self._backend.store, request.job_id)
+        store = await self._calls.run(self._authorized_store, request.job_id, job_credential(context))
         async for message in self._pull(store, request.rank, request.step, request.dtype or tensor_pb2.FLOAT32,
                                          context):
             yield message
@@ -120,7 +125,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 first = await anext(chunks, None)  # no bound: the worker computes between pushes
                 if first is None:
                     return  # the worker closed its session
-                header, store, _, _ = await self._push(first, chunks, to_end=False)
+                header, store, _, _ = await self._push(first, chunks, context, to_end=False)
                 async for message in self._pull(store, header.rank, header.step + 1, store.config.wire_dtype,
                                                 context):
                     yield message

@@ -15,6 +15,7 @@ import grpc.aio
 from grpc.aio import AbortError
 
 from gradhub.proto.contract.errors import (
+    JOB_CREDENTIAL_KEY,
     AuthError,
     FactoryError,
     GradhubError,
@@ -135,6 +136,11 @@ def handler(fn: F) -> F:
             _abort(context, exc)
 
     return unary  # type: ignore[return-value]
+
+
+def job_credential(context: Any) -> str:
+    """The job credential a worker's call carries (``""`` when none)."""
+    return str(dict(context.invocation_metadata() or ()).get(JOB_CREDENTIAL_KEY, ""))
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):

@@ -52,3 +52,44 @@ def final_params(client: Client, job: JobInfo, tmp_path) -> dict[str, torch.Tens
     path = tmp_path / f"{job.id}.safetensors"
     client.pull_checkpoint(job.id, path)
     return load_file(path)
+
+
+def worker_credential(server: Server, job_id: str) -> str:
+    """The credential a running job gives its workers (tests that act as a job's workers use it)."""
+    return server.manager.job_credential(job_id)
+
+
+def worker_link(server: Server, job_id: str, rank: int = 0, **kw: object):  # -> ServerLink
+    """A ServerLink as one of ``job_id``'s workers would hold it (with the job's credential)."""
+    from gradhub.worker.server_link import ServerLink
+
+    return ServerLink(server.address, job_id, rank, credential=worker_credential(server, job_id), **kw)  # type: ignore[arg-type]
+
+
+def worker_channel(server: Server, job_id: str):  # -> grpc.Channel
+    """A channel whose every call carries ``job_id``'s worker credential (raw stub tests)."""
+    import grpc
+
+    from gradhub.proto.contract.errors import JOB_CREDENTIAL_KEY
+
+    credential = worker_credential(server, job_id)
+
+    class _Credential(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+        def _with(self, details):  # type: ignore[no-untyped-def]
+            metadata = list(details.metadata or []) + [(JOB_CREDENTIAL_KEY, credential)]
+            return details._replace(metadata=metadata)
+
+        def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+            return continuation(self._with(details), request)
+
+        def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+            return continuation(self._with(details), request)
+
+        def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+            return continuation(self._with(details), requests)
+
+        def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+            return continuation(self._with(details), requests)
+
+    return grpc.intercept_channel(grpc.insecure_channel(server.address), _Credential())

@@ -3,7 +3,7 @@ and heartbeat on the control plane (grpc.aio) and push and pull a small model on
 (asyncio sockets), as real workers would but without torch models or Ray. Used by the scale test
 and the scale benchmark.
 
-    run_swarm(address, job_id, ranks=range(0, 128), steps=20, numel=1000, results=queue)
+    run_swarm(address, job_id, ranks=range(0, 128), steps=20, numel=1000, results=queue, credential=cred)
 """
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ async def _read_reply(reader: asyncio.StreamReader) -> tuple[Any, bytes]:
     return frame.reply, payload
 
 
-async def _worker(control: Any, job_id: str, rank: int, steps: int, numel: int, stats: dict[str, Any]) -> None:
+async def _worker(control: Any, job_id: str, rank: int, steps: int, numel: int, stats: dict[str, Any],
+                  metadata: Any) -> None:
     from gradhub.proto import frames
     from gradhub.proto.codec import Layout
     from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
 
     layout = Layout(("w",), ((numel,),))
     reg = await control.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=rank, host="swarm", pid=rank,
-                                                        total_steps=steps, train_size=1), timeout=CONNECT_TIMEOUT_S)
+                                                        total_steps=steps, train_size=1), timeout=CONNECT_TIMEOUT_S,
+                                  metadata=metadata)
     e = reg.data
     if e.unix_path and e.host_id == frames.host_id():
         reader, writer = await asyncio.open_unix_connection(e.unix_path)
@@ -44,7 +46,7 @@ async def _worker(control: Any, job_id: str, rank: int, steps: int, numel: int, 
 
     async def beat() -> None:
         while not stop.is_set():
-            await control.Heartbeat(ps_pb2.HeartbeatRequest(job_id=job_id, rank=rank), timeout=30)
+            await control.Heartbeat(ps_pb2.HeartbeatRequest(job_id=job_id, rank=rank), timeout=30, metadata=metadata)
             stats["heartbeats"] += 1
             try:
                 async with asyncio.timeout(reg.heartbeat_interval_s):
@@ -89,9 +91,10 @@ async def _worker(control: Any, job_id: str, rank: int, steps: int, numel: int, 
         writer.close()
 
 
-async def _swarm(address: str, job_id: str, ranks: range, steps: int, numel: int) -> dict[str, Any]:
+async def _swarm(address: str, job_id: str, ranks: range, steps: int, numel: int, credential: str) -> dict[str, Any]:
     import grpc.aio
 
+    from gradhub.proto.contract.errors import JOB_CREDENTIAL_KEY
     from gradhub.proto.v1 import ps_pb2_grpc
 
     stats: dict[str, Any] = {"pushes": 0, "heartbeats": 0, "done": 0, "first_push_at": float("inf"),
@@ -99,7 +102,8 @@ async def _swarm(address: str, job_id: str, ranks: range, steps: int, numel: int
     async with grpc.aio.insecure_channel(address) as channel:
         control = ps_pb2_grpc.WorkerControlStub(channel)
         started = time.perf_counter()
-        results = await asyncio.gather(*(_worker(control, job_id, r, steps, numel, stats) for r in ranks),
+        metadata = ((JOB_CREDENTIAL_KEY, credential),)
+        results = await asyncio.gather(*(_worker(control, job_id, r, steps, numel, stats, metadata) for r in ranks),
                                        return_exceptions=True)
         stats["seconds"] = time.perf_counter() - started
     errors = [repr(r) for r in results if isinstance(r, BaseException)]
@@ -108,10 +112,12 @@ async def _swarm(address: str, job_id: str, ranks: range, steps: int, numel: int
     return stats
 
 
-def run_swarm(address: str, job_id: str, ranks: range, steps: int, numel: int, results: Any) -> None:
-    """A process's share of the swarm: workers ``ranks``; puts its stats on ``results``."""
+def run_swarm(address: str, job_id: str, ranks: range, steps: int, numel: int, results: Any,
+              credential: str) -> None:
+    """A process's share of the swarm: workers ``ranks`` of ``job_id`` (whose worker credential is
+    ``credential``); puts its stats on ``results``."""
     try:
-        results.put(asyncio.run(_swarm(address, job_id, ranks, steps, numel)))
+        results.put(asyncio.run(_swarm(address, job_id, ranks, steps, numel, credential)))
     except BaseException as e:
         results.put({"failed": len(ranks), "errors": [repr(e)], "pushes": 0, "done": 0})
         raise

@@ -23,9 +23,10 @@ class WorkerActor:
     """
 
     def __init__(self, job_id: str, rank: int, spec_json: str, server_address: str,
-                 token: str | None = None) -> None:
+                 token: str | None = None, credential: str = "") -> None:
         self.job_id, self.rank = job_id, rank
         self.spec_json, self.server_address, self.token = spec_json, server_address, token
+        self.credential = credential  # the job's: the server takes this worker's calls only with it
         self._work: Any = None
 
     def prepare(self) -> None:
@@ -57,7 +58,7 @@ class WorkerActor:
         self._work = None  # a run changes the model: a later run of this process builds afresh
         # the channel is created here, inside the actor's process, never inherited
         with ServerLink(self.server_address, self.job_id, self.rank, spec.compression, self.token,
-                        spec.transport) as client:
+                        spec.transport, self.credential) as client:
             if spec.is_ps:
                 from gradhub.worker.loop import PSTrainer
 

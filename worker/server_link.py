@@ -33,7 +33,12 @@ from gradhub.proto.codec import (
     iter_data_chunks,
     torch_dtype,
 )
-from gradhub.proto.contract.errors import GradhubError, ProtocolError, from_rpc_error
+from gradhub.proto.contract.errors import (
+    JOB_CREDENTIAL_KEY,
+    GradhubError,
+    ProtocolError,
+    from_rpc_error,
+)
 from gradhub.proto.model_state import ModelLayout, tensors_from_proto, tensors_to_proto
 from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import data_pb2, ps_pb2, ps_pb2_grpc, tensor_pb2
@@ -85,9 +90,10 @@ class ServerLink:
     """One worker's connection to the server for one job."""
 
     def __init__(self, address: str, job_id: str, rank: int, compression: str = "none",
-                 token: str | None = None, transport: str = "auto") -> None:
+                 token: str | None = None, transport: str = "auto", credential: str = "") -> None:
         """``transport``: ``auto`` (the data plane when the server offers one and it can be
-        reached, else gRPC, with the reason logged) or ``grpc``."""
+        reached, else gRPC, with the reason logged) or ``grpc``; ``credential``: the job's, which
+        its launcher gave this worker (the server takes the worker's calls only with it)."""
         if transport not in ("auto", "grpc"):
             raise ValueError(f"transport: must be auto or grpc, not {transport!r}")
         self.job_id, self.rank = job_id, rank
@@ -96,7 +102,10 @@ class ServerLink:
         self.transport = "grpc"  # what this worker's tensors use: "unix", "tcp" or "grpc"
         self.host = address.rsplit(":", 1)[0].strip("[]")  # the server's host (its rendezvous store is there)
         self.wire_dtype = COMPRESSION_DTYPES[compression]
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        metadata = [(JOB_CREDENTIAL_KEY, credential)]
+        if token:
+            metadata.append(("authorization", f"Bearer {token}"))
+        self._metadata = tuple(metadata)
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._control = ps_pb2_grpc.WorkerControlStub(self._channel)
         # The hot methods carry pre-serialized data chunks out and zero-copy views in

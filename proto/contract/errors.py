@@ -82,6 +82,8 @@ class WorkerFailure(GradhubError):
 # beside the status; the client and the workers rebuild the same class from this one table.
 
 ERROR_KEY, FIELD_KEY = "gradhub-error", "gradhub-field"
+# request metadata: a worker's job credential, which WorkerControl and the ParameterServer check
+JOB_CREDENTIAL_KEY = "gradhub-job-credential"
 
 ERRORS: dict[str, type[GradhubError]] = {cls.__name__: cls for cls in (
     GradhubError, SpecError, FactoryError, ProtocolError, NotFoundError, StateError, JobFailedError,

@@ -42,19 +42,27 @@ from report import print_table, write_json
 TIMEOUT_S = 300
 
 
-def _serve(port_queue: Any, stop: Any, data_dir: str) -> None:
-    """The gradhub server in its own process, with workers that the benchmark runs itself."""
+def _serve(port_queue: Any, stop: Any, data_dir: str, asks: Any, credentials: Any) -> None:
+    """The gradhub server in its own process, with workers that the benchmark runs itself (it
+    answers each job id put on ``asks`` with the job's worker credential, as a launcher would)."""
+    import queue
+
     from gradhub.server.app import Server
     from gradhub.server.config import ServerConfig
     from gradhub.server.launcher import ExternalLauncher
 
     with Server(ServerConfig(port=0, data_dir=Path(data_dir)), launcher=ExternalLauncher()) as server:
         port_queue.put(server.port)
-        stop.wait(TIMEOUT_S)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                credentials.put(server.manager.job_credential(asks.get(timeout=0.5)))
+            except queue.Empty:
+                continue
 
 
 def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, transport: str, device: str,
-            out: Any) -> None:
+            credential: str, out: Any) -> None:
     """Push a gradient and receive the next parameters ``iters`` times (one round trip each, as
     a training worker does); reports each exchange's seconds."""
     from gradhub.proto import frames
@@ -68,7 +76,8 @@ def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, transp
     layout = Layout(("weight",), ((numel,),))
     params = torch.zeros(numel, device=device)
     grads = torch.full((numel,), 1e-3, device=device)
-    with ServerLink(address, job_id, rank, transport="grpc" if transport == "grpc" else "auto") as ps:
+    with ServerLink(address, job_id, rank, transport="grpc" if transport == "grpc" else "auto",
+                    credential=credential) as ps:
         reg = ps.register("bench", 0, total_steps=iters + 1, train_size=1)
         if ps.transport != transport:
             raise RuntimeError(f"worker {rank} uses {ps.transport}, not {transport}")
@@ -103,9 +112,9 @@ def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "un
     from gradhub.client.client import Client
 
     ctx = mp.get_context("spawn")
-    ports, stop, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    ports, stop, out, asks, credentials = ctx.Queue(), ctx.Event(), ctx.Queue(), ctx.Queue(), ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        server = ctx.Process(target=_serve, args=(ports, stop, tmp), daemon=True)
+        server = ctx.Process(target=_serve, args=(ports, stop, tmp, asks, credentials), daemon=True)
         server.start()
         try:
             address = f"127.0.0.1:{ports.get(timeout=TIMEOUT_S)}"
@@ -117,10 +126,12 @@ def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "un
                     if time.monotonic() > deadline:
                         raise TimeoutError("the benchmark job did not start")
                     time.sleep(0.05)
+            asks.put(job.id)
+            credential = credentials.get(timeout=TIMEOUT_S)
             assert server.pid is not None
             cpu0 = _cpu_seconds(server.pid)
             procs = [ctx.Process(target=_worker, args=(address, job.id, r, nbytes // 4, iters, transport, device,
-                                                       out), daemon=True) for r in range(workers)]
+                                                       credential, out), daemon=True) for r in range(workers)]
             for p in procs:
                 p.start()
             results = dict(out.get(timeout=TIMEOUT_S) for _ in procs)

@@ -47,8 +47,10 @@ def measure(workers: int, processes: int, steps: int, numel: int) -> dict[str, A
             time.sleep(0.05)
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
+        credential = server.manager.job_credential(job.id)
         procs = [ctx.Process(target=run_swarm, args=(server.address, job.id, range(i, workers, processes), steps,
-                                                     numel, results), daemon=True) for i in range(processes)]
+                                                     numel, results, credential), daemon=True)
+                 for i in range(processes)]
         started = time.perf_counter()
         for p in procs:
             p.start()

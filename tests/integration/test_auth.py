@@ -19,7 +19,7 @@ import torch
 
 from gradhub.client.client import Client
 from gradhub.proto.codec import Layout, as_bytes, iter_chunks
-from gradhub.proto.contract.errors import AuthError
+from gradhub.proto.contract.errors import JOB_CREDENTIAL_KEY, AuthError
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc, ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
@@ -69,10 +69,11 @@ def job(idle_server: Server, stubs) -> str:
                             metadata=GOOD).job.id
     wait_for(lambda: jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=10,
                                  metadata=GOOD).job.state == jobs_pb2.RUNNING, 30, "the job to run")
+    worker = GOOD + ((JOB_CREDENTIAL_KEY, idle_server.manager.job_credential(job_id)),)
     reg = control.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=0, total_steps=10, train_size=100),
-                           timeout=10, metadata=GOOD)
+                           timeout=10, metadata=worker)
     assert reg.needs_init
-    ps.InitParameters(push_stream(job_id, 0, initial()), timeout=10, metadata=GOOD)
+    ps.InitParameters(push_stream(job_id, 0, initial()), timeout=10, metadata=worker)
     return job_id
 
 
@@ -88,11 +89,16 @@ def push_stream(job_id: str, rank: int, flat: torch.Tensor, step: int = 0) -> It
 
 
 def every_rpc(jobs: jobs_pb2_grpc.JobServiceStub, ps: ps_pb2_grpc.ParameterServerStub,
-              control: ps_pb2_grpc.WorkerControlStub, job_id: str) -> dict[str, Callable[[Any], object]]:
+              control: ps_pb2_grpc.WorkerControlStub, job_id: str,
+              credential: str = "") -> dict[str, Callable[[Any], object]]:
     """Each RPC of the three services with a request that would be served (and would change
     something) if it were authenticated; called with the metadata to send."""
     spec = json.dumps({**SPEC, "name": "intruder"})
     grad = torch.ones(LAYOUT.numel)
+
+    def w(md: Any) -> Any:  # a worker's call: the metadata plus the job's credential
+        return tuple(md or ()) + ((JOB_CREDENTIAL_KEY, credential),)
+
     return {
         "SubmitJob": lambda md: jobs.SubmitJob(jobs_pb2.SubmitJobRequest(spec_json=spec), timeout=10, metadata=md),
         "GetJob": lambda md: jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=10, metadata=md),
@@ -107,24 +113,24 @@ def every_rpc(jobs: jobs_pb2_grpc.JobServiceStub, ps: ps_pb2_grpc.ParameterServe
         "GetJobLogs": lambda md: list(jobs.GetJobLogs(jobs_pb2.GetJobLogsRequest(job_id=job_id), timeout=10,
                                                       metadata=md)),
         "Register": lambda md: control.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=10,
-                                                                  train_size=100), timeout=10, metadata=md),
-        "InitParameters": lambda md: ps.InitParameters(push_stream(job_id, 0, grad), timeout=10, metadata=md),
-        "PushGradients": lambda md: ps.PushGradients(push_stream(job_id, 0, grad), timeout=10, metadata=md),
+                                                                  train_size=100), timeout=10, metadata=w(md)),
+        "InitParameters": lambda md: ps.InitParameters(push_stream(job_id, 0, grad), timeout=10, metadata=w(md)),
+        "PushGradients": lambda md: ps.PushGradients(push_stream(job_id, 0, grad), timeout=10, metadata=w(md)),
         "PullParameters": lambda md: list(ps.PullParameters(ps_pb2.PullRequest(job_id=job_id, rank=0, step=0),
-                                                            timeout=10, metadata=md)),
-        "PushPull": lambda md: list(ps.PushPull(push_stream(job_id, 0, grad), timeout=10, metadata=md)),
+                                                            timeout=10, metadata=w(md))),
+        "PushPull": lambda md: list(ps.PushPull(push_stream(job_id, 0, grad), timeout=10, metadata=w(md))),
         "Heartbeat": lambda md: control.Heartbeat(ps_pb2.HeartbeatRequest(job_id=job_id, rank=0, step=0), timeout=10,
-                                             metadata=md),
+                                             metadata=w(md)),
         "SaveCheckpoint": lambda md: control.SaveCheckpoint(iter([ps_pb2.CheckpointChunk(
             header=ps_pb2.CheckpointHeader(job_id=job_id, rank=0, step=1, params=LAYOUT.metas(F32)))]),
-            timeout=10, metadata=md),
+            timeout=10, metadata=w(md)),
         "LoadCheckpoint": lambda md: list(control.LoadCheckpoint(ps_pb2.LoadCheckpointRequest(job_id=job_id, rank=0),
-                                                            timeout=10, metadata=md)),
+                                                            timeout=10, metadata=w(md))),
         "JoinGroup": lambda md: control.JoinGroup(ps_pb2.JoinGroupRequest(job_id=job_id, rank=0), timeout=10,
-                                                  metadata=md),
+                                                  metadata=w(md)),
         "ReportMetrics": lambda md: control.ReportMetrics(
             ps_pb2.ReportMetricsRequest(job_id=job_id, rank=0, step=0, kind="eval", metrics={"val_accuracy": 1.0}),
-            timeout=10, metadata=md),
+            timeout=10, metadata=w(md)),
     }
 
 
@@ -162,16 +168,35 @@ def test_without_the_right_token_every_rpc_is_refused_and_changes_nothing(idle_s
     assert snapshot(idle_server, job) == before
 
 
+WORKER_METHODS = {m.name for name in ("ParameterServer", "WorkerControl")
+                  for m in ps_pb2.DESCRIPTOR.services_by_name[name].methods}
+
+
+@pytest.mark.parametrize("credential", ["", "a-guess"])
+def test_with_the_token_but_not_the_jobs_credential_no_worker_rpc_is_served(idle_server, stubs, job, credential):
+    """The token lets a user in; a job's worker calls also need the credential its launcher gave
+    its workers, so a user cannot register, push, pull or report as another job's worker."""
+    before = snapshot(idle_server, job)
+    rpcs = every_rpc(*stubs, job, credential)
+    for name in sorted(WORKER_METHODS):
+        with pytest.raises(grpc.RpcError) as err:
+            rpcs[name](GOOD)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, err.value.details())
+        assert "credential" in err.value.details(), (name, err.value.details())
+    assert snapshot(idle_server, job) == before
+
+
 def test_with_the_token_the_same_requests_are_served(idle_server, stubs, job):
     """Control: the refusals above were about the token, not the requests."""
     jobs, ps, control = stubs
-    rpcs = every_rpc(jobs, ps, control, job)
+    rpcs = every_rpc(jobs, ps, control, job, idle_server.manager.job_credential(job))
     for name in ("GetJob", "ListJobs", "WatchJob", "ListCheckpoints", "GetJobLogs", "Heartbeat"):
         rpcs[name](GOOD)
     assert not rpcs["InitParameters"](GOOD).accepted  # already initialized: nothing changes
     rpcs["Register"](GOOD)
     assert rpcs["PushGradients"](GOOD).accepted
-    assert list(ps.PushPull(push_stream(job, 1, torch.ones(LAYOUT.numel)), timeout=10, metadata=GOOD))
+    worker = GOOD + ((JOB_CREDENTIAL_KEY, idle_server.manager.job_credential(job)),)
+    assert list(ps.PushPull(push_stream(job, 1, torch.ones(LAYOUT.numel)), timeout=10, metadata=worker))
     assert idle_server.manager.store(job).version == 1  # both workers pushed step 0
     rpcs["ReportMetrics"](GOOD)
     assert idle_server.manager.get(job).record.metrics["val_accuracy"] == 1.0

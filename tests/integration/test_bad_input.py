@@ -24,7 +24,7 @@ from gradhub.server.config import ServerConfig
 from gradhub.server.launcher import ExternalLauncher
 from gradhub.worker.server_link import ServerLink
 
-from ..conftest import wait_for
+from ..conftest import wait_for, worker_channel, worker_link
 
 LAYOUT = Layout(("fc.weight", "fc.bias"), ((4, 3), (4,)))
 F32, F16 = tensor_pb2.FLOAT32, tensor_pb2.FLOAT16
@@ -43,17 +43,18 @@ def job(idle_server):
         info = client.submit({"name": "bad-input", "workers": 2, "model": "mlp", "dataset": "digits",
                               "steps": 10, "resources": {"cpus": 1}})
         wait_for(lambda: client.get_job(info.id).state == "RUNNING", 30, "the job to run")
-    stub = ps_pb2_grpc.ParameterServerStub(grpc.insecure_channel(idle_server.address))
-    reg = control(idle_server).Register(ps_pb2.RegisterRequest(job_id=info.id, rank=0, total_steps=10, train_size=100), timeout=10)
+    stub = ps_pb2_grpc.ParameterServerStub(worker_channel(idle_server, info.id))
+    reg = control(idle_server, info.id).Register(ps_pb2.RegisterRequest(job_id=info.id, rank=0, total_steps=10, train_size=100), timeout=10)
     assert reg.needs_init and reg.world_size == 2
     init = torch.arange(LAYOUT.numel, dtype=torch.float32)
     stub.InitParameters(stream(header(info.id, step=0), init), timeout=10)
     return info.id, stub, idle_server, init
 
 
-def control(server: Server) -> ps_pb2_grpc.WorkerControlStub:
-    """The WorkerControl service (register, heartbeats, metrics) on its own channel."""
-    return ps_pb2_grpc.WorkerControlStub(grpc.insecure_channel(server.address))
+def control(server: Server, job_id: str) -> ps_pb2_grpc.WorkerControlStub:
+    """The WorkerControl service (register, heartbeats, metrics) on its own channel, as one of
+    ``job_id``'s workers."""
+    return ps_pb2_grpc.WorkerControlStub(worker_channel(server, job_id))
 
 
 def header(job_id: str, step: int = 0, rank: int = 0, metas=None) -> ps_pb2.PushHeader:
@@ -164,7 +165,7 @@ def test_unknown_job_and_worker(job, unchanged):
                     grpc.StatusCode.NOT_FOUND, "j-nope")
     assert_rejected(lambda: stub.PushGradients(stream(header(job_id, rank=7), grad()), timeout=10),
                     grpc.StatusCode.NOT_FOUND, "rank", "worker 7", "world size 2")
-    assert_rejected(lambda: control(server).Register(ps_pb2.RegisterRequest(job_id=job_id, rank=-1, total_steps=10),
+    assert_rejected(lambda: control(server, job_id).Register(ps_pb2.RegisterRequest(job_id=job_id, rank=-1, total_steps=10),
                                           timeout=10),
                     grpc.StatusCode.NOT_FOUND, "rank")
     assert_rejected(lambda: list(stub.PullParameters(ps_pb2.PullRequest(job_id="j-nope"), timeout=10)),
@@ -173,9 +174,11 @@ def test_unknown_job_and_worker(job, unchanged):
 
 def test_joining_a_group_of_a_ps_job(job, unchanged):
     job_id, _, server, _ = job
-    assert_rejected(lambda: control(server).JoinGroup(ps_pb2.JoinGroupRequest(job_id=job_id, rank=0), timeout=10),
+    assert_rejected(lambda: control(server, job_id).JoinGroup(ps_pb2.JoinGroupRequest(job_id=job_id, rank=0),
+                                                              timeout=10),
                     grpc.StatusCode.FAILED_PRECONDITION, "mode", "parameter server")
-    assert_rejected(lambda: control(server).JoinGroup(ps_pb2.JoinGroupRequest(job_id="j-nope", rank=0), timeout=10),
+    assert_rejected(lambda: control(server, job_id).JoinGroup(ps_pb2.JoinGroupRequest(job_id="j-nope", rank=0),
+                                                              timeout=10),
                     grpc.StatusCode.NOT_FOUND, "j-nope")
 
 
@@ -183,7 +186,7 @@ def test_metrics_only_finite_and_only_from_registered_workers(job, unchanged):
     job_id, _, server, _ = job
 
     def report(rank: int, **metrics: float):
-        return lambda: control(server).ReportMetrics(
+        return lambda: control(server, job_id).ReportMetrics(
             ps_pb2.ReportMetricsRequest(job_id=job_id, rank=rank, step=0, kind="eval", metrics=metrics), timeout=10)
 
     assert_rejected(report(0, val_loss=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "metrics.val_loss",
@@ -205,7 +208,7 @@ def test_step_out_of_order(job, unchanged):
 
 def test_total_steps_must_agree(job, unchanged):
     job_id, _, server, _ = job
-    assert_rejected(lambda: control(server).Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=11),
+    assert_rejected(lambda: control(server, job_id).Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=11),
                                           timeout=10),
                     grpc.StatusCode.INVALID_ARGUMENT, "total_steps", "11", "10")
 
@@ -279,7 +282,7 @@ def test_errors_keep_their_class_across_the_wire(job, unchanged):
     assert dict(err.value.trailing_metadata())["gradhub-error"] == "ProtocolError"
     with ServerLink(server.address, "no-such-job", 0) as ps, pytest.raises(NotFoundError, match="no-such-job"):
         ps.heartbeat(0)
-    with ServerLink(server.address, job_id, 0) as ps, pytest.raises(ProtocolError, match=r"tensors\[0\].shape"):
+    with worker_link(server, job_id, 0) as ps, pytest.raises(ProtocolError, match=r"tensors\[0\].shape"):
         ps.push(Layout(("fc.weight", "fc.bias"), ((3, 4), (4,))), 0, 0, grad())
 
 
@@ -290,7 +293,7 @@ def test_a_good_push_after_all_that_is_applied(job):
     assert not stub.PushGradients(stream(header(job_id), grad()), timeout=10).accepted  # retry: at most once
     store = server.manager.store(job_id)
     assert store.version == 0  # ps-sync: waits for worker 1
-    control(server).Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=10, train_size=100),
+    control(server, job_id).Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=10, train_size=100),
                              timeout=10)
     assert stub.PushGradients(stream(header(job_id, rank=1), grad()), timeout=10).accepted
     assert store.version == 1

@@ -15,9 +15,8 @@ from gradhub.server.config import ServerConfig
 from gradhub.server.launcher import ExternalLauncher
 from gradhub.worker.flat import FlatModel
 from gradhub.worker.models import seeded_model
-from gradhub.worker.server_link import ServerLink
 
-from ..conftest import wait_for
+from ..conftest import wait_for, worker_link
 
 
 def test_pulled_checkpoint_equals_the_servers_parameters(tmp_path):
@@ -28,7 +27,7 @@ def test_pulled_checkpoint_equals_the_servers_parameters(tmp_path):
                              "optimizer": {"name": "adam", "lr": 0.01}, "resources": {"cpus": 1}})
         wait_for(lambda: client.get_job(job.id).state == "RUNNING", 30, "the job to run")
         model = FlatModel(seeded_model(0, "mlp", None, {"hidden": [32]}))
-        with ServerLink(server.address, job.id, 0) as ps:
+        with worker_link(server, job.id, 0) as ps:
             ps.register("t", 0, total_steps=10, train_size=1)
             ps.init_parameters(model.layout, model.params)
             version = ps.pull(model.layout, 0, model.params).version

@@ -32,7 +32,7 @@ from gradhub.server.launcher import ExternalLauncher
 from gradhub.worker import data_link
 from gradhub.worker.server_link import ServerLink
 
-from ..conftest import wait_for
+from ..conftest import wait_for, worker_link
 
 LAYOUT = Layout(("w", "b"), ((2, 3), (4,)))
 NUMEL = 10
@@ -65,7 +65,7 @@ def job(server):
 
 
 def _worker(server: Server, job_id: str, rank: int = 0, **kw) -> ServerLink:
-    link = ServerLink(server.address, job_id, rank, **kw)
+    link = worker_link(server, job_id, rank, **kw)
     link.register("t", 0, total_steps=10, train_size=1)
     return link
 

@@ -18,9 +18,8 @@ from gradhub.proto.contract.errors import ResourceExhaustedError
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
 from gradhub.server.launcher import ExternalLauncher
-from gradhub.worker.server_link import ServerLink
 
-from ..conftest import wait_for
+from ..conftest import wait_for, worker_link
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
 NUMEL = 100_000  # 400 KB of parameters, 800 KB with the momentum: more than the 512 KiB disk holds
@@ -59,7 +58,7 @@ def test_a_full_disk_costs_checkpoints_not_the_job(small_disks, tmp_path):
                              "checkpoint_every": 2, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}})
         wait_for(lambda: client.get_job(job.id).state == "RUNNING", 30, "the job to run")
         layout = Layout(("w",), ((NUMEL,),))
-        with ServerLink(server.address, job.id, 0) as link:
+        with worker_link(server, job.id, 0) as link:
             link.register("t", 0, total_steps=50, train_size=1)
             link.init_parameters(layout, torch.zeros(NUMEL))
             params = torch.empty(NUMEL)

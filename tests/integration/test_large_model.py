@@ -8,13 +8,13 @@ import torch
 
 from gradhub.client.client import Client
 from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import JOB_CREDENTIAL_KEY
 from gradhub.proto.v1 import tensor_pb2
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
 from gradhub.server.launcher import ExternalLauncher
-from gradhub.worker.server_link import ServerLink
 
-from ..conftest import wait_for
+from ..conftest import wait_for, worker_credential, worker_link
 
 NUMEL = 80 * 2**20  # 80 Mi float32 = 320 MiB (335 MB)
 
@@ -27,7 +27,7 @@ def test_exchange_a_320_mib_model(tmp_path):
             job = client.submit({"name": "big", "workers": 1, "model": "mlp", "dataset": "digits", "steps": 2,
                                  "optimizer": {"name": "sgd", "lr": 0.5}, "resources": {"cpus": 1}})
             wait_for(lambda: client.get_job(job.id).state == "RUNNING", 30, "the job to run")
-        with ServerLink(server.address, job.id, rank=0) as ps:
+        with worker_link(server, job.id, rank=0) as ps:
             reg = ps.register("test", 0, total_steps=2, train_size=10)
             assert reg.needs_init
             init = torch.randn(layout.numel, generator=torch.Generator().manual_seed(0))
@@ -46,7 +46,8 @@ def test_exchange_a_320_mib_model(tmp_path):
 
             stub = ps_pb2_grpc.ParameterServerStub(channel)
             chunks = stub.PullParameters(ps_pb2.PullRequest(job_id=job.id, rank=0, step=1,
-                                                            dtype=tensor_pb2.FLOAT32), timeout=60)
+                                                            dtype=tensor_pb2.FLOAT32), timeout=60,
+                                         metadata=((JOB_CREDENTIAL_KEY, worker_credential(server, job.id)),))
             sizes = [len(c.data) for c in chunks]
             assert sum(sizes) == layout.numel * 4 and max(sizes) <= 1 << 20
             channel.close()

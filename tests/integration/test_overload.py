@@ -15,14 +15,14 @@ import torch
 
 from gradhub.client.client import Client
 from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import JOB_CREDENTIAL_KEY
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc, ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server import limits
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
 from gradhub.server.launcher import ExternalLauncher
-from gradhub.worker.server_link import ServerLink
 
-from ..conftest import wait_for
+from ..conftest import wait_for, worker_credential, worker_link
 
 LAYOUT = Layout(("w",), ((10,),))
 WATCHES, STALLED = 500, 100
@@ -35,7 +35,7 @@ def job(tmp_path, monkeypatch):
         with Client(server.address) as client:
             info = client.submit({"name": "busy", "model": "mlp", "dataset": "digits", "steps": 10, "workers": 1})
             wait_for(lambda: client.get_job(info.id).state == "RUNNING", 30, "the job to run")
-        with ServerLink(server.address, info.id, 0, transport="grpc") as link:
+        with worker_link(server, info.id, 0, transport="grpc") as link:
             link.register("t", 0, total_steps=10, train_size=1)
             link.init_parameters(LAYOUT, torch.zeros(10))
         yield server, info.id
@@ -44,8 +44,8 @@ def job(tmp_path, monkeypatch):
 class _Crowd:
     """Many long-lived calls from one asyncio client, in a thread of its own."""
 
-    def __init__(self, address: str, job_id: str) -> None:
-        self.address, self.job_id = address, job_id
+    def __init__(self, address: str, job_id: str, credential: str) -> None:
+        self.address, self.job_id, self.credential = address, job_id, credential
         self.watching = self.stalled_errors = 0
         self.opened = threading.Event()
         self._loop = asyncio.new_event_loop()
@@ -72,7 +72,7 @@ class _Crowd:
             yield ps_pb2.PushChunk(header=header)
             await self._stop.wait()  # ... and not a byte of the gradient
         try:
-            await ps.PushGradients(requests())
+            await ps.PushGradients(requests(), metadata=((JOB_CREDENTIAL_KEY, self.credential),))
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "none came" in e.details():
                 self.stalled_errors += 1
@@ -88,7 +88,7 @@ class _Crowd:
 
 def test_watches_and_stalled_uploads_do_not_starve_get_job(job):
     server, job_id = job
-    with _Crowd(server.address, job_id) as crowd, Client(server.address) as client:
+    with _Crowd(server.address, job_id, worker_credential(server, job_id)) as crowd, Client(server.address) as client:
         assert crowd.opened.wait(60), f"only {crowd.watching} of {WATCHES} watches were answered"
         latencies, deadline = [], time.monotonic() + 2
         while time.monotonic() < deadline:

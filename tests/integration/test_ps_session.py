@@ -13,9 +13,8 @@ from gradhub.proto.v1 import ps_pb2, tensor_pb2
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
 from gradhub.server.launcher import ExternalLauncher
-from gradhub.worker.server_link import ServerLink
 
-from ..conftest import wait_for
+from ..conftest import wait_for, worker_channel, worker_link
 
 LAYOUT = Layout(("w",), ((6,),))
 LR = 0.5
@@ -33,7 +32,7 @@ def job(tmp_path):
 
 def test_one_call_carries_many_pushes(job):
     server, job_id = job
-    with ServerLink(server.address, job_id, 0, transport="grpc") as ps:
+    with worker_link(server, job_id, 0, transport="grpc") as ps:
         ps.register("t", 0, total_steps=10, train_size=1)
         ps.init_parameters(LAYOUT, torch.zeros(6))
         params = torch.empty(6)
@@ -50,7 +49,7 @@ def test_one_call_carries_many_pushes(job):
 
 def test_a_broken_session_is_reopened_and_the_push_applied_once(job):
     server, job_id = job
-    with ServerLink(server.address, job_id, 0, transport="grpc") as ps:
+    with worker_link(server, job_id, 0, transport="grpc") as ps:
         ps.register("t", 0, total_steps=10, train_size=1)
         ps.init_parameters(LAYOUT, torch.zeros(6))
         params = torch.empty(6)
@@ -67,10 +66,10 @@ def test_a_broken_session_is_reopened_and_the_push_applied_once(job):
 
 def test_a_push_cut_short_inside_a_session_is_rejected(job):
     server, job_id = job
-    with ServerLink(server.address, job_id, 0, transport="grpc") as ps:
+    with worker_link(server, job_id, 0, transport="grpc") as ps:
         ps.register("t", 0, total_steps=10, train_size=1)
         ps.init_parameters(LAYOUT, torch.zeros(6))
-    channel = grpc.insecure_channel(server.address)
+    channel = worker_channel(server, job_id)
     call = channel.stream_stream("/gradhub.v1.ParameterServer/PushPull",
                                  request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
                                  response_deserializer=ps_pb2.PullChunk.FromString)

@@ -59,8 +59,10 @@ def test_512_simulated_workers_are_served_and_get_job_stays_fast(tmp_path):
         wait_for(lambda: client.get_job(job.id).state == "RUNNING", 30, "the job to run")
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
+        credential = server.manager.job_credential(job.id)
         procs = [ctx.Process(target=run_swarm, args=(server.address, job.id, range(i, SWARM, PROCESSES), STEPS,
-                                                     NUMEL, results), daemon=True) for i in range(PROCESSES)]
+                                                     NUMEL, results, credential), daemon=True)
+                 for i in range(PROCESSES)]
         for p in procs:
             p.start()
         try:

@@ -71,7 +71,8 @@ class FakeLauncher:
     def total_resources(self) -> dict[str, float]:
         return {"CPU": 64.0}
 
-    def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None) -> FakeGroup:
+    def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
+               credential: str = "") -> FakeGroup:
         if self.fail_with is not None:
             raise self.fail_with
         self.groups.append(FakeGroup())
