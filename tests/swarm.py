@@ -121,3 +121,18 @@ def run_swarm(address: str, job_id: str, ranks: range, steps: int, numel: int, r
     except BaseException as e:
         results.put({"failed": len(ranks), "errors": [repr(e)], "pushes": 0, "done": 0})
         raise
+
+
+def start_swarm(address: str, job_id: str, workers: int, processes: int, steps: int, numel: int,
+                credential: str) -> tuple[list[Any], Any]:
+    """``workers`` simulated workers of ``job_id`` spread over ``processes`` spawned processes,
+    started; returns the processes and the queue each puts its stats on when done."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=run_swarm, args=(address, job_id, range(i, workers, processes), steps, numel,
+                                                 results, credential), daemon=True) for i in range(processes)]
+    for p in procs:
+        p.start()
+    return procs, results

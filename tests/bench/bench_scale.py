@@ -11,7 +11,6 @@ many workers rather than few.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any
 from report import print_table, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: tests.swarm
-from tests.swarm import run_swarm
+from tests.swarm import start_swarm
 
 TIMEOUT_S = 600
 
@@ -45,15 +44,9 @@ def measure(workers: int, processes: int, steps: int, numel: int) -> dict[str, A
             if time.monotonic() > deadline:
                 raise TimeoutError("the job did not start")
             time.sleep(0.05)
-        ctx = mp.get_context("spawn")
-        results = ctx.Queue()
-        credential = server.manager.job_credential(job.id)
-        procs = [ctx.Process(target=run_swarm, args=(server.address, job.id, range(i, workers, processes), steps,
-                                                     numel, results, credential), daemon=True)
-                 for i in range(processes)]
         started = time.perf_counter()
-        for p in procs:
-            p.start()
+        procs, results = start_swarm(server.address, job.id, workers, processes, steps, numel,
+                                     server.manager.job_credential(job.id))
         latencies, paced = [], threading.Event()
         while any(p.is_alive() for p in procs):
             if time.perf_counter() - started > TIMEOUT_S:

@@ -11,7 +11,6 @@ keeps answering while the data plane is busy.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 import statistics
 import threading
 import time
@@ -25,7 +24,7 @@ from gradhub.server.config import ServerConfig
 from gradhub.server.launcher import ExternalLauncher
 
 from ..conftest import wait_for
-from ..swarm import run_swarm
+from ..swarm import start_swarm
 
 SWARM, PROCESSES, STEPS, NUMEL = 512, 4, 20, 1000
 P99_LIMIT_S = 0.2
@@ -57,14 +56,8 @@ def test_512_simulated_workers_are_served_and_get_job_stays_fast(tmp_path):
                              "model": "mlp", "dataset": "digits", "steps": STEPS,
                              "optimizer": {"name": "sgd", "lr": 1e-3}})
         wait_for(lambda: client.get_job(job.id).state == "RUNNING", 30, "the job to run")
-        ctx = mp.get_context("spawn")
-        results = ctx.Queue()
-        credential = server.manager.job_credential(job.id)
-        procs = [ctx.Process(target=run_swarm, args=(server.address, job.id, range(i, SWARM, PROCESSES), STEPS,
-                                                     NUMEL, results, credential), daemon=True)
-                 for i in range(PROCESSES)]
-        for p in procs:
-            p.start()
+        procs, results = start_swarm(server.address, job.id, SWARM, PROCESSES, STEPS, NUMEL,
+                                     server.manager.job_credential(job.id))
         try:
             latencies = _measure(lambda: client.get_job(job.id), lambda: not any(p.is_alive() for p in procs), 300)
             stats = [results.get(timeout=30) for _ in procs]
