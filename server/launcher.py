@@ -281,6 +281,8 @@ class _ExternalGroup:
 class ExternalLauncher:
     """Launches nothing: the workers are external processes speaking the WorkerControl and
     ParameterServer protocols themselves (benchmarks, protocol tests, a hand-rolled launcher).
+    They need the job's worker credential: ``JobManager.job_credential(job_id)`` (passed as
+    ``ServerLink(credential=...)``).
 
     ``resources`` is what the queue believes the cluster has.
     """
