@@ -155,11 +155,7 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
                 raise ProtocolError(f"params: a state of {plan.nbytes} bytes is over the server's limit of "
                                     f"{self._max_state_bytes} (4 x gradhub server --max-model-bytes)")
             receiver = Receiver(plan.nbytes)
-            try:
-                if await receiver.afill(chunks, limits.STALL_S) and await limits.next_within(chunks, "end") is not None:
-                    raise ProtocolError(f"byte count: stream carries more than the expected {plan.nbytes} bytes")
-            except TimeoutError:
-                raise TimeoutError(f"chunks: none came for {limits.STALL_S:g} s; the upload was cut") from None
+            await limits.receive(chunks, receiver)
             state = await asyncio.to_thread(plan.decode, receiver)
             step, size = await asyncio.to_thread(self._backend.save_checkpoint, header.job_id, header.rank, state)
             return ps_pb2.SaveCheckpointResponse(step=step, size_bytes=size)

@@ -10,9 +10,10 @@ import contextlib
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from gradhub.proto.contract.errors import ResourceExhaustedError
+from gradhub.proto.codec import Receiver
+from gradhub.proto.contract.errors import ProtocolError, ResourceExhaustedError
 
 T = TypeVar("T")
 
@@ -75,3 +76,18 @@ async def next_within(stream: AsyncIterator[T], what: str) -> T | None:
             return await anext(stream, None)
     except TimeoutError:
         raise TimeoutError(f"{what}: none came for {STALL_S:g} s; the call was cut") from None
+
+
+async def receive(chunks: AsyncIterator[Any], receiver: Receiver, to_end: bool = True) -> None:
+    """Fill ``receiver`` from an upload's chunks. ``to_end``: the stream must end right after the
+    expected bytes (ProtocolError otherwise); else stop there (a session may carry more). A stream
+    cut short is reported by the receiver, which names the byte counts; one that stalls (no chunk
+    for STALL_S) is cut with TimeoutError."""
+    try:
+        if await receiver.afill(chunks, STALL_S) and to_end:
+            async with asyncio.timeout(STALL_S):  # the end of the stream must come too
+                extra = await anext(chunks, None)
+            if extra is not None:
+                raise ProtocolError(f"byte count: stream carries more than the expected {receiver.expected} bytes")
+    except TimeoutError:
+        raise TimeoutError(f"chunks: none came for {STALL_S:g} s; the upload was cut") from None

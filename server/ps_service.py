@@ -34,18 +34,6 @@ def _header(first: ps_pb2.PushChunk | memoryview | None) -> ps_pb2.PushHeader:
     return first.header
 
 
-async def _receive(chunks: Chunks, receiver: Receiver, to_end: bool = True) -> None:
-    """Fill ``receiver`` from the stream. ``to_end``: the stream must end right after the
-    expected bytes (a single push); otherwise stop there (more pushes may follow). A stream
-    cut short is reported by ``receiver.tensor()``, which names the byte counts; one that
-    stalls (no chunk for STALL_S) is cut with TimeoutError."""
-    try:
-        if await receiver.afill(chunks, limits.STALL_S) and to_end and await limits.next_within(chunks, "end of stream") is not None:
-            raise ProtocolError(f"byte count: stream carries more than the expected {receiver.expected} bytes")
-    except TimeoutError:
-        raise TimeoutError(f"chunks: none came for {limits.STALL_S:g} s; the upload was cut") from None
-
-
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     """The ps modes' gRPC data path: initial parameters, pushes and pulls."""
 
@@ -68,7 +56,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             store = await self._calls.run(self._authorized_store, header.job_id, job_credential(context))
             init = init_request(header, self._max_model_bytes)
             receiver = Receiver(init.payload_bytes)
-            await _receive(chunks, receiver)
+            await limits.receive(chunks, receiver)
             accepted = await self._calls.run(init.take, store, receiver.tensor(tensor_pb2.FLOAT32))
             return ps_pb2.PushResponse(accepted=accepted, version=store.version)
 
@@ -87,7 +75,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         header = _header(first)
         store = await self._calls.run(self._authorized_store, header.job_id, job_credential(context))
         receiver = Receiver(push_bytes(store, header))
-        await _receive(chunks, receiver, to_end)
+        await limits.receive(chunks, receiver, to_end)
         grad = receiver.tensor(store.config.wire_dtype)
         accepted, version = await self._calls.call(store, store.push, header.rank, header.step, header.base_version,
                                                    grad, push_buffers(header), list(header.unused))
