@@ -37,14 +37,13 @@ from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
 from gradhub.server.ps_requests import init_request, push_buffers, push_bytes
 from gradhub.server.rpc import status_for
 from gradhub.server.store import ParameterStore, Snapshot
-from gradhub.server.waits import StoreCalls
+from gradhub.server.waits import MAX_PULL_WAIT_S, StoreCalls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HELLO_TIMEOUT_S = 10.0  # a connection must authenticate this soon
 IDLE_TIMEOUT_S = 120.0  # a frame whose bytes stop coming (either way) for this long ends its connection
-MAX_PULL_WAIT_S = 60.0  # a pull waits at most this long, then is told to ask again (as on gRPC)
 MAX_CONNECTIONS = 16384
 READ_AHEAD_BYTES = 64 << 10  # reads of less than a quarter of this take what else has arrived too
 

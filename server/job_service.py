@@ -25,8 +25,8 @@ from gradhub.server.rpc import handler
 from gradhub.server.waits import Signal, listen
 
 T = TypeVar("T")
-WATCH_REFRESH_S = 1.0
-DEFAULT_PAGE, MAX_PAGE = 100, 1000  # ListJobs  # a watch sends the job at least this often (its metrics move between changes)
+WATCH_REFRESH_S = 1.0  # a watch sends the job at least this often (its metrics move between changes)
+DEFAULT_PAGE, MAX_PAGE = 100, 1000  # ListJobs
 
 
 def job_to_proto(view: JobView, summary: bool = False) -> jobs_pb2.Job:

@@ -19,11 +19,7 @@ from gradhub.server.control_service import WorkerBackend
 from gradhub.server.ps_requests import init_request, push_buffers, push_bytes
 from gradhub.server.rpc import handler, job_credential
 from gradhub.server.store import ParameterStore
-from gradhub.server.waits import StoreCalls
-
-# A pull waits at most this long per call when the client set no deadline;
-# the worker simply pulls again.
-MAX_PULL_WAIT_S = 60.0
+from gradhub.server.waits import MAX_PULL_WAIT_S, StoreCalls
 
 Chunks = AsyncIterator[ps_pb2.PushChunk | memoryview]
 

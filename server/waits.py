@@ -24,6 +24,9 @@ T = TypeVar("T")
 # a model up to this size is updated on the loop (its update takes microseconds); larger ones
 # on the pool
 INLINE_BYTES = 1 << 20
+# a pull waits at most this long for the mode's condition, then the worker is told to ask again
+# (both tensor paths: the data plane and the gRPC fallback)
+MAX_PULL_WAIT_S = 60.0
 
 
 class Listened(Protocol):
