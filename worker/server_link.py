@@ -246,18 +246,14 @@ class ServerLink:
     def _on_data(self, call: Callable[[DataLink], T]) -> T:
         """``call`` on the data plane, reconnecting and calling again while the connection breaks
         (for a bounded time); the server's own errors are raised as they are."""
-        assert self._data is not None
-        deadline, delay = time.monotonic() + RETRY_FOR_S, 0.2
-        while True:
-            try:
-                if not self._data.connected:
-                    self._data.connect()
-                return call(self._data)
-            except OSError:
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)  # backoff before reconnecting, not synchronization
-                delay = min(delay * 2, 2.0)
+        data = self._data
+        assert data is not None
+
+        def attempt() -> T:
+            if not data.connected:
+                data.connect()
+            return call(data)
+        return _with_backoff(attempt, lambda e: isinstance(e, OSError))
 
     def _push_header(self, layout: Layout, step: int, base_version: int,
                      buffers: Mapping[str, torch.Tensor] | None, unused: Sequence[int]) -> ps_pb2.PushHeader:
@@ -422,12 +418,19 @@ def _translated(call: Callable[[], T]) -> T:
 def _retry(call: Callable[[], T]) -> T:
     """Retry ``call`` on UNAVAILABLE (server restarting, connection reset) for a bounded time.
     A gradhub error the server raised is raised here as the same class (``_translated``)."""
+    return _with_backoff(lambda: _translated(call),
+                         lambda e: isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE)
+
+
+def _with_backoff(call: Callable[[], T], retryable: Callable[[Exception], bool]) -> T:
+    """``call()``, again after a growing pause (0.2 s doubling to 2 s) while it raises a
+    ``retryable`` error, for at most RETRY_FOR_S; then that error."""
     deadline, delay = time.monotonic() + RETRY_FOR_S, 0.2
     while True:
         try:
-            return _translated(call)
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+            return call()
+        except Exception as e:
+            if not retryable(e) or time.monotonic() + delay > deadline:
                 raise
             time.sleep(delay)  # backoff before a retry, not synchronization
             delay = min(delay * 2, 2.0)
