@@ -1,7 +1,8 @@
 """The ``gradhub`` command line: run a server, submit and follow jobs, pull checkpoints, demo.
 
 Options resolve command line > ``GRADHUB_*`` environment variable > default (typer's
-``envvar=``); the token comes from ``--token-file``, else ``GRADHUB_TOKEN``. This is the edge
+``envvar=``); the token comes from ``--token-file``, else ``GRADHUB_TOKEN``; the server's TLS
+trust from ``--tls-ca`` (``GRADHUB_TLS_CA``) or, with ``GRADHUB_TLS=1``, the system. This is the edge
 where domain errors become one line on stderr and exit code 1; usage errors exit with 2.
 """
 
@@ -57,6 +58,14 @@ TokenFileOpt = Annotated[
         help="A file holding the bearer token (default: the GRADHUB_TOKEN variable).",
     ),
 ]
+TlsCaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca", envvar="GRADHUB_TLS_CA", exists=True, dir_okay=False, readable=True,
+        help="The server speaks TLS: verify it with these certificates (PEM; the server's own when "
+             "self-signed). GRADHUB_TLS=1 verifies it with the system's CAs instead.",
+    ),
+]
 JobArg = Annotated[str, typer.Argument(metavar="JOB", help="The job id (j-...).")]
 
 
@@ -93,9 +102,11 @@ def _token(token_file: Path | None) -> str | None:
 
 
 @contextlib.contextmanager
-def _session(server: str, token_file: Path | None) -> Iterator[Client]:
-    """A client for one command, inside the error edge."""
-    with _edge(server), Client(server, token=_token(token_file)) as client:
+def _session(server: str, token_file: Path | None, tls_ca: Path | None = None) -> Iterator[Client]:
+    """A client for one command, inside the error edge: TLS with ``--tls-ca`` (GRADHUB_TLS_CA),
+    or with the system's CAs when GRADHUB_TLS=1."""
+    tls = os.environ.get("GRADHUB_TLS", "").lower() in ("1", "true", "yes")
+    with _edge(server), Client(server, token=_token(token_file), tls=tls, tls_ca=tls_ca) as client:
         yield client
 
 
@@ -190,6 +201,29 @@ def server(
                      help="Largest model (float32 parameter bytes) a job may send; checked before "
                           "a byte of it is received."),
     ] = _SERVER_DEFAULTS.max_model_bytes,
+    tokens_file: Annotated[
+        Path | None,
+        typer.Option("--tokens-file", envvar="GRADHUB_TOKENS_FILE", exists=True, dir_okay=False, readable=True,
+                     help="Users instead of one token: a YAML file of names, tokens, roles (admin, user, "
+                          "viewer) and quotas (see README, Security)."),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option("--tls-cert", envvar="GRADHUB_TLS_CERT", exists=True, dir_okay=False, readable=True,
+                     help="Serve TLS (the gRPC port and the data plane's TCP port) with this certificate "
+                          "chain (PEM); needs --tls-key."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option("--tls-key", envvar="GRADHUB_TLS_KEY", exists=True, dir_okay=False, readable=True,
+                     help="The private key of --tls-cert (PEM)."),
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option("--tls-ca", envvar="GRADHUB_TLS_CA", exists=True, dir_okay=False, readable=True,
+                     help="What workers verify the server's certificate with (PEM; default: --tls-cert "
+                          "itself, right for a self-signed one)."),
+    ] = None,
 ) -> None:
     """Run the gradhub server until Ctrl-C or SIGTERM, then stop gracefully."""
     from gradhub.server.app import Server
@@ -204,7 +238,8 @@ def server(
                               advertise_address=advertise_address, token=token,
                               node_join_grace_s=node_join_grace, collective_timeout_s=collective_timeout,
                               stop_grace_s=grace, data_port=data_port, max_model_bytes=max_model_bytes,
-                              insecure=insecure, retention_days=retention_days)
+                              insecure=insecure, retention_days=retention_days, tokens_file=tokens_file,
+                              tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
     except ValueError as e:
         _fail(str(e))
     srv = Server(config)
@@ -215,13 +250,16 @@ def server(
         _fail(f"cannot start the server: {e}")
     typer.echo(f"gradhub server listening on {_hostport(host, srv.port)} (data plane on port "
                f"{srv.data_port}), workers reach it at {srv.advertise_address}, data in {data_dir.resolve()}")
-    if token is None:
+    if token is None and tokens_file is None:
         warning = ("warning: no token (--token-file or GRADHUB_TOKEN): the server accepts "
                    "unauthenticated RPCs")
         if not is_loopback(host):
             warning = (f"warning: --insecure: no token, and anyone who can reach {_hostport(host, srv.port)} "
                        "can run code on the workers")
         typer.echo(warning, err=True)
+    elif tls_cert is None and not is_loopback(host):
+        typer.echo("warning: no TLS (--tls-cert): tokens, gradients and parameters cross the network in "
+                   "clear text", err=True)
     _wait_for_signal()
     typer.echo(f"gradhub server: stopping (grace {grace:g} s)", err=True)
     try:
@@ -264,9 +302,10 @@ def submit(
     ] = None,
     server: ServerOpt = DEFAULT_SERVER,
     token_file: TokenFileOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
     """Submit a job and print its id; with --wait, follow it and print its final metrics."""
-    with _session(server, token_file) as client:
+    with _session(server, token_file, tls_ca) as client:
         job = client.submit(_load_spec(spec_file))
         typer.echo(job.id)
         if not wait:
@@ -313,10 +352,11 @@ def status(
     ] = 1.0,
     server: ServerOpt = DEFAULT_SERVER,
     token_file: TokenFileOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
     """A table of jobs, or one job in detail: workers, metrics, checkpoints."""
     console = _stdout()
-    with _session(server, token_file) as client:
+    with _session(server, token_file, tls_ca) as client:
         if not watch:
             if job_id is None:
                 jobs = client.list_jobs()
@@ -388,9 +428,10 @@ def pull(
     ] = None,
     server: ServerOpt = DEFAULT_SERVER,
     token_file: TokenFileOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
     """Download a checkpoint (safetensors) and verify its sha256."""
-    with _session(server, token_file) as client:
+    with _session(server, token_file, tls_ca) as client:
         if step is None and (output is None or output.is_dir()):
             steps = [c.step for c in client.list_checkpoints(job_id)]
             if not steps:
@@ -403,18 +444,20 @@ def pull(
 
 
 @app.command()
-def delete(job_id: JobArg, server: ServerOpt = DEFAULT_SERVER, token_file: TokenFileOpt = None) -> None:
+def delete(job_id: JobArg, server: ServerOpt = DEFAULT_SERVER, token_file: TokenFileOpt = None,
+           tls_ca: TlsCaOpt = None) -> None:
     """Delete a job that has ended, with its log, checkpoints and working dir (cancel a running
     job first)."""
-    with _session(server, token_file) as client:
+    with _session(server, token_file, tls_ca) as client:
         client.delete(job_id)
         typer.echo(f"{job_id} deleted")
 
 
 @app.command()
-def cancel(job_id: JobArg, server: ServerOpt = DEFAULT_SERVER, token_file: TokenFileOpt = None) -> None:
+def cancel(job_id: JobArg, server: ServerOpt = DEFAULT_SERVER, token_file: TokenFileOpt = None,
+           tls_ca: TlsCaOpt = None) -> None:
     """Cancel a queued or running job (a job that has ended is left as it is)."""
-    with _session(server, token_file) as client:
+    with _session(server, token_file, tls_ca) as client:
         before = client.get_job(job_id)
         if before.done:
             typer.echo(f"{job_id} already {before.state}; nothing to cancel")
@@ -434,9 +477,10 @@ def logs(
     ] = False,
     server: ServerOpt = DEFAULT_SERVER,
     token_file: TokenFileOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
     """Print a job's log: submission, evaluations, checkpoints, restarts, its end."""
-    with _session(server, token_file) as client, contextlib.suppress(KeyboardInterrupt):
+    with _session(server, token_file, tls_ca) as client, contextlib.suppress(KeyboardInterrupt):
         for line in client.logs(job_id, follow=follow):
             typer.echo(line)
 

@@ -21,11 +21,13 @@ from typing import Any, Self
 
 import grpc
 
+from gradhub.proto.channels import SYSTEM_TRUST, open_channel
 from gradhub.proto.contract.errors import (
     AuthError,
     GradhubError,
     JobFailedError,
     NotFoundError,
+    PermissionDeniedError,
     ServerUnavailableError,
     SpecError,
     StateError,
@@ -73,6 +75,7 @@ class JobInfo:
     workers: tuple[WorkerInfo, ...] = ()
     spec: dict[str, Any] = field(default_factory=dict)  # empty in list_jobs' summaries
     world_size: int = 0  # the spec's workers (in summaries too)
+    owner: str = ""  # the user who submitted it ("" without a tokens file)
 
     @property
     def done(self) -> bool:
@@ -87,7 +90,7 @@ class JobInfo:
             started_at=p.started_at or None, finished_at=p.finished_at or None,
             workers=tuple(WorkerInfo(w.rank, w.state, w.step, w.staleness, w.max_staleness, w.host,
                                      w.restarts, w.pid, w.transport) for w in p.workers),
-            spec=json.loads(p.spec_json) if p.spec_json else {}, world_size=p.world_size,
+            spec=json.loads(p.spec_json) if p.spec_json else {}, world_size=p.world_size, owner=p.owner,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +118,8 @@ def _translate(e: grpc.RpcError, what: str) -> GradhubError:
         return rebuilt
     if code == grpc.StatusCode.UNAVAILABLE:
         return ServerUnavailableError(f"{what}: server unavailable ({details})")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDeniedError(details)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AuthError(f"{what}: {details} (pass token=, or set GRADHUB_TOKEN for Client.from_env())")
     if code == grpc.StatusCode.NOT_FOUND:
@@ -128,24 +133,37 @@ def _translate(e: grpc.RpcError, what: str) -> GradhubError:
 
 
 class Client:
-    """A connection to one gradhub server at ``address`` (host:port), with the server's bearer
-    ``token`` when it has one. Reads nothing from the environment: ``Client.from_env()`` does."""
+    """A connection to one gradhub server at ``address`` (host:port), with a bearer ``token`` when
+    the server asks for one (its token, or a user's from its tokens file). ``tls``: the server
+    speaks TLS (``--tls-cert``); it is verified against ``tls_ca`` (a PEM file, or its bytes:
+    the server's own certificate when self-signed), else the system's CAs. Reads nothing from
+    the environment: ``Client.from_env()`` does."""
 
-    def __init__(self, address: str, token: str | None = None, timeout: float = RPC_TIMEOUT_S) -> None:
+    def __init__(self, address: str, token: str | None = None, timeout: float = RPC_TIMEOUT_S, *,
+                 tls: bool = False, tls_ca: str | Path | bytes | None = None) -> None:
         self.address = address
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._timeout = timeout
-        self._channel = grpc.insecure_channel(self.address, options=[
-            ("grpc.max_receive_message_length", 64 << 20)])
+        trust = None
+        if tls_ca is not None:
+            trust = tls_ca if isinstance(tls_ca, bytes) else _read_ca(Path(tls_ca))
+        elif tls:
+            trust = SYSTEM_TRUST
+        self._channel = open_channel(self.address, [("grpc.max_receive_message_length", 64 << 20)], trust)
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
 
     @classmethod
     def from_env(cls, address: str | None = None, token: str | None = None,
-                 timeout: float = RPC_TIMEOUT_S) -> Client:
+                 timeout: float = RPC_TIMEOUT_S, *, tls: bool | None = None,
+                 tls_ca: str | Path | None = None) -> Client:
         """A client for ``address``, else ``GRADHUB_SERVER``, else localhost:50051, with ``token``,
-        else ``GRADHUB_TOKEN``: the environment is read here, at the edge."""
-        return cls(address or os.environ.get("GRADHUB_SERVER") or DEFAULT_ADDRESS,
-                   token if token is not None else os.environ.get("GRADHUB_TOKEN") or None, timeout)
+        else ``GRADHUB_TOKEN``; TLS when ``tls``/``tls_ca`` (else ``GRADHUB_TLS=1`` and
+        ``GRADHUB_TLS_CA``) say so: the environment is read here, at the edge."""
+        env = os.environ
+        return cls(address or env.get("GRADHUB_SERVER") or DEFAULT_ADDRESS,
+                   token if token is not None else env.get("GRADHUB_TOKEN") or None, timeout,
+                   tls=tls if tls is not None else env.get("GRADHUB_TLS", "") in ("1", "true", "yes"),
+                   tls_ca=tls_ca if tls_ca is not None else env.get("GRADHUB_TLS_CA") or None)
 
     def close(self) -> None:
         self._channel.close()
@@ -251,6 +269,16 @@ class Client:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _read_ca(path: Path) -> bytes:
+    try:
+        pem = path.read_bytes()
+    except OSError as e:
+        raise GradhubError(f"tls_ca: cannot read {path} ({e.strerror or e})") from e
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise GradhubError(f"tls_ca: {path} holds no PEM certificate")
+    return pem
 
 
 def _ckpt(c: jobs_pb2.CheckpointInfo) -> CheckpointMeta:

@@ -131,12 +131,16 @@ def _state(info: JobInfo) -> Text:
 
 
 def jobs_table(jobs: Iterable[JobInfo], now: float | None = None) -> Table:
-    """One row per job: id, name, mode, state, step, loss, accuracy, samples/s, workers, age."""
+    """One row per job: id, name, (owner,) mode, state, step, loss, accuracy, samples/s, workers,
+    age; the owner column only when some job has one (a server with users)."""
     jobs = list(jobs)
+    owners = any(j.owner for j in jobs)
     table = Table(box=None, header_style="bold", pad_edge=False)
     # on a narrow terminal the id and the state keep their width; the name folds
     table.add_column("ID", no_wrap=True, min_width=max((len(j.id) for j in jobs), default=2))
     table.add_column("NAME", overflow="fold")
+    if owners:
+        table.add_column("OWNER", no_wrap=True)
     table.add_column("MODE", no_wrap=True)
     table.add_column("STATE", no_wrap=True, min_width=len("SUCCEEDED"))
     for name in ("STEP", "LOSS", "ACC", "SAMPLES/S", "WORKERS"):
@@ -145,7 +149,7 @@ def jobs_table(jobs: Iterable[JobInfo], now: float | None = None) -> Table:
     for info in jobs:
         rate = f"{info.samples_per_second:,.0f}" if info.samples_per_second > 0 else "-"
         table.add_row(
-            info.id, Text(info.name), info.mode, _state(info), steps_text(info),
+            info.id, Text(info.name), *([info.owner or "-"] if owners else []), info.mode, _state(info), steps_text(info),
             _metric(info, "loss", ".4f"), _metric(info, ACCURACY_KEY, ".1%"), rate,
             workers_alive(info), ago(info.created_at, now),
         )
@@ -202,7 +206,7 @@ def job_details(
     state = _state(info)
     if info.reason:
         state.append(f"  {info.reason}", style="")
-    head.add_row("job", Text(f"{info.id}  {info.name}"))
+    head.add_row("job", Text(f"{info.id}  {info.name}" + (f"  (owner {info.owner})" if info.owner else "")))
     head.add_row("state", state)
     head.add_row("spec", Text(spec_summary(info.spec)))
     rate = f", {info.samples_per_second:,.0f} samples/s" if info.samples_per_second > 0 else ""

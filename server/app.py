@@ -24,6 +24,7 @@ import grpc.aio
 from gradhub.proto.alloc import tune_for_streaming
 from gradhub.proto.contract.spec import WORKING_DIR_LIMIT
 from gradhub.proto.v1 import jobs_pb2_grpc
+from gradhub.server.auth import Users
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig
 from gradhub.server.control_service import WorkerControlServicer
@@ -38,7 +39,8 @@ from gradhub.server.launcher import Launcher, RayLauncher
 from gradhub.server.limits import StreamLimits
 from gradhub.server.ps_service import ParameterServerServicer
 from gradhub.server.ps_service import add_to_server as add_ps_service
-from gradhub.server.rpc import TokenInterceptor, WireInterceptor
+from gradhub.server.rpc import AuthInterceptor, WireInterceptor
+from gradhub.server.tls import ServerTLS
 from gradhub.server.waits import StoreCalls
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,9 @@ class Server:
         import ray
 
         c = self.config
+        # the users and the TLS files first: a mistake in them stops the start before Ray does
+        users = Users.from_file(c.tokens_file) if c.tokens_file else Users.single(c.token) if c.token else Users.open()
+        tls = ServerTLS.load(c.tls_cert, c.tls_key, c.tls_ca) if c.tls_cert and c.tls_key else None
         tune_for_streaming()
         # the first torch.optim optimizer imports torch._dynamo (about a second, holding the GIL):
         # done here, beside Ray's start, it cannot stall the calls of a running job later
@@ -127,8 +132,7 @@ class Server:
                          logging_level=logging.WARNING, _system_config=EMBEDDED_RAY_CONFIG)
             self._owns_ray = True
         warm.join()
-        interceptors = [TokenInterceptor(c.token)] if c.token else []
-        interceptors.append(WireInterceptor())
+        interceptors = [AuthInterceptor(users), WireInterceptor()]
         rpc_pool = futures.ThreadPoolExecutor(max_workers=c.max_rpc_threads, thread_name_prefix="gradhub-rpc")
         store_pool = futures.ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="gradhub-apply")
         jobs_pool = futures.ThreadPoolExecutor(max_workers=JOBS_THREADS, thread_name_prefix="gradhub-jobs")
@@ -137,7 +141,10 @@ class Server:
 
         async def create() -> tuple[grpc.aio.Server, int]:  # on the loop, which the server binds to
             server = grpc.aio.server(migration_thread_pool=rpc_pool, options=GRPC_OPTIONS, interceptors=interceptors)
-            return server, server.add_insecure_port(f"{_bracket(c.host)}:{c.port}")
+            where = f"{_bracket(c.host)}:{c.port}"
+            if tls is not None:
+                return server, server.add_secure_port(where, tls.grpc_credentials())
+            return server, server.add_insecure_port(where)
 
         self._grpc, self.port = io.run(create(), timeout=30)
         if self.port == 0:
@@ -148,19 +155,18 @@ class Server:
         self._lock.note(f"{_bracket(c.host)}:{self.port}")
         self._db = JobDB(c.data_dir / "jobs.db")
         checkpoints = CheckpointStore(c.data_dir / "checkpoints")
-        self._manager = JobManager(
-            self._db, checkpoints, self._launcher or RayLauncher(advertise, c.token), c.data_dir / "working_dirs", c,
-        )
+        launcher = self._launcher or RayLauncher(advertise, tls.workers_trust if tls else None)
+        self._manager = JobManager(self._db, checkpoints, launcher, c.data_dir / "working_dirs", c, users.quota)
         # the data plane on a loop of its own: a storm of pushes never delays a control-plane call
         self._data = DataPlane(self._manager, c.host, c.data_port, max_model_bytes=c.max_model_bytes,
-                               pool=store_pool).start()
+                               pool=store_pool, tls=tls.ssl_context() if tls else None).start()
         data_host = advertise.rsplit(":", 1)[0].strip("[]")
         self._limits = limits = StreamLimits()  # long-lived streams, per client and in total
         add_control_service(WorkerControlServicer(self._manager, self._data, data_host, limits, c.max_model_bytes),
                             self._grpc)
         add_ps_service(ParameterServerServicer(self._manager, c.max_model_bytes, calls, limits), self._grpc)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServiceServicer(self._manager, checkpoints, jobs_pool, limits), self._grpc)
+            JobServiceServicer(self._manager, checkpoints, jobs_pool, limits, users), self._grpc)
         # what is loaded by now (torch, Ray, gradhub: hundreds of thousands of objects) lives as
         # long as the process: kept out of the cyclic collector's full passes, which would
         # otherwise walk all of it and stall every thread for a tenth of a second or more
@@ -169,7 +175,8 @@ class Server:
         gc.freeze()
         io.run(self._grpc.start(), timeout=30)
         self._manager.start()
-        log.info("gradhub server on %s:%d (workers reach it at %s)", c.host, self.port, advertise)
+        log.info("gradhub server on %s:%d%s (workers reach it at %s)", c.host, self.port, " with TLS" if tls else "",
+                 advertise)
         return self
 
     def _worker_host(self) -> str:

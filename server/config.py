@@ -20,7 +20,15 @@ class ServerConfig:
     ray_address: str | None = None  # None: start an embedded local Ray
     # host:port that workers use to reach this server; default: this node's Ray IP and the bound port
     advertise_address: str | None = None
-    token: str | None = None  # when set, every RPC needs "authorization: Bearer <token>"
+    token: str | None = None  # when set, every user's RPC needs "authorization: Bearer <token>"
+    # users with tokens, roles and quotas (``gradhub.server.auth``), instead of one shared token
+    tokens_file: Path | None = None
+    # TLS for the gRPC port and the data plane's TCP port: the server's certificate chain and
+    # key (PEM files); workers verify the server with ``tls_ca`` (default: ``tls_cert`` itself,
+    # right for a self-signed certificate)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
     # listen beyond loopback without a token (whoever reaches the port can run code on the
     # workers): refused unless this says so
     insecure: bool = False
@@ -59,10 +67,17 @@ class ServerConfig:
             raise ValueError("max_rpc_threads: must be >= 8 (short calls run in this pool)")
         if self.token is not None and not self.token.strip():
             raise ValueError("token: is empty")
-        if self.token is None and not self.insecure and not is_loopback(self.host):
+        if self.token is not None and self.tokens_file is not None:
+            raise ValueError("token: give a token or a tokens_file, not both")
+        if self.token is None and self.tokens_file is None and not self.insecure and not is_loopback(self.host):
             raise ValueError(f"token: refusing to listen on {self.host} without one: whoever reaches the port "
                              "could run code on the workers. Give a token (gradhub server --token-file, "
-                             "GRADHUB_TOKEN), or --insecure (GRADHUB_INSECURE=1) to run open anyway")
+                             "GRADHUB_TOKEN) or users (--tokens-file), or --insecure (GRADHUB_INSECURE=1) "
+                             "to run open anyway")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert: TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca: is for workers to verify the server's certificate; give --tls-cert too")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s: must exceed heartbeat_interval_s")
         if self.node_join_grace_s < 0:
@@ -76,6 +91,13 @@ class ServerConfig:
         if not self.retention_days >= 0:
             raise ValueError("retention_days: must be >= 0 (0: keep every job)")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        for name in ("tokens_file", "tls_cert", "tls_key", "tls_ca"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 def is_loopback(host: str) -> bool:

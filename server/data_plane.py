@@ -21,6 +21,7 @@ import asyncio
 import logging
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 from concurrent.futures import Executor
@@ -46,6 +47,7 @@ HELLO_TIMEOUT_S = 10.0  # a connection must authenticate this soon
 IDLE_TIMEOUT_S = 120.0  # a frame whose bytes stop coming (either way) for this long ends its connection
 MAX_CONNECTIONS = 16384
 READ_AHEAD_BYTES = 64 << 10  # reads of less than a quarter of this take what else has arrived too
+TLS_READ_BUFFER = 4 << 20  # decrypted bytes a TLS connection buffers before it stops reading
 
 
 class Stores(Protocol):
@@ -73,6 +75,9 @@ class _Session:
 
 
 class _Connection:
+    """One worker's connection on a plain socket (TCP or Unix): gathered writes, ``recv_into``
+    straight into the caller's buffer."""
+
     def __init__(self, sock: socket.socket, transport: str) -> None:
         self.sock, self.transport = sock, transport
         self.prefix = bytearray(frames.PREFIX.size)
@@ -88,15 +93,66 @@ class _Connection:
             self.buffer = bytearray(nbytes)
         return self.buffer
 
+    async def recv_some(self, into: memoryview, timeout: float | None) -> int:
+        """One receive into ``into`` (0: the peer closed); waits on the loop only when nothing
+        has arrived yet. TimeoutError after ``timeout`` seconds without a byte."""
+        try:
+            return self.sock.recv_into(into)
+        except BlockingIOError:
+            async with asyncio.timeout(timeout):
+                return await asyncio.get_running_loop().sock_recv_into(self.sock, into)
+
+    async def send(self, parts: list[memoryview], timeout: float) -> None:
+        """Write ``parts``: one gathered write when the socket takes it all, else the rest on the loop."""
+        try:
+            sent = self.sock.sendmsg(parts)
+        except BlockingIOError:
+            sent = 0
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            for part in parts:
+                if sent >= len(part):
+                    sent -= len(part)
+                    continue
+                await loop.sock_sendall(self.sock, part[sent:])
+                sent = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _TLSConnection(_Connection):
+    """A TCP connection under TLS (``DataPlane(tls=...)``): asyncio's streams decrypt into their
+    buffer, from which a receive copies; a write is encrypted as it is written."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__(writer.get_extra_info("socket"), "tcp")
+        self.reader, self.writer = reader, writer
+
+    async def recv_some(self, into: memoryview, timeout: float | None) -> int:
+        async with asyncio.timeout(timeout):
+            data = await self.reader.read(len(into))
+        into[: len(data)] = data
+        return len(data)
+
+    async def send(self, parts: list[memoryview], timeout: float) -> None:
+        self.writer.writelines(parts)
+        async with asyncio.timeout(timeout):
+            await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()
+
 
 class DataPlane:
     """Listens on ``host``:``port`` (TCP; 0: any free port) and, when ``unix_socket``, on a Unix
-    socket in a private temporary folder. ``start()`` binds and starts the loop; ``stop()`` ends
+    socket in a private temporary folder; with ``tls``, TCP connections are TLS. ``start()`` binds and starts the loop; ``stop()`` ends
     every connection. A large model's store work runs on ``pool``."""
 
     def __init__(self, stores: Stores, host: str, port: int = 0, *, max_model_bytes: int, pool: Executor,
-                 unix_socket: bool = True) -> None:
+                 unix_socket: bool = True, tls: ssl.SSLContext | None = None) -> None:
         self._stores = stores
+        self._tls = tls  # the TCP port's TLS (the Unix socket is private to this host and user)
         self._host, self._port = host, port
         self._max_model_bytes = max_model_bytes
         self._unix = unix_socket
@@ -160,7 +216,7 @@ class DataPlane:
         """What a worker needs to connect (RegisterResponse.data)."""
         return ps_pb2.DataEndpoint(protocol=frames.DATA_PROTOCOL, tcp_host=tcp_host, tcp_port=self.port,
                                    unix_path=self.unix_path, host_id=self.host_id if self.unix_path else "",
-                                   credential=credential)
+                                   credential=credential, tls=self._tls is not None)
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
@@ -173,10 +229,19 @@ class DataPlane:
     async def _main(self) -> None:
         self._stopping = asyncio.Event()
         connections: set[asyncio.Task[None]] = set()
-        accepting = [asyncio.create_task(self._accept(sock, kind, connections)) for sock, kind in self._listeners]
+        accepting = [asyncio.create_task(self._accept(sock, kind, connections)) for sock, kind in self._listeners
+                     if not (kind == "tcp" and self._tls)]
+        tls_server = None
+        if self._tls is not None:
+            tcp = next(sock for sock, kind in self._listeners if kind == "tcp")
+            tls_server = await asyncio.start_server(
+                lambda r, w: self._serve_tls(r, w, connections), sock=tcp, ssl=self._tls,
+                ssl_handshake_timeout=HELLO_TIMEOUT_S, limit=TLS_READ_BUFFER)
         self._started.set()
         try:
             await self._stopping.wait()
+            if tls_server is not None:
+                tls_server.close()
             for task in accepting + list(connections):
                 task.cancel()
             await asyncio.gather(*accepting, *connections, return_exceptions=True)
@@ -198,6 +263,22 @@ class DataPlane:
             connections.add(task)
             task.add_done_callback(connections.discard)
 
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         connections: set[asyncio.Task[None]]) -> None:
+        """A TLS connection, its handshake done (asyncio's server runs this as a task)."""
+        if len(connections) >= MAX_CONNECTIONS:
+            log.warning("data plane: refusing a connection over the limit of %d", MAX_CONNECTIONS)
+            writer.close()
+            return
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.current_task()
+        assert task is not None
+        connections.add(task)
+        try:
+            await self._serve(_TLSConnection(reader, writer))
+        finally:
+            connections.discard(task)
+
     # -------------------------------------------------------------- one connection
     async def _serve(self, conn: _Connection) -> None:
         try:
@@ -207,14 +288,14 @@ class DataPlane:
                     await self._request(conn, session, frame)
             except _Refused as refused:
                 await self._send_error(conn, refused.error)
-        except (_Closed, ConnectionError, TimeoutError):
+        except (_Closed, ConnectionError, TimeoutError, ssl.SSLError):
             pass
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("data plane: unexpected error on a connection")
         finally:
-            conn.sock.close()
+            conn.close()
 
     async def _hello(self, conn: _Connection) -> _Session:
         frame = await self._read_frame(conn, frames.MAX_HELLO_BYTES, HELLO_TIMEOUT_S)
@@ -370,36 +451,20 @@ class DataPlane:
             pos += take
 
     async def _recv_some(self, conn: _Connection, into: memoryview, timeout: float | None, pos: int) -> int:
-        """One receive into ``into`` (at least a byte); waits on the loop only when nothing has
-        arrived yet."""
+        """One receive into ``into`` (at least a byte); _Closed(pos) when the peer closes or
+        sends nothing for ``timeout`` seconds."""
         try:
-            got = conn.sock.recv_into(into)
-        except BlockingIOError:
-            try:
-                async with asyncio.timeout(timeout):
-                    got = await asyncio.get_running_loop().sock_recv_into(conn.sock, into)
-            except TimeoutError:
-                raise _Closed(pos) from None
+            got = await conn.recv_some(into, timeout)
+        except TimeoutError:
+            raise _Closed(pos) from None
         if got == 0:
             raise _Closed(pos)
         return got
 
     async def _send(self, conn: _Connection, head: bytes, payload: memoryview | None = None) -> None:
-        """Write a frame: one gathered write when the socket takes it all, else the rest on the loop."""
+        """Write a frame (a reader that stalls is dropped)."""
         parts = [memoryview(head)] if payload is None or not len(payload) else [memoryview(head), payload]
-        try:
-            sent = conn.sock.sendmsg(parts)
-        except BlockingIOError:
-            sent = 0
-        loop = asyncio.get_running_loop()
-        size = sum(len(p) for p in parts)
-        async with asyncio.timeout(IDLE_TIMEOUT_S + size / 10e6):  # a reader that stalls is dropped
-            for part in parts:
-                if sent >= len(part):
-                    sent -= len(part)
-                    continue
-                await loop.sock_sendall(conn.sock, part[sent:])
-                sent = 0
+        await conn.send(parts, IDLE_TIMEOUT_S + sum(len(p) for p in parts) / 10e6)
 
     async def _send_error(self, conn: _Connection, exc: BaseException) -> None:
         code = status_for(exc)

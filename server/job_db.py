@@ -46,6 +46,7 @@ class JobRecord:
     samples_per_second: float = 0.0
     working_dir: str | None = None
     attempts: int = 0
+    owner: str = ""  # the user who submitted it (gradhub.server.auth); "" without a tokens file
 
     def __post_init__(self) -> None:
         _check_state(self.state)
@@ -88,8 +89,12 @@ def _migrate_to_1(conn: sqlite3.Connection) -> None:
         ) WITHOUT ROWID""")
 
 
+def _migrate_to_2(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+
+
 # MIGRATIONS[i] brings a database from user_version i to i + 1.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_to_1,)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_to_1, _migrate_to_2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

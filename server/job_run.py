@@ -27,8 +27,8 @@ class RunSnapshot:
 
 
 class JobRun:
-    def __init__(self, job_id: str, spec: JobSpec, resume: bool = False) -> None:
-        self.id, self.spec, self.resume = job_id, spec, resume
+    def __init__(self, job_id: str, spec: JobSpec, resume: bool = False, owner: str = "") -> None:
+        self.id, self.spec, self.resume, self.owner = job_id, spec, resume, owner
         # the job's workers' credential (launch hands it to them; WorkerControl and the
         # ParameterServer accept a call for this job only with it); new at every start
         self.credential = secrets.token_urlsafe(32)

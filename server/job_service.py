@@ -1,4 +1,5 @@
-"""gRPC adapter for the JobService: translates between protos and JobManager / CheckpointStore calls.
+"""gRPC adapter for the JobService: translates between protos and JobManager / CheckpointStore calls,
+after asking ``gradhub.server.auth`` whether the caller may (users act on their own jobs only).
 Watches and followed logs are coroutines on the server's event loop, woken by the manager's
 listener: an open watch holds no thread."""
 
@@ -18,10 +19,11 @@ import grpc.aio
 from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc
+from gradhub.server.auth import Action, Principal, Users
 from gradhub.server.checkpoints import CheckpointInfo, CheckpointStore
 from gradhub.server.jobs import JobManager, JobView
 from gradhub.server.limits import StreamLimits
-from gradhub.server.rpc import handler
+from gradhub.server.rpc import authorization, handler
 from gradhub.server.waits import Signal, listen
 
 T = TypeVar("T")
@@ -36,7 +38,7 @@ def job_to_proto(view: JobView, summary: bool = False) -> jobs_pb2.Job:
         id=r.id, name=r.name, mode=r.mode, state=jobs_pb2.JobState.Value(r.state), reason=r.reason,
         spec_json="" if summary else r.spec_json, world_size=_world_size(r.spec_json), created_at=r.created_at, started_at=r.started_at or 0.0,
         finished_at=r.finished_at or 0.0, step=r.step, total_steps=r.total_steps, version=r.version,
-        metrics=r.metrics, samples_per_second=r.samples_per_second,
+        metrics=r.metrics, samples_per_second=r.samples_per_second, owner=r.owner,
         workers=[
             jobs_pb2.WorkerStatus(rank=w.rank, state=w.state, step=w.step, staleness=w.staleness,
                                   max_staleness=w.max_staleness, host=w.host, restarts=w.restarts, pid=w.pid,
@@ -65,9 +67,10 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
     pool), and a watch or a followed log holds no thread while it waits."""
 
     def __init__(self, manager: JobManager, checkpoints: CheckpointStore, pool: Executor,
-                 limits: StreamLimits | None = None) -> None:
+                 limits: StreamLimits | None = None, users: Users | None = None) -> None:
         self._jobs, self._ckpts = manager, checkpoints
         self._pool = pool
+        self._users = users or Users.open()  # who the callers are (the interceptor let in only known ones)
         self._limits = limits or StreamLimits()
         self._signal: Signal | None = None  # the manager's changes, on the event loop
 
@@ -79,11 +82,21 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
+    async def _allowed(self, context: grpc.aio.ServicerContext, action: Action, job_id: str | None = None,
+                       ) -> Principal:
+        """The caller, when it may ``action`` the job ``job_id`` (NOT_FOUND for an unknown job
+        first, then PERMISSION_DENIED naming the rule)."""
+        principal = self._users.authenticate(authorization(context))
+        owner = None if job_id is None else await self._run(self._jobs.owner, job_id)
+        principal.check(action, owner)
+        return principal
+
     @handler
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext,
                         ) -> jobs_pb2.SubmitJobResponse:
+        caller = await self._allowed(context, Action.SUBMIT)
         spec = JobSpec.from_json(request.spec_json)  # validated again here, whatever the client did
-        view = await self._run(self._jobs.submit, spec, request.working_dir_zip or None)
+        view = await self._run(self._jobs.submit, spec, request.working_dir_zip or None, caller.name)
         return jobs_pb2.SubmitJobResponse(job=job_to_proto(view))
 
     @handler
@@ -107,11 +120,13 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
     @handler
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext,
                         ) -> jobs_pb2.CancelJobResponse:
+        await self._allowed(context, Action.CANCEL, request.job_id)
         return jobs_pb2.CancelJobResponse(job=await self._run(lambda: job_to_proto(self._jobs.cancel(request.job_id))))
 
     @handler
     async def DeleteJob(self, request: jobs_pb2.DeleteJobRequest, context: grpc.aio.ServicerContext,
                         ) -> jobs_pb2.DeleteJobResponse:
+        await self._allowed(context, Action.DELETE, request.job_id)
         await self._run(self._jobs.delete, request.job_id)
         return jobs_pb2.DeleteJobResponse()
 
@@ -139,7 +154,7 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
     @handler
     async def PullCheckpoint(self, request: jobs_pb2.PullCheckpointRequest, context: grpc.aio.ServicerContext,
                              ) -> AsyncIterator[jobs_pb2.PullCheckpointResponse]:
-        await self._run(self._jobs.get, request.job_id)
+        await self._allowed(context, Action.PULL, request.job_id)
         info = await self._run(self._ckpts.get, request.job_id, request.step if request.HasField("step") else None)
         yield jobs_pb2.PullCheckpointResponse(info=checkpoint_to_proto(info))
         chunks = self._ckpts.iter_bytes(info)

@@ -32,6 +32,7 @@ from gradhub.proto.contract.errors import (
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.contract.states import JobState, WorkerPhase
 from gradhub.proto.state import TrainingState
+from gradhub.server.auth import Quota
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig
 from gradhub.server.controller import Controller, Outcome
@@ -44,6 +45,7 @@ from gradhub.server.rendezvous import RendezvousStore
 from gradhub.server.store import ParameterStore
 from gradhub.server.tracker import Formation, GroupTracker
 from gradhub.server.working_dirs import WorkingDirs
+from gradhub.server.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY_S = 3600.0  # how often jobs past --retention-days are looked for
@@ -77,8 +79,11 @@ class JobManager:
     every change); each job's live state is its ``JobRun``. Also the worker services' backend."""
 
     def __init__(self, db: JobDB, checkpoints: CheckpointStore, launcher: Launcher,
-                 working_dirs: Path, config: ServerConfig | None = None) -> None:
+                 working_dirs: Path, config: ServerConfig | None = None,
+                 quota: Callable[[str], Quota] | None = None) -> None:
+        """``quota(owner)``: what a user's running jobs may hold at once (default: no limit)."""
         self._db, self._ckpts, self._launcher = db, checkpoints, launcher
+        self._quota = quota or (lambda owner: Quota())
         self._working_dirs = WorkingDirs(working_dirs)
         self.config = config = config or ServerConfig()
         self.heartbeat_interval_s = config.heartbeat_interval_s
@@ -88,8 +93,10 @@ class JobManager:
         self._rendezvous = RendezvousStore(config.host)
         self._queue: list[str] = []
         self._reserved: dict[str, dict[str, float]] = {}
-        self._changes = 0
-        self._listeners: list[Callable[[], None]] = []
+        self._waiting: dict[str, str] = {}  # why each queued job waits, as its record says
+        self._behind = WriteBehind()  # the database writes of workers' calls
+        # told of every change; replaced whole (under _cond), read without a lock
+        self._listeners: tuple[Callable[[], None], ...] = ()
         self._stopping = False
         self._scheduler: threading.Thread | None = None
         self._started_at = time.monotonic()
@@ -98,6 +105,7 @@ class JobManager:
     def start(self) -> None:
         """Requeue what the last server left QUEUED or RUNNING, then start scheduling."""
         self._started_at = time.monotonic()
+        self._behind.start()
         self._working_dirs.remove_partials()
         self.prune()
         for rec in self._db.list(states=(JobState.QUEUED, JobState.RUNNING)):
@@ -110,7 +118,7 @@ class JobManager:
             if resume:
                 self._log(rec.id, "server restarted: resuming from the latest checkpoint")
                 self._db.update(rec.id, state=JobState.QUEUED, attempts=rec.attempts + 1)
-            self._active[rec.id] = JobRun(rec.id, spec, resume=resume)
+            self._active[rec.id] = JobRun(rec.id, spec, resume=resume, owner=rec.owner)
             self._queue.append(rec.id)
         self._scheduler = threading.Thread(target=self._schedule_loop, name="gradhub-scheduler", daemon=True)
         self._scheduler.start()
@@ -129,24 +137,30 @@ class JobManager:
                 a.thread.join(timeout=grace)
         if self._scheduler is not None:
             self._scheduler.join(timeout=grace)
+        self._behind.stop(grace)
         self._rendezvous.close()
 
     # -------------------------------------------------------------- the API
-    def submit(self, spec: JobSpec, working_dir_zip: bytes | None = None) -> JobView:
+    def submit(self, spec: JobSpec, working_dir_zip: bytes | None = None, owner: str = "") -> JobView:
+        """Queue a job of ``owner`` (a user's name; "" without users)."""
         too_big = self._never_fits(spec)
         if too_big:
             raise SpecError("resources", too_big)
+        over = self._quota(owner).never(demand(spec))
+        if over:
+            raise ResourceExhaustedError(f"quota: {over}, the most {owner}'s running jobs may hold at once "
+                                         "(the server's tokens file sets it)")
         job_id = "j-" + uuid.uuid4().hex[:10]
         # checked (a zip that unpacks safely) and written whole before the job exists
         workdir = str(self._working_dirs.store(job_id, working_dir_zip)) if working_dir_zip else None
         rec = JobRecord(id=job_id, name=spec.name, mode=spec.mode, spec_json=spec.to_json(), state=JobState.QUEUED,
-                        created_at=time.time(), working_dir=workdir)
+                        created_at=time.time(), working_dir=workdir, owner=owner)
         try:
             with self._cond:
                 if self._stopping:
                     raise StateError("server: shutting down, not accepting jobs")
                 self._db.insert(rec)
-                self._active[job_id] = JobRun(job_id, spec)
+                self._active[job_id] = JobRun(job_id, spec, owner=owner)
                 self._queue.append(job_id)
                 self._changed()
         except BaseException:
@@ -158,6 +172,10 @@ class JobManager:
 
     def get(self, job_id: str) -> JobView:
         return self._view(self._db.get(job_id))
+
+    def owner(self, job_id: str) -> str:
+        """Who submitted ``job_id`` (NotFoundError for an unknown job)."""
+        return self._db.get(job_id).owner
 
     def _view(self, rec: JobRecord) -> JobView:
         """``rec`` with the live state of its workers, when it runs."""
@@ -232,8 +250,10 @@ class JobManager:
         return self._running(job_id).credential
 
     def _running(self, job_id: str) -> JobRun:
-        with self._cond:
-            a = self._active.get(job_id)
+        # on every worker call: read without ``_cond`` (a dict read is atomic, and every write
+        # to ``_active`` happens under it), so that no call waits behind the manager's
+        # database work, which runs under ``_cond``
+        a = self._active.get(job_id)
         if a is None or a.state is None:
             raise NotFoundError(f"job_id: job {job_id!r} is not running on this server")
         return a
@@ -303,8 +323,8 @@ class JobManager:
         store.set_total_steps(total_steps)  # the first registration sets it, the others must agree
         run.set_phase(rank, WorkerPhase.RUNNING)
         self.notify()
-        if first and self._db.get(job_id).total_steps != total_steps:
-            self._db.update(job_id, total_steps=total_steps)
+        if first:
+            self._behind.put(("total_steps", job_id), lambda: self._db.update(job_id, total_steps=total_steps))
 
     def on_metrics(self, job_id: str, rank: int, step: int, kind: str, metrics: Mapping[str, float]) -> None:
         run = self._running(job_id)
@@ -313,13 +333,16 @@ class JobManager:
         if isinstance(store, GroupTracker):
             store.heartbeat(rank, step)  # progress: the server sees no pushes in this mode
         seq, snapshot, rate = run.merge_metrics(rank, kind, metrics)
-        # the database is written outside every lock that a push or a pull takes; a report
-        # that lost the race to a newer one is not written over it
-        run.write_metrics(seq, lambda: self._db.update(job_id, metrics=snapshot, step=store.step(),
-                                                       version=store.version, samples_per_second=rate))
+        # the database is written behind (a busy database never delays the worker) and outside
+        # every lock that a push or a pull takes; a report that lost the race to a newer one
+        # is not written over it
+        step_now, version = store.step(), store.version
+        self._behind.put(("metrics", job_id), lambda: run.write_metrics(seq, lambda: self._db.update(
+            job_id, metrics=snapshot, step=step_now, version=version, samples_per_second=rate)))
         self.notify()
         if kind == "eval":
-            self._log(job_id, f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+            line = f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+            self._behind.put(None, lambda: self._log(job_id, line))
 
     # ------------------------------------------------------------ scheduling
     def _schedule_loop(self) -> None:
@@ -351,26 +374,61 @@ class JobManager:
         return old
 
     def _start_fitting(self) -> bool:
-        """Start queued jobs in FIFO order while the head of the queue fits."""
+        """Start queued jobs in FIFO order while the first one that is within its owner's quota
+        fits the cluster; a job over its owner's quota waits without holding up the others'.
+        Every queued job's record says why it waits."""
         started = False
-        while self._queue:
-            job_id = self._queue[0]
+        blocked_by = ""
+        waiting: dict[str, str] = {}
+        for job_id in list(self._queue):
             a = self._active[job_id]
-            if not self._fits(demand(a.spec)):
+            need = demand(a.spec)
+            over = self._quota(a.owner).over(self._used_by(a.owner), need)
+            if over:
+                waiting[job_id] = f"waiting: over the quota of {a.owner}: {over}"
+                continue
+            if blocked_by:
+                waiting[job_id] = f"waiting: queued behind {blocked_by}"
+                continue
+            if not self._fits(need):
                 too_big = self._never_fits(a.spec)
                 if not too_big or time.monotonic() - self._started_at < self.config.node_join_grace_s:
-                    break  # it will fit later (or nodes are still joining after a restart)
+                    # it will fit later (or nodes are still joining after a restart)
+                    blocked_by = job_id
+                    waiting[job_id] = (f"waiting: for resources, it needs {_fmt(need)}, "
+                                       f"{_fmt({k: self._free().get(k, 0.0) for k in need})} free")
+                    continue
                 # queued before a restart on a smaller cluster: it would block the queue forever
-                self._queue.pop(0)
+                self._queue.remove(job_id)
                 self._finish(job_id, JobState.FAILED, f"resources: {too_big}")
                 self._changed()
                 continue
-            self._queue.pop(0)
-            self._reserved[job_id] = demand(a.spec)
+            self._queue.remove(job_id)
+            self._reserved[job_id] = need
             a.thread = threading.Thread(target=self._run_job, args=(a,), name=f"gradhub-{job_id}", daemon=True)
             a.thread.start()
             started = True
+        self._tell_waiting(waiting)
         return started
+
+    def _used_by(self, owner: str) -> dict[str, float]:
+        """What ``owner``'s running jobs hold."""
+        used: dict[str, float] = {}
+        for job_id, reserved in self._reserved.items():
+            a = self._active.get(job_id)
+            if a is not None and a.owner == owner:
+                for k, v in reserved.items():
+                    used[k] = used.get(k, 0.0) + v
+        return used
+
+    def _tell_waiting(self, waiting: dict[str, str]) -> None:
+        """Write the reasons of queued jobs that changed (a QUEUED job's record says why it waits)."""
+        changed = {j: r for j, r in waiting.items() if self._waiting.get(j) != r}
+        self._waiting = waiting
+        for job_id, reason in changed.items():
+            self._db.update(job_id, reason=reason)
+        if changed:
+            self._changed()
 
     def _never_fits(self, spec: JobSpec) -> str | None:
         """Why the job cannot run on this cluster even when it is idle, or None if it can."""
@@ -384,12 +442,16 @@ class JobManager:
                 f"lower workers{', spares' if spec.spares else ''} or resources")
 
     def _fits(self, need: dict[str, float]) -> bool:
-        total = self._launcher.total_resources()
-        used: dict[str, float] = {}
+        free = self._free()
+        return all(v <= free.get(k, 0.0) + 1e-9 for k, v in need.items())
+
+    def _free(self) -> dict[str, float]:
+        """The cluster's resources that no running job holds."""
+        free = dict(self._launcher.total_resources())
         for r in self._reserved.values():
             for k, v in r.items():
-                used[k] = used.get(k, 0.0) + v
-        return all(v <= total.get(k, 0.0) - used.get(k, 0.0) + 1e-9 for k, v in need.items())
+                free[k] = free.get(k, 0.0) - v
+        return free
 
     # ----------------------------------------------------------- running
     def _run_job(self, a: JobRun) -> None:
@@ -399,6 +461,7 @@ class JobManager:
         except Exception as e:
             log.exception("job %s crashed", a.id)
             state, reason = JobState.FAILED, f"internal error: {type(e).__name__}: {e}"
+        self._behind.flush()  # its last metrics and log lines first, then its end
         with self._cond:
             self._reserved.pop(a.id, None)
             if state is not None:
@@ -425,16 +488,15 @@ class JobManager:
         self._log(job_id, f"{state}{': ' + reason if reason else ''}")
 
     def add_listener(self, listener: Callable[[], None]) -> None:
-        """Call ``listener()`` (under the lock: it must only schedule work, never block) after
-        every change to a job (the event loop's watches wait on it without a thread)."""
+        """Call ``listener()`` (it must only schedule work, never block) after every change to a
+        job (the event loop's watches wait on it without a thread)."""
         with self._cond:
-            self._listeners.append(listener)
+            self._listeners = (*self._listeners, listener)
 
     def _changed(self) -> None:
-        self._changes += 1
+        """Under ``_cond``: the queue or a job's record changed (wakes the scheduler too)."""
         self._cond.notify_all()
-        for listener in self._listeners:
-            listener()
+        self.notify()
 
     def _log(self, job_id: str, line: str) -> None:
         log.info("job %s: %s", job_id, line)
@@ -462,8 +524,10 @@ class JobManager:
         return self._stopping
 
     def notify(self) -> None:
-        with self._cond:
-            self._changed()
+        """A running job's live state changed (a report, a worker's phase): tell the listeners.
+        Takes no lock, so a worker's call never waits behind the manager's database work."""
+        for listener in self._listeners:
+            listener()
 
     def log_line(self, job_id: str, line: str) -> None:
         self._log(job_id, line)

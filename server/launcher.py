@@ -104,7 +104,7 @@ class RayWorkerGroup:
     spare is prepared in the dead actor's bundle.
     """
 
-    def __init__(self, job_id: str, spec: JobSpec, server_address: str, token: str | None,
+    def __init__(self, job_id: str, spec: JobSpec, server_address: str, tls_ca: bytes | None,
                  runtime_env: Mapping[str, Any] | None, credential: str = "") -> None:
         import ray
         from ray.util.placement_group import placement_group
@@ -130,7 +130,7 @@ class RayWorkerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self._pg, placement_group_bundle_index=index),
                 runtime_env=dict(runtime_env) if runtime_env else None,
-            ).remote(job_id, rank, spec.to_json(), server_address, token, credential)
+            ).remote(job_id, rank, spec.to_json(), server_address, tls_ca, credential)
 
         self._make = make
         self._actors = [make(rank, rank) for rank in range(spec.workers)]
@@ -215,10 +215,11 @@ class RayWorkerGroup:
 
 
 class RayLauncher:
-    """Launches worker groups on the Ray cluster this process is connected to."""
+    """Launches worker groups on the Ray cluster this process is connected to; their workers
+    reach the server at ``server_address``, over TLS verified with ``tls_ca`` (PEM) unless None."""
 
-    def __init__(self, server_address: str, token: str | None = None) -> None:
-        self.server_address, self.token = server_address, token
+    def __init__(self, server_address: str, tls_ca: bytes | None = None) -> None:
+        self.server_address, self.tls_ca = server_address, tls_ca
 
     def total_resources(self) -> dict[str, float]:
         import ray
@@ -231,7 +232,7 @@ class RayLauncher:
         working_dir = env.get("working_dir")
         if isinstance(working_dir, str) and "://" not in working_dir:
             env["working_dir"] = upload_package(Path(working_dir))
-        return RayWorkerGroup(job_id, spec, self.server_address, self.token, env or None, credential)
+        return RayWorkerGroup(job_id, spec, self.server_address, self.tls_ca, env or None, credential)
 
 
 def upload_package(zip_path: Path) -> str:

@@ -1,10 +1,10 @@
 """Shared gRPC edge helpers: domain errors -> status codes (with the error's class in the trailing
-metadata, see ``gradhub.proto.contract.errors.rebuild_error``), and the bearer-token interceptor."""
+metadata, see ``gradhub.proto.contract.errors.rebuild_error``), the interceptor that asks a
+user's calls for their token, and the one that refuses garbage requests."""
 
 from __future__ import annotations
 
 import functools
-import hmac
 import inspect
 import logging
 from collections.abc import Callable
@@ -20,12 +20,14 @@ from gradhub.proto.contract.errors import (
     FactoryError,
     GradhubError,
     NotFoundError,
+    PermissionDeniedError,
     ProtocolError,
     ResourceExhaustedError,
     SpecError,
     StateError,
     error_metadata,
 )
+from gradhub.server.auth import Users
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (StateError, grpc.StatusCode.FAILED_PRECONDITION),
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (GradhubError, grpc.StatusCode.INTERNAL),
@@ -143,34 +146,52 @@ def job_credential(context: Any) -> str:
     return str(dict(context.invocation_metadata() or ()).get(JOB_CREDENTIAL_KEY, ""))
 
 
-class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects every RPC whose ``authorization`` metadata is not ``Bearer <token>``."""
+USER_SERVICE = "/gradhub.v1.JobService/"
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+
+def authorization(context: Any) -> str:
+    """The ``authorization`` metadata of a call (``""`` when none)."""
+    return str(dict(context.invocation_metadata() or ()).get("authorization", ""))
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """The JobService's calls need a bearer token that ``users`` knows (its handlers then ask
+    ``users`` who the caller is, and check what that user may do). The worker services' calls
+    carry their job's credential instead, which every one of their handlers checks: a user's
+    token gives no worker's rights, and a job's credential no user's."""
+
+    def __init__(self, users: Users) -> None:
+        self._users = users
 
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(str(given).encode(), self._expected):
-            return await continuation(handler_call_details)
         method = await continuation(handler_call_details)
-        if method is None:
-            return None
+        if method is None or not str(handler_call_details.method).startswith(USER_SERVICE):
+            return method
+        given = str(dict(handler_call_details.invocation_metadata or ()).get("authorization", ""))
+        try:
+            self._users.authenticate(given)
+        except AuthError as e:
+            return _deny(method, grpc.StatusCode.UNAUTHENTICATED, str(e))
+        return method
 
-        async def deny(request: Any, context: Any) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
-        async def deny_stream(request: Any, context: Any) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-            yield  # an async generator, as a streaming handler must be
+def _deny(method: Any, code: grpc.StatusCode, details: str) -> Any:
+    """A handler of ``method``'s kind that ends the call with ``code``."""
 
-        if method.request_streaming and method.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny_stream)
-        if method.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if method.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny_stream)
-        return grpc.unary_unary_rpc_method_handler(deny)
+    async def deny(request: Any, context: Any) -> None:
+        await context.abort(code, details)
+
+    async def deny_stream(request: Any, context: Any) -> Any:
+        await context.abort(code, details)
+        yield  # an async generator, as a streaming handler must be
+
+    if method.request_streaming and method.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny_stream)
+    if method.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny)
+    if method.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny_stream)
+    return grpc.unary_unary_rpc_method_handler(deny)
 
 
 class _Garbage:

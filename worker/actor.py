@@ -23,9 +23,10 @@ class WorkerActor:
     """
 
     def __init__(self, job_id: str, rank: int, spec_json: str, server_address: str,
-                 token: str | None = None, credential: str = "") -> None:
+                 tls_ca: bytes | None = None, credential: str = "") -> None:
         self.job_id, self.rank = job_id, rank
-        self.spec_json, self.server_address, self.token = spec_json, server_address, token
+        self.spec_json, self.server_address = spec_json, server_address
+        self.tls_ca = tls_ca  # the server's TLS: what to trust (None: plaintext)
         self.credential = credential  # the job's: the server takes this worker's calls only with it
         self._work: Any = None
 
@@ -57,8 +58,8 @@ class WorkerActor:
         work = None if self._work is None else dataclasses.replace(self._work, rank=self.rank)
         self._work = None  # a run changes the model: a later run of this process builds afresh
         # the channel is created here, inside the actor's process, never inherited
-        with ServerLink(self.server_address, self.job_id, self.rank, spec.compression, self.token,
-                        spec.transport, self.credential) as client:
+        with ServerLink(self.server_address, self.job_id, self.rank, spec.compression, spec.transport,
+                        self.credential, self.tls_ca) as client:
             if spec.is_ps:
                 from gradhub.worker.loop import PSTrainer
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 
 import torch
 
 from gradhub.proto import frames
+from gradhub.proto.channels import SYSTEM_TRUST, tls_context
 from gradhub.proto.codec import Layout, as_bytes, torch_dtype
 from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import data_pb2, ps_pb2
@@ -37,8 +39,14 @@ class DataClosed(ConnectionError):
 class DataLink:
     """One worker's data-plane connection; ``connect()`` opens and authenticates it."""
 
-    def __init__(self, endpoint: ps_pb2.DataEndpoint, job_id: str, rank: int, control_host: str) -> None:
+    def __init__(self, endpoint: ps_pb2.DataEndpoint, job_id: str, rank: int, control_host: str,
+                 tls_ca: bytes | None = None) -> None:
+        """``control_host``: the host this worker reaches the server's gRPC port at (the TCP
+        port's default host, and the name a TLS certificate is checked against); ``tls_ca``:
+        what verifies the server when its TCP port speaks TLS (None: the system's CAs)."""
         self.endpoint, self.job_id, self.rank = endpoint, job_id, rank
+        self._control_host = control_host
+        self._tls_ca = tls_ca
         self._tcp_host = endpoint.tcp_host or control_host
         self._sock: socket.socket | None = None
         self.kind = ""  # "unix" or "tcp" once connected
@@ -73,6 +81,13 @@ class DataLink:
                 sock.close()
             sock = socket.create_connection((self._tcp_host, e.tcp_port), timeout=CONNECT_TIMEOUT_S)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if e.tls:
+                try:
+                    sock = tls_context(self._tls_ca or SYSTEM_TRUST).wrap_socket(
+                        sock, server_hostname=self._control_host)
+                except BaseException:
+                    sock.close()
+                    raise
             self.kind = "tcp"
         assert sock is not None
         self._sock = sock
@@ -196,8 +211,13 @@ class DataLink:
 
 
 def _send_all(sock: socket.socket, head: bytes, payload: memoryview | None) -> None:
-    """Write a frame in gathered writes (no copy to join the header and the payload)."""
+    """Write a frame in gathered writes (no copy to join the header and the payload; under TLS,
+    which has no gathered write, one part after the other)."""
     parts = [memoryview(head)] if payload is None or not len(payload) else [memoryview(head), payload]
+    if isinstance(sock, ssl.SSLSocket):
+        for part in parts:
+            sock.sendall(part)
+        return
     while parts:
         sent = sock.sendmsg(parts)
         while parts and sent >= len(parts[0]):

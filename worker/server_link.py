@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Self, TypeVar
 import grpc
 import torch
 
+from gradhub.proto.channels import open_channel
 from gradhub.proto.codec import (
     COMPRESSION_DTYPES,
     Layout,
@@ -90,10 +91,11 @@ class ServerLink:
     """One worker's connection to the server for one job."""
 
     def __init__(self, address: str, job_id: str, rank: int, compression: str = "none",
-                 token: str | None = None, transport: str = "auto", credential: str = "") -> None:
+                 transport: str = "auto", credential: str = "", tls_ca: bytes | None = None) -> None:
         """``transport``: ``auto`` (the data plane when the server offers one and it can be
         reached, else gRPC, with the reason logged) or ``grpc``; ``credential``: the job's, which
-        its launcher gave this worker (the server takes the worker's calls only with it)."""
+        its launcher gave this worker (the server takes the worker's calls only with it);
+        ``tls_ca``: the server speaks TLS, verified with these certificates (PEM; None: plaintext)."""
         if transport not in ("auto", "grpc"):
             raise ValueError(f"transport: must be auto or grpc, not {transport!r}")
         self.job_id, self.rank = job_id, rank
@@ -102,11 +104,9 @@ class ServerLink:
         self.transport = "grpc"  # what this worker's tensors use: "unix", "tcp" or "grpc"
         self.host = address.rsplit(":", 1)[0].strip("[]")  # the server's host (its rendezvous store is there)
         self.wire_dtype = COMPRESSION_DTYPES[compression]
-        metadata = [(JOB_CREDENTIAL_KEY, credential)]
-        if token:
-            metadata.append(("authorization", f"Bearer {token}"))
-        self._metadata = tuple(metadata)
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._metadata = ((JOB_CREDENTIAL_KEY, credential),)
+        self._tls_ca = tls_ca
+        self._channel = open_channel(address, CHANNEL_OPTIONS, tls_ca)
         self._control = ps_pb2_grpc.WorkerControlStub(self._channel)
         # The hot methods carry pre-serialized data chunks out and zero-copy views in
         # (byte-identical to the generated stubs' encoding; see gradhub.proto.codec).
@@ -160,7 +160,7 @@ class ServerLink:
         self.transport = "grpc"
         if self._transport == "grpc" or not reply.HasField("data"):
             return
-        link = DataLink(reply.data, self.job_id, self.rank, self.host)
+        link = DataLink(reply.data, self.job_id, self.rank, self.host, self._tls_ca)
         try:
             link.connect()
         except (OSError, GradhubError) as e:

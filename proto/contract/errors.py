@@ -54,6 +54,11 @@ class AuthError(GradhubError):
     """The server refused the bearer token (missing or wrong)."""
 
 
+class PermissionDeniedError(GradhubError):
+    """The caller is known but may not do this (a viewer submitting, a user cancelling someone
+    else's job); the message names the rule."""
+
+
 class ResourceExhaustedError(GradhubError):
     """A limit on what one client, or all together, may hold open was reached (the message names
     it); nothing changed: try again when something was closed."""
@@ -88,6 +93,7 @@ JOB_CREDENTIAL_KEY = "gradhub-job-credential"
 ERRORS: dict[str, type[GradhubError]] = {cls.__name__: cls for cls in (
     GradhubError, SpecError, FactoryError, ProtocolError, NotFoundError, StateError, JobFailedError,
     ServerUnavailableError, AuthError, PeerLostError, WorkerFailure, ResourceExhaustedError,
+    PermissionDeniedError,
 )}
 
 

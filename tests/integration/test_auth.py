@@ -1,10 +1,13 @@
-"""A server started with a token: every RPC of every service needs ``authorization: Bearer <token>``.
+"""A server started with a token: every JobService RPC needs ``authorization: Bearer <token>``,
+and every WorkerControl and ParameterServer RPC the credential that the job's launcher gave its
+workers (workers hold no user token; a user's token gives no worker's rights, and a job's
+credential no user's).
 
-Without it, or with a wrong one, each RPC of the JobService, the WorkerControl and the ParameterServer gets
-UNAUTHENTICATED and changes nothing: no job appears, none is cancelled, no log line or metric
-is written, the parameters, the workers' clocks and registrations stay as they were. With the
-right token the same requests are served, and a real job on Ray workers (which get the token
-from the server's launcher) runs to SUCCEEDED. The CLI's side is in test_cli.py.
+Without them, or with wrong ones, each RPC gets UNAUTHENTICATED and changes nothing: no job
+appears, none is cancelled, no log line or metric is written, the parameters, the workers'
+clocks and registrations stay as they were. With the right ones the same requests are served,
+and a real job on Ray workers runs to SUCCEEDED. Users and roles are in test_users.py, the
+CLI's side in test_cli.py.
 """
 
 from __future__ import annotations
@@ -75,6 +78,10 @@ def job(idle_server: Server, stubs) -> str:
     assert reg.needs_init
     ps.InitParameters(push_stream(job_id, 0, initial()), timeout=10, metadata=worker)
     return job_id
+
+
+WORKER_METHODS = {m.name for name in ("ParameterServer", "WorkerControl")
+                  for m in ps_pb2.DESCRIPTOR.services_by_name[name].methods}
 
 
 def initial() -> torch.Tensor:
@@ -164,12 +171,21 @@ def test_without_the_right_token_every_rpc_is_refused_and_changes_nothing(idle_s
         with pytest.raises(grpc.RpcError) as err:
             call(BAD_METADATA[metadata])
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, err.value.details())
-        assert "token" in err.value.details(), (name, err.value.details())
+        missing = "credential" if name in WORKER_METHODS else "token"
+        assert missing in err.value.details(), (name, err.value.details())
     assert snapshot(idle_server, job) == before
 
 
-WORKER_METHODS = {m.name for name in ("ParameterServer", "WorkerControl")
-                  for m in ps_pb2.DESCRIPTOR.services_by_name[name].methods}
+def test_a_jobs_credential_opens_its_worker_calls_only(idle_server, stubs, job):
+    """Workers carry their job's credential and no token; the credential alone opens no
+    JobService call."""
+    credential = ((JOB_CREDENTIAL_KEY, idle_server.manager.job_credential(job)),)
+    rpcs = every_rpc(*stubs, job, idle_server.manager.job_credential(job))
+    rpcs["Heartbeat"](None)  # served without a token
+    for name in ("SubmitJob", "ListJobs", "CancelJob"):
+        with pytest.raises(grpc.RpcError) as err:
+            rpcs[name](credential)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, err.value.details())
 
 
 @pytest.mark.parametrize("credential", ["", "a-guess"])
@@ -250,7 +266,7 @@ def test_a_real_job_runs_with_the_token(ray_server, tmp_path, mode):
             "model": {"name": "mlp", "args": {"hidden": [16]}}, "dataset": "digits",
             "optimizer": {"name": "adam", "lr": 0.01}, "batch_size": 32, "steps": 30, "eval_every": 10}
     with Client(ray_server.address, token=TOKEN) as client:
-        info = client.submit(spec).wait(timeout=120)  # the worker used the token for every PS call
+        info = client.submit(spec).wait(timeout=120)  # the worker used its credential for every call
         assert info.state == "SUCCEEDED" and info.step == info.version == 30, info.reason
         assert "val_accuracy" in info.metrics  # ReportMetrics from the worker got through
         assert info.id in [j.id for j in client.list_jobs()]

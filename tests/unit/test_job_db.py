@@ -133,13 +133,30 @@ def test_persistence_across_close_and_reopen(tmp_path: Path) -> None:
     db.close()  # twice is fine
 
     with JobDB(path) as db:
-        assert db.schema_version == SCHEMA_VERSION == 1
+        assert db.schema_version == SCHEMA_VERSION == 2
         assert db.get("a") == expected
         assert db.logs("a") == [(1, "hello"), (2, "bye")]
         assert db.append_log("a", "again") == 3
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
+
+
+def test_a_database_of_the_first_schema_is_migrated_and_its_jobs_have_no_owner(tmp_path: Path) -> None:
+    from gradhub.server.job_db import MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    MIGRATIONS[0](conn)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO jobs (id, name, mode, spec_json, state, created_at) "
+                 "VALUES ('j-old', 'old', 'ps-sync', '{}', 'SUCCEEDED', 1.0)")
+    conn.close()
+    with JobDB(path) as db:
+        assert db.schema_version == SCHEMA_VERSION
+        assert db.get("j-old").owner == ""
+        db.insert(JobRecord(id="j-new", name="new", mode="ps-sync", spec_json="{}", state="QUEUED", owner="alice"))
+        assert db.get("j-new").owner == "alice"
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
