@@ -84,7 +84,7 @@ def _edge(server: str | None = None) -> Iterator[None]:
         yield
     except ServerUnavailableError as e:
         hint = f"; is a gradhub server running at {server}? (--server or GRADHUB_SERVER)"
-        _fail(f"{e}{hint if server else ''}")
+        _fail(f"{e}{hint if server and 'server unavailable' in str(e) else ''}")
     except (GradhubError, TimeoutError, OSError) as e:
         _fail(str(e) or type(e).__name__)
     except grpc.RpcError as e:  # the client translates its calls' errors; this is a fallback

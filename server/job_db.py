@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from gradhub.proto.contract.errors import NotFoundError, StateError
+from gradhub.proto.contract.errors import NotFoundError, ServerUnavailableError, StateError
 from gradhub.proto.contract.states import JobState
 
 __all__ = ["JOB_STATES", "SCHEMA_VERSION", "JobDB", "JobRecord"]
@@ -147,7 +147,7 @@ class JobDB:
 
     @property
     def schema_version(self) -> int:
-        with self._transaction() as conn:
+        with self._transaction(write=False) as conn:
             return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
     # ----------------------------------------------------------------- jobs
@@ -201,7 +201,7 @@ class JobDB:
 
     def get(self, job_id: str) -> JobRecord:
         """The job with this id; ``NotFoundError`` if there is none."""
-        with self._transaction() as conn:
+        with self._transaction(write=False) as conn:
             return _get(conn, job_id)
 
     def list(self, states: Iterable[str] | None = None) -> builtins.list[JobRecord]:
@@ -215,7 +215,7 @@ class JobDB:
             if not args:
                 return []
             query += f" WHERE state IN ({', '.join('?' for _ in args)})"
-        with self._transaction() as conn:
+        with self._transaction(write=False) as conn:
             rows = conn.execute(query + " ORDER BY created_at, seq", args).fetchall()
         return [_from_row(r) for r in rows]
 
@@ -223,7 +223,7 @@ class JobDB:
         """Up to ``limit`` jobs inserted after the one numbered ``after`` (0: from the first), in
         insertion order, and the number of the last one returned (``after`` when none)."""
         query = f"SELECT seq, {', '.join(_FIELDS)} FROM jobs WHERE seq > ? ORDER BY seq LIMIT ?"
-        with self._transaction() as conn:
+        with self._transaction(write=False) as conn:
             rows = conn.execute(query, (after, limit)).fetchall()
         return [_from_row(r[1:]) for r in rows], (rows[-1][0] if rows else after)
 
@@ -249,7 +249,7 @@ class JobDB:
         """A job's log lines with sequence number above ``after``, oldest first, at most ``limit``."""
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0 or None, got {limit}")
-        with self._transaction() as conn:
+        with self._transaction(write=False) as conn:
             if not _exists(conn, job_id):
                 raise _not_found(job_id)
             rows = conn.execute(
@@ -261,20 +261,31 @@ class JobDB:
     # ----------------------------------------------------------------- internals
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """Hold the lock and run the body in one transaction, committed unless it raises."""
+    def _transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and run the body in one transaction, committed unless it raises. A read
+        (``write=False``) takes no database lock (WAL: it reads a snapshot even while another
+        process writes). A database that another process keeps locked past the busy timeout
+        raises ServerUnavailableError (a retryable, one-line error) instead of sqlite's own."""
         with self._lock:
             conn = self._conn
             if conn is None:
                 raise StateError(f"job database {str(self._path)!r} is closed")
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                raise ServerUnavailableError(f"database: {self._path} is locked by another process ({e}); "
+                                             "try again") from e
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         (current,) = conn.execute("PRAGMA user_version").fetchone()

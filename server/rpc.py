@@ -23,6 +23,7 @@ from gradhub.proto.contract.errors import (
     PermissionDeniedError,
     ProtocolError,
     ResourceExhaustedError,
+    ServerUnavailableError,
     SpecError,
     StateError,
     error_metadata,
@@ -42,6 +43,7 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ServerUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (GradhubError, grpc.StatusCode.INTERNAL),
 ]

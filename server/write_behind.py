@@ -13,6 +13,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
+from gradhub.proto.contract.errors import ServerUnavailableError
+
 log = logging.getLogger(__name__)
 RETRY_S = 0.5  # after a write that found the database locked
 
@@ -81,7 +83,7 @@ class WriteBehind:
                 key, write = next(iter(self._pending.items()))
             try:
                 write()
-            except sqlite3.OperationalError as e:  # locked or busy: the same write again, soon
+            except (sqlite3.OperationalError, ServerUnavailableError) as e:  # locked or busy: again, soon
                 log.warning("database: a write is delayed (%s); trying again", e)
                 with self._cond:
                     if self._stopping:

@@ -206,3 +206,18 @@ def test_a_corrupt_database_is_a_state_error_that_says_what_to_do(tmp_path) -> N
     path.write_bytes(b"this is not SQLite" * 100)
     with pytest.raises(StateError, match=r"jobs.db is not a readable gradhub job database .*move it aside"):
         JobDB(path)
+
+
+def test_reads_go_on_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
+    with JobDB(tmp_path / "jobs.db") as db:
+        db.insert(JobRecord(id="a", name="a", mode="ps-sync", spec_json="{}", state="QUEUED"))
+        holder = sqlite3.connect(str(tmp_path / "jobs.db"), isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            assert db.get("a").name == "a"
+            assert [r.id for r in db.list()] == ["a"]
+            assert db.page(0, 10)[0][0].id == "a"
+            assert db.logs("a") == []
+        finally:
+            holder.execute("COMMIT")
+            holder.close()
