@@ -368,3 +368,28 @@ def test_a_second_server_on_a_data_dir_exits_with_one_line(cli_server: Server) -
     result = run(["server", "--port", "0", "--data-dir", str(cli_server.config.data_dir)])
     assert result.exit_code == 1
     assert_one_line_error(result, "cannot start the server: data_dir:", "is in use by the gradhub server pid")
+
+
+def test_a_server_with_a_wrong_tokens_file_exits_with_one_line(tmp_path: Path) -> None:
+    tokens = tmp_path / "users.yaml"
+    tokens.write_text("users: [{name: alice, token: short, role: user}]")
+    result = run(["server", "--port", "0", "--data-dir", str(tmp_path / "data"), "--tokens-file", str(tokens)],
+                 {"GRADHUB_TOKEN": None})
+    assert_one_line_error(result, "cannot start the server: tokens_file: users[0].token:", "at least 16")
+
+
+def test_the_owner_column_appears_when_jobs_have_owners() -> None:
+    from rich.console import Console
+
+    def job(job_id: str, owner: str) -> JobInfo:
+        return JobInfo(id=job_id, name="n", mode="ps-sync", state="QUEUED", reason="", step=0, total_steps=0,
+                       version=0, metrics={}, samples_per_second=0.0, created_at=1000.0, started_at=None,
+                       finished_at=None, owner=owner)
+
+    console = Console(width=160, record=True)
+    console.print(jobs_table([job("j-1", "alice"), job("j-2", "")], now=1010.0))
+    header, alice, nobody = console.export_text().splitlines()
+    assert "OWNER" in header and "alice" in alice and " - " in nobody
+    console = Console(width=160, record=True)
+    console.print(jobs_table([job("j-3", "")], now=1010.0))
+    assert "OWNER" not in console.export_text()
