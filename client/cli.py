@@ -32,7 +32,7 @@ from gradhub.client.progress import job_details, jobs_table, number
 from gradhub.proto.contract.errors import GradhubError, NotFoundError, ServerUnavailableError
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.contract.states import JobState
-from gradhub.server.config import ServerConfig, is_loopback
+from gradhub.server.config import DEFAULT_HTTP_PORT, ServerConfig, is_loopback
 
 DEFAULT_SERVER = "localhost:50051"
 _SERVER_DEFAULTS = ServerConfig()  # `gradhub server` reads its defaults from ServerConfig only
@@ -201,6 +201,14 @@ def server(
                      help="Largest model (float32 parameter bytes) a job may send; checked before "
                           "a byte of it is received."),
     ] = _SERVER_DEFAULTS.max_model_bytes,
+    http_port: Annotated[
+        int,
+        typer.Option(min=0, max=65535, envvar="GRADHUB_HTTP_PORT",
+                     help="The dashboard, /metrics (Prometheus) and /healthz, on --host; 0: any free port."),
+    ] = DEFAULT_HTTP_PORT,
+    no_http: Annotated[
+        bool, typer.Option("--no-http", envvar="GRADHUB_NO_HTTP", help="Serve no HTTP (no dashboard, no /metrics).")
+    ] = False,
     tokens_file: Annotated[
         Path | None,
         typer.Option("--tokens-file", envvar="GRADHUB_TOKENS_FILE", exists=True, dir_okay=False, readable=True,
@@ -239,7 +247,8 @@ def server(
                               node_join_grace_s=node_join_grace, collective_timeout_s=collective_timeout,
                               stop_grace_s=grace, data_port=data_port, max_model_bytes=max_model_bytes,
                               insecure=insecure, retention_days=retention_days, tokens_file=tokens_file,
-                              tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
+                              tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+                              http_port=None if no_http else http_port)
     except ValueError as e:
         _fail(str(e))
     srv = Server(config)
@@ -250,6 +259,9 @@ def server(
         _fail(f"cannot start the server: {e}")
     typer.echo(f"gradhub server listening on {_hostport(host, srv.port)} (data plane on port "
                f"{srv.data_port}), workers reach it at {srv.advertise_address}, data in {data_dir.resolve()}")
+    if srv.http_port:
+        scheme = "https" if tls_cert else "http"
+        typer.echo(f"dashboard and /metrics on {scheme}://{_hostport(_browsable(host), srv.http_port)}/")
     if token is None and tokens_file is None:
         warning = ("warning: no token (--token-file or GRADHUB_TOKEN): the server accepts "
                    "unauthenticated RPCs")
@@ -280,6 +292,11 @@ def _wait_for_signal() -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _browsable(host: str) -> str:
+    """Where a browser on this machine reaches a server bound to ``host``."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "[::]", "") else host
 
 
 def _hostport(host: str, port: int) -> str:

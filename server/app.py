@@ -20,6 +20,7 @@ from typing import Self
 
 import grpc
 import grpc.aio
+from prometheus_client import CollectorRegistry
 
 from gradhub.proto.alloc import tune_for_streaming
 from gradhub.proto.contract.spec import WORKING_DIR_LIMIT
@@ -37,11 +38,13 @@ from gradhub.server.job_service import JobServiceServicer
 from gradhub.server.jobs import JobManager
 from gradhub.server.launcher import Launcher, RayLauncher
 from gradhub.server.limits import StreamLimits
+from gradhub.server.metrics import RpcCounter, metrics_routes
 from gradhub.server.ps_service import ParameterServerServicer
 from gradhub.server.ps_service import add_to_server as add_ps_service
 from gradhub.server.rpc import AuthInterceptor, WireInterceptor
 from gradhub.server.tls import ServerTLS
 from gradhub.server.waits import StoreCalls
+from gradhub.server.web import WebServer, build_app
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ class Server:
         self._db: JobDB | None = None
         self._manager: JobManager | None = None
         self._data: DataPlane | None = None
+        self._web: WebServer | None = None
         self._owns_ray = False
         self._lock = DataDirLock(config.data_dir)
         self.port = 0
@@ -97,6 +101,11 @@ class Server:
     def data_port(self) -> int:
         """The data plane's TCP port (0 before ``start``)."""
         return self._data.port if self._data is not None else 0
+
+    @property
+    def http_port(self) -> int:
+        """The HTTP port (dashboard, /metrics); 0 when the server serves no HTTP."""
+        return self._web.port if self._web is not None else 0
 
     @property
     def manager(self) -> JobManager:
@@ -132,7 +141,8 @@ class Server:
                          logging_level=logging.WARNING, _system_config=EMBEDDED_RAY_CONFIG)
             self._owns_ray = True
         warm.join()
-        interceptors = [AuthInterceptor(users), WireInterceptor()]
+        registry = CollectorRegistry()  # this server's metrics (/metrics)
+        interceptors = [AuthInterceptor(users), RpcCounter(registry), WireInterceptor()]
         rpc_pool = futures.ThreadPoolExecutor(max_workers=c.max_rpc_threads, thread_name_prefix="gradhub-rpc")
         store_pool = futures.ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="gradhub-apply")
         jobs_pool = futures.ThreadPoolExecutor(max_workers=JOBS_THREADS, thread_name_prefix="gradhub-jobs")
@@ -171,6 +181,10 @@ class Server:
         # long as the process: kept out of the cyclic collector's full passes, which would
         # otherwise walk all of it and stall every thread for a tenth of a second or more
         # (collected first, so that no garbage is kept; ``stop`` unfreezes)
+        if c.http_port is not None:
+            app = build_app(users, [*metrics_routes(self._manager, registry)])
+            self._web = WebServer(app, c.host, c.http_port, tls.ssl_context() if tls else None)
+            io.run(self._web.start(), timeout=30)
         gc.collect()
         gc.freeze()
         io.run(self._grpc.start(), timeout=30)
@@ -190,6 +204,8 @@ class Server:
     def stop(self, grace: float = 5.0) -> None:
         if self._manager is not None:
             self._manager.stop(grace)
+        if self._web is not None and self._io is not None:
+            self._io.run(self._web.stop(), timeout=grace + 5)
         if self._grpc is not None and self._io is not None:
             self._io.run(self._grpc.stop(grace), timeout=grace + 5)
         if self._data is not None:
@@ -207,7 +223,7 @@ class Server:
             ray.shutdown()
             self._owns_ray = False
         self._lock.release()
-        self._grpc = self._db = self._manager = self._data = self._io = None
+        self._grpc = self._db = self._manager = self._data = self._io = self._web = None
         self._pools = []
 
     def wait(self) -> None:

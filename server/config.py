@@ -36,6 +36,9 @@ class ServerConfig:
     # on the event loop instead, so a few threads serve any number of workers (more only add
     # contention for the GIL)
     max_rpc_threads: int = 16
+    # the HTTP side (dashboard, /metrics, /healthz) on ``host``: None serves none (a server
+    # embedded in a program or a test); `gradhub server` serves it on DEFAULT_HTTP_PORT
+    http_port: int | None = None
     # the data plane (ps modes' tensors): TCP port on ``host`` (0: any free port; a cluster
     # behind a firewall or in containers fixes it), beside a Unix socket for workers on this host
     data_port: int = 0
@@ -59,6 +62,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be 0..65535, got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port: must be 0..65535 (or None: no HTTP), got {self.http_port}")
         if not 0 <= self.data_port <= 65535:
             raise ValueError(f"data_port: must be 0..65535, got {self.data_port}")
         if self.max_model_bytes < 1:
@@ -98,6 +103,9 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+
+DEFAULT_HTTP_PORT = 50080  # `gradhub server`'s dashboard and /metrics
 
 
 def is_loopback(host: str) -> bool:

@@ -204,6 +204,13 @@ class JobDB:
         with self._transaction(write=False) as conn:
             return _get(conn, job_id)
 
+    def counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state (every state, 0 for none)."""
+        with self._transaction(write=False) as conn:
+            rows = conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+        found = {JobState(state): int(n) for state, n in rows}
+        return {state: found.get(state, 0) for state in JobState}
+
     def list(self, states: Iterable[str] | None = None) -> builtins.list[JobRecord]:
         """Jobs in creation order (ties in insertion order), optionally only those in ``states``."""
         query = f"SELECT {', '.join(_FIELDS)} FROM jobs"

@@ -41,6 +41,7 @@ class JobRun:
         self._losses: dict[int, float] = {}
         self._avg_rates: dict[int, float] = {}
         self._allreduce_s: dict[int, float] = {}
+        self._train: dict[int, dict[str, float]] = {}  # each worker's latest train report
         self._metrics: dict[str, float] = {}  # the job's, as last reported
         self._metrics_seq = 0  # reports merged so far
         self._metrics_written = 0  # the report the database holds
@@ -112,6 +113,7 @@ class JobRun:
         with self._lock:
             merged = self._metrics
             if kind == "train":
+                self._train[rank] = {k: float(v) for k, v in metrics.items()}
                 self._rates[rank] = float(metrics.get("samples_per_s", 0.0))
                 self._losses[rank] = float(metrics.get("loss", 0.0))
                 self._avg_rates[rank] = float(metrics.get("avg_samples_per_s", 0.0))
@@ -128,6 +130,11 @@ class JobRun:
                 merged.update({k: float(v) for k, v in metrics.items()})
             self._metrics_seq += 1
             return self._metrics_seq, dict(merged), sum(self._rates.values())
+
+    def worker_metrics(self) -> dict[int, dict[str, float]]:
+        """Each worker's latest train report (loss, samples_per_s, compute_s, comm_s, ...)."""
+        with self._lock:
+            return {rank: dict(m) for rank, m in self._train.items()}
 
     def write_metrics(self, seq: int, write: Callable[[], None]) -> None:
         """Run ``write`` (the database update of report ``seq``) unless a newer report is

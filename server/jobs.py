@@ -232,6 +232,15 @@ class JobManager:
         self._working_dirs.delete(job_id)
         log.info("job %s: deleted", job_id)
 
+    def running(self) -> builtins.list[JobRun]:
+        """The jobs that run now (their live state), for the metrics."""
+        with self._cond:
+            return [a for a in self._active.values() if a.state is not None]
+
+    def queue_length(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
     def logs(self, job_id: str, after: int = 0) -> builtins.list[tuple[int, str]]:
         self._db.get(job_id)
         return self._db.logs(job_id, after=after)

@@ -159,6 +159,8 @@ class ParameterStore(WorkerTable):
         self._snapshots: dict[int, Snapshot] = {}
         self._last_ckpt_step = -1
         self._resume: CheckpointState | None = None
+        # async modes: how many pushes were applied at each staleness (read for /metrics)
+        self.staleness_counts: dict[int, int] = {}
 
     # ----------------------------------------------------------------- setup
     @property
@@ -292,6 +294,7 @@ class ParameterStore(WorkerTable):
                 self._model.check_buffers(buffers, "buffers")
             elif self.config.buffers == "average" and self._model.buffers and self.config.mode == "ps-sync":
                 raise ProtocolError(f"buffers: worker {rank} sent none; the job averages every worker's buffers")
+            w.bytes_in += grad.numel() * grad.element_size()
             grad = grad.to(torch.float32)  # before the check: a float64 value may overflow to inf
             self._check_finite(grad)
             self._check_buffer_values(buffers)
@@ -307,6 +310,7 @@ class ParameterStore(WorkerTable):
             else:
                 w.staleness = self._version - base_version
                 w.max_staleness = max(w.max_staleness, w.staleness)
+                self.staleness_counts[w.staleness] = self.staleness_counts.get(w.staleness, 0) + 1
                 self._take_buffers({rank: push})
                 self._apply(grad, push.unused)
             self._changed()
@@ -410,7 +414,9 @@ class ParameterStore(WorkerTable):
         self._worker(rank)
         self._check_open()
         if self._flat is not None and self._may_pull(step):
-            return self._snapshot(wire_dtype)
+            snapshot = self._snapshot(wire_dtype)
+            self._workers[rank].bytes_out += snapshot.data.numel() * snapshot.data.element_size()
+            return snapshot
         return None
 
     def waiting_for(self, step: int) -> str:

@@ -28,6 +28,8 @@ class WorkerState:
     # the worker's data-plane credential, new at each registration (see DataEndpoint)
     credential: str = ""
     transport: str = ""  # how its gradients arrive: "tcp", "unix" or "grpc" (the latest seen)
+    bytes_in: int = 0  # gradient bytes it pushed (as they travelled: the wire dtype), accepted or not
+    bytes_out: int = 0  # parameter bytes it pulled
 
 
 class WorkerTable:

@@ -314,11 +314,12 @@ class AllReduceTrainer:
             phase.at("train", step)
             beat.step = step
             result.steps_run += 1
-            comm_s += hook.take_seconds()
+            step_comm_s = hook.take_seconds()
+            comm_s += step_comm_s
             comm_steps += 1
             if rank == 0 and spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < total:
                 uploader.save(capture(step, model, optimizer, scheduler))
-            meter.add(loss, samples)
+            meter.add(loss, samples, step_comm_s)
             if (metrics := meter.due(step == total)) is not None:
                 metrics["allreduce_s"] = comm_s / max(comm_steps, 1)
                 comm_s, comm_steps = 0.0, 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 from gradhub.proto.contract.errors import WorkerFailure
 from gradhub.proto.contract.optim import parameter_groups
@@ -75,6 +76,7 @@ class PSTrainer:
                 loss, samples = work.gradient(step, model, flat.zero_grad, lambda: [flat.grads])
                 grads = flat.gather_grads()
                 buffers = flat.buffer_values() if send_buffers else None
+                sent = time.perf_counter()
                 if step + 1 < total or rank == 0:
                     # push step t and receive step t + 1's parameters (rank 0's last pull is the
                     # final parameters, which it evaluates)
@@ -85,7 +87,7 @@ class PSTrainer:
                 step += 1
                 beat.step = step
                 result.steps_run += 1
-                meter.add(loss, samples)
+                meter.add(loss, samples, time.perf_counter() - sent)
                 if (metrics := meter.due(step == total)) is not None:
                     self.client.report(step, "train", metrics)
             if rank == 0:

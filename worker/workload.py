@@ -234,19 +234,24 @@ class Heartbeat:
 
 
 class Meter:
-    """Training loss and throughput over windows of ``REPORT_EVERY_S``, and over the whole run.
+    """Training loss and throughput over windows of ``REPORT_EVERY_S``, and over the whole run,
+    and a step's time split into computing and communicating (the window's mean per step).
 
     The loss stays on the device between reports: no host sync per step."""
 
     def __init__(self, device: torch.device) -> None:
         self._loss = torch.zeros((), device=device)
         self._samples, self._run_samples = 0, 0
+        self._steps, self._comm_s = 0, 0.0
         self._start = self._run_start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, samples: int) -> None:
+    def add(self, loss: torch.Tensor, samples: int, comm_s: float = 0.0) -> None:
+        """One step: its loss, samples, and the seconds it spent communicating."""
         self._loss += loss.detach() * samples
         self._samples += samples
         self._run_samples += samples
+        self._steps += 1
+        self._comm_s += comm_s
 
     def due(self, last: bool) -> dict[str, float] | None:
         """The window's metrics when it is time to report (or ``last``), else None."""
@@ -254,8 +259,11 @@ class Meter:
         elapsed = now - self._start
         if (elapsed < REPORT_EVERY_S and not last) or not self._samples:
             return None
+        comm = self._comm_s / max(self._steps, 1)
         out = {"loss": float(self._loss) / self._samples, "samples_per_s": self._samples / elapsed,
-               "avg_samples_per_s": self._run_samples / (now - self._run_start)}
+               "avg_samples_per_s": self._run_samples / (now - self._run_start),
+               "comm_s": comm, "compute_s": max(elapsed / max(self._steps, 1) - comm, 0.0)}
         self._loss.zero_()
         self._samples, self._start = 0, now
+        self._steps, self._comm_s = 0, 0.0
         return out

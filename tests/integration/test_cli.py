@@ -297,7 +297,7 @@ def test_server_command_serves_until_sigterm(
     thread.start()
     try:
         result = run(["server", "--data-dir", str(tmp_path / "data"), "--grace", "1"],
-                     {"GRADHUB_PORT": str(port), "GRADHUB_TOKEN": None})
+                     {"GRADHUB_PORT": str(port), "GRADHUB_TOKEN": None, "GRADHUB_HTTP_PORT": "0"})
     finally:
         thread.join(5)
         root.handlers[:], root.level = handlers, level  # basicConfig may have added one
@@ -306,6 +306,7 @@ def test_server_command_serves_until_sigterm(
     assert f"listening on 127.0.0.1:{port} (data plane on port " in result.stdout
     assert f"workers reach it at 127.0.0.1:{port}" in result.stdout
     assert str((tmp_path / "data").resolve()) in result.stdout
+    assert "dashboard and /metrics on http://127.0.0.1:" in result.stdout
     assert "accepts unauthenticated RPCs" in result.stderr
     assert "anyone who can reach" not in result.stderr  # loopback only
     assert "stopped" in result.stderr
