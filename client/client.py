@@ -76,6 +76,7 @@ class JobInfo:
     spec: dict[str, Any] = field(default_factory=dict)  # empty in list_jobs' summaries
     world_size: int = 0  # the spec's workers (in summaries too)
     owner: str = ""  # the user who submitted it ("" without a tokens file)
+    tensorboard_dir: str = ""  # on the server's machine (get_job only)
 
     @property
     def done(self) -> bool:
@@ -91,6 +92,7 @@ class JobInfo:
             workers=tuple(WorkerInfo(w.rank, w.state, w.step, w.staleness, w.max_staleness, w.host,
                                      w.restarts, w.pid, w.transport) for w in p.workers),
             spec=json.loads(p.spec_json) if p.spec_json else {}, world_size=p.world_size, owner=p.owner,
+            tensorboard_dir=p.tensorboard_dir,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +109,17 @@ class CheckpointMeta:
     size_bytes: int
     sha256: str
     created_at: float
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One point of a job's curves (``Client.metrics``)."""
+
+    seq: int
+    step: int
+    kind: str  # "train" or "eval"
+    metrics: dict[str, float]
+    at: float  # when the server got it (Unix time)
 
 
 def _translate(e: grpc.RpcError, what: str) -> GradhubError:
@@ -231,6 +244,12 @@ class Client:
                 yield from reply.lines
         except grpc.RpcError as e:
             raise _translate(e, "logs") from e
+
+    def metrics(self, job_id: str, after: int = 0) -> list[MetricPoint]:
+        """The job's curves: train points (at most one a second) and every evaluation, oldest
+        first; ``after``: only points past that ``seq`` (to follow a running job)."""
+        reply = self._call("GetJobMetrics", jobs_pb2.GetJobMetricsRequest(job_id=job_id, after=after), "metrics")
+        return [MetricPoint(p.seq, p.step, p.kind, dict(p.metrics), p.at) for p in reply.points]
 
     # ---------------------------------------------------------- checkpoints
     def list_checkpoints(self, job_id: str) -> list[CheckpointMeta]:

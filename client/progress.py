@@ -216,6 +216,8 @@ def job_details(
         end = info.finished_at or now
         times += f", {'ran' if info.finished_at else 'running for'} {duration(end - info.started_at)}"
     head.add_row("time", times)
+    if info.tensorboard_dir:
+        head.add_row("tensorboard", Text(f"tensorboard --logdir {info.tensorboard_dir}"))
     parts: list[RenderableType] = [head]
 
     if info.workers:

@@ -21,7 +21,7 @@ from typing import Any, Self
 from gradhub.proto.contract.errors import NotFoundError, ServerUnavailableError, StateError
 from gradhub.proto.contract.states import JobState
 
-__all__ = ["JOB_STATES", "SCHEMA_VERSION", "JobDB", "JobRecord"]
+__all__ = ["JOB_STATES", "SCHEMA_VERSION", "JobDB", "JobRecord", "MetricPoint"]
 
 JOB_STATES = tuple(JobState)
 
@@ -93,8 +93,33 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
 
 
+def _migrate_to_3(conn: sqlite3.Connection) -> None:
+    conn.execute("""
+        CREATE TABLE metric_points (
+            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            step INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            metrics TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (job_id, seq)
+        ) WITHOUT ROWID""")
+
+
 # MIGRATIONS[i] brings a database from user_version i to i + 1.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_to_1, _migrate_to_2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_to_1, _migrate_to_2, _migrate_to_3)
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One point of a job's curves: its metrics at a step, as a report brought them ("train":
+    the job's loss, samples/s and learning rate; "eval": what the evaluation measured)."""
+
+    seq: int
+    step: int
+    kind: str
+    metrics: dict[str, float]
+    at: float
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -171,6 +196,7 @@ class JobDB:
             if not _exists(conn, job_id):
                 raise _not_found(job_id)
             conn.execute("DELETE FROM job_logs WHERE job_id = ?", (job_id,))
+            conn.execute("DELETE FROM metric_points WHERE job_id = ?", (job_id,))
             conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def update(self, job_id: str, **fields: Any) -> JobRecord:
@@ -249,6 +275,27 @@ class JobDB:
                 (job_id, last + 1, line),
             )
             return int(last) + 1
+
+    def add_point(self, job_id: str, step: int, kind: str, metrics: dict[str, float], at: float | None = None) -> int:
+        """Append a point to a job's curves; returns its sequence number (1, 2, ...)."""
+        with self._transaction() as conn:
+            if not _exists(conn, job_id):
+                raise _not_found(job_id)
+            (last,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM metric_points WHERE job_id = ?",
+                                   (job_id,)).fetchone()
+            conn.execute("INSERT INTO metric_points (job_id, seq, step, kind, metrics, at) VALUES (?, ?, ?, ?, ?, ?)",
+                         (job_id, last + 1, step, kind, json.dumps({str(k): float(v) for k, v in metrics.items()}),
+                          time.time() if at is None else at))
+            return int(last) + 1
+
+    def points(self, job_id: str, after: int = 0, limit: int = 10_000) -> builtins.list[MetricPoint]:
+        """A job's curve points with sequence number above ``after``, oldest first."""
+        with self._transaction(write=False) as conn:
+            if not _exists(conn, job_id):
+                raise _not_found(job_id)
+            rows = conn.execute("SELECT seq, step, kind, metrics, at FROM metric_points WHERE job_id = ? AND seq > ? "
+                                "ORDER BY seq LIMIT ?", (job_id, after, limit)).fetchall()
+        return [MetricPoint(int(seq), int(step), str(kind), json.loads(m), float(at)) for seq, step, kind, m, at in rows]
 
     def logs(
         self, job_id: str, after: int = 0, limit: int | None = None

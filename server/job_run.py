@@ -42,6 +42,7 @@ class JobRun:
         self._avg_rates: dict[int, float] = {}
         self._allreduce_s: dict[int, float] = {}
         self._train: dict[int, dict[str, float]] = {}  # each worker's latest train report
+        self._last_point = 0.0  # when the job's curves got their latest train point
         self._metrics: dict[str, float] = {}  # the job's, as last reported
         self._metrics_seq = 0  # reports merged so far
         self._metrics_written = 0  # the report the database holds
@@ -130,6 +131,15 @@ class JobRun:
                 merged.update({k: float(v) for k, v in metrics.items()})
             self._metrics_seq += 1
             return self._metrics_seq, dict(merged), sum(self._rates.values())
+
+    def point_due(self, now: float, every_s: float) -> bool:
+        """Whether a train report at ``now`` makes a point of the job's curves (at most one
+        every ``every_s`` seconds, whatever the number of workers)."""
+        with self._lock:
+            if now - self._last_point < every_s:
+                return False
+            self._last_point = now
+            return True
 
     def worker_metrics(self) -> dict[int, dict[str, float]]:
         """Each worker's latest train report (loss, samples_per_s, compute_s, comm_s, ...)."""

@@ -31,10 +31,10 @@ WATCH_REFRESH_S = 1.0  # a watch sends the job at least this often (its metrics 
 DEFAULT_PAGE, MAX_PAGE = 100, 1000  # ListJobs
 
 
-def job_to_proto(view: JobView, summary: bool = False) -> jobs_pb2.Job:
+def job_to_proto(view: JobView, summary: bool = False, tensorboard_dir: str = "") -> jobs_pb2.Job:
     """The job as the API shows it; a ``summary`` (ListJobs) leaves out the spec."""
     r = view.record
-    return jobs_pb2.Job(
+    return jobs_pb2.Job(tensorboard_dir=tensorboard_dir,
         id=r.id, name=r.name, mode=r.mode, state=jobs_pb2.JobState.Value(r.state), reason=r.reason,
         spec_json="" if summary else r.spec_json, world_size=_world_size(r.spec_json), created_at=r.created_at, started_at=r.started_at or 0.0,
         finished_at=r.finished_at or 0.0, step=r.step, total_steps=r.total_steps, version=r.version,
@@ -101,7 +101,15 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @handler
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.GetJobResponse:
-        return jobs_pb2.GetJobResponse(job=await self._run(lambda: job_to_proto(self._jobs.get(request.job_id))))
+        return jobs_pb2.GetJobResponse(job=await self._run(lambda: job_to_proto(
+            self._jobs.get(request.job_id), tensorboard_dir=str(self._jobs.tensorboard_dir(request.job_id)))))
+
+    @handler
+    async def GetJobMetrics(self, request: jobs_pb2.GetJobMetricsRequest, context: grpc.aio.ServicerContext,
+                            ) -> jobs_pb2.GetJobMetricsResponse:
+        points = await self._run(self._jobs.points, request.job_id, request.after)
+        return jobs_pb2.GetJobMetricsResponse(points=[
+            jobs_pb2.MetricPoint(seq=p.seq, step=p.step, kind=p.kind, metrics=p.metrics, at=p.at) for p in points])
 
     @handler
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext,

@@ -36,19 +36,21 @@ from gradhub.server.auth import Quota
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig
 from gradhub.server.controller import Controller, Outcome
-from gradhub.server.job_db import JobDB, JobRecord
+from gradhub.server.job_db import JobDB, JobRecord, MetricPoint
 from gradhub.server.job_run import JobRun
 from gradhub.server.launcher import Launcher, demand
 from gradhub.server.modes import runtime_for
 from gradhub.server.policies import MaxRestarts
 from gradhub.server.rendezvous import RendezvousStore
 from gradhub.server.store import ParameterStore
+from gradhub.server.tensorboard import TensorBoardLogs
 from gradhub.server.tracker import Formation, GroupTracker
 from gradhub.server.working_dirs import WorkingDirs
 from gradhub.server.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY_S = 3600.0  # how often jobs past --retention-days are looked for
+POINT_EVERY_S = 1.0  # a job's curves get a train point at most this often
 
 TERMINAL = tuple(s for s in JobState if s.terminal)
 
@@ -95,6 +97,7 @@ class JobManager:
         self._reserved: dict[str, dict[str, float]] = {}
         self._waiting: dict[str, str] = {}  # why each queued job waits, as its record says
         self._behind = WriteBehind()  # the database writes of workers' calls
+        self._tensorboard = TensorBoardLogs(config.data_dir / "tensorboard")  # written by _behind's thread
         # told of every change; replaced whole (under _cond), read without a lock
         self._listeners: tuple[Callable[[], None], ...] = ()
         self._stopping = False
@@ -137,6 +140,7 @@ class JobManager:
                 a.thread.join(timeout=grace)
         if self._scheduler is not None:
             self._scheduler.join(timeout=grace)
+        self._behind.put(None, self._tensorboard.close_all)
         self._behind.stop(grace)
         self._rendezvous.close()
 
@@ -230,6 +234,8 @@ class JobManager:
             self._changed()
         self._ckpts.delete_job(job_id)
         self._working_dirs.delete(job_id)
+        self._behind.put(None, lambda: self._tensorboard.delete(job_id))
+        self._behind.flush()  # gone when the call returns
         log.info("job %s: deleted", job_id)
 
     def running(self) -> builtins.list[JobRun]:
@@ -352,6 +358,31 @@ class JobManager:
         if kind == "eval":
             line = f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
             self._behind.put(None, lambda: self._log(job_id, line))
+            point = {k: float(v) for k, v in metrics.items()}
+        elif run.point_due(time.monotonic(), POINT_EVERY_S) or step_now >= (store.total_steps or 0):
+            point = {"loss": snapshot.get("loss", 0.0), "samples_per_s": rate}
+            lr = store.lr() if isinstance(store, ParameterStore) else metrics.get("lr")
+            if lr is not None:
+                point["lr"] = float(lr)
+            if isinstance(store, ParameterStore) and run.spec.mode != "ps-sync":
+                workers = store.workers()
+                point["staleness"] = sum(w.staleness for w in workers) / max(len(workers), 1)
+        else:
+            return
+        self._behind.put(None, lambda: self._add_point(job_id, step if kind == "eval" else step_now, kind, point))
+
+    def _add_point(self, job_id: str, step: int, kind: str, point: dict[str, float]) -> None:
+        """A point of the job's curves, in the database and in its TensorBoard files."""
+        self._db.add_point(job_id, step, kind, point)
+        self._tensorboard.write(job_id, step, kind, point)
+
+    def points(self, job_id: str, after: int = 0) -> builtins.list[MetricPoint]:
+        """The job's curves: its train points (at most one a second) and every evaluation."""
+        return self._db.points(job_id, after)
+
+    def tensorboard_dir(self, job_id: str) -> Path:
+        """Where the job's TensorBoard event files are (``tensorboard --logdir`` it)."""
+        return self._tensorboard.path(job_id)
 
     # ------------------------------------------------------------ scheduling
     def _schedule_loop(self) -> None:
@@ -470,7 +501,8 @@ class JobManager:
         except Exception as e:
             log.exception("job %s crashed", a.id)
             state, reason = JobState.FAILED, f"internal error: {type(e).__name__}: {e}"
-        self._behind.flush()  # its last metrics and log lines first, then its end
+        self._behind.put(None, lambda: self._tensorboard.close(a.id))
+        self._behind.flush()  # its last metrics, points and log lines first, then its end
         with self._cond:
             self._reserved.pop(a.id, None)
             if state is not None:

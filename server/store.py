@@ -175,6 +175,11 @@ class ParameterStore(WorkerTable):
     def version(self) -> int:
         return self._version
 
+    def lr(self) -> float | None:
+        """The learning rate of the first parameter group now (None before the parameters)."""
+        with self._cond:
+            return None if self._optimizer is None else float(self._optimizer.param_groups[0]["lr"])
+
     def initialize(self, layout: Layout | ModelLayout, flat: torch.Tensor, frozen: torch.Tensor | None = None,
                    buffers: Mapping[str, torch.Tensor] | None = None) -> bool:
         """Take the initial state: the trainable parameters ``flat`` (in ``layout``'s order), the

@@ -322,6 +322,7 @@ class AllReduceTrainer:
             meter.add(loss, samples, step_comm_s)
             if (metrics := meter.due(step == total)) is not None:
                 metrics["allreduce_s"] = comm_s / max(comm_steps, 1)
+                metrics["lr"] = float(optimizer.param_groups[0]["lr"])
                 comm_s, comm_steps = 0.0, 0
                 self.client.report(step, "train", metrics)
         self._buffers = []

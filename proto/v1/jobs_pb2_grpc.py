@@ -79,6 +79,11 @@ class JobServiceStub:
                 request_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.GetJobLogsRequest.SerializeToString,
                 response_deserializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.GetJobLogsResponse.FromString,
                 _registered_method=True)
+        self.GetJobMetrics = channel.unary_unary(
+                '/gradhub.v1.JobService/GetJobMetrics',
+                request_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.GetJobMetricsRequest.SerializeToString,
+                response_deserializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.GetJobMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -142,6 +147,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobMetrics(self, request, context):
+        """The job's curves: train points (at most one a second) and every evaluation, after `after`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +201,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetJobLogs,
                     request_deserializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.GetJobLogsRequest.FromString,
                     response_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.GetJobLogsResponse.SerializeToString,
+            ),
+            'GetJobMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobMetrics,
+                    request_deserializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.GetJobMetricsRequest.FromString,
+                    response_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.GetJobMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +451,33 @@ class JobService:
             '/gradhub.v1.JobService/GetJobLogs',
             gradhub_dot_proto_dot_v1_dot_jobs__pb2.GetJobLogsRequest.SerializeToString,
             gradhub_dot_proto_dot_v1_dot_jobs__pb2.GetJobLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradhub.v1.JobService/GetJobMetrics',
+            gradhub_dot_proto_dot_v1_dot_jobs__pb2.GetJobMetricsRequest.SerializeToString,
+            gradhub_dot_proto_dot_v1_dot_jobs__pb2.GetJobMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

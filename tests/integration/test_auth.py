@@ -119,6 +119,8 @@ def every_rpc(jobs: jobs_pb2_grpc.JobServiceStub, ps: ps_pb2_grpc.ParameterServe
                                                               timeout=10, metadata=md)),
         "GetJobLogs": lambda md: list(jobs.GetJobLogs(jobs_pb2.GetJobLogsRequest(job_id=job_id), timeout=10,
                                                       metadata=md)),
+        "GetJobMetrics": lambda md: jobs.GetJobMetrics(jobs_pb2.GetJobMetricsRequest(job_id=job_id), timeout=10,
+                                                       metadata=md),
         "Register": lambda md: control.Register(ps_pb2.RegisterRequest(job_id=job_id, rank=1, total_steps=10,
                                                                   train_size=100), timeout=10, metadata=w(md)),
         "InitParameters": lambda md: ps.InitParameters(push_stream(job_id, 0, grad), timeout=10, metadata=w(md)),
@@ -206,7 +208,7 @@ def test_with_the_token_the_same_requests_are_served(idle_server, stubs, job):
     """Control: the refusals above were about the token, not the requests."""
     jobs, ps, control = stubs
     rpcs = every_rpc(jobs, ps, control, job, idle_server.manager.job_credential(job))
-    for name in ("GetJob", "ListJobs", "WatchJob", "ListCheckpoints", "GetJobLogs", "Heartbeat"):
+    for name in ("GetJob", "ListJobs", "WatchJob", "ListCheckpoints", "GetJobLogs", "GetJobMetrics", "Heartbeat"):
         rpcs[name](GOOD)
     assert not rpcs["InitParameters"](GOOD).accepted  # already initialized: nothing changes
     rpcs["Register"](GOOD)
