@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_FILE = re.compile(r"ckpt-(\d{10})\.(safetensors|optim\.safetensors|json)")
+# data files: ckpt-<step>[.g<n>].safetensors / .optim.safetensors (g<n>: a step saved again,
+# whose files sit beside the old ones until its new manifest is in place); manifests: ckpt-<step>.json
+_FILE = re.compile(r"ckpt-(\d{10})(?:\.g\d+)?\.(safetensors|optim\.safetensors|json)")
 _DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -116,16 +118,16 @@ class CheckpointStore:
             None if scheduler_state is None else encode_state(scheduler_state, "scheduler.", extra)
         )
         meta = {"job_id": job_id, "step": str(step), "version": str(version)}
-        stem = f"ckpt-{step:010d}"
         with self._lock:
             if not job_dir.is_dir():
                 job_dir.mkdir(parents=True, exist_ok=True)
                 _fsync_dir(job_dir.parent)
-            manifest_path = job_dir / f"{stem}.json"
-            if manifest_path.exists():  # replacing: the old checkpoint stops existing first
-                manifest_path.unlink()
-                _fsync_dir(job_dir)
+            manifest_path = job_dir / f"ckpt-{step:010d}.json"
             self._clean_orphans(job_dir)
+            # saving a step again writes new files beside the old ones and then replaces the
+            # manifest in one rename: a crash at any point leaves the old checkpoint or the new
+            old = self._read_manifest(job_dir, step) if manifest_path.exists() else None
+            stem = f"ckpt-{step:010d}" if old is None else f"ckpt-{step:010d}.g{time.time_ns()}"
             written: builtins.list[Path] = []  # removed again if a later write fails (a full disk)
             try:
                 size, sha = _atomic_write(
@@ -145,6 +147,8 @@ class CheckpointStore:
                 for path in written:
                     path.unlink(missing_ok=True)
                 raise
+            if old is not None:  # the replaced checkpoint's files
+                self._clean_orphans(job_dir)
             if keep is not None:
                 self._prune_locked(job_dir, keep)
             return _info(manifest, job_dir)
@@ -297,12 +301,18 @@ class CheckpointStore:
         self._clean_orphans(job_dir)
 
     def _clean_orphans(self, job_dir: Path) -> None:
-        """Remove temporary files and data files whose manifest does not exist."""
-        steps = set(self._manifest_steps(job_dir))
+        """Remove temporary files and data files that no manifest names."""
+        named: set[str] = set()
+        for step in self._manifest_steps(job_dir):
+            try:
+                manifest = self._read_manifest(job_dir, step)
+            except (OSError, ValueError):
+                continue
+            named.update(n for n in (manifest.get("model_file"), manifest.get("optim_file")) if n)
         removed = False
         for name in os.listdir(job_dir):
             m = _FILE.fullmatch(name)
-            if name.endswith(".tmp") or (m and m[2] != "json" and int(m[1]) not in steps):
+            if name.endswith(".tmp") or (m and m[2] != "json" and name not in named):
                 (job_dir / name).unlink(missing_ok=True)
                 removed = True
         if removed:

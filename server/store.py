@@ -218,6 +218,7 @@ class ParameterStore(WorkerTable):
             self._total_steps = total_steps
             self._resume = state
             self._version = state.version
+            self._last_ckpt_step = state.step  # that checkpoint exists: not taken again
             for w, c in zip(self._workers, state.clocks, strict=True):
                 w.clock = c
             self._changed()

@@ -217,6 +217,25 @@ def test_resaving_a_step_replaces_it(store: CheckpointStore) -> None:
     info = store.save("j", 5, 2, {"w": torch.ones(3)})
     assert [i.version for i in store.list("j")] == [2]
     assert torch.equal(store.load("j", 5).params["w"], torch.ones(3)) and info.version == 2
+    assert {p.name for p in (store.root / "j").iterdir()} == {"ckpt-0000000005.json", info.path.name}
+
+
+def test_a_resave_that_fails_midway_keeps_the_old_checkpoint(store: CheckpointStore, monkeypatch) -> None:
+    """Saving a step again never leaves it without a checkpoint: the new files are written
+    beside the old ones and the manifest is replaced in one rename."""
+    from gradhub.server import checkpoints
+
+    store.save("j", 5, 1, {"w": torch.zeros(3)}, optimizer_state={"state": {}, "param_groups": []})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "_write_safetensors", full_disk)
+    with pytest.raises(OSError):
+        store.save("j", 5, 2, {"w": torch.ones(3)})
+    monkeypatch.undo()
+    assert [i.version for i in store.list("j")] == [1]
+    assert torch.equal(store.load("j", 5).params["w"], torch.zeros(3))
 
 
 def test_leftovers_of_a_crashed_save_are_ignored_then_cleaned(store: CheckpointStore) -> None:

@@ -536,6 +536,25 @@ def test_async_checkpoint_when_the_slowest_worker_crosses_a_boundary() -> None:
     assert [(s.step, s.version, s.clocks) for s in saved] == [(2, 5, (3, 2)), (4, 8, (4, 4))]
 
 
+def test_a_resumed_async_store_does_not_take_its_resume_step_again() -> None:
+    """After a restart from the checkpoint at step 2, the faster worker's next push leaves the
+    slowest clock at 2: that checkpoint exists already and must not be written over."""
+    saved: list[CheckpointState] = []
+    first = _store("ps-async", 2, total_steps=6, checkpoint_every=2, on_checkpoint=saved.append)
+    for rank, step in [(0, 0), (1, 0), (0, 1), (1, 1)]:
+        first.push(rank, step, first.version, _grad(rank, step))
+    [state] = saved
+    again: list[CheckpointState] = []
+    resumed = _store("ps-async", 2, total_steps=6, init=False, checkpoint_every=2, on_checkpoint=again.append)
+    resumed.resume_from(state, total_steps=6)
+    assert resumed.initialize(LAYOUT, _initial())
+    resumed.push(0, 2, resumed.version, _grad(0, 2))
+    assert again == []
+    for rank, step in [(0, 3), (1, 2), (1, 3)]:
+        resumed.push(rank, step, resumed.version, _grad(rank, step))
+    assert [s.step for s in again] == [4]
+
+
 def _run(store: ParameterStore, steps: range, n: int) -> None:
     for step in steps:
         for rank in range(n):
