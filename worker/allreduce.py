@@ -304,6 +304,11 @@ class AllReduceTrainer:
                                               lambda: [p.grad for p in params if p.grad is not None], no_sync)
                 if spec.buffers == "average":
                     average_buffers(model, spec.workers)
+                elif spec.buffers == "broadcast":
+                    # rank 0's buffers on every rank at every step boundary (what DDP would
+                    # broadcast at the next forward, sent now): whichever worker the group
+                    # re-forms from after a loss holds the job's buffers
+                    broadcast_buffers(model)
             phase.at("optimizer", step)
             clip_gradients(params, spec.clip_grad_norm)
             optimizer.step()
@@ -352,9 +357,10 @@ class AllReduceTrainer:
         if find_unused is None:
             find_unused = any_rank(has_unused_parameters(work, step), device)
         ids = [device.index] if device.type == "cuda" else None
+        # buffers: "broadcast" sends rank 0's after each step (``broadcast_buffers``) rather than
+        # before each forward, as DDP would: the same values, there at the step boundary
         return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
-                                       broadcast_buffers=spec.buffers == "broadcast",
-                                       find_unused_parameters=find_unused)
+                                       broadcast_buffers=False, find_unused_parameters=find_unused)
 
 
 def has_unused_parameters(work: Workload, step: int) -> bool:
@@ -383,6 +389,21 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """``buffers: broadcast``: every rank takes rank 0's buffers, one broadcast per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in model.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    with torch.no_grad():
+        for buffers in by_dtype.values():
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            torch.distributed.broadcast(flat, src=0)
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
 
 
 def average_buffers(model: nn.Module, world_size: int) -> None:

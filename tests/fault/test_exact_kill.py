@@ -24,7 +24,9 @@ USER_CODE = Path(__file__).parents[1] / "integration" / "user_code"
 TRAIN, BATCH, SEED, STEPS, KILL_STEP = 1437, 16, 3, 120, 30  # digits' training samples
 # (mode, workers, the rank killed, spares)
 CASES = [("ps-sync", 2, 1, 0), ("ps-sync", 2, 1, 1), ("ps-async", 1, 0, 0), ("ps-ssp", 1, 0, 1),
-         ("allreduce", 2, 1, 0), ("allreduce", 2, 1, 1)]
+         ("allreduce", 2, 1, 0), ("allreduce", 2, 1, 1),
+         # rank 0 holds the job's buffers (buffers: broadcast): the group re-forms from a survivor's
+         ("allreduce", 2, 0, 0)]
 
 
 def first_read_at(workers: int, rank: int, step: int) -> int:
@@ -55,7 +57,7 @@ def undisturbed(server, tmp_path_factory) -> dict:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("mode", "workers", "rank", "spares"), CASES,
-                         ids=[f"{m}-{'spare' if s else 'restart'}" for m, _, _, s in CASES])
+                         ids=[f"{m}-rank{r}-{'spare' if s else 'restart'}" for m, _, r, s in CASES])
 def test_a_worker_killed_at_a_step_dies_once_and_changes_nothing(server, undisturbed, tmp_path, mode, workers,
                                                                  rank, spares):
     marker = tmp_path / "fired"
