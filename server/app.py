@@ -25,11 +25,13 @@ from prometheus_client import CollectorRegistry
 from gradhub.proto.alloc import tune_for_streaming
 from gradhub.proto.contract.spec import WORKING_DIR_LIMIT
 from gradhub.proto.v1 import jobs_pb2_grpc
+from gradhub.server import embedded_ray
 from gradhub.server.auth import Users
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig
 from gradhub.server.control_service import WorkerControlServicer
 from gradhub.server.control_service import add_to_server as add_control_service
+from gradhub.server.dashboard import dashboard_routes
 from gradhub.server.data_dir import DataDirLock
 from gradhub.server.data_plane import DataPlane
 from gradhub.server.io_loop import IOLoop
@@ -136,9 +138,12 @@ class Server:
         if self._launcher is None and not ray.is_initialized():
             if c.ray_address:
                 ray.init(address=c.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+                if not embedded_ray.cluster_has_token_auth():
+                    log.warning("the Ray cluster at %s does not ask for a token: whoever reaches its ports can "
+                                "run code on it (start every node with RAY_AUTH_MODE=token and one "
+                                "RAY_AUTH_TOKEN_PATH)", c.ray_address)
             else:
-                ray.init(num_cpus=c.ray_num_cpus, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING, _system_config=EMBEDDED_RAY_CONFIG)
+                embedded_ray.start(c.ray_num_cpus, EMBEDDED_RAY_CONFIG)
             self._owns_ray = True
         warm.join()
         registry = CollectorRegistry()  # this server's metrics (/metrics)
@@ -182,7 +187,8 @@ class Server:
         # otherwise walk all of it and stall every thread for a tenth of a second or more
         # (collected first, so that no garbage is kept; ``stop`` unfreezes)
         if c.http_port is not None:
-            app = build_app(users, [*metrics_routes(self._manager, registry)])
+            app = build_app(users, [*metrics_routes(self._manager, registry),
+                                    *dashboard_routes(self._manager, checkpoints)])
             self._web = WebServer(app, c.host, c.http_port, tls.ssl_context() if tls else None)
             io.run(self._web.start(), timeout=30)
         gc.collect()
@@ -197,6 +203,8 @@ class Server:
         host = self.config.host
         if host in ("127.0.0.1", "localhost", "::1"):
             return "127.0.0.1"
+        if host not in ("0.0.0.0", "::", "[::]", ""):
+            return host  # bound to one address: the one workers can reach
         import ray
 
         return ray.util.get_node_ip_address()
