@@ -14,7 +14,7 @@ import pytest
 
 from gradhub.client.client import Client
 
-from .test_server_restart import ServerProcess
+from ..server_process import ServerProcess
 
 
 def listeners(pids: set[int]) -> dict[int, list[tuple[str, int]]]:
