@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gradhub.proto.contract.errors import AuthError
 from gradhub.server.auth import Principal, Users
+from gradhub.server.config import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,11 @@ def build_app(users: Users, routes: Iterable[web.AbstractRouteDef] = ()) -> web.
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not users.required and not _loopback_host(request.host):
+            # no token: a page on another site that points a name of its own at this machine
+            # (DNS rebinding) must not read it; browsers always send the name they asked for
+            raise web.HTTPForbidden(text=f"host: {request.host!r} is not this server's loopback name; a server "
+                                         "without a token answers only to localhost and 127.0.0.1\n")
         if request.path in PUBLIC:
             return await handler(request)
         given = request.headers.get("Authorization", "")
@@ -79,6 +85,12 @@ def build_app(users: Users, routes: Iterable[web.AbstractRouteDef] = ()) -> web.
     app.router.add_post("/login", login)
     app.router.add_routes(list(routes))
     return app
+
+
+def _loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine's loopback (with or without a port)."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    return is_loopback(name.strip("[]"))
 
 
 def _local(target: str) -> str:

@@ -91,3 +91,17 @@ def test_the_http_side_asks_for_the_token_and_healthz_does_not(tmp_path):
         assert ("gradhub_queue_length", ()) in scrape(server, TOKEN)
         with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/healthz", timeout=10) as response:
             assert response.read() == b"ok\n"
+
+
+def test_a_server_without_a_token_answers_only_to_its_loopback_names(tmp_path):
+    """No DNS rebinding: a page of another site that resolves its own name to this machine gets
+    nothing from a server that asks for no token."""
+    with Server(ServerConfig(port=0, http_port=0, data_dir=tmp_path), launcher=ExternalLauncher()) as server:
+        for host, allowed in ((f"127.0.0.1:{server.http_port}", True), (f"localhost:{server.http_port}", True),
+                              (f"[::1]:{server.http_port}", True), ("evil.example:80", False), ("10.1.2.3", False)):
+            request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/metrics", headers={"Host": host})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    assert allowed and response.status == 200, host
+            except urllib.error.HTTPError as e:
+                assert not allowed and e.code == 403, (host, e.code)
