@@ -42,16 +42,20 @@ from report import print_table, write_json
 TIMEOUT_S = 300
 
 
-def _serve(port_queue: Any, stop: Any, data_dir: str, asks: Any, credentials: Any) -> None:
+def _serve(port_queue: Any, stop: Any, data_dir: str, asks: Any, credentials: Any,
+           tls: tuple[str, str] | None = None) -> None:
     """The gradhub server in its own process, with workers that the benchmark runs itself (it
-    answers each job id put on ``asks`` with the job's worker credential, as a launcher would)."""
+    answers each job id put on ``asks`` with the job's worker credential, as a launcher would);
+    ``tls``: (certificate, key) files to serve TLS with."""
     import queue
 
     from gradhub.server.app import Server
     from gradhub.server.config import ServerConfig
     from gradhub.server.launcher import ExternalLauncher
 
-    with Server(ServerConfig(port=0, data_dir=Path(data_dir)), launcher=ExternalLauncher()) as server:
+    config = ServerConfig(port=0, data_dir=Path(data_dir), tls_cert=tls[0] if tls else None,
+                          tls_key=tls[1] if tls else None)
+    with Server(config, launcher=ExternalLauncher()) as server:
         port_queue.put(server.port)
         deadline = time.monotonic() + TIMEOUT_S
         while not stop.is_set() and time.monotonic() < deadline:
@@ -62,7 +66,7 @@ def _serve(port_queue: Any, stop: Any, data_dir: str, asks: Any, credentials: An
 
 
 def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, transport: str, device: str,
-            credential: str, out: Any) -> None:
+            credential: str, out: Any, tls_ca: bytes | None = None) -> None:
     """Push a gradient and receive the next parameters ``iters`` times (one round trip each, as
     a training worker does); reports each exchange's seconds."""
     from gradhub.proto import frames
@@ -71,15 +75,15 @@ def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, transp
     from gradhub.worker.server_link import ServerLink
 
     tune_for_streaming()  # as the worker actor does
-    if transport == "tcp":
+    if transport in ("tcp", "tls"):
         frames.host_id = lambda: ""  # as a worker on another host: the data plane's TCP port
     layout = Layout(("weight",), ((numel,),))
     params = torch.zeros(numel, device=device)
     grads = torch.full((numel,), 1e-3, device=device)
     with ServerLink(address, job_id, rank, transport="grpc" if transport == "grpc" else "auto",
-                    credential=credential) as ps:
+                    credential=credential, tls_ca=tls_ca) as ps:
         reg = ps.register("bench", 0, total_steps=iters + 1, train_size=1)
-        if ps.transport != transport:
+        if ps.transport != ("tcp" if transport == "tls" else transport):
             raise RuntimeError(f"worker {rank} uses {ps.transport}, not {transport}")
         if reg.needs_init:
             ps.init_parameters(layout, params)
@@ -114,11 +118,20 @@ def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "un
     ctx = mp.get_context("spawn")
     ports, stop, out, asks, credentials = ctx.Queue(), ctx.Event(), ctx.Queue(), ctx.Queue(), ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        server = ctx.Process(target=_serve, args=(ports, stop, tmp, asks, credentials), daemon=True)
+        tls, ca = None, None
+        if transport == "tls":  # TCP under TLS, with a throwaway CA's certificate
+            import trustme
+
+            authority = trustme.CA()
+            cert = authority.issue_cert("127.0.0.1")
+            cert.private_key_pem.write_to_path(f"{tmp}/key.pem")
+            Path(f"{tmp}/cert.pem").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+            tls, ca = (f"{tmp}/cert.pem", f"{tmp}/key.pem"), authority.cert_pem.bytes()
+        server = ctx.Process(target=_serve, args=(ports, stop, f"{tmp}/data", asks, credentials, tls), daemon=True)
         server.start()
         try:
             address = f"127.0.0.1:{ports.get(timeout=TIMEOUT_S)}"
-            with Client(address) as client:
+            with Client(address, tls_ca=ca) as client:
                 job = client.submit({"name": "bench", "workers": workers, "model": "mlp", "dataset": "digits",
                                      "steps": iters + 1, "optimizer": {"name": "sgd", "lr": 1e-6}})
                 deadline = time.monotonic() + 60
@@ -131,7 +144,7 @@ def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "un
             assert server.pid is not None
             cpu0 = _cpu_seconds(server.pid)
             procs = [ctx.Process(target=_worker, args=(address, job.id, r, nbytes // 4, iters, transport, device,
-                                                       credential, out), daemon=True) for r in range(workers)]
+                                                       credential, out, ca), daemon=True) for r in range(workers)]
             for p in procs:
                 p.start()
             results = dict(out.get(timeout=TIMEOUT_S) for _ in procs)
@@ -175,7 +188,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512], help="batch sizes for (c)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure in (c); the median is kept")
     parser.add_argument("--transports", nargs="+", default=["unix", "tcp", "grpc"],
-                        choices=["unix", "tcp", "grpc"], help="transports for (a) and (b)")
+                        choices=["unix", "tcp", "tls", "grpc"],
+                        help="transports for (a) and (b) (tls: the data plane's TCP port under TLS)")
     parser.add_argument("--figures", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"],
                         help="which figures to measure ((e) comes with (a) and (b))")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
