@@ -4,6 +4,7 @@
 """
 
 from gradhub.client.client import CheckpointMeta, Client, Job, JobInfo, WorkerInfo
+from gradhub.client.sweeps import Sweep, SweepInfo, TrialInfo
 from gradhub.proto.contract.errors import (
     AuthError,
     GradhubError,
@@ -13,6 +14,7 @@ from gradhub.proto.contract.errors import (
     SpecError,
 )
 from gradhub.proto.contract.spec import JobSpec
+from gradhub.proto.contract.sweep import SweepSpec
 
 __all__ = [
     "AuthError",
@@ -26,5 +28,9 @@ __all__ = [
     "NotFoundError",
     "ServerUnavailableError",
     "SpecError",
+    "Sweep",
+    "SweepInfo",
+    "SweepSpec",
+    "TrialInfo",
     "WorkerInfo",
 ]

@@ -357,7 +357,8 @@ def _final_line(info: JobInfo) -> str:
 @app.command()
 def status(
     job_id: Annotated[
-        str | None, typer.Argument(metavar="JOB", help="A job id; without it, all jobs.")
+        str | None, typer.Argument(metavar="JOB", help="A job id, or a sweep id (s-...: its leaderboard); "
+                                                       "without it, all jobs.")
     ] = None,
     watch: Annotated[
         bool, typer.Option("--watch", "-w", help="Refresh live until the job ends (or Ctrl-C).")
@@ -371,7 +372,10 @@ def status(
     token_file: TokenFileOpt = None,
     tls_ca: TlsCaOpt = None,
 ) -> None:
-    """A table of jobs, or one job in detail: workers, metrics, checkpoints."""
+    """A table of jobs, or one job in detail: workers, metrics, checkpoints; a sweep's leaderboard."""
+    if job_id is not None and is_sweep_id(job_id):
+        _sweep_status(job_id, watch, as_json, server, token_file, tls_ca)
+        return
     console = _stdout()
     with _session(server, token_file, tls_ca) as client:
         if not watch:
@@ -443,11 +447,17 @@ def pull(
     step: Annotated[
         int | None, typer.Option(min=0, help="The checkpoint's step (default: the latest).")
     ] = None,
+    best: Annotated[
+        bool, typer.Option("--best", help="For a sweep (s-...): the best trial's final checkpoint.")
+    ] = False,
     server: ServerOpt = DEFAULT_SERVER,
     token_file: TokenFileOpt = None,
     tls_ca: TlsCaOpt = None,
 ) -> None:
-    """Download a checkpoint (safetensors) and verify its sha256."""
+    """Download a checkpoint (safetensors) and verify its sha256; `--best` of a sweep."""
+    if best or is_sweep_id(job_id):
+        _pull_best(job_id, output, best, step, server, token_file, tls_ca)
+        return
     with _session(server, token_file, tls_ca) as client:
         if step is None and (output is None or output.is_dir()):
             steps = [c.step for c in client.list_checkpoints(job_id)]
@@ -473,7 +483,10 @@ def delete(job_id: JobArg, server: ServerOpt = DEFAULT_SERVER, token_file: Token
 @app.command()
 def cancel(job_id: JobArg, server: ServerOpt = DEFAULT_SERVER, token_file: TokenFileOpt = None,
            tls_ca: TlsCaOpt = None) -> None:
-    """Cancel a queued or running job (a job that has ended is left as it is)."""
+    """Cancel a queued or running job (a job that has ended is left as it is), or a sweep."""
+    if is_sweep_id(job_id):
+        _cancel_sweep(job_id, server, token_file, tls_ca)
+        return
     with _session(server, token_file, tls_ca) as client:
         before = client.get_job(job_id)
         if before.done:
@@ -523,6 +536,128 @@ def demo(
             run_demo(workers=workers, epochs=epochs, data_dir=data_dir, out=out, console=_stdout(), mode=mode)
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+# --- sweeps: `gradhub sweep`, `gradhub sweeps`, and what status, pull and cancel do with a sweep id ---
+
+
+def is_sweep_id(name: str) -> bool:
+    """Sweep ids start with ``s-`` (job ids with ``j-``)."""
+    return name.startswith("s-")
+
+
+@app.command("sweep")
+def sweep_command(
+    sweep_file: Annotated[
+        Path,
+        typer.Argument(metavar="SWEEP.yaml", exists=True, dir_okay=False, readable=True,
+                       help="The sweep: a job (inline, or `base: job.yaml`), a search, a space, an objective "
+                            "(see README, Sweeps)."),
+    ],
+    wait: Annotated[
+        bool, typer.Option("--wait", "-w", help="Follow the leaderboard until the sweep ends.")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="With --wait: give up after this many seconds.")
+    ] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    token_file: TokenFileOpt = None,
+    tls_ca: TlsCaOpt = None,
+) -> None:
+    """Start a hyperparameter sweep and print its id; with --wait, follow it and print the best trial."""
+    from gradhub.client.sweep_view import sweep_details
+    from gradhub.proto.contract.sweep import SweepSpec
+
+    with _session(server, token_file, tls_ca) as client:
+        handle = client.sweep(SweepSpec.from_yaml(sweep_file))
+        typer.echo(handle.id)
+        if not wait:
+            return
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        try:
+            with Live(console=console, auto_refresh=False, transient=False) as live:
+                for info in client.watch_sweep(handle.id, timeout=timeout):
+                    live.update(sweep_details(info), refresh=True)
+        except KeyboardInterrupt:
+            typer.echo(f"{handle.id} keeps running on the server; follow it with "
+                       f"`gradhub status {handle.id} --watch`", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        typer.echo(_sweep_final_line(handle.wait(timeout=timeout)))
+
+
+def _sweep_final_line(info: Any) -> str:
+    best = info.best_trial
+    params = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(best.params.items()))
+    return f"{info.id} {info.state}: best trial {best.number} ({best.job_id}) {info.metric} {number(best.value)}; {params}"
+
+
+@app.command("sweeps")
+def sweeps_command(server: ServerOpt = DEFAULT_SERVER, token_file: TokenFileOpt = None,
+                   tls_ca: TlsCaOpt = None) -> None:
+    """A table of sweeps (`gradhub status SWEEP` shows one's leaderboard)."""
+    from gradhub.client.sweep_view import sweeps_table
+
+    with _session(server, token_file, tls_ca) as client:
+        sweeps = client.list_sweeps()
+        _stdout().print(sweeps_table(sweeps) if sweeps else "no sweeps")
+
+
+def _sweep_status(sweep_id: str, watch: bool, as_json: bool, server: str, token_file: Path | None,
+                  tls_ca: Path | None) -> None:
+    """`gradhub status SWEEP`: the leaderboard; --json with the best trial's metrics; --watch."""
+    from gradhub.client.sweep_view import sweep_details
+
+    console = _stdout()
+    with _session(server, token_file, tls_ca) as client:
+        if not watch:
+            info = client.get_sweep(sweep_id)
+            if as_json:
+                typer.echo(json.dumps(info.to_dict(), indent=2))
+            else:
+                console.print(sweep_details(info))
+            return
+        with contextlib.suppress(KeyboardInterrupt):
+            if as_json:
+                for info in client.watch_sweep(sweep_id):
+                    typer.echo(json.dumps(info.to_dict()))
+                return
+            with Live(console=console, auto_refresh=False) as live:
+                for info in client.watch_sweep(sweep_id):
+                    live.update(sweep_details(info), refresh=True)
+
+
+def _pull_best(sweep_id: str, output: Path | None, best: bool, step: int | None, server: str,
+               token_file: Path | None, tls_ca: Path | None) -> None:
+    """`gradhub pull SWEEP --best`: the best completed trial's final checkpoint."""
+    if not best:
+        _fail(f"{sweep_id} is a sweep: pull its best trial with --best (or pull a trial's job by its id)", 2)
+    if not is_sweep_id(sweep_id):
+        _fail(f"--best: {sweep_id} is a job; --best takes a sweep id (s-...)", 2)
+    if step is not None:
+        _fail("--best: pulls the best trial's final checkpoint; --step takes a job id", 2)
+    with _session(server, token_file, tls_ca) as client:
+        info = client.get_sweep(sweep_id)
+        trial = info.best_trial
+        if trial is None:
+            raise NotFoundError(f"sweep {sweep_id!r} has no completed trial yet ({info.state})")
+        steps = [c.step for c in client.list_checkpoints(trial.job_id)]
+        if not steps:
+            raise NotFoundError(f"the best trial's job {trial.job_id!r} has no checkpoints")
+        if output is None or output.is_dir():
+            output = (output or Path()) / checkpoint_filename(f"{sweep_id}-best-{trial.job_id}", max(steps))
+        meta = client.pull_checkpoint(trial.job_id, output, step=max(steps))
+        typer.echo(f"{output}  trial {trial.number} ({trial.job_id}) {info.metric} {number(trial.value or 0.0)}  "
+                   f"step {meta.step}  sha256 {meta.sha256} (verified)")
+
+
+def _cancel_sweep(sweep_id: str, server: str, token_file: Path | None, tls_ca: Path | None) -> None:
+    with _session(server, token_file, tls_ca) as client:
+        before = client.get_sweep(sweep_id)
+        if before.done:
+            typer.echo(f"{sweep_id} already {before.state}; nothing to cancel")
+            return
+        info = client.cancel_sweep(sweep_id)
+        typer.echo(f"{sweep_id} {info.state} (its running trials' jobs are cancelled)")
 
 
 def main() -> None:

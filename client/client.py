@@ -21,6 +21,7 @@ from typing import Any, Self
 
 import grpc
 
+from gradhub.client.sweeps import Sweep, SweepInfo, TrialInfo
 from gradhub.proto.channels import SYSTEM_TRUST, open_channel
 from gradhub.proto.contract.errors import (
     AuthError,
@@ -35,7 +36,8 @@ from gradhub.proto.contract.errors import (
 )
 from gradhub.proto.contract.spec import WORKING_DIR_LIMIT, JobSpec
 from gradhub.proto.contract.states import JobState
-from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc
+from gradhub.proto.contract.sweep import SweepSpec
+from gradhub.proto.v1 import jobs_pb2, jobs_pb2_grpc, sweeps_pb2, sweeps_pb2_grpc
 
 DEFAULT_ADDRESS = "localhost:50051"
 RPC_TIMEOUT_S = 30.0
@@ -164,6 +166,7 @@ class Client:
             trust = SYSTEM_TRUST
         self._channel = open_channel(self.address, [("grpc.max_receive_message_length", 64 << 20)], trust)
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+        self._sweeps = sweeps_pb2_grpc.SweepServiceStub(self._channel)
 
     @classmethod
     def from_env(cls, address: str | None = None, token: str | None = None,
@@ -187,9 +190,9 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, request: Any, what: str) -> Any:
+    def _call(self, method: str, request: Any, what: str, stub: Any = None) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=self._timeout, metadata=self._metadata)
+            return getattr(stub or self._stub, method)(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _translate(e, what) from e
 
@@ -288,6 +291,49 @@ class Client:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    # --------------------------------------------------------------- sweeps
+    def sweep(self, spec: SweepSpec | Mapping[str, Any]) -> Sweep:
+        """Start a sweep (its trials are jobs of yours); ``SweepSpec.from_yaml`` reads a sweep file."""
+        spec = spec if isinstance(spec, SweepSpec) else SweepSpec.from_dict(spec)  # validated here and again there
+        packed = pack_working_dir(spec.job.working_dir) if spec.job.working_dir else b""
+        reply = self._call("SubmitSweep", sweeps_pb2.SubmitSweepRequest(spec_json=spec.to_json(), working_dir_zip=packed),
+                           "sweep", self._sweeps)
+        return Sweep(self, SweepInfo.from_proto(reply.sweep))
+
+    def get_sweep(self, sweep_id: str) -> SweepInfo:
+        """The sweep with its trials as a leaderboard (best first)."""
+        return SweepInfo.from_proto(self._call("GetSweep", sweeps_pb2.GetSweepRequest(sweep_id=sweep_id), "status",
+                                               self._sweeps).sweep)
+
+    def list_sweeps(self) -> list[SweepInfo]:
+        """Every sweep, in creation order, as summaries (no trials)."""
+        reply = self._call("ListSweeps", sweeps_pb2.ListSweepsRequest(), "list", self._sweeps)
+        return [SweepInfo.from_proto(s) for s in reply.sweeps]
+
+    def cancel_sweep(self, sweep_id: str) -> SweepInfo:
+        """Cancel the sweep's running trials and end it."""
+        reply = self._call("CancelSweep", sweeps_pb2.CancelSweepRequest(sweep_id=sweep_id), "cancel", self._sweeps)
+        return SweepInfo.from_proto(reply.sweep)
+
+    def watch_sweep(self, sweep_id: str, timeout: float | None = None) -> Iterator[SweepInfo]:
+        """The sweep now and at each change, until it ends (or ``timeout`` seconds pass)."""
+        try:
+            for reply in self._sweeps.WatchSweep(sweeps_pb2.WatchSweepRequest(sweep_id=sweep_id), timeout=timeout,
+                                                 metadata=self._metadata):
+                yield SweepInfo.from_proto(reply.sweep)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TimeoutError(f"sweep {sweep_id} did not finish within {timeout} s") from e
+            raise _translate(e, "watch") from e
+
+    def pull_best(self, sweep_id: str, path: str | Path) -> tuple[TrialInfo, CheckpointMeta]:
+        """Download the best completed trial's final checkpoint to ``path``; that trial and the checkpoint."""
+        info = self.get_sweep(sweep_id)
+        best = info.best_trial
+        if best is None:
+            raise NotFoundError(f"sweep {sweep_id!r} has no completed trial yet ({info.state})")
+        return best, self.pull_checkpoint(best.job_id, path)
 
 
 def _read_ca(path: Path) -> bytes:

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from gradhub.proto.alloc import tune_for_streaming
 from gradhub.proto.contract.spec import WORKING_DIR_LIMIT
-from gradhub.proto.v1 import jobs_pb2_grpc
+from gradhub.proto.v1 import jobs_pb2_grpc, sweeps_pb2_grpc
 from gradhub.server import embedded_ray
 from gradhub.server.auth import Users
 from gradhub.server.checkpoints import CheckpointStore
@@ -44,6 +44,9 @@ from gradhub.server.metrics import RpcCounter, metrics_routes
 from gradhub.server.ps_service import ParameterServerServicer
 from gradhub.server.ps_service import add_to_server as add_ps_service
 from gradhub.server.rpc import AuthInterceptor, WireInterceptor
+from gradhub.server.sweep_db import SweepDB
+from gradhub.server.sweep_runner import SweepRunner
+from gradhub.server.sweep_service import SweepServiceServicer
 from gradhub.server.tls import ServerTLS
 from gradhub.server.waits import StoreCalls
 from gradhub.server.web import WebServer, build_app
@@ -86,6 +89,8 @@ class Server:
         self._manager: JobManager | None = None
         self._data: DataPlane | None = None
         self._web: WebServer | None = None
+        self._sweep_db: SweepDB | None = None
+        self._sweeps: SweepRunner | None = None
         self._owns_ray = False
         self._lock = DataDirLock(config.data_dir)
         self.port = 0
@@ -114,6 +119,12 @@ class Server:
         if self._manager is None:
             raise RuntimeError("server: not started")
         return self._manager
+
+    @property
+    def sweeps(self) -> SweepRunner:
+        if self._sweeps is None:
+            raise RuntimeError("server: not started")
+        return self._sweeps
 
     def start(self) -> Self:
         self._lock.acquire()  # first: a second server on this data dir stops here, before Ray starts
@@ -182,6 +193,10 @@ class Server:
         add_ps_service(ParameterServerServicer(self._manager, c.max_model_bytes, calls, limits), self._grpc)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
             JobServiceServicer(self._manager, checkpoints, jobs_pool, limits, users), self._grpc)
+        self._sweep_db = SweepDB(c.data_dir / "jobs.db")  # the job database's file, its sweep tables
+        self._sweeps = SweepRunner(self._manager, self._sweep_db, c.data_dir / "sweeps")
+        sweeps_pb2_grpc.add_SweepServiceServicer_to_server(
+            SweepServiceServicer(self._sweeps, self._manager, jobs_pool, users, limits), self._grpc)
         # what is loaded by now (torch, Ray, gradhub: hundreds of thousands of objects) lives as
         # long as the process: kept out of the cyclic collector's full passes, which would
         # otherwise walk all of it and stall every thread for a tenth of a second or more
@@ -195,6 +210,7 @@ class Server:
         gc.freeze()
         io.run(self._grpc.start(), timeout=30)
         self._manager.start()
+        self._sweeps.start()  # after the manager: it requeued the trials' jobs
         log.info("gradhub server on %s:%d%s (workers reach it at %s)", c.host, self.port, " with TLS" if tls else "",
                  advertise)
         return self
@@ -210,6 +226,8 @@ class Server:
         return ray.util.get_node_ip_address()
 
     def stop(self, grace: float = 5.0) -> None:
+        if self._sweeps is not None:
+            self._sweeps.stop(grace)
         if self._manager is not None:
             self._manager.stop(grace)
         if self._web is not None and self._io is not None:
@@ -223,6 +241,8 @@ class Server:
             gc.unfreeze()  # the process may go on without this server (tests, the demo)
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)
+        if self._sweep_db is not None:
+            self._sweep_db.close()
         if self._db is not None:
             self._db.close()
         if self._owns_ray:
@@ -232,6 +252,7 @@ class Server:
             self._owns_ray = False
         self._lock.release()
         self._grpc = self._db = self._manager = self._data = self._io = self._web = None
+        self._sweeps, self._sweep_db = None, None
         self._pools = []
 
     def wait(self) -> None:

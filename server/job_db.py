@@ -106,8 +106,46 @@ def _migrate_to_3(conn: sqlite3.Connection) -> None:
         ) WITHOUT ROWID""")
 
 
+def _migrate_to_4(conn: sqlite3.Connection) -> None:
+    """Sweeps and their trials (``gradhub.server.sweep_db``): a trial names its job, but outlives it
+    (a deleted job's trial keeps its values and metrics)."""
+    conn.execute("""
+        CREATE TABLE sweeps (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            owner TEXT NOT NULL DEFAULT '',
+            spec_json TEXT NOT NULL,
+            seed INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED')),
+            reason TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            finished_at REAL,
+            working_dir TEXT
+        )""")
+    conn.execute("""
+        CREATE TABLE sweep_trials (
+            sweep_id TEXT NOT NULL REFERENCES sweeps (id) ON DELETE CASCADE,
+            number INTEGER NOT NULL,
+            job_id TEXT NOT NULL DEFAULT '',
+            state TEXT NOT NULL CHECK (state IN ('RUNNING', 'COMPLETE', 'PRUNED', 'FAILED')),
+            params TEXT NOT NULL,
+            internal TEXT NOT NULL,
+            notes TEXT NOT NULL DEFAULT '{}',
+            value REAL,
+            intermediate TEXT NOT NULL DEFAULT '{}',
+            metrics TEXT NOT NULL DEFAULT '{}',
+            step INTEGER NOT NULL DEFAULT 0,
+            reason TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            finished_at REAL,
+            PRIMARY KEY (sweep_id, number)
+        ) WITHOUT ROWID""")
+
+
 # MIGRATIONS[i] brings a database from user_version i to i + 1.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_to_1, _migrate_to_2, _migrate_to_3)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_to_1, _migrate_to_2, _migrate_to_3,
+                                                                _migrate_to_4)
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,8 @@ def job_credential(context: Any) -> str:
     return str(dict(context.invocation_metadata() or ()).get(JOB_CREDENTIAL_KEY, ""))
 
 
-USER_SERVICE = "/gradhub.v1.JobService/"
+# the services users call (with a bearer token); the others are the workers'
+USER_SERVICES = ("/gradhub.v1.JobService/", "/gradhub.v1.SweepService/")
 
 
 def authorization(context: Any) -> str:
@@ -157,7 +158,7 @@ def authorization(context: Any) -> str:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """The JobService's calls need a bearer token that ``users`` knows (its handlers then ask
+    """The user services' calls (JobService, SweepService) need a bearer token that ``users`` knows (its handlers then ask
     ``users`` who the caller is, and check what that user may do). The worker services' calls
     carry their job's credential instead, which every one of their handlers checks: a user's
     token gives no worker's rights, and a job's credential no user's."""
@@ -167,7 +168,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         method = await continuation(handler_call_details)
-        if method is None or not str(handler_call_details.method).startswith(USER_SERVICE):
+        if method is None or not str(handler_call_details.method).startswith(USER_SERVICES):
             return method
         given = str(dict(handler_call_details.invocation_metadata or ()).get("authorization", ""))
         try:

@@ -133,7 +133,7 @@ def test_persistence_across_close_and_reopen(tmp_path: Path) -> None:
     db.close()  # twice is fine
 
     with JobDB(path) as db:
-        assert db.schema_version == SCHEMA_VERSION == 3
+        assert db.schema_version == SCHEMA_VERSION == 4
         assert db.get("a") == expected
         assert db.logs("a") == [(1, "hello"), (2, "bye")]
         assert db.append_log("a", "again") == 3
