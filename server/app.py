@@ -31,7 +31,7 @@ from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig
 from gradhub.server.control_service import WorkerControlServicer
 from gradhub.server.control_service import add_to_server as add_control_service
-from gradhub.server.dashboard import dashboard_routes
+from gradhub.server.dashboard_sweeps import dashboard_routes_with_sweeps
 from gradhub.server.data_dir import DataDirLock
 from gradhub.server.data_plane import DataPlane
 from gradhub.server.io_loop import IOLoop
@@ -203,7 +203,7 @@ class Server:
         # (collected first, so that no garbage is kept; ``stop`` unfreezes)
         if c.http_port is not None:
             app = build_app(users, [*metrics_routes(self._manager, registry),
-                                    *dashboard_routes(self._manager, checkpoints)])
+                                    *dashboard_routes_with_sweeps(self._manager, checkpoints, self._sweeps)])
             self._web = WebServer(app, c.host, c.http_port, tls.ssl_context() if tls else None)
             io.run(self._web.start(), timeout=30)
         gc.collect()

@@ -11,7 +11,8 @@ the page's token and, when the browser names one, come from this server's own or
 Another module (a sweep page, say) adds a page with a ``Dashboard`` of its own making: it
 passes its ``NavLink`` in ``nav``, serves ``dashboard.routes()`` and its own routes, and
 renders with ``dashboard.page(...)`` (the same header, style and headers); its forms use
-``csrf_token`` and ``check_form``.
+``csrf_token`` and ``check_form``; ``http_errors``, ``may``, ``html_part`` and ``finite`` are
+for its handlers too.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ SECURITY_HEADERS = {
 }
 STATIC = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
 
-T = TypeVar("T")
-Handler = Callable[["Dashboard", web.Request], Awaitable[web.StreamResponse]]
+S = TypeVar("S")  # the class of a page's handlers (``Dashboard``, or another module's)
+Handler = Callable[[S, web.Request], Awaitable[web.StreamResponse]]
 
 
 def dashboard_routes(manager: JobManager, checkpoints: CheckpointStore, nav: Sequence[NavLink] = (),
@@ -68,11 +69,11 @@ def dashboard_routes(manager: JobManager, checkpoints: CheckpointStore, nav: Seq
     return Dashboard(manager, checkpoints, nav, shards).routes()
 
 
-def _http_errors(handler: Handler) -> Handler:
-    """Domain errors as HTTP statuses: an unknown job or checkpoint 404, a refusal 403."""
+def http_errors(handler: Handler[S]) -> Handler[S]:
+    """Domain errors as HTTP statuses: an unknown job, sweep or checkpoint 404, a refusal 403."""
 
     @functools.wraps(handler)
-    async def wrapped(self: Dashboard, request: web.Request) -> web.StreamResponse:
+    async def wrapped(self: S, request: web.Request) -> web.StreamResponse:
         try:
             return await handler(self, request)
         except (NotFoundError, SpecError) as e:  # SpecError: not even a valid job id
@@ -109,30 +110,30 @@ class Dashboard:
         ]
 
     # ------------------------------------------------------------------------ pages
-    @_http_errors
+    @http_errors
     async def job_list(self, request: web.Request) -> web.StreamResponse:
         state = _state(request)
         views = await asyncio.to_thread(self._views, state)
         return self.page("Jobs", page.job_list(views, state, time.time()), JOBS.href)
 
-    @_http_errors
+    @http_errors
     async def job_rows(self, request: web.Request) -> web.StreamResponse:
         views = await asyncio.to_thread(self._views, _state(request))
-        return _html(page.job_rows(views, time.time()), live=True)
+        return html_part(page.job_rows(views, time.time()), live=True)
 
-    @_http_errors
+    @http_errors
     async def job_page(self, request: web.Request) -> web.StreamResponse:
         job_id, who = request.match_info["job"], principal(request)
         view, live = await asyncio.to_thread(self._live, job_id, who)
-        csrf = self.csrf_token(who) if _may(who, Action.CANCEL, view.record.owner) else None
+        csrf = self.csrf_token(who) if may(who, Action.CANCEL, view.record.owner) else None
         return self.page(f"{view.record.name} {job_id}", page.job_page(view, csrf, live))
 
-    @_http_errors
+    @http_errors
     async def job_live(self, request: web.Request) -> web.StreamResponse:
         view, live = await asyncio.to_thread(self._live, request.match_info["job"], principal(request))
-        return _html(live, live=not view.record.state.terminal)
+        return html_part(live, live=not view.record.state.terminal)
 
-    @_http_errors
+    @http_errors
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         job_id, who = request.match_info["job"], principal(request)
         form = await request.post()
@@ -142,7 +143,7 @@ class Dashboard:
         await asyncio.to_thread(self._jobs.cancel, job_id, f"cancelled by {who.name or 'the admin'} on the dashboard")
         raise web.HTTPSeeOther(page.job_href(job_id))
 
-    @_http_errors
+    @http_errors
     async def download(self, request: web.Request) -> web.StreamResponse:
         """A checkpoint's model file (safetensors), for its job's owner or an admin (like PullCheckpoint)."""
         job_id, step = request.match_info["job"], int(request.match_info["step"])
@@ -169,12 +170,12 @@ class Dashboard:
         return response
 
     # ------------------------------------------------------------------------- JSON
-    @_http_errors
+    @http_errors
     async def api_jobs(self, request: web.Request) -> web.StreamResponse:
         views = await asyncio.to_thread(self._views, _state(request))
         return web.json_response({"jobs": [_job_json(v) for v in views]}, headers=SECURITY_HEADERS)
 
-    @_http_errors
+    @http_errors
     async def api_job(self, request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["job"]
 
@@ -184,7 +185,7 @@ class Dashboard:
         view, points, infos = await asyncio.to_thread(read)
         return web.json_response({
             **_job_json(view),
-            "points": [{"seq": p.seq, "step": p.step, "kind": p.kind, "metrics": _finite(p.metrics), "at": p.at}
+            "points": [{"seq": p.seq, "step": p.step, "kind": p.kind, "metrics": finite(p.metrics), "at": p.at}
                        for p in points],
             "checkpoints": [{"step": c.step, "size_bytes": c.size_bytes, "sha256": c.sha256,
                              "created_at": c.created_at} for c in infos],
@@ -231,7 +232,7 @@ class Dashboard:
         view = self._jobs.get(job_id)
         points, logs = self._jobs.points(job_id), self._jobs.logs(job_id)
         infos, shards = self._ckpts.list(job_id), self._shards(job_id)
-        live = page.job_live(view, points, logs, infos, shards, _may(who, Action.PULL, view.record.owner),
+        live = page.job_live(view, points, logs, infos, shards, may(who, Action.PULL, view.record.owner),
                              time.time())
         return view, live
 
@@ -246,7 +247,7 @@ def _state(request: web.Request) -> JobState | None:
         raise web.HTTPBadRequest(text=f"state: {given[:40]!r} is none of {', '.join(JobState)}\n") from None
 
 
-def _may(who: Principal, action: Action, owner: str) -> bool:
+def may(who: Principal, action: Action, owner: str) -> bool:
     try:
         who.check(action, owner)
     except PermissionDeniedError:
@@ -254,12 +255,12 @@ def _may(who: Principal, action: Action, owner: str) -> bool:
     return True
 
 
-def _html(text: str, live: bool) -> web.Response:
+def html_part(text: str, live: bool) -> web.Response:
     return web.Response(text=text, content_type="text/html",
                         headers={**SECURITY_HEADERS, LIVE: "true" if live else "false"})
 
 
-def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
+def finite(metrics: dict[str, float]) -> dict[str, float | None]:
     """``metrics`` for JSON, which has no NaN or infinity: those become null."""
     return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
 
@@ -269,5 +270,5 @@ def _job_json(view: JobView) -> dict[str, Any]:
     record.pop("working_dir", None)  # a path on the server, of no use to a reader
     record["spec"] = json.loads(record.pop("spec_json"))
     record["state"] = str(view.record.state)
-    record["metrics"] = _finite(view.record.metrics)
+    record["metrics"] = finite(view.record.metrics)
     return {"job": record, "workers": [{**dataclasses.asdict(w), "state": str(w.state)} for w in view.workers]}

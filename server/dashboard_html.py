@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import html
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -238,6 +238,7 @@ def thin(xy: list[tuple[int, float]], most: int = MAX_CHART_POINTS) -> list[tupl
 
 
 W, H, LEFT, RIGHT, TOP, BOTTOM = 360, 170, 58, 12, 10, 24
+Scale = Callable[[float], float]
 
 
 def chart(curve: Curve, points: Sequence[MetricPoint], steps: tuple[int, int] | None = None) -> str:
@@ -252,7 +253,23 @@ def chart(curve: Curve, points: Sequence[MetricPoint], steps: tuple[int, int] | 
     xs = [x for _, xy in data for x, _ in xy]
     ys = [y for _, xy in data for _, y in xy]
     x0, x1 = (min(xs), max(xs)) if steps is None else (min(steps[0], *xs), max(steps[1], *xs))
-    y0, y1 = min(ys), max(ys)
+    out, px, py = frame(x0, x1, min(ys), max(ys))
+    out.insert(0, head)
+    for i, (label, xy) in enumerate(data):
+        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in xy)
+        out.append(f'<polyline class="series s{i}" data-series="{esc(label)}" points="{coords}"/>')
+        if len(xy) <= MARKERS_UP_TO:
+            out.extend(f'<circle class="marker s{i}" cx="{px(x):.1f}" cy="{py(y):.1f}" r=2.5>'
+                       f"<title>{esc(label)}, step {x}: {number(y)}</title></circle>" for x, y in xy)
+    if len(data) > 1:
+        out.extend(f'<text class="legend s{i}" x="{W - RIGHT - 4}" y="{TOP + 12 + 13 * i}" '
+                   f"text-anchor=end>{esc(label)}</text>" for i, (label, _) in enumerate(data))
+    return "".join(out) + "</svg>"
+
+
+def frame(x0: float, x1: float, y0: float, y1: float) -> tuple[list[str], Scale, Scale]:
+    """A chart's axes, grid and ticks over [x0, x1] x [y0, y1] (widened when empty), and the
+    functions that place an x and a y in its ``W`` x ``H`` box (for other charts too)."""
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
     if y1 == y0:
@@ -265,24 +282,14 @@ def chart(curve: Curve, points: Sequence[MetricPoint], steps: tuple[int, int] | 
     def py(y: float) -> float:
         return TOP + (y1 - y) / (y1 - y0) * (H - TOP - BOTTOM)
 
-    out = [head,
-           f'<line class=axis x1="{LEFT}" y1="{H - BOTTOM}" x2="{W - RIGHT}" y2="{H - BOTTOM}"/>',
+    out = [f'<line class=axis x1="{LEFT}" y1="{H - BOTTOM}" x2="{W - RIGHT}" y2="{H - BOTTOM}"/>',
            f'<line class=axis x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{H - BOTTOM}"/>']
     for y in (y0, (y0 + y1) / 2, y1):
         out.append(f'<line class=grid x1="{LEFT}" y1="{py(y):.1f}" x2="{W - RIGHT}" y2="{py(y):.1f}"/>'
                    f'<text class=tick x="{LEFT - 4}" y="{py(y) + 4:.1f}" text-anchor=end>{number(y)}</text>')
     for x in (x0, x1):
         out.append(f'<text class=tick x="{px(x):.1f}" y="{H - 6}" text-anchor=middle>{number(x)}</text>')
-    for i, (label, xy) in enumerate(data):
-        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in xy)
-        out.append(f'<polyline class="series s{i}" data-series="{esc(label)}" points="{coords}"/>')
-        if len(xy) <= MARKERS_UP_TO:
-            out.extend(f'<circle class="marker s{i}" cx="{px(x):.1f}" cy="{py(y):.1f}" r=2.5>'
-                       f"<title>{esc(label)}, step {x}: {number(y)}</title></circle>" for x, y in xy)
-    if len(data) > 1:
-        out.extend(f'<text class="legend s{i}" x="{W - RIGHT - 4}" y="{TOP + 12 + 13 * i}" '
-                   f"text-anchor=end>{esc(label)}</text>" for i, (label, _) in enumerate(data))
-    return "".join(out) + "</svg>"
+    return out, px, py
 
 
 # ---------------------------------------------------------------------------------- values
