@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 
-from gradhub.client.client import CheckpointMeta, Client, JobInfo
+from gradhub.client.client import CheckpointMeta, Client, JobInfo, MetricPoint
 from gradhub.client.demo import checkpoint_filename, run_demo
 from gradhub.client.progress import job_details, jobs_table, number
 from gradhub.proto.contract.errors import GradhubError, NotFoundError, ServerUnavailableError
@@ -390,7 +390,8 @@ def status(
                 if as_json:
                     typer.echo(json.dumps(_job_json(info, ckpts), indent=2))
                 else:
-                    console.print(job_details(info, ckpts))
+                    console.print(job_details(info, ckpts, points=client.metrics(job_id),
+                                              width=_curve_width(console)))
             return
         with contextlib.suppress(KeyboardInterrupt):
             if job_id is not None:
@@ -403,10 +404,17 @@ def _job_json(info: JobInfo, checkpoints: list[CheckpointMeta]) -> dict[str, Any
     return {**info.to_dict(), "checkpoints": [asdict(c) for c in checkpoints]}
 
 
+def _curve_width(console: Console) -> int:
+    """How wide the curves may be drawn: what the terminal has beside their other columns."""
+    return max(min(console.width - 50, 80), 0)
+
+
 def _watch_job(client: Client, job_id: str, console: Console, as_json: bool) -> None:
-    """Follow one job until it ends; checkpoints are listed again at most every 2 s."""
+    """Follow one job until it ends; checkpoints are listed again at most every 2 s, and new
+    curve points fetched at most every second."""
     ckpts: list[CheckpointMeta] = []
-    listed_at = float("-inf")
+    points: list[MetricPoint] = []
+    listed_at = fetched_at = float("-inf")
 
     def checkpoints(info: JobInfo) -> list[CheckpointMeta]:
         nonlocal ckpts, listed_at
@@ -414,13 +422,33 @@ def _watch_job(client: Client, job_id: str, console: Console, as_json: bool) -> 
             ckpts, listed_at = client.list_checkpoints(job_id), time.monotonic()
         return ckpts
 
+    def curve_points(info: JobInfo) -> list[MetricPoint]:
+        nonlocal fetched_at
+        if info.done or time.monotonic() - fetched_at >= 1.0:
+            points.extend(client.metrics(job_id, after=points[-1].seq if points else 0))
+            fetched_at = time.monotonic()
+        return points
+
     if as_json:
         for info in client.watch(job_id):
             typer.echo(json.dumps(_job_json(info, checkpoints(info))))
         return
     with Live(console=console, auto_refresh=False) as live:
         for info in client.watch(job_id):
-            live.update(job_details(info, checkpoints(info)), refresh=True)
+            live.update(job_details(info, checkpoints(info), points=curve_points(info),
+                                    width=_curve_width(console)), refresh=True)
+
+
+@app.command()
+def top(
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes.")] = 1.0,
+    server: ServerOpt = DEFAULT_SERVER,
+    token_file: TokenFileOpt = None,
+    tls_ca: TlsCaOpt = None,
+) -> None:
+    """The table of jobs, refreshed in place until Ctrl-C (as `status --watch` without a job)."""
+    with _session(server, token_file, tls_ca) as client, contextlib.suppress(KeyboardInterrupt):
+        _watch_jobs(client, _stdout(), False, interval)
 
 
 def _watch_jobs(client: Client, console: Console, as_json: bool, interval: float) -> None:

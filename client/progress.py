@@ -3,6 +3,7 @@ jobs table and job details that ``gradhub status`` prints."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Sequence
 
@@ -11,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from gradhub.client.client import CheckpointMeta, Client, JobInfo
+from gradhub.client.client import CheckpointMeta, Client, JobInfo, MetricPoint
 from gradhub.proto.contract.errors import GradhubError
 from gradhub.proto.contract.states import JobState
 
@@ -195,10 +196,47 @@ def _component(c: object) -> str:
     return str(name)
 
 
+SPARK = "▁▂▃▄▅▆▇█"
+CURVES = (("train", "loss", "loss"), ("eval", ACCURACY_KEY, "accuracy"), ("train", "samples_per_s", "samples/s"))
+
+
+def sparkline(values: Sequence[float], width: int) -> str:
+    """``values`` as a line of ``width`` block characters at most (each the mean of its share
+    of the values), from the lowest (▁) to the highest (█)."""
+    if not values or width < 1:
+        return ""
+    if len(values) > width:  # each character: the mean of its slice
+        edges = [round(i * len(values) / width) for i in range(width + 1)]
+        values = [sum(values[a:b]) / (b - a) for a, b in itertools.pairwise(edges) if b > a]
+    lo, hi = min(values), max(values)
+    span = hi - lo
+    return "".join(SPARK[0 if span <= 0 else min(int((v - lo) / span * len(SPARK)), len(SPARK) - 1)]
+                   for v in values)
+
+
+def curves(points: Sequence[MetricPoint], width: int = 60) -> Table | None:
+    """Loss, accuracy and samples/s of a job's points as sparklines, with their first, last and
+    best values; None when there are no points yet."""
+    table = Table(title="curves", title_justify="left", box=None, header_style="bold")
+    for name, justify in (("NAME", "left"), ("CURVE", "left"), ("FIRST", "right"), ("LAST", "right"),
+                          ("BEST", "right"), ("POINTS", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for kind, key, label in CURVES:
+        values = [p.metrics[key] for p in points if p.kind == kind and key in p.metrics]
+        if not values:
+            continue
+        best = min(values) if key == "loss" else max(values)
+        table.add_row(label, sparkline(values, width), number(values[0]), number(values[-1]), number(best),
+                      str(len(values)))
+    return table if table.row_count else None
+
+
 def job_details(
-    info: JobInfo, checkpoints: Sequence[CheckpointMeta] = (), now: float | None = None
+    info: JobInfo, checkpoints: Sequence[CheckpointMeta] = (), now: float | None = None,
+    points: Sequence[MetricPoint] = (), width: int = 60,
 ) -> RenderableType:
-    """The job's spec, state and reason, progress, workers, latest metrics and checkpoints."""
+    """The job's spec, state and reason, progress, workers, curves (from ``points``, drawn
+    ``width`` characters wide at most), latest metrics and checkpoints."""
     now = time.time() if now is None else now
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
@@ -228,6 +266,10 @@ def job_details(
             workers.add_row(str(w.rank), w.state, str(w.step), str(w.staleness), str(w.max_staleness),
                             w.host or "-", str(w.pid or "-"), str(w.restarts), w.transport or "-")
         parts += [Text(), workers]
+
+    drawn = curves(points, width) if width >= 8 else None
+    if drawn is not None:
+        parts += [Text(), drawn]
 
     if info.metrics:
         metrics = Table(title="metrics", title_justify="left", box=None, header_style="bold")

@@ -118,6 +118,41 @@ def test_status_job_details(finished: tuple[Result, str], env: dict[str, str | N
     for fragment in (job_id, "SUCCEEDED", "ps-sync, 2 workers", "mlp {hidden: [16]} on digits",
                      "20/20", "val_accuracy", "checkpoints"):
         assert fragment in result.stdout, result.stdout
+    curves = result.stdout.split("curves", 1)[1].splitlines()
+    loss = next(line for line in curves if line.strip().startswith("loss"))
+    assert any(c in loss for c in "▁▂▃▄▅▆▇█"), loss  # a sparkline of the loss
+    assert "accuracy" in result.stdout.split("curves", 1)[1]
+    assert "tensorboard --logdir" in result.stdout
+
+
+def test_top_refreshes_the_job_table_in_place(finished: tuple[Result, str], env: dict[str, str | None]) -> None:
+    """`gradhub top`, on a terminal (a pty), draws the table again and again until Ctrl-C
+    (SIGINT), then exits cleanly."""
+    import os
+    import pty
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    _, job_id = finished
+    child_env = {k: v for k, v in {**os.environ, **env, "COLUMNS": "160"}.items() if v is not None}
+    controller, terminal = pty.openpty()
+    with subprocess.Popen([sys.executable, "-m", "gradhub.client.cli", "top", "--interval", "0.2"],
+                          stdin=terminal, stdout=terminal, stderr=terminal, env=child_env) as proc:
+        os.close(terminal)
+        seen = b""
+        deadline = time.monotonic() + 60
+        while seen.count(job_id.encode()) < 2 and time.monotonic() < deadline:  # drawn twice: refreshed
+            if select.select([controller], [], [], 1.0)[0]:
+                try:
+                    seen += os.read(controller, 65536)
+                except OSError:
+                    break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) in (0, 130)
+        os.close(controller)
+    assert seen.count(job_id.encode()) >= 2, seen.decode(errors="replace")[-2000:]
 
 
 def test_status_watch_of_a_finished_job_returns(

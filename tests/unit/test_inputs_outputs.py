@@ -178,3 +178,14 @@ def test_a_failure_names_its_phase_and_step_and_pickles_with_its_traceback() -> 
     assert back.step == 40 and "Traceback" in back.traceback and 'raise RuntimeError("boom")' in back.traceback
     phase.at("optimizer", 3)
     assert not phase.consistent
+
+
+def test_sparklines_span_the_range_and_fit_the_width() -> None:
+    from gradhub.client.progress import sparkline
+
+    assert sparkline([], 10) == "" and sparkline([1.0, 2.0], 0) == ""
+    assert sparkline([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], 8) == "▁▂▃▄▅▆▇█"
+    assert sparkline([3.0, 3.0, 3.0], 10) == "▁▁▁"  # flat: no division by zero
+    long = sparkline([float(i) for i in range(1000)], 40)
+    assert len(long) == 40 and long[0] == "▁" and long[-1] == "█"
+    assert list(long) == sorted(long)  # a rising curve stays rising
