@@ -55,6 +55,7 @@ class WorkerInfo:
     restarts: int
     pid: int
     transport: str = ""  # ps modes: "unix" or "tcp" (the data plane) or "grpc"
+    local_step: int = 0  # local-sgd: inner steps so far (``step`` counts rounds)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class JobInfo:
             samples_per_second=p.samples_per_second, created_at=p.created_at,
             started_at=p.started_at or None, finished_at=p.finished_at or None,
             workers=tuple(WorkerInfo(w.rank, w.state, w.step, w.staleness, w.max_staleness, w.host,
-                                     w.restarts, w.pid, w.transport) for w in p.workers),
+                                     w.restarts, w.pid, w.transport, w.local_step) for w in p.workers),
             spec=json.loads(p.spec_json) if p.spec_json else {}, world_size=p.world_size, owner=p.owner,
             tensorboard_dir=p.tensorboard_dir,
         )

@@ -248,7 +248,12 @@ def job_details(
     head.add_row("state", state)
     head.add_row("spec", Text(spec_summary(info.spec)))
     rate = f", {info.samples_per_second:,.0f} samples/s" if info.samples_per_second > 0 else ""
-    head.add_row("step", f"{steps_text(info)} (version {info.version}){rate}")
+    if info.mode == "local-sgd":
+        per_round = info.metrics.get("bytes_per_round")
+        traffic = f", {per_round / 1e6:,.2f} MB a worker a round" if per_round else ""
+        head.add_row("round", f"{steps_text(info)} of {info.spec.get('local_steps', '?')} local steps{traffic}{rate}")
+    else:
+        head.add_row("step", f"{steps_text(info)} (version {info.version}){rate}")
     times = f"created {ago(info.created_at, now)}"
     if info.started_at:
         end = info.finished_at or now
@@ -260,11 +265,15 @@ def job_details(
 
     if info.workers:
         workers = Table(title="workers", title_justify="left", box=None, header_style="bold")
-        for name in ("RANK", "STATE", "STEP", "STALENESS", "MAX", "HOST", "PID", "RESTARTS", "TRANSPORT"):
+        local = info.mode == "local-sgd"  # its step is a round; the worker's inner steps beside it
+        names = ("RANK", "STATE", "ROUND" if local else "STEP", *(("LOCAL STEP",) if local else ()), "STALENESS",
+                 "MAX", "HOST", "PID", "RESTARTS", "TRANSPORT")
+        for name in names:
             workers.add_column(name, justify="left" if name in ("STATE", "HOST") else "right")
         for w in sorted(info.workers, key=lambda w: w.rank):
-            workers.add_row(str(w.rank), w.state, str(w.step), str(w.staleness), str(w.max_staleness),
-                            w.host or "-", str(w.pid or "-"), str(w.restarts), w.transport or "-")
+            workers.add_row(str(w.rank), w.state, str(w.step), *((str(w.local_step),) if local else ()),
+                            str(w.staleness), str(w.max_staleness), w.host or "-", str(w.pid or "-"),
+                            str(w.restarts), w.transport or "-")
         parts += [Text(), workers]
 
     drawn = curves(points, width) if width >= 8 else None

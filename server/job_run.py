@@ -121,6 +121,8 @@ class JobRun:
                 merged["loss"] = sum(self._losses.values()) / len(self._losses)
                 # the whole run's rate so far, summed over workers
                 merged["avg_samples_per_s"] = sum(self._avg_rates.values())
+                if "bytes_per_round" in metrics:  # local-sgd: what one worker's round exchanges
+                    merged["bytes_per_round"] = float(metrics["bytes_per_round"])
                 if "allreduce_s" in metrics:
                     # allreduce mode: seconds per step in the all-reduce. A rank that starts it
                     # first also waits there for the others' backward; the last one to join

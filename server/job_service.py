@@ -42,7 +42,7 @@ def job_to_proto(view: JobView, summary: bool = False, tensorboard_dir: str = ""
         workers=[
             jobs_pb2.WorkerStatus(rank=w.rank, state=w.state, step=w.step, staleness=w.staleness,
                                   max_staleness=w.max_staleness, host=w.host, restarts=w.restarts, pid=w.pid,
-                                  transport=w.transport)
+                                  transport=w.transport, local_step=w.local_step)
             for w in view.workers
         ],
     )

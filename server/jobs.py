@@ -66,6 +66,7 @@ class WorkerView:
     pid: int
     restarts: int
     transport: str = ""
+    local_step: int = 0  # local-sgd: inner steps (``step`` counts rounds)
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ class JobManager:
         workers = tuple(
             WorkerView(w.rank, run.phases[w.rank] if run.phases else WorkerPhase.STARTING, w.clock,
                        w.staleness, w.max_staleness, w.host, w.pid, run.restarts[w.rank] if run.restarts else 0,
-                       w.transport)
+                       w.transport, getattr(w, "local_step", 0))
             for w in store.workers()
         )
         rec = dataclasses.replace(rec, step=store.step(), version=store.version,
@@ -364,7 +365,7 @@ class JobManager:
             lr = store.lr() if isinstance(store, ParameterStore) else metrics.get("lr")
             if lr is not None:
                 point["lr"] = float(lr)
-            if isinstance(store, ParameterStore) and run.spec.mode != "ps-sync":
+            if isinstance(store, ParameterStore) and run.spec.store_mode != "ps-sync":
                 workers = store.workers()
                 point["staleness"] = sum(w.staleness for w in workers) / max(len(workers), 1)
         else:

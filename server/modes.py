@@ -66,6 +66,17 @@ class ModeRuntime(Protocol):
 
 
 def store_config(job_id: str, spec: JobSpec) -> StoreConfig:
+    """What the job's parameter store does. In local-sgd a store step is a round: workers push
+    their parameters' change over the round (global - local, the pseudo-gradient) and the
+    store takes the outer optimizer's step; the inner optimizer, its schedule and clipping are
+    the workers'."""
+    if spec.mode == "local-sgd":
+        assert spec.outer_optimizer is not None
+        return StoreConfig(
+            job_id=job_id, mode=spec.store_mode, world_size=spec.workers, optimizer=spec.outer_optimizer.name,
+            lr=spec.outer_optimizer.lr, hyper=dict(spec.outer_optimizer.hyper), schedule=None,
+            checkpoint_every=spec.checkpoint_every, compression=spec.compression, buffers=spec.buffers,
+        )
     return StoreConfig(
         job_id=job_id, mode=spec.mode, world_size=spec.workers, staleness=spec.effective_staleness,
         optimizer=spec.optimizer.name, lr=spec.optimizer.lr, hyper=dict(spec.optimizer.hyper),
@@ -126,7 +137,7 @@ class PSRuntime:
         if not store.finished():
             return JobState.FAILED, "the workers stopped before the last step"
         self._final_checkpoint()
-        if self.run.spec.mode != "ps-sync":
+        if self.run.spec.store_mode != "ps-sync":
             rec = self.host.db.get(self.run.id)
             staleness = max(w.max_staleness for w in store.workers())
             self.host.db.update(self.run.id, metrics={**rec.metrics, "max_staleness": float(staleness)})

@@ -262,6 +262,8 @@ class ParameterStore(WorkerTable):
         with self._cond:
             w = self._worker(rank)
             w.last_seen = self._now()
+            if step is not None:
+                w.local_step = step
             return self._closed
 
     # ----------------------------------------------------------------- push

@@ -30,6 +30,7 @@ class WorkerState:
     transport: str = ""  # how its gradients arrive: "tcp", "unix" or "grpc" (the latest seen)
     bytes_in: int = 0  # gradient bytes it pushed (as they travelled: the wire dtype), accepted or not
     bytes_out: int = 0  # parameter bytes it pulled
+    local_step: int = 0  # local-sgd: its inner steps so far (its heartbeats say)
 
 
 class WorkerTable:

@@ -60,6 +60,10 @@ class WorkerActor:
         # the channel is created here, inside the actor's process, never inherited
         with ServerLink(self.server_address, self.job_id, self.rank, spec.compression, spec.transport,
                         self.credential, self.tls_ca) as client:
+            if spec.mode == "local-sgd":
+                from gradhub.worker.local_sgd import LocalSGDTrainer
+
+                return asdict(LocalSGDTrainer(spec, self.rank, client, work).run())
             if spec.is_ps:
                 from gradhub.worker.loop import PSTrainer
 

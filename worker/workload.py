@@ -253,6 +253,10 @@ class Meter:
         self._steps += 1
         self._comm_s += comm_s
 
+    def add_comm(self, seconds: float) -> None:
+        """Communication outside a step (local-sgd's exchange at the end of a round)."""
+        self._comm_s += seconds
+
     def due(self, last: bool) -> dict[str, float] | None:
         """The window's metrics when it is time to report (or ``last``), else None."""
         now = time.perf_counter()

@@ -34,7 +34,10 @@ from gradhub.proto.contract._validate import (
 )
 from gradhub.proto.contract.errors import SpecError
 
-MODES = ("ps-sync", "ps-async", "ps-ssp", "allreduce")
+MODES = ("ps-sync", "ps-async", "ps-ssp", "allreduce", "local-sgd")
+# local-sgd's outer optimizer unless the spec names one: DiLoCo's (arXiv 2311.08105)
+DEFAULT_OUTER_OPTIMIZER = {"name": "sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True}
+DEFAULT_LOCAL_STEPS = 10
 COMPRESSIONS = ("none", "fp16", "bf16")
 TRANSPORTS = ("auto", "grpc")
 BUILTIN_MODELS = frozenset({"mlp", "cnn"})
@@ -332,6 +335,11 @@ class JobSpec:
     accumulate: int = 1
     clip_grad_norm: float | None = None
     metrics: ComponentSpec | None = None
+    # local-sgd: inner steps per round, the server's outer optimizer, and whether a round
+    # waits for every worker (sync) or applies each worker's change on arrival (async)
+    local_steps: int | None = None
+    outer_optimizer: OptimizerSpec | None = None
+    outer_sync: bool | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -384,6 +392,25 @@ class JobSpec:
             check_number("val_fraction", self.val_fraction, lo=0, hi=1, hi_open=True),
         )
         self._check_training_options()
+        self._check_local_sgd()
+
+    def _check_local_sgd(self) -> None:
+        """local-sgd's own fields: defaults when it is the mode, errors when it is not."""
+        put = object.__setattr__
+        if self.mode != "local-sgd":
+            for name in ("local_steps", "outer_optimizer", "outer_sync"):
+                if getattr(self, name) is not None:
+                    raise SpecError(name, f"only applies to mode local-sgd, not {self.mode!r}")
+            return
+        steps = DEFAULT_LOCAL_STEPS if self.local_steps is None else self.local_steps
+        put(self, "local_steps", check_int("local_steps", steps, lo=1, hi=1_000_000))
+        outer = DEFAULT_OUTER_OPTIMIZER if self.outer_optimizer is None else self.outer_optimizer
+        put(self, "outer_optimizer", _optimizer(outer, "outer_optimizer"))
+        if self.outer_optimizer is not None and self.outer_optimizer.param_groups:
+            raise SpecError("outer_optimizer.param_groups", "the outer optimizer takes no parameter groups")
+        put(self, "outer_sync", check_bool("outer_sync", True if self.outer_sync is None else self.outer_sync))
+        if self.buffers == "average" and not self.outer_sync:
+            raise SpecError("buffers", "'average' needs outer_sync: true; use 'broadcast' or 'local'")
 
     def _check_training_options(self) -> None:
         """The options that make any PyTorch model train as it would in plain PyTorch."""
@@ -422,8 +449,25 @@ class JobSpec:
 
     @property
     def is_ps(self) -> bool:
-        """True for the parameter-server modes (``ps-sync``, ``ps-async``, ``ps-ssp``)."""
-        return self.mode.startswith("ps-")
+        """True for the modes the parameter server serves (``ps-*``, and ``local-sgd``, whose
+        outer step it takes)."""
+        return self.mode.startswith("ps-") or self.mode == "local-sgd"
+
+    @property
+    def store_mode(self) -> str:
+        """How the parameter store applies what workers push: the ps mode itself, or for
+        local-sgd a round as ps-sync (``outer_sync``) or ps-async applies a step."""
+        if self.mode == "local-sgd":
+            return "ps-sync" if self.outer_sync else "ps-async"
+        return self.mode
+
+    def rounds(self, total_steps: int) -> int:
+        """local-sgd: the rounds of ``local_steps`` inner steps that ``total_steps`` make (the
+        last one may be shorter); other modes: ``total_steps``."""
+        if self.mode != "local-sgd":
+            return total_steps
+        assert self.local_steps is not None
+        return -(-total_steps // self.local_steps)
 
     @property
     def effective_staleness(self) -> int:

@@ -23,7 +23,7 @@ FAILED: JobState
 CANCELLED: JobState
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("rank", "state", "step", "staleness", "max_staleness", "host", "restarts", "pid", "transport")
+    __slots__ = ("rank", "state", "step", "staleness", "max_staleness", "host", "restarts", "pid", "transport", "local_step")
     RANK_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class WorkerStatus(_message.Message):
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEP_FIELD_NUMBER: _ClassVar[int]
     rank: int
     state: str
     step: int
@@ -42,7 +43,8 @@ class WorkerStatus(_message.Message):
     restarts: int
     pid: int
     transport: str
-    def __init__(self, rank: _Optional[int] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., staleness: _Optional[int] = ..., max_staleness: _Optional[int] = ..., host: _Optional[str] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
+    local_step: int
+    def __init__(self, rank: _Optional[int] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., staleness: _Optional[int] = ..., max_staleness: _Optional[int] = ..., host: _Optional[str] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ..., transport: _Optional[str] = ..., local_step: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "name", "mode", "state", "reason", "spec_json", "created_at", "started_at", "finished_at", "step", "total_steps", "version", "metrics", "workers", "samples_per_second", "world_size", "owner", "tensorboard_dir")

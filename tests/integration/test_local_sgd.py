@@ -1,0 +1,133 @@
+"""local-sgd (DiLoCo) through the real server and real Ray workers:
+
+- in sync mode, a job equals a plain single-process DiLoCo (N model copies trained in turn,
+  each with its own inner AdamW that keeps its state across rounds, pseudo-gradients
+  ``global - local`` averaged, an outer SGD step with Nesterov momentum) to <= 1e-5;
+- ``local_steps: 1`` with an inner SGD and an outer SGD of lr 1 without momentum is ps-sync;
+- status shows rounds, each worker's local step and the bytes a round moves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradhub.client.client import Client
+from gradhub.worker.data import digits, get_batch, global_batch_indices
+from gradhub.worker.models import mlp
+
+from ..conftest import final_params
+
+BATCH, SEED, HIDDEN = 16, 11, [32]
+INNER = {"name": "adamw", "lr": 0.003, "weight_decay": 0.01}
+OUTER = {"name": "sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True}
+
+
+def spec(workers: int, steps: int, local_steps: int, inner: dict, outer: dict | None = None,
+         mode: str = "local-sgd") -> dict:
+    out = {"name": f"local-sgd-{workers}-{local_steps}", "mode": mode, "workers": workers,
+           "resources": {"cpus": 0.5}, "model": {"name": "mlp", "args": {"hidden": HIDDEN}}, "dataset": "digits",
+           "optimizer": inner, "batch_size": BATCH, "steps": steps, "seed": SEED}
+    if mode == "local-sgd":
+        out["local_steps"] = local_steps
+        if outer is not None:
+            out["outer_optimizer"] = outer
+    return out
+
+
+def _optimizer(params, spec: dict) -> torch.optim.Optimizer:
+    hyper = {k: v for k, v in spec.items() if k not in ("name", "lr")}
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[spec["name"]]
+    return cls(params, lr=spec["lr"], **hyper)
+
+
+def diloco(workers: int, steps: int, local_steps: int, inner: dict, outer: dict) -> dict[str, torch.Tensor]:
+    """Plain single-process DiLoCo: the reference."""
+    torch.manual_seed(SEED)
+    model = mlp(hidden=HIDDEN)
+    copies = []
+    for _ in range(workers):
+        torch.manual_seed(SEED)
+        copy = mlp(hidden=HIDDEN)
+        copies.append((copy, _optimizer(copy.parameters(), inner)))
+    outer_opt = _optimizer(model.parameters(), outer)
+    train, _ = digits()
+    loss_fn = nn.CrossEntropyLoss()
+    for start in range(0, steps, local_steps):
+        deltas = []
+        for rank, (copy, opt) in enumerate(copies):
+            copy.load_state_dict(model.state_dict())
+            for step in range(start, min(start + local_steps, steps)):
+                mine = global_batch_indices(len(train), workers * BATCH, SEED, step)[rank * BATCH:(rank + 1) * BATCH]
+                x, y = get_batch(train, mine)
+                opt.zero_grad()
+                loss_fn(copy(x), y).backward()
+                opt.step()
+            deltas.append([g.detach() - c.detach() for g, c in zip(model.parameters(), copy.parameters(), strict=True)])
+        outer_opt.zero_grad()
+        for i, p in enumerate(model.parameters()):
+            p.grad = sum(d[i] for d in deltas) / workers
+        outer_opt.step()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.timeout(300)
+def test_sync_local_sgd_equals_plain_diloco(server, tmp_path):
+    steps, h = 40, 10  # four rounds
+    with Client(server.address) as client:
+        jobs = {n: client.submit(spec(n, steps, h, INNER)) for n in (1, 2)}  # the default outer optimizer
+        for n, job in jobs.items():
+            info = job.wait(timeout=240)
+            assert info.state == "SUCCEEDED", info.reason
+            assert info.step == info.total_steps == steps // h  # the job's steps are rounds
+            assert info.metrics["bytes_per_round"] > 0
+            got = final_params(client, info, tmp_path / str(n))
+            expected = diloco(n, steps, h, INNER, OUTER)
+            assert worst(got, expected) <= 1e-5, f"{n} workers: differs from plain DiLoCo by {worst(got, expected):.3g}"
+            torch.manual_seed(SEED)
+            assert worst(got, {k: v.detach() for k, v in mlp(hidden=HIDDEN).state_dict().items()}) > 1e-3
+
+
+@pytest.mark.timeout(300)
+def test_one_local_step_with_a_plain_outer_sgd_is_ps_sync(server, tmp_path):
+    inner = {"name": "sgd", "lr": 0.05}
+    with Client(server.address) as client:
+        local = client.submit(spec(2, 30, 1, inner, {"name": "sgd", "lr": 1.0})).wait(timeout=240)
+        plain = client.submit(spec(2, 30, 1, inner, mode="ps-sync")).wait(timeout=240)
+        assert local.state == plain.state == "SUCCEEDED", (local.reason, plain.reason)
+        a = final_params(client, local, tmp_path / "local")
+        b = final_params(client, plain, tmp_path / "plain")
+    assert worst(a, b) <= 1e-5
+
+
+def test_local_sgd_fields_are_checked():
+    from gradhub.proto.contract.errors import SpecError
+    from gradhub.proto.contract.spec import JobSpec
+
+    base = spec(2, 10, 5, INNER)
+    parsed = JobSpec.from_dict(base)
+    assert parsed.is_ps and parsed.store_mode == "ps-sync" and parsed.rounds(11) == 3
+    assert parsed.outer_optimizer is not None and parsed.outer_optimizer.hyper == {"momentum": 0.9, "nesterov": True}
+    assert JobSpec.from_dict({**base, "outer_sync": False}).store_mode == "ps-async"
+    for bad, field in (({"local_steps": 0}, "local_steps"), ({"outer_optimizer": {"name": "nope"}}, "outer_optimizer"),
+                       ({"outer_sync": "yes"}, "outer_sync")):
+        with pytest.raises(SpecError, match=field):
+            JobSpec.from_dict({**base, **bad})
+    with pytest.raises(SpecError, match="local_steps: only applies to mode local-sgd"):
+        JobSpec.from_dict({**spec(2, 10, 5, INNER, mode="ps-sync"), "local_steps": 5})
+
+
+@pytest.mark.timeout(300)
+def test_async_local_sgd_applies_each_workers_round_on_arrival(server):
+    with Client(server.address) as client:
+        info = client.submit({**spec(2, 40, 10, INNER), "outer_sync": False, "eval_every": 20}).wait(timeout=240)
+        assert info.state == "SUCCEEDED", info.reason
+        assert info.step == 4 and info.version == 8  # each worker's four rounds, each its own outer step
+        assert "max_staleness" in info.metrics and "val_accuracy" in info.metrics
+        assert [w.local_step for w in client.get_job(info.id).workers] in ([], [40, 40])
