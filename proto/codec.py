@@ -27,11 +27,16 @@ WIRE_DTYPES: dict[int, torch.dtype] = {
     tensor_pb2.FLOAT16: torch.float16,
     tensor_pb2.BFLOAT16: torch.bfloat16,
 }
+# a job's compression -> the dtype its pushes carry (pulls: ``params_dtype``)
 COMPRESSION_DTYPES: dict[str, int] = {
     "none": tensor_pb2.FLOAT32,
     "fp16": tensor_pb2.FLOAT16,
     "bf16": tensor_pb2.BFLOAT16,
+    "int8": tensor_pb2.QINT8,
+    "int4": tensor_pb2.QINT4,
 }
+# block-quantised push dtypes and their bits (the format: gradhub.proto.quant)
+QUANT_BITS: dict[int, int] = {tensor_pb2.QINT8: 8, tensor_pb2.QINT4: 4}
 
 
 def dtype_name(wire_dtype: int) -> str:
@@ -46,6 +51,19 @@ def torch_dtype(wire_dtype: int) -> torch.dtype:
         return WIRE_DTYPES[wire_dtype]
     except KeyError:
         raise ProtocolError(f"dtype: unknown wire dtype {wire_dtype}") from None
+
+
+def payload_dtype(wire_dtype: int) -> torch.dtype:
+    """The dtype of a payload's raw tensor: the wire dtype's, or uint8 for a quantised push
+    (scales and codes, decoded by gradhub.proto.quant)."""
+    return torch.uint8 if wire_dtype in QUANT_BITS else torch_dtype(wire_dtype)
+
+
+def params_dtype(compression: str) -> int:
+    """The dtype pulled parameters travel in: the compression's float dtype, FLOAT32 for the
+    quantised ones (parameters are never quantised)."""
+    wire = COMPRESSION_DTYPES[compression]
+    return tensor_pb2.FLOAT32 if wire in QUANT_BITS else wire
 
 
 @dataclass(frozen=True)
@@ -134,9 +152,12 @@ def as_bytes(flat: torch.Tensor) -> memoryview:
 
 
 def encode(flat: torch.Tensor, wire_dtype: int) -> torch.Tensor:
-    """``flat`` (float32) converted to the wire dtype, as a contiguous CPU tensor."""
-    target = torch_dtype(wire_dtype)
+    """``flat`` (float32) converted to the wire dtype, as a contiguous CPU tensor; a quantised
+    push's ``flat`` is its payload already (uint8, from gradhub.proto.quant)."""
+    target = payload_dtype(wire_dtype)
     out = flat.detach()
+    if target == torch.uint8 and out.dtype != torch.uint8:
+        raise ValueError(f"encode: a {dtype_name(wire_dtype)} push is quantised first (gradhub.proto.quant)")
     if out.dtype != target:
         out = out.to(target)
     if out.device.type != "cpu":
@@ -203,15 +224,16 @@ class Receiver:
         self.received = end
 
     def tensor(self, wire_dtype: int) -> torch.Tensor:
-        """The received bytes as a flat tensor of the wire dtype (shares the buffer)."""
+        """The received bytes as a flat tensor of the wire dtype (a quantised push: its uint8
+        payload), sharing the buffer."""
         if self.received != self.expected:
             raise ProtocolError(
                 f"byte count: got {self.received} of the expected {self.expected} bytes "
                 "(stream cut short?)"
             )
         if self.expected == 0:
-            return torch.empty(0, dtype=torch_dtype(wire_dtype))
-        return torch.frombuffer(self.buffer, dtype=torch_dtype(wire_dtype))
+            return torch.empty(0, dtype=payload_dtype(wire_dtype))
+        return torch.frombuffer(self.buffer, dtype=payload_dtype(wire_dtype))
 
 
 # --- the hot path: data chunks encoded by hand, byte-identical to protobuf's encoding ---

@@ -142,8 +142,7 @@ class StatePlan:
     and how to turn them into the TrainingState (``decode``)."""
 
     def __init__(self, header: ps_pb2.CheckpointHeader) -> None:
-        if not header.params:
-            raise ProtocolError("params: the checkpoint lists no parameters")
+        """A header without params is a worker's own state (local-sgd's inner optimizer)."""
         for i, m in enumerate(header.params):
             if m.dtype not in BUFFER_DTYPES:
                 raise ProtocolError(f"params[{i}].dtype: '{m.name}' has unknown dtype {m.dtype}")
@@ -151,10 +150,11 @@ class StatePlan:
             if m.dtype != tensor_pb2.FLOAT32:
                 raise ProtocolError(f"state[{i}].dtype: '{m.name}' must be FLOAT32")
         self.header = header
-        self.params_layout = Layout.from_metas(header.params)
+        self.params_layout = Layout.from_metas(header.params) if header.params else None
         self.state_layout = Layout.from_metas(header.state) if header.state else None
         self.dtypes = [BUFFER_DTYPES[m.dtype] for m in header.params]
-        self.sizes = [n * d.itemsize for n, d in zip(self.params_layout.numels, self.dtypes, strict=True)]
+        numels = self.params_layout.numels if self.params_layout else ()
+        self.sizes = [n * d.itemsize for n, d in zip(numels, self.dtypes, strict=True)]
         self.params_bytes = sum(self.sizes)
         self.nbytes = self.params_bytes + (self.state_layout.nbytes(tensor_pb2.FLOAT32) if self.state_layout else 0)
 
@@ -166,7 +166,8 @@ class StatePlan:
         raw = torch.frombuffer(receiver.buffer, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
         params, offset = {}, 0
         layout = self.params_layout
-        for name, shape, dtype, size in zip(layout.names, layout.shapes, self.dtypes, self.sizes, strict=True):
+        names, shapes = (layout.names, layout.shapes) if layout else ((), ())
+        for name, shape, dtype, size in zip(names, shapes, self.dtypes, self.sizes, strict=True):
             # a copy: a tensor after an odd-sized one (int8, bool) does not start aligned
             t = raw[offset:offset + size].clone().view(dtype).view(shape) if size else torch.empty(shape, dtype=dtype)
             if dtype.is_floating_point and not bool(t.isfinite().all()):

@@ -43,12 +43,18 @@ class WorkerBackend(Protocol):
         """An allreduce job's tracker (FAILED_PRECONDITION for a ps-* job)."""
         ...
 
+    def takes_states(self, job_id: str) -> None:
+        """FAILED_PRECONDITION unless the job's workers send states (allreduce, local-sgd)."""
+        ...
+
     def save_checkpoint(self, job_id: str, rank: int, state: TrainingState) -> tuple[int, int]:
-        """allreduce mode: store rank 0's state; returns (step, bytes written)."""
+        """allreduce: store rank 0's state; local-sgd: a worker's inner state at a round;
+        returns (step, bytes written)."""
         ...
 
     def load_checkpoint(self, job_id: str, rank: int) -> TrainingState:
-        """allreduce mode: the state the job's current group starts from."""
+        """allreduce: the state the job's current group starts from; local-sgd: the worker's
+        kept inner state and the global parameters of the rounds since (to replay)."""
         ...
 
     def join_group(self, job_id: str, rank: int, step: int | None) -> tuple[Formation | None, int, str]:
@@ -149,7 +155,7 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
             header = first.header
             # UNAUTHENTICATED, NOT_FOUND, FAILED_PRECONDITION before reading the bytes
             await asyncio.to_thread(self._backend.check_worker, header.job_id, job_credential(context))
-            await asyncio.to_thread(self._backend.tracker, header.job_id)
+            await asyncio.to_thread(self._backend.takes_states, header.job_id)
             plan = StatePlan(header)
             if plan.nbytes > self._max_state_bytes:
                 raise ProtocolError(f"params: a state of {plan.nbytes} bytes is over the server's limit of "

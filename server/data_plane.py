@@ -32,10 +32,10 @@ from typing import Protocol, Self, TypeVar
 import torch
 
 from gradhub.proto import frames
-from gradhub.proto.codec import as_bytes, torch_dtype
+from gradhub.proto.codec import as_bytes, payload_dtype, torch_dtype
 from gradhub.proto.contract.errors import GradhubError, ProtocolError
 from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
-from gradhub.server.ps_requests import init_request, push_buffers, push_bytes
+from gradhub.server.ps_requests import init_request, push_buffers, push_bytes, take_push
 from gradhub.server.rpc import status_for
 from gradhub.server.store import ParameterStore, Snapshot
 from gradhub.server.waits import MAX_PULL_WAIT_S, StoreCalls
@@ -352,9 +352,9 @@ class DataPlane:
             raise _Refused(e) from e
         buffer = conn.gradient_buffer(nbytes, store.version)
         await self._recv_into(conn, memoryview(buffer), IDLE_TIMEOUT_S)
-        wire_dtype = store.config.wire_dtype
-        grad = torch.frombuffer(buffer, dtype=torch_dtype(wire_dtype)) if nbytes else \
-            torch.empty(0, dtype=torch_dtype(wire_dtype))
+        wire_dtype = store.config.params_dtype  # of the parameters this push may pull
+        grad = torch.frombuffer(buffer, dtype=payload_dtype(store.config.wire_dtype)) if nbytes else \
+            torch.empty(0, dtype=payload_dtype(store.config.wire_dtype))
         pull_step = header.step + 1 if frame.pull_next else None
         try:
             accepted, version, snapshot = await self._calls.call(
@@ -476,9 +476,9 @@ class DataPlane:
 def _push_then_try_pull(store: ParameterStore, header: ps_pb2.PushHeader, grad: torch.Tensor,
                         buffers: dict[str, torch.Tensor] | None, pull_step: int | None, wire_dtype: int,
                         ) -> tuple[bool, int, Snapshot | None]:
-    """A push, and (``pull_step``) the parameters for the next step when they are ready already."""
-    accepted, version = store.push(header.rank, header.step, header.base_version, grad, buffers,
-                                   list(header.unused))
+    """A push (decoded when quantised), and (``pull_step``) the parameters for the next step
+    when they are ready already."""
+    accepted, version = take_push(store, header, grad, buffers)
     snapshot = None if pull_step is None else store.try_pull(header.rank, pull_step, wire_dtype)
     return accepted, version, snapshot
 

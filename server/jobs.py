@@ -25,6 +25,7 @@ from gradhub.proto.contract.errors import (
     AuthError,
     GradhubError,
     NotFoundError,
+    ProtocolError,
     ResourceExhaustedError,
     SpecError,
     StateError,
@@ -45,6 +46,7 @@ from gradhub.server.rendezvous import RendezvousStore
 from gradhub.server.store import ParameterStore
 from gradhub.server.tensorboard import TensorBoardLogs
 from gradhub.server.tracker import Formation, GroupTracker
+from gradhub.server.worker_states import WorkerStates
 from gradhub.server.working_dirs import WorkingDirs
 from gradhub.server.write_behind import WriteBehind
 
@@ -99,6 +101,7 @@ class JobManager:
         self._waiting: dict[str, str] = {}  # why each queued job waits, as its record says
         self._behind = WriteBehind()  # the database writes of workers' calls
         self._tensorboard = TensorBoardLogs(config.data_dir / "tensorboard")  # written by _behind's thread
+        self._worker_states = WorkerStates(config.data_dir / "worker_states")  # local-sgd's inner states
         # told of every change; replaced whole (under _cond), read without a lock
         self._listeners: tuple[Callable[[], None], ...] = ()
         self._stopping = False
@@ -234,6 +237,7 @@ class JobManager:
             self._db.delete(job_id)
             self._changed()
         self._ckpts.delete_job(job_id)
+        self._worker_states.delete_job(job_id)
         self._working_dirs.delete(job_id)
         self._behind.put(None, lambda: self._tensorboard.delete(job_id))
         self._behind.flush()  # gone when the call returns
@@ -293,8 +297,16 @@ class JobManager:
                              "server keeps its state and writes its checkpoints itself")
         return tracker
 
+    def takes_states(self, job_id: str) -> None:
+        if self._running(job_id).spec.mode != "local-sgd":
+            self.tracker(job_id)  # FAILED_PRECONDITION for the other ps modes
+
     def save_checkpoint(self, job_id: str, rank: int, state: TrainingState) -> tuple[int, int]:
         spec = self._running(job_id).spec
+        if spec.mode == "local-sgd":
+            return self._save_worker_state(job_id, rank, state)
+        if not state.params:
+            raise ProtocolError("params: the checkpoint lists no parameters")
         tracker = self.tracker(job_id)
         layout = Layout(tuple(state.params), tuple(tuple(t.shape) for t in state.params.values()))
         tracker.accept_checkpoint(rank, state.step, layout)
@@ -311,7 +323,37 @@ class JobManager:
         self.notify()
         return info.step, info.size_bytes
 
+    def _save_worker_state(self, job_id: str, rank: int, state: TrainingState) -> tuple[int, int]:
+        """A local-sgd worker's inner state at round ``state.step``: once every worker's is
+        kept, the older ones and the store's parameters of the rounds before go."""
+        store = self.store(job_id)
+        store.check_registered(rank)
+        size = self._worker_states.save(job_id, rank, state)
+        if self._worker_states.complete(job_id, state.step, len(store.workers())):
+            self._worker_states.prune(job_id, before=state.step)
+            store.trim_history(state.step)
+        return state.step, size
+
+    def worker_states_kept(self, job_id: str, round_: int, workers: int) -> bool:
+        return self._worker_states.complete(job_id, round_, workers)
+
+    def _load_worker_state(self, job_id: str, rank: int) -> TrainingState:
+        """What a restarted local-sgd worker needs to go on exactly: its latest kept inner
+        state (none: it starts afresh at round 0) and the global parameters of every round
+        from there to the one it owes (``global.<round>``), which it replays."""
+        store = self.store(job_id)
+        store.check_registered(rank)
+        owed = store.workers()[rank].clock
+        kept = self._worker_states.latest(job_id, rank, owed)
+        state = (self._worker_states.load(job_id, rank, kept) if kept is not None
+                 else TrainingState(step=0, params={}))
+        params = {f"global.{r}": store.global_at(r) for r in range(state.step, owed)}
+        return TrainingState(step=state.step, params=params, optimizer_state=state.optimizer_state,
+                             scheduler_state=state.scheduler_state)
+
     def load_checkpoint(self, job_id: str, rank: int) -> TrainingState:
+        if self._running(job_id).spec.mode == "local-sgd":
+            return self._load_worker_state(job_id, rank)
         tracker = self.tracker(job_id)
         tracker.heartbeat(rank)  # NOT_FOUND for a rank outside the job
         step = tracker.start_step

@@ -35,6 +35,10 @@ class Host(Protocol):
 
     def notify(self) -> None: ...
 
+    def worker_states_kept(self, job_id: str, round_: int, workers: int) -> bool:
+        """local-sgd: whether every worker's inner state at ``round_`` is kept."""
+        ...
+
 
 class ModeRuntime(Protocol):
     table: ParameterStore | GroupTracker
@@ -76,13 +80,15 @@ def store_config(job_id: str, spec: JobSpec) -> StoreConfig:
             job_id=job_id, mode=spec.store_mode, world_size=spec.workers, optimizer=spec.outer_optimizer.name,
             lr=spec.outer_optimizer.lr, hyper=dict(spec.outer_optimizer.hyper), schedule=None,
             checkpoint_every=spec.checkpoint_every, compression=spec.compression, buffers=spec.buffers,
+            compression_block=spec.compression_block,
+            keep_history=spec.store_mode == "ps-sync",
         )
     return StoreConfig(
         job_id=job_id, mode=spec.mode, world_size=spec.workers, staleness=spec.effective_staleness,
         optimizer=spec.optimizer.name, lr=spec.optimizer.lr, hyper=dict(spec.optimizer.hyper),
         schedule=spec.lr_schedule.to_dict(), checkpoint_every=spec.checkpoint_every,
         compression=spec.compression, param_groups=spec.optimizer.param_groups, buffers=spec.buffers,
-        clip_grad_norm=spec.clip_grad_norm,
+        clip_grad_norm=spec.clip_grad_norm, compression_block=spec.compression_block,
     )
 
 
@@ -100,6 +106,9 @@ class PSRuntime:
         self.run, self.host = run, host
         self.table: ParameterStore = ParameterStore(store_config(run.id, run.spec), on_checkpoint=run.checkpoints.put,
                                                     clock=clock)
+        # sync local-sgd: a checkpoint waits here until every worker's inner state of its round
+        # is kept, so that a job resumed from it finds them all (its workers replay from there)
+        self._waiting: list[CheckpointState] = []
 
     def prepare(self) -> None:
         if not self.run.resume:
@@ -125,7 +134,14 @@ class PSRuntime:
         """Write the checkpoints the store took. One that cannot be written (a full disk) is
         logged and training goes on: the next one tries again (only the final one must be)."""
         while not self.run.checkpoints.empty():
-            state = self.run.checkpoints.get_nowait()
+            self._waiting.append(self.run.checkpoints.get_nowait())
+        spec = self.run.spec
+        while self._waiting:
+            state = self._waiting[0]
+            if spec.mode == "local-sgd" and spec.outer_sync and not self.host.worker_states_kept(
+                    self.run.id, state.step, spec.workers):
+                return
+            self._waiting.pop(0)
             try:
                 self._save(state)
             except OSError as e:

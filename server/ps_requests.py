@@ -59,9 +59,32 @@ def push_bytes(store: ParameterStore, header: ps_pb2.PushHeader) -> int:
     layout = store.layout
     if layout is None:
         raise StateError("parameters: the job has no parameters yet; pull before pushing")
-    wire_dtype = store.config.wire_dtype
-    layout.check_metas(header.tensors, wire_dtype)
-    return layout.nbytes(wire_dtype)
+    config = store.config
+    layout.check_metas(header.tensors, config.wire_dtype)
+    quant = config.quant
+    if quant is None:
+        if header.quant_block:
+            raise ProtocolError(f"quant_block: {header.quant_block}, but compression {config.compression!r} "
+                                "does not quantise")
+        return layout.nbytes(config.wire_dtype)
+    if header.quant_block != quant.block:
+        raise ProtocolError(f"quant_block: {header.quant_block}, the job's compression_block is {quant.block}")
+    return quant.nbytes(layout.numel)
+
+
+def take_push(store: ParameterStore, header: ps_pb2.PushHeader, payload: torch.Tensor,
+              buffers: dict[str, torch.Tensor] | None) -> tuple[bool, int]:
+    """Hand a received push (its checked bytes as ``payload``, in the payload dtype) to the
+    store: as it is, or decoded to float32 when the job quantises (the store keeps float32).
+    Returns (accepted, version)."""
+    quant = store.config.quant
+    if quant is None:
+        return store.push(header.rank, header.step, header.base_version, payload, buffers, list(header.unused))
+    layout = store.layout
+    assert layout is not None  # push_bytes checked it
+    grad = quant.decode(payload, layout.numel)
+    return store.push(header.rank, header.step, header.base_version, grad, buffers, list(header.unused),
+                      wire_bytes=payload.numel())
 
 
 def push_buffers(header: ps_pb2.PushHeader) -> dict[str, torch.Tensor] | None:

@@ -16,7 +16,7 @@ from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server import limits
 from gradhub.server.control_service import WorkerBackend
-from gradhub.server.ps_requests import init_request, push_buffers, push_bytes
+from gradhub.server.ps_requests import init_request, push_buffers, push_bytes, take_push
 from gradhub.server.rpc import handler, job_credential
 from gradhub.server.store import ParameterStore
 from gradhub.server.waits import MAX_PULL_WAIT_S, StoreCalls
@@ -73,8 +73,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         receiver = Receiver(push_bytes(store, header))
         await limits.receive(chunks, receiver, to_end)
         grad = receiver.tensor(store.config.wire_dtype)
-        accepted, version = await self._calls.call(store, store.push, header.rank, header.step, header.base_version,
-                                                   grad, push_buffers(header), list(header.unused))
+        accepted, version = await self._calls.call(store, take_push, store, header, grad, push_buffers(header))
         store.note_transport(header.rank, "grpc")
         return header, store, accepted, version
 
@@ -110,7 +109,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 if first is None:
                     return  # the worker closed its session
                 header, store, _, _ = await self._push(first, chunks, context, to_end=False)
-                async for message in self._pull(store, header.rank, header.step + 1, store.config.wire_dtype,
+                async for message in self._pull(store, header.rank, header.step + 1, store.config.params_dtype,
                                                 context):
                     yield message
 

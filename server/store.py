@@ -36,12 +36,14 @@ import torch
 from gradhub.proto.codec import (
     CHUNK_BYTES,
     COMPRESSION_DTYPES,
+    QUANT_BITS,
     Layout,
     as_bytes,
     encode,
     iter_data_chunks,
+    params_dtype,
 )
-from gradhub.proto.contract.errors import ProtocolError, SpecError, StateError
+from gradhub.proto.contract.errors import NotFoundError, ProtocolError, SpecError, StateError
 from gradhub.proto.contract.optim import (
     build_optimizer,
     build_scheduler,
@@ -50,6 +52,7 @@ from gradhub.proto.contract.optim import (
     parameter_groups,
 )
 from gradhub.proto.model_state import ModelLayout, tensors_to_proto
+from gradhub.proto.quant import DEFAULT_BLOCK, BlockQuant
 from gradhub.proto.v1 import tensor_pb2
 from gradhub.server.workers import WorkerState, WorkerTable
 
@@ -75,6 +78,10 @@ class StoreConfig:
     param_groups: tuple[Mapping[str, Any], ...] = ()
     buffers: str = "broadcast"  # whose buffers the job keeps: "broadcast" (rank 0), "average", "local"
     clip_grad_norm: float | None = None
+    compression_block: int | None = None  # int8 / int4: values per scale of a pushed gradient (256)
+    # local-sgd (sync): keep the parameters of every version since ``trim_history``, from which
+    # a restarted worker replays the rounds it lost
+    keep_history: bool = False
 
     def __post_init__(self) -> None:
         if self.buffers not in ("broadcast", "average", "local"):
@@ -85,11 +92,24 @@ class StoreConfig:
             raise SpecError("mode", f"the parameter store serves ps-* modes, not {self.mode!r}")
         if self.world_size < 1:
             raise SpecError("workers", "must be >= 1")
+        _ = self.quant  # int8 / int4: a compression_block out of range is a SpecError
 
     @property
     def wire_dtype(self) -> int:
         """The dtype of gradients on the wire (parameters stay float32 on the server)."""
         return COMPRESSION_DTYPES[self.compression]
+
+    @property
+    def params_dtype(self) -> int:
+        """The dtype pulled parameters travel in (float32 when pushes are quantised)."""
+        return params_dtype(self.compression)
+
+    @cached_property
+    def quant(self) -> BlockQuant | None:
+        """The format of quantised pushes (compression int8 / int4), else None."""
+        if self.wire_dtype not in QUANT_BITS:
+            return None
+        return BlockQuant(self.wire_dtype, self.compression_block or DEFAULT_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -161,6 +181,7 @@ class ParameterStore(WorkerTable):
         self._resume: CheckpointState | None = None
         # async modes: how many pushes were applied at each staleness (read for /metrics)
         self.staleness_counts: dict[int, int] = {}
+        self._history: dict[int, torch.Tensor] = {}  # version -> parameters (keep_history)
 
     # ----------------------------------------------------------------- setup
     @property
@@ -249,6 +270,7 @@ class ParameterStore(WorkerTable):
         scheduler = build_scheduler(optimizer, c.schedule, max(updates, 1))
         self._layout, self._flat, self._params = layout, flat, params
         self._optimizer, self._scheduler = optimizer, scheduler
+        self._keep_version()
 
     # --------------------------------------------------------------- workers
     def register(self, rank: int, host: str = "", pid: int = 0) -> tuple[int, int, bool]:
@@ -268,12 +290,14 @@ class ParameterStore(WorkerTable):
 
     # ----------------------------------------------------------------- push
     def push(self, rank: int, step: int, base_version: int, grad: torch.Tensor,
-             buffers: Mapping[str, torch.Tensor] | None = None, unused: Sequence[int] = ()) -> tuple[bool, int]:
+             buffers: Mapping[str, torch.Tensor] | None = None, unused: Sequence[int] = (),
+             wire_bytes: int | None = None) -> tuple[bool, int]:
         """Take worker ``rank``'s gradient for ``step``; returns (accepted, version).
 
         ``grad`` is the flat gradient (any float dtype; converted to float32). ``buffers`` are
         the worker's buffers after its forward pass (used as the job's buffer mode says);
-        ``unused`` the indexes of parameters that got no gradient from this worker.
+        ``unused`` the indexes of parameters that got no gradient from this worker;
+        ``wire_bytes`` what the push took on the wire when ``grad`` was decoded from it.
         """
         with self._cond:
             self._check_open()
@@ -302,7 +326,7 @@ class ParameterStore(WorkerTable):
                 self._model.check_buffers(buffers, "buffers")
             elif self.config.buffers == "average" and self._model.buffers and self.config.mode == "ps-sync":
                 raise ProtocolError(f"buffers: worker {rank} sent none; the job averages every worker's buffers")
-            w.bytes_in += grad.numel() * grad.element_size()
+            w.bytes_in += grad.numel() * grad.element_size() if wire_bytes is None else wire_bytes
             grad = grad.to(torch.float32)  # before the check: a float64 value may overflow to inf
             self._check_finite(grad)
             self._check_buffer_values(buffers)
@@ -394,7 +418,26 @@ class ParameterStore(WorkerTable):
             self._scheduler.step()
         self._version += 1
         self._snapshots.clear()
+        self._keep_version()
         self._maybe_checkpoint()
+
+    def _keep_version(self) -> None:
+        if self.config.keep_history and self._flat is not None:
+            self._history[self._version] = self._flat.clone()
+
+    def global_at(self, version: int) -> torch.Tensor:
+        """The parameters at ``version`` (kept with ``keep_history`` since ``trim_history``)."""
+        with self._cond:
+            kept = self._history.get(version)
+        if kept is None:
+            raise NotFoundError(f"version: the parameters of version {version} are not kept any more")
+        return kept
+
+    def trim_history(self, before: int) -> None:
+        """Forget the parameters of versions before ``before``."""
+        with self._cond:
+            for version in [v for v in self._history if v < before]:
+                del self._history[version]
 
     # ----------------------------------------------------------------- pull
     def pull(self, rank: int, step: int, wire_dtype: int, timeout: float | None) -> Snapshot:

@@ -59,7 +59,7 @@ class WorkerActor:
         self._work = None  # a run changes the model: a later run of this process builds afresh
         # the channel is created here, inside the actor's process, never inherited
         with ServerLink(self.server_address, self.job_id, self.rank, spec.compression, spec.transport,
-                        self.credential, self.tls_ca) as client:
+                        self.credential, self.tls_ca, spec.compression_block, bool(spec.error_feedback)) as client:
             if spec.mode == "local-sgd":
                 from gradhub.worker.local_sgd import LocalSGDTrainer
 

@@ -18,7 +18,7 @@ import torch
 
 from gradhub.proto import frames
 from gradhub.proto.channels import SYSTEM_TRUST, tls_context
-from gradhub.proto.codec import Layout, as_bytes, torch_dtype
+from gradhub.proto.codec import Layout, as_bytes, payload_dtype, torch_dtype
 from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import data_pb2, ps_pb2
 
@@ -117,12 +117,15 @@ class DataLink:
         return self._exchange(data_pb2.DataFrame(init=header, payload_bytes=len(data)), data)
 
     def push(self, header: ps_pb2.PushHeader, grads: torch.Tensor, wire_dtype: int,
-             then_pull: tuple[Layout, torch.Tensor] | None = None) -> data_pb2.DataReply:
-        """Send a gradient; with ``then_pull`` (layout, params) the reply brings the parameters
-        for the next step into ``params``."""
-        data = self._outgoing(grads, torch_dtype(wire_dtype))
+             then_pull: tuple[Layout, torch.Tensor] | None = None, params_dtype: int | None = None,
+             ) -> data_pb2.DataReply:
+        """Send a gradient (a quantised push: its payload, uint8); with ``then_pull`` (layout,
+        params) the reply brings the parameters for the next step into ``params``, in
+        ``params_dtype`` (by default ``wire_dtype``)."""
+        data = self._outgoing(grads, payload_dtype(wire_dtype))
         frame = data_pb2.DataFrame(push=header, pull_next=then_pull is not None, payload_bytes=len(data))
-        into = None if then_pull is None else self._params_target(*then_pull, wire_dtype)
+        pulled_dtype = wire_dtype if params_dtype is None else params_dtype
+        into = None if then_pull is None else self._params_target(*then_pull, pulled_dtype)
         return self._exchange(frame, data, into)
 
     def pull(self, request: ps_pb2.PullRequest, layout: Layout, params: torch.Tensor) -> data_pb2.DataReply:

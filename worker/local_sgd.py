@@ -16,10 +16,13 @@ import os
 import socket
 import time
 
+import torch
+
 from gradhub.proto.codec import torch_dtype
 from gradhub.proto.contract.errors import WorkerFailure
 from gradhub.proto.contract.optim import build_scheduler, clip_gradients
 from gradhub.proto.contract.spec import JobSpec
+from gradhub.proto.state import TrainingState
 from gradhub.worker.flat import FlatModel
 from gradhub.worker.server_link import Pulled, ServerLink
 from gradhub.worker.workload import Heartbeat, Meter, Phase, WorkerResult, Workload
@@ -61,13 +64,17 @@ class LocalSGDTrainer:
             self.client.init_parameters(flat.state, flat.params.detach().cpu(), flat.frozen_flat(),
                                         flat.buffer_values())
         round_ = reg.next_step
-        if round_ and scheduler is not None:  # a restart: the schedule goes on where the job is
+        inner = _Inner(work, flat, optimizer, scheduler, trainable, spec)
+        if round_ and spec.outer_sync:  # a restart: back to the state this worker had
+            self._replay(inner, round_, h, total)
+        elif round_ and scheduler is not None:  # async: the schedule goes on where the job is
             for _ in range(min(round_ * h, total)):
                 scheduler.step()
         result = WorkerResult(rank=rank, steps_run=0)
         meter = Meter(work.device)
-        # a round's traffic: the pseudo-gradient out and the parameters in, in the wire dtype
-        round_bytes = 2 * flat.layout.numel * torch_dtype(self.client.wire_dtype).itemsize
+        # a round's traffic: the pseudo-gradient out (quantised: codes and scales) and the parameters in
+        round_bytes = self.client.encoder.push_bytes(flat.layout.numel) + \
+            flat.layout.numel * torch_dtype(self.client.params_dtype).itemsize
 
         def received(pulled: Pulled) -> int:
             if take_buffers:
@@ -84,19 +91,15 @@ class LocalSGDTrainer:
                 if start > 0 and any(work.eval_due(s) for s in range(start - h + 1, start + 1)):
                     phase.at("eval", start)
                     self.client.report(start, "eval", work.evaluate())
+                if spec.outer_sync and spec.checkpoint_every and round_ and round_ % spec.checkpoint_every == 0:
+                    phase.at("checkpoint", start)  # what a restart of this worker replays from
+                    self.client.save_checkpoint(TrainingState(
+                        step=round_, params={}, optimizer_state=optimizer.state_dict(),
+                        scheduler_state=None if scheduler is None else scheduler.state_dict()))
                 global_params = flat.params.detach().clone()
                 for step in range(start, min(start + h, total)):
                     phase.at("train", step)
-                    loss, samples = work.gradient(step, model, flat.zero_grad, lambda: [flat.grads])
-                    unused = set(flat.unused())
-                    for i, p in enumerate(trainable):  # as torch.optim: no gradient, no update
-                        if i in unused:
-                            p.grad = None
-                    clip_gradients(trainable, spec.clip_grad_norm)
-                    optimizer.step()
-                    if scheduler is not None:
-                        scheduler.step()
-                    flat.gather_grads()  # the gradients' views back where backward accumulates
+                    loss, samples = inner.step(step)
                     meter.add(loss, samples)
                     beat.step = step + 1
                     result.steps_run += 1
@@ -123,3 +126,45 @@ class LocalSGDTrainer:
                     self.client.report(rounds, "eval", result.metrics)
         return result
 
+    def _replay(self, inner: _Inner, round_: int, h: int, total: int) -> None:
+        """Rebuild the inner state this worker had when it started round ``round_``: from its
+        latest kept state, each round since is trained again from that round's global
+        parameters (as the server kept them), which gives the same state bit for bit."""
+        self.phase.at("replay", round_ * h)
+        state = self.client.load_checkpoint()
+        if state.optimizer_state is not None:
+            inner.optimizer.load_state_dict(state.optimizer_state)
+        if inner.scheduler is not None and state.scheduler_state is not None:
+            inner.scheduler.load_state_dict(state.scheduler_state)
+        for r in range(state.step, round_):
+            with torch.no_grad():
+                inner.flat.params.copy_(state.params[f"global.{r}"])
+            for step in range(r * h, min((r + 1) * h, total)):
+                inner.step(step)
+        log.info("worker %d: replayed rounds %d to %d to go on at round %d", self.rank, state.step, round_ - 1,
+                 round_)
+
+
+class _Inner:
+    """One inner step, as plain PyTorch takes it: the gradient, no update for a parameter
+    that got none, clipping, the optimizer and its schedule."""
+
+    def __init__(self, work: Workload, flat: FlatModel, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, trainable: list[torch.nn.Parameter],
+                 spec: JobSpec) -> None:
+        self.work, self.flat, self.optimizer, self.scheduler = work, flat, optimizer, scheduler
+        self.trainable, self.clip = trainable, spec.clip_grad_norm
+
+    def step(self, step: int) -> tuple[torch.Tensor, int]:
+        flat = self.flat
+        loss, samples = self.work.gradient(step, self.work.model, flat.zero_grad, lambda: [flat.grads])
+        unused = set(flat.unused())
+        for i, p in enumerate(self.trainable):  # as torch.optim: no gradient, no update
+            if i in unused:
+                p.grad = None
+        clip_gradients(self.trainable, self.clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        flat.gather_grads()  # the gradients' views back where backward accumulates
+        return loss, samples

@@ -25,7 +25,6 @@ import torch
 
 from gradhub.proto.channels import open_channel
 from gradhub.proto.codec import (
-    COMPRESSION_DTYPES,
     Layout,
     Receiver,
     as_bytes,
@@ -44,6 +43,7 @@ from gradhub.proto.model_state import ModelLayout, tensors_from_proto, tensors_t
 from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import data_pb2, ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.worker.data_link import DataLink, ServerWaitTimeout
+from gradhub.worker.push_codec import PushEncoder
 
 T = TypeVar("T")
 
@@ -91,11 +91,13 @@ class ServerLink:
     """One worker's connection to the server for one job."""
 
     def __init__(self, address: str, job_id: str, rank: int, compression: str = "none",
-                 transport: str = "auto", credential: str = "", tls_ca: bytes | None = None) -> None:
+                 transport: str = "auto", credential: str = "", tls_ca: bytes | None = None,
+                 compression_block: int | None = None, error_feedback: bool = False) -> None:
         """``transport``: ``auto`` (the data plane when the server offers one and it can be
         reached, else gRPC, with the reason logged) or ``grpc``; ``credential``: the job's, which
         its launcher gave this worker (the server takes the worker's calls only with it);
-        ``tls_ca``: the server speaks TLS, verified with these certificates (PEM; None: plaintext)."""
+        ``tls_ca``: the server speaks TLS, verified with these certificates (PEM; None: plaintext);
+        ``compression_block``, ``error_feedback``: the job's, for int8 / int4 pushes."""
         if transport not in ("auto", "grpc"):
             raise ValueError(f"transport: must be auto or grpc, not {transport!r}")
         self.job_id, self.rank = job_id, rank
@@ -103,7 +105,9 @@ class ServerLink:
         self._data: DataLink | None = None
         self.transport = "grpc"  # what this worker's tensors use: "unix", "tcp" or "grpc"
         self.host = address.rsplit(":", 1)[0].strip("[]")  # the server's host (its rendezvous store is there)
-        self.wire_dtype = COMPRESSION_DTYPES[compression]
+        self.encoder = PushEncoder(compression, compression_block, error_feedback)
+        self.wire_dtype = self.encoder.wire_dtype  # of pushes
+        self.params_dtype = self.encoder.params_dtype  # of pulled parameters (float32 when pushes are quantised)
         self._metadata = ((JOB_CREDENTIAL_KEY, credential),)
         self._tls_ca = tls_ca
         self._channel = open_channel(address, CHANNEL_OPTIONS, tls_ca)
@@ -146,6 +150,7 @@ class ServerLink:
     def register(self, host: str, pid: int, total_steps: int, train_size: int) -> ps_pb2.RegisterResponse:
         request = ps_pb2.RegisterRequest(job_id=self.job_id, rank=self.rank, host=host, pid=pid,
                                          total_steps=total_steps, train_size=train_size)
+        self.encoder.reset()  # an error-feedback residual belongs to one registration
         reply = _translated(lambda: self._control.Register(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata,
                                                         wait_for_ready=True))
         self._open_data(reply)
@@ -195,6 +200,7 @@ class ServerLink:
         """Push the flat gradient for ``step`` (with this worker's buffers, when the job uses
         them, and the parameters that got no gradient); False when the server already had it."""
         header = self._push_header(layout, step, base_version, buffers, unused)
+        grads = self.encoder.encode(grads, layout)  # once: a retry resends these bytes
         if self._data is not None:
             return self._on_data(lambda d: d.push(header, grads, self.wire_dtype)).accepted
 
@@ -209,7 +215,7 @@ class ServerLink:
         Returns the version received and the job's buffers at that version.
         """
         if self._data is not None:
-            request = ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.wire_dtype)
+            request = ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.params_dtype)
             while True:  # the server answers within a minute; a slow or restarting worker is waited for
                 try:
                     return _pulled(self._on_data(lambda d: d.pull(request, layout, params)))
@@ -225,9 +231,11 @@ class ServerLink:
         version and the job's buffers. On any failure the call is reopened and the push sent
         again (applied at most once)."""
         header = self._push_header(layout, step, base_version, buffers, unused)
+        grads = self.encoder.encode(grads, layout)  # once: a retry resends these bytes
         if self._data is not None:
             try:
-                return _pulled(self._on_data(lambda d: d.push(header, grads, self.wire_dtype, (layout, params))))
+                return _pulled(self._on_data(lambda d: d.push(header, grads, self.wire_dtype, (layout, params),
+                                                              self.params_dtype)))
             except ServerWaitTimeout:  # pushed; the parameters are still to come
                 return self.pull(layout, step + 1, params)
 
@@ -260,7 +268,7 @@ class ServerLink:
         if self._metas is None or self._metas[0] is not layout:
             self._metas = (layout, layout.metas(self.wire_dtype))
         return ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step, base_version=base_version,
-                                 tensors=self._metas[1], unused=list(unused),
+                                 tensors=self._metas[1], unused=list(unused), quant_block=self.encoder.quant_block,
                                  buffers=tensors_to_proto(buffers) if buffers else [])
 
     def _close_session(self) -> None:
@@ -269,7 +277,7 @@ class ServerLink:
             self._session = None
 
     def _pull_once(self, layout: Layout, step: int, params: torch.Tensor) -> Pulled:
-        request = ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.wire_dtype)
+        request = ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.params_dtype)
         stream = self._pull(request, timeout=PULL_WAIT_S + _transfer_timeout(params), metadata=self._metadata)
         return self._receive_params(stream, layout, params)
 
@@ -280,13 +288,13 @@ class ServerLink:
         first = next(stream, None)
         if first is None or isinstance(first, memoryview) or first.WhichOneof("kind") != "header":
             raise ProtocolError("pull: the server's stream did not start with a header")
-        layout.check_metas(first.header.tensors, self.wire_dtype)
-        direct = params.device.type == "cpu" and self.wire_dtype == tensor_pb2.FLOAT32
+        layout.check_metas(first.header.tensors, self.params_dtype)
+        direct = params.device.type == "cpu" and self.params_dtype == tensor_pb2.FLOAT32
         if direct:
             target = as_bytes(params)
         else:
             if self._staging is None:
-                self._staging = torch.empty(layout.numel, dtype=torch_dtype(self.wire_dtype),
+                self._staging = torch.empty(layout.numel, dtype=torch_dtype(self.params_dtype),
                                             pin_memory=params.device.type == "cuda")
             target = as_bytes(self._staging)
         receiver = Receiver(len(target), into=target)

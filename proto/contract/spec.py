@@ -38,7 +38,11 @@ MODES = ("ps-sync", "ps-async", "ps-ssp", "allreduce", "local-sgd")
 # local-sgd's outer optimizer unless the spec names one: DiLoCo's (arXiv 2311.08105)
 DEFAULT_OUTER_OPTIMIZER = {"name": "sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True}
 DEFAULT_LOCAL_STEPS = 10
-COMPRESSIONS = ("none", "fp16", "bf16")
+COMPRESSIONS = ("none", "fp16", "bf16", "int8", "int4")
+# block-quantised pushes (gradhub.proto.quant): the parameter-server modes only
+QUANTISED_COMPRESSIONS = ("int8", "int4")
+DEFAULT_COMPRESSION_BLOCK = 256
+COMPRESSION_BLOCK_RANGE = (8, 1 << 20)
 TRANSPORTS = ("auto", "grpc")
 BUILTIN_MODELS = frozenset({"mlp", "cnn"})
 BUILTIN_DATASETS = frozenset({"digits", "synthetic"})
@@ -340,6 +344,10 @@ class JobSpec:
     local_steps: int | None = None
     outer_optimizer: OptimizerSpec | None = None
     outer_sync: bool | None = None
+    # compression int8 / int4: values per scale, and whether a worker adds what quantisation
+    # left out of its last push to its next one
+    compression_block: int | None = None
+    error_feedback: bool | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -393,6 +401,7 @@ class JobSpec:
         )
         self._check_training_options()
         self._check_local_sgd()
+        self._check_compression()
 
     def _check_local_sgd(self) -> None:
         """local-sgd's own fields: defaults when it is the mode, errors when it is not."""
@@ -411,6 +420,24 @@ class JobSpec:
         put(self, "outer_sync", check_bool("outer_sync", True if self.outer_sync is None else self.outer_sync))
         if self.buffers == "average" and not self.outer_sync:
             raise SpecError("buffers", "'average' needs outer_sync: true; use 'broadcast' or 'local'")
+
+    def _check_compression(self) -> None:
+        """int8 / int4 quantise the pushes to the parameter server; their block and error feedback."""
+        put = object.__setattr__
+        if self.compression not in QUANTISED_COMPRESSIONS:
+            for name in ("compression_block", "error_feedback"):
+                if getattr(self, name) is not None:
+                    raise SpecError(name, f"only applies to compression int8 or int4, not {self.compression!r}")
+            return
+        if not self.is_ps:
+            raise SpecError("compression", f"{self.compression} quantises what workers push to the parameter "
+                                           f"server (ps-* and local-sgd); mode {self.mode!r} takes none, fp16 "
+                                           "or bf16")
+        lo, hi = COMPRESSION_BLOCK_RANGE
+        block = DEFAULT_COMPRESSION_BLOCK if self.compression_block is None else self.compression_block
+        put(self, "compression_block", check_int("compression_block", block, lo=lo, hi=hi))
+        feedback = False if self.error_feedback is None else self.error_feedback
+        put(self, "error_feedback", check_bool("error_feedback", feedback))
 
     def _check_training_options(self) -> None:
         """The options that make any PyTorch model train as it would in plain PyTorch."""

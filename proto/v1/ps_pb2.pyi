@@ -60,7 +60,7 @@ class DataEndpoint(_message.Message):
     def __init__(self, protocol: _Optional[int] = ..., tcp_host: _Optional[str] = ..., tcp_port: _Optional[int] = ..., unix_path: _Optional[str] = ..., host_id: _Optional[str] = ..., credential: _Optional[str] = ..., tls: _Optional[bool] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "rank", "step", "base_version", "tensors", "frozen", "buffers", "aliases", "unused")
+    __slots__ = ("job_id", "rank", "step", "base_version", "tensors", "frozen", "buffers", "aliases", "unused", "quant_block")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class PushHeader(_message.Message):
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     UNUSED_FIELD_NUMBER: _ClassVar[int]
+    QUANT_BLOCK_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     rank: int
     step: int
@@ -86,7 +87,8 @@ class PushHeader(_message.Message):
     buffers: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     aliases: _containers.ScalarMap[str, str]
     unused: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., unused: _Optional[_Iterable[int]] = ...) -> None: ...
+    quant_block: int
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., unused: _Optional[_Iterable[int]] = ..., quant_block: _Optional[int] = ...) -> None: ...
 
 class PushChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -20,6 +20,8 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT8: _ClassVar[DType]
     UINT8: _ClassVar[DType]
     BOOL: _ClassVar[DType]
+    QINT8: _ClassVar[DType]
+    QINT4: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -31,6 +33,8 @@ INT16: DType
 INT8: DType
 UINT8: DType
 BOOL: DType
+QINT8: DType
+QINT4: DType
 
 class TensorMeta(_message.Message):
     __slots__ = ("name", "dtype", "shape")

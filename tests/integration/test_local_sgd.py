@@ -131,3 +131,40 @@ def test_async_local_sgd_applies_each_workers_round_on_arrival(server):
         assert info.step == 4 and info.version == 8  # each worker's four rounds, each its own outer step
         assert "max_staleness" in info.metrics and "val_accuracy" in info.metrics
         assert [w.local_step for w in client.get_job(info.id).workers] in ([], [40, 40])
+
+
+def first_read_at(workers: int, rank: int, step: int) -> int:
+    """A sample that worker ``rank`` reads at ``step`` and nobody read before (its reader dies)."""
+    train = len(digits()[0])
+    earlier = {int(i) for s in range(step) for i in global_batch_indices(train, workers * BATCH, SEED, s)}
+    mine = global_batch_indices(train, workers * BATCH, SEED, step)[rank * BATCH:(rank + 1) * BATCH]
+    return next(int(i) for i in mine if int(i) not in earlier)
+
+
+# (kill at inner step, checkpoint_every in rounds): with rounds of 10 steps, the kill at step 35
+# replays round 2 from the inner state kept at round 2; without kept states, rounds 0 to 2
+KILLS = [(35, 2), (35, 0)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("kill_step", "every"), KILLS, ids=[f"kill{k}-every{e}" for k, e in KILLS])
+def test_a_killed_worker_replays_its_rounds_and_changes_nothing(server, tmp_path, kill_step, every):
+    """Sync local-sgd: a worker killed mid-round comes back with the inner optimizer state it
+    had (its kept state, then the rounds since replayed from the global parameters the server
+    kept), recomputes the round, and the job ends with the parameters of an undisturbed run."""
+    from pathlib import Path
+
+    steps, h, workers, rank = 60, 10, 2, 1
+    base = {**spec(workers, steps, h, INNER), "checkpoint_every": every, "max_restarts": 1,
+            "working_dir": str(Path(__file__).parent / "user_code")}
+    marker = tmp_path / "fired"
+    dataset = {"factory": "gh_zoo:kill_on_sample_digits",
+               "args": {"at": first_read_at(workers, rank, kill_step), "marker": str(marker)}}
+    with Client(server.address) as client:
+        killed = client.submit({**base, "name": "killed", "dataset": dataset}).wait(timeout=240)
+        logs = "\n".join(client.logs(killed.id))
+        assert killed.state == "SUCCEEDED", (killed.reason, logs)
+        assert marker.exists() and logs.count(" died ") == 1, logs
+        got = final_params(client, killed, tmp_path / "killed")
+    expected = diloco(workers, steps, h, INNER, OUTER)
+    assert worst(got, expected) <= 1e-5, f"the killed run differs from plain DiLoCo by {worst(got, expected):.3g}"

@@ -166,8 +166,8 @@ def test_defaults() -> None:
 
 
 def test_constants() -> None:
-    assert set(MODES) == {"ps-sync", "ps-async", "ps-ssp", "allreduce"}
-    assert set(COMPRESSIONS) == {"none", "fp16", "bf16"}
+    assert set(MODES) == {"ps-sync", "ps-async", "ps-ssp", "allreduce", "local-sgd"}
+    assert set(COMPRESSIONS) == {"none", "fp16", "bf16", "int8", "int4"}
     assert BUILTIN_MODELS == {"mlp", "cnn"} and BUILTIN_DATASETS == {"digits", "synthetic"}
     assert BUILTIN_LOSSES == {"cross_entropy", "mse", "model"}
     assert set(SCHEDULES) == {"constant", "step", "cosine"}
@@ -273,7 +273,12 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("lr_schedule.eta_min", {"lr_schedule": {"name": "step", "step_size": 2, "eta_min": 0.1}}),
     ("lr_schedule.t_max", {"lr_schedule": {"name": "cosine", "t_max": 0}}),
     ("lr_schedule.t_max", {"lr_schedule": {"name": "constant", "t_max": 10}}),
-    ("compression", {"compression": "int8"}),
+    ("compression", {"compression": "int2"}),
+    ("compression", {"compression": "int8", "mode": "allreduce"}),
+    ("compression_block", {"compression": "int8", "compression_block": 4}),
+    ("compression_block", {"compression_block": 256}),
+    ("error_feedback", {"compression": "int4", "error_feedback": 1}),
+    ("error_feedback", {"error_feedback": True}),
     ("transport", {"transport": "rdma"}),
     ("batch_size", {"batch_size": 0}),
     ("batch_size", {"batch_size": "32"}),
@@ -316,6 +321,14 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("optimizer.param_groups[0].weight_decay",
      {"optimizer": {"name": "adamw", "param_groups": [{"params": "*.bias", "weight_decay": -1}]}}),
     ("optimizer.param_groups[0].lr", {"optimizer": {"name": "sgd", "param_groups": [{"params": ["*"], "lr": 0}]}}),
+    ("local_steps", {"local_steps": 5}),  # only in mode local-sgd
+    ("local_steps", {"mode": "local-sgd", "local_steps": 0}),
+    ("outer_optimizer", {"outer_optimizer": "sgd"}),
+    ("outer_optimizer.lr", {"mode": "local-sgd", "outer_optimizer": {"name": "sgd", "lr": -1}}),
+    ("outer_optimizer.param_groups", {"mode": "local-sgd", "outer_optimizer": {"name": "sgd", "param_groups": [
+        {"params": ["*"]}]}}),
+    ("outer_sync", {"mode": "local-sgd", "outer_sync": 1}),
+    ("outer_sync", {"outer_sync": True}),
 ]
 
 

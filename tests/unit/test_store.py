@@ -137,7 +137,7 @@ def background() -> Iterator[Callable[..., Future[Any]]]:
 # ------------------------------------------------------------ setup, config
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="compression"):
-        StoreConfig("j", "ps-sync", 1, compression="int8")
+        StoreConfig("j", "ps-sync", 1, compression="int2")
     with pytest.raises(ValueError, match="mode"):
         StoreConfig("j", "ddp", 1)
     with pytest.raises(SpecError, match="workers: must be >= 1"):
