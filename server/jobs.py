@@ -325,14 +325,19 @@ class JobManager:
 
     def _save_worker_state(self, job_id: str, rank: int, state: TrainingState) -> tuple[int, int]:
         """A local-sgd worker's inner state at round ``state.step``: once every worker's is
-        kept, the older ones and the store's parameters of the rounds before go."""
+        kept, the store forgets the parameters of the rounds before (the older states go once
+        the job's checkpoint of this round is written: ``worker_states_written``)."""
         store = self.store(job_id)
         store.check_registered(rank)
         size = self._worker_states.save(job_id, rank, state)
         if self._worker_states.complete(job_id, state.step, len(store.workers())):
-            self._worker_states.prune(job_id, before=state.step)
             store.trim_history(state.step)
         return state.step, size
+
+    def worker_states_written(self, job_id: str, round_: int) -> None:
+        """The job's checkpoint of ``round_`` is on disk: a resume starts there, so the
+        workers' states of earlier rounds are not needed any more."""
+        self._worker_states.prune(job_id, before=round_)
 
     def worker_states_kept(self, job_id: str, round_: int, workers: int) -> bool:
         return self._worker_states.complete(job_id, round_, workers)

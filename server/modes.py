@@ -39,6 +39,10 @@ class Host(Protocol):
         """local-sgd: whether every worker's inner state at ``round_`` is kept."""
         ...
 
+    def worker_states_written(self, job_id: str, round_: int) -> None:
+        """local-sgd: the job's checkpoint of ``round_`` is written (older states may go)."""
+        ...
+
 
 class ModeRuntime(Protocol):
     table: ParameterStore | GroupTracker
@@ -191,6 +195,8 @@ class PSRuntime:
             keep=self.run.spec.keep_checkpoints, resume_state={"clocks": list(state.clocks)},
         )
         self.host.log_line(self.run.id, f"checkpoint at step {info.step} ({info.size_bytes / 1e6:.1f} MB)")
+        if self.run.spec.mode == "local-sgd" and self.run.spec.outer_sync:
+            self.host.worker_states_written(self.run.id, info.step)
         self.host.notify()
 
 

@@ -168,3 +168,49 @@ def test_a_killed_worker_replays_its_rounds_and_changes_nothing(server, tmp_path
         got = final_params(client, killed, tmp_path / "killed")
     expected = diloco(workers, steps, h, INNER, OUTER)
     assert worst(got, expected) <= 1e-5, f"the killed run differs from plain DiLoCo by {worst(got, expected):.3g}"
+
+
+@pytest.mark.timeout(420)
+def test_a_server_kill_resumes_every_worker_exactly(tmp_path):
+    """The server (in a process of its own, with its own Ray) is SIGKILLed mid-job and a new one
+    resumes from the latest checkpoint, which waited for every worker's inner state of its
+    round: the job ends with the parameters of the same job undisturbed."""
+    from ..conftest import wait_for
+    from ..server_process import ServerProcess
+
+    steps, h, every = 3000, 5, 20
+    job_spec = {**spec(2, steps, h, INNER), "checkpoint_every": every}
+    first = ServerProcess(tmp_path / "data", tmp_path, "first")
+    second = ServerProcess(tmp_path / "data", tmp_path, "second")
+    try:
+        first.start()
+        with Client(first.address) as client:
+            job_id = client.submit(job_spec).id
+
+            def past_a_checkpoint() -> bool:
+                info = client.get_job(job_id)
+                assert info.state in ("QUEUED", "RUNNING"), info.reason
+                ckpts = client.list_checkpoints(job_id)
+                return bool(ckpts) and info.step > ckpts[-1].step
+
+            wait_for(past_a_checkpoint, 180, "a checkpoint, and the job past it", interval=0.01)
+        first.kill()
+        second.start(port=first.port)
+        with Client(second.address) as client:
+            info = client.get_job(job_id)
+            assert info.step < steps // h, "the kill landed before the end"
+            final = None
+            for final in client.watch(job_id, timeout=300):
+                pass
+            assert final is not None and final.state == "SUCCEEDED", final
+            logs = "\n".join(client.logs(job_id))
+            assert "resuming from the checkpoint at step" in logs, logs
+            got = final_params(client, final, tmp_path / "pulled")
+            # the reference: the same job undisturbed (over 600 rounds, float rounding alone would
+            # part gradhub from the plain DiLoCo above, which holds over the first rounds)
+            undisturbed = client.submit({**job_spec, "name": "undisturbed"}).wait(timeout=300)
+            expected = final_params(client, undisturbed, tmp_path / "undisturbed")
+    finally:
+        first.kill()
+        second.kill()
+    assert worst(got, expected) <= 1e-6, f"differs from the undisturbed run by {worst(got, expected):.3g}"
