@@ -82,6 +82,8 @@ class StoreConfig:
     # local-sgd (sync): keep the parameters of every version since ``trim_history``, from which
     # a restarted worker replays the rounds it lost
     keep_history: bool = False
+    # async: scale a gradient computed ``s`` versions ago by 1 / (1 + s) before the step
+    staleness_scaling: bool = False
 
     def __post_init__(self) -> None:
         if self.buffers not in ("broadcast", "average", "local"):
@@ -344,6 +346,8 @@ class ParameterStore(WorkerTable):
                 w.max_staleness = max(w.max_staleness, w.staleness)
                 self.staleness_counts[w.staleness] = self.staleness_counts.get(w.staleness, 0) + 1
                 self._take_buffers({rank: push})
+                if self.config.staleness_scaling and w.staleness:
+                    grad = grad / (1 + w.staleness)
                 self._apply(grad, push.unused)
             self._changed()
             return True, self._version

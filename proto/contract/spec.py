@@ -344,6 +344,9 @@ class JobSpec:
     local_steps: int | None = None
     outer_optimizer: OptimizerSpec | None = None
     outer_sync: bool | None = None
+    # local-sgd with outer_sync false: a pseudo-gradient computed ``s`` outer steps ago is
+    # applied scaled by 1 / (1 + s) (Async Local-SGD, arXiv 2401.09135)
+    staleness_scaling: bool | None = None
     # compression int8 / int4: values per scale, and whether a worker adds what quantisation
     # left out of its last push to its next one
     compression_block: int | None = None
@@ -407,7 +410,7 @@ class JobSpec:
         """local-sgd's own fields: defaults when it is the mode, errors when it is not."""
         put = object.__setattr__
         if self.mode != "local-sgd":
-            for name in ("local_steps", "outer_optimizer", "outer_sync"):
+            for name in ("local_steps", "outer_optimizer", "outer_sync", "staleness_scaling"):
                 if getattr(self, name) is not None:
                     raise SpecError(name, f"only applies to mode local-sgd, not {self.mode!r}")
             return
@@ -420,6 +423,11 @@ class JobSpec:
         put(self, "outer_sync", check_bool("outer_sync", True if self.outer_sync is None else self.outer_sync))
         if self.buffers == "average" and not self.outer_sync:
             raise SpecError("buffers", "'average' needs outer_sync: true; use 'broadcast' or 'local'")
+        if self.staleness_scaling is not None:
+            put(self, "staleness_scaling", check_bool("staleness_scaling", self.staleness_scaling))
+            if self.staleness_scaling and self.outer_sync:
+                raise SpecError("staleness_scaling", "applies with outer_sync: false (a synchronous round has "
+                                                     "no staleness)")
 
     def _check_compression(self) -> None:
         """int8 / int4 quantise the pushes to the parameter server; their block and error feedback."""

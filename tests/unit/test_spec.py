@@ -329,6 +329,8 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
         {"params": ["*"]}]}}),
     ("outer_sync", {"mode": "local-sgd", "outer_sync": 1}),
     ("outer_sync", {"outer_sync": True}),
+    ("staleness_scaling", {"mode": "local-sgd", "staleness_scaling": True}),
+    ("staleness_scaling", {"mode": "local-sgd", "outer_sync": False, "staleness_scaling": "yes"}),
 ]
 
 
@@ -628,3 +630,12 @@ def test_strings_are_bounded() -> None:
         JobSpec.from_dict({"model": {"name": "mlp", "args": {"s": "x" * 5000}}, "dataset": "digits"})
     with pytest.raises(SpecError, match="working_dir: is 5000 characters long"):
         JobSpec.from_dict({"model": "mlp", "dataset": "digits", "working_dir": "d" * 5000})
+
+
+def test_staleness_scaling_needs_asynchronous_local_sgd() -> None:
+    base = {"model": "mlp", "dataset": "digits", "mode": "local-sgd"}
+    assert JobSpec.from_dict({**base, "outer_sync": False, "staleness_scaling": True}).staleness_scaling
+    with pytest.raises(SpecError, match="staleness_scaling: applies with outer_sync: false"):
+        JobSpec.from_dict({**base, "staleness_scaling": True})
+    with pytest.raises(SpecError, match="staleness_scaling: only applies to mode local-sgd"):
+        JobSpec.from_dict({"model": "mlp", "dataset": "digits", "staleness_scaling": False})

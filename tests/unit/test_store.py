@@ -628,3 +628,15 @@ def test_resume_from_is_refused_when_it_cannot_fit() -> None:
         _store("ps-sync", 1, init=False).resume_from(state, total_steps=6)
     with pytest.raises(StateError, match="already has parameters"):
         _store("ps-sync", 2).resume_from(state, total_steps=6)
+
+
+def test_staleness_scaling_divides_a_stale_gradient() -> None:
+    """Async (local-sgd's outer_sync: false, staleness_scaling): a gradient computed s versions
+    ago is applied as gradient / (1 + s)."""
+    plain = _store("ps-async", 2, optimizer="sgd", lr=1.0)
+    scaled = _store("ps-async", 2, optimizer="sgd", lr=1.0, staleness_scaling=True)
+    for store in (plain, scaled):
+        store.push(0, 0, 0, torch.ones(NUMEL))  # fresh: staleness 0
+        store.push(1, 0, 0, torch.ones(NUMEL))  # computed on version 0, applied at 1: staleness 1
+    assert torch.allclose(_flat(plain), _initial() - 2.0)
+    assert torch.allclose(_flat(scaled), _initial() - 1.5)
