@@ -354,30 +354,9 @@ class JobDB:
 
     @contextmanager
     def _transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """Hold the lock and run the body in one transaction, committed unless it raises. A read
-        (``write=False``) takes no database lock (WAL: it reads a snapshot even while another
-        process writes). A database that another process keeps locked past the busy timeout
-        raises ServerUnavailableError (a retryable, one-line error) instead of sqlite's own."""
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise StateError(f"job database {str(self._path)!r} is closed")
-            try:
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    yield conn
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e):
-                    raise
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise ServerUnavailableError(f"database: {self._path} is locked by another process ({e}); "
-                                             "try again") from e
+        # (nested: the connection is read once the lock is held)
+        with self._lock, transaction(self._conn, f"job database {str(self._path)!r}", write) as conn:
+            yield conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         (current,) = conn.execute("PRAGMA user_version").fetchone()
@@ -396,6 +375,32 @@ class JobDB:
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection | None, name: str, write: bool = True) -> Iterator[sqlite3.Connection]:
+    """One transaction on ``conn`` (the caller holds its lock), committed unless the body raises.
+    A read (``write=False``) takes no database lock (WAL: it reads a snapshot even while another
+    process writes). A database that another process keeps locked past the busy timeout raises
+    ServerUnavailableError (a retryable, one-line error) instead of sqlite's own; a closed one
+    (``conn`` None) StateError."""
+    if conn is None:
+        raise StateError(f"{name} is closed")
+    try:
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e) and "busy" not in str(e):
+            raise
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise ServerUnavailableError(f"database: {name} is locked by another process ({e}); try again") from e
 
 
 def _check_state(state: object) -> None:

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gradhub.proto.contract.errors import NotFoundError, ServerUnavailableError, StateError
+from gradhub.proto.contract.errors import NotFoundError, StateError
 from gradhub.proto.contract.sweep import SweepState, TrialState
+from gradhub.server.job_db import transaction
 
 __all__ = ["SweepDB", "SweepRecord", "TrialRecord"]
 
@@ -163,28 +164,10 @@ class SweepDB:
     # ----------------------------------------------------------------- internals
     @contextmanager
     def _transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """As ``JobDB._transaction``: one transaction under the lock; a database locked past the
-        busy timeout is a retryable ``ServerUnavailableError``."""
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise StateError(f"sweep database {str(self._path)!r} is closed")
-            try:
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    yield conn
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e):
-                    raise
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise ServerUnavailableError(f"database: {self._path} is locked by another process ({e}); "
-                                             "try again") from e
+        """As ``JobDB._transaction``."""
+        # (nested: the connection is read once the lock is held)
+        with self._lock, transaction(self._conn, f"sweep database {str(self._path)!r}", write) as conn:
+            yield conn
 
 
 def _sweep(conn: sqlite3.Connection, sweep_id: str) -> SweepRecord:
