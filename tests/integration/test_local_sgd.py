@@ -143,11 +143,11 @@ def first_read_at(workers: int, rank: int, step: int) -> int:
 
 # (kill at inner step, checkpoint_every in rounds): with rounds of 10 steps, the kill at step 35
 # replays round 2 from the inner state kept at round 2; without kept states, rounds 0 to 2
-KILLS = [(35, 2), (35, 0)]
+KILLS = [(35, 2), pytest.param(35, 0, marks=pytest.mark.slow)]
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("kill_step", "every"), KILLS, ids=[f"kill{k}-every{e}" for k, e in KILLS])
+@pytest.mark.parametrize(("kill_step", "every"), KILLS, ids=["kept-state-at-round-2", "no-kept-state"])
 def test_a_killed_worker_replays_its_rounds_and_changes_nothing(server, tmp_path, kill_step, every):
     """Sync local-sgd: a worker killed mid-round comes back with the inner optimizer state it
     had (its kept state, then the rounds since replayed from the global parameters the server
@@ -170,6 +170,7 @@ def test_a_killed_worker_replays_its_rounds_and_changes_nothing(server, tmp_path
     assert worst(got, expected) <= 1e-5, f"the killed run differs from plain DiLoCo by {worst(got, expected):.3g}"
 
 
+@pytest.mark.slow  # about a minute: a server in its own process, killed and started again
 @pytest.mark.timeout(420)
 def test_a_server_kill_resumes_every_worker_exactly(tmp_path):
     """The server (in a process of its own, with its own Ray) is SIGKILLed mid-job and a new one
