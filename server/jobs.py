@@ -23,6 +23,7 @@ from gradhub.proto.contract.errors import (
     GradhubError,
     NotFoundError,
     ResourceExhaustedError,
+    ServerUnavailableError,
     SpecError,
     StateError,
 )
@@ -256,12 +257,19 @@ class JobManager(WorkerCalls):
             with self._cond:
                 if self._stopping:
                     return
-                started = self._start_fitting()
+                try:
+                    started = self._start_fitting()
+                except ServerUnavailableError as e:  # the database is locked: the next pass tries again
+                    log.warning("scheduler: %s", e)
+                    started = False
                 if not started:
                     self._cond.wait(self.config.poll_s * 4)
             if self.config.retention_days and time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_EVERY_S
-                self.prune()
+                try:
+                    self.prune()
+                except ServerUnavailableError as e:
+                    log.warning("retention: %s; trying again in an hour", e)
 
     def prune(self, now: float | None = None) -> builtins.list[str]:
         """Delete the jobs that ended more than ``retention_days`` ago (none when it is 0); their ids."""
@@ -329,9 +337,10 @@ class JobManager(WorkerCalls):
     def _tell_waiting(self, waiting: dict[str, str]) -> None:
         """Write the reasons of queued jobs that changed (a QUEUED job's record says why it waits)."""
         changed = {j: r for j, r in waiting.items() if self._waiting.get(j) != r}
-        self._waiting = waiting
-        for job_id, reason in changed.items():
+        self._waiting = {j: r for j, r in self._waiting.items() if j in waiting}
+        for job_id, reason in changed.items():  # one that fails (a locked database) is written next pass
             self._db.update(job_id, reason=reason)
+            self._waiting[job_id] = reason
         if changed:
             self._changed()
 
