@@ -191,7 +191,7 @@ class JobManager(WorkerCalls):
         workers = tuple(
             WorkerView(w.rank, run.phases[w.rank] if run.phases else WorkerPhase.STARTING, w.clock,
                        w.staleness, w.max_staleness, w.host, w.pid, run.restarts[w.rank] if run.restarts else 0,
-                       w.transport, getattr(w, "local_step", 0))
+                       w.transport, w.local_step)
             for w in store.workers()
         )
         rec = dataclasses.replace(rec, step=store.step(), version=store.version,

@@ -12,8 +12,6 @@ Only the pseudo-gradient and the parameters cross the network: once a round.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 
 import torch
@@ -24,7 +22,8 @@ from gradhub.proto.contract.optim import build_scheduler, clip_gradients
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.state import TrainingState
 from gradhub.worker.flat import FlatModel
-from gradhub.worker.server_link import Pulled, ServerLink
+from gradhub.worker.loop import Joined
+from gradhub.worker.server_link import ServerLink
 from gradhub.worker.workload import Heartbeat, Meter, Phase, WorkerResult, Workload
 
 log = logging.getLogger(__name__)
@@ -56,13 +55,8 @@ class LocalSGDTrainer:
         optimizer = work.build_optimizer()  # the inner one: over the model, whose parameters are views of flat
         scheduler = build_scheduler(optimizer, spec.lr_schedule.to_dict(), max(total, 1))
         trainable = [p for p in model.parameters() if p.requires_grad]
-        send_buffers = bool(flat.buffers) and (rank == 0 or spec.buffers == "average")
-        take_buffers = bool(flat.buffers) and spec.buffers != "local"
-
-        reg = self.client.register(socket.gethostname(), os.getpid(), rounds, work.train_size)
-        if reg.needs_init:
-            self.client.init_parameters(flat.state, flat.params.detach().cpu(), flat.frozen_flat(),
-                                        flat.buffer_values())
+        joined = Joined.register(self.client, flat, work, rounds)
+        reg, received, send_buffers = joined.reg, joined.received, joined.send_buffers
         round_ = reg.next_step
         inner = _Inner(work, flat, optimizer, scheduler, trainable, spec)
         if round_ and spec.outer_sync:  # a restart: back to the state this worker had
@@ -75,11 +69,6 @@ class LocalSGDTrainer:
         # a round's traffic: the pseudo-gradient out (quantised: codes and scales) and the parameters in
         round_bytes = self.client.encoder.push_bytes(flat.layout.numel) + \
             flat.layout.numel * torch_dtype(self.client.params_dtype).itemsize
-
-        def received(pulled: Pulled) -> int:
-            if take_buffers:
-                flat.load_buffers(pulled.buffers)
-            return pulled.version
 
         with Heartbeat(self.client, reg.heartbeat_interval_s) as beat:
             version = received(self.client.pull(flat.layout, round_, flat.params)) if round_ < rounds else 0

@@ -15,11 +15,39 @@ import time
 from gradhub.proto.contract.errors import WorkerFailure
 from gradhub.proto.contract.optim import parameter_groups
 from gradhub.proto.contract.spec import JobSpec
+from gradhub.proto.v1 import ps_pb2
 from gradhub.worker.flat import FlatModel
 from gradhub.worker.server_link import Pulled, ServerLink
 from gradhub.worker.workload import Heartbeat, Meter, Phase, WorkerResult, Workload
 
 log = logging.getLogger(__name__)
+
+
+class Joined:
+    """A worker's registration with the parameter server (the first of a job's workers sends
+    the initial state), and what its job does with buffers: which worker sends its own (rank
+    0's for "broadcast", the job's; every worker's for "average"), and whether a pull brings
+    the job's into the model (not for "local")."""
+
+    def __init__(self, reg: ps_pb2.RegisterResponse, flat: FlatModel, send_buffers: bool, take_buffers: bool) -> None:
+        self.reg, self._flat = reg, flat
+        self.send_buffers, self._take_buffers = send_buffers, take_buffers
+
+    @classmethod
+    def register(cls, client: ServerLink, flat: FlatModel, work: Workload, total: int) -> Joined:
+        """Register for a job of ``total`` steps (rounds, in local-sgd)."""
+        spec = work.spec
+        reg = client.register(socket.gethostname(), os.getpid(), total, work.train_size)
+        if reg.needs_init:
+            client.init_parameters(flat.state, flat.params.detach().cpu(), flat.frozen_flat(), flat.buffer_values())
+        return cls(reg, flat, send_buffers=bool(flat.buffers) and (work.rank == 0 or spec.buffers == "average"),
+                   take_buffers=bool(flat.buffers) and spec.buffers != "local")
+
+    def received(self, pulled: Pulled) -> int:
+        """Take a pull's buffers (when the job shares them); returns the parameters' version."""
+        if self._take_buffers:
+            self._flat.load_buffers(pulled.buffers)
+        return pulled.version
 
 
 class PSTrainer:
@@ -46,22 +74,11 @@ class PSTrainer:
         model, total = work.model, work.total
         flat = FlatModel(model)
         parameter_groups(list(flat.trainable.items()), spec.optimizer.param_groups)  # names a group that matches nothing
-        # which buffers travel: rank 0's ("broadcast": the job's; "local": for checkpoints), or all
-        send_buffers = bool(flat.buffers) and (rank == 0 or spec.buffers == "average")
-        take_buffers = bool(flat.buffers) and spec.buffers != "local"
-
-        reg = self.client.register(socket.gethostname(), os.getpid(), total, work.train_size)
-        if reg.needs_init:
-            self.client.init_parameters(flat.state, flat.params.detach().cpu(), flat.frozen_flat(),
-                                        flat.buffer_values())
+        joined = Joined.register(self.client, flat, work, total)
+        reg, received, send_buffers = joined.reg, joined.received, joined.send_buffers
         step = reg.next_step
         result = WorkerResult(rank=rank, steps_run=0)
         meter = Meter(work.device)
-
-        def received(pulled: Pulled) -> int:
-            if take_buffers:
-                flat.load_buffers(pulled.buffers)
-            return pulled.version
 
         with Heartbeat(self.client, reg.heartbeat_interval_s) as beat:
             version = received(self.client.pull(flat.layout, step, flat.params)) if step < total else 0
