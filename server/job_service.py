@@ -24,7 +24,7 @@ from gradhub.server.checkpoints import CheckpointInfo, CheckpointStore
 from gradhub.server.jobs import JobManager, JobView
 from gradhub.server.limits import StreamLimits
 from gradhub.server.rpc import authorization, handler
-from gradhub.server.waits import Signal, listen
+from gradhub.server.waits import Signal, follow, listen
 
 T = TypeVar("T")
 WATCH_REFRESH_S = 1.0  # a watch sends the job at least this often (its metrics move between changes)
@@ -142,15 +142,10 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
     async def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext,
                        ) -> AsyncIterator[jobs_pb2.WatchJobResponse]:
         """The job now and after every change (at least every WATCH_REFRESH_S), until it ends."""
-        signal = self._changes()
         with self._limits.hold("WatchJob", context.peer()):
-            while True:
-                changed = signal.event  # taken before the read: a change after it sets this event
-                view = await self._run(self._jobs.get, request.job_id)
+            async for view in follow(self._changes(), lambda: self._run(self._jobs.get, request.job_id),
+                                     lambda v: v.record.state.terminal, WATCH_REFRESH_S):
                 yield jobs_pb2.WatchJobResponse(job=job_to_proto(view))
-                if view.record.state.terminal:
-                    return
-                await signal.wait(changed, WATCH_REFRESH_S)
 
     @handler
     async def ListCheckpoints(self, request: jobs_pb2.ListCheckpointsRequest, context: grpc.aio.ServicerContext,

@@ -22,7 +22,7 @@ from gradhub.server.limits import StreamLimits
 from gradhub.server.rpc import authorization, handler
 from gradhub.server.sweep_db import SweepRecord
 from gradhub.server.sweep_runner import SweepRunner, SweepView
-from gradhub.server.waits import Signal, listen
+from gradhub.server.waits import Signal, follow, listen
 
 T = TypeVar("T")
 WATCH_REFRESH_S = 1.0  # a watch sends the sweep at least this often (its running trials move)
@@ -104,12 +104,7 @@ class SweepServiceServicer(sweeps_pb2_grpc.SweepServiceServicer):
                          ) -> AsyncIterator[sweeps_pb2.WatchSweepResponse]:
         if self._signal is None:
             self._signal = listen(self._jobs, asyncio.get_running_loop())
-        signal = self._signal
         with self._limits.hold("WatchSweep", context.peer()):
-            while True:
-                changed = signal.event  # taken before the read: a change after it sets this event
-                view = await self._run(self._runner.get, request.sweep_id)
+            async for view in follow(self._signal, lambda: self._run(self._runner.get, request.sweep_id),
+                                     lambda v: v.record.state.terminal, WATCH_REFRESH_S):
                 yield sweeps_pb2.WatchSweepResponse(sweep=sweep_to_proto(view))
-                if view.record.state.terminal:
-                    return
-                await signal.wait(changed, WATCH_REFRESH_S)

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
@@ -51,6 +51,19 @@ class Signal:
                 await event.wait()
         except TimeoutError:
             pass
+
+
+async def follow(signal: Signal, read: Callable[[], Awaitable[T]], ended: Callable[[T], bool],
+                 refresh_s: float) -> AsyncIterator[T]:
+    """What ``read()`` gives now and after each change ``signal`` tells of (at least every
+    ``refresh_s``), until ``ended`` says it is over (a watch: WatchJob, WatchSweep)."""
+    while True:
+        changed = signal.event  # taken before the read: a change after it sets this event
+        value = await read()
+        yield value
+        if ended(value):
+            return
+        await signal.wait(changed, refresh_s)
 
 
 def listen(source: Listened, loop: asyncio.AbstractEventLoop) -> Signal:

@@ -17,33 +17,19 @@ import time
 import torch
 
 from gradhub.proto.codec import torch_dtype
-from gradhub.proto.contract.errors import WorkerFailure
 from gradhub.proto.contract.optim import build_scheduler, clip_gradients
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.state import TrainingState
 from gradhub.worker.flat import FlatModel
-from gradhub.worker.loop import Joined
-from gradhub.worker.server_link import ServerLink
-from gradhub.worker.workload import Heartbeat, Meter, Phase, WorkerResult, Workload
+from gradhub.worker.loop import Joined, PSTrainer
+from gradhub.worker.workload import Heartbeat, Meter, WorkerResult, Workload
 
 log = logging.getLogger(__name__)
 
 
-class LocalSGDTrainer:
-    """Runs one worker of a local-sgd job against the parameter server."""
-
-    def __init__(self, spec: JobSpec, rank: int, client: ServerLink, work: Workload | None = None) -> None:
-        self.spec, self.rank, self.client = spec, rank, client
-        self.phase = Phase()
-        self._prepared = work
-
-    def run(self) -> WorkerResult:
-        try:
-            return self._run()
-        except WorkerFailure:
-            raise
-        except Exception as e:
-            raise self.phase.failure(e) from e
+class LocalSGDTrainer(PSTrainer):
+    """Runs one worker of a local-sgd job against the parameter server (``PSTrainer``'s
+    construction and failure handling, its own loop)."""
 
     def _run(self) -> WorkerResult:
         rank, spec, phase = self.rank, self.spec, self.phase

@@ -28,6 +28,7 @@ from gradhub.worker import data_link
 from gradhub.worker.server_link import ServerLink
 
 from ..conftest import wait_for, worker_link
+from .test_data_plane import _reply
 
 LAYOUT = Layout(("w", "b"), ((30, 20), (7,)))
 NUMEL = 607
@@ -118,19 +119,6 @@ def _raw(server: Server, job_id: str) -> socket.socket:
     return sock
 
 
-def _reply(sock: socket.socket) -> data_pb2.DataFrame:
-    prefix = _read(sock, frames.PREFIX.size)
-    return frames.parse_header(_read(sock, frames.header_length(prefix, frames.MAX_HEADER_BYTES)))
-
-
-def _read(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(out)} of {n} bytes")
-        out += chunk
-    return bytes(out)
 
 
 INT8_BYTES = BlockQuant(tensor_pb2.QINT8, BLOCK).nbytes(NUMEL)
