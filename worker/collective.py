@@ -120,9 +120,54 @@ def is_collective_failure(e: BaseException) -> bool:
     )
 
 
+def ordered_all_reduce(tensor: torch.Tensor, group: Any = None) -> torch.futures.Future[Any]:
+    """Sum ``tensor`` over the group in place, every element added in rank order (rank 0's + rank
+    1's + ...) wherever it sits in the tensor, with the bytes of a ring all-reduce: an all-to-all
+    hands each rank its chunk of everyone's tensor (waited for here: on NCCL that only orders the
+    stream), the rank adds the copies in rank order, and an all-gather (returned as a future)
+    brings every chunk back to everyone. A failure is the returned future's, never raised here:
+    raised inside DDP's autograd hook it would leave the Reducer mid-step."""
+    world = dist.get_world_size(group)
+    flat = tensor.view(-1)
+    n = flat.numel()
+    chunk = -(-n // world)
+    send = flat.new_zeros(chunk * world)
+    send[:n].copy_(flat)
+    parts = torch.empty_like(send)
+    try:
+        dist.all_to_all_single(parts, send, group=group)
+    except Exception as e:  # noqa: BLE001 - a lost peer, surfaced where DDP waits (as a ring all-reduce's)
+        return failed(e)
+    rows = parts.view(world, chunk)
+    mine = rows[0].clone()
+    for r in range(1, world):
+        mine.add_(rows[r])
+    gathered = send  # no longer needed as input
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fut = all_gather(gathered, mine, group=group, async_op=True).get_future()
+
+    def unpack(f: torch.futures.Future[Any]) -> torch.Tensor:
+        f.value()  # raises what the all-gather raised
+        flat.copy_(gathered[:n])
+        return tensor
+
+    return fut.then(unpack)
+
+
+def failed(e: BaseException) -> torch.futures.Future[Any]:
+    fut: torch.futures.Future[Any] = torch.futures.Future()
+    fut.set_exception(e)
+    return fut
+
+
 class AllReduceHook:
     """A DDP communication hook (register ``.hook``): each gradient bucket is averaged over the group, sent as
     ``dtype`` (fp16/bf16 compression, as DDP's ``fp16_compress_hook``) or as is.
+
+    Groups of three or more sum in rank order (``ordered_all_reduce``) instead of the backend's ring,
+    whose order for an element depends on where it sits in its bucket: DDP lays its buckets out
+    again after a group's first step, so a group formed mid-job (a restart) would otherwise sum its
+    first step in another order than the undisturbed run and drift from it by rounding.
 
     It also times the all-reduce: ``take_seconds()`` is the span from the first bucket's
     launch to the last bucket's completion since the previous call (one step's all-reduce;
@@ -134,6 +179,7 @@ class AllReduceHook:
         self._lock = threading.Lock()
         self._first: float | None = None
         self._last = 0.0
+        self._failure: BaseException | None = None  # the group broke: every later bucket fails at once
 
     def hook(self, group: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         buffer = bucket.buffer()
@@ -143,10 +189,20 @@ class AllReduceHook:
         with self._lock:
             if self._first is None:
                 self._first = start
-        fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
+        if self._failure is not None:
+            return failed(self._failure)
+        if world >= 3:
+            fut = ordered_all_reduce(tensor, group)
+        else:  # two addends sum the same in either order
+            fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
 
-        def done(f: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
-            out = f.value()[0]
+        def done(f: torch.futures.Future[Any]) -> torch.Tensor:
+            try:
+                f.value()
+            except BaseException as e:
+                self._failure = e
+                raise
+            out = tensor
             with self._lock:
                 self._last = max(self._last, time.perf_counter())
             if self.dtype is None:

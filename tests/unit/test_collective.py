@@ -1,6 +1,7 @@
 """worker/collective.py: interface lookup, failure classification, the DDP all-reduce hook in a
-real single-process Gloo group (compared with a plain copy of the model), and the state a
-group's source rank shares with a fresh member, in a real two-process group."""
+real single-process Gloo group (compared with a plain copy of the model) and in a real
+three-process one (summing in rank order whatever the bucket layout), and the state a group's
+source rank shares with a fresh member, in a real two-process group."""
 
 from __future__ import annotations
 
@@ -126,6 +127,45 @@ def test_take_seconds_times_one_step_then_resets(group: ProcessGroup) -> None:
 
 def test_take_seconds_before_any_step_is_zero() -> None:
     assert AllReduceHook().take_seconds() == 0.0
+
+
+def _ordered(rank: int, port: int, out: str) -> None:
+    """Rank ``rank`` of 3: its DDP gradients with one bucket and with a bucket per parameter, and
+    the rank-order sum of every rank's local gradient (each rank computes them all locally)."""
+    def batch(r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(100 + r)
+        return torch.randn(8, 6, generator=g) * 10 ** r, torch.randint(0, 3, (8,), generator=g)
+
+    def local(r: int) -> list[torch.Tensor]:
+        m = _model()
+        x, y = batch(r)
+        nn.functional.cross_entropy(m(x), y).backward()
+        return [p.grad / 3 for p in m.parameters()]
+
+    want = [a + b + c for a, b, c in zip(local(0), local(1), local(2), strict=True)]
+    got = {}
+    with ProcessGroup(("127.0.0.1", port, "j-ordered/1/"), rank, 3, "gloo", 30):
+        for name, cap in (("one", 25.0), ("many", 1e-6)):
+            ddp = DistributedDataParallel(_model(), bucket_cap_mb=cap)
+            ddp.register_comm_hook(None, AllReduceHook().hook)
+            x, y = batch(rank)
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            got[name] = [p.grad.clone() for p in ddp.module.parameters()]
+    torch.save({"want": want, **got}, f"{out}/{rank}.pt")
+
+
+def test_three_ranks_sum_in_rank_order_whatever_the_buckets(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    store = RendezvousStore()
+    try:
+        mp.start_processes(_ordered, args=(store.port(), str(tmp_path)), nprocs=3, start_method="spawn")
+    finally:
+        store.close()
+    for rank in range(3):
+        r = torch.load(tmp_path / f"{rank}.pt")
+        for one, many, want in zip(r["one"], r["many"], r["want"], strict=True):
+            assert torch.equal(one, want) and torch.equal(many, want), rank
 
 
 # ------------------------------------------------------------ sharing state
