@@ -251,7 +251,10 @@ def job_details(
     if info.mode == "local-sgd":
         per_round = info.metrics.get("bytes_per_round")
         traffic = f", {per_round / 1e6:,.2f} MB a worker a round" if per_round else ""
-        head.add_row("round", f"{steps_text(info)} of {info.spec.get('local_steps', '?')} local steps{traffic}{rate}")
+        fragments = int(info.spec.get("fragments") or 1)
+        shape = f"{info.spec.get('local_steps', '?')} local steps" + \
+            (f", in {fragments} fragments (a step each)" if fragments > 1 else "")
+        head.add_row("round", f"{steps_text(info)} of {shape}{traffic}{rate}")
     else:
         head.add_row("step", f"{steps_text(info)} (version {info.version}){rate}")
     times = f"created {ago(info.created_at, now)}"

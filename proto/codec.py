@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from math import prod
 from typing import Any, TypeVar
 
 import torch
 from google.protobuf.message import Message
 
-from gradhub.proto.contract.errors import ProtocolError
+from gradhub.proto.contract.errors import ProtocolError, SpecError
 from gradhub.proto.v1 import tensor_pb2
 
 CHUNK_BYTES = 1 << 20
@@ -131,6 +132,36 @@ class Layout:
             out[name] = flat[offset : offset + n].view(shape)
             offset += n
         return out
+
+    def part(self, first: int, count: int) -> Layout:
+        """Tensors ``first`` to ``first + count - 1`` as a layout of their own (a fragment);
+        ``count`` 0 is the whole model (then ``first`` must be 0)."""
+        if count == 0 and first == 0:
+            return self
+        if count <= 0 or first < 0 or first + count > len(self.names):
+            raise ProtocolError(f"first_tensor: tensors {first} to {first + count - 1} are not a part of the "
+                                f"model's {len(self.names)} tensors")
+        return Layout(self.names[first:first + count], self.shapes[first:first + count])
+
+    def offset(self, first: int) -> int:
+        """Where tensor ``first`` starts in the flat vector."""
+        return sum(self.numels[:first])
+
+    def partition(self, parts: int) -> tuple[tuple[int, int], ...]:
+        """``parts`` contiguous runs of whole tensors, as (first, count), each ending where the
+        running total of elements first reaches its share (every run holds at least one)."""
+        n = len(self.names)
+        if not 1 <= parts <= n:
+            raise SpecError("fragments", f"{parts} fragments for a model of {n} parameter tensors "
+                                         f"(at most one fragment per tensor)")
+        bounds, total, seen, i = [0], self.numel, 0, 0
+        for k in range(1, parts):
+            while i < n - (parts - k) and (seen < total * k / parts or i < bounds[-1] + 1):
+                seen += self.numels[i]
+                i += 1
+            bounds.append(i)
+        bounds.append(n)
+        return tuple((a, b - a) for a, b in pairwise(bounds))
 
     def name_at(self, element: int) -> str:
         """The tensor that holds flat element ``element``."""

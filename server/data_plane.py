@@ -35,7 +35,7 @@ from gradhub.proto import frames
 from gradhub.proto.codec import as_bytes, payload_dtype, torch_dtype
 from gradhub.proto.contract.errors import GradhubError, ProtocolError
 from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
-from gradhub.server.ps_requests import init_request, push_buffers, push_bytes, take_push
+from gradhub.server.ps_requests import init_request, push_buffers, push_bytes, push_part, take_push
 from gradhub.server.rpc import status_for
 from gradhub.server.store import ParameterStore, Snapshot
 from gradhub.server.waits import MAX_PULL_WAIT_S, StoreCalls
@@ -339,7 +339,8 @@ class DataPlane:
         elif kind == "init":
             await self._init(conn, session, frame)
         else:
-            await self._pull(conn, session, frame.pull.step, frame.pull.dtype or tensor_pb2.FLOAT32)
+            await self._pull(conn, session, frame.pull.step, frame.pull.dtype or tensor_pb2.FLOAT32,
+                             part=(frame.pull.first_tensor, frame.pull.tensor_count))
 
     async def _push(self, conn: _Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
         store, header = session.store, frame.push
@@ -366,7 +367,9 @@ class DataPlane:
         # ps-sync keeps the gradient until every worker's is in (the update makes version step + 1)
         conn.free_at = header.step + 1 if accepted and store.config.mode == "ps-sync" else 0
         if pull_step is not None:
-            await self._pull(conn, session, pull_step, wire_dtype, snapshot)
+            layout = store.layout
+            assert layout is not None  # the push was taken
+            await self._pull(conn, session, pull_step, wire_dtype, snapshot, push_part(layout, header))
         else:
             await self._send(conn, frames.frame_head(data_pb2.DataFrame(
                 reply=data_pb2.DataReply(accepted=accepted, version=version))))
@@ -391,22 +394,21 @@ class DataPlane:
             reply=data_pb2.DataReply(accepted=accepted, version=session.store.version))))
 
     async def _pull(self, conn: _Connection, session: _Session, step: int, wire_dtype: int,
-                    snapshot: Snapshot | None = None) -> None:
-        """Send the parameters for ``step`` (``snapshot`` when the caller already has them) once
-        the mode allows; after MAX_PULL_WAIT_S, a DEADLINE_EXCEEDED error (the worker asks again)."""
+                    snapshot: Snapshot | None = None, part: tuple[int, int] = (0, 0)) -> None:
+        """Send the parameters of ``part`` for ``step`` (``snapshot`` when the caller already has
+        them) once the mode allows; after MAX_PULL_WAIT_S, a DEADLINE_EXCEEDED error (the worker
+        asks again)."""
         store = session.store
         if snapshot is None:
             try:
-                    snapshot = await self._calls.pull(store, session.rank, step, wire_dtype, MAX_PULL_WAIT_S)
+                snapshot = await self._calls.pull(store, session.rank, step, wire_dtype, MAX_PULL_WAIT_S, part)
             except Exception as e:  # noqa: BLE001 - any error goes back to the worker
                 await self._send_error(conn, e)
                 return
-        layout = store.layout
-        assert layout is not None
         data = as_bytes(snapshot.data)
         head = frames.frame_head(data_pb2.DataFrame(
             reply=data_pb2.DataReply(version=snapshot.version, params=ps_pb2.PullHeader(
-                version=snapshot.version, tensors=layout.metas(wire_dtype), buffers=snapshot.buffers)),
+                version=snapshot.version, tensors=snapshot.layout.metas(wire_dtype), buffers=snapshot.buffers)),
             payload_bytes=len(data)))
         await self._send(conn, head, data)
 
@@ -479,7 +481,10 @@ def _push_then_try_pull(store: ParameterStore, header: ps_pb2.PushHeader, grad: 
     """A push (decoded when quantised), and (``pull_step``) the parameters for the next step
     when they are ready already."""
     accepted, version = take_push(store, header, grad, buffers)
-    snapshot = None if pull_step is None else store.try_pull(header.rank, pull_step, wire_dtype)
+    layout = store.layout
+    assert layout is not None  # take_push checked it
+    snapshot = None if pull_step is None else store.try_pull(header.rank, pull_step, wire_dtype,
+                                                              *push_part(layout, header))
     return accepted, version, snapshot
 
 

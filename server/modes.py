@@ -86,6 +86,7 @@ def store_config(job_id: str, spec: JobSpec) -> StoreConfig:
             checkpoint_every=spec.checkpoint_every, compression=spec.compression, buffers=spec.buffers,
             compression_block=spec.compression_block,
             keep_history=spec.store_mode == "ps-sync", staleness_scaling=bool(spec.staleness_scaling),
+            fragments=spec.fragments or 1,
         )
     return StoreConfig(
         job_id=job_id, mode=spec.mode, world_size=spec.workers, staleness=spec.effective_staleness,

@@ -60,6 +60,10 @@ def push_bytes(store: ParameterStore, header: ps_pb2.PushHeader) -> int:
     if layout is None:
         raise StateError("parameters: the job has no parameters yet; pull before pushing")
     config = store.config
+    if config.fragments > 1:  # which fragment the step syncs is the store's to check
+        layout = pushed_layout(layout, header)
+    elif header.first_tensor:
+        raise ProtocolError(f"first_tensor: {header.first_tensor}, but the job pushes the whole model")
     layout.check_metas(header.tensors, config.wire_dtype)
     quant = config.quant
     if quant is None:
@@ -72,19 +76,33 @@ def push_bytes(store: ParameterStore, header: ps_pb2.PushHeader) -> int:
     return quant.nbytes(layout.numel)
 
 
+def pushed_layout(layout: Layout, header: ps_pb2.PushHeader) -> Layout:
+    """What a push's tensors are: the model, or the fragment from ``first_tensor`` on."""
+    return layout.part(*push_part(layout, header))
+
+
+def push_part(layout: Layout, header: ps_pb2.PushHeader) -> tuple[int, int]:
+    """The tensors (first, count) a push covers, as a pull names them ((0, 0): the model)."""
+    if not header.first_tensor and len(header.tensors) == len(layout.names):
+        return 0, 0
+    return header.first_tensor, len(header.tensors)
+
+
 def take_push(store: ParameterStore, header: ps_pb2.PushHeader, payload: torch.Tensor,
               buffers: dict[str, torch.Tensor] | None) -> tuple[bool, int]:
     """Hand a received push (its checked bytes as ``payload``, in the payload dtype) to the
     store: as it is, or decoded to float32 when the job quantises (the store keeps float32).
     Returns (accepted, version)."""
     quant = store.config.quant
+    first = header.first_tensor
     if quant is None:
-        return store.push(header.rank, header.step, header.base_version, payload, buffers, list(header.unused))
+        return store.push(header.rank, header.step, header.base_version, payload, buffers, list(header.unused),
+                          first=first)
     layout = store.layout
     assert layout is not None  # push_bytes checked it
-    grad = quant.decode(payload, layout.numel)
+    grad = quant.decode(payload, pushed_layout(layout, header).numel)
     return store.push(header.rank, header.step, header.base_version, grad, buffers, list(header.unused),
-                      wire_bytes=payload.numel())
+                      wire_bytes=payload.numel(), first=first)
 
 
 def push_buffers(header: ps_pb2.PushHeader) -> dict[str, torch.Tensor] | None:

@@ -16,7 +16,7 @@ from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server import limits
 from gradhub.server.control_service import WorkerBackend
-from gradhub.server.ps_requests import init_request, push_buffers, push_bytes, take_push
+from gradhub.server.ps_requests import init_request, push_buffers, push_bytes, push_part, take_push
 from gradhub.server.rpc import handler, job_credential
 from gradhub.server.store import ParameterStore
 from gradhub.server.waits import MAX_PULL_WAIT_S, StoreCalls
@@ -78,16 +78,16 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return header, store, accepted, version
 
     async def _pull(self, store: ParameterStore, rank: int, step: int, wire_dtype: int,
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[ps_pb2.PullChunk | bytes]:
-        """Wait as the mode requires (at most the call's deadline), then stream the parameters."""
+                    context: grpc.aio.ServicerContext, part: tuple[int, int] = (0, 0),
+                    ) -> AsyncIterator[ps_pb2.PullChunk | bytes]:
+        """Wait as the mode requires (at most the call's deadline), then stream the parameters
+        (of the tensors ``part``, as (first, count); (0, 0) is the whole model)."""
         remaining = context.time_remaining()
         wait = MAX_PULL_WAIT_S if remaining is None else max(0.0, min(remaining - 0.5, MAX_PULL_WAIT_S))
-        snapshot = await self._calls.pull(store, rank, step, wire_dtype, wait)
-        layout = store.layout
-        assert layout is not None
+        snapshot = await self._calls.pull(store, rank, step, wire_dtype, wait, part)
         chunks = await self._calls.call(store, lambda: snapshot.chunks)  # encoded once per version
-        yield ps_pb2.PullChunk(header=ps_pb2.PullHeader(version=snapshot.version, tensors=layout.metas(wire_dtype),
-                                                        buffers=snapshot.buffers))
+        yield ps_pb2.PullChunk(header=ps_pb2.PullHeader(
+            version=snapshot.version, tensors=snapshot.layout.metas(wire_dtype), buffers=snapshot.buffers))
         for chunk in chunks:  # already serialized PullChunks (see add_to_server)
             yield chunk
 
@@ -96,7 +96,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                              ) -> AsyncIterator[ps_pb2.PullChunk | bytes]:
         store = await self._calls.run(self._authorized_store, request.job_id, job_credential(context))
         async for message in self._pull(store, request.rank, request.step, request.dtype or tensor_pb2.FLOAT32,
-                                         context):
+                                         context, (request.first_tensor, request.tensor_count)):
             yield message
 
     @handler
@@ -109,8 +109,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 if first is None:
                     return  # the worker closed its session
                 header, store, _, _ = await self._push(first, chunks, context, to_end=False)
+                layout = store.layout
+                assert layout is not None  # the push was taken
                 async for message in self._pull(store, header.rank, header.step + 1, store.config.params_dtype,
-                                                context):
+                                                context, push_part(layout, header)):
                     yield message
 
 

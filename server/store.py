@@ -84,6 +84,9 @@ class StoreConfig:
     keep_history: bool = False
     # async: scale a gradient computed ``s`` versions ago by 1 / (1 + s) before the step
     staleness_scaling: bool = False
+    # local-sgd streaming: store step s updates fragment s % fragments alone (a run of whole
+    # tensors, ``Layout.partition``); the other parameters are left exactly as they are
+    fragments: int = 1
 
     def __post_init__(self) -> None:
         if self.buffers not in ("broadcast", "average", "local"):
@@ -126,6 +129,7 @@ class Snapshot:
     version: int
     wire_dtype: int
     data: torch.Tensor  # flat, contiguous, CPU, in the wire dtype
+    layout: Layout  # what ``data`` holds: the model, or one fragment of it
     buffers: tuple[tensor_pb2.Tensor, ...] = ()  # the job's buffers, for the header
 
     @cached_property
@@ -152,7 +156,7 @@ class _Push:
 
     grad: torch.Tensor
     buffers: dict[str, torch.Tensor] | None
-    unused: frozenset[int]
+    unused: frozenset[int]  # indexes into the model's parameters
 
 
 class ParameterStore(WorkerTable):
@@ -178,7 +182,8 @@ class ParameterStore(WorkerTable):
         self._scheduler: Any = None
         self._version = 0
         self._pending: dict[int, _Push] = {}
-        self._snapshots: dict[int, Snapshot] = {}
+        self._snapshots: dict[tuple[int, int, int], Snapshot] = {}  # (wire dtype, first, count) -> its data
+        self._parts: tuple[tuple[int, int], ...] = ()  # the fragments, as (first tensor, count)
         self._last_ckpt_step = -1
         self._resume: CheckpointState | None = None
         # async modes: how many pushes were applied at each staleness (read for /metrics)
@@ -270,6 +275,7 @@ class ParameterStore(WorkerTable):
                                     c.optimizer, c.lr, c.hyper)
         updates = self._total_steps * (1 if c.mode == "ps-sync" else c.world_size)
         scheduler = build_scheduler(optimizer, c.schedule, max(updates, 1))
+        self._parts = layout.partition(c.fragments)  # more fragments than tensors: a SpecError
         self._layout, self._flat, self._params = layout, flat, params
         self._optimizer, self._scheduler = optimizer, scheduler
         self._keep_version()
@@ -293,21 +299,25 @@ class ParameterStore(WorkerTable):
     # ----------------------------------------------------------------- push
     def push(self, rank: int, step: int, base_version: int, grad: torch.Tensor,
              buffers: Mapping[str, torch.Tensor] | None = None, unused: Sequence[int] = (),
-             wire_bytes: int | None = None) -> tuple[bool, int]:
+             wire_bytes: int | None = None, first: int = 0) -> tuple[bool, int]:
         """Take worker ``rank``'s gradient for ``step``; returns (accepted, version).
 
-        ``grad`` is the flat gradient (any float dtype; converted to float32). ``buffers`` are
-        the worker's buffers after its forward pass (used as the job's buffer mode says);
-        ``unused`` the indexes of parameters that got no gradient from this worker;
-        ``wire_bytes`` what the push took on the wire when ``grad`` was decoded from it.
+        ``grad`` is the flat gradient (any float dtype; converted to float32): of the whole
+        model, or with fragments of the step's fragment, whose first tensor is ``first``.
+        ``buffers`` are the worker's buffers after its forward pass (used as the job's buffer
+        mode says); ``unused`` the indexes (into the pushed tensors) of parameters that got no
+        gradient from this worker; ``wire_bytes`` what the push took on the wire when ``grad``
+        was decoded from it.
         """
         with self._cond:
             self._check_open()
             w = self._worker(rank)
             if self._flat is None or self._layout is None or self._model is None:
                 raise StateError("parameters: the job has no parameters yet; pull first")
-            if grad.numel() != self._layout.numel:
-                raise ProtocolError(f"byte count: {grad.numel()} values, expected {self._layout.numel}")
+            part = self._part_of(step, first)
+            layout = self._layout.part(*part)
+            if grad.numel() != layout.numel:
+                raise ProtocolError(f"byte count: {grad.numel()} values, expected {layout.numel}")
             if step < w.clock:
                 return False, self._version  # a retry of a step already taken
             if step > w.clock:
@@ -320,17 +330,22 @@ class ParameterStore(WorkerTable):
                 raise ProtocolError(
                     f"base_version: {base_version} is ahead of the server's version {self._version}"
                 )
-            count = len(self._layout.names)
+            count = len(layout.names)
             bad = [i for i in unused if not 0 <= i < count]
             if bad:
-                raise ProtocolError(f"unused: index {bad[0]} is outside the model's {count} parameters")
+                raise ProtocolError(f"unused: index {bad[0]} is outside the "
+                                    f"{'model' if part[1] == 0 else 'fragment'}'s {count} parameters")
+            # the model's parameters this push does not update: its unused ones, the other fragments'
+            unused = [part[0] + i for i in unused] + \
+                ([i for i in range(len(self._layout.names)) if not part[0] <= i < part[0] + count]
+                 if count < len(self._layout.names) else [])
             if buffers:
                 self._model.check_buffers(buffers, "buffers")
             elif self.config.buffers == "average" and self._model.buffers and self.config.mode == "ps-sync":
                 raise ProtocolError(f"buffers: worker {rank} sent none; the job averages every worker's buffers")
             w.bytes_in += grad.numel() * grad.element_size() if wire_bytes is None else wire_bytes
             grad = grad.to(torch.float32)  # before the check: a float64 value may overflow to inf
-            self._check_finite(grad)
+            self._check_finite(grad, layout)
             self._check_buffer_values(buffers)
             push = _Push(grad, dict(buffers) if buffers else None, frozenset(unused))
             w.clock += 1
@@ -340,7 +355,8 @@ class ParameterStore(WorkerTable):
                 if len(self._pending) == len(self._workers):
                     pending, self._pending = self._pending, {}
                     self._take_buffers(pending)
-                    self._apply(self._average(pending), frozenset.intersection(*(p.unused for p in pending.values())))
+                    self._apply(self._average(pending), frozenset.intersection(*(p.unused for p in pending.values())),
+                                part)
             else:
                 w.staleness = self._version - base_version
                 w.max_staleness = max(w.max_staleness, w.staleness)
@@ -348,7 +364,7 @@ class ParameterStore(WorkerTable):
                 self._take_buffers({rank: push})
                 if self.config.staleness_scaling and w.staleness:
                     grad = grad / (1 + w.staleness)
-                self._apply(grad, push.unused)
+                self._apply(grad, push.unused, part)
             self._changed()
             return True, self._version
 
@@ -378,7 +394,7 @@ class ParameterStore(WorkerTable):
             out[name] = t
         self._buffers = out
 
-    def _check_finite(self, grad: torch.Tensor) -> None:
+    def _check_finite(self, grad: torch.Tensor, layout: Layout) -> None:
         # One vectorized pass: NaN and Inf propagate through a sum. Only when the sum is not
         # finite (a bad value, or an overflow of huge finite ones) look element by element.
         # A small gradient is checked in numpy, where a call costs a few microseconds.
@@ -388,32 +404,49 @@ class ParameterStore(WorkerTable):
             return
         finite = torch.isfinite(grad)
         if not bool(finite.all()):
-            assert self._layout is not None
             first = int((~finite).nonzero()[0, 0])
             raise ProtocolError(
                 f"gradient values: non-finite value (NaN or Inf) in tensor "
-                f"'{self._layout.name_at(first)}'; nothing was applied"
+                f"'{layout.name_at(first)}'; nothing was applied"
             )
 
     def _average(self, pending: dict[int, _Push]) -> torch.Tensor:
         """The mean of the workers' gradients, summed in rank order (deterministic)."""
         if len(pending) == 1:
             return pending[0].grad
+        n = pending[0].grad.numel()  # the model's, or a fragment's
         if self._grad is None:
-            self._grad = torch.empty_like(pending[0].grad)
-        total = torch.add(pending[0].grad, pending[1].grad, out=self._grad)  # one pass fewer than copy + add
+            assert self._layout is not None
+            self._grad = torch.empty(self._layout.numel, dtype=torch.float32)
+        total = torch.add(pending[0].grad, pending[1].grad, out=self._grad[:n])  # one pass fewer than copy + add
         for r in range(2, len(pending)):
             total += pending[r].grad
         total /= len(pending)
         return total
 
-    def _apply(self, grad: torch.Tensor, unused: frozenset[int] = frozenset()) -> None:
-        """One optimizer step with ``grad`` (flat float32): the parameters' ``.grad`` become its
-        views, so a received gradient is used where it landed, without a copy. Parameters in
-        ``unused`` get ``grad = None``: torch.optim leaves them as they are."""
+    def _part_of(self, step: int, first: int) -> tuple[int, int]:
+        """The tensors (first, count) that store step ``step`` updates: with fragments, step s
+        updates fragment s % fragments, and a push that names another is refused."""
+        if len(self._parts) <= 1:
+            if first:
+                raise ProtocolError(f"first_tensor: {first}, but the job pushes the whole model")
+            return 0, 0
+        part = self._parts[step % len(self._parts)]
+        if first != part[0]:
+            raise ProtocolError(f"first_tensor: {first}, but step {step} syncs fragment {step % len(self._parts)} "
+                                f"(tensors {part[0]} to {part[0] + part[1] - 1})")
+        return part
+
+    def _apply(self, grad: torch.Tensor, unused: frozenset[int] = frozenset(), part: tuple[int, int] = (0, 0)) -> None:
+        """One optimizer step with ``grad`` (flat float32, over the tensors ``part``): the
+        parameters' ``.grad`` become its views, so a received gradient is used where it landed,
+        without a copy. Parameters in ``unused`` get ``grad = None``: torch.optim leaves them
+        as they are."""
         assert self._layout is not None and self._optimizer is not None
-        for i, (param, view) in enumerate(zip(self._params, self._layout.split(grad).values(), strict=True)):
-            param.grad = None if i in unused else view
+        views = list(self._layout.part(*part).split(grad).values())
+        for i, param in enumerate(self._params):
+            inside = part[0] <= i < part[0] + len(views)
+            param.grad = views[i - part[0]] if inside and i not in unused else None
         clip_gradients(self._params, self.config.clip_grad_norm)
         self._optimizer.step()
         for param in self._params:
@@ -444,32 +477,36 @@ class ParameterStore(WorkerTable):
                 del self._history[version]
 
     # ----------------------------------------------------------------- pull
-    def pull(self, rank: int, step: int, wire_dtype: int, timeout: float | None) -> Snapshot:
-        """Parameters for worker ``rank``'s ``step``, after waiting as the mode requires.
+    def pull(self, rank: int, step: int, wire_dtype: int, timeout: float | None, first: int = 0,
+             count: int = 0) -> Snapshot:
+        """Parameters for worker ``rank``'s ``step``, after waiting as the mode requires: of the
+        whole model, or of the ``count`` tensors from ``first`` on (a fragment).
 
         ``step`` at or past the last step waits for the end of training (the final
         parameters). Raises TimeoutError when ``timeout`` passes first.
         """
         deadline = None if timeout is None else self._now() + timeout
         with self._cond:
-            while (snapshot := self._try_pull(rank, step, wire_dtype)) is None:
+            while (snapshot := self._try_pull(rank, step, wire_dtype, first, count)) is None:
                 remaining = None if deadline is None else deadline - self._now()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(self._waiting_for(step))
                 self._cond.wait(remaining)
             return snapshot
 
-    def try_pull(self, rank: int, step: int, wire_dtype: int) -> Snapshot | None:
+    def try_pull(self, rank: int, step: int, wire_dtype: int, first: int = 0, count: int = 0) -> Snapshot | None:
         """``pull`` without waiting: the parameters for ``step``, or None while the mode says
         wait (the caller waits for a listener's call, see ``add_listener``)."""
         with self._cond:
-            return self._try_pull(rank, step, wire_dtype)
+            return self._try_pull(rank, step, wire_dtype, first, count)
 
-    def _try_pull(self, rank: int, step: int, wire_dtype: int) -> Snapshot | None:
+    def _try_pull(self, rank: int, step: int, wire_dtype: int, first: int, count: int) -> Snapshot | None:
         self._worker(rank)
         self._check_open()
+        if self._layout is not None:
+            self._layout.part(first, count)  # a part of the model, or a ProtocolError
         if self._flat is not None and self._may_pull(step):
-            snapshot = self._snapshot(wire_dtype)
+            snapshot = self._snapshot(wire_dtype, first, count)
             self._workers[rank].bytes_out += snapshot.data.numel() * snapshot.data.element_size()
             return snapshot
         return None
@@ -503,15 +540,19 @@ class ParameterStore(WorkerTable):
         behind = [w.rank for w in pool if w.clock < need]
         return f"waiting at step {step} for workers {behind} (version {self._version})"
 
-    def _snapshot(self, wire_dtype: int) -> Snapshot:
-        snap = self._snapshots.get(wire_dtype)
+    def _snapshot(self, wire_dtype: int, first: int = 0, count: int = 0) -> Snapshot:
+        key = (wire_dtype, first, count)
+        snap = self._snapshots.get(key)
         if snap is None:
-            assert self._flat is not None
-            data = encode(self._flat, wire_dtype)
-            if data.data_ptr() == self._flat.data_ptr() and self.config.mode != "ps-sync":
+            assert self._flat is not None and self._layout is not None
+            layout = self._layout.part(first, count)
+            start = self._layout.offset(first)
+            values = self._flat[start:start + layout.numel]
+            data = encode(values, wire_dtype)
+            if data.data_ptr() == values.data_ptr() and self.config.mode != "ps-sync":
                 data = data.clone()  # updates may happen while a pull still sends this version
-            snap = Snapshot(self._version, wire_dtype, data, tuple(tensors_to_proto(self._buffers)))
-            self._snapshots[wire_dtype] = snap
+            snap = Snapshot(self._version, wire_dtype, data, layout, tuple(tensors_to_proto(self._buffers)))
+            self._snapshots[key] = snap
         return snap
 
     # ------------------------------------------------------- state and life

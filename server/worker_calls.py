@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
+
 from gradhub.proto.codec import Layout
 from gradhub.proto.contract.errors import (
     AuthError,
@@ -122,6 +124,13 @@ class WorkerCalls:
         the job's checkpoint of this round is written: ``worker_states_written``)."""
         store = self.store(job_id)
         store.check_registered(rank)
+        layout = store.layout
+        for name, t in state.params.items():  # a worker's own model, kept when it is not the global one
+            if name not in ("local", "global"):
+                raise ProtocolError(f"params: a local-sgd worker keeps 'local' and 'global', not {name!r}")
+            if layout is None or t.dtype != torch.float32 or tuple(t.shape) != (layout.numel,):
+                raise ProtocolError(f"params.{name}: {t.dtype} of shape {list(t.shape)}, expected the model's "
+                                    f"{0 if layout is None else layout.numel} float32 values")
         size = self._worker_states.save(job_id, rank, state)
         if self._worker_states.complete(job_id, state.step, len(store.workers())):
             store.trim_history(state.step)
@@ -137,15 +146,16 @@ class WorkerCalls:
 
     def _load_worker_state(self, job_id: str, rank: int) -> TrainingState:
         """What a restarted local-sgd worker needs to go on exactly: its latest kept inner
-        state (none: it starts afresh at round 0) and the global parameters of every round
-        from there to the one it owes (``global.<round>``), which it replays."""
+        state (none: it starts afresh at round 0; its own parameters when it kept them) and the
+        global parameters of every round from there to the one it owes (``global.<round>``),
+        which it replays."""
         store = self.store(job_id)
         store.check_registered(rank)
         owed = store.workers()[rank].clock
         kept = self._worker_states.latest(job_id, rank, owed)
         state = (self._worker_states.load(job_id, rank, kept) if kept is not None
                  else TrainingState(step=0, params={}))
-        params = {f"global.{r}": store.global_at(r) for r in range(state.step, owed)}
+        params = {**state.params, **{f"global.{r}": store.global_at(r) for r in range(state.step, owed)}}
         return TrainingState(step=state.step, params=params, optimizer_state=state.optimizer_state,
                              scheduler_state=state.scheduler_state)
 

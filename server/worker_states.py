@@ -1,5 +1,6 @@
 """What local-sgd workers keep between rounds and the server keeps for them: each worker's inner
-optimizer and schedule state at a round, one safetensors file per (rank, round) under the
+optimizer and schedule state at a round (and, when its model is not the global one there, as
+with fragments, its parameters), one safetensors file per (rank, round) under the
 job's folder, written atomically. A restarted worker takes its latest one and replays the
 rounds since from the global parameters the store kept (``ParameterStore.global_at``), so it
 goes on with exactly the state it lost."""
@@ -29,7 +30,7 @@ class WorkerStates:
 
     def save(self, job_id: str, rank: int, state: TrainingState) -> int:
         """Keep worker ``rank``'s state at round ``state.step``; returns its size in bytes."""
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor] = {f"param.{k}": v.detach().cpu() for k, v in state.params.items()}
         meta = {"optimizer": json.dumps(encode_state(state.optimizer_state, "opt.", tensors)),
                 "scheduler": json.dumps(encode_state(state.scheduler_state, "sched.", tensors))}
         folder = self.root / job_id
@@ -58,7 +59,8 @@ class WorkerStates:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
-        return TrainingState(step=round_, params={},
+        params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+        return TrainingState(step=round_, params=params,
                              optimizer_state=decode_state(json.loads(meta["optimizer"]), tensors),
                              scheduler_state=decode_state(json.loads(meta["scheduler"]), tensors))
 

@@ -150,10 +150,10 @@ class DataLink:
     def _buffer(self, dtype: torch.dtype, numel: int, pinned: bool, key: str) -> torch.Tensor:
         k = (key, dtype, pinned)
         buf = self._staging.get(k)
-        if buf is None or buf.numel() != numel:
+        if buf is None or buf.numel() < numel:  # the largest yet: a fragment takes the front of it
             buf = torch.empty(numel, dtype=dtype, pin_memory=pinned and torch.cuda.is_available())
             self._staging[k] = buf
-        return buf
+        return buf[:numel]
 
     def _exchange(self, frame: data_pb2.DataFrame, payload: memoryview | None = None,
                   into: _ParamsTarget | None = None) -> data_pb2.DataReply:

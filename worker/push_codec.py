@@ -6,7 +6,8 @@ Error feedback keeps what quantisation left out of a push (``sent - decoded``, o
 gradient's device) and adds it to the next one, so nothing is lost for good, only delayed. The
 residual belongs to one registration of the worker: a restarted worker (or a spare taking over
 its rank, or any new registration) starts from zero, which drops at most one push's
-quantisation error (half a step per value).
+quantisation error (half a step per value). A job that pushes fragments keeps one residual per
+fragment (by its layout).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class PushEncoder:
         if error_feedback and self.quant is None:
             raise ValueError("error_feedback: only applies to compression int8 or int4")
         self.error_feedback = error_feedback
-        self._residual: torch.Tensor | None = None
+        self._residual: dict[Layout | None, torch.Tensor] = {}  # by what was pushed: the model or a fragment
 
     @property
     def quant_block(self) -> int:
@@ -50,14 +51,19 @@ class PushEncoder:
         if self.quant is None:
             return grads
         x = grads.detach().reshape(-1).to(torch.float32)
-        residual = self._residual
+        residual = self._residual.get(layout)
         if residual is not None and residual.shape == x.shape and residual.device == x.device:
             x = x + residual  # a new tensor: the caller's gradient is not changed
         scales, codes = self.quant.quantize(x, layout)
         if self.error_feedback:  # x may share the caller's memory: a new tensor
-            self._residual = x - self.quant.dequantize(scales, codes)
+            self._residual[layout] = x - self.quant.dequantize(scales, codes)
         return self.quant.pack(scales, codes)
+
+    def residual(self, layout: Layout | None = None) -> torch.Tensor | None:
+        """What quantisation left out of the last push of ``layout`` (the model's pushes when
+        the caller names none), still to be sent; None when nothing is kept."""
+        return self._residual.get(layout)
 
     def reset(self) -> None:
         """Forget the residual (a new registration: see the module's docstring)."""
-        self._residual = None
+        self._residual = {}

@@ -131,7 +131,8 @@ class ServerLink:
                                                 request_serializer=ps_pb2.LoadCheckpointRequest.SerializeToString,
                                                 response_deserializer=_checkpoint_response)
         self._staging: torch.Tensor | None = None
-        self._metas: tuple[Layout, list[tensor_pb2.TensorMeta]] | None = None  # the last layout's, for headers
+        # each pushed layout's (the model's, or a fragment's) tensor metas, for headers, by identity
+        self._metas: dict[int, tuple[Layout, list[tensor_pb2.TensorMeta]]] = {}
         self._session: _Session | None = None
 
     def close(self) -> None:
@@ -196,10 +197,12 @@ class ServerLink:
         return _retry(call).accepted
 
     def push(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor,
-             buffers: Mapping[str, torch.Tensor] | None = None, unused: Sequence[int] = ()) -> bool:
+             buffers: Mapping[str, torch.Tensor] | None = None, unused: Sequence[int] = (),
+             first: int | None = None) -> bool:
         """Push the flat gradient for ``step`` (with this worker's buffers, when the job uses
-        them, and the parameters that got no gradient); False when the server already had it."""
-        header = self._push_header(layout, step, base_version, buffers, unused)
+        them, and the parameters that got no gradient); False when the server already had it.
+        With ``first``, ``layout`` is a fragment: the model's tensors from index ``first`` on."""
+        header = self._push_header(layout, step, base_version, buffers, unused, first)
         grads = self.encoder.encode(grads, layout)  # once: a retry resends these bytes
         if self._data is not None:
             return self._on_data(lambda d: d.push(header, grads, self.wire_dtype)).accepted
@@ -209,35 +212,36 @@ class ServerLink:
                               timeout=_transfer_timeout(grads), metadata=self._metadata)
         return _retry(call).accepted
 
-    def pull(self, layout: Layout, step: int, params: torch.Tensor) -> Pulled:
-        """Wait as the mode requires, then write the parameters for ``step`` into ``params``.
+    def pull(self, layout: Layout, step: int, params: torch.Tensor, first: int | None = None) -> Pulled:
+        """Wait as the mode requires, then write the parameters for ``step`` into ``params`` (with
+        ``first``, of the fragment ``layout`` that starts at the model's tensor ``first``).
 
         Returns the version received and the job's buffers at that version.
         """
         if self._data is not None:
-            request = ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.params_dtype)
+            request = self._pull_request(layout, step, first)
             while True:  # the server answers within a minute; a slow or restarting worker is waited for
                 try:
                     return _pulled(self._on_data(lambda d: d.pull(request, layout, params)))
                 except ServerWaitTimeout:
                     continue
-        return _until_answered(lambda: self._pull_once(layout, step, params))
+        return _until_answered(lambda: self._pull_once(layout, step, params, first))
 
     def push_pull(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor,
                   params: torch.Tensor, buffers: Mapping[str, torch.Tensor] | None = None,
-                  unused: Sequence[int] = ()) -> Pulled:
+                  unused: Sequence[int] = (), first: int | None = None) -> Pulled:
         """Push the gradient for ``step`` and receive the parameters for ``step + 1`` into
         ``params``, in one round trip on this worker's long-lived PushPull call; returns their
         version and the job's buffers. On any failure the call is reopened and the push sent
-        again (applied at most once)."""
-        header = self._push_header(layout, step, base_version, buffers, unused)
+        again (applied at most once). With ``first``, both are of the fragment ``layout``."""
+        header = self._push_header(layout, step, base_version, buffers, unused, first)
         grads = self.encoder.encode(grads, layout)  # once: a retry resends these bytes
         if self._data is not None:
             try:
                 return _pulled(self._on_data(lambda d: d.push(header, grads, self.wire_dtype, (layout, params),
                                                               self.params_dtype)))
             except ServerWaitTimeout:  # pushed; the parameters are still to come
-                return self.pull(layout, step + 1, params)
+                return self.pull(layout, step + 1, params, first)
 
         def call() -> Pulled:
             if self._session is None:
@@ -264,20 +268,27 @@ class ServerLink:
         return _with_backoff(attempt, lambda e: isinstance(e, OSError))
 
     def _push_header(self, layout: Layout, step: int, base_version: int,
-                     buffers: Mapping[str, torch.Tensor] | None, unused: Sequence[int]) -> ps_pb2.PushHeader:
-        if self._metas is None or self._metas[0] is not layout:
-            self._metas = (layout, layout.metas(self.wire_dtype))
+                     buffers: Mapping[str, torch.Tensor] | None, unused: Sequence[int],
+                     first: int | None = None) -> ps_pb2.PushHeader:
+        kept = self._metas.get(id(layout))
+        if kept is None or kept[0] is not layout:
+            kept = self._metas[id(layout)] = (layout, layout.metas(self.wire_dtype))
+        metas = kept[1]
         return ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step, base_version=base_version,
-                                 tensors=self._metas[1], unused=list(unused), quant_block=self.encoder.quant_block,
-                                 buffers=tensors_to_proto(buffers) if buffers else [])
+                                 tensors=metas, unused=list(unused), quant_block=self.encoder.quant_block,
+                                 buffers=tensors_to_proto(buffers) if buffers else [], first_tensor=first or 0)
+
+    def _pull_request(self, layout: Layout, step: int, first: int | None) -> ps_pb2.PullRequest:
+        return ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.params_dtype,
+                                  first_tensor=first or 0, tensor_count=0 if first is None else len(layout.names))
 
     def _close_session(self) -> None:
         if self._session is not None:
             self._session.close()
             self._session = None
 
-    def _pull_once(self, layout: Layout, step: int, params: torch.Tensor) -> Pulled:
-        request = ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.params_dtype)
+    def _pull_once(self, layout: Layout, step: int, params: torch.Tensor, first: int | None = None) -> Pulled:
+        request = self._pull_request(layout, step, first)
         stream = self._pull(request, timeout=PULL_WAIT_S + _transfer_timeout(params), metadata=self._metadata)
         return self._receive_params(stream, layout, params)
 
@@ -293,10 +304,10 @@ class ServerLink:
         if direct:
             target = as_bytes(params)
         else:
-            if self._staging is None:
+            if self._staging is None or self._staging.numel() < layout.numel:  # a fragment takes its front
                 self._staging = torch.empty(layout.numel, dtype=torch_dtype(self.params_dtype),
                                             pin_memory=params.device.type == "cuda")
-            target = as_bytes(self._staging)
+            target = as_bytes(self._staging[:layout.numel])
         receiver = Receiver(len(target), into=target)
         if not receiver.fill(stream):
             raise ProtocolError(f"pull: got {receiver.received} of {len(target)} bytes")
@@ -304,7 +315,7 @@ class ServerLink:
             raise ProtocolError("pull: the server sent more bytes than the model holds")
         if not direct:
             assert self._staging is not None
-            params.copy_(self._staging, non_blocking=False)
+            params.copy_(self._staging[:layout.numel], non_blocking=False)
         return Pulled(first.header.version, tensors_from_proto(first.header.buffers, "buffers"))
 
     def heartbeat(self, step: int) -> str | None:

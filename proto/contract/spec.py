@@ -347,6 +347,13 @@ class JobSpec:
     # local-sgd with outer_sync false: a pseudo-gradient computed ``s`` outer steps ago is
     # applied scaled by 1 / (1 + s) (Async Local-SGD, arXiv 2401.09135)
     staleness_scaling: bool | None = None
+    # local-sgd streaming (Streaming DiLoCo, arXiv 2501.18512): the model syncs in ``fragments``
+    # runs of whole tensors at staggered steps; a fragment's new global values arrive
+    # ``fragment_overlap`` inner steps after its push (training goes on meanwhile) and are
+    # merged as ``fragment_mix * local + (1 - fragment_mix) * global``
+    fragments: int | None = None
+    fragment_overlap: int | None = None
+    fragment_mix: float | None = None
     # compression int8 / int4: values per scale, and whether a worker adds what quantisation
     # left out of its last push to its next one
     compression_block: int | None = None
@@ -410,7 +417,8 @@ class JobSpec:
         """local-sgd's own fields: defaults when it is the mode, errors when it is not."""
         put = object.__setattr__
         if self.mode != "local-sgd":
-            for name in ("local_steps", "outer_optimizer", "outer_sync", "staleness_scaling"):
+            for name in ("local_steps", "outer_optimizer", "outer_sync", "staleness_scaling", "fragments",
+                         "fragment_overlap", "fragment_mix"):
                 if getattr(self, name) is not None:
                     raise SpecError(name, f"only applies to mode local-sgd, not {self.mode!r}")
             return
@@ -428,6 +436,12 @@ class JobSpec:
             if self.staleness_scaling and self.outer_sync:
                 raise SpecError("staleness_scaling", "applies with outer_sync: false (a synchronous round has "
                                                      "no staleness)")
+        fragments = check_int("fragments", 1 if self.fragments is None else self.fragments, lo=1,
+                              hi=self.local_steps)
+        put(self, "fragments", fragments)
+        gap = self.local_steps // fragments  # inner steps between two fragments' syncs
+        put(self, "fragment_overlap", check_int("fragment_overlap", self.fragment_overlap or 0, lo=0, hi=gap))
+        put(self, "fragment_mix", check_number("fragment_mix", self.fragment_mix or 0.0, lo=0, hi=1, hi_open=True))
 
     def _check_compression(self) -> None:
         """int8 / int4 quantise the pushes to the parameter server; their block and error feedback."""
@@ -503,6 +517,11 @@ class JobSpec:
             return total_steps
         assert self.local_steps is not None
         return -(-total_steps // self.local_steps)
+
+    def syncs(self, total_steps: int) -> int:
+        """local-sgd: the parameter server's steps in a job of ``total_steps`` inner steps, one
+        per fragment per round; other modes: ``total_steps``."""
+        return self.rounds(total_steps) * (self.fragments or 1)
 
     @property
     def effective_staleness(self) -> int:

@@ -60,7 +60,7 @@ class DataEndpoint(_message.Message):
     def __init__(self, protocol: _Optional[int] = ..., tcp_host: _Optional[str] = ..., tcp_port: _Optional[int] = ..., unix_path: _Optional[str] = ..., host_id: _Optional[str] = ..., credential: _Optional[str] = ..., tls: _Optional[bool] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "rank", "step", "base_version", "tensors", "frozen", "buffers", "aliases", "unused", "quant_block")
+    __slots__ = ("job_id", "rank", "step", "base_version", "tensors", "frozen", "buffers", "aliases", "unused", "quant_block", "first_tensor")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class PushHeader(_message.Message):
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     UNUSED_FIELD_NUMBER: _ClassVar[int]
     QUANT_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TENSOR_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     rank: int
     step: int
@@ -88,7 +89,8 @@ class PushHeader(_message.Message):
     aliases: _containers.ScalarMap[str, str]
     unused: _containers.RepeatedScalarFieldContainer[int]
     quant_block: int
-    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., unused: _Optional[_Iterable[int]] = ..., quant_block: _Optional[int] = ...) -> None: ...
+    first_tensor: int
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., unused: _Optional[_Iterable[int]] = ..., quant_block: _Optional[int] = ..., first_tensor: _Optional[int] = ...) -> None: ...
 
 class PushChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -107,16 +109,20 @@ class PushResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("job_id", "rank", "step", "dtype")
+    __slots__ = ("job_id", "rank", "step", "dtype", "first_tensor", "tensor_count")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_COUNT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     rank: int
     step: int
     dtype: _tensor_pb2.DType
-    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+    first_tensor: int
+    tensor_count: int
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., first_tensor: _Optional[int] = ..., tensor_count: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "tensors", "buffers")

@@ -150,22 +150,22 @@ def test_error_feedback_carries_the_residual_into_the_next_push():
     assert all(torch.equal(a, b) for a, b in zip(grads, before, strict=True)), "the caller's gradient changed"
     total = sum(grads)
     # with feedback, what arrived differs from what was meant by the last residual alone
-    residual = enc._residual
+    residual = enc.residual()
     assert residual is not None and torch.allclose(sent + residual, total, atol=1e-5)
     assert (sent - total).abs().max() < (sent_plain - total).abs().max()
     # a new registration starts from zero
     enc.reset()
-    assert enc._residual is None
+    assert enc.residual() is None
     assert torch.equal(enc.encode(grads[0]), plain.encode(grads[0]))
 
 
 def test_error_feedback_keeps_its_residual_when_a_push_is_refused():
     enc = PushEncoder("int8", 8, error_feedback=True)
     enc.encode(torch.tensor([1.0, 0.3, 0.001] + [0.0] * 5))
-    kept = enc._residual.clone()
+    kept = enc.residual().clone()
     with pytest.raises(ProtocolError, match="non-finite"):
         enc.encode(torch.tensor([float("nan")] + [0.0] * 7))
-    assert torch.equal(enc._residual, kept)
+    assert torch.equal(enc.residual(), kept)
 
 
 @pytest.mark.gpu
@@ -179,4 +179,5 @@ def test_cuda_tensors_encode_on_the_device_to_the_same_bytes(q):
     assert gpu.device.type == "cpu" and torch.equal(cpu, gpu)
     enc = PushEncoder("int8" if q.bits == 8 else "int4", q.block, error_feedback=True)
     enc.encode(x.cuda())
-    assert enc._residual is not None and enc._residual.device.type == "cuda"
+    residual = enc.residual()
+    assert residual is not None and residual.device.type == "cuda"

@@ -331,6 +331,10 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("outer_sync", {"outer_sync": True}),
     ("staleness_scaling", {"mode": "local-sgd", "staleness_scaling": True}),
     ("staleness_scaling", {"mode": "local-sgd", "outer_sync": False, "staleness_scaling": "yes"}),
+    ("fragments", {"mode": "local-sgd", "local_steps": 4, "fragments": 5}),
+    ("fragments", {"mode": "ps-sync", "fragments": 2}),
+    ("fragment_overlap", {"mode": "local-sgd", "local_steps": 10, "fragments": 3, "fragment_overlap": 4}),
+    ("fragment_mix", {"mode": "local-sgd", "fragment_mix": 1.0}),
 ]
 
 
