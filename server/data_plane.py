@@ -35,7 +35,13 @@ from gradhub.proto import frames
 from gradhub.proto.codec import as_bytes, payload_dtype, torch_dtype
 from gradhub.proto.contract.errors import GradhubError, ProtocolError
 from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
-from gradhub.server.ps_requests import init_request, push_buffers, push_bytes, push_part, take_push
+from gradhub.server.ps_requests import (
+    init_request,
+    pull_part_after,
+    push_buffers,
+    push_bytes,
+    take_push,
+)
 from gradhub.server.rpc import status_for
 from gradhub.server.store import ParameterStore, Snapshot
 from gradhub.server.waits import MAX_PULL_WAIT_S, StoreCalls
@@ -367,9 +373,7 @@ class DataPlane:
         # ps-sync keeps the gradient until every worker's is in (the update makes version step + 1)
         conn.free_at = header.step + 1 if accepted and store.config.mode == "ps-sync" else 0
         if pull_step is not None:
-            layout = store.layout
-            assert layout is not None  # the push was taken
-            await self._pull(conn, session, pull_step, wire_dtype, snapshot, push_part(layout, header))
+            await self._pull(conn, session, pull_step, wire_dtype, snapshot, pull_part_after(store, header))
         else:
             await self._send(conn, frames.frame_head(data_pb2.DataFrame(
                 reply=data_pb2.DataReply(accepted=accepted, version=version))))
@@ -481,10 +485,8 @@ def _push_then_try_pull(store: ParameterStore, header: ps_pb2.PushHeader, grad: 
     """A push (decoded when quantised), and (``pull_step``) the parameters for the next step
     when they are ready already."""
     accepted, version = take_push(store, header, grad, buffers)
-    layout = store.layout
-    assert layout is not None  # take_push checked it
     snapshot = None if pull_step is None else store.try_pull(header.rank, pull_step, wire_dtype,
-                                                              *push_part(layout, header))
+                                                              *pull_part_after(store, header))
     return accepted, version, snapshot
 
 

@@ -60,10 +60,7 @@ def push_bytes(store: ParameterStore, header: ps_pb2.PushHeader) -> int:
     if layout is None:
         raise StateError("parameters: the job has no parameters yet; pull before pushing")
     config = store.config
-    if config.fragments > 1:  # which fragment the step syncs is the store's to check
-        layout = pushed_layout(layout, header)
-    elif header.first_tensor:
-        raise ProtocolError(f"first_tensor: {header.first_tensor}, but the job pushes the whole model")
+    layout = pushed_layout(layout, header)  # the model, a bucket or a fragment (the store checks which)
     layout.check_metas(header.tensors, config.wire_dtype)
     quant = config.quant
     if quant is None:
@@ -81,6 +78,14 @@ def pushed_layout(layout: Layout, header: ps_pb2.PushHeader) -> Layout:
     return layout.part(*push_part(layout, header))
 
 
+def pull_part_after(store: ParameterStore, header: ps_pb2.PushHeader) -> tuple[int, int]:
+    """What a push-and-pull brings back: a fragment's parameters after its push; the whole
+    model's after a whole push or a step's last bucket."""
+    layout = store.layout
+    assert layout is not None  # the push was taken
+    return push_part(layout, header) if store.config.fragments > 1 else (0, 0)
+
+
 def push_part(layout: Layout, header: ps_pb2.PushHeader) -> tuple[int, int]:
     """The tensors (first, count) a push covers, as a pull names them ((0, 0): the model)."""
     if not header.first_tensor and len(header.tensors) == len(layout.names):
@@ -94,15 +99,15 @@ def take_push(store: ParameterStore, header: ps_pb2.PushHeader, payload: torch.T
     store: as it is, or decoded to float32 when the job quantises (the store keeps float32).
     Returns (accepted, version)."""
     quant = store.config.quant
-    first = header.first_tensor
-    if quant is None:
-        return store.push(header.rank, header.step, header.base_version, payload, buffers, list(header.unused),
-                          first=first)
     layout = store.layout
     assert layout is not None  # push_bytes checked it
+    first, count = push_part(layout, header)
+    if quant is None:
+        return store.push(header.rank, header.step, header.base_version, payload, buffers, list(header.unused),
+                          first=first, count=count)
     grad = quant.decode(payload, pushed_layout(layout, header).numel)
     return store.push(header.rank, header.step, header.base_version, grad, buffers, list(header.unused),
-                      wire_bytes=payload.numel(), first=first)
+                      wire_bytes=payload.numel(), first=first, count=count)
 
 
 def push_buffers(header: ps_pb2.PushHeader) -> dict[str, torch.Tensor] | None:

@@ -16,7 +16,13 @@ from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.server import limits
 from gradhub.server.control_service import WorkerBackend
-from gradhub.server.ps_requests import init_request, push_buffers, push_bytes, push_part, take_push
+from gradhub.server.ps_requests import (
+    init_request,
+    pull_part_after,
+    push_buffers,
+    push_bytes,
+    take_push,
+)
 from gradhub.server.rpc import handler, job_credential
 from gradhub.server.store import ParameterStore
 from gradhub.server.waits import MAX_PULL_WAIT_S, StoreCalls
@@ -109,10 +115,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 if first is None:
                     return  # the worker closed its session
                 header, store, _, _ = await self._push(first, chunks, context, to_end=False)
-                layout = store.layout
-                assert layout is not None  # the push was taken
                 async for message in self._pull(store, header.rank, header.step + 1, store.config.params_dtype,
-                                                context, push_part(layout, header)):
+                                                context, pull_part_after(store, header)):
                     yield message
 
 

@@ -150,6 +150,39 @@ class CheckpointState:
     clocks: tuple[int, ...]
 
 
+@dataclass
+class _Assembly:
+    """The buckets of one worker's step received so far, gathered into its whole gradient."""
+
+    step: int
+    grad: torch.Tensor  # flat float32, the model's size (reused from step to step)
+    covered: list[bool]  # by tensor
+    unused: set[int] = field(default_factory=set)
+    buffers: Mapping[str, torch.Tensor] | None = None
+
+    @classmethod
+    def start(cls, step: int, layout: Layout, grad: torch.Tensor) -> _Assembly:
+        return cls(step, grad, [False] * len(layout.names))
+
+    def holds(self, part: tuple[int, int]) -> bool:
+        """Whether bucket ``part`` was received (a bucket overlapping one received is refused)."""
+        mine = self.covered[part[0]:part[0] + part[1]]
+        if any(mine) and not all(mine):
+            raise ProtocolError(f"first_tensor: tensors {part[0]} to {part[0] + part[1] - 1} overlap a bucket "
+                                f"of step {self.step} already received")
+        return all(mine)
+
+    def add(self, part: tuple[int, int], offset: int, grad: torch.Tensor, unused: list[int],
+            buffers: Mapping[str, torch.Tensor] | None) -> bool:
+        """Take a bucket; whether the step is whole now."""
+        self.grad[offset:offset + grad.numel()] = grad
+        self.covered[part[0]:part[0] + part[1]] = [True] * part[1]
+        self.unused.update(unused)
+        if buffers:
+            self.buffers = buffers
+        return all(self.covered)
+
+
 @dataclass(frozen=True)
 class _Push:
     """One worker's contribution to a step."""
@@ -184,6 +217,8 @@ class ParameterStore(WorkerTable):
         self._pending: dict[int, _Push] = {}
         self._snapshots: dict[tuple[int, int, int], Snapshot] = {}  # (wire dtype, first, count) -> its data
         self._parts: tuple[tuple[int, int], ...] = ()  # the fragments, as (first tensor, count)
+        self._assemblies: dict[int, _Assembly] = {}  # by rank: the buckets of its step received so far
+        self._bucket_grads: dict[int, torch.Tensor] = {}
         self._last_ckpt_step = -1
         self._resume: CheckpointState | None = None
         # async modes: how many pushes were applied at each staleness (read for /metrics)
@@ -285,6 +320,7 @@ class ParameterStore(WorkerTable):
         """A worker (re)joins: returns (version, next step, whether it must send the parameters)."""
         with self._cond:
             w = self._joined(rank, host, pid)
+            self._assemblies.pop(rank, None)  # a new registration pushes its step afresh
             return self._version, w.clock, (self._flat is None and rank == 0)
 
     def heartbeat(self, rank: int, step: int | None = None) -> str | None:
@@ -299,22 +335,25 @@ class ParameterStore(WorkerTable):
     # ----------------------------------------------------------------- push
     def push(self, rank: int, step: int, base_version: int, grad: torch.Tensor,
              buffers: Mapping[str, torch.Tensor] | None = None, unused: Sequence[int] = (),
-             wire_bytes: int | None = None, first: int = 0) -> tuple[bool, int]:
+             wire_bytes: int | None = None, first: int = 0, count: int = 0) -> tuple[bool, int]:
         """Take worker ``rank``'s gradient for ``step``; returns (accepted, version).
 
-        ``grad`` is the flat gradient (any float dtype; converted to float32): of the whole
-        model, or with fragments of the step's fragment, whose first tensor is ``first``.
-        ``buffers`` are the worker's buffers after its forward pass (used as the job's buffer
-        mode says); ``unused`` the indexes (into the pushed tensors) of parameters that got no
-        gradient from this worker; ``wire_bytes`` what the push took on the wire when ``grad``
-        was decoded from it.
+        ``grad`` is the flat gradient (any float dtype; converted to float32) of the ``count``
+        tensors from ``first`` on ((0, 0): the whole model). With fragments that is the step's
+        fragment; otherwise a part is a bucket of the step's gradient, pushed while the worker's
+        backward still runs: the step is the worker's once its buckets cover the model (a
+        bucket received again is a retry and ignored). ``buffers`` are the worker's buffers
+        after its forward pass (used as the job's buffer mode says; a bucketed step's come with
+        its last bucket); ``unused`` the indexes (into the pushed tensors) of parameters that
+        got no gradient from this worker; ``wire_bytes`` what the push took on the wire when
+        ``grad`` was decoded from it.
         """
         with self._cond:
             self._check_open()
             w = self._worker(rank)
             if self._flat is None or self._layout is None or self._model is None:
                 raise StateError("parameters: the job has no parameters yet; pull first")
-            part = self._part_of(step, first)
+            part = self._part_of(step, first, count)
             layout = self._layout.part(*part)
             if grad.numel() != layout.numel:
                 raise ProtocolError(f"byte count: {grad.numel()} values, expected {layout.numel}")
@@ -330,43 +369,60 @@ class ParameterStore(WorkerTable):
                 raise ProtocolError(
                     f"base_version: {base_version} is ahead of the server's version {self._version}"
                 )
-            count = len(layout.names)
-            bad = [i for i in unused if not 0 <= i < count]
+            n = len(layout.names)
+            bad = [i for i in unused if not 0 <= i < n]
             if bad:
                 raise ProtocolError(f"unused: index {bad[0]} is outside the "
-                                    f"{'model' if part[1] == 0 else 'fragment'}'s {count} parameters")
-            # the model's parameters this push does not update: its unused ones, the other fragments'
-            unused = [part[0] + i for i in unused] + \
-                ([i for i in range(len(self._layout.names)) if not part[0] <= i < part[0] + count]
-                 if count < len(self._layout.names) else [])
+                                    f"{'model' if part[1] == 0 else 'part'}'s {n} parameters")
+            bucket = part[1] and len(self._parts) <= 1
+            assembly = self._assemblies.get(rank) if bucket else None
+            if assembly is not None and assembly.step == step and assembly.holds(part):
+                return False, self._version  # a retry of a bucket already taken
             if buffers:
                 self._model.check_buffers(buffers, "buffers")
-            elif self.config.buffers == "average" and self._model.buffers and self.config.mode == "ps-sync":
-                raise ProtocolError(f"buffers: worker {rank} sent none; the job averages every worker's buffers")
             w.bytes_in += grad.numel() * grad.element_size() if wire_bytes is None else wire_bytes
             grad = grad.to(torch.float32)  # before the check: a float64 value may overflow to inf
             self._check_finite(grad, layout)
             self._check_buffer_values(buffers)
-            push = _Push(grad, dict(buffers) if buffers else None, frozenset(unused))
-            w.clock += 1
-            w.last_seen = self._now()
-            if self.config.mode == "ps-sync":
-                self._pending[rank] = push
-                if len(self._pending) == len(self._workers):
-                    pending, self._pending = self._pending, {}
-                    self._take_buffers(pending)
-                    self._apply(self._average(pending), frozenset.intersection(*(p.unused for p in pending.values())),
-                                part)
-            else:
-                w.staleness = self._version - base_version
-                w.max_staleness = max(w.max_staleness, w.staleness)
-                self.staleness_counts[w.staleness] = self.staleness_counts.get(w.staleness, 0) + 1
-                self._take_buffers({rank: push})
-                if self.config.staleness_scaling and w.staleness:
-                    grad = grad / (1 + w.staleness)
-                self._apply(grad, push.unused, part)
-            self._changed()
+            # the model's parameters this push does not update: its unused ones (a fragment: the others too)
+            unused = [part[0] + i for i in unused]
+            if bucket:
+                if assembly is None or assembly.step != step:
+                    if rank not in self._bucket_grads:  # a step's whole gradient, reused: it is applied before
+                        self._bucket_grads[rank] = torch.empty(self._layout.numel)  # the next step's buckets come
+                    assembly = self._assemblies[rank] = _Assembly.start(step, self._layout, self._bucket_grads[rank])
+                if not assembly.add(part, self._layout.offset(part[0]), grad, unused, buffers):
+                    w.last_seen = self._now()
+                    return True, self._version  # more buckets of this step to come
+                del self._assemblies[rank]
+                grad, unused, buffers, part = assembly.grad, sorted(assembly.unused), assembly.buffers, (0, 0)
+            elif part[1]:
+                unused += [i for i in range(len(self._layout.names)) if not part[0] <= i < part[0] + n]
+            if not buffers and self.config.buffers == "average" and self._model.buffers and \
+                    self.config.mode == "ps-sync":
+                raise ProtocolError(f"buffers: worker {rank} sent none; the job averages every worker's buffers")
+            self._take(w, base_version, _Push(grad, dict(buffers) if buffers else None, frozenset(unused)), part)
             return True, self._version
+
+    def _take(self, w: WorkerState, base_version: int, push: _Push, part: tuple[int, int]) -> None:
+        """Worker ``w``'s whole push of its next step (or fragment), as its mode applies it."""
+        w.clock += 1
+        w.last_seen = self._now()
+        if self.config.mode == "ps-sync":
+            self._pending[w.rank] = push
+            if len(self._pending) == len(self._workers):
+                pending, self._pending = self._pending, {}
+                self._take_buffers(pending)
+                self._apply(self._average(pending), frozenset.intersection(*(p.unused for p in pending.values())),
+                            part)
+        else:
+            w.staleness = self._version - base_version
+            w.max_staleness = max(w.max_staleness, w.staleness)
+            self.staleness_counts[w.staleness] = self.staleness_counts.get(w.staleness, 0) + 1
+            self._take_buffers({w.rank: push})
+            grad = push.grad / (1 + w.staleness) if self.config.staleness_scaling and w.staleness else push.grad
+            self._apply(grad, push.unused, part)
+        self._changed()
 
     def _check_buffer_values(self, buffers: Mapping[str, torch.Tensor] | None) -> None:
         for name, t in (buffers or {}).items():
@@ -424,16 +480,17 @@ class ParameterStore(WorkerTable):
         total /= len(pending)
         return total
 
-    def _part_of(self, step: int, first: int) -> tuple[int, int]:
-        """The tensors (first, count) that store step ``step`` updates: with fragments, step s
-        updates fragment s % fragments, and a push that names another is refused."""
+    def _part_of(self, step: int, first: int, count: int) -> tuple[int, int]:
+        """The tensors (first, count) a push covers: with fragments, step s's fragment (a push
+        that names another is refused); otherwise the whole model or a bucket of it."""
+        assert self._layout is not None
         if len(self._parts) <= 1:
-            if first:
-                raise ProtocolError(f"first_tensor: {first}, but the job pushes the whole model")
-            return 0, 0
+            self._layout.part(first, count)  # a run of the model's tensors, or a ProtocolError
+            return (0, 0) if count in (0, len(self._layout.names)) and not first else (first, count)
         part = self._parts[step % len(self._parts)]
-        if first != part[0]:
-            raise ProtocolError(f"first_tensor: {first}, but step {step} syncs fragment {step % len(self._parts)} "
+        if (first, count) != part:
+            pushed = "the whole model" if count == 0 else f"tensors {first} to {first + count - 1}"
+            raise ProtocolError(f"first_tensor: {pushed}, but step {step} syncs fragment {step % len(self._parts)} "
                                 f"(tensors {part[0]} to {part[0] + part[1] - 1})")
         return part
 

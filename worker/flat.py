@@ -93,15 +93,20 @@ class FlatModel:
     def gather_grads(self) -> torch.Tensor:
         """The flat gradient. Backward accumulates into the views in place; if some
         module replaced a ``.grad`` (e.g. a hook), copy it back so nothing is lost."""
-        for p, offset, n in self._views:
-            g = p.grad
-            if g is None:
-                self.grads[offset : offset + n].zero_()
-                p.grad = self.grads[offset : offset + n].view_as(p)
-            elif g.data_ptr() != self.grads[offset : offset + n].data_ptr():
-                self.grads[offset : offset + n].copy_(g.reshape(-1))
-                p.grad = self.grads[offset : offset + n].view_as(p)
+        for i in range(len(self._views)):
+            self.gather_grad(i)
         return self.grads
+
+    def gather_grad(self, i: int) -> None:
+        """Parameter ``i``'s gradient back in its view of the flat gradient (see ``gather_grads``)."""
+        p, offset, n = self._views[i]
+        g = p.grad
+        if g is None:
+            self.grads[offset : offset + n].zero_()
+            p.grad = self.grads[offset : offset + n].view_as(p)
+        elif g.data_ptr() != self.grads[offset : offset + n].data_ptr():
+            self.grads[offset : offset + n].copy_(g.reshape(-1))
+            p.grad = self.grads[offset : offset + n].view_as(p)
 
     def frozen_flat(self) -> torch.Tensor | None:
         """The frozen parameters as one float32 vector (sent once, at initialisation)."""

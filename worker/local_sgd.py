@@ -169,8 +169,8 @@ class _Rounds:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:  # not waited for: after a failure an exchange may wait on the server
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def start(self, sync: int) -> None:
         """Begin at ``sync`` (0, or an async job's) with the global model as it is now."""

@@ -16,6 +16,7 @@ from gradhub.proto.contract.errors import WorkerFailure
 from gradhub.proto.contract.optim import parameter_groups
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.v1 import ps_pb2
+from gradhub.worker.buckets import BucketPusher
 from gradhub.worker.flat import FlatModel
 from gradhub.worker.server_link import Pulled, ServerLink
 from gradhub.worker.workload import Heartbeat, Meter, Phase, WorkerResult, Workload
@@ -80,7 +81,11 @@ class PSTrainer:
         result = WorkerResult(rank=rank, steps_run=0)
         meter = Meter(work.device)
 
-        with Heartbeat(self.client, reg.heartbeat_interval_s) as beat:
+        assert spec.bucket_mb is not None
+        pusher = BucketPusher(self.client, flat, int(spec.bucket_mb * 2**20), spec.accumulate,
+                              enabled=spec.bucket_mb > 0 and not work.precision.scaled)
+
+        with Heartbeat(self.client, reg.heartbeat_interval_s) as beat, pusher:
             version = received(self.client.pull(flat.layout, step, flat.params)) if step < total else 0
             while step < total:
                 if beat.stop_reason is not None:
@@ -90,17 +95,17 @@ class PSTrainer:
                     phase.at("eval", step)
                     self.client.report(step, "eval", work.evaluate())
                 phase.at("train", step)
-                loss, samples = work.gradient(step, model, flat.zero_grad, lambda: [flat.grads])
-                grads = flat.gather_grads()
+                pusher.begin(step, version)  # buckets of the gradient go out while backward runs
+                loss, samples = work.gradient(step, model, flat.zero_grad, lambda: [flat.grads],
+                                              pusher.micro_batch if pusher.bucketed else None)
+                flat.gather_grads()
                 buffers = flat.buffer_values() if send_buffers else None
                 sent = time.perf_counter()
-                if step + 1 < total or rank == 0:
-                    # push step t and receive step t + 1's parameters (rank 0's last pull is the
-                    # final parameters, which it evaluates)
-                    version = received(self.client.push_pull(flat.layout, step, version, grads, flat.params,
-                                                              buffers, flat.unused()))
-                else:
-                    self.client.push(flat.layout, step, version, grads, buffers, flat.unused())
+                # the rest of step t, and step t + 1's parameters (rank 0's last pull is the final
+                # parameters, which it evaluates)
+                pulled = pusher.finish(buffers, flat.unused(), flat.params if step + 1 < total or rank == 0 else None)
+                if pulled is not None:
+                    version = received(pulled)
                 step += 1
                 beat.step = step
                 result.steps_run += 1

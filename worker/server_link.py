@@ -229,26 +229,30 @@ class ServerLink:
 
     def push_pull(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor,
                   params: torch.Tensor, buffers: Mapping[str, torch.Tensor] | None = None,
-                  unused: Sequence[int] = (), first: int | None = None) -> Pulled:
+                  unused: Sequence[int] = (), first: int | None = None, pull_layout: Layout | None = None) -> Pulled:
         """Push the gradient for ``step`` and receive the parameters for ``step + 1`` into
         ``params``, in one round trip on this worker's long-lived PushPull call; returns their
         version and the job's buffers. On any failure the call is reopened and the push sent
-        again (applied at most once). With ``first``, both are of the fragment ``layout``."""
+        again (applied at most once). With ``first``, the push is of the part ``layout`` of the
+        model: a fragment, whose parameters come back, or the last bucket of a step, after which
+        the whole model's come back (``pull_layout``, the model's)."""
         header = self._push_header(layout, step, base_version, buffers, unused, first)
+        pulled = layout if pull_layout is None else pull_layout
+        pull_first = first if pull_layout is None else None
         grads = self.encoder.encode(grads, layout)  # once: a retry resends these bytes
         if self._data is not None:
             try:
-                return _pulled(self._on_data(lambda d: d.push(header, grads, self.wire_dtype, (layout, params),
+                return _pulled(self._on_data(lambda d: d.push(header, grads, self.wire_dtype, (pulled, params),
                                                               self.params_dtype)))
             except ServerWaitTimeout:  # pushed; the parameters are still to come
-                return self.pull(layout, step + 1, params, first)
+                return self.pull(pulled, step + 1, params, pull_first)
 
         def call() -> Pulled:
             if self._session is None:
                 self._session = _Session(self._push_pull, self._metadata)
             try:
                 responses = self._session.send(_push_stream(header, grads, self.wire_dtype))
-                return self._receive_params(responses, layout, params, to_end=False)
+                return self._receive_params(responses, pulled, params, to_end=False)
             except BaseException:
                 self._close_session()
                 raise

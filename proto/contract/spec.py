@@ -38,6 +38,7 @@ MODES = ("ps-sync", "ps-async", "ps-ssp", "allreduce", "local-sgd")
 # local-sgd's outer optimizer unless the spec names one: DiLoCo's (arXiv 2311.08105)
 DEFAULT_OUTER_OPTIMIZER = {"name": "sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True}
 DEFAULT_LOCAL_STEPS = 10
+DEFAULT_BUCKET_MB = 25.0  # as DDP's bucket_cap_mb
 COMPRESSIONS = ("none", "fp16", "bf16", "int8", "int4")
 # block-quantised pushes (gradhub.proto.quant): the parameter-server modes only
 QUANTISED_COMPRESSIONS = ("int8", "int4")
@@ -337,6 +338,9 @@ class JobSpec:
     find_unused_parameters: bool | None = None
     precision: str = "fp32"
     accumulate: int = 1
+    # ps modes: gradient buckets of at most this many MB, pushed while backward runs; 0 pushes
+    # the whole gradient after backward
+    bucket_mb: float | None = None
     clip_grad_norm: float | None = None
     metrics: ComponentSpec | None = None
     # local-sgd: inner steps per round, the server's outer optimizer, and whether a round
@@ -482,6 +486,12 @@ class JobSpec:
                                                           f"always skip unused parameters), not {self.mode!r}")
         check_choice("precision", self.precision, PRECISIONS, "precision")
         put(self, "accumulate", check_int("accumulate", self.accumulate, lo=1))
+        if self.mode not in ("ps-sync", "ps-async", "ps-ssp"):
+            if self.bucket_mb is not None:
+                raise SpecError("bucket_mb", f"only applies to the ps modes, not {self.mode!r}")
+        else:
+            mb = DEFAULT_BUCKET_MB if self.bucket_mb is None else self.bucket_mb
+            put(self, "bucket_mb", check_number("bucket_mb", mb, lo=0, hi=1024))
         if self.batch_size % self.accumulate:
             raise SpecError("accumulate", f"must divide batch_size ({self.batch_size}) into equal "
                                           f"micro-batches, got {self.accumulate}")

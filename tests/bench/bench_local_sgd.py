@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))  # tests.multihost.slow_links: the helper shared w
 from tests.multihost.slow_links import (
     DIGITS,
     MODES,
+    Mode,
     Outcome,
     Task,
     bytes_per_exchange,
@@ -62,8 +63,7 @@ def _cpus(workers: int) -> float:
     return min(1.0, RAY_CPUS / workers)
 
 
-def row_for(task: Task, workers: int, label: str, local_steps: int | None, outcome: Outcome,
-            model_bytes: int) -> dict[str, Any]:
+def row_for(task: Task, workers: int, mode: Mode, outcome: Outcome, model_bytes: int) -> dict[str, Any]:
     measured = bytes_per_exchange(outcome)
     if outcome.mode == "allreduce":
         per_exchange, source = 4 * (workers - 1) / workers * model_bytes, "computed"
@@ -71,12 +71,10 @@ def row_for(task: Task, workers: int, label: str, local_steps: int | None, outco
         per_exchange, source = measured, "measured"
     else:  # the job ended between scrapes: what the protocol moves
         per_exchange, source = 2 * model_bytes, "computed"
-    exchanges = None
-    if outcome.step is not None:
-        exchanges = -(-outcome.step // local_steps) if local_steps else outcome.step
+    exchanges = None if outcome.step is None else mode.exchanges(outcome.step)
     reported = outcome.info.metrics.get("bytes_per_round")
     return {
-        "task": task.name, "N": workers, "mode": label, "to target s": outcome.seconds,
+        "task": task.name, "N": workers, "mode": mode.label, "to target s": outcome.seconds,
         "from 1st step s": outcome.training_s,
         "steps": outcome.step, "MB/exch": per_exchange / MB, "bytes": source,
         "MB to target": per_exchange * exchanges / MB if exchanges is not None else None,
@@ -88,7 +86,10 @@ def row_for(task: Task, workers: int, label: str, local_steps: int | None, outco
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Speed-up (ps-sync's time / this) and bytes (this / ps-sync's), per task and N."""
     for row in rows:
-        ref = next(r for r in rows if r["task"] == row["task"] and r["N"] == row["N"] and r["mode"] == "ps-sync")
+        ref = next((r for r in rows if r["task"] == row["task"] and r["N"] == row["N"] and r["mode"] == "ps-sync"),
+                   None)
+        if ref is None:  # ps-sync was not among the modes run
+            continue
         t, t_ref = row["to target s"], ref["to target s"]
         row["speed-up"] = t_ref / t if t and t_ref else None
         t, t_ref = row["from 1st step s"], ref["from 1st step s"]
@@ -97,7 +98,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         row["bytes ratio"] = b / b_ref if b is not None and b_ref else None
 
 
-def run_local(tasks: list[Task], workers: list[int], limit_s: float) -> list[dict[str, Any]]:
+def run_local(tasks: list[Task], workers: list[int], modes: list[Mode], limit_s: float) -> list[dict[str, Any]]:
     from gradhub.client.client import Client
     from gradhub.server.app import Server
     from gradhub.server.config import ServerConfig
@@ -110,18 +111,18 @@ def run_local(tasks: list[Task], workers: list[int], limit_s: float) -> list[dic
         for task in tasks:
             model_bytes = 4 * task.params()
             for n in workers:
-                for label, mode, h in MODES:
-                    outcome = run_to_target(client, task.spec(mode, n, _cpus(n), h), task.target, limit_s=limit_s,
+                for mode in modes:
+                    outcome = run_to_target(client, mode.spec(task, n, _cpus(n)), task.target, limit_s=limit_s,
                                             metrics_url=url)
-                    rows.append(row_for(task, n, label, h, outcome, model_bytes))
+                    rows.append(row_for(task, n, mode, outcome, model_bytes))
                     r = rows[-1]
-                    print(f"{task.name} N={n} {label}: {r['to target s']} s, step {r['steps']}, "
+                    print(f"{task.name} N={n} {mode.label}: {r['to target s']} s, step {r['steps']}, "
                           f"best {r['best acc']}, {r['MB/exch']:.3g} MB/exchange ({r['bytes']})", flush=True)
     add_ratios(rows)
     return rows
 
 
-def run_slow_links(task: Task, rate: str, limit_s: float) -> list[dict[str, Any]]:
+def run_slow_links(task: Task, rate: str, modes: list[Mode], limit_s: float) -> list[dict[str, Any]]:
     from gradhub.client.client import Client
     from tests.multihost.netns import Network, check_prerequisites
     from tests.multihost.slow_links import link_bytes, throttle
@@ -146,15 +147,13 @@ def run_slow_links(task: Task, rate: str, limit_s: float) -> list[dict[str, Any]
 
             n = len(cluster.workers)
             with Client(SERVER, token=cluster.token) as client:
-                for label, mode, h in MODES:
-                    outcome = run_to_target(client, task.spec(mode, n, 1.0, h), task.target, limit_s=limit_s,
+                for mode in modes:
+                    outcome = run_to_target(client, mode.spec(task, n, 1.0), task.target, limit_s=limit_s,
                                             counters=counters)
                     per_worker = (sum(outcome.link_bytes.values()) / len(hosts)) if outcome.link_bytes else None
-                    exchanges = None
-                    if outcome.step is not None:
-                        exchanges = -(-outcome.step // h) if h else outcome.step
+                    exchanges = None if outcome.step is None else mode.exchanges(outcome.step)
                     rows.append({
-                        "task": f"{task.name} @ {rate}", "N": n, "mode": label, "to target s": outcome.seconds,
+                        "task": f"{task.name} @ {rate}", "N": n, "mode": mode.label, "to target s": outcome.seconds,
                         "from 1st step s": outcome.training_s,
                         "steps": outcome.step, "bytes": "link counters",
                         "MB/exch": per_worker / exchanges / MB if per_worker and exchanges else None,
@@ -162,7 +161,7 @@ def run_slow_links(task: Task, rate: str, limit_s: float) -> list[dict[str, Any]
                         "best acc": outcome.best, "reached": outcome.reached, "wall s": outcome.wall_s,
                         "outcome": outcome.as_row(),
                     })
-                    print(f"slow links {label}: {outcome.seconds} s, step {outcome.step}, best {outcome.best}, "
+                    print(f"slow links {mode.label}: {outcome.seconds} s, step {outcome.step}, best {outcome.best}, "
                           f"{rows[-1]['MB to target']} MB/worker", flush=True)
         except BaseException:
             print(cluster.log_tails())
@@ -180,6 +179,7 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=300.0, help="seconds a job may run before it is stopped")
     parser.add_argument("--slow-links", action="store_true", help="(c) only: the throttled namespace topology")
     parser.add_argument("--rate", default="100mbit", help="(c): tc tbf rate of every link")
+    parser.add_argument("--modes", default="", help="comma-separated labels of the modes to run (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file or folder")
     args = parser.parse_args()
 
@@ -191,13 +191,17 @@ def main() -> None:
 
         tasks = [replace(t, target=args.target) for t in tasks]
         synthetic = replace(synthetic, target=args.target)
+    wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = [m for m in MODES if not wanted or m.label in wanted]
+    if not modes:
+        raise SystemExit(f"--modes: none of {wanted} is one of {[m.label for m in MODES]}")
     if args.slow_links:
-        rows = run_slow_links(synthetic, args.rate, args.limit)
+        rows = run_slow_links(synthetic, args.rate, modes, args.limit)
         title = (f"local-sgd on links shaped to {args.rate}: {synthetic.name} ({synthetic.params():,} parameters), "
                  f"target val_accuracy {synthetic.target}")
         name = f"{NAME}_slow_links"
     else:
-        rows = run_local(tasks, [int(n) for n in args.workers.split(",")], args.limit)
+        rows = run_local(tasks, [int(n) for n in args.workers.split(",")], modes, args.limit)
         title = "local-sgd against ps-sync and allreduce, one host: time and bytes to the target"
         name = NAME
     os.environ.setdefault("COLUMNS", "160")  # rich's width when stdout is not a terminal

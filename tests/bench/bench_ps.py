@@ -8,9 +8,13 @@
 (c) a 1-worker ps-sync job (real server, real Ray worker) against a plain PyTorch loop on
     the same model, data and batch: samples/s;
 (d) a 2-worker ps-sync job against the same job in allreduce mode: samples/s;
-(e) the server process's CPU seconds per GB moved and its peak RSS, for (a) and (b).
+(e) the server process's CPU seconds per GB moved and its peak RSS, for (a) and (b);
+(g) overlap (point 4): a 2-worker ps-sync job, MLP 64-1024-1024-1024-10 (2.2 M parameters), with
+    the gradient pushed in one piece after backward (``bucket_mb: 0``) and in 1 MB buckets while
+    backward runs: step time against the one-piece job's compute time + communication time (the
+    workers' ``compute_s`` and ``comm_s``: the time after backward until the next parameters are in).
 
-    python tests/bench/bench_ps.py [--mb 100] [--iters 6] [--figures a b c d] [--device cuda] [--out DIR]
+    python tests/bench/bench_ps.py [--mb 100] [--iters 6] [--figures a b c d g] [--device cuda] [--out DIR]
 
 ``--device cuda``: (a)'s worker keeps its gradient and parameters on the GPU (they travel through
 pinned host buffers) and (c)'s job trains on a GPU (``resources.gpus: 1``).
@@ -164,6 +168,12 @@ def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "un
 def job_samples_per_second(model: Any, batch: int, steps: int, workers: int = 1, mode: str = "ps-sync",
                            gpus: float = 0) -> float:
     """A real job (in-process server, local Ray): its workers' summed average rate."""
+    return job_metrics(model, batch, steps, workers, mode, gpus)["avg_samples_per_s"]
+
+
+def job_metrics(model: Any, batch: int, steps: int, workers: int = 1, mode: str = "ps-sync", gpus: float = 0,
+                **extra: Any) -> dict[str, float]:
+    """A real job's final metrics (in-process server, local Ray); ``extra`` goes into its spec."""
     from gradhub.client.client import Client
     from gradhub.server.app import Server
     from gradhub.server.config import ServerConfig
@@ -173,11 +183,11 @@ def job_samples_per_second(model: Any, batch: int, steps: int, workers: int = 1,
             cpus = max(torch.get_num_threads() // workers, 1)
             spec = {"name": "bench-job", "mode": mode, "workers": workers, "resources": {"cpus": cpus, "gpus": gpus},
                     "model": model, "dataset": "digits", "optimizer": {"name": "sgd", "lr": 0.05},
-                    "batch_size": batch, "steps": steps}
+                    "batch_size": batch, "steps": steps, **extra}
             info = client.submit(spec).wait(timeout=TIMEOUT_S)
             if info.state != "SUCCEEDED":
                 raise RuntimeError(f"benchmark job {info.state}: {info.reason}")
-            return info.metrics["avg_samples_per_s"]
+            return dict(info.metrics)
 
 
 def main() -> None:
@@ -190,7 +200,7 @@ def main() -> None:
     parser.add_argument("--transports", nargs="+", default=["unix", "tcp", "grpc"],
                         choices=["unix", "tcp", "tls", "grpc"],
                         help="transports for (a) and (b) (tls: the data plane's TCP port under TLS)")
-    parser.add_argument("--figures", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"],
+    parser.add_argument("--figures", nargs="+", default=["a", "b", "c", "d", "g"], choices=["a", "b", "c", "d", "g"],
                         help="which figures to measure ((e) comes with (a) and (b))")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=None)
@@ -210,6 +220,8 @@ def main() -> None:
         figures["c_training"] = figure_c(args)
     if "d" in args.figures:
         figures["d_vs_allreduce"] = figure_d(args)
+    if "g" in args.figures:
+        figures["g_overlap"] = figure_g(args)
     path = write_json("ps", figures, args.out)
     print(f"wrote {path}")
 
@@ -288,6 +300,29 @@ def figure_d(args: argparse.Namespace) -> list[dict[str, Any]]:
     print_table("(d) 2-worker ps-sync job vs the same job in allreduce mode", rows_d,
                 ["model", "batch", "allreduce samples/s", "ps-sync samples/s", "ratio"])
     return rows_d
+
+
+def figure_g(args: argparse.Namespace) -> list[dict[str, Any]]:
+    model = {"name": "mlp", "args": {"hidden": [1024, 1024, 1024]}}
+    batch, steps, workers = 32, min(args.steps, 300), 2
+    runs: dict[float, list[dict[str, float]]] = {0.0: [], 1.0: []}
+    for _ in range(args.repeats):  # interleaved: the VM's noise falls on both alike
+        for mb, out in runs.items():
+            out.append(job_metrics(model, batch, steps, workers, bucket_mb=mb))
+
+    def med(mb: float, key: str) -> float:
+        return statistics.median(m[key] for m in runs[mb])
+
+    def step_s(mb: float) -> float:  # a worker's step: the job's samples/s are summed over its workers
+        return batch * workers / med(mb, "avg_samples_per_s")
+
+    reference = med(0.0, "compute_s") + med(0.0, "comm_s")
+    rows_g = [{"bucket_mb": f"{mb:g}", "samples/s": f"{med(mb, 'avg_samples_per_s'):,.0f}",
+               "step s": f"{step_s(mb):.4f}", "compute s": f"{med(mb, 'compute_s'):.4f}",
+               "comm after backward s": f"{med(mb, 'comm_s'):.4f}",
+               "step / (compute + comm of one piece)": f"{step_s(mb) / reference:.2f}"} for mb in runs]
+    print_table("(g) pushing buckets while backward runs: 2-worker ps-sync, MLP 3x1024", rows_g, list(rows_g[0]))
+    return rows_g
 
 
 if __name__ == "__main__":

@@ -76,3 +76,26 @@ def test_a_worker_killed_at_a_step_dies_once_and_changes_nothing(server, undistu
     assert got.keys() == expected.keys()
     worst = max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected)
     assert worst <= 1e-6, f"the killed run differs from the undisturbed run by {worst:.3g}"
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_killed_in_backward_with_a_bucket_pushed_changes_nothing(server, undisturbed, tmp_path):
+    """ps-sync with the gradient in two buckets (the first layer's weight and bias; the rest,
+    pushed while backward runs): rank 1 dies in the backward of step KILL_STEP, after the later
+    layers' bucket went to its push thread. Whether that bucket reached the server or not, the
+    restarted worker pushes the step afresh and the job ends as the undisturbed one."""
+    marker = tmp_path / "fired"
+    job = {**spec("killed-in-backward", "ps-sync", 2, {"factory": "gh_zoo:arm_on_sample_digits",
+                                                       "args": {"at": first_read_at(2, 1, KILL_STEP)}}),
+           "model": {"factory": "gh_zoo:bn_net_killed_in_backward",
+                     "args": {"marker": str(marker), "hidden": 64, "p": 0.2}},
+           "bucket_mb": 0.0031}  # 3,250 bytes: BatchNorm and the last layer (3,112) are a bucket
+    with Client(server.address) as client:
+        info = client.submit(job).wait(timeout=180)
+        logs = "\n".join(client.logs(info.id))
+        assert info.state == "SUCCEEDED", (info.reason, logs)
+        assert marker.exists() and logs.count(" died ") == 1 and "worker 1 died (" in logs, logs
+        got = final_params(client, info, tmp_path)
+    expected = undisturbed["ps-sync"]
+    worst = max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected)
+    assert worst <= 1e-6, f"the killed run differs from the undisturbed run by {worst:.3g}"

@@ -120,9 +120,14 @@ def test_wrong_tensor_name_and_count(job, unchanged):
     metas[1].name = "fc.bogus"
     assert_rejected(lambda: stub.PushGradients(stream(header(job_id, metas=metas), grad()), timeout=10),
                     grpc.StatusCode.INVALID_ARGUMENT, "tensors[1].name", "fc.bogus")
+    # one tensor is a bucket of the step (the rest to come), and the whole gradient is too many bytes for it
     assert_rejected(lambda: stub.PushGradients(stream(header(job_id, metas=LAYOUT.metas(F32)[:1]), grad()),
                                                timeout=10),
-                    grpc.StatusCode.INVALID_ARGUMENT, "tensors", "got 1 tensors")
+                    grpc.StatusCode.INVALID_ARGUMENT, "byte count", "more than the expected")
+    beyond = header(job_id)
+    beyond.first_tensor = 1
+    assert_rejected(lambda: stub.PushGradients(stream(beyond, grad()), timeout=10),
+                    grpc.StatusCode.INVALID_ARGUMENT, "first_tensor", "are not a part of the model's")
 
 
 def test_too_few_bytes_is_a_stream_cut_short(job, unchanged):

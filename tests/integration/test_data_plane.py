@@ -241,10 +241,10 @@ def _authenticated(server: Server, job_id: str) -> tuple[ServerLink, socket.sock
 @pytest.mark.parametrize(("header", "payload_bytes", "message"), [
     ({"tensors": LAYOUT.metas(tensor_pb2.FLOAT32)}, 1 << 30, "payload_bytes: 1073741824"),
     ({"tensors": LAYOUT.metas(tensor_pb2.FLOAT16)}, NUMEL * 2, r"tensors\[0\].dtype"),
-    ({"tensors": Layout(("w",), ((10,),)).metas(tensor_pb2.FLOAT32)}, NUMEL * 4, "got 1 tensors"),
+    ({"tensors": Layout(("w",), ((10,),)).metas(tensor_pb2.FLOAT32)}, NUMEL * 4, r"tensors\[0\].shape: 'w' has shape \[10\]"),
     ({"tensors": LAYOUT.metas(tensor_pb2.FLOAT32), "rank": 1}, NUMEL * 4, "not this connection's worker"),
     ({"tensors": LAYOUT.metas(tensor_pb2.FLOAT32), "first_tensor": 1}, NUMEL * 4,
-     "first_tensor: 1, but the job pushes the whole model"),
+     "first_tensor: tensors 1 to 2 are not a part of the model's 2 tensors"),
 ])
 def test_a_bad_push_header_is_refused_before_its_payload(job, header, payload_bytes, message):
     server, job_id = job

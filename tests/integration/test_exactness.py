@@ -2,8 +2,10 @@
 on the same global batches of N*b samples (max abs difference <= 1e-5 after 100 steps).
 
 Runs through the real server (port 0) and real Ray workers, with tensors on the data plane
-(``transport: auto``) and, for N = 2, on the gRPC fallback path as well. All the jobs are
-submitted at once, so the FIFO queue runs them as the two logical CPUs allow.
+(``transport: auto``) and, for N = 2, on the gRPC fallback path as well. N = 4 and the gRPC
+jobs push their gradient in two buckets while backward runs (``bucket_mb`` below the model's
+first layer); the others in one push after backward. All the jobs are submitted at once, so the
+FIFO queue runs them as the two logical CPUs allow.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ OPTIMIZERS = {
 }
 WORLD_SIZES = (1, 2, 4)
 CASES = [(n, "auto") for n in WORLD_SIZES] + [(2, "grpc")]
+BUCKETED = {(4, "auto"), (2, "grpc")}
+SMALL_BUCKETS_MB = 0.004  # the 64x32 weight (8 KB) is a bucket, the rest of the model (1.4 KB) another
 
 
 def spec(workers: int, optimizer: dict, transport: str = "auto") -> dict:
@@ -34,6 +38,7 @@ def spec(workers: int, optimizer: dict, transport: str = "auto") -> dict:
         "transport": transport,
         "resources": {"cpus": 0.5}, "model": {"name": "mlp", "args": {"hidden": [32]}},
         "dataset": "digits", "optimizer": optimizer, "batch_size": BATCH, "steps": STEPS, "seed": SEED,
+        **({"bucket_mb": SMALL_BUCKETS_MB} if (workers, transport) in BUCKETED else {}),
     }
 
 

@@ -199,8 +199,9 @@ class Task:
 
         return sum(p.numel() for p in mlp(**self.model["args"]).parameters())
 
-    def spec(self, mode: str, workers: int, cpus: float, local_steps: int | None = None) -> dict[str, Any]:
-        label = mode if local_steps is None else f"{mode}-h{local_steps}"
+    def spec(self, mode: str, workers: int, cpus: float, local_steps: int | None = None,
+             fragments: int = 1, overlap: int = 0) -> dict[str, Any]:
+        label = mode if local_steps is None else f"{mode}-h{local_steps}" + (f"-f{fragments}" if fragments > 1 else "")
         spec: dict[str, Any] = {
             "name": f"{self.name}-{label}-n{workers}", "mode": mode, "workers": workers,
             "resources": {"cpus": cpus}, "model": self.model, "dataset": self.dataset,
@@ -209,6 +210,8 @@ class Task:
         }
         if local_steps is not None:
             spec["local_steps"] = local_steps  # the outer optimizer: the default (SGD, Nesterov 0.9, lr 0.7)
+        if fragments > 1:
+            spec.update(fragments=fragments, fragment_overlap=overlap)
         return spec
 
 
@@ -228,8 +231,27 @@ def synthetic_task(hidden: tuple[int, ...] = (2048, 1024), target: float = 0.8, 
                 {"name": "adam", "lr": 0.001}, target=target, steps=steps, eval_every=eval_every)
 
 
-# the modes compared: (label, mode, local_steps)
-MODES: tuple[tuple[str, str, int | None], ...] = (
-    ("ps-sync", "ps-sync", None), ("allreduce", "allreduce", None),
-    ("local-sgd H=10", "local-sgd", 10), ("local-sgd H=50", "local-sgd", 50),
+@dataclass(frozen=True)
+class Mode:
+    """One way of training a task: a mode and, for local-sgd, its rounds and fragments."""
+
+    label: str
+    mode: str
+    local_steps: int | None = None
+    fragments: int = 1
+    overlap: int = 0
+
+    def spec(self, task: Task, workers: int, cpus: float) -> dict[str, Any]:
+        return task.spec(self.mode, workers, cpus, self.local_steps, self.fragments, self.overlap)
+
+    def exchanges(self, steps: int) -> int:
+        """The exchanges (server steps) a job makes in ``steps`` (inner) steps."""
+        return -(-steps // self.local_steps) * self.fragments if self.local_steps else steps
+
+
+# the modes compared
+MODES: tuple[Mode, ...] = (
+    Mode("ps-sync", "ps-sync"), Mode("allreduce", "allreduce"),
+    Mode("local-sgd H=10", "local-sgd", 10), Mode("local-sgd H=50", "local-sgd", 50),
+    Mode("local-sgd H=50 F=4 τ=12", "local-sgd", 50, fragments=4, overlap=12),
 )

@@ -68,7 +68,7 @@ def test_each_step_updates_its_fragment_as_torch_optim_does() -> None:
         part = LAYOUT.part(first, count)
         grads = [torch.randn(part.numel) for _ in range(2)]
         for rank in (1, 0):
-            store.push(rank, step, step, grads[rank], first=first)
+            store.push(rank, step, step, grads[rank], first=first, count=count)
         mean = (grads[0] + grads[1]) / 2
         views = list(part.split(mean).values())
         for i, p in enumerate(reference):
@@ -92,18 +92,9 @@ def test_a_push_of_another_fragment_is_refused_and_changes_nothing() -> None:
     store = _store()
     second, count = LAYOUT.partition(2)[1]
     before = store.parameters()
-    with pytest.raises(ProtocolError, match=f"first_tensor: {second}, but step 0 syncs fragment 0"):
-        store.push(0, 0, 0, torch.ones(LAYOUT.part(second, count).numel), first=second)
-    with pytest.raises(ProtocolError, match="byte count: 19 values, expected"):
+    with pytest.raises(ProtocolError, match=f"first_tensor: tensors {second} to 3, but step 0 syncs fragment 0"):
+        store.push(0, 0, 0, torch.ones(LAYOUT.part(second, count).numel), first=second, count=count)
+    with pytest.raises(ProtocolError, match="first_tensor: the whole model, but step 0 syncs fragment 0"):
         store.push(0, 0, 0, torch.ones(19))  # the whole model
     assert store.version == 0 and store.workers()[0].clock == 0
     assert all(torch.equal(v, store.parameters()[k]) for k, v in before.items())
-
-
-def test_a_store_without_fragments_refuses_a_fragment() -> None:
-    store = ParameterStore(StoreConfig("job", "ps-async", 1))
-    store.set_total_steps(4)
-    store.register(0)
-    store.initialize(LAYOUT, torch.zeros(19))
-    with pytest.raises(ProtocolError, match="first_tensor: 2, but the job pushes the whole model"):
-        store.push(0, 0, 0, torch.ones(9), first=2)

@@ -185,3 +185,43 @@ def kill_on_sample_digits(at: int, marker: str) -> tuple[Dataset, Dataset]:
 
     train, val = digits()
     return KillOnSample(*train.tensors, at=at, marker=marker), val
+
+
+_armed: list[bool] = []  # one process's: set when it reads the sample that arms the kill below
+
+
+class ArmOnSample(Dataset):
+    """Digits whose sample ``at`` arms ``bn_net_killed_in_backward`` in the process that reads it."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, at: int) -> None:
+        self.x, self.y, self.at = x, y, at
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == self.at:
+            _armed.append(True)
+        return self.x[i], self.y[i]
+
+
+def arm_on_sample_digits(at: int) -> tuple[Dataset, Dataset]:
+    from gradhub.worker.data import digits
+
+    train, val = digits()
+    return ArmOnSample(*train.tensors, at=at), val
+
+
+def bn_net_killed_in_backward(marker: str, hidden: int = 32, p: float = 0.1) -> nn.Module:
+    """``bn_net`` whose process is SIGKILLed, once (``marker``), when its first layer's weight
+    gets its gradient in the step that read the arming sample: backward has then passed every
+    later layer, whose gradients a bucketed push has handed to the wire."""
+    model = bn_net(hidden, p)
+
+    def kill(_: torch.Tensor) -> None:
+        if _armed and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    model[0].weight.register_post_accumulate_grad_hook(kill)
+    return model

@@ -1,0 +1,87 @@
+"""Bucketed pushes (a ps worker pushes its step's gradient in runs of tensors while backward
+runs): the store takes the step once its buckets cover the model, exactly as the whole push;
+a bucket received again is a retry, one overlapping another is refused, and a worker that
+registers again pushes its step afresh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import ProtocolError
+from gradhub.server.store import ParameterStore, StoreConfig
+
+LAYOUT = Layout(("a", "b", "c", "d"), ((3, 2), (4,), (5,), (2, 2)))  # 6 + 4 + 5 + 4 = 19 values
+
+
+def _store(mode: str = "ps-sync", world: int = 2) -> ParameterStore:
+    store = ParameterStore(StoreConfig("job", mode, world, optimizer="adam", lr=0.1))
+    store.set_total_steps(8)
+    for rank in range(world):
+        store.register(rank)
+    assert store.initialize(LAYOUT, torch.linspace(-1, 1, 19))
+    return store
+
+
+def _buckets(grad: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """(first, count, values) of the buckets a worker pushes, last tensors first."""
+    return [(3, 1, grad[15:]), (1, 2, grad[6:15]), (0, 1, grad[:6])]
+
+
+@pytest.mark.parametrize("mode", ["ps-sync", "ps-async"])
+def test_a_step_in_buckets_equals_the_whole_push(mode: str) -> None:
+    bucketed, whole = _store(mode), _store(mode)
+    torch.manual_seed(0)
+    for step in range(3):
+        grads = [torch.randn(19) for _ in range(2)]
+        for rank in (1, 0):
+            whole.push(rank, step, step if mode == "ps-sync" else 0, grads[rank])
+            for k, (first, count, values) in enumerate(_buckets(grads[rank])):
+                accepted, _ = bucketed.push(rank, step, step if mode == "ps-sync" else 0, values,
+                                            first=first, count=count)
+                assert accepted
+                if k < 2:  # the step is not the worker's before its last bucket
+                    assert bucketed.workers()[rank].clock == step
+        assert bucketed.version == whole.version
+    for name, value in whole.parameters().items():
+        assert torch.equal(bucketed.parameters()[name], value), name
+
+
+def test_a_bucket_again_is_a_retry_and_an_overlapping_one_is_refused() -> None:
+    store = _store(world=1)
+    assert store.push(0, 0, 0, torch.ones(4), first=3, count=1)[0]
+    assert store.push(0, 0, 0, torch.ones(4), first=3, count=1) == (False, 0)
+    with pytest.raises(ProtocolError, match="first_tensor: tensors 2 to 3 overlap a bucket of step 0"):
+        store.push(0, 0, 0, torch.ones(9), first=2, count=2)
+    assert store.push(0, 0, 0, torch.ones(15), first=0, count=3) == (True, 1)  # the rest: the step is taken
+    assert store.push(0, 0, 0, torch.ones(4), first=3, count=1) == (False, 1)  # a late retry of the step
+
+
+def test_unused_parameters_of_a_bucket_are_left_alone() -> None:
+    store = _store(world=1)
+    before = store.parameters()
+    store.push(0, 0, 0, torch.ones(9), first=1, count=2, unused=[1])  # "c" got no gradient
+    store.push(0, 0, 0, torch.ones(6), first=0, count=1)
+    store.push(0, 0, 0, torch.ones(4), first=3, count=1)
+    after = store.parameters()
+    assert torch.equal(after["c"], before["c"]) and not torch.equal(after["b"], before["b"])
+
+
+def test_a_worker_registering_again_pushes_its_step_afresh() -> None:
+    store = _store(world=1)
+    store.push(0, 0, 0, torch.full((4,), 100.0), first=3, count=1)  # from the process that died
+    store.register(0)
+    assert store.push(0, 0, 0, torch.ones(4), first=3, count=1)[0]  # taken, not a retry
+    store.push(0, 0, 0, torch.ones(15), first=0, count=3)
+    reference = _store(world=1)
+    reference.push(0, 0, 0, torch.ones(19))
+    assert all(torch.equal(v, reference.parameters()[k]) for k, v in store.parameters().items())
+
+
+def test_buckets_are_runs_of_whole_tensors_from_the_last_one() -> None:
+    from gradhub.worker.buckets import bucket_runs
+
+    assert bucket_runs(LAYOUT, 10**6) == [(0, 4)]  # one bucket: the whole push after backward
+    assert bucket_runs(LAYOUT, 40) == [(2, 2), (0, 2)]  # 36 bytes, then 40
+    assert bucket_runs(LAYOUT, 1) == [(3, 1), (2, 1), (1, 1), (0, 1)]  # a tensor over the cap is its own
