@@ -339,7 +339,7 @@ class JobSpec:
     precision: str = "fp32"
     accumulate: int = 1
     # ps modes: gradient buckets of at most this many MB, pushed while backward runs; 0 pushes
-    # the whole gradient after backward
+    # the whole gradient after backward (the default for CPU workers; 25 for GPU workers)
     bucket_mb: float | None = None
     clip_grad_norm: float | None = None
     metrics: ComponentSpec | None = None
@@ -490,7 +490,10 @@ class JobSpec:
             if self.bucket_mb is not None:
                 raise SpecError("bucket_mb", f"only applies to the ps modes, not {self.mode!r}")
         else:
-            mb = DEFAULT_BUCKET_MB if self.bucket_mb is None else self.bucket_mb
+            # GPU workers push while the GPU computes backward; CPU workers' pushes would take the
+            # cores backward runs on (README: bench_ps.py (g))
+            default = DEFAULT_BUCKET_MB if self.resources.gpus > 0 else 0.0
+            mb = default if self.bucket_mb is None else self.bucket_mb
             put(self, "bucket_mb", check_number("bucket_mb", mb, lo=0, hi=1024))
         if self.batch_size % self.accumulate:
             raise SpecError("accumulate", f"must divide batch_size ({self.batch_size}) into equal "

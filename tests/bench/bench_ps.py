@@ -173,21 +173,53 @@ def job_samples_per_second(model: Any, batch: int, steps: int, workers: int = 1,
 
 def job_metrics(model: Any, batch: int, steps: int, workers: int = 1, mode: str = "ps-sync", gpus: float = 0,
                 **extra: Any) -> dict[str, float]:
-    """A real job's final metrics (in-process server, local Ray); ``extra`` goes into its spec."""
+    """A real job's final metrics (in-process server, local Ray); ``extra`` goes into its spec.
+    With it, ``compute_s`` and ``comm_s``: a step's seconds as the workers report them, the
+    median of the server's /metrics scraped every half second while the job runs."""
     from gradhub.client.client import Client
     from gradhub.server.app import Server
     from gradhub.server.config import ServerConfig
 
-    with (tempfile.TemporaryDirectory() as tmp, Server(ServerConfig(port=0, data_dir=Path(tmp))) as server,
+    with (tempfile.TemporaryDirectory() as tmp,
+          Server(ServerConfig(port=0, data_dir=Path(tmp), http_port=0 if extra else None)) as server,
           Client(server.address) as client):
             cpus = max(torch.get_num_threads() // workers, 1)
             spec = {"name": "bench-job", "mode": mode, "workers": workers, "resources": {"cpus": cpus, "gpus": gpus},
                     "model": model, "dataset": "digits", "optimizer": {"name": "sgd", "lr": 0.05},
                     "batch_size": batch, "steps": steps, **extra}
-            info = client.submit(spec).wait(timeout=TIMEOUT_S)
+            job = client.submit(spec)
+            seconds: list[tuple[float, float]] = []
+            deadline = time.monotonic() + TIMEOUT_S
+            while extra and not (info := client.get_job(job.id)).done and time.monotonic() < deadline:
+                seconds += _step_seconds(f"http://127.0.0.1:{server.http_port}/metrics", job.id)
+                time.sleep(0.5)  # a sampling interval, not a synchronization
+            info = job.wait(timeout=TIMEOUT_S)
             if info.state != "SUCCEEDED":
                 raise RuntimeError(f"benchmark job {info.state}: {info.reason}")
-            return dict(info.metrics)
+            out = dict(info.metrics)
+            if seconds:
+                out["compute_s"] = statistics.median(c for c, _ in seconds)
+                out["comm_s"] = statistics.median(m for _, m in seconds)
+            return out
+
+
+def _step_seconds(url: str, job_id: str) -> list[tuple[float, float]]:
+    """(compute, communication) seconds of a step, per worker of ``job_id``, from /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    values: dict[str, dict[str, float]] = {"gradhub_worker_compute_seconds": {},
+                                           "gradhub_worker_communication_seconds": {}}
+    for family in text_string_to_metric_families(text):
+        if family.name in values:
+            for sample in family.samples:
+                if sample.labels.get("job") == job_id:
+                    values[family.name][sample.labels["rank"]] = sample.value
+    compute, comm = values.values()
+    return [(compute[r], comm[r]) for r in compute if r in comm]
 
 
 def main() -> None:

@@ -120,6 +120,7 @@ def test_example_yaml_parses_and_to_dict_is_the_canonical_form() -> None:
         "sync_batchnorm": False,
         "precision": "fp32",
         "accumulate": 1,
+        "bucket_mb": 0.0,  # CPU workers push after backward
     }
 
 
@@ -332,6 +333,8 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("staleness_scaling", {"mode": "local-sgd", "staleness_scaling": True}),
     ("staleness_scaling", {"mode": "local-sgd", "outer_sync": False, "staleness_scaling": "yes"}),
     ("fragments", {"mode": "local-sgd", "local_steps": 4, "fragments": 5}),
+    ("bucket_mb", {"bucket_mb": -1}),
+    ("bucket_mb", {"mode": "allreduce", "bucket_mb": 4}),
     ("fragments", {"mode": "ps-sync", "fragments": 2}),
     ("fragment_overlap", {"mode": "local-sgd", "local_steps": 10, "fragments": 3, "fragment_overlap": 4}),
     ("fragment_mix", {"mode": "local-sgd", "fragment_mix": 1.0}),
@@ -643,3 +646,11 @@ def test_staleness_scaling_needs_asynchronous_local_sgd() -> None:
         JobSpec.from_dict({**base, "staleness_scaling": True})
     with pytest.raises(SpecError, match="staleness_scaling: only applies to mode local-sgd"):
         JobSpec.from_dict({"model": "mlp", "dataset": "digits", "staleness_scaling": False})
+
+
+def test_bucket_mb_defaults_by_the_workers_device() -> None:
+    base = {"model": "mlp", "dataset": "digits"}
+    assert JobSpec.from_dict(base).bucket_mb == 0.0
+    assert JobSpec.from_dict({**base, "resources": {"gpus": 1}}).bucket_mb == 25.0
+    assert JobSpec.from_dict({**base, "bucket_mb": 2}).bucket_mb == 2.0
+    assert JobSpec.from_dict({**base, "mode": "allreduce"}).bucket_mb is None

@@ -1,0 +1,114 @@
+"""What a parameter store takes and gives: its configuration (from the job's spec), the
+parameters of one version as pulls send them, and a consistent copy of its state for a
+checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from gradhub.proto.codec import (
+    CHUNK_BYTES,
+    COMPRESSION_DTYPES,
+    QUANT_BITS,
+    Layout,
+    as_bytes,
+    iter_data_chunks,
+    params_dtype,
+)
+from gradhub.proto.contract.errors import SpecError
+from gradhub.proto.quant import DEFAULT_BLOCK, BlockQuant
+from gradhub.proto.v1 import tensor_pb2
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """What the store needs from a job spec."""
+
+    job_id: str
+    mode: str
+    world_size: int
+    staleness: int = 0
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    hyper: Mapping[str, Any] = field(default_factory=dict)
+    schedule: Mapping[str, Any] | None = None
+    checkpoint_every: int = 0
+    compression: str = "none"
+    param_groups: tuple[Mapping[str, Any], ...] = ()
+    buffers: str = "broadcast"  # whose buffers the job keeps: "broadcast" (rank 0), "average", "local"
+    clip_grad_norm: float | None = None
+    compression_block: int | None = None  # int8 / int4: values per scale of a pushed gradient (256)
+    # local-sgd (sync): keep the parameters of every version since ``trim_history``, from which
+    # a restarted worker replays the rounds it lost
+    keep_history: bool = False
+    # async: scale a gradient computed ``s`` versions ago by 1 / (1 + s) before the step
+    staleness_scaling: bool = False
+    # local-sgd streaming: store step s updates fragment s % fragments alone (a run of whole
+    # tensors, ``Layout.partition``); the other parameters are left exactly as they are
+    fragments: int = 1
+
+    def __post_init__(self) -> None:
+        if self.buffers not in ("broadcast", "average", "local"):
+            raise SpecError("buffers", f"must be broadcast, average or local, not {self.buffers!r}")
+        if self.compression not in COMPRESSION_DTYPES:
+            raise SpecError("compression", f"must be one of {sorted(COMPRESSION_DTYPES)}")
+        if self.mode not in ("ps-sync", "ps-async", "ps-ssp"):
+            raise SpecError("mode", f"the parameter store serves ps-* modes, not {self.mode!r}")
+        if self.world_size < 1:
+            raise SpecError("workers", "must be >= 1")
+        _ = self.quant  # int8 / int4: a compression_block out of range is a SpecError
+
+    @property
+    def wire_dtype(self) -> int:
+        """The dtype of gradients on the wire (parameters stay float32 on the server)."""
+        return COMPRESSION_DTYPES[self.compression]
+
+    @property
+    def params_dtype(self) -> int:
+        """The dtype pulled parameters travel in (float32 when pushes are quantised)."""
+        return params_dtype(self.compression)
+
+    @cached_property
+    def quant(self) -> BlockQuant | None:
+        """The format of quantised pushes (compression int8 / int4), else None."""
+        if self.wire_dtype not in QUANT_BITS:
+            return None
+        return BlockQuant(self.wire_dtype, self.compression_block or DEFAULT_BLOCK)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Parameters at one version, encoded in a wire dtype, for any number of pulls at once.
+
+    ``data`` never changes while a pull may read it: in ps-sync with float32 on the wire it is
+    the store's own parameters (no update can happen before every worker has pulled this
+    version and pushed its next gradient), otherwise a copy made for this version.
+    """
+
+    version: int
+    wire_dtype: int
+    data: torch.Tensor  # flat, contiguous, CPU, in the wire dtype
+    layout: Layout  # what ``data`` holds: the model, or one fragment of it
+    buffers: tuple[tensor_pb2.Tensor, ...] = ()  # the job's buffers, for the header
+
+    @cached_property
+    def chunks(self) -> tuple[bytes, ...]:
+        """``data`` as serialized gRPC data chunks of ~1 MiB (the gRPC path's pulls)."""
+        return tuple(iter_data_chunks(as_bytes(self.data), CHUNK_BYTES))
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """A consistent copy of everything needed to resume exactly."""
+
+    step: int
+    version: int
+    params: dict[str, torch.Tensor]  # the model's whole state_dict (parameters, buffers, tied keys)
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any] | None
+    clocks: tuple[int, ...]
