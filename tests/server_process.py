@@ -24,8 +24,8 @@ from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-port, data_dir, port_file = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-server = Server(ServerConfig(port=port, data_dir=data_dir, ray_num_cpus=2)).start()
+port, data_dir, port_file, cpus = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+server = Server(ServerConfig(port=port, data_dir=data_dir, ray_num_cpus=cpus)).start()
 tmp = port_file.with_name(port_file.name + ".tmp")
 tmp.write_text(str(server.port))
 tmp.replace(port_file)
@@ -61,8 +61,9 @@ def _session_members(sid: int) -> dict[int, str]:
 class ServerProcess:
     """``gradhub``'s Server with an embedded Ray, in a child process that leads a new session."""
 
-    def __init__(self, data_dir: Path, log_dir: Path, name: str) -> None:
-        self.data_dir, self.name = data_dir, name
+    def __init__(self, data_dir: Path, log_dir: Path, name: str, ray_cpus: int = 2) -> None:
+        """``ray_cpus``: the logical CPUs its Ray schedules workers on (the VM has two cores)."""
+        self.data_dir, self.name, self.ray_cpus = data_dir, name, ray_cpus
         self.log = log_dir / f"{name}.log"
         self.port_file = log_dir / f"{name}.port"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -73,7 +74,8 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not ours
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", SERVER_SCRIPT, str(port), str(self.data_dir), str(self.port_file)],
+                [sys.executable, "-c", SERVER_SCRIPT, str(port), str(self.data_dir), str(self.port_file),
+                 str(self.ray_cpus)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
 

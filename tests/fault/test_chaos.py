@@ -22,6 +22,7 @@ schedule are printed, and shown with ``-s`` or on failure.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import textwrap
@@ -47,6 +48,7 @@ ROUNDS = int(os.environ.get(ROUNDS_ENV, "2"))
 EXACT = 1e-6
 JOB_TIMEOUT_S = 240.0
 CKPT_EVERY = 8
+WORKER_CPUS = 0.1
 
 PACKAGE = "gh_chaos"
 MODULE = textwrap.dedent('''
@@ -176,7 +178,7 @@ def spec(plan: Plan, code: Path, events: Path | None) -> dict:
         args["gates"] = [[first_read_at(plan.workers, r, s), str(events / f"{plan.name}.arrived{k}"),
                           str(events / f"release{k}")] for k, (r, s) in enumerate(plan.gates)]
     return {"name": plan.name if events else f"undisturbed-{plan.name}", "mode": plan.mode,
-            "workers": plan.workers, "spares": plan.spares, "resources": {"cpus": 0.1},
+            "workers": plan.workers, "spares": plan.spares, "resources": {"cpus": WORKER_CPUS},
             "model": {"factory": "gh_zoo:bn_net", "args": {"hidden": 32, "p": 0.2}},
             "dataset": {"factory": f"{PACKAGE}:chaos_digits", "args": args}, "working_dir": str(code),
             "optimizer": {"name": "adam", "lr": 0.002}, "batch_size": BATCH, "steps": plan.steps,
@@ -223,7 +225,11 @@ class Chaos:
 
     def start_server(self) -> None:
         port = self.servers[-1].port if self.servers else 0  # the same address, as a restarted service
-        self.servers.append(ServerProcess(self.root / "data", self.root, f"server{len(self.servers)}"))
+        # every job and reference at once: the jobs wait at their gates until the references end,
+        # so a reference that could only start after them would wait forever
+        workers = sum((p.workers + p.spares) * (2 if p.compare else 1) for p in self.schedule.jobs)
+        self.servers.append(ServerProcess(self.root / "data", self.root, f"server{len(self.servers)}",
+                                          ray_cpus=max(2, math.ceil(workers * WORKER_CPUS))))
         self.server.start(port=port)
         self.note(f"{self.server.name} up at {self.server.address}")
 
@@ -266,8 +272,15 @@ class Chaos:
                     return (all(a.exists() for a in arrived)
                             and all(client.get_job(ref).done for ref in self.refs.values()))
 
-                wait_for(all_at_gate, JOB_TIMEOUT_S, f"every job at server kill gate {k}, every reference ended",
-                         interval=0.05)
+                try:
+                    wait_for(all_at_gate, JOB_TIMEOUT_S, f"every job at server kill gate {k}, every reference ended",
+                             interval=0.05)
+                except pytest.fail.Exception as e:  # say who is missing
+                    behind = [f"{p.name} ({client.get_job(self.ids[p.name]).state}, step "
+                              f"{client.get_job(self.ids[p.name]).step})" for p, a in zip(sched.jobs, arrived, strict=True)
+                              if not a.exists()]
+                    running = [name for name, ref in self.refs.items() if not client.get_job(ref).done]
+                    pytest.fail(f"{e}: not at the gate {behind}, references still running {running}\n{sched}")
                 self.kill_server(client, gated=True)
             (self.events / f"release{k}").touch()
             self.start_server()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -154,16 +156,20 @@ def _ordered(rank: int, port: int, out: str) -> None:
     torch.save({"want": want, **got}, f"{out}/{rank}.pt")
 
 
-def test_three_ranks_sum_in_rank_order_whatever_the_buckets(tmp_path) -> None:
+def _spawn(fn: Any, ranks: int, out: Path) -> list[dict[str, Any]]:
+    """Run ``fn(rank, store_port, out)`` in ``ranks`` spawned processes; what each saved."""
     import torch.multiprocessing as mp
 
     store = RendezvousStore()
     try:
-        mp.start_processes(_ordered, args=(store.port(), str(tmp_path)), nprocs=3, start_method="spawn")
+        mp.start_processes(fn, args=(store.port(), str(out)), nprocs=ranks, start_method="spawn")
     finally:
         store.close()
-    for rank in range(3):
-        r = torch.load(tmp_path / f"{rank}.pt")
+    return [torch.load(out / f"{r}.pt") for r in range(ranks)]
+
+
+def test_three_ranks_sum_in_rank_order_whatever_the_buckets(tmp_path) -> None:
+    for rank, r in enumerate(_spawn(_ordered, 3, tmp_path)):
         for one, many, want in zip(r["one"], r["many"], r["want"], strict=True):
             assert torch.equal(one, want) and torch.equal(many, want), rank
 
@@ -197,14 +203,7 @@ def _share(rank: int, port: int, out: str) -> None:
 
 
 def test_a_fresh_member_takes_the_whole_state_of_the_source(tmp_path) -> None:
-    import torch.multiprocessing as mp
-
-    store = RendezvousStore()
-    try:
-        mp.start_processes(_share, args=(store.port(), str(tmp_path)), nprocs=2, start_method="spawn")
-    finally:
-        store.close()
-    source, fresh = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    source, fresh = _spawn(_share, 2, tmp_path)
     assert fresh["step"] == 3
     for k, v in source["model"].items():
         assert torch.equal(v, fresh["model"][k]), k  # BatchNorm's running stats and counter too

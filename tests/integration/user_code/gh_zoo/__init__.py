@@ -163,21 +163,36 @@ def bad_sample_digits(bad: int) -> tuple[Dataset, Dataset]:
     return BadSample(*train.tensors, bad=bad), val
 
 
-class KillOnSample(Dataset):
-    """Digits whose sample ``at`` kills the process that reads it (SIGKILL), once: a marker file
-    remembers that it fired, so the worker that takes over reads it unharmed."""
+class _OnSample(Dataset):
+    """Digits whose sample ``at`` makes ``act()`` run in the process that reads it."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, at: int, marker: str) -> None:
-        self.x, self.y, self.at, self.marker = x, y, at, marker
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, at: int) -> None:
+        self.x, self.y, self.at = x, y, at
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if i == self.at and not os.path.exists(self.marker):
+        if i == self.at:
+            self.act()
+        return self.x[i], self.y[i]
+
+    def act(self) -> None:
+        raise NotImplementedError
+
+
+class KillOnSample(_OnSample):
+    """Digits whose sample ``at`` kills the process that reads it (SIGKILL), once: a marker file
+    remembers that it fired, so the worker that takes over reads it unharmed."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, at: int, marker: str) -> None:
+        super().__init__(x, y, at)
+        self.marker = marker
+
+    def act(self) -> None:
+        if not os.path.exists(self.marker):
             open(self.marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
-        return self.x[i], self.y[i]
 
 
 def kill_on_sample_digits(at: int, marker: str) -> tuple[Dataset, Dataset]:
@@ -190,19 +205,11 @@ def kill_on_sample_digits(at: int, marker: str) -> tuple[Dataset, Dataset]:
 _armed: list[bool] = []  # one process's: set when it reads the sample that arms the kill below
 
 
-class ArmOnSample(Dataset):
+class ArmOnSample(_OnSample):
     """Digits whose sample ``at`` arms ``bn_net_killed_in_backward`` in the process that reads it."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, at: int) -> None:
-        self.x, self.y, self.at = x, y, at
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if i == self.at:
-            _armed.append(True)
-        return self.x[i], self.y[i]
+    def act(self) -> None:
+        _armed.append(True)
 
 
 def arm_on_sample_digits(at: int) -> tuple[Dataset, Dataset]:
