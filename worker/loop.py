@@ -81,9 +81,9 @@ class PSTrainer:
         result = WorkerResult(rank=rank, steps_run=0)
         meter = Meter(work.device)
 
-        assert spec.bucket_mb is not None
-        pusher = BucketPusher(self.client, flat, int(spec.bucket_mb * 2**20), spec.accumulate,
-                              enabled=spec.bucket_mb > 0 and not work.precision.scaled)
+        mb = spec.effective_bucket_mb
+        pusher = BucketPusher(self.client, flat, int(mb * 2**20), spec.accumulate,
+                              enabled=mb > 0 and not work.precision.scaled)
 
         with Heartbeat(self.client, reg.heartbeat_interval_s) as beat, pusher:
             version = received(self.client.pull(flat.layout, step, flat.params)) if step < total else 0

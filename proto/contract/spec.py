@@ -486,15 +486,10 @@ class JobSpec:
                                                           f"always skip unused parameters), not {self.mode!r}")
         check_choice("precision", self.precision, PRECISIONS, "precision")
         put(self, "accumulate", check_int("accumulate", self.accumulate, lo=1))
-        if self.mode not in ("ps-sync", "ps-async", "ps-ssp"):
-            if self.bucket_mb is not None:
+        if self.bucket_mb is not None:
+            if self.mode not in ("ps-sync", "ps-async", "ps-ssp"):
                 raise SpecError("bucket_mb", f"only applies to the ps modes, not {self.mode!r}")
-        else:
-            # GPU workers push while the GPU computes backward; CPU workers' pushes would take the
-            # cores backward runs on (README: bench_ps.py (g))
-            default = DEFAULT_BUCKET_MB if self.resources.gpus > 0 else 0.0
-            mb = default if self.bucket_mb is None else self.bucket_mb
-            put(self, "bucket_mb", check_number("bucket_mb", mb, lo=0, hi=1024))
+            put(self, "bucket_mb", check_number("bucket_mb", self.bucket_mb, lo=0, hi=1024))
         if self.batch_size % self.accumulate:
             raise SpecError("accumulate", f"must divide batch_size ({self.batch_size}) into equal "
                                           f"micro-batches, got {self.accumulate}")
@@ -535,6 +530,15 @@ class JobSpec:
         """local-sgd: the parameter server's steps in a job of ``total_steps`` inner steps, one
         per fragment per round; other modes: ``total_steps``."""
         return self.rounds(total_steps) * (self.fragments or 1)
+
+    @property
+    def effective_bucket_mb(self) -> float:
+        """ps modes: ``bucket_mb``, else 25 MB for GPU workers (they push while the GPU computes
+        backward) and 0 for CPU workers (their pushes would take the cores backward runs on:
+        README, bench_ps.py (g))."""
+        if self.bucket_mb is not None:
+            return self.bucket_mb
+        return DEFAULT_BUCKET_MB if self.resources.gpus > 0 else 0.0
 
     @property
     def effective_staleness(self) -> int:

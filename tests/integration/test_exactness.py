@@ -32,13 +32,13 @@ BUCKETED = {(4, "auto"), (2, "grpc")}
 SMALL_BUCKETS_MB = 0.004  # the 64x32 weight (8 KB) is a bucket, the rest of the model (1.4 KB) another
 
 
-def spec(workers: int, optimizer: dict, transport: str = "auto") -> dict:
+def spec(workers: int, optimizer: dict, transport: str = "auto", bucket_mb: float | None = None) -> dict:
     return {
         "name": f"exact-{optimizer['name']}-{workers}-{transport}", "mode": "ps-sync", "workers": workers,
         "transport": transport,
         "resources": {"cpus": 0.5}, "model": {"name": "mlp", "args": {"hidden": [32]}},
         "dataset": "digits", "optimizer": optimizer, "batch_size": BATCH, "steps": STEPS, "seed": SEED,
-        **({"bucket_mb": SMALL_BUCKETS_MB} if (workers, transport) in BUCKETED else {}),
+        **({} if bucket_mb is None else {"bucket_mb": bucket_mb}),
     }
 
 
@@ -62,7 +62,8 @@ def reference(workers: int, optimizer: dict) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def finished_jobs(server, tmp_path_factory):
     with Client(server.address) as client:
-        jobs = {(n, t, name): client.submit(spec(n, opt, t)) for name, opt in OPTIMIZERS.items() for n, t in CASES}
+        jobs = {(n, t, name): client.submit(spec(n, opt, t, SMALL_BUCKETS_MB if (n, t) in BUCKETED else None))
+                for name, opt in OPTIMIZERS.items() for n, t in CASES}
         out = {}
         tmp = tmp_path_factory.mktemp("exact")
         for key, job in jobs.items():

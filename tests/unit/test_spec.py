@@ -120,7 +120,6 @@ def test_example_yaml_parses_and_to_dict_is_the_canonical_form() -> None:
         "sync_batchnorm": False,
         "precision": "fp32",
         "accumulate": 1,
-        "bucket_mb": 0.0,  # CPU workers push after backward
     }
 
 
@@ -650,7 +649,7 @@ def test_staleness_scaling_needs_asynchronous_local_sgd() -> None:
 
 def test_bucket_mb_defaults_by_the_workers_device() -> None:
     base = {"model": "mlp", "dataset": "digits"}
-    assert JobSpec.from_dict(base).bucket_mb == 0.0
-    assert JobSpec.from_dict({**base, "resources": {"gpus": 1}}).bucket_mb == 25.0
-    assert JobSpec.from_dict({**base, "bucket_mb": 2}).bucket_mb == 2.0
-    assert JobSpec.from_dict({**base, "mode": "allreduce"}).bucket_mb is None
+    assert JobSpec.from_dict(base).effective_bucket_mb == 0.0
+    assert JobSpec.from_dict({**base, "resources": {"gpus": 1}}).effective_bucket_mb == 25.0
+    assert JobSpec.from_dict({**base, "bucket_mb": 2}).effective_bucket_mb == 2.0
+    assert "bucket_mb" not in JobSpec.from_dict(base).to_dict()  # a ps spec's dict is still an allreduce one
