@@ -23,7 +23,7 @@ from ..conftest import final_params, wait_for
 from ..server_process import ServerProcess, assert_nothing_left
 
 CKPT_EVERY = 50
-STEPS = {"ps-sync": 1000, "allreduce": 4000}  # allreduce steps are faster: the kill must land mid-run
+STEPS = {"ps-sync": 1000, "allreduce": 2000}  # allreduce steps are faster: the kill must land mid-run
 
 
 def spec(name: str, checkpoint_every: int, mode: str) -> dict:
