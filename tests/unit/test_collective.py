@@ -131,15 +131,17 @@ def test_take_seconds_before_any_step_is_zero() -> None:
     assert AllReduceHook().take_seconds() == 0.0
 
 
-def _ordered(rank: int, port: int, out: str) -> None:
+def _ordered(rank: int, port: int, out: str, device: str = "cpu") -> None:
     """Rank ``rank`` of 3: its DDP gradients with one bucket and with a bucket per parameter, and
-    the rank-order sum of every rank's local gradient (each rank computes them all locally)."""
+    the rank-order sum of every rank's local gradient (each rank computes them all locally), on
+    ``device`` (CUDA: three ranks sharing one GPU through Gloo, as fractional ``gpus`` do)."""
     def batch(r: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(100 + r)
-        return torch.randn(8, 6, generator=g) * 10 ** r, torch.randint(0, 3, (8,), generator=g)
+        x, y = torch.randn(8, 6, generator=g) * 10 ** r, torch.randint(0, 3, (8,), generator=g)
+        return x.to(device), y.to(device)
 
     def local(r: int) -> list[torch.Tensor]:
-        m = _model()
+        m = _model().to(device)
         x, y = batch(r)
         nn.functional.cross_entropy(m(x), y).backward()
         return [p.grad / 3 for p in m.parameters()]
@@ -148,7 +150,7 @@ def _ordered(rank: int, port: int, out: str) -> None:
     got = {}
     with ProcessGroup(("127.0.0.1", port, "j-ordered/1/"), rank, 3, "gloo", 30):
         for name, cap in (("one", 25.0), ("many", 1e-6)):
-            ddp = DistributedDataParallel(_model(), bucket_cap_mb=cap)
+            ddp = DistributedDataParallel(_model().to(device), bucket_cap_mb=cap)
             ddp.register_comm_hook(None, AllReduceHook().hook)
             x, y = batch(rank)
             nn.functional.cross_entropy(ddp(x), y).backward()
@@ -156,20 +158,22 @@ def _ordered(rank: int, port: int, out: str) -> None:
     torch.save({"want": want, **got}, f"{out}/{rank}.pt")
 
 
-def _spawn(fn: Any, ranks: int, out: Path) -> list[dict[str, Any]]:
-    """Run ``fn(rank, store_port, out)`` in ``ranks`` spawned processes; what each saved."""
+def _spawn(fn: Any, ranks: int, out: Path, *args: Any) -> list[dict[str, Any]]:
+    """Run ``fn(rank, store_port, out, *args)`` in ``ranks`` spawned processes; what each saved."""
     import torch.multiprocessing as mp
 
     store = RendezvousStore()
     try:
-        mp.start_processes(fn, args=(store.port(), str(out)), nprocs=ranks, start_method="spawn")
+        mp.start_processes(fn, args=(store.port(), str(out), *args), nprocs=ranks, start_method="spawn")
     finally:
         store.close()
     return [torch.load(out / f"{r}.pt") for r in range(ranks)]
 
 
-def test_three_ranks_sum_in_rank_order_whatever_the_buckets(tmp_path) -> None:
-    for rank, r in enumerate(_spawn(_ordered, 3, tmp_path)):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_three_ranks_sum_in_rank_order_whatever_the_buckets(tmp_path, device: str) -> None:
+    for rank, r in enumerate(_spawn(_ordered, 3, tmp_path, device)):
         for one, many, want in zip(r["one"], r["many"], r["want"], strict=True):
             assert torch.equal(one, want) and torch.equal(many, want), rank
 
