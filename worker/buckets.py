@@ -53,6 +53,7 @@ class BucketPusher:
         self.runs = bucket_runs(layout, cap_bytes) if enabled else [(0, len(layout.names))]
         self._layouts = [layout if count == len(layout.names) else layout.part(first, count)
                          for first, count in self.runs]
+        self._starts = [layout.offset(first) for first, _ in self.runs]  # in the flat gradient
         self._owner = [0] * len(layout.names)
         for b, (first, count) in enumerate(self.runs):
             self._owner[first:first + count] = [b] * count
@@ -127,8 +128,7 @@ class BucketPusher:
 
     def _bucket(self, b: int, unused: Sequence[int]) -> tuple[Layout, int | None, torch.Tensor, list[int]]:
         first, count = self.runs[b]
-        layout = self._layouts[b]
-        start = self.flat.layout.offset(first)
+        layout, start = self._layouts[b], self._starts[b]
         grads = self.flat.grads[start:start + layout.numel]
         mine = [i - first for i in unused if first <= i < first + count]
         return layout, (None if layout is self.flat.layout else first), grads, mine

@@ -148,9 +148,10 @@ class _Rounds:
             client, joined, flat, inner, schedule, mix
         layout = flat.layout
         parts = layout.partition(schedule.fragments) if schedule.fragments > 1 else ((0, 0),)
-        self.fragments = [
-            _Fragment(layout.part(first, count), None if count == 0 else first, layout.offset(first),
-                      layout.offset(first) + layout.part(first, count).numel) for first, count in parts]
+        self.fragments = []
+        for first, count in parts:
+            part, start = layout.part(first, count), layout.offset(first)
+            self.fragments.append(_Fragment(part, None if count == 0 else first, start, start + part.numel))
         self.global_ = flat.params.detach().clone()
         self.step = 0
         self.version = 0

@@ -124,48 +124,41 @@ def run_local(tasks: list[Task], workers: list[int], modes: list[Mode], limit_s:
 
 def run_slow_links(task: Task, rate: str, modes: list[Mode], limit_s: float) -> list[dict[str, Any]]:
     from gradhub.client.client import Client
-    from tests.multihost.netns import Network, check_prerequisites
+    from tests.multihost.netns import check_prerequisites
     from tests.multihost.slow_links import link_bytes, throttle
-    from tests.multihost.test_compose_topology import SERVER, Cluster
+    from tests.multihost.test_compose_topology import SERVER, running_cluster
 
     problem = check_prerequisites()
     if problem is not None:
         raise SystemExit(problem)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="gradhub-bench-slow-links-") as tmp, Network() as net:
-        cluster = Cluster(net, Path(tmp))
-        try:
-            cluster.start_head()
-            cluster.start_workers()
-            cluster.wait_for_server()
-            cluster.wait_for_cpus(len(cluster.workers))
-            throttle(net, rate)
-            hosts = [h.role for h in cluster.workers]
+    with tempfile.TemporaryDirectory(prefix="gradhub-bench-slow-links-") as tmp, \
+            running_cluster(Path(tmp)) as cluster:
+        net = cluster.net
+        throttle(net, rate)
+        hosts = [h.role for h in cluster.workers]
 
-            def counters() -> dict[str, int]:
-                return {role: link_bytes(net, role) for role in hosts}
+        def counters() -> dict[str, int]:
+            return {role: link_bytes(net, role) for role in hosts}
 
-            n = len(cluster.workers)
-            with Client(SERVER, token=cluster.token) as client:
-                for mode in modes:
-                    outcome = run_to_target(client, mode.spec(task, n, 1.0), task.target, limit_s=limit_s,
-                                            counters=counters)
-                    per_worker = (sum(outcome.link_bytes.values()) / len(hosts)) if outcome.link_bytes else None
-                    exchanges = None if outcome.step is None else mode.exchanges(outcome.step)
-                    rows.append({
-                        "task": f"{task.name} @ {rate}", "N": n, "mode": mode.label, "to target s": outcome.seconds,
-                        "from 1st step s": outcome.training_s,
-                        "steps": outcome.step, "bytes": "link counters",
-                        "MB/exch": per_worker / exchanges / MB if per_worker and exchanges else None,
-                        "MB to target": per_worker / MB if per_worker is not None else None,
-                        "best acc": outcome.best, "reached": outcome.reached, "wall s": outcome.wall_s,
-                        "outcome": outcome.as_row(),
-                    })
-                    print(f"slow links {mode.label}: {outcome.seconds} s, step {outcome.step}, best {outcome.best}, "
-                          f"{rows[-1]['MB to target']} MB/worker", flush=True)
-        except BaseException:
-            print(cluster.log_tails())
-            raise
+        n = len(cluster.workers)
+        with Client(SERVER, token=cluster.token) as client:
+            for mode in modes:
+                outcome = run_to_target(client, mode.spec(task, n, 1.0), task.target, limit_s=limit_s,
+                                        counters=counters)
+                per_worker = (sum(outcome.link_bytes.values()) / len(hosts)) if outcome.link_bytes else None
+                exchanges = None if outcome.step is None else mode.exchanges(outcome.step)
+                rows.append({
+                    "task": f"{task.name} @ {rate}", "N": n, "mode": mode.label, "to target s": outcome.seconds,
+                    "from 1st step s": outcome.training_s,
+                    "steps": outcome.step, "bytes": "link counters",
+                    "MB/exch": per_worker / exchanges / MB if per_worker and exchanges else None,
+                    "MB to target": per_worker / MB if per_worker is not None else None,
+                    "best acc": outcome.best, "reached": outcome.reached, "wall s": outcome.wall_s,
+                    "outcome": outcome.as_row(),
+                })
+                print(f"slow links {mode.label}: {outcome.seconds} s, step {outcome.step}, best {outcome.best}, "
+                      f"{rows[-1]['MB to target']} MB/worker", flush=True)
     add_ratios(rows)
     return rows
 

@@ -25,6 +25,7 @@ Whatever happens, every process and namespace it made is gone at the end.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +180,23 @@ class Cluster:
         return "\n".join(parts)
 
 
+@contextlib.contextmanager
+def running_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """The topology up: its network, the head and the worker nodes started, the server answering
+    and every worker node's CPU in Ray; the nodes' log tails are printed when the block fails."""
+    with Network() as net:
+        cluster = Cluster(net, tmp_path)
+        try:
+            cluster.start_head()
+            cluster.start_workers()
+            cluster.wait_for_server()
+            cluster.wait_for_cpus(len(cluster.workers))
+            yield cluster
+        except BaseException:
+            print(cluster.log_tails())  # shown with the failure
+            raise
+
+
 def _job_file(mode: str, tmp_path: Path) -> Path:
     """deploy/job-cluster.yaml as it is, or a copy in another mode."""
     spec = yaml.safe_load(JOB_FILE.read_text())
@@ -226,20 +245,11 @@ def test_compose_topology_across_network_namespaces(tmp_path: Path) -> None:
     problem = check_prerequisites()
     if problem is not None:
         pytest.fail(problem)  # selected with -m multihost: a run that cannot happen is a failure
-    with Network() as net:
-        cluster = Cluster(net, tmp_path)
-        try:
-            _exercise(cluster, tmp_path)
-        except BaseException:
-            print(cluster.log_tails())  # shown with the failure
-            raise
+    with running_cluster(tmp_path) as cluster:
+        _exercise(cluster, tmp_path)
 
 
 def _exercise(cluster: Cluster, tmp_path: Path) -> None:
-    cluster.start_head()
-    cluster.start_workers()
-    cluster.wait_for_server()
-    cluster.wait_for_cpus(len(WORKER_IPS))
 
     pulled: dict[str, bytes] = {}
     params: dict[str, dict[str, torch.Tensor]] = {}

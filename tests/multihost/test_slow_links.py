@@ -24,7 +24,7 @@ from gradhub.client.client import Client
 
 from .netns import Network, check_prerequisites
 from .slow_links import link_bytes, run_to_target, synthetic_task, throttle
-from .test_compose_topology import SERVER, Cluster
+from .test_compose_topology import SERVER, Cluster, running_cluster
 
 pytestmark = pytest.mark.multihost
 
@@ -38,20 +38,11 @@ def test_local_sgd_reaches_the_target_several_times_sooner_on_slow_links(tmp_pat
     problem = check_prerequisites()
     if problem is not None:
         pytest.fail(problem)  # selected with -m multihost: a run that cannot happen is a failure
-    with Network() as net:
-        cluster = Cluster(net, tmp_path)
-        try:
-            _exercise(net, cluster)
-        except BaseException:
-            print(cluster.log_tails())  # shown with the failure
-            raise
+    with running_cluster(tmp_path) as cluster:
+        _exercise(cluster.net, cluster)
 
 
 def _exercise(net: Network, cluster: Cluster) -> None:
-    cluster.start_head()
-    cluster.start_workers()
-    cluster.wait_for_server()
-    cluster.wait_for_cpus(len(cluster.workers))
     throttle(net)
     n = len(cluster.workers)
     roles = [h.role for h in cluster.workers]
