@@ -337,11 +337,9 @@ def submit(
 
 
 def _load_spec(path: Path) -> JobSpec:
-    import dataclasses
-
     spec = JobSpec.from_yaml(path)
     if spec.working_dir and not Path(spec.working_dir).is_absolute():
-        spec = dataclasses.replace(spec, working_dir=str((path.parent / spec.working_dir).resolve()))
+        spec = spec.replace(working_dir=str((path.parent / spec.working_dir).resolve()))
     return spec
 
 
@@ -525,6 +523,19 @@ def cancel(job_id: JobArg, server: ServerOpt = DEFAULT_SERVER, token_file: Token
             typer.echo(f"{job_id} CANCELLED")
         else:
             typer.echo(f"{job_id} cancelling (its workers are stopping; it is {info.state} now)")
+
+
+@app.command()
+def scale(job_id: JobArg,
+          workers: Annotated[int, typer.Option("--workers", "-n", min=1, help="The job's size from now on, "
+                                                                               "within its workers.min..workers.max.")],
+          server: ServerOpt = DEFAULT_SERVER, token_file: TokenFileOpt = None, tls_ca: TlsCaOpt = None) -> None:
+    """Grow or shrink an elastic job (one whose spec says workers: {min: A, max: B}): a running
+    job changes size at its next step boundary, a queued one starts at most that large."""
+    with _session(server, token_file, tls_ca) as client:
+        info = client.scale(job_id, workers)
+        now = f"; it runs on {info.size} now" if info.size else ""
+        typer.echo(f"{job_id} scaled to {info.target_size} workers{now}")
 
 
 @app.command()

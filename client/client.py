@@ -80,6 +80,11 @@ class JobInfo:
     world_size: int = 0  # the spec's workers (in summaries too)
     owner: str = ""  # the user who submitted it ("" without a tokens file)
     tensorboard_dir: str = ""  # on the server's machine (get_job only)
+    # an elastic job (workers: {min, max}): its size now (0 until it runs), the size it is
+    # scaled to and its smallest; all 0 for a job of fixed size
+    size: int = 0
+    target_size: int = 0
+    min_workers: int = 0
 
     @property
     def done(self) -> bool:
@@ -95,7 +100,7 @@ class JobInfo:
             workers=tuple(WorkerInfo(w.rank, w.state, w.step, w.staleness, w.max_staleness, w.host,
                                      w.restarts, w.pid, w.transport, w.local_step) for w in p.workers),
             spec=json.loads(p.spec_json) if p.spec_json else {}, world_size=p.world_size, owner=p.owner,
-            tensorboard_dir=p.tensorboard_dir,
+            tensorboard_dir=p.tensorboard_dir, size=p.size, target_size=p.target_size, min_workers=p.min_workers,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,6 +229,14 @@ class Client:
 
     def cancel(self, job_id: str) -> JobInfo:
         return JobInfo.from_proto(self._call("CancelJob", jobs_pb2.CancelJobRequest(job_id=job_id), "cancel").job)
+
+    def scale(self, job_id: str, workers: int) -> JobInfo:
+        """Scale an elastic job (``workers: {min, max}`` in its spec) to ``workers``: a running
+        job grows or shrinks at its next step boundary (growing as far as the cluster has room,
+        and on when more frees up), a queued one starts at most that large. SpecError outside
+        the spec's bounds or for a job of fixed size."""
+        return JobInfo.from_proto(self._call("ScaleJob", jobs_pb2.ScaleJobRequest(job_id=job_id, workers=workers),
+                                             "scale").job)
 
     def delete(self, job_id: str) -> None:
         """Remove a job that has ended, with its log, checkpoints and working dir (StateError while
@@ -380,6 +393,11 @@ class Job:
 
     def cancel(self) -> JobInfo:
         self.info = self.client.cancel(self.id)
+        return self.info
+
+    def scale(self, workers: int) -> JobInfo:
+        """``Client.scale`` of this job."""
+        self.info = self.client.scale(self.id, workers)
         return self.info
 
     def __repr__(self) -> str:

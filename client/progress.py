@@ -90,7 +90,7 @@ def steps_text(info: JobInfo) -> str:
 def workers_alive(info: JobInfo) -> str:
     """``running/total``; a job that is not running has no live workers (``0/2``)."""
     running = sum(1 for w in info.workers if w.state == "running")
-    total = len(info.workers) or info.world_size
+    total = info.size or len(info.workers) or info.world_size
     return f"{running}/{total}"
 
 
@@ -165,7 +165,10 @@ def spec_summary(spec: dict) -> str:
     if not spec:
         return "-"
     parts = [str(spec.get("mode", "?"))]
-    workers = f"{spec.get('workers', '?')} workers"
+    size = spec.get("workers", "?")
+    if isinstance(size, dict):  # an elastic job
+        size = f"{size.get('min', 1)} to {size.get('max', '?')}"
+    workers = f"{size} workers"
     resources = spec.get("resources") or {}
     if resources:
         workers += " (" + ", ".join(f"{k} {v}" for k, v in resources.items() if v) + ")"
@@ -247,6 +250,9 @@ def job_details(
     head.add_row("job", Text(f"{info.id}  {info.name}" + (f"  (owner {info.owner})" if info.owner else "")))
     head.add_row("state", state)
     head.add_row("spec", Text(spec_summary(info.spec)))
+    if info.target_size:
+        now_ = f"{info.size} workers now" if info.size else "not running"
+        head.add_row("size", f"{now_}, scaled to {info.target_size} ({info.min_workers} to {info.world_size})")
     rate = f", {info.samples_per_second:,.0f} samples/s" if info.samples_per_second > 0 else ""
     if info.mode == "local-sgd":
         per_round = info.metrics.get("bytes_per_round")

@@ -49,6 +49,7 @@ class Action(enum.StrEnum):
     READ = "read"        # get, list, watch, logs, list checkpoints
     SUBMIT = "submit"
     CANCEL = "cancel"
+    SCALE = "scale"      # change an elastic job's size
     DELETE = "delete"
     PULL = "pull"        # download a checkpoint (the trained weights)
 

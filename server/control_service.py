@@ -108,7 +108,7 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
             version=version,
             next_step=next_step,
             needs_init=needs_init,
-            world_size=store.config.world_size,
+            world_size=store.size,
             heartbeat_interval_s=self._backend.heartbeat_interval_s,
             collective_timeout_s=self._backend.collective_timeout_s,
         )
@@ -119,8 +119,10 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
     @handler
     def Heartbeat(self, request: ps_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> ps_pb2.HeartbeatResponse:
         self._backend.check_worker(request.job_id, job_credential(context))
-        reason = self._backend.state(request.job_id).heartbeat(request.rank, request.step)
-        return ps_pb2.HeartbeatResponse(stop=reason is not None, reason=reason or "")
+        state = self._backend.state(request.job_id)
+        reason = state.heartbeat(request.rank, request.step)
+        regroup = isinstance(state, GroupTracker) and state.regroup_due()
+        return ps_pb2.HeartbeatResponse(stop=reason is not None, reason=reason or "", regroup=regroup)
 
     @handler
     def JoinGroup(self, request: ps_pb2.JoinGroupRequest, context: grpc.ServicerContext) -> ps_pb2.JoinGroupResponse:
@@ -132,7 +134,7 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
         return ps_pb2.JoinGroupResponse(
             ready=True, generation=formed.generation, world_size=formed.world_size, group_rank=request.rank,
             store_port=port, store_prefix=prefix, step=formed.step, source_rank=formed.source,
-            finished=formed.finished, keep_state=formed.keep)
+            finished=formed.finished, keep_state=formed.keep, released=formed.released)
 
     @handler
     def ReportMetrics(self, request: ps_pb2.ReportMetricsRequest, context: grpc.ServicerContext) -> ps_pb2.ReportMetricsResponse:

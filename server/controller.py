@@ -27,6 +27,7 @@ from gradhub.server.policies import Failure, FailureDecision, FailureKind, Resta
 log = logging.getLogger(__name__)
 
 KEEP_STATE_S = 30.0  # allreduce: how long a failed job waits for rank 0 to send its state
+GROW_RETRY_S = 2.0  # an elastic job below its target: how often it asks for room to grow
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ class ControllerHost(Protocol):
 
     def notify(self) -> None: ...
 
+    def reserve_workers(self, job_id: str, workers: int) -> int:
+        """Room for up to ``workers`` more workers of an elastic job (none while other jobs
+        queue: queued work starts first); returns how many it reserved."""
+        ...
+
+    def release_workers(self, job_id: str, workers: int) -> None:
+        """An elastic job gives back the resources of ``workers`` workers."""
+        ...
+
 
 class Controller:
     def __init__(self, run: JobRun, runtime: ModeRuntime, launcher: Launcher, host: ControllerHost,
@@ -63,6 +73,13 @@ class Controller:
         self._rerun_at: dict[int, float] = {}  # ranks to run again once Ray has restarted their actor
         self._killed: set[int] = set()  # ranks killed for a failure already counted
         self._failed_rank: int | None = None  # the worker whose failure failed the job
+        # an elastic job: the ranks that have a worker, workers to run another rank once they
+        # leave (the top rank fills the place of one whose node died), when to ask to grow
+        # next, and the changes of size told to the job's log so far
+        self._launched: set[int] = set()
+        self._moves: dict[int, int] = {}
+        self._grow_at = 0.0
+        self._sizes_told = 0
 
     # ------------------------------------------------------------ the loop
     def execute(self) -> Outcome:
@@ -84,10 +101,13 @@ class Controller:
 
     def start(self) -> Outcome | None:
         """Launch the worker group; the job's failure when it cannot start."""
+        size = self.runtime.table.size
         try:
-            self.group = self.launcher.launch(self.run.id, self.run.spec, self.runtime_env, self.run.credential)
+            self.group = self.launcher.launch(self.run.id, self.run.spec, self.runtime_env, self.run.credential,
+                                              size=size)
         except Exception as e:  # noqa: BLE001 - reported as the job's failure
             return Outcome(JobState.FAILED, f"could not start the workers: {type(e).__name__}: {e}")
+        self._launched = set(range(size))
         return None
 
     def step(self) -> Outcome | None:
@@ -100,6 +120,8 @@ class Controller:
             return Outcome(None, "server shutting down")
         if run.cancelled is not None:
             return Outcome(JobState.CANCELLED, run.cancelled)
+        if run.spec.elastic:
+            self._scale()
         for rank in [r for r, at in self._rerun_at.items() if at <= self._now()]:
             del self._rerun_at[rank]
             self._rerun(rank)
@@ -114,15 +136,93 @@ class Controller:
                 failure = Failure(rank, FailureKind.HANG, f"silent for {silent:.0f} s")
                 if (outcome := self._failed(failure)) is not None:
                     return outcome
-        if len(self._done) == run.spec.workers:
+        self._tell_sizes()
+        if all(rank in self._done for rank in range(table.size)):
             state, reason = self.runtime.finish()
             return Outcome(state, reason)
         return None
+
+    # ------------------------------------------------------------ size
+    def _scale(self) -> None:
+        """An elastic job: grow toward the size it is scaled to when there is room (a worker
+        per new rank, each joining at the next step boundary), or shrink to it (the workers
+        above it leave at the next step boundary)."""
+        run, table, group = self.run, self.runtime.table, self.group
+        assert group is not None
+        want = run.target
+        if want > len(self._launched) and not self._moves and self._now() >= self._grow_at:
+            ranks = [r for r in range(want) if r not in self._launched]
+            reserved = self.host.reserve_workers(run.id, len(ranks))
+            self._grow_at = self._now() + GROW_RETRY_S
+            if reserved:
+                ranks = ranks[:reserved]
+                try:
+                    group.grow(ranks)
+                except Exception as e:  # noqa: BLE001 - the job goes on at its size; it asks again later
+                    self.host.release_workers(run.id, reserved)
+                    self.host.log_line(run.id, f"could not start workers {ranks}: {type(e).__name__}: {e}")
+                else:
+                    for rank in ranks:
+                        _set_phase(run, rank, WorkerPhase.STARTING)
+                    self._launched.update(ranks)
+        size = min(want, len(self._launched))
+        if table.target != size:
+            self.host.log_line(run.id, f"scaling to {size} workers (from {table.size})")
+            table.resize(size)
+            self.host.notify()
+
+    def _tell_sizes(self) -> None:
+        """Every change of size to the job's log, with the step it took effect at: rerunning the
+        job with the same changes at the same steps gives the same parameters."""
+        for step, size in self.runtime.table.size_changes(self._sizes_told):
+            self._sizes_told += 1
+            self.host.log_line(self.run.id, f"size: {size} workers from step {step}")
+            self.host.notify()
+
+    def _left(self, rank: int) -> None:
+        """Worker ``rank`` left the job (it shrank below it): its process runs the rank of a
+        worker whose node died, runs again (the job grew back meanwhile), or stops for good."""
+        run, group = self.run, self.group
+        assert group is not None
+        _set_phase(run, rank, WorkerPhase.IDLE)
+        to = self._moves.pop(rank, None)
+        if to is not None:
+            group.move(rank, to)
+            self._launched.discard(rank)
+            self._launched.add(to)
+            _set_phase(run, to, WorkerPhase.STARTING)
+            self.host.log_line(run.id, f"worker {rank}'s process takes over rank {to}")
+        elif rank < self.runtime.table.target:
+            _set_phase(run, rank, WorkerPhase.STARTING)
+            self._rerun(rank)
+        else:
+            group.release(rank)
+            self._launched.discard(rank)
+            self.host.release_workers(run.id, 1)
+        self.host.notify()
+
+    def _shrink(self, rank: int) -> None:
+        """Worker ``rank``'s node died: the job goes on with one worker fewer at once (ps-sync
+        does its step in flight again at the new size; allreduce re-forms its group without
+        it). Ranks stay 0..size-1: the top rank's worker leaves and its process takes ``rank``."""
+        run, group, table = self.run, self.group, self.runtime.table
+        assert group is not None
+        group.release(rank)
+        self.host.release_workers(run.id, 1)
+        self._launched.discard(rank)
+        self._rerun_at.pop(rank, None)
+        top = len(self._launched)  # the ranks left are 0..top, but rank
+        if rank != top:
+            self._moves[top] = rank
+        table.resize(top, at_once=True)
 
     # ------------------------------------------------------------ failures
     def _ended(self, ex: WorkerExit) -> Outcome | None:
         """One run of a worker ended: done, or a failure to decide on."""
         run = self.run
+        if ex.result is not None and ex.result.get("released"):
+            self._left(ex.rank)
+            return None
         if ex.result is not None:
             self._done.add(ex.rank)
             run.set_phase(ex.rank, WorkerPhase.DONE)
@@ -135,7 +235,8 @@ class Controller:
                 self._killed.discard(ex.rank)
                 self._rerun_at[ex.rank] = self._now() + self.config.poll_s
                 return None
-            return self._failed(Failure(ex.rank, FailureKind.DEATH, ex.error or "died"))
+            return self._failed(Failure(ex.rank, FailureKind.DEATH, ex.error or "died", node_lost=ex.node_lost,
+                                        can_shrink=self._can_shrink()))
         if ex.lost_peer:
             return self._failed(Failure(ex.rank, FailureKind.LOST_PEER, ex.error or "lost its peers"))
         self.host.log_traceback(run.id, ex.rank, ex.traceback)
@@ -160,7 +261,10 @@ class Controller:
             return Outcome(JobState.FAILED, why)
         self.host.log_line(run.id, why)
         outcome = None
-        if decision == FailureDecision.RESTART_WORKER:
+        if decision == FailureDecision.SHRINK:
+            _set_phase(run, failure.rank, WorkerPhase.IDLE)
+            self._shrink(failure.rank)
+        elif decision == FailureDecision.RESTART_WORKER:
             _set_phase(run, failure.rank, WorkerPhase.RESTARTING)
             if failure.kind == FailureKind.DEATH:
                 self._rerun(failure.rank)
@@ -168,6 +272,10 @@ class Controller:
             outcome = self._restart_group()
         self.host.notify()
         return outcome
+
+    def _can_shrink(self) -> bool:
+        """An elastic job above its smallest size, with no shrink under way."""
+        return self.run.spec.elastic and len(self._launched) > self.run.spec.min_workers and not self._moves
 
     def _rerun(self, rank: int) -> None:
         assert self.group is not None
@@ -181,8 +289,12 @@ class Controller:
         self._done.clear()
         self._rerun_at.clear()
         self._killed.clear()
+        self._moves.clear()
+        extra = len(self._launched) - self.runtime.table.size  # an elastic job's joiners: started again as it grows
+        if extra > 0:
+            self.host.release_workers(self.run.id, extra)
         self.runtime.restart_group()
-        for rank in range(self.run.spec.workers):
+        for rank in range(self.runtime.table.size):
             _set_phase(self.run, rank, WorkerPhase.RESTARTING)
         self.group = None
         return self.start()

@@ -412,7 +412,8 @@ class DataPlane:
         data = as_bytes(snapshot.data)
         head = frames.frame_head(data_pb2.DataFrame(
             reply=data_pb2.DataReply(version=snapshot.version, params=ps_pb2.PullHeader(
-                version=snapshot.version, tensors=snapshot.layout.metas(wire_dtype), buffers=snapshot.buffers)),
+                version=snapshot.version, tensors=snapshot.layout.metas(wire_dtype), buffers=snapshot.buffers,
+                world_size=snapshot.world_size)),
             payload_bytes=len(data)))
         await self._send(conn, head, data)
 

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from gradhub.proto.contract.errors import SpecError
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.contract.states import WorkerPhase
 from gradhub.server.store import CheckpointState, ParameterStore
@@ -51,6 +52,9 @@ class JobRun:
         self.checkpoints: queue.Queue[CheckpointState] = queue.Queue()
         self.thread: threading.Thread | None = None
         self._generation_seen = 0  # allreduce: the latest group formation told to the job's log
+        self._target = spec.workers  # an elastic job: the size it is scaled to (``scale``)
+        self.start_size = spec.workers  # how many workers it starts with (the queue decides, as they fit)
+        self.reserved_size = 0  # how many workers' resources the queue holds for it (the manager's lock)
 
     # ------------------------------------------------------------ serving
     @property
@@ -59,12 +63,33 @@ class JobRun:
         return self._state
 
     def begin(self, state: ParameterStore | GroupTracker, metrics: Mapping[str, float]) -> None:
-        """The job runs, served by ``state``; it keeps the metrics it reported before (a resume)."""
+        """The job runs, served by ``state``; it keeps the metrics it reported before (a resume).
+        Ranks above the table's size (an elastic job's) are IDLE."""
         with self._lock:
             self._state = state
-            self._phases = [WorkerPhase.STARTING] * self.spec.workers
+            self._phases = [WorkerPhase.STARTING if r < state.size else WorkerPhase.IDLE
+                            for r in range(self.spec.workers)]
             self._restarts = [0] * self.spec.workers
             self._metrics = dict(metrics)
+
+    # ------------------------------------------------------------ size
+    @property
+    def target(self) -> int:
+        """The size the job is scaled to (its largest until ``scale``)."""
+        return self._target
+
+    def scale(self, workers: int) -> None:
+        """Scale the job to ``workers`` (within its spec's bounds, or ``SpecError``); its
+        controller grows or shrinks the running group toward it."""
+        spec = self.spec
+        if not spec.elastic:
+            raise SpecError("workers", f"job {self.id!r} has a fixed size of {spec.workers} workers; "
+                                       "give the spec workers: {min: A, max: B} to scale it")
+        if not spec.min_workers <= workers <= spec.workers:
+            raise SpecError("workers", f"{workers} is outside this job's bounds "
+                                       f"{spec.min_workers}..{spec.workers} (workers.min, workers.max)")
+        with self._lock:
+            self._target = workers
 
     # ------------------------------------------------------------ workers
     def phase(self, rank: int) -> WorkerPhase:

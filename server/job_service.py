@@ -39,6 +39,7 @@ def job_to_proto(view: JobView, summary: bool = False, tensorboard_dir: str = ""
         spec_json="" if summary else r.spec_json, world_size=_world_size(r.spec_json), created_at=r.created_at, started_at=r.started_at or 0.0,
         finished_at=r.finished_at or 0.0, step=r.step, total_steps=r.total_steps, version=r.version,
         metrics=r.metrics, samples_per_second=r.samples_per_second, owner=r.owner,
+        size=view.size, target_size=view.target, min_workers=_min_workers(r.spec_json),
         workers=[
             jobs_pb2.WorkerStatus(rank=w.rank, state=w.state, step=w.step, staleness=w.staleness,
                                   max_staleness=w.max_staleness, host=w.host, restarts=w.restarts, pid=w.pid,
@@ -49,10 +50,21 @@ def job_to_proto(view: JobView, summary: bool = False, tensorboard_dir: str = ""
 
 
 def _world_size(spec_json: str) -> int:
+    """The spec's workers (an elastic job's largest size)."""
     try:
-        return int(json.loads(spec_json).get("workers", 0))
-    except (ValueError, TypeError, AttributeError):
+        workers = json.loads(spec_json).get("workers", 0)
+        return int(workers["max"] if isinstance(workers, dict) else workers)
+    except (ValueError, TypeError, AttributeError, KeyError):
         return 0  # a stored spec that no longer reads (its job fails with a reason at start)
+
+
+def _min_workers(spec_json: str) -> int:
+    """An elastic job's smallest size (0 for a job of fixed size)."""
+    try:
+        workers = json.loads(spec_json).get("workers", 0)
+        return int(workers.get("min", 1)) if isinstance(workers, dict) else 0
+    except (ValueError, TypeError, AttributeError):
+        return 0
 
 
 def checkpoint_to_proto(info: CheckpointInfo) -> jobs_pb2.CheckpointInfo:
@@ -130,6 +142,13 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
                         ) -> jobs_pb2.CancelJobResponse:
         await self._allowed(context, Action.CANCEL, request.job_id)
         return jobs_pb2.CancelJobResponse(job=await self._run(lambda: job_to_proto(self._jobs.cancel(request.job_id))))
+
+    @handler
+    async def ScaleJob(self, request: jobs_pb2.ScaleJobRequest, context: grpc.aio.ServicerContext,
+                       ) -> jobs_pb2.ScaleJobResponse:
+        await self._allowed(context, Action.SCALE, request.job_id)
+        view = await self._run(self._jobs.scale, request.job_id, request.workers)
+        return jobs_pb2.ScaleJobResponse(job=job_to_proto(view))
 
     @handler
     async def DeleteJob(self, request: jobs_pb2.DeleteJobRequest, context: grpc.aio.ServicerContext,

@@ -71,6 +71,8 @@ class JobView:
 
     record: JobRecord
     workers: tuple[WorkerView, ...] = ()
+    size: int = 0  # an elastic job: how many workers it runs on now (0: not running, or a fixed size)
+    target: int = 0  # an elastic job: the size it is scaled to
 
 
 class JobManager(WorkerCalls):
@@ -148,7 +150,7 @@ class JobManager(WorkerCalls):
         too_big = self._never_fits(spec)
         if too_big:
             raise SpecError("resources", too_big)
-        over = self._quota(owner).never(demand(spec))
+        over = self._quota(owner).never(demand(spec, spec.min_workers))
         if over:
             raise ResourceExhaustedError(f"quota: {over}, the most {owner}'s running jobs may hold at once "
                                          "(the server's tokens file sets it)")
@@ -169,7 +171,8 @@ class JobManager(WorkerCalls):
             self._working_dirs.delete(job_id)  # no job, no zip
             raise
         spares = f" and {spec.spares} spares" if spec.spares else ""
-        self._log(job_id, f"submitted: {spec.workers} workers{spares}, mode {spec.mode}")
+        size = f"{spec.min_workers} to {spec.workers}" if spec.elastic else str(spec.workers)
+        self._log(job_id, f"submitted: {size} workers{spares}, mode {spec.mode}")
         return self.get(job_id)
 
     def get(self, job_id: str) -> JobView:
@@ -185,8 +188,9 @@ class JobManager(WorkerCalls):
         with self._cond:
             a = self._active.get(job_id)
         store = None if a is None else a.state
+        target = a.target if a is not None and a.spec.elastic else 0
         if a is None or store is None:
-            return JobView(rec)
+            return JobView(rec, target=target)
         run = a.snapshot()
         workers = tuple(
             WorkerView(w.rank, run.phases[w.rank] if run.phases else WorkerPhase.STARTING, w.clock,
@@ -197,7 +201,7 @@ class JobManager(WorkerCalls):
         rec = dataclasses.replace(rec, step=store.step(), version=store.version,
                                   total_steps=store.total_steps or rec.total_steps,
                                   samples_per_second=run.samples_per_second)
-        return JobView(rec, workers)
+        return JobView(rec, workers, size=store.size if target else 0, target=target)
 
     def list(self) -> list[JobView]:
         return [self.get(r.id) for r in self._db.list()]
@@ -219,6 +223,20 @@ class JobManager(WorkerCalls):
             elif a is not None:
                 a.request_cancel(reason)
             self._changed()
+        return self.get(job_id)
+
+    def scale(self, job_id: str, workers: int) -> JobView:
+        """Scale an elastic job to ``workers``: a running one grows or shrinks at a step
+        boundary (growing as far as the cluster has room), a queued one starts at most that
+        large. ``SpecError`` outside the spec's bounds or for a job of fixed size."""
+        rec = self._db.get(job_id)
+        with self._cond:
+            a = self._active.get(job_id)
+            if a is None:
+                raise StateError(f"state: job {job_id!r} is {rec.state}; only a queued or running job scales")
+            a.scale(workers)
+            self._changed()
+        self._log(job_id, f"scale: to {workers} workers")
         return self.get(job_id)
 
     def delete(self, job_id: str) -> None:
@@ -295,7 +313,7 @@ class JobManager(WorkerCalls):
         waiting: dict[str, str] = {}
         for job_id in list(self._queue):
             a = self._active[job_id]
-            need = demand(a.spec)
+            need = demand(a.spec, a.spec.min_workers)  # an elastic job starts once its smallest size fits
             over = self._quota(a.owner).over(self._used_by(a.owner), need)
             if over:
                 waiting[job_id] = f"waiting: over the quota of {a.owner}: {over}"
@@ -317,12 +335,51 @@ class JobManager(WorkerCalls):
                 self._changed()
                 continue
             self._queue.remove(job_id)
-            self._reserved[job_id] = need
+            a.start_size = a.reserved_size = self._room(a, a.spec.min_workers, a.target)
+            self._reserved[job_id] = demand(a.spec, a.start_size)
             a.thread = threading.Thread(target=self._run_job, args=(a,), name=f"gradhub-{job_id}", daemon=True)
             a.thread.start()
             started = True
         self._tell_waiting(waiting)
         return started
+
+    def _room(self, a: JobRun, least: int, most: int, held: Mapping[str, float] | None = None) -> int:
+        """The largest size in ``least..most`` whose resources (beyond ``held``, what the job
+        holds already) fit the cluster and its owner's quota; ``least - 1`` when none does."""
+        held = held or {}
+        used = self._used_by(a.owner)
+        for n in range(most, least - 1, -1):
+            need = {k: v - held.get(k, 0.0) for k, v in demand(a.spec, n).items()}
+            if self._fits(need) and not self._quota(a.owner).over(used, need):
+                return n
+        return least - 1
+
+    def reserve_workers(self, job_id: str, workers: int) -> int:
+        """Room for up to ``workers`` more workers of a running elastic job: none while other
+        jobs queue (queued work starts first); returns how many it reserved."""
+        with self._cond:
+            a = self._active.get(job_id)
+            held = self._reserved.get(job_id)
+            if self._queue or a is None or held is None:
+                return 0
+            have = a.reserved_size
+            size = self._room(a, have, have + workers, held)
+            if size <= have:
+                return 0
+            self._reserved[job_id] = demand(a.spec, size)
+            a.reserved_size = size
+            return size - have
+
+    def release_workers(self, job_id: str, workers: int) -> None:
+        """A running elastic job gives back the resources of ``workers`` workers (queued jobs
+        may start in them)."""
+        with self._cond:
+            a = self._active.get(job_id)
+            if a is None or job_id not in self._reserved:
+                return
+            a.reserved_size = max(a.reserved_size - workers, 0)
+            self._reserved[job_id] = demand(a.spec, a.reserved_size)
+            self._changed()
 
     def _used_by(self, owner: str) -> dict[str, float]:
         """What ``owner``'s running jobs hold."""
@@ -347,13 +404,15 @@ class JobManager(WorkerCalls):
     def _never_fits(self, spec: JobSpec) -> str | None:
         """Why the job cannot run on this cluster even when it is idle, or None if it can."""
         total = self._launcher.total_resources()
-        need = demand(spec)
+        need = demand(spec, spec.min_workers)  # an elastic job runs at its smallest size
         if all(v <= total.get(k, 0.0) + 1e-9 for k, v in need.items()):
             return None
-        n, spares = spec.workers + spec.spares, f" (with {spec.spares} spares)" if spec.spares else ""
-        return (f"the job asks for {n} workers{spares} x {_fmt(need, n)} = {_fmt(need)}, "
+        n, spares = spec.min_workers + spec.spares, f" (with {spec.spares} spares)" if spec.spares else ""
+        least = " at least" if spec.elastic else ""
+        field = "workers.min" if spec.elastic else "workers"
+        return (f"the job asks for{least} {n} workers{spares} x {_fmt(need, n)} = {_fmt(need)}, "
                 f"but the cluster has {_fmt({k: total.get(k, 0.0) for k in need})} in all; "
-                f"lower workers{', spares' if spec.spares else ''} or resources")
+                f"lower {field}{', spares' if spec.spares else ''} or resources")
 
     def _fits(self, need: dict[str, float]) -> bool:
         free = self._free()
@@ -391,6 +450,9 @@ class JobManager(WorkerCalls):
         except GradhubError as e:
             return Outcome(JobState.FAILED, f"cannot resume after the server restart: {e}")
         rec = self._db.update(a.id, state=JobState.RUNNING, started_at=time.time(), reason="")
+        runtime.table.start_with(a.start_size)  # an elastic job: as many workers as fit, up to its target
+        if a.spec.elastic:
+            self._log(a.id, f"size: {a.start_size} workers from step {runtime.table.step()}")
         a.begin(runtime.table, rec.metrics)  # a resumed job keeps what it reported before
         self.notify()
         env = {"working_dir": rec.working_dir} if rec.working_dir else None

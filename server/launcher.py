@@ -33,6 +33,7 @@ class WorkerExit:
     result: dict[str, Any] | None = None  # the WorkerResult, when it returned
     died: bool = False  # the process died (killed, OOM, node lost): Ray may restart it
     unavailable: bool = False  # with died: Ray is restarting the actor (not a final death)
+    node_lost: bool = False  # with died: its node died (the cluster lost the machine, not just the process)
     error: str | None = None  # the worker raised: a bug or bad user code, not retried
     lost_peer: bool = False  # allreduce: it raised because another worker of its group is gone
     traceback: str = ""  # the worker's traceback (user frames included), for the job's log
@@ -54,14 +55,30 @@ class WorkerGroup(Protocol):
 
     def stop(self) -> None: ...
 
+    # an elastic job's
+    def grow(self, ranks: list[int]) -> None:
+        """Start workers for ``ranks`` (each with its own resources), or raise when they cannot
+        be placed."""
+        ...
+
+    def release(self, rank: int) -> None:
+        """Stop worker ``rank`` for good and give its resources back."""
+        ...
+
+    def move(self, rank: int, to: int) -> None:
+        """Worker ``rank``'s process (whose run ended) runs rank ``to`` from now on, in its
+        place; ``to``'s own worker is gone (it was released)."""
+        ...
+
 
 class Launcher(Protocol):
     def total_resources(self) -> dict[str, float]: ...
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
-               credential: str = "") -> WorkerGroup:
-        """Start the job's workers, giving them ``credential`` (the job's: the server accepts
-        their calls only with it)."""
+               credential: str = "", size: int | None = None) -> WorkerGroup:
+        """Start the job's workers (``size`` of them: an elastic job's size now; None: the
+        spec's), giving them ``credential`` (the job's: the server accepts their calls only
+        with it)."""
         ...
 
 
@@ -79,6 +96,13 @@ def _reason(e: Exception, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def node_died(error: str) -> bool:
+    """Whether Ray's message of an actor's death says its node died (Ray says "its node has
+    died" and names the node, as opposed to a process that was killed or crashed)."""
+    text = error.lower()
+    return "node has died" in text or "node died" in text or "node is dead" in text
+
+
 def bundle(spec: JobSpec) -> dict[str, float]:
     """One worker's resources as a placement-group bundle."""
     out: dict[str, float] = {}
@@ -89,9 +113,11 @@ def bundle(spec: JobSpec) -> dict[str, float]:
     return out or {"CPU": 0.01}  # a bundle must ask for something
 
 
-def demand(spec: JobSpec) -> dict[str, float]:
-    """The whole job's resources: its workers' and its spares'."""
-    return {k: v * (spec.workers + spec.spares) for k, v in bundle(spec).items()}
+def demand(spec: JobSpec, workers: int | None = None) -> dict[str, float]:
+    """The whole job's resources: its workers' (``workers`` of them; None: the spec's) and its
+    spares'."""
+    n = spec.workers if workers is None else workers
+    return {k: v * (n + spec.spares) for k, v in bundle(spec).items()}
 
 
 class RayWorkerGroup:
@@ -105,41 +131,106 @@ class RayWorkerGroup:
     """
 
     def __init__(self, job_id: str, spec: JobSpec, server_address: str, tls_ca: bytes | None,
-                 runtime_env: Mapping[str, Any] | None, credential: str = "") -> None:
+                 runtime_env: Mapping[str, Any] | None, credential: str = "", size: int | None = None) -> None:
         import ray
-        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from gradhub.worker.actor import WorkerActor
 
         self._ray = ray
         b = bundle(spec)
-        self._pg = placement_group([dict(b) for _ in range(spec.workers + spec.spares)], strategy="SPREAD",
-                                   name=f"gradhub-{job_id}")
-        try:
-            ray.get(self._pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except Exception:
-            ray.util.remove_placement_group(self._pg)
-            raise
+        size = spec.workers if size is None else size
+        self._job_id = job_id
+        # a job of fixed size is gang-scheduled in one placement group (a bundle per worker and
+        # spare); an elastic job's workers each have their own, given back when they leave
+        self._elastic = spec.elastic
+        self._pgs: dict[int, Any] = {}  # elastic: rank -> its placement group
+        self._nodes: dict[int, str] = {}  # elastic: rank -> the Ray node its placement group was placed on
+        self._pg = None if self._elastic else self._place([dict(b) for _ in range(size + spec.spares)], "")
         remote = ray.remote(WorkerActor)
 
         def make(rank: int, index: int) -> Any:
+            pg, bundle_index = (self._pgs[rank], 0) if self._elastic else (self._pg, index)
+            assert pg is not None
             return remote.options(
                 num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0),
                 max_restarts=spec.max_restarts, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self._pg, placement_group_bundle_index=index),
+                    placement_group=pg, placement_group_bundle_index=bundle_index),
                 runtime_env=dict(runtime_env) if runtime_env else None,
             ).remote(job_id, rank, spec.to_json(), server_address, tls_ca, credential)
 
-        self._make = make
-        self._actors = [make(rank, rank) for rank in range(spec.workers)]
-        self._bundles = list(range(spec.workers))  # the bundle each rank's actor is in
+        self._make, self._bundle = make, b
+        self._actors: dict[int, Any] = {}
+        self._runs: dict[Any, int] = {}
+        if self._elastic:
+            self.grow(list(range(size)))
+        else:
+            self._actors = {rank: make(rank, rank) for rank in range(size)}
+            self._runs = {actor.run.remote(): rank for rank, actor in self._actors.items()}
+        self._bundles = list(range(size))  # the bundle each rank's actor is in (fixed size)
         self._spares: list[tuple[Any, int, Any]] = []  # (actor, bundle, its prepare() ref)
         self._later: list[tuple[float, int]] = []  # (when, bundle): spares to start
-        for index in range(spec.workers, spec.workers + spec.spares):
+        for index in range(size, size + spec.spares):
             self._add_spare(index)
-        self._runs: dict[Any, int] = {actor.run.remote(): rank for rank, actor in enumerate(self._actors)}
+
+    def _place(self, bundles: list[dict[str, float]], suffix: str) -> Any:
+        """A placement group of ``bundles``, ready (or the error of one that is not in time)."""
+        from ray.util.placement_group import placement_group
+
+        pg = placement_group(bundles, strategy="SPREAD", name=f"gradhub-{self._job_id}{suffix}")
+        try:
+            self._ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except Exception:
+            self._ray.util.remove_placement_group(pg)
+            raise
+        return pg
+
+    def grow(self, ranks: list[int]) -> None:
+        """Start workers for ``ranks``, each in a placement group of its own (all placed, or none)."""
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        pgs = {rank: placement_group([dict(self._bundle)], name=f"gradhub-{self._job_id}-{rank}") for rank in ranks}
+        try:
+            self._ray.get([pg.ready() for pg in pgs.values()], timeout=PLACEMENT_TIMEOUT_S)
+        except Exception:
+            for pg in pgs.values():
+                self._ray.util.remove_placement_group(pg)
+            raise
+        self._pgs.update(pgs)
+        for rank, pg in pgs.items():
+            self._nodes[rank] = str(placement_group_table(pg)["bundles_to_node_id"].get(0, ""))
+        for rank in ranks:
+            self._actors[rank] = actor = self._make(rank, 0)
+            self._runs[actor.run.remote()] = rank
+
+    def release(self, rank: int) -> None:
+        """Stop worker ``rank`` for good and give its placement group back."""
+        actor = self._actors.pop(rank, None)
+        if actor is not None:
+            self._ray.kill(actor, no_restart=True)
+        for ref in [ref for ref, r in self._runs.items() if r == rank]:
+            del self._runs[ref]
+        pg = self._pgs.pop(rank, None)
+        self._nodes.pop(rank, None)
+        if pg is not None:
+            self._ray.util.remove_placement_group(pg)
+
+    def move(self, rank: int, to: int) -> None:
+        """Worker ``rank``'s actor runs rank ``to`` (``to``'s own is gone): it keeps its process
+        and its placement group."""
+        actor = self._actors.pop(rank)
+        old = self._actors.pop(to, None)
+        if old is not None:
+            self._ray.kill(old, no_restart=True)
+        if self._elastic:
+            stale = self._pgs.pop(to, None)
+            if stale is not None:
+                self._ray.util.remove_placement_group(stale)
+            self._pgs[to] = self._pgs.pop(rank)
+            self._nodes[to] = self._nodes.pop(rank, "")
+        self._actors[to] = actor
+        self._runs[actor.run_as.remote(to)] = to
 
     def _add_spare(self, index: int) -> None:
         actor = self._make(-1, index)
@@ -193,7 +284,8 @@ class RayWorkerGroup:
                 exits.append(WorkerExit(rank, result=ray.get(ref, timeout=10)))
             except ray.exceptions.RayActorError as e:
                 exits.append(WorkerExit(rank, died=True, error=str(e).splitlines()[0],
-                                        unavailable=isinstance(e, ray.exceptions.ActorUnavailableError)))
+                                        unavailable=isinstance(e, ray.exceptions.ActorUnavailableError),
+                                        node_lost=node_died(str(e)) or not self._node_alive(rank)))
             except ray.exceptions.RayTaskError as e:
                 cause = getattr(e, "cause", None)
                 exits.append(WorkerExit(rank, error=_reason(e), lost_peer=isinstance(cause, PeerLostError),
@@ -201,17 +293,31 @@ class RayWorkerGroup:
                                         phase=cause.phase if isinstance(cause, WorkerFailure) else ""))
         return exits
 
+    def _node_alive(self, rank: int) -> bool:
+        """Whether the Ray node worker ``rank`` was placed on is alive (True when unknown)."""
+        node = self._nodes.get(rank)
+        if not node:
+            return True
+        try:
+            alive = {n["NodeID"]: bool(n["Alive"]) for n in self._ray.nodes()}
+        except Exception as e:  # noqa: BLE001 - unknown: not a node death
+            log.debug("ray.nodes() failed: %s", e)
+            return True
+        return alive.get(node, False)
+
     def kill(self, rank: int) -> None:
         """Kill the actor's process; Ray restarts it if restarts are left."""
         self._ray.kill(self._actors[rank], no_restart=False)
 
     def stop(self) -> None:
-        for actor in [*self._actors, *(spare for spare, _, _ in self._spares)]:
+        for actor in [*self._actors.values(), *(spare for spare, _, _ in self._spares)]:
             try:
                 self._ray.kill(actor, no_restart=True)
             except Exception as e:  # noqa: BLE001 - best effort on the way out
                 log.debug("kill failed: %s", e)
-        self._ray.util.remove_placement_group(self._pg)
+        for pg in [self._pg, *self._pgs.values()]:
+            if pg is not None:
+                self._ray.util.remove_placement_group(pg)
 
 
 class RayLauncher:
@@ -227,12 +333,12 @@ class RayLauncher:
         return {k: float(v) for k, v in ray.cluster_resources().items()}
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
-               credential: str = "") -> WorkerGroup:
+               credential: str = "", size: int | None = None) -> WorkerGroup:
         env = dict(runtime_env or {})
         working_dir = env.get("working_dir")
         if isinstance(working_dir, str) and "://" not in working_dir:
             env["working_dir"] = upload_package(Path(working_dir))
-        return RayWorkerGroup(job_id, spec, self.server_address, self.tls_ca, env or None, credential)
+        return RayWorkerGroup(job_id, spec, self.server_address, self.tls_ca, env or None, credential, size)
 
 
 def upload_package(zip_path: Path) -> str:
@@ -278,6 +384,15 @@ class _ExternalGroup:
     def stop(self) -> None:
         self._stopped.set()
 
+    def grow(self, ranks: list[int]) -> None:
+        pass
+
+    def release(self, rank: int) -> None:
+        pass
+
+    def move(self, rank: int, to: int) -> None:
+        pass
+
 
 class ExternalLauncher:
     """Launches nothing: the workers are external processes speaking the WorkerControl and
@@ -295,5 +410,5 @@ class ExternalLauncher:
         return dict(self._resources)
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
-               credential: str = "") -> WorkerGroup:
+               credential: str = "", size: int | None = None) -> WorkerGroup:
         return _ExternalGroup()

@@ -2,7 +2,8 @@
 controller and tested on their own (no Ray, no gRPC).
 
 A failure has a kind; the ``RestartPolicy`` turns it into a decision (restart the worker,
-restart the whole group, or fail the job) and keeps the count it decides on.
+restart the whole group, shrink an elastic job, or fail the job) and keeps the count it
+decides on.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ class Failure:
     rank: int
     kind: FailureKind
     error: str
+    node_lost: bool = False  # a death: its node died with it (the machine is gone, not only the process)
+    can_shrink: bool = False  # an elastic job above its smallest size: it may go on without the worker
 
 
 class FailureDecision(Enum):
     RESTART_WORKER = "restart the worker"  # Ray restarts its actor; the others go on
     RESTART_GROUP = "restart the group"  # stop every worker and launch the group again
+    SHRINK = "go on without the worker"  # an elastic job shrinks by one (and grows back when it can)
     FAIL = "fail the job"
 
 
@@ -56,6 +60,8 @@ class MaxRestarts:
             self.group_restarts += 1
             return FailureDecision.FAIL if self.group_restarts > self.max_restarts else FailureDecision.RESTART_GROUP
         self.deaths[failure.rank] += 1
+        if failure.node_lost and failure.can_shrink:
+            return FailureDecision.SHRINK  # its node is gone: go on with those left, not wait for one
         return FailureDecision.FAIL if self.deaths[failure.rank] > self.max_restarts else FailureDecision.RESTART_WORKER
 
     def explain(self, failure: Failure) -> str:
@@ -68,6 +74,8 @@ class MaxRestarts:
                     + (f"the group was restarted {n - 1} times (max_restarts is {self.max_restarts})"
                        if n > self.max_restarts else f"restarting the group ({n} of {self.max_restarts})"))
         n = self.deaths[failure.rank]
+        if failure.node_lost and failure.can_shrink:
+            return f"worker {failure.rank} {what} with its node ({failure.error}); the job goes on without it"
         if n > self.max_restarts:
             return f"worker {failure.rank} {what} {n} times (max_restarts is {self.max_restarts}): {failure.error}"
         return f"worker {failure.rank} {what} ({failure.error}); restart {n} of {self.max_restarts}"

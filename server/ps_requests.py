@@ -104,10 +104,10 @@ def take_push(store: ParameterStore, header: ps_pb2.PushHeader, payload: torch.T
     first, count = push_part(layout, header)
     if quant is None:
         return store.push(header.rank, header.step, header.base_version, payload, buffers, list(header.unused),
-                          first=first, count=count)
+                          first=first, count=count, world_size=header.world_size)
     grad = quant.decode(payload, pushed_layout(layout, header).numel)
     return store.push(header.rank, header.step, header.base_version, grad, buffers, list(header.unused),
-                      wire_bytes=payload.numel(), first=first, count=count)
+                      wire_bytes=payload.numel(), first=first, count=count, world_size=header.world_size)
 
 
 def push_buffers(header: ps_pb2.PushHeader) -> dict[str, torch.Tensor] | None:

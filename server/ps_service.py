@@ -93,7 +93,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         snapshot = await self._calls.pull(store, rank, step, wire_dtype, wait, part)
         chunks = await self._calls.call(store, lambda: snapshot.chunks)  # encoded once per version
         yield ps_pb2.PullChunk(header=ps_pb2.PullHeader(
-            version=snapshot.version, tensors=snapshot.layout.metas(wire_dtype), buffers=snapshot.buffers))
+            version=snapshot.version, tensors=snapshot.layout.metas(wire_dtype), buffers=snapshot.buffers,
+                world_size=snapshot.world_size))
         for chunk in chunks:  # already serialized PullChunks (see add_to_server)
             yield chunk
 

@@ -124,6 +124,8 @@ class ParameterStore(WorkerTable):
         # async modes: how many pushes were applied at each staleness (read for /metrics)
         self.staleness_counts: dict[int, int] = {}
         self._history: dict[int, torch.Tensor] = {}  # version -> parameters (keep_history)
+        self._joining: set[int] = set()  # async modes: ranks that became members and have not registered since
+        self._dropped: set[int] = set()  # ps-sync: ranks whose push of the step in flight was dropped (a shrink)
 
     # ----------------------------------------------------------------- setup
     @property
@@ -217,11 +219,58 @@ class ParameterStore(WorkerTable):
 
     # --------------------------------------------------------------- workers
     def register(self, rank: int, host: str = "", pid: int = 0) -> tuple[int, int, bool]:
-        """A worker (re)joins: returns (version, next step, whether it must send the parameters)."""
+        """A worker (re)joins: returns (version, next step, whether it must send the parameters).
+
+        A rank above an elastic job's size joins it at the next change of size (its first
+        pull waits until then); one above the size it was scaled to is told to leave."""
         with self._cond:
+            self._check_member(rank)
             w = self._joined(rank, host, pid)
             self._assemblies.pop(rank, None)  # a new registration pushes its step afresh
+            if self.config.mode != "ps-sync" and rank in self._joining:
+                # an async member that joined while the others trained starts where they are
+                w.clock = max(w.clock, self._job_step(exclude=rank))
+                self._joining.discard(rank)
             return self._version, w.clock, (self._flat is None and rank == 0)
+
+    def _resized(self, at_once: bool) -> None:
+        """ps-async, ps-ssp: a new size applies at once (a joining worker starts at the job's
+        step when it registers); ps-sync applies it at the next step boundary (``_take``), or
+        ``at_once`` (a worker is gone for good): the step in flight is done again at the new
+        size (its pushes so far are dropped; each worker's next pull says so)."""
+        if self.config.mode == "ps-sync":
+            if at_once and self._flat is not None:
+                self._pending.clear()
+                self._assemblies.clear()
+                for w in self._members():
+                    if w.clock > self._version:
+                        self._dropped.add(w.rank)
+                    w.clock = self._version
+            if at_once or self._flat is None:
+                self._grow_or_shrink(self._version)
+            return
+        old = self._size
+        self._set_size(self._target, self._job_step())
+        for w in self._workers[old:self._size]:
+            w.clock = max(w.clock, self._job_step())
+            self._joining.add(w.rank)
+        self._snapshots.clear()  # a pull's header says the size
+
+    def _grow_or_shrink(self, step: int) -> None:
+        """ps-sync, at a step boundary: shrink to the target, or grow to it once every
+        joining worker has registered (nobody waits for a process that is still starting)."""
+        target, old = self._target, self._size
+        if target > old and not all(w.alive for w in self._workers[old:target]):
+            return
+        self._set_size(target, step)
+        for w in self._workers[min(old, target):]:
+            w.clock = step  # a new member starts at the others' step; one that left follows it
+        self._snapshots.clear()
+
+    def _job_step(self, exclude: int = -1) -> int:
+        """The slowest live member's clock (the job's step when none is live)."""
+        live = [w.clock for w in self._members() if w.alive and w.rank != exclude]
+        return min(live) if live else min(w.clock for w in self._members())
 
     def heartbeat(self, rank: int, step: int | None = None) -> str | None:
         """Record that a worker is alive; returns the reason to stop, if the job is closed."""
@@ -235,7 +284,7 @@ class ParameterStore(WorkerTable):
     # ----------------------------------------------------------------- push
     def push(self, rank: int, step: int, base_version: int, grad: torch.Tensor,
              buffers: Mapping[str, torch.Tensor] | None = None, unused: Sequence[int] = (),
-             wire_bytes: int | None = None, first: int = 0, count: int = 0) -> tuple[bool, int]:
+             wire_bytes: int | None = None, first: int = 0, count: int = 0, world_size: int = 0) -> tuple[bool, int]:
         """Take worker ``rank``'s gradient for ``step``; returns (accepted, version).
 
         ``grad`` is the flat gradient (any float dtype; converted to float32) of the ``count``
@@ -246,19 +295,26 @@ class ParameterStore(WorkerTable):
         after its forward pass (used as the job's buffer mode says; a bucketed step's come with
         its last bucket); ``unused`` the indexes (into the pushed tensors) of parameters that
         got no gradient from this worker; ``wire_bytes`` what the push took on the wire when
-        ``grad`` was decoded from it.
+        ``grad`` was decoded from it; ``world_size`` the size an elastic job's worker computed
+        it for (ps-sync drops a push for another size than the job's now: the worker's next
+        pull brings the step's parameters again).
         """
         with self._cond:
             self._check_open()
             w = self._worker(rank)
             if self._flat is None or self._layout is None or self._model is None:
                 raise StateError("parameters: the job has no parameters yet; pull first")
+            if not self._check_member(rank):
+                raise StateError(f"rank: worker {rank} joins the job at its next change of size; pull first")
             part = self._part_of(step, first, count)
             layout = self._layout.part(*part)
             if grad.numel() != layout.numel:
                 raise ProtocolError(f"byte count: {grad.numel()} values, expected {layout.numel}")
             if step < w.clock:
                 return False, self._version  # a retry of a step already taken
+            if world_size and self.config.mode == "ps-sync" and world_size != self._size:
+                self._dropped.add(rank)  # computed for the size before a shrink: the step is done again
+                return False, self._version
             if step > w.clock:
                 raise StateError(
                     f"step: worker {rank} pushed step {step} but its next step is {w.clock}"
@@ -308,13 +364,18 @@ class ParameterStore(WorkerTable):
         """Worker ``w``'s whole push of its next step (or fragment), as its mode applies it."""
         w.clock += 1
         w.last_seen = self._now()
+        self._dropped.discard(w.rank)
         if self.config.mode == "ps-sync":
             self._pending[w.rank] = push
-            if len(self._pending) == len(self._workers):
+            if len(self._pending) == self._size:
                 pending, self._pending = self._pending, {}
                 self._take_buffers(pending)
                 self._apply(self._average(pending), frozenset.intersection(*(p.unused for p in pending.values())),
                             part)
+                for other in self._workers[self._size:]:
+                    other.clock = self._version  # not members: they follow the job's step
+                if self._target != self._size:
+                    self._grow_or_shrink(self._version)
         else:
             w.staleness = self._version - base_version
             w.max_staleness = max(w.max_staleness, w.staleness)
@@ -460,9 +521,11 @@ class ParameterStore(WorkerTable):
     def _try_pull(self, rank: int, step: int, wire_dtype: int, first: int, count: int) -> Snapshot | None:
         self._worker(rank)
         self._check_open()
+        if not self._check_member(rank):
+            return None  # it joins at the next change of size
         if self._layout is not None:
             self._layout.part(first, count)  # a part of the model, or a ProtocolError
-        if self._flat is not None and self._may_pull(step):
+        if self._flat is not None and self._may_pull(rank, step):
             snapshot = self._snapshot(wire_dtype, first, count)
             self._workers[rank].bytes_out += snapshot.data.numel() * snapshot.data.element_size()
             return snapshot
@@ -473,14 +536,16 @@ class ParameterStore(WorkerTable):
         with self._cond:
             return self._waiting_for(step)
 
-    def _may_pull(self, step: int) -> bool:
+    def _may_pull(self, rank: int, step: int) -> bool:
+        if rank in self._dropped and self._workers[rank].clock < step:
+            return True  # its push was dropped (the job shrank mid-step): it does that step again
         total = self._total_steps
         if total is not None and step >= total:
-            return all(w.clock >= total for w in self._workers)
+            return all(w.clock >= total for w in self._members())
         if self.config.mode == "ps-sync":
             return self._version >= step
         if self.config.mode == "ps-ssp":
-            live = [w.clock for w in self._workers if w.alive] or [step]
+            live = [w.clock for w in self._members() if w.alive] or [step]
             return min(live) >= step - self.config.staleness
         return True
 
@@ -488,11 +553,11 @@ class ParameterStore(WorkerTable):
         if self._flat is None:
             return "waiting for the initial parameters from worker 0"
         # the clock each worker must reach for _may_pull(step) (ps-ssp waits for live ones only)
-        total, pool, need = self._total_steps, self._workers, step
+        total, pool, need = self._total_steps, self._members(), step
         if total is not None and step >= total:
             need = total
         elif self.config.mode == "ps-ssp":
-            pool = [w for w in self._workers if w.alive]
+            pool = [w for w in self._members() if w.alive]
             need = step - self.config.staleness
         behind = [w.rank for w in pool if w.clock < need]
         return f"waiting at step {step} for workers {behind} (version {self._version})"
@@ -508,7 +573,8 @@ class ParameterStore(WorkerTable):
             data = encode(values, wire_dtype)
             if data.data_ptr() == values.data_ptr() and self.config.mode != "ps-sync":
                 data = data.clone()  # updates may happen while a pull still sends this version
-            snap = Snapshot(self._version, wire_dtype, data, layout, tuple(tensors_to_proto(self._buffers)))
+            snap = Snapshot(self._version, wire_dtype, data, layout, tuple(tensors_to_proto(self._buffers)),
+                            self._size)
             self._snapshots[key] = snap
         return snap
 
@@ -516,7 +582,7 @@ class ParameterStore(WorkerTable):
     def finished(self) -> bool:
         with self._cond:
             t = self._total_steps
-            return t is not None and all(w.clock >= t for w in self._workers)
+            return t is not None and all(w.clock >= t for w in self._members())
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """A copy of the current trainable parameters by name."""
@@ -544,7 +610,7 @@ class ParameterStore(WorkerTable):
         if self._optimizer is None:
             raise StateError("parameters: the job has no parameters yet")
         return CheckpointState(
-            step=min(w.clock for w in self._workers),
+            step=min(w.clock for w in self._members()),
             version=self._version,
             params=self._state_dict(),
             optimizer_state=optimizer_state_copy(self._optimizer),
@@ -557,7 +623,7 @@ class ParameterStore(WorkerTable):
         if self._on_checkpoint is None or every <= 0:
             return
         # ps-sync: exactly at step boundaries; other modes: when the slowest worker crosses one.
-        step = min(w.clock for w in self._workers)
+        step = min(w.clock for w in self._members())
         if self.config.mode == "ps-sync":
             due = self._version % every == 0
         else:

@@ -95,6 +95,7 @@ class Snapshot:
     data: torch.Tensor  # flat, contiguous, CPU, in the wire dtype
     layout: Layout  # what ``data`` holds: the model, or one fragment of it
     buffers: tuple[tensor_pb2.Tensor, ...] = ()  # the job's buffers, for the header
+    world_size: int = 0  # the job's size at this version (an elastic job's workers share each batch so)
 
     @cached_property
     def chunks(self) -> tuple[bytes, ...]:

@@ -41,6 +41,7 @@ class Formation:
     source: int
     finished: bool = False  # nothing is left to train: the final state is saved, or the job failed
     keep: bool = False  # with finished, to rank 0 of a failed job: send the state it holds
+    released: bool = False  # with finished: the job shrank below this rank, which leaves
     asks: dict[int, int | None] = field(default_factory=dict, compare=False)  # what each rank asked with
 
 
@@ -76,9 +77,13 @@ class GroupTracker(WorkerTable):
 
     def join(self, rank: int, step: int | None) -> Formation | None:
         """Worker ``rank`` asks to join the next group, holding the state after ``step`` whole
-        steps (None: a fresh process). Returns the group once every rank has asked, else None
+        steps (None: a fresh process). Returns the group once every member has asked, else None
         (ask again). The group starts at the furthest step any member holds; the lowest rank
-        holding it shares its state."""
+        holding it shares its state.
+
+        An elastic job's next group has the size it was scaled to: a rank above it is told it is
+        released; a group that grows forms once every joining rank has asked too (until then,
+        a group that must form again keeps its size)."""
         with self._cond:
             self._check_open()
             self._worker(rank)
@@ -89,7 +94,7 @@ class GroupTracker(WorkerTable):
                 if rank == 0 and not keep:
                     self._kept = True  # rank 0 holds nothing to keep: nobody waits for it
                     self._cond.notify_all()
-                return Formation(self._generation, len(self._workers), step or 0, -1, finished=True, keep=keep)
+                return Formation(self._generation, self._size, step or 0, -1, finished=True, keep=keep)
             formed = self._formed
             if formed is not None and rank in self._untold:
                 if formed.asks.get(rank, step) == step:
@@ -98,19 +103,46 @@ class GroupTracker(WorkerTable):
                 # it asked for this group with other state: it was lost and restarted since.
                 # The group is void (members that already formed it fail at their rendezvous)
                 self._formed, self._untold = None, set()
+            if rank >= self._target:
+                self._asks.pop(rank, None)
+                self._workers[rank].alive = False
+                return Formation(self._generation, self._size, step or 0, -1, finished=True, released=True)
             self._asks[rank] = step
-            if len(self._asks) < len(self._workers):
+            size = self._next_size()
+            if size is None:
                 return None
-            held = {r: s for r, s in self._asks.items() if s is not None}
+            asks = {r: s for r, s in self._asks.items() if r < size}
+            held = {r: s for r, s in asks.items() if s is not None}
             start = max(held.values()) if held else self._start_step
             source = min((r for r, s in held.items() if s == start), default=-1)
             self._generation += 1
-            formed = Formation(self._generation, len(self._workers), start, source, asks=self._asks)
-            self._formed, self._untold, self._asks = formed, set(self._asks) - {rank}, {}
+            self._set_size(size, start)
+            formed = Formation(self._generation, size, start, source, asks=asks)
+            self._formed, self._untold = formed, set(asks) - {rank}
+            self._asks = {r: s for r, s in self._asks.items() if r >= size}  # joiners wait for the next group
             for w in self._workers:
                 w.clock = start
             self._cond.notify_all()
             return formed
+
+    def _next_size(self) -> int | None:
+        """The size of the group that forms now, or None while a member has not asked."""
+        asked = [r in self._asks for r in range(max(self._size, self._target))]
+        keep = min(self._size, self._target)
+        if not all(asked[:keep]):
+            return None
+        return self._target if all(asked[:self._target]) else keep
+
+    def regroup_due(self) -> bool:
+        """Whether the running group should re-form now to change its size: it shrinks, or it
+        grows and every joining rank is waiting for the group."""
+        with self._cond:
+            return self._regroup_due()
+
+    def _regroup_due(self) -> bool:
+        if self._target < self._size:
+            return True
+        return self._target > self._size and all(r in self._asks for r in range(self._size, self._target))
 
     def fail(self) -> None:
         """The job failed: every worker that asks to join is told it is finished, and rank 0 to

@@ -187,6 +187,7 @@ class WorkerCalls:
         store = self.state(job_id)
         first = store.total_steps is None
         store.set_total_steps(total_steps)  # the first registration sets it, the others must agree
+        store.check_member(rank)  # a worker an elastic job shrank away from leaves: ReleasedError
         run.set_phase(rank, WorkerPhase.RUNNING)
         self.notify()
         if first:

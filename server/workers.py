@@ -1,5 +1,10 @@
 """Who is in a running job and how far each worker got: the bookkeeping that the parameter
 store (ps modes) and the group tracker (allreduce) share. No gRPC, no Ray in here.
+
+An elastic job's table has a rank for each worker it may ever have (``workers.max``); its
+members are the ranks below its ``size``. ``resize`` asks for another size, which the store
+or the tracker applies when its mode allows (at a step boundary in ps-sync and allreduce, at
+once in ps-async and ps-ssp); every change is recorded with the step it took effect at.
 """
 
 from __future__ import annotations
@@ -11,7 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gradhub.proto.contract.errors import AuthError, NotFoundError, ProtocolError, StateError
+from gradhub.proto.contract.errors import (
+    AuthError,
+    NotFoundError,
+    ProtocolError,
+    ReleasedError,
+    StateError,
+)
 
 
 @dataclass
@@ -44,6 +55,9 @@ class WorkerTable:
         self._now = clock
         self._cond = threading.Condition()
         self._workers = [WorkerState(rank=r) for r in range(world_size)]
+        self._size = world_size  # the members: the ranks below it
+        self._target = world_size  # the size asked for (``resize``), applied when the mode allows
+        self._sizes: list[tuple[int, int]] = []  # (step, size): every change of size, in order
         self._total_steps: int | None = None
         self._closed: str | None = None
         self._listeners: list[Callable[[], None]] = []
@@ -74,6 +88,72 @@ class WorkerTable:
                     f"total_steps: worker computed {total_steps}, the job has {self._total_steps} "
                     "(do the workers build the same dataset?)"
                 )
+
+    # ------------------------------------------------------------ size
+    @property
+    def size(self) -> int:
+        """How many workers the job runs on now (ranks ``0..size-1``)."""
+        return self._size
+
+    @property
+    def target(self) -> int:
+        """The size the job was asked to have (``size`` once it is applied)."""
+        return self._target
+
+    def start_with(self, size: int) -> None:
+        """The job starts (or restarts its group) with ``size`` workers."""
+        with self._cond:
+            self._check_size(size)
+            self._size = self._target = size
+            self._changed()
+
+    def resize(self, target: int, at_once: bool = False) -> None:
+        """Ask for ``target`` workers; the mode applies it (``_resized`` below). ``at_once``:
+        a worker is gone for good, so the job shrinks now rather than at a step boundary."""
+        with self._cond:
+            self._check_open()
+            self._check_size(target)
+            self._target = target
+            self._resized(at_once)
+            self._changed()
+
+    def size_changes(self, after: int = 0) -> list[tuple[int, int]]:
+        """The changes of size (step, size) from the ``after``-th on."""
+        with self._cond:
+            return self._sizes[after:]
+
+    def _resized(self, at_once: bool) -> None:
+        """A new target: apply it now if the mode may; call under ``_cond``."""
+
+    def _set_size(self, size: int, step: int) -> None:
+        """The job runs on ``size`` workers from ``step`` on; call under ``_cond``."""
+        if size != self._size:
+            self._size = size
+            self._sizes.append((step, size))
+
+    def _check_size(self, size: int) -> None:
+        if not 1 <= size <= len(self._workers):
+            raise StateError(f"workers: {size} is outside this job's 1..{len(self._workers)}")
+
+    def _members(self) -> list[WorkerState]:
+        return self._workers[:self._size]
+
+    def check_member(self, rank: int) -> bool:
+        """``_check_member`` under the lock."""
+        with self._cond:
+            self._worker(rank)
+            return self._check_member(rank)
+
+    def _check_member(self, rank: int) -> bool:
+        """Whether ``rank`` is a member now (False: it joins at the next change of size);
+        ``ReleasedError`` when the job shrank below it."""
+        if rank < self._size:
+            return True
+        if rank >= self._target:
+            self._workers[rank].alive = False  # it leaves: a later worker of this rank is a new one
+            raise ReleasedError(f"rank: job {self._job_id!r} runs on {self._size} workers now; worker {rank} "
+                                "leaves")
+        return False
 
     def _joined(self, rank: int, host: str, pid: int) -> WorkerState:
         """Record a (re)registration; call under ``_cond``."""
@@ -134,9 +214,9 @@ class WorkerTable:
             return [now - w.last_seen if w.alive else 0.0 for w in self._workers]
 
     def step(self) -> int:
-        """The job's progress in steps: the slowest worker's clock."""
+        """The job's progress in steps: the slowest member's clock."""
         with self._cond:
-            return min(w.clock for w in self._workers)
+            return min(w.clock for w in self._members())
 
     def workers(self) -> list[WorkerState]:
         with self._cond:

@@ -163,6 +163,7 @@ class AllReduceTrainer:
         self._buffers: list[torch.Tensor] = []  # the buffers at the start of the step in flight
         self._live_buffers: list[torch.Tensor] = []  # the model's buffers
         self._groups: list[DistributedDataParallel] = []  # never freed: see _train
+        self._formed_at = 0  # the step the current group started at
 
     def run(self) -> WorkerResult:
         """Train to the end. On its own failure, rank 0 first sends its state (it holds the
@@ -203,6 +204,10 @@ class AllReduceTrainer:
             stalled, lost_at = 0, None  # groups lost in a row at the same step, and that step
             while True:
                 group = self._join(beat)
+                if group is not None and group.released:
+                    log.info("worker %d leaves: the job runs on fewer workers now", rank)
+                    result.released, result.stopped = True, "the job shrank below this worker's rank"
+                    return result
                 if group is None or group.finished:
                     if group is not None and group.keep_state and self._keep is not None and self.held:
                         self._keep(self.held)  # the job failed elsewhere: it keeps this state
@@ -223,7 +228,12 @@ class AllReduceTrainer:
                                       group.world_size, backend, timeout):
                         if group.source_rank >= 0:
                             self._take_state(group.source_rank, step, model, optimizer, scheduler, device)
-                        return self._train(work, optimizer, scheduler, step, result, beat, uploader)
+                        work.resize(group.group_rank, group.world_size)
+                        beat.regroup = False  # until a heartbeat says this group should re-form
+                        if self._train(work, optimizer, scheduler, step, result, beat, uploader):
+                            return result
+                    stalled = 0  # the group re-forms to change its size: join the next one
+                    log.info("worker %d: the group re-forms at step %s to change its size", rank, self.held)
                 except PeerLostError as e:
                     self._rollback()
                     stalled = stalled + 1 if self.held == lost_at else 1
@@ -269,13 +279,15 @@ class AllReduceTrainer:
 
     def _train(self, work: Workload, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler | None, step: int, result: WorkerResult,
-               beat: Heartbeat, uploader: _Uploader) -> WorkerResult:
+               beat: Heartbeat, uploader: _Uploader) -> bool:
         """Train from ``step`` to the end in the current group; rank 0 saves the final state, and
-        nobody leaves before it is saved."""
+        nobody leaves before it is saved. False when the group stopped early to re-form (an
+        elastic job changes its size: the members agree on it at a step boundary)."""
         spec, rank, phase = self.spec, self.rank, self.phase
         model, device, total = work.model, work.device, work.total
         params = [p for p in model.parameters() if p.requires_grad]
         self._live_buffers = list(model.buffers())
+        self._formed_at = step  # a group that just formed trains a step before it may re-form
         phase.at("train", step)
         with collectives(rank, step):
             ddp = self._wrap(model, device, work, step)
@@ -292,7 +304,11 @@ class AllReduceTrainer:
         while step < total:
             if beat.stop_reason is not None:
                 result.stopped = beat.stop_reason
-                return result
+                return True
+            if spec.elastic and step > self._formed_at:
+                with collectives(rank, step):  # every member leaves at the same step, or none does
+                    if any_rank(beat.regroup, device):
+                        return False
             if work.eval_due(step):
                 phase.at("eval", step)
                 self.client.report(step, "eval", work.evaluate())
@@ -303,7 +319,7 @@ class AllReduceTrainer:
                 loss, samples = work.gradient(step, ddp, optimizer.zero_grad,
                                               lambda: [p.grad for p in params if p.grad is not None], no_sync)
                 if spec.buffers == "average":
-                    average_buffers(model, spec.workers)
+                    average_buffers(model, torch.distributed.get_world_size())
                 elif spec.buffers == "broadcast":
                     # rank 0's buffers on every rank at every step boundary (what DDP would
                     # broadcast at the next forward, sent now): whichever worker the group
@@ -342,7 +358,7 @@ class AllReduceTrainer:
                 self.client.report(total, "eval", result.metrics)
         with collectives(rank, total):
             torch.distributed.barrier()  # a member lost before the final state is saved re-forms the group
-        return result
+        return True
 
 
     def _wrap(self, model: nn.Module, device: torch.device, work: Workload, step: int) -> DistributedDataParallel:

@@ -171,9 +171,14 @@ def global_batch_indices(n: int, global_batch: int, seed: int, step: int) -> tor
 
 
 def worker_batch_indices(
-    n: int, batch_size: int, world_size: int, rank: int, seed: int, step: int
+    n: int, batch_size: int, world_size: int, rank: int, seed: int, step: int,
+    share: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Worker ``rank``'s ``batch_size`` indices: its contiguous slice of the global batch."""
+    """Worker ``rank``'s ``batch_size`` indices: its contiguous slice of the global batch.
+
+    An elastic job keeps its global batch (``batch_size * world_size``, ``world_size`` its
+    largest size) whatever its size now: ``share`` = (index, count) cuts it into ``count``
+    contiguous slices whose lengths differ by at most one, and returns slice ``index``."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise SpecError("world_size", f"must be an integer >= 1, got {world_size!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -181,7 +186,24 @@ def worker_batch_indices(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SpecError("batch_size", f"must be an integer >= 1, got {batch_size!r}")
     batch = global_batch_indices(n, batch_size * world_size, seed, step)
+    if share is not None:
+        lo, hi = share_bounds(batch_size * world_size, *share)
+        return batch[lo:hi]
     return batch[rank * batch_size : (rank + 1) * batch_size]
+
+
+def share_bounds(global_batch: int, index: int, count: int) -> tuple[int, int]:
+    """Where slice ``index`` of ``count`` of a global batch starts and ends."""
+    if not 0 <= index < count:
+        raise SpecError("rank", f"must be in [0, {count}), got {index!r}")
+    return index * global_batch // count, (index + 1) * global_batch // count
+
+
+def share_weight(global_batch: int, index: int, count: int) -> float:
+    """What a worker's gradient (the mean over its slice) is scaled by so that the mean over
+    the ``count`` workers' gradients is the global batch's mean: 1.0 for equal slices."""
+    lo, hi = share_bounds(global_batch, index, count)
+    return (hi - lo) * count / global_batch
 
 
 # --- batches ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 
-from gradhub.proto.contract.errors import WorkerFailure
+from gradhub.proto.contract.errors import ReleasedError, WorkerFailure
 from gradhub.proto.contract.optim import parameter_groups
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.v1 import ps_pb2
@@ -30,8 +30,9 @@ class Joined:
     0's for "broadcast", the job's; every worker's for "average"), and whether a pull brings
     the job's into the model (not for "local")."""
 
-    def __init__(self, reg: ps_pb2.RegisterResponse, flat: FlatModel, send_buffers: bool, take_buffers: bool) -> None:
-        self.reg, self._flat = reg, flat
+    def __init__(self, reg: ps_pb2.RegisterResponse, flat: FlatModel, send_buffers: bool, take_buffers: bool,
+                 client: ServerLink) -> None:
+        self.reg, self._flat, self._client = reg, flat, client
         self.send_buffers, self._take_buffers = send_buffers, take_buffers
 
     @classmethod
@@ -42,12 +43,16 @@ class Joined:
         if reg.needs_init:
             client.init_parameters(flat.state, flat.params.detach().cpu(), flat.frozen_flat(), flat.buffer_values())
         return cls(reg, flat, send_buffers=bool(flat.buffers) and (work.rank == 0 or spec.buffers == "average"),
-                   take_buffers=bool(flat.buffers) and spec.buffers != "local")
+                   take_buffers=bool(flat.buffers) and spec.buffers != "local", client=client)
 
-    def received(self, pulled: Pulled) -> int:
-        """Take a pull's buffers (when the job shares them); returns the parameters' version."""
+    def received(self, pulled: Pulled, work: Workload | None = None) -> int:
+        """Take a pull's buffers (when the job shares them) and, for an elastic job, its size
+        now (``work`` trains on its share of each global batch); returns the parameters' version."""
         if self._take_buffers:
             self._flat.load_buffers(pulled.buffers)
+        if work is not None and pulled.world_size:
+            work.resize(work.rank, pulled.world_size)
+            self._client.world_size = pulled.world_size
         return pulled.version
 
 
@@ -61,9 +66,13 @@ class PSTrainer:
 
     def run(self) -> WorkerResult:
         """Train to the end; a failure is raised as a WorkerFailure naming the phase and step
-        (the server keeps the job's state: it owns the parameters in these modes)."""
+        (the server keeps the job's state: it owns the parameters in these modes). A worker
+        that an elastic job shrank away from returns, ``released``."""
         try:
             return self._run()
+        except ReleasedError as e:
+            log.info("worker %d leaves: %s", self.rank, e)
+            return WorkerResult(rank=self.rank, steps_run=0, stopped=str(e), released=True)
         except WorkerFailure:
             raise
         except Exception as e:
@@ -86,7 +95,9 @@ class PSTrainer:
                               enabled=mb > 0 and not work.precision.scaled)
 
         with Heartbeat(self.client, reg.heartbeat_interval_s) as beat, pusher:
-            version = received(self.client.pull(flat.layout, step, flat.params)) if step < total else 0
+            version = received(self.client.pull(flat.layout, step, flat.params), work) if step < total else 0
+            if spec.mode == "ps-sync":
+                step = max(step, version)  # a worker joining an elastic job starts at the step the others are at
             while step < total:
                 if beat.stop_reason is not None:
                     result.stopped = beat.stop_reason
@@ -102,11 +113,15 @@ class PSTrainer:
                 buffers = flat.buffer_values() if send_buffers else None
                 sent = time.perf_counter()
                 # the rest of step t, and step t + 1's parameters (rank 0's last pull is the final
-                # parameters, which it evaluates)
-                pulled = pusher.finish(buffers, flat.unused(), flat.params if step + 1 < total or rank == 0 else None)
-                if pulled is not None:
-                    version = received(pulled)
+                # parameters, which it evaluates; every worker of an elastic job pulls after its
+                # last step, which the job may have to do again at another size)
+                last = step + 1 == total and rank != 0 and not spec.elastic
+                pulled = pusher.finish(buffers, flat.unused(), None if last else flat.params)
                 step += 1
+                if pulled is not None:
+                    version = received(pulled, work)
+                    if spec.mode == "ps-sync" and version < step:
+                        step = version  # the job shrank mid-step: that step again, at the new size
                 beat.step = step
                 result.steps_run += 1
                 meter.add(loss, samples, time.perf_counter() - sent)

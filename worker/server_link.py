@@ -81,10 +81,12 @@ CHANNEL_OPTIONS = [
 
 
 class Pulled(NamedTuple):
-    """What a pull brings besides the parameters: their version and the job's buffers."""
+    """What a pull brings besides the parameters: their version, the job's buffers and, for an
+    elastic job, how many workers it runs on now (0: its fixed size)."""
 
     version: int
     buffers: dict[str, torch.Tensor]
+    world_size: int = 0
 
 
 class ServerLink:
@@ -101,6 +103,8 @@ class ServerLink:
         if transport not in ("auto", "grpc"):
             raise ValueError(f"transport: must be auto or grpc, not {transport!r}")
         self.job_id, self.rank = job_id, rank
+        # an elastic job: the size its gradients are computed for now, which pushes say (0: fixed size)
+        self.world_size = 0
         self._transport = transport
         self._data: DataLink | None = None
         self.transport = "grpc"  # what this worker's tensors use: "unix", "tcp" or "grpc"
@@ -280,7 +284,8 @@ class ServerLink:
         metas = kept[1]
         return ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step, base_version=base_version,
                                  tensors=metas, unused=list(unused), quant_block=self.encoder.quant_block,
-                                 buffers=tensors_to_proto(buffers) if buffers else [], first_tensor=first or 0)
+                                 buffers=tensors_to_proto(buffers) if buffers else [], first_tensor=first or 0,
+                                 world_size=self.world_size)
 
     def _pull_request(self, layout: Layout, step: int, first: int | None) -> ps_pb2.PullRequest:
         return ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.params_dtype,
@@ -320,14 +325,14 @@ class ServerLink:
         if not direct:
             assert self._staging is not None
             params.copy_(self._staging[:layout.numel], non_blocking=False)
-        return Pulled(first.header.version, tensors_from_proto(first.header.buffers, "buffers"))
+        return Pulled(first.header.version, tensors_from_proto(first.header.buffers, "buffers"),
+                      first.header.world_size)
 
-    def heartbeat(self, step: int) -> str | None:
-        """Returns the reason to stop when the job is over, else None."""
-        reply = _translated(lambda: self._control.Heartbeat(
+    def heartbeat(self, step: int) -> ps_pb2.HeartbeatResponse:
+        """Whether the job is over (``stop``, ``reason``) or, allreduce, its group should re-form."""
+        return _translated(lambda: self._control.Heartbeat(
             ps_pb2.HeartbeatRequest(job_id=self.job_id, rank=self.rank, step=step),
             timeout=10.0, metadata=self._metadata))
-        return reply.reason if reply.stop else None
 
     def save_checkpoint(self, state: TrainingState) -> int:
         """allreduce mode (rank 0): store ``state`` on the server; returns once it is on disk."""
@@ -402,7 +407,7 @@ _checkpoint_response = chunk_parser(ps_pb2.CheckpointChunk)
 
 
 def _pulled(reply: data_pb2.DataReply) -> Pulled:
-    return Pulled(reply.params.version, tensors_from_proto(reply.params.buffers, "buffers"))
+    return Pulled(reply.params.version, tensors_from_proto(reply.params.buffers, "buffers"), reply.params.world_size)
 
 
 def _numel(state: TrainingState) -> int:

@@ -32,6 +32,7 @@ from gradhub.worker.data import (
     call_model,
     evaluate,
     get_batch,
+    share_weight,
     split_batch,
     step_seed,
     to_device,
@@ -52,6 +53,7 @@ class WorkerResult:
     steps_run: int
     stopped: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    released: bool = False  # an elastic job shrank below this worker's rank: it left
 
 
 def pick_device(spec: JobSpec) -> torch.device:
@@ -79,6 +81,14 @@ class Workload:
     total: int  # steps per worker
     precision: Precision
     metrics: MetricFn | None = None
+    # an elastic job: this worker's (index, count) share of the global batch now (None: the
+    # job's fixed size, slice ``rank`` of ``spec.workers``)
+    share: tuple[int, int] | None = None
+
+    def resize(self, rank: int, size: int) -> None:
+        """The job runs on ``size`` workers now (an elastic job): this worker takes share
+        ``rank`` of ``size`` of each global batch."""
+        self.share = None if size == self.spec.workers else (rank, size)
 
     @classmethod
     def build(cls, spec: JobSpec, rank: int) -> Workload:
@@ -106,7 +116,8 @@ class Workload:
     def batch(self, step: int) -> tuple[Any, Any]:
         """This worker's slice of step ``step``'s global batch, on its device."""
         spec = self.spec
-        idx = worker_batch_indices(self.train_size, spec.batch_size, spec.workers, self.rank, spec.seed, step)
+        idx = worker_batch_indices(self.train_size, spec.batch_size, spec.workers, self.rank, spec.seed, step,
+                                   self.share)
         x, y = get_batch(self.train, idx)
         return to_device(x, self.device), to_device(y, self.device)
 
@@ -123,6 +134,7 @@ class Workload:
         unscales them), ``no_sync(i)`` is DDP's context for micro-batch ``i``."""
         x, y = self.batch(step)
         k = self.spec.accumulate
+        weight = 1.0 if self.share is None else share_weight(self.spec.workers * self.spec.batch_size, *self.share)
         xs, ys = split_batch(x, k), split_batch(y, k)
         saved = ({n: b.detach().clone() for n, b in self.model.named_buffers()}
                  if self.precision.scaled else None)
@@ -136,7 +148,8 @@ class Workload:
                         loss = self.loss_fn(call_model(module, xi), yi)
                     if k > 1:
                         loss = loss / k
-                    (loss * scale if self.precision.scaled else loss).backward()
+                    factor = (scale if self.precision.scaled else 1.0) * weight
+                    (loss * factor if factor != 1.0 else loss).backward()
                 total += loss.detach().float()
             return total
 
@@ -209,6 +222,7 @@ class Heartbeat:
     def __init__(self, client: ServerLink, interval: float) -> None:
         self.step = 0
         self.stop_reason: str | None = None
+        self.regroup = False  # allreduce, an elastic job: the server asks the group to re-form
         self._client, self._interval = client, max(interval, 0.1)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gradhub-heartbeat", daemon=True)
@@ -224,12 +238,13 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._done.wait(self._interval):
             try:
-                reason = self._client.heartbeat(self.step)
+                reply = self._client.heartbeat(self.step)
             except Exception as e:  # noqa: BLE001 - the training loop sees real failures
                 log.warning("heartbeat failed: %s", e)
                 continue
-            if reason is not None:
-                self.stop_reason = reason
+            self.regroup = reply.regroup
+            if reply.stop:
+                self.stop_reason = reply.reason
                 return
 
 

@@ -42,6 +42,11 @@ class StateError(GradhubError):
     """The operation does not fit the current state (job finished, store closed, ...)."""
 
 
+class ReleasedError(StateError):
+    """An elastic job shrank: this worker's rank is above the job's size, so it leaves (its run
+    ends without an error and its resources go back to the cluster)."""
+
+
 class JobFailedError(GradhubError):
     """A job ended FAILED or CANCELLED; the message carries the server's reason."""
 
@@ -93,7 +98,7 @@ JOB_CREDENTIAL_KEY = "gradhub-job-credential"
 ERRORS: dict[str, type[GradhubError]] = {cls.__name__: cls for cls in (
     GradhubError, SpecError, FactoryError, ProtocolError, NotFoundError, StateError, JobFailedError,
     ServerUnavailableError, AuthError, PeerLostError, WorkerFailure, ResourceExhaustedError,
-    PermissionDeniedError,
+    PermissionDeniedError, ReleasedError,
 )}
 
 

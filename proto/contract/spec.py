@@ -313,6 +313,8 @@ class JobSpec:
     name: str = "job"
     mode: str = "ps-sync"
     staleness: int | None = None
+    # a fixed size, or ``{min: A, max: B}`` (a mapping): an elastic job; an int after
+    # construction (see ``min_workers``)
     workers: int = 2
     resources: Resources = field(default_factory=Resources)
     model: ComponentSpec = _MISSING
@@ -362,6 +364,9 @@ class JobSpec:
     # left out of its last push to its next one
     compression_block: int | None = None
     error_feedback: bool | None = None
+    # after construction ``workers`` is the largest size (B), which the global batch and the
+    # steps are counted on, and ``min_workers`` the smallest (A; ``workers`` for a fixed size)
+    min_workers: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -375,7 +380,7 @@ class JobSpec:
             put(self, "staleness", check_int("staleness", staleness, lo=0))
         elif self.staleness is not None:
             raise SpecError("staleness", f"only applies to mode ps-ssp, not {self.mode!r}")
-        put(self, "workers", check_int("workers", self.workers, lo=1, hi=1024))
+        self._check_workers()
         put(self, "resources", _nested(Resources, self.resources, "resources", named=False))
         put(self, "model", _component(self.model, "model", BUILTIN_MODELS))
         put(self, "dataset", _component(self.dataset, "dataset", BUILTIN_DATASETS))
@@ -408,6 +413,9 @@ class JobSpec:
             put(self, "working_dir", check_str("working_dir", wd))
         put(self, "max_restarts", check_int("max_restarts", self.max_restarts, lo=0))
         put(self, "spares", check_int("spares", self.spares, lo=0, hi=self.workers))
+        if self.spares and self.elastic:
+            raise SpecError("spares", "an elastic job shrinks when it loses a worker and grows back; "
+                                      "give spares: 0 (spares keep a job of fixed size whole)")
         put(
             self,
             "val_fraction",
@@ -416,6 +424,24 @@ class JobSpec:
         self._check_training_options()
         self._check_local_sgd()
         self._check_compression()
+
+    def _check_workers(self) -> None:
+        """``workers: N``, or ``workers: {min: A, max: B}`` for an elastic job."""
+        put = object.__setattr__
+        workers: Any = self.workers
+        if isinstance(workers, Mapping):
+            check_keys("workers", workers, ("min", "max"), "key")
+            if "max" not in workers:
+                raise SpecError("workers.max", "is required with workers.min (the largest size)")
+            most = check_int("workers.max", workers["max"], lo=1, hi=1024)
+            least = check_int("workers.min", workers.get("min", 1), lo=1, hi=most)
+            if self.mode == "local-sgd" and least < most:
+                raise SpecError("workers", "local-sgd jobs have a fixed size; give workers: N")
+            put(self, "workers", most)
+            put(self, "min_workers", least)
+            return
+        put(self, "workers", check_int("workers", workers, lo=1, hi=1024))
+        put(self, "min_workers", self.workers)
 
     def _check_local_sgd(self) -> None:
         """local-sgd's own fields: defaults when it is the mode, errors when it is not."""
@@ -490,6 +516,9 @@ class JobSpec:
             if self.mode not in ("ps-sync", "ps-async", "ps-ssp"):
                 raise SpecError("bucket_mb", f"only applies to the ps modes, not {self.mode!r}")
             put(self, "bucket_mb", check_number("bucket_mb", self.bucket_mb, lo=0, hi=1024))
+        if self.elastic and self.accumulate > 1:
+            raise SpecError("accumulate", "an elastic job (workers: {min, max}) cuts its global batch into "
+                                          "slices of unequal length; it takes accumulate: 1")
         if self.batch_size % self.accumulate:
             raise SpecError("accumulate", f"must divide batch_size ({self.batch_size}) into equal "
                                           f"micro-batches, got {self.accumulate}")
@@ -503,6 +532,11 @@ class JobSpec:
                                            "are always reported")
             put(self, "metrics", _component(metrics, "metrics", frozenset()))
     # --- derived values ---
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the job's size may change while it runs (``workers: {min, max}``)."""
+        return self.min_workers < self.workers
 
     @property
     def is_ps(self) -> bool:
@@ -567,8 +601,10 @@ class JobSpec:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None:
+            if value is not None and f.init:
                 out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
+        if self.elastic:
+            out["workers"] = {"min": self.min_workers, "max": self.workers}
         return out
 
     def to_json(self) -> str:
@@ -580,8 +616,13 @@ class JobSpec:
         """Build from the dict form; unknown keys are errors with a did-you-mean hint."""
         if not isinstance(data, Mapping):
             raise SpecError("spec", f"must be a mapping of fields, got {type_name(data)}")
-        check_keys("", data, [f.name for f in fields(cls)], "field")
+        check_keys("", data, [f.name for f in fields(cls) if f.init], "field")
         return cls(**data)
+
+    def replace(self, **changes: Any) -> JobSpec:
+        """This spec with ``changes`` (field names to values), validated again. Use this, not
+        ``dataclasses.replace``, which would make an elastic job's ``workers`` a fixed size."""
+        return JobSpec.from_dict({**self.to_dict(), **changes})
 
     @classmethod
     def coerce(cls, spec: JobSpec | Mapping[str, Any]) -> JobSpec:

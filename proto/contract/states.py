@@ -38,6 +38,7 @@ class WorkerPhase(StrEnum):
     DONE = "done"  # its run returned: all its steps are pushed or taken
     FAILED = "failed"  # raised an error of its own (bad code or data)
     LOST = "lost"  # allreduce: lost its group because another worker is gone
+    IDLE = "idle"  # an elastic job's rank above its size: no worker runs it (it left, or never started)
 
     def to(self, new: WorkerPhase | str) -> WorkerPhase:
         """``new``, when a worker in this phase may move there; else ``StateError``."""
@@ -60,14 +61,16 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 # A group restart (allreduce) sends every worker to RESTARTING, whatever its phase.
+# An elastic job's size changes send a rank to IDLE (it leaves) and back to STARTING (it joins).
 WORKER_TRANSITIONS: dict[WorkerPhase, frozenset[WorkerPhase]] = {
-    _W.STARTING: frozenset({_W.RUNNING, _W.RESTARTING, _W.DONE, _W.FAILED, _W.LOST}),
+    _W.STARTING: frozenset({_W.RUNNING, _W.RESTARTING, _W.DONE, _W.FAILED, _W.LOST, _W.IDLE}),
     # RUNNING again: a Register retried (the channel retries UNAVAILABLE) registers twice
-    _W.RUNNING: frozenset({_W.RUNNING, _W.RESTARTING, _W.DONE, _W.FAILED, _W.LOST}),
-    _W.RESTARTING: frozenset({_W.RUNNING, _W.RESTARTING, _W.DONE, _W.FAILED, _W.LOST}),
-    _W.DONE: frozenset({_W.RESTARTING}),
+    _W.RUNNING: frozenset({_W.RUNNING, _W.RESTARTING, _W.DONE, _W.FAILED, _W.LOST, _W.IDLE}),
+    _W.RESTARTING: frozenset({_W.RUNNING, _W.RESTARTING, _W.DONE, _W.FAILED, _W.LOST, _W.IDLE}),
+    _W.DONE: frozenset({_W.RESTARTING, _W.IDLE}),
     _W.FAILED: frozenset({_W.RESTARTING}),
-    _W.LOST: frozenset({_W.RESTARTING}),
+    _W.LOST: frozenset({_W.RESTARTING, _W.IDLE}),
+    _W.IDLE: frozenset({_W.STARTING}),
 }
 
 

@@ -47,7 +47,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., staleness: _Optional[int] = ..., max_staleness: _Optional[int] = ..., host: _Optional[str] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ..., transport: _Optional[str] = ..., local_step: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "name", "mode", "state", "reason", "spec_json", "created_at", "started_at", "finished_at", "step", "total_steps", "version", "metrics", "workers", "samples_per_second", "world_size", "owner", "tensorboard_dir")
+    __slots__ = ("id", "name", "mode", "state", "reason", "spec_json", "created_at", "started_at", "finished_at", "step", "total_steps", "version", "metrics", "workers", "samples_per_second", "world_size", "owner", "tensorboard_dir", "size", "target_size", "min_workers")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,9 @@ class Job(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TENSORBOARD_DIR_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     mode: str
@@ -91,7 +94,10 @@ class Job(_message.Message):
     world_size: int
     owner: str
     tensorboard_dir: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., mode: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., spec_json: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., samples_per_second: _Optional[float] = ..., world_size: _Optional[int] = ..., owner: _Optional[str] = ..., tensorboard_dir: _Optional[str] = ...) -> None: ...
+    size: int
+    target_size: int
+    min_workers: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., mode: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., spec_json: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., samples_per_second: _Optional[float] = ..., world_size: _Optional[int] = ..., owner: _Optional[str] = ..., tensorboard_dir: _Optional[str] = ..., size: _Optional[int] = ..., target_size: _Optional[int] = ..., min_workers: _Optional[int] = ...) -> None: ...
 
 class MetricPoint(_message.Message):
     __slots__ = ("seq", "step", "kind", "metrics", "at")
@@ -169,6 +175,20 @@ class ListJobsResponse(_message.Message):
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
     next_page_token: str
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ScaleJobRequest(_message.Message):
+    __slots__ = ("job_id", "workers")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    workers: int
+    def __init__(self, job_id: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
+
+class ScaleJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)

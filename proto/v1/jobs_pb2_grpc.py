@@ -54,6 +54,11 @@ class JobServiceStub:
                 request_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.ScaleJob = channel.unary_unary(
+                '/gradhub.v1.JobService/ScaleJob',
+                request_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.ScaleJobRequest.SerializeToString,
+                response_deserializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.ScaleJobResponse.FromString,
+                _registered_method=True)
         self.DeleteJob = channel.unary_unary(
                 '/gradhub.v1.JobService/DeleteJob',
                 request_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
@@ -109,6 +114,14 @@ class JobServiceServicer:
 
     def CancelJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScaleJob(self, request, context):
+        """An elastic job's size from now on (within its spec's workers.min and workers.max): a
+        running job grows or shrinks at a step boundary, a queued one starts at most this large.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -176,6 +189,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.CancelJobRequest.FromString,
                     response_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ScaleJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleJob,
+                    request_deserializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.ScaleJobRequest.FromString,
+                    response_serializer=gradhub_dot_proto_dot_v1_dot_jobs__pb2.ScaleJobResponse.SerializeToString,
             ),
             'DeleteJob': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteJob,
@@ -316,6 +334,33 @@ class JobService:
             '/gradhub.v1.JobService/CancelJob',
             gradhub_dot_proto_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
             gradhub_dot_proto_dot_v1_dot_jobs__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradhub.v1.JobService/ScaleJob',
+            gradhub_dot_proto_dot_v1_dot_jobs__pb2.ScaleJobRequest.SerializeToString,
+            gradhub_dot_proto_dot_v1_dot_jobs__pb2.ScaleJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,7 +60,7 @@ class DataEndpoint(_message.Message):
     def __init__(self, protocol: _Optional[int] = ..., tcp_host: _Optional[str] = ..., tcp_port: _Optional[int] = ..., unix_path: _Optional[str] = ..., host_id: _Optional[str] = ..., credential: _Optional[str] = ..., tls: _Optional[bool] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "rank", "step", "base_version", "tensors", "frozen", "buffers", "aliases", "unused", "quant_block", "first_tensor")
+    __slots__ = ("job_id", "rank", "step", "base_version", "tensors", "frozen", "buffers", "aliases", "unused", "quant_block", "first_tensor", "world_size")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class PushHeader(_message.Message):
     UNUSED_FIELD_NUMBER: _ClassVar[int]
     QUANT_BLOCK_FIELD_NUMBER: _ClassVar[int]
     FIRST_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     rank: int
     step: int
@@ -90,7 +91,8 @@ class PushHeader(_message.Message):
     unused: _containers.RepeatedScalarFieldContainer[int]
     quant_block: int
     first_tensor: int
-    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., unused: _Optional[_Iterable[int]] = ..., quant_block: _Optional[int] = ..., first_tensor: _Optional[int] = ...) -> None: ...
+    world_size: int
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., unused: _Optional[_Iterable[int]] = ..., quant_block: _Optional[int] = ..., first_tensor: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class PushChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -125,14 +127,16 @@ class PullRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., first_tensor: _Optional[int] = ..., tensor_count: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("version", "tensors", "buffers")
+    __slots__ = ("version", "tensors", "buffers", "world_size")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorMeta]
     buffers: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
-    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    world_size: int
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class PullChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -153,12 +157,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("stop", "reason")
+    __slots__ = ("stop", "reason", "regroup")
     STOP_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REGROUP_FIELD_NUMBER: _ClassVar[int]
     stop: bool
     reason: str
-    def __init__(self, stop: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    regroup: bool
+    def __init__(self, stop: _Optional[bool] = ..., reason: _Optional[str] = ..., regroup: _Optional[bool] = ...) -> None: ...
 
 class ReportMetricsRequest(_message.Message):
     __slots__ = ("job_id", "rank", "step", "kind", "metrics")
@@ -232,7 +238,7 @@ class JoinGroupRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., has_state: _Optional[bool] = ..., step: _Optional[int] = ...) -> None: ...
 
 class JoinGroupResponse(_message.Message):
-    __slots__ = ("ready", "retry_after_s", "generation", "world_size", "group_rank", "store_port", "store_prefix", "step", "source_rank", "finished", "keep_state")
+    __slots__ = ("ready", "retry_after_s", "generation", "world_size", "group_rank", "store_port", "store_prefix", "step", "source_rank", "finished", "keep_state", "released")
     READY_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +250,7 @@ class JoinGroupResponse(_message.Message):
     SOURCE_RANK_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     KEEP_STATE_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     retry_after_s: float
     generation: int
@@ -255,7 +262,8 @@ class JoinGroupResponse(_message.Message):
     source_rank: int
     finished: bool
     keep_state: bool
-    def __init__(self, ready: _Optional[bool] = ..., retry_after_s: _Optional[float] = ..., generation: _Optional[int] = ..., world_size: _Optional[int] = ..., group_rank: _Optional[int] = ..., store_port: _Optional[int] = ..., store_prefix: _Optional[str] = ..., step: _Optional[int] = ..., source_rank: _Optional[int] = ..., finished: _Optional[bool] = ..., keep_state: _Optional[bool] = ...) -> None: ...
+    released: bool
+    def __init__(self, ready: _Optional[bool] = ..., retry_after_s: _Optional[float] = ..., generation: _Optional[int] = ..., world_size: _Optional[int] = ..., group_rank: _Optional[int] = ..., store_port: _Optional[int] = ..., store_prefix: _Optional[str] = ..., step: _Optional[int] = ..., source_rank: _Optional[int] = ..., finished: _Optional[bool] = ..., keep_state: _Optional[bool] = ..., released: _Optional[bool] = ...) -> None: ...
 
 class LoadCheckpointRequest(_message.Message):
     __slots__ = ("job_id", "rank")

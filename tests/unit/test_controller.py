@@ -17,7 +17,7 @@ from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.contract.states import JobState, WorkerPhase
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.config import ServerConfig
-from gradhub.server.controller import Controller, Outcome
+from gradhub.server.controller import GROW_RETRY_S, Controller, Outcome
 from gradhub.server.job_db import JobDB, JobRecord
 from gradhub.server.job_run import JobRun
 from gradhub.server.launcher import WorkerExit
@@ -41,6 +41,9 @@ class FakeGroup:
         self.kills: list[int] = []
         self.stops = 0
         self.on_kill: Any = None
+        self.grown: list[list[int]] = []
+        self.released: list[int] = []
+        self.moves: list[tuple[int, int]] = []
 
     def end(self, *exits: WorkerExit) -> None:
         self.pending.extend(exits)
@@ -61,18 +64,29 @@ class FakeGroup:
     def stop(self) -> None:
         self.stops += 1
 
+    def grow(self, ranks: list[int]) -> None:
+        self.grown.append(list(ranks))
+
+    def release(self, rank: int) -> None:
+        self.released.append(rank)
+
+    def move(self, rank: int, to: int) -> None:
+        self.moves.append((rank, to))
+
 
 @dataclass
 class FakeLauncher:
     fail_with: Exception | None = None
     on_launch: Any = None  # called with each new group
     groups: list[FakeGroup] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # each launch's size
 
     def total_resources(self) -> dict[str, float]:
         return {"CPU": 64.0}
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
-               credential: str = "") -> FakeGroup:
+               credential: str = "", size: int | None = None) -> FakeGroup:
+        self.sizes.append(spec.workers if size is None else size)
         if self.fail_with is not None:
             raise self.fail_with
         self.groups.append(FakeGroup())
@@ -87,6 +101,7 @@ class FakeHost:
         self.stopping = False
         self.lines: list[str] = []
         self.tracebacks: list[tuple[int, str]] = []
+        self.room = 0  # workers an elastic job may grow by
 
     @property
     def db(self) -> JobDB:
@@ -104,6 +119,14 @@ class FakeHost:
 
     def notify(self) -> None:
         pass
+
+    def reserve_workers(self, job_id: str, workers: int) -> int:
+        granted = min(workers, self.room)
+        self.room -= granted
+        return granted
+
+    def release_workers(self, job_id: str, workers: int) -> None:
+        self.room += workers
 
 
 class Clock:
@@ -141,10 +164,11 @@ class Rig:
 def rig(tmp_path: Path) -> Iterator[Any]:
     dbs: list[JobDB] = []
 
-    def make(mode: str, max_restarts: int = 1, launcher: FakeLauncher | None = None) -> Rig:
+    def make(mode: str, max_restarts: int = 1, launcher: FakeLauncher | None = None,
+             workers: Any = 2, size: int | None = None) -> Rig:
         db = JobDB(tmp_path / f"jobs-{len(dbs)}.db")
         dbs.append(db)
-        spec = JobSpec.from_dict({"mode": mode, "workers": 2, "model": "mlp", "dataset": "digits",
+        spec = JobSpec.from_dict({"mode": mode, "workers": workers, "model": "mlp", "dataset": "digits",
                                   "steps": STEPS, "max_restarts": max_restarts})
         db.insert(JobRecord(id="j-1", name="t", mode=mode, spec_json=spec.to_json(), state=JobState.QUEUED,
                             created_at=0.0))
@@ -152,9 +176,11 @@ def rig(tmp_path: Path) -> Iterator[Any]:
         host, clock = FakeHost(db, CheckpointStore(tmp_path / f"ckpt-{len(dbs)}")), Clock()
         run = JobRun("j-1", spec)
         runtime = runtime_for(run, host, clock)
+        runtime.table.start_with(size or spec.workers)
         run.begin(runtime.table, {})
         launcher = launcher or FakeLauncher()
-        controller = Controller(run, runtime, launcher, host, MaxRestarts(max_restarts, 2), CONFIG, clock=clock)
+        controller = Controller(run, runtime, launcher, host, MaxRestarts(max_restarts, spec.workers), CONFIG,
+                                clock=clock)
         return Rig(controller, run, runtime, host, launcher, clock)
 
     yield make
@@ -325,3 +351,75 @@ def test_allreduce_a_relaunch_that_raises_fails_the_job(rig: Any) -> None:
     r.group.end(WorkerExit(0, error="PeerLostError: could not form its group", lost_peer=True))
     assert r.step() == Outcome(JobState.FAILED, "could not start the workers: RuntimeError: node lost")
     assert r.launcher.groups[0].stops == 1
+
+
+# ----------------------------------------------------------------- elastic
+ELASTIC = {"min": 1, "max": 3}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_elastic_job_grows_as_far_as_there_is_room_and_logs_it(rig: Any, mode: str) -> None:
+    r = rig(mode, workers=ELASTIC, size=1)
+    assert r.controller.start() is None and r.launcher.sizes == [1]
+    r.register(0)
+    assert r.run.phase(1) == WorkerPhase.IDLE
+    r.run.scale(3)
+    assert r.step() is None and r.group.grown == [], "no room yet"
+    r.host.room = 1
+    assert r.step() is None and r.group.grown == [], "it asks again GROW_RETRY_S later, not every poll"
+    r.clock.now += GROW_RETRY_S
+    assert r.step() is None
+    assert r.group.grown == [[1]] and r.run.phase(1) == WorkerPhase.STARTING
+    assert r.runtime.table.target == 2
+    assert "scaling to 2 workers (from 1)" in r.host.lines
+    r.host.room = 5
+    r.clock.now += GROW_RETRY_S
+    r.step()
+    assert r.group.grown == [[1], [2]] and r.runtime.table.target == 3 and r.host.room == 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_elastic_job_shrinks_and_gives_the_workers_resources_back(rig: Any, mode: str) -> None:
+    r = rig(mode, workers=ELASTIC, size=3)
+    assert r.controller.start() is None
+    for rank in range(3):
+        r.register(rank)
+    r.run.scale(1)
+    assert r.step() is None and r.runtime.table.target == 1
+    r.group.end(WorkerExit(2, result={"released": True}), WorkerExit(1, result={"released": True}))
+    assert r.step() is None
+    assert sorted(r.group.released) == [1, 2] and r.host.room == 2
+    assert r.run.phase(1) == r.run.phase(2) == WorkerPhase.IDLE
+    assert r.run.snapshot().restarts == (0, 0, 0), "leaving is not a failure"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_worker_whose_node_died_is_not_waited_for_the_top_rank_takes_its_place(rig: Any, mode: str) -> None:
+    r = rig(mode, workers=ELASTIC, size=3)
+    assert r.controller.start() is None
+    for rank in range(3):
+        r.register(rank)
+    r.group.end(WorkerExit(1, died=True, error=DIED, node_lost=True))
+    assert r.step() is None
+    assert r.group.released == [1] and r.group.reruns == [], "not restarted: its node is gone"
+    assert r.runtime.table.target == 2 and r.run.snapshot().restarts == (0, 1, 0)
+    assert any("died with its node" in line and "goes on without it" in line for line in r.host.lines)
+    r.group.end(WorkerExit(2, result={"released": True}))  # the top rank leaves ...
+    assert r.step() is None
+    assert r.group.moves == [(2, 1)], "... and its process takes rank 1"
+    assert r.run.phase(1) == WorkerPhase.STARTING and r.run.phase(2) == WorkerPhase.IDLE
+    r.host.room = 1  # a node joins: the job grows back toward its target
+    r.clock.now += GROW_RETRY_S
+    r.step()
+    assert r.group.grown == [[2]] and r.runtime.table.target == 3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_elastic_job_at_its_smallest_size_restarts_a_worker_whose_node_died(rig: Any, mode: str) -> None:
+    r = rig(mode, workers={"min": 2, "max": 3}, size=2)
+    assert r.controller.start() is None
+    r.register(0)
+    r.register(1)
+    r.group.end(WorkerExit(1, died=True, error=DIED, node_lost=True))
+    assert r.step() is None
+    assert r.group.reruns == [1] and r.group.released == [] and r.runtime.table.target == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -232,3 +233,35 @@ def bn_net_killed_in_backward(marker: str, hidden: int = 32, p: float = 0.1) -> 
 
     model[0].weight.register_post_accumulate_grad_hook(kill)
     return model
+
+
+class WaitOnSample(Dataset):
+    """Digits whose samples in ``gates`` (sample -> a file's path) wait, the first time each is
+    read in a process, until that file exists (at most ``GATE_TIMEOUT_S``): a test holds a job
+    at the step that reads one, changes something, then lets it go on."""
+
+    GATE_TIMEOUT_S = 120.0
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, gates: dict[int, str]) -> None:
+        self.x, self.y, self.gates = x, y, gates
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = self.gates.get(i)
+        if gate is not None:
+            deadline = time.monotonic() + self.GATE_TIMEOUT_S
+            while not os.path.exists(gate):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"sample {i}: its gate {gate} did not open in {self.GATE_TIMEOUT_S:.0f} s")
+                time.sleep(0.01)
+        return self.x[i], self.y[i]
+
+
+def gated_digits(gates: dict[str, str]) -> tuple[Dataset, Dataset]:
+    """Digits with ``WaitOnSample`` gates (sample numbers as strings: the spec is JSON)."""
+    from gradhub.worker.data import digits
+
+    train, val = digits()
+    return WaitOnSample(*train.tensors, gates={int(k): v for k, v in gates.items()}), val
