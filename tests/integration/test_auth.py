@@ -112,6 +112,8 @@ def every_rpc(jobs: jobs_pb2_grpc.JobServiceStub, ps: ps_pb2_grpc.ParameterServe
         "ListJobs": lambda md: jobs.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10, metadata=md),
         "CancelJob": lambda md: jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=job_id), timeout=10, metadata=md),
         "DeleteJob": lambda md: jobs.DeleteJob(jobs_pb2.DeleteJobRequest(job_id=job_id), timeout=10, metadata=md),
+        "ScaleJob": lambda md: jobs.ScaleJob(jobs_pb2.ScaleJobRequest(job_id=job_id, workers=1), timeout=10,
+                                             metadata=md),
         "WatchJob": lambda md: next(jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), timeout=10, metadata=md)),
         "ListCheckpoints": lambda md: jobs.ListCheckpoints(jobs_pb2.ListCheckpointsRequest(job_id=job_id),
                                                            timeout=10, metadata=md),

@@ -31,10 +31,11 @@ DOWN_AT, UP_AT = 10, 20
 WAIT_S = 120.0
 
 
-def first_read(step: int, lo: int = 0, hi: int = LARGEST * BATCH) -> int:
-    """A sample of global batch ``step``, within its positions ``lo..hi``, that no earlier step reads."""
-    earlier = {int(i) for s in range(step) for i in global_batch_indices(TRAIN, LARGEST * BATCH, SEED, s)}
-    batch = global_batch_indices(TRAIN, LARGEST * BATCH, SEED, step)[lo:hi]
+def first_read(step: int, lo: int = 0, hi: int = LARGEST * BATCH, largest: int = LARGEST) -> int:
+    """A sample of global batch ``step`` (of a job of ``largest`` workers), within its positions
+    ``lo..hi``, that no earlier step reads."""
+    earlier = {int(i) for s in range(step) for i in global_batch_indices(TRAIN, largest * BATCH, SEED, s)}
+    batch = global_batch_indices(TRAIN, largest * BATCH, SEED, step)[lo:hi]
     return next(int(i) for i in batch if int(i) not in earlier)
 
 

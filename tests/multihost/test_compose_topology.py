@@ -94,6 +94,7 @@ class Cluster:
         self.head = net.add_host("head", HEAD_IP)
         self.workers = [net.add_host(f"worker{i + 1}", ip) for i, ip in enumerate(WORKER_IPS)]
         self._head_runs = 0
+        self._worker_runs: dict[str, int] = {}
 
     def node_env(self, host: Host, temp_dir: str) -> dict[str, str]:
         """The environment compose gives a node (x-node-env), plus this node's address."""
@@ -114,8 +115,13 @@ class Cluster:
 
     def start_workers(self) -> None:
         for host in self.workers:
-            env = {**self.node_env(host, host.role), "GRADHUB_HEAD": HEAD_IP, "GRADHUB_WORKER_CPUS": "1"}
-            self.net.spawn(host, ["sh", str(NODE_SCRIPT), "worker"], env, self.logs / f"{host.role}.log")
+            self.start_worker(host)
+
+    def start_worker(self, host: Host) -> None:
+        """Start (or start again, after ``net.kill_host``) one worker node; it joins the head's Ray."""
+        self._worker_runs[host.role] = runs = self._worker_runs.get(host.role, 0) + 1
+        env = {**self.node_env(host, f"{host.role}-{runs}"), "GRADHUB_HEAD": HEAD_IP, "GRADHUB_WORKER_CPUS": "1"}
+        self.net.spawn(host, ["sh", str(NODE_SCRIPT), "worker"], env, self.logs / f"{host.role}.log")
 
     def stop_head(self) -> None:
         """SIGTERM to the server (the script's process, after its exec), as `docker compose down`

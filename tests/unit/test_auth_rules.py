@@ -88,7 +88,7 @@ def test_admins_may_do_anything_to_any_job(action):
     ADMIN.check(action, "")
 
 
-@pytest.mark.parametrize("action", [Action.CANCEL, Action.DELETE, Action.PULL])
+@pytest.mark.parametrize("action", [Action.CANCEL, Action.SCALE, Action.DELETE, Action.PULL])
 def test_users_act_on_their_own_jobs_only(action):
     ALICE.check(action, "alice")
     with pytest.raises(PermissionDeniedError, match=f"alice \\(user\\) may {action} only their own jobs; this one "
@@ -102,7 +102,7 @@ def test_everyone_reads_every_job_and_viewers_only_read():
     for who in (ALICE, BOB, CAROL):
         who.check(Action.READ, "alice")
     ALICE.check(Action.SUBMIT)
-    for action in (Action.SUBMIT, Action.CANCEL, Action.PULL, Action.DELETE):
+    for action in (Action.SUBMIT, Action.CANCEL, Action.SCALE, Action.PULL, Action.DELETE):
         with pytest.raises(PermissionDeniedError, match=f"carol \\(viewer\\) is a viewer and may only read jobs, "
                                                        f"not {action}"):
             CAROL.check(action, "carol")

@@ -1,0 +1,106 @@
+"""An elastic job across the compose topology (``running_cluster``: a head and two worker hosts,
+each in a network namespace of its own, one CPU each): one worker host is killed mid-job and the
+job goes on, on the other host, instead of failing; the host is started again and the job grows
+back onto it. The job is ps-sync with ``workers: {min: 1, max: 2}``: it keeps its global batch
+through both changes, so it still ends with single-process PyTorch's parameters.
+
+The job's dataset holds it at two steps (a sample that waits for a file, as in
+tests/integration/test_elastic.py), so the host dies while step ``DOWN_AT`` is in flight and the
+job grows back at the boundary after step ``UP_AT``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from gradhub.client.client import Client, JobInfo
+
+from ..integration.test_elastic import first_read
+from ..integration.test_exactness import OPTIMIZERS, SEED, STEPS, reference
+from .netns import check_prerequisites
+from .test_compose_topology import HOST_LABEL, SERVER, WORKER_IPS, running_cluster
+
+pytestmark = pytest.mark.multihost
+
+USER_CODE = Path(__file__).parents[1] / "integration" / "user_code"
+BATCH, LARGEST = 16, 2
+DOWN_AT, UP_AT = 10, 20
+WAIT_S = 180.0
+
+
+def _spec(gates: dict[int, Path]) -> dict:
+    return {"name": "elastic-nodes", "mode": "ps-sync", "workers": {"min": 1, "max": LARGEST},
+            "resources": {"cpus": 1}, "model": {"name": "mlp", "args": {"hidden": [32]}},
+            "dataset": {"factory": "gh_zoo:gated_digits", "args": {"gates": {str(k): str(v) for k, v in gates.items()}}},
+            "working_dir": str(USER_CODE), "optimizer": OPTIMIZERS["adam"], "batch_size": BATCH, "steps": STEPS,
+            "seed": SEED, "max_restarts": 3}
+
+
+def _wait(client: Client, job_id: str, what: str, ok) -> JobInfo:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        info = client.get_job(job_id)
+        if ok(info):
+            return info
+        if info.state not in ("QUEUED", "RUNNING"):
+            pytest.fail(f"the job ended {info.state} ({info.reason}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {WAIT_S:.0f} s waiting for {what}: {info}")
+        time.sleep(0.2)
+
+
+def _ips(info: JobInfo) -> dict[int, str]:
+    """Each running worker's host address (the server names a worker "hostname (ip)")."""
+    out = {}
+    for w in info.workers:
+        m = HOST_LABEL.search(w.host)
+        if w.state == "running" and m:
+            out[w.rank] = m.group("ip")
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_an_elastic_job_outlives_a_worker_host_and_grows_back_onto_it(tmp_path: Path) -> None:
+    problem = check_prerequisites()
+    if problem is not None:
+        pytest.fail(problem)  # selected with -m multihost: a run that cannot happen is a failure
+    down, up = tmp_path / "down", tmp_path / "up"
+    gates = {first_read(DOWN_AT, 0, LARGEST * BATCH, LARGEST): down, first_read(UP_AT, 0, LARGEST * BATCH, LARGEST): up}
+    with running_cluster(tmp_path) as cluster, Client(SERVER, token=cluster.token) as client:
+        job = client.submit(_spec(gates))
+        info = _wait(client, job.id, f"step {DOWN_AT} on both hosts",
+                     lambda i: i.step >= DOWN_AT and sorted(_ips(i).values()) == sorted(WORKER_IPS))
+        assert info.size == LARGEST
+
+        lost = cluster.workers[1]
+        cluster.net.kill_host(lost)  # every process of that host: its Ray node and the worker on it
+        died = time.monotonic()
+        info = _wait(client, job.id, "the job to go on without the lost host", lambda i: i.size == 1)
+        print(f"the job shrank {time.monotonic() - died:.1f} s after the host was killed")
+        down.touch()
+        info = _wait(client, job.id, f"step {UP_AT} on one host",
+                     lambda i: i.step >= UP_AT and list(_ips(i).values()) == [WORKER_IPS[0]])
+
+        cluster.start_worker(lost)
+        back = time.monotonic()
+        info = _wait(client, job.id, "a worker on the host that came back",
+                     lambda i: sorted(_ips(i).values()) == sorted(WORKER_IPS))
+        print(f"a worker registered on the host {time.monotonic() - back:.1f} s after it was started again")
+        up.touch()
+        info = job.wait(timeout=WAIT_S)
+        logs = "\n".join(client.logs(info.id))
+        assert info.state == "SUCCEEDED", (info.reason, logs)
+        assert logs.count(" died ") == 1 and "died with its node" in logs, logs
+        assert f"size: 1 workers from step {DOWN_AT}" in logs, logs
+        assert f"size: {LARGEST} workers from step {UP_AT + 1}" in logs, logs
+        path = tmp_path / "final.safetensors"
+        client.pull_checkpoint(info.id, path)
+
+    from safetensors.torch import load_file
+
+    got, expected = load_file(path), reference(LARGEST, OPTIMIZERS["adam"])
+    worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
+    assert worst <= 1e-5, f"max |gradhub - pytorch| = {worst:.3g} after losing a host and growing back"
