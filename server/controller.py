@@ -79,6 +79,7 @@ class Controller:
         self._launched: set[int] = set()
         self._moves: dict[int, int] = {}
         self._grow_at = 0.0
+        self._nodes_at = 0.0  # when to look again for restarting workers whose node died
         self._sizes_told = 0
 
     # ------------------------------------------------------------ the loop
@@ -165,11 +166,27 @@ class Controller:
                     for rank in ranks:
                         _set_phase(run, rank, WorkerPhase.STARTING)
                     self._launched.update(ranks)
+        self._check_nodes()
         size = min(want, len(self._launched))
         if table.target != size:
             self.host.log_line(run.id, f"scaling to {size} workers (from {table.size})")
             table.resize(size)
             self.host.notify()
+
+    def _check_nodes(self) -> None:
+        """A worker Ray is restarting may be waiting for a node that died: Ray reports the
+        process gone at once, and the node dead only once its health checks fail. When that
+        node is dead, the job goes on without the worker (its death is counted already)."""
+        run, group = self.run, self.group
+        assert group is not None
+        if self._now() < self._nodes_at:
+            return
+        self._nodes_at = self._now() + GROW_RETRY_S
+        for rank in sorted(self._launched):
+            if run.phase(rank) == WorkerPhase.RESTARTING and self._can_shrink() and group.node_lost(rank):
+                self.host.log_line(run.id, f"worker {rank}'s node died; the job goes on without it")
+                _set_phase(run, rank, WorkerPhase.IDLE)
+                self._shrink(rank)
 
     def _tell_sizes(self) -> None:
         """Every change of size to the job's log, with the step it took effect at: rerunning the

@@ -70,6 +70,11 @@ class WorkerGroup(Protocol):
         place; ``to``'s own worker is gone (it was released)."""
         ...
 
+    def node_lost(self, rank: int) -> bool:
+        """Whether the node worker ``rank`` was placed on is dead (Ray may say so only some
+        seconds after the worker's process is gone)."""
+        ...
+
 
 class Launcher(Protocol):
     def total_resources(self) -> dict[str, float]: ...
@@ -293,6 +298,9 @@ class RayWorkerGroup:
                                         phase=cause.phase if isinstance(cause, WorkerFailure) else ""))
         return exits
 
+    def node_lost(self, rank: int) -> bool:
+        return not self._node_alive(rank)
+
     def _node_alive(self, rank: int) -> bool:
         """Whether the Ray node worker ``rank`` was placed on is alive (True when unknown)."""
         node = self._nodes.get(rank)
@@ -392,6 +400,9 @@ class _ExternalGroup:
 
     def move(self, rank: int, to: int) -> None:
         pass
+
+    def node_lost(self, rank: int) -> bool:
+        return False
 
 
 class ExternalLauncher:

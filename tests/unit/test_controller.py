@@ -44,6 +44,7 @@ class FakeGroup:
         self.grown: list[list[int]] = []
         self.released: list[int] = []
         self.moves: list[tuple[int, int]] = []
+        self.lost_nodes: set[int] = set()  # ranks whose node Ray reports dead
 
     def end(self, *exits: WorkerExit) -> None:
         self.pending.extend(exits)
@@ -72,6 +73,9 @@ class FakeGroup:
 
     def move(self, rank: int, to: int) -> None:
         self.moves.append((rank, to))
+
+    def node_lost(self, rank: int) -> bool:
+        return rank in self.lost_nodes
 
 
 @dataclass
@@ -423,3 +427,19 @@ def test_an_elastic_job_at_its_smallest_size_restarts_a_worker_whose_node_died(r
     r.group.end(WorkerExit(1, died=True, error=DIED, node_lost=True))
     assert r.step() is None
     assert r.group.reruns == [1] and r.group.released == [] and r.runtime.table.target == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_restarting_worker_whose_node_is_found_dead_later_is_not_waited_for(rig: Any, mode: str) -> None:
+    r = rig(mode, workers=ELASTIC, size=3)
+    assert r.controller.start() is None
+    for rank in range(3):
+        r.register(rank)
+    r.group.end(WorkerExit(2, died=True, unavailable=True, error=RESTARTING))  # Ray: the process is gone
+    assert r.step() is None and r.group.reruns == [2] and r.run.phase(2) == WorkerPhase.RESTARTING
+    r.group.lost_nodes.add(2)  # seconds later Ray marks its node dead
+    r.clock.now += GROW_RETRY_S
+    assert r.step() is None
+    assert r.group.released == [2] and r.runtime.table.target == 2 and r.group.moves == []
+    assert r.run.phase(2) == WorkerPhase.IDLE and r.run.snapshot().restarts == (0, 0, 1), "one death, counted once"
+    assert "worker 2's node died; the job goes on without it" in r.host.lines
