@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 KEEP_STATE_S = 30.0  # allreduce: how long a failed job waits for rank 0 to send its state
 GROW_RETRY_S = 2.0  # an elastic job below its target: how often it asks for room to grow
+GROW_BACKOFF_S = 30.0  # and how long it waits after its workers could not be placed
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Controller:
         self._launched: set[int] = set()
         self._moves: dict[int, int] = {}
         self._grow_at = 0.0
+        self._grow_error = ""  # why the latest growth failed (told to the log once)
         self._nodes_at = 0.0  # when to look again for restarting workers whose node died
         self._sizes_told = 0
 
@@ -161,8 +163,14 @@ class Controller:
                     group.grow(ranks)
                 except Exception as e:  # noqa: BLE001 - the job goes on at its size; it asks again later
                     self.host.release_workers(run.id, reserved)
-                    self.host.log_line(run.id, f"could not start workers {ranks}: {type(e).__name__}: {e}")
+                    self._grow_at = self._now() + GROW_BACKOFF_S
+                    error = f"{type(e).__name__}: {e}"
+                    if error != self._grow_error:  # once, not every try
+                        self.host.log_line(run.id, f"could not start workers {ranks} (tries again every "
+                                                   f"{GROW_BACKOFF_S:.0f} s): {error}")
+                    self._grow_error = error
                 else:
+                    self._grow_error = ""
                     for rank in ranks:
                         _set_phase(run, rank, WorkerPhase.STARTING)
                     self._launched.update(ranks)

@@ -151,6 +151,7 @@ class RayWorkerGroup:
         self._elastic = spec.elastic
         self._pgs: dict[int, Any] = {}  # elastic: rank -> its placement group
         self._nodes: dict[int, str] = {}  # elastic: rank -> the Ray node its placement group was placed on
+        self._placed = 0  # elastic: placement groups made so far
         self._pg = None if self._elastic else self._place([dict(b) for _ in range(size + spec.spares)], "")
         remote = ray.remote(WorkerActor)
 
@@ -195,7 +196,10 @@ class RayWorkerGroup:
         """Start workers for ``ranks``, each in a placement group of its own (all placed, or none)."""
         from ray.util.placement_group import placement_group, placement_group_table
 
-        pgs = {rank: placement_group([dict(self._bundle)], name=f"gradhub-{self._job_id}-{rank}") for rank in ranks}
+        # named for the job and rank, and unique: a removed group's name may linger in Ray a while
+        self._placed += 1
+        pgs = {rank: placement_group([dict(self._bundle)], name=f"gradhub-{self._job_id}-{rank}-{self._placed}")
+               for rank in ranks}
         try:
             self._ray.get([pg.ready() for pg in pgs.values()], timeout=PLACEMENT_TIMEOUT_S)
         except Exception:
