@@ -141,16 +141,16 @@ class WorkerTable:
     def check_member(self, rank: int) -> bool:
         """``_check_member`` under the lock."""
         with self._cond:
-            self._worker(rank)
             return self._check_member(rank)
 
     def _check_member(self, rank: int) -> bool:
         """Whether ``rank`` is a member now (False: it joins at the next change of size);
         ``ReleasedError`` when the job shrank below it."""
+        w = self._worker(rank)  # NotFoundError outside the job
         if rank < self._size:
             return True
         if rank >= self._target:
-            self._workers[rank].alive = False  # it leaves: a later worker of this rank is a new one
+            w.alive = False  # it leaves: a later worker of this rank is a new one
             raise ReleasedError(f"rank: job {self._job_id!r} runs on {self._size} workers now; worker {rank} "
                                 "leaves")
         return False

@@ -68,6 +68,24 @@ def _heard(server: Server, job_id: str) -> None:
              "every member's next heartbeat")
 
 
+def _phases(client: Client, job_id: str) -> list[str]:
+    return [w.state for w in client.get_job(job_id).workers]
+
+
+def _finished(client: Client, job_id: str, down_at: int, up_at: int) -> JobInfo:
+    """Wait for the job's end: it succeeded, its log says it ran on 1 worker from ``down_at``
+    and on all of them from ``up_at``, and nobody died."""
+    info = client.get_job(job_id)
+    for info in client.watch(job_id, timeout=WAIT_S):
+        pass
+    logs = "\n".join(client.logs(job_id))
+    assert info.state == "SUCCEEDED", (info.reason, logs)
+    assert f"size: 1 workers from step {down_at}" in logs, logs
+    assert f"size: {LARGEST} workers from step {up_at}" in logs, logs
+    assert all(w.restarts == 0 for w in info.workers) and " died " not in logs, logs
+    return info
+
+
 def _at(client: Client, job_id: str, step: int) -> JobInfo:
     info = client.get_job(job_id)
     return info if info.state == "RUNNING" and info.step >= step else None  # type: ignore[return-value]
@@ -89,22 +107,15 @@ def test_a_synchronous_job_scaled_down_and_up_equals_single_process_pytorch(serv
         down.touch()
         wait_for(lambda: _at(client, job.id, UP_AT) is not None, WAIT_S, f"the job to reach step {UP_AT}")
         assert client.get_job(job.id).size == 1
-        wait_for(lambda: [w.state for w in client.get_job(job.id).workers] == ["running", "idle", "idle"], WAIT_S,
-                 "workers 1 and 2 to leave")
+        wait_for(lambda: _phases(client, job.id) == ["running", "idle", "idle"], WAIT_S, "workers 1 and 2 to leave")
         client.scale(job.id, LARGEST)
         _asked(server, job.id, LARGEST)
         if mode == "allreduce":
             _heard(server, job.id)
         else:  # ps-sync grows at the first step boundary after its new workers registered
-            wait_for(lambda: [w.state for w in client.get_job(job.id).workers] == ["running"] * LARGEST, WAIT_S,
-                     "the new workers to register")
+            wait_for(lambda: _phases(client, job.id) == ["running"] * LARGEST, WAIT_S, "the new workers to register")
         up.touch()
-        info = job.wait(timeout=WAIT_S)
-        logs = "\n".join(client.logs(info.id))
-        assert info.state == "SUCCEEDED", (info.reason, logs)
-        assert f"size: 1 workers from step {DOWN_AT + 1}" in logs, logs
-        assert f"size: {LARGEST} workers from step {UP_AT + 1}" in logs, logs
-        assert all(w.restarts == 0 for w in info.workers) and " died " not in logs, logs
+        info = _finished(client, job.id, DOWN_AT + 1, UP_AT + 1)
         got = final_params(client, info, tmp_path)
     expected = reference(LARGEST, OPTIMIZERS["adam"])
     worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
@@ -127,20 +138,13 @@ def test_an_asynchronous_job_lets_workers_leave_and_join_without_restarting_anyo
         assert client.get_job(job.id).size == 1, "an asynchronous job changes size at once"
         down.touch()
         wait_for(lambda: _at(client, job.id, UP_AT) is not None, WAIT_S, f"worker 0 to reach step {UP_AT}")
-        wait_for(lambda: [w.state for w in client.get_job(job.id).workers] == ["running", "idle", "idle"], WAIT_S,
-                 "workers 1 and 2 to leave")
+        wait_for(lambda: _phases(client, job.id) == ["running", "idle", "idle"], WAIT_S, "workers 1 and 2 to leave")
         client.scale(job.id, LARGEST)
-        wait_for(lambda: [w.state for w in client.get_job(job.id).workers] == ["running"] * LARGEST, WAIT_S,
-                 "the new workers to join")
+        wait_for(lambda: _phases(client, job.id) == ["running"] * LARGEST, WAIT_S, "the new workers to join")
         up.touch()
-        info = job.wait(timeout=WAIT_S)
-        logs = "\n".join(client.logs(info.id))
-        assert info.state == "SUCCEEDED", (info.reason, logs)
-        assert f"size: 1 workers from step {DOWN_AT}" in logs, logs
-        assert f"size: {LARGEST} workers from step {UP_AT}" in logs, logs
-        assert all(w.restarts == 0 for w in info.workers) and " died " not in logs, logs
+        info = _finished(client, job.id, DOWN_AT, UP_AT)
         # updates: worker 0 did every step; 1 and 2 the steps before they left and, from where
         # worker 0 was when they joined again, the rest
-        assert info.version == STEPS + 2 * DOWN_AT + 2 * (STEPS - UP_AT), logs
+        assert info.version == STEPS + 2 * DOWN_AT + 2 * (STEPS - UP_AT), "\n".join(client.logs(info.id))
         got = final_params(client, info, tmp_path)
     assert all(torch.isfinite(t).all() for t in got.values())

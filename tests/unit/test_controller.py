@@ -361,6 +361,15 @@ def test_allreduce_a_relaunch_that_raises_fails_the_job(rig: Any) -> None:
 ELASTIC = {"min": 1, "max": 3}
 
 
+def elastic(rig: Any, mode: str, size: int = 3, workers: Any = None) -> Rig:
+    """An elastic job started with ``size`` workers, every one registered."""
+    r: Rig = rig(mode, workers=workers or ELASTIC, size=size)
+    assert r.controller.start() is None and r.launcher.sizes == [size]
+    for rank in range(size):
+        r.register(rank)
+    return r
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_an_elastic_job_grows_as_far_as_there_is_room_and_logs_it(rig: Any, mode: str) -> None:
     r = rig(mode, workers=ELASTIC, size=1)
@@ -384,10 +393,7 @@ def test_an_elastic_job_grows_as_far_as_there_is_room_and_logs_it(rig: Any, mode
 
 @pytest.mark.parametrize("mode", MODES)
 def test_an_elastic_job_shrinks_and_gives_the_workers_resources_back(rig: Any, mode: str) -> None:
-    r = rig(mode, workers=ELASTIC, size=3)
-    assert r.controller.start() is None
-    for rank in range(3):
-        r.register(rank)
+    r = elastic(rig, mode)
     r.run.scale(1)
     assert r.step() is None and r.runtime.table.target == 1
     r.group.end(WorkerExit(2, result={"released": True}), WorkerExit(1, result={"released": True}))
@@ -399,10 +405,7 @@ def test_an_elastic_job_shrinks_and_gives_the_workers_resources_back(rig: Any, m
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_worker_whose_node_died_is_not_waited_for_the_top_rank_takes_its_place(rig: Any, mode: str) -> None:
-    r = rig(mode, workers=ELASTIC, size=3)
-    assert r.controller.start() is None
-    for rank in range(3):
-        r.register(rank)
+    r = elastic(rig, mode)
     r.group.end(WorkerExit(1, died=True, error=DIED, node_lost=True))
     assert r.step() is None
     assert r.group.released == [1] and r.group.reruns == [], "not restarted: its node is gone"
@@ -420,10 +423,7 @@ def test_a_worker_whose_node_died_is_not_waited_for_the_top_rank_takes_its_place
 
 @pytest.mark.parametrize("mode", MODES)
 def test_an_elastic_job_at_its_smallest_size_restarts_a_worker_whose_node_died(rig: Any, mode: str) -> None:
-    r = rig(mode, workers={"min": 2, "max": 3}, size=2)
-    assert r.controller.start() is None
-    r.register(0)
-    r.register(1)
+    r = elastic(rig, mode, size=2, workers={"min": 2, "max": 3})
     r.group.end(WorkerExit(1, died=True, error=DIED, node_lost=True))
     assert r.step() is None
     assert r.group.reruns == [1] and r.group.released == [] and r.runtime.table.target == 2
@@ -431,10 +431,7 @@ def test_an_elastic_job_at_its_smallest_size_restarts_a_worker_whose_node_died(r
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_restarting_worker_whose_node_is_found_dead_later_is_not_waited_for(rig: Any, mode: str) -> None:
-    r = rig(mode, workers=ELASTIC, size=3)
-    assert r.controller.start() is None
-    for rank in range(3):
-        r.register(rank)
+    r = elastic(rig, mode)
     r.group.end(WorkerExit(2, died=True, unavailable=True, error=RESTARTING))  # Ray: the process is gone
     assert r.step() is None and r.group.reruns == [2] and r.run.phase(2) == WorkerPhase.RESTARTING
     r.group.lost_nodes.add(2)  # seconds later Ray marks its node dead

@@ -228,6 +228,14 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("workers", {"workers": True}),
     ("workers", {"workers": "2"}),
     ("workers", {"workers": 2.0}),
+    ("workers.max", {"workers": {"min": 2}}),
+    ("workers.max", {"workers": {"min": 1, "max": 1025}}),
+    ("workers.min", {"workers": {"min": 3, "max": 2}}),
+    ("workers.min", {"workers": {"min": 0, "max": 2}}),
+    ("workers.most", {"workers": {"min": 1, "most": 2}}),
+    ("workers", {"mode": "local-sgd", "workers": {"min": 1, "max": 2}}),
+    ("spares", {"workers": {"min": 1, "max": 2}, "spares": 1}),
+    ("accumulate", {"workers": {"min": 1, "max": 2}, "accumulate": 2, "batch_size": 32}),
     ("resources", {"resources": 4}),
     ("resources.cpus", {"resources": {"cpus": -0.5}}),
     ("resources.cpus", {"resources": {"cpus": "1"}}),
@@ -349,7 +357,7 @@ def test_invalid_field(path: str, overrides: dict[str, Any]) -> None:
 
 
 def test_every_field_has_an_invalid_case() -> None:
-    wanted = {f.name for f in dataclasses.fields(JobSpec)}
+    wanted = {f.name for f in dataclasses.fields(JobSpec) if f.init}  # min_workers comes from workers
     nested = {
         "resources": Resources,
         "model": ComponentSpec,
@@ -653,3 +661,15 @@ def test_bucket_mb_defaults_by_the_workers_device() -> None:
     assert JobSpec.from_dict({**base, "resources": {"gpus": 1}}).effective_bucket_mb == 25.0
     assert JobSpec.from_dict({**base, "bucket_mb": 2}).effective_bucket_mb == 2.0
     assert "bucket_mb" not in JobSpec.from_dict(base).to_dict()  # a ps spec's dict is still an allreduce one
+
+
+def test_an_elastic_spec_round_trips_and_keeps_its_bounds() -> None:
+    spec = build(workers={"min": 2, "max": 4})
+    assert (spec.workers, spec.min_workers, spec.elastic) == (4, 2, True)
+    assert spec.to_dict()["workers"] == {"min": 2, "max": 4} and "min_workers" not in spec.to_dict()
+    assert JobSpec.from_json(spec.to_json()) == spec
+    assert spec.replace(seed=5).min_workers == 2, "replace keeps the bounds (dataclasses.replace would not)"
+    fixed = build(workers=3)
+    assert (fixed.min_workers, fixed.elastic, fixed.to_dict()["workers"]) == (3, False, 3)
+    with pytest.raises(SpecError, match="min_workers: unknown field"):
+        JobSpec.from_dict({**fixed.to_dict(), "min_workers": 1})
