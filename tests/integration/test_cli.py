@@ -21,7 +21,7 @@ from typer.testing import CliRunner, Result
 
 from gradhub.client.cli import app
 from gradhub.client.client import Client, JobInfo, WorkerInfo
-from gradhub.client.progress import ago, jobs_table
+from gradhub.client.progress import ago, job_details, jobs_table, workers_alive
 from gradhub.proto.contract.errors import ServerUnavailableError
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
@@ -276,6 +276,12 @@ def test_unknown_job(command: str, env: dict[str, str | None], cli_server: Serve
     assert_one_line_error(run([command, "j-nosuchjob"], env), "job 'j-nosuchjob' not found")
 
 
+def test_scale_of_an_unknown_job_and_of_a_size_below_one(env: dict[str, str | None], cli_server: Server) -> None:
+    assert_one_line_error(run(["scale", "j-nosuchjob", "--workers", "2"], env), "job 'j-nosuchjob' not found")
+    result = run(["scale", "j-nosuchjob", "--workers", "0"], env)
+    assert result.exit_code == 2 and "Traceback" not in result.output  # a usage error, before any call
+
+
 def test_unreachable_server_fails_fast() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -388,6 +394,23 @@ def test_jobs_table_before_total_steps_is_known() -> None:
     for cell in ("j-1", "RUNNING", "3/?", "0.5000", "90.0%", "1,234", "1/2", "3m ago"):
         assert cell in row, row
     assert ago(1000.0, now=1000.0 + 5) == "5s ago" and ago(None) == "-"
+
+
+def test_an_elastic_jobs_details_show_its_size_and_idle_ranks() -> None:
+    from rich.console import Console
+
+    info = JobInfo(id="j-1", name="n", mode="ps-sync", state="RUNNING", reason="", step=30, total_steps=100,
+                   version=30, metrics={}, samples_per_second=0.0, created_at=1000.0, started_at=1001.0,
+                   finished_at=None, spec={"mode": "ps-sync", "workers": {"min": 1, "max": 3}},
+                   world_size=3, size=1, target_size=2, min_workers=1,
+                   workers=(WorkerInfo(0, "running", 30, 0, 0, "h", 0, 1), WorkerInfo(1, "starting", 0, 0, 0, "", 0, 0),
+                            WorkerInfo(2, "idle", 30, 0, 0, "", 0, 0)))
+    console = Console(width=160, record=True)
+    console.print(job_details(info, [], now=1100.0))
+    text = console.export_text()
+    assert "1 workers now, scaled to 2 (1 to 3)" in text and "1 to 3 workers" in text, text
+    assert any(line.split()[:2] == ["2", "idle"] for line in text.splitlines()), text
+    assert workers_alive(info) == "1/1"
 
 
 def test_server_on_a_corrupt_database_exits_with_one_line(tmp_path: Path, cli_server: Server) -> None:
