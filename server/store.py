@@ -370,10 +370,10 @@ class ParameterStore(WorkerTable):
             if len(self._pending) == self._size:
                 pending, self._pending = self._pending, {}
                 self._take_buffers(pending)
+                for other in self._workers[self._size:]:
+                    other.clock = self._version + 1  # not members: they follow the job's step (a checkpoint too)
                 self._apply(self._average(pending), frozenset.intersection(*(p.unused for p in pending.values())),
                             part)
-                for other in self._workers[self._size:]:
-                    other.clock = self._version  # not members: they follow the job's step
                 if self._target != self._size:
                     self._grow_or_shrink(self._version)
         else:

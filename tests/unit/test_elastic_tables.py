@@ -83,6 +83,20 @@ def test_ps_sync_a_shrink_at_once_drops_the_step_in_flight_which_is_done_again()
     assert store.version == 1
 
 
+def test_ps_sync_checkpoints_every_ranks_clock_at_the_step_so_any_size_resumes_there() -> None:
+    taken = []
+    store = ParameterStore(StoreConfig("job", "ps-sync", 3, optimizer="sgd", lr=0.1, checkpoint_every=2),
+                           on_checkpoint=taken.append)
+    store.start_with(2)
+    store.set_total_steps(STEPS)
+    for rank in range(2):
+        store.register(rank)
+    assert store.initialize(LAYOUT, torch.zeros(NUMEL))
+    for step in range(4):
+        _step(store, step, range(2))
+    assert [(c.step, c.clocks) for c in taken] == [(2, (2, 2, 2)), (4, (4, 4, 4))], "rank 2 too: it may resume"
+
+
 def test_ps_sync_is_the_mean_over_its_members_whatever_the_size() -> None:
     store = _store("ps-sync", 4, 2)
     start = torch.cat([t.reshape(-1) for t in store.parameters().values()])
