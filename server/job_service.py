@@ -34,12 +34,13 @@ DEFAULT_PAGE, MAX_PAGE = 100, 1000  # ListJobs
 def job_to_proto(view: JobView, summary: bool = False, tensorboard_dir: str = "") -> jobs_pb2.Job:
     """The job as the API shows it; a ``summary`` (ListJobs) leaves out the spec."""
     r = view.record
+    world_size, min_workers = _sizes(r.spec_json)
     return jobs_pb2.Job(tensorboard_dir=tensorboard_dir,
         id=r.id, name=r.name, mode=r.mode, state=jobs_pb2.JobState.Value(r.state), reason=r.reason,
-        spec_json="" if summary else r.spec_json, world_size=_world_size(r.spec_json), created_at=r.created_at, started_at=r.started_at or 0.0,
+        spec_json="" if summary else r.spec_json, world_size=world_size, created_at=r.created_at, started_at=r.started_at or 0.0,
         finished_at=r.finished_at or 0.0, step=r.step, total_steps=r.total_steps, version=r.version,
         metrics=r.metrics, samples_per_second=r.samples_per_second, owner=r.owner,
-        size=view.size, target_size=view.target, min_workers=_min_workers(r.spec_json),
+        size=view.size, target_size=view.target, min_workers=min_workers,
         workers=[
             jobs_pb2.WorkerStatus(rank=w.rank, state=w.state, step=w.step, staleness=w.staleness,
                                   max_staleness=w.max_staleness, host=w.host, restarts=w.restarts, pid=w.pid,
@@ -49,22 +50,20 @@ def job_to_proto(view: JobView, summary: bool = False, tensorboard_dir: str = ""
     )
 
 
-def _world_size(spec_json: str) -> int:
-    """The spec's workers (an elastic job's largest size)."""
+def _sizes(spec_json: str) -> tuple[int, int]:
+    """The spec's workers (an elastic job's largest size) and an elastic job's smallest size (0
+    for a job of fixed size), from one parse of the stored spec; (0, 0) for a spec that no
+    longer reads (its job fails with a reason at start)."""
     try:
         workers = json.loads(spec_json).get("workers", 0)
-        return int(workers["max"] if isinstance(workers, dict) else workers)
-    except (ValueError, TypeError, AttributeError, KeyError):
-        return 0  # a stored spec that no longer reads (its job fails with a reason at start)
-
-
-def _min_workers(spec_json: str) -> int:
-    """An elastic job's smallest size (0 for a job of fixed size)."""
+    except (ValueError, AttributeError):
+        return 0, 0
     try:
-        workers = json.loads(spec_json).get("workers", 0)
-        return int(workers.get("min", 1)) if isinstance(workers, dict) else 0
-    except (ValueError, TypeError, AttributeError):
-        return 0
+        if isinstance(workers, dict):
+            return int(workers.get("max", 0)), int(workers.get("min", 1))
+        return int(workers), 0
+    except (ValueError, TypeError):
+        return 0, 0
 
 
 def checkpoint_to_proto(info: CheckpointInfo) -> jobs_pb2.CheckpointInfo:
