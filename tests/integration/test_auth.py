@@ -219,6 +219,8 @@ def test_with_the_token_the_same_requests_are_served(idle_server, stubs, job):
     assert list(ps.PushPull(push_stream(job, 1, torch.ones(LAYOUT.numel)), timeout=10, metadata=worker))
     assert idle_server.manager.store(job).version == 1  # both workers pushed step 0
     rpcs["ReportMetrics"](GOOD)
+    # the job's record is written behind the call (a busy database never delays a worker)
+    wait_for(lambda: "val_accuracy" in idle_server.manager.get(job).record.metrics, 30, "the reported metric")
     assert idle_server.manager.get(job).record.metrics["val_accuracy"] == 1.0
     with pytest.raises(grpc.RpcError) as err:  # served: the job has no checkpoint yet
         rpcs["PullCheckpoint"](GOOD)
