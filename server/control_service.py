@@ -16,6 +16,7 @@ from gradhub.proto.state import StatePlan, TrainingState, state_messages
 from gradhub.proto.v1 import ps_pb2, ps_pb2_grpc
 from gradhub.server import limits
 from gradhub.server.rpc import handler, job_credential
+from gradhub.server.shard_set import endpoints as shard_endpoints
 from gradhub.server.store import ParameterStore
 
 if TYPE_CHECKING:
@@ -65,6 +66,12 @@ class WorkerBackend(Protocol):
 
     def on_register(self, job_id: str, rank: int, total_steps: int, train_size: int) -> None: ...
 
+    def register_on_shards(self, job_id: str, rank: int, host: str, pid: int, credential: str
+                           ) -> list[dict[str, object]]:
+        """ps_shards > 1: register worker ``rank`` with the job's other shards too; where their
+        data planes are (none for a job of one shard)."""
+        ...
+
     def check_worker(self, job_id: str, credential: str) -> None:
         """AuthError unless ``credential`` is the one the job gave its workers."""
         ...
@@ -113,7 +120,10 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
             collective_timeout_s=self._backend.collective_timeout_s,
         )
         if self._data_plane is not None and isinstance(store, ParameterStore):
-            reply.data.CopyFrom(self._data_plane.endpoint(store.credential(request.rank), self._data_host))
+            credential = store.credential(request.rank)
+            reply.data.CopyFrom(self._data_plane.endpoint(credential, self._data_host))
+            others = self._backend.register_on_shards(request.job_id, request.rank, host, request.pid, credential)
+            reply.shards.extend(shard_endpoints(others, credential))
         return reply
 
     @handler

@@ -101,6 +101,7 @@ class Controller:
             if self.group is not None:
                 self.group.stop()
             self.runtime.tick()
+            self.runtime.close()
 
     def start(self) -> Outcome | None:
         """Launch the worker group; the job's failure when it cannot start."""
@@ -275,6 +276,8 @@ class Controller:
         if failure.kind in (FailureKind.DEATH, FailureKind.HANG):
             run.count_death(failure.rank)  # what the user sees: one per death, in every mode
             table.mark_dead(failure.rank)
+            if run.shards is not None:  # a sharded ps job's other shards (ps-ssp waits for live workers only)
+                run.shards.mark_dead(failure.rank)
         if failure.kind == FailureKind.HANG:
             self.host.log_line(run.id, f"worker {failure.rank} {failure.error}: killing it")
             self._killed.add(failure.rank)

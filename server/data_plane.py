@@ -380,7 +380,8 @@ class DataPlane:
 
     async def _init(self, conn: _Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
         try:
-            init = init_request(frame.init, self._max_model_bytes)
+            config = session.store.config
+            init = init_request(frame.init, self._max_model_bytes, (config.shard, config.shards))
             if frame.payload_bytes != init.payload_bytes:
                 raise ProtocolError(f"payload_bytes: {frame.payload_bytes}, the tensors listed hold "
                                     f"{init.payload_bytes}")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from gradhub.proto.contract.errors import SpecError
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.contract.states import WorkerPhase
+from gradhub.server.shard_server import ShardStats
+from gradhub.server.shard_set import OtherShards
 from gradhub.server.store import CheckpointState, ParameterStore
 from gradhub.server.tracker import GroupTracker
 
@@ -55,6 +57,10 @@ class JobRun:
         self._target = spec.workers  # an elastic job: the size it is scaled to (``scale``)
         self.start_size = spec.workers  # how many workers it starts with (the queue decides, as they fit)
         self.reserved_size = 0  # how many workers' resources the queue holds for it (the manager's lock)
+        # ps_shards > 1: the parameter server's shards beyond the job's own store, and every
+        # shard's latest figures (the runtime's tick writes them; the API reads them)
+        self.shards: OtherShards | None = None
+        self.shard_status: tuple[ShardStats, ...] = ()
 
     # ------------------------------------------------------------ serving
     @property

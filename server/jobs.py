@@ -39,6 +39,9 @@ from gradhub.server.launcher import Launcher, demand
 from gradhub.server.modes import runtime_for
 from gradhub.server.policies import MaxRestarts
 from gradhub.server.rendezvous import RendezvousStore
+from gradhub.server.shard_server import ShardStats
+from gradhub.server.shard_set import OtherShards
+from gradhub.server.store import StoreConfig
 from gradhub.server.tensorboard import TensorBoardLogs
 from gradhub.server.worker_calls import WorkerCalls
 from gradhub.server.worker_states import WorkerStates
@@ -73,6 +76,7 @@ class JobView:
     workers: tuple[WorkerView, ...] = ()
     size: int = 0  # an elastic job: how many workers it runs on now (0: not running, or a fixed size)
     target: int = 0  # an elastic job: the size it is scaled to
+    shards: tuple[ShardStats, ...] = ()  # ps_shards > 1: each shard's latest figures
 
 
 class JobManager(WorkerCalls):
@@ -147,6 +151,9 @@ class JobManager(WorkerCalls):
     # -------------------------------------------------------------- the API
     def submit(self, spec: JobSpec, working_dir_zip: bytes | None = None, owner: str = "") -> JobView:
         """Queue a job of ``owner`` (a user's name; "" without users)."""
+        if spec.ps_shards != 1 and self.config.tls_cert is not None:
+            raise SpecError("ps_shards", "this server speaks TLS (--tls-cert) and a shard's data plane does not "
+                                         "yet; give ps_shards: 1")
         too_big = self._never_fits(spec)
         if too_big:
             raise SpecError("resources", too_big)
@@ -201,7 +208,7 @@ class JobManager(WorkerCalls):
         rec = dataclasses.replace(rec, step=store.step(), version=store.version,
                                   total_steps=store.total_steps or rec.total_steps,
                                   samples_per_second=run.samples_per_second)
-        return JobView(rec, workers, size=store.size if target else 0, target=target)
+        return JobView(rec, workers, size=store.size if target else 0, target=target, shards=a.shard_status)
 
     def list(self) -> list[JobView]:
         return [self.get(r.id) for r in self._db.list()]
@@ -448,7 +455,9 @@ class JobManager(WorkerCalls):
         try:
             runtime.prepare()
         except GradhubError as e:
-            return Outcome(JobState.FAILED, f"cannot resume after the server restart: {e}")
+            runtime.close()
+            return Outcome(JobState.FAILED, f"cannot resume after the server restart: {e}" if a.resume
+                           else f"cannot start: {e}")
         rec = self._db.update(a.id, state=JobState.RUNNING, started_at=time.time(), reason="")
         runtime.table.start_with(a.start_size)  # an elastic job: as many workers as fit, up to its target
         if a.spec.elastic:
@@ -491,6 +500,14 @@ class JobManager(WorkerCalls):
     @property
     def launcher(self) -> Launcher:
         return self._launcher
+
+    def shard_count(self, ps_shards: int | str) -> int:
+        """A spec's ``ps_shards``: a count, or for ``auto`` one per node of the cluster."""
+        return self._launcher.nodes() if ps_shards == "auto" else int(ps_shards)
+
+    def start_shards(self, config: StoreConfig, count: int) -> OtherShards:
+        """Start shards 1 to ``count - 1`` of a job whose store (shard 0) ``config`` describes."""
+        return self._launcher.start_shards(config, count, self.config.max_model_bytes)
 
     @property
     def cond(self) -> threading.Condition:

@@ -1,7 +1,8 @@
-"""Ray adapter: gang-schedules a job's workers in a placement group and reports how they end.
+"""Ray adapter: gang-schedules a job's workers in a placement group and reports how they end,
+and starts a sharded parameter server's other shards (``gradhub.server.shard_actors``).
 
 The job manager only sees the ``Launcher`` / ``WorkerGroup`` interfaces, so it can
-be tested with a fake; this module is the one place that talks to Ray.
+be tested with a fake; this module and ``shard_actors`` are where jobs talk to Ray.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Protocol
 
 from gradhub.proto.contract.errors import PeerLostError, WorkerFailure
 from gradhub.proto.contract.spec import JobSpec
+from gradhub.server.shard_set import LocalShards, OtherShards
+from gradhub.server.store_config import StoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,15 @@ class WorkerGroup(Protocol):
 
 class Launcher(Protocol):
     def total_resources(self) -> dict[str, float]: ...
+
+    def nodes(self) -> int:
+        """How many nodes the cluster has now (``ps_shards: auto``: a shard on each)."""
+        ...
+
+    def start_shards(self, config: StoreConfig, count: int, max_model_bytes: int) -> OtherShards:
+        """Start shards 1 to ``count - 1`` of the parameter server of the job whose own store
+        (shard 0) ``config`` describes; returns once every one serves."""
+        ...
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
                credential: str = "", size: int | None = None) -> WorkerGroup:
@@ -344,6 +356,16 @@ class RayLauncher:
 
         return {k: float(v) for k, v in ray.cluster_resources().items()}
 
+    def nodes(self) -> int:
+        import ray
+
+        return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+
+    def start_shards(self, config: StoreConfig, count: int, max_model_bytes: int) -> OtherShards:
+        from gradhub.server.shard_actors import RayShards
+
+        return RayShards(config, count, max_model_bytes=max_model_bytes)
+
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
                credential: str = "", size: int | None = None) -> WorkerGroup:
         env = dict(runtime_env or {})
@@ -423,6 +445,13 @@ class ExternalLauncher:
 
     def total_resources(self) -> dict[str, float]:
         return dict(self._resources)
+
+    def nodes(self) -> int:
+        return 1
+
+    def start_shards(self, config: StoreConfig, count: int, max_model_bytes: int) -> OtherShards:
+        """Shards in this process, on the loopback address (its workers run on this host)."""
+        return LocalShards(config, count, "127.0.0.1", max_model_bytes=max_model_bytes)
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
                credential: str = "", size: int | None = None) -> WorkerGroup:

@@ -5,7 +5,9 @@ checkpoints); allreduce keeps a ``GroupTracker`` and rank 0 sends the checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -16,6 +18,8 @@ from gradhub.proto.contract.states import JobState
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.job_db import JobDB
 from gradhub.server.job_run import JobRun
+from gradhub.server.shard_server import UpdateRate, store_stats
+from gradhub.server.shard_set import OtherShards, merge_states
 from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
 from gradhub.server.tracker import GroupConfig, GroupTracker
 
@@ -42,6 +46,10 @@ class Host(Protocol):
     def worker_states_written(self, job_id: str, round_: int) -> None:
         """local-sgd: the job's checkpoint of ``round_`` is written (older states may go)."""
         ...
+
+    def shard_count(self, ps_shards: int | str) -> int: ...
+
+    def start_shards(self, config: StoreConfig, count: int) -> OtherShards: ...
 
 
 class ModeRuntime(Protocol):
@@ -70,6 +78,10 @@ class ModeRuntime(Protocol):
 
     def restart_group(self) -> None:
         """Every worker is stopped and the group is launched again."""
+        ...
+
+    def close(self) -> None:
+        """The job is over: stop what serves it beside the server (a sharded job's shards)."""
         ...
 
 
@@ -102,20 +114,31 @@ def runtime_for(run: JobRun, host: Host, clock: Callable[[], float] = time.monot
     return PSRuntime(run, host, clock) if run.spec.is_ps else GroupRuntime(run, host, clock)
 
 
+STATS_EVERY_S = 1.0  # a sharded job's shard figures (gradhub status) are read this often
+
+
 class PSRuntime:
-    """ps-sync, ps-async, ps-ssp: the store holds the parameters and takes the checkpoints."""
+    """ps-sync, ps-async, ps-ssp: the store holds the parameters and takes the checkpoints.
+    With ``ps_shards: K > 1`` it holds shard 0's slice and the job's other shards the rest
+    (``gradhub.server.shard_set``): their checkpoints of a step merge into the model's."""
 
     holds_state = True
 
     def __init__(self, run: JobRun, host: Host, clock: Callable[[], float] = time.monotonic) -> None:
         self.run, self.host = run, host
-        self.table: ParameterStore = ParameterStore(store_config(run.id, run.spec), on_checkpoint=run.checkpoints.put,
-                                                    clock=clock)
+        count = host.shard_count(run.spec.ps_shards) if run.spec.ps_shards != 1 else 1
+        self.config = dataclasses.replace(store_config(run.id, run.spec), shards=count)
+        self.table: ParameterStore = ParameterStore(self.config, on_checkpoint=run.checkpoints.put, clock=clock)
+        self.others: OtherShards | None = None
+        self._rate = UpdateRate()
+        self._stats_at = 0.0
         # sync local-sgd: a checkpoint waits here until every worker's inner state of its round
         # is kept, so that a job resumed from it finds them all (its workers replay from there)
         self._waiting: list[CheckpointState] = []
 
     def prepare(self) -> None:
+        if self.config.shards > 1:
+            self._start_shards()
         if not self.run.resume:
             return
         ckpts, job_id = self.host.checkpoint_store, self.run.id
@@ -127,25 +150,49 @@ class PSRuntime:
         if loaded.optimizer_state is None:
             raise StateError(f"the checkpoint at step {loaded.info.step} holds no optimizer state")
         clocks = tuple(loaded.resume_state.get("clocks", [loaded.info.step] * self.run.spec.workers))
-        self.table.resume_from(
-            CheckpointState(step=loaded.info.step, version=loaded.info.version, params=loaded.params,
-                            optimizer_state=loaded.optimizer_state, scheduler_state=loaded.scheduler_state,
-                            clocks=clocks),
-            total_steps=total_steps,
-        )
+        state = CheckpointState(step=loaded.info.step, version=loaded.info.version, params=loaded.params,
+                                optimizer_state=loaded.optimizer_state, scheduler_state=loaded.scheduler_state,
+                                clocks=clocks)
+        self.table.resume_from(state, total_steps=total_steps)
+        if self.others is not None:
+            self.others.resume_from(state, total_steps)
         self.host.log_line(job_id, f"resuming from the checkpoint at step {loaded.info.step}")
 
+    def _start_shards(self) -> None:
+        count = self.config.shards
+        try:
+            self.others = self.host.start_shards(self.config, count)
+        except Exception as e:
+            raise StateError(f"ps_shards: could not start the parameter server's {count} shards: "
+                             f"{type(e).__name__}: {e}") from e
+        self.run.shards = self.others
+        hosts = ", ".join(str(e["tcp_host"]) for e in self.others.endpoints())
+        self.host.log_line(self.run.id, f"parameter server: {count} shards (shard 0 on the server; 1 to "
+                                        f"{count - 1} on {hosts})")
+
+    def close(self) -> None:
+        if self.others is not None:
+            self.others.stop()
+            self.others = self.run.shards = None
+
     def tick(self) -> None:
-        """Write the checkpoints the store took. One that cannot be written (a full disk) is
-        logged and training goes on: the next one tries again (only the final one must be)."""
+        """Write the checkpoints the store took (a sharded job's once every shard has its
+        part). One that cannot be written (a full disk) is logged and training goes on: the
+        next one tries again (only the final one must be)."""
         while not self.run.checkpoints.empty():
             self._waiting.append(self.run.checkpoints.get_nowait())
         spec = self.run.spec
+        self._read_shards()
         while self._waiting:
             state = self._waiting[0]
             if spec.mode == "local-sgd" and spec.outer_sync and not self.host.worker_states_kept(
                     self.run.id, state.step, spec.workers):
                 return
+            if self.others is not None:
+                parts = self.others.captures(state.step)
+                if any(p is None for p in parts):
+                    return  # a shard has not got there yet
+                state = merge_states(self.table, state, [p for p in parts if p is not None])
             self._waiting.pop(0)
             try:
                 self._save(state)
@@ -183,9 +230,26 @@ class PSRuntime:
     def restart_group(self) -> None:
         """The store keeps the parameters: the new workers register and resume from it."""
 
+    def _read_shards(self) -> None:
+        """Every shard's figures for ``gradhub status``, once a second."""
+        now = time.monotonic()
+        if self.others is None or now - self._stats_at < STATS_EVERY_S:
+            return
+        self._stats_at = now
+        own = store_stats(0, socket.gethostname(), self.table, self._rate.read(self.table.version))
+        try:
+            self.run.shard_status = (own, *self.others.stats())
+        except Exception as e:  # noqa: BLE001 - figures only: training goes on
+            log.warning("job %s: could not read its shards' figures: %s", self.run.id, e)
+
+    def _state_now(self) -> CheckpointState:
+        """The job's whole state now (every shard's, merged)."""
+        own = self.table.checkpoint_state()
+        return own if self.others is None else merge_states(self.table, own, self.others.checkpoint_states())
+
     def _final_checkpoint(self) -> None:
         self.tick()
-        state = self.table.checkpoint_state()
+        state = self._state_now()
         latest = self.host.checkpoint_store.latest(self.run.id)
         if latest is None or latest.step != state.step or latest.version != state.version:
             self._save(state)
@@ -232,6 +296,9 @@ class GroupRuntime:
 
     def wait_kept(self, timeout: float) -> bool:
         return self.table.wait_kept(timeout)
+
+    def close(self) -> None:
+        """Nothing serves an allreduce job beside the server."""
 
     def restart_group(self) -> None:
         step = self._latest_step()

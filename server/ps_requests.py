@@ -11,6 +11,7 @@ import torch
 from gradhub.proto.codec import Layout
 from gradhub.proto.contract.errors import ProtocolError, StateError
 from gradhub.proto.model_state import ModelLayout, buffer_specs, tensors_from_proto
+from gradhub.proto.shards import shards_of
 from gradhub.proto.v1 import ps_pb2, tensor_pb2
 from gradhub.server.store import ParameterStore
 
@@ -22,18 +23,20 @@ class InitRequest:
     model: ModelLayout
     buffers: dict[str, torch.Tensor]
     trainable_bytes: int
-    payload_bytes: int  # trainable, then frozen, float32
+    payload_bytes: int  # trainable (a shard's: its slice), then frozen (shard 0's alone), float32
 
     def take(self, store: ParameterStore, flat: torch.Tensor) -> bool:
         """Give the received payload (float32) to the store; False when it had parameters already."""
         if not bool(flat.isfinite().all()):
             raise ProtocolError("parameter values: initial parameters contain NaN or Inf")
         n = self.trainable_bytes // 4
-        params, frozen = flat[:n], (flat[n:] if self.model.frozen else None)
+        params, frozen = flat[:n], (flat[n:] if self.payload_bytes > self.trainable_bytes else None)
         return store.initialize(self.model, params, frozen, self.buffers)
 
 
-def init_request(header: ps_pb2.PushHeader, max_model_bytes: int) -> InitRequest:
+def init_request(header: ps_pb2.PushHeader, max_model_bytes: int, shard: tuple[int, int] = (0, 1)) -> InitRequest:
+    """``header`` describes the whole model; ``shard`` (index, count): the payload is that
+    shard's slice of the trainable parameters (and, for shard 0, the frozen ones)."""
     if not header.tensors:
         raise ProtocolError("tensors: the header lists no tensors")
     for field, metas in (("tensors", header.tensors), ("frozen", header.frozen)):
@@ -49,6 +52,10 @@ def init_request(header: ps_pb2.PushHeader, max_model_bytes: int) -> InitRequest
     if total > max_model_bytes:
         raise ProtocolError(f"tensors: a model of {total} bytes is over the server's limit of "
                             f"{max_model_bytes} (gradhub server --max-model-bytes)")
+    index, count = shard
+    if count > 1:
+        trainable = shards_of(model.trainable, count)[index].numel * 4
+        total = trainable + (total - model.trainable.nbytes(tensor_pb2.FLOAT32) if index == 0 else 0)
     return InitRequest(model, buffers, trainable, total)
 
 

@@ -56,7 +56,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             chunks = aiter(request_iterator)
             header = _header(await limits.next_within(chunks, "header"))
             store = await self._calls.run(self._authorized_store, header.job_id, job_credential(context))
-            init = init_request(header, self._max_model_bytes)
+            init = init_request(header, self._max_model_bytes, (store.config.shard, store.config.shards))
             receiver = Receiver(init.payload_bytes)
             await limits.receive(chunks, receiver)
             accepted = await self._calls.run(init.take, store, receiver.tensor(tensor_pb2.FLOAT32))

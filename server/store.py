@@ -42,6 +42,7 @@ from gradhub.proto.contract.optim import (
     parameter_groups,
 )
 from gradhub.proto.model_state import ModelLayout, tensors_to_proto
+from gradhub.proto.shards import Shard, shards_of, split_optimizer_state
 from gradhub.server.store_config import CheckpointState, Snapshot, StoreConfig
 from gradhub.server.workers import WorkerState, WorkerTable
 
@@ -105,7 +106,9 @@ class ParameterStore(WorkerTable):
         self.config = config
         self._on_checkpoint = on_checkpoint
         self._layout: Layout | None = None
-        self._model: ModelLayout | None = None
+        self._model: ModelLayout | None = None  # what this store holds of the model
+        self._whole: ModelLayout | None = None  # the whole model (a shard's is a slice of it)
+        self._shard: Shard | None = None  # ps_shards > 1: this store's slice
         self._frozen: dict[str, torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._flat: torch.Tensor | None = None
@@ -140,6 +143,16 @@ class ParameterStore(WorkerTable):
     def version(self) -> int:
         return self._version
 
+    @property
+    def model(self) -> ModelLayout | None:
+        """The whole model's layout (a shard holds a slice of it), once initialized."""
+        return self._whole
+
+    @property
+    def shard(self) -> Shard | None:
+        """This store's slice of the parameters when the job has several shards."""
+        return self._shard
+
     def lr(self) -> float | None:
         """The learning rate of the first parameter group now (None before the parameters)."""
         with self._cond:
@@ -148,9 +161,12 @@ class ParameterStore(WorkerTable):
     def initialize(self, layout: Layout | ModelLayout, flat: torch.Tensor, frozen: torch.Tensor | None = None,
                    buffers: Mapping[str, torch.Tensor] | None = None) -> bool:
         """Take the initial state: the trainable parameters ``flat`` (in ``layout``'s order), the
-        frozen ones and the buffers; False (and nothing changes) when already initialized."""
-        model = layout if isinstance(layout, ModelLayout) else ModelLayout(trainable=layout)
-        buffers = dict(buffers or {})
+        frozen ones and the buffers; False (and nothing changes) when already initialized.
+        A shard (``config.shards > 1``) is given the whole model's ``layout`` and its own slice
+        of the parameters as ``flat``; shard 0 alone takes the frozen ones and the buffers."""
+        whole = layout if isinstance(layout, ModelLayout) else ModelLayout(trainable=layout)
+        shard, model = self._own(whole)
+        buffers = dict(buffers or {}) if model.buffers or not shard else {}
         model.check_buffers(buffers, "buffers")
         frozen_numel = model.frozen.numel if model.frozen else 0
         if (0 if frozen is None else frozen.numel()) != frozen_numel:
@@ -159,6 +175,7 @@ class ParameterStore(WorkerTable):
         with self._cond:
             if self._flat is not None:
                 return False
+            self._whole, self._shard = whole, shard
             if self._resume is not None:
                 self._install_resume(model, self._resume)  # the frozen values and buffers resumed
                 self._resume = None
@@ -170,6 +187,16 @@ class ParameterStore(WorkerTable):
             self._model = model
             self._changed()
             return True
+
+    def _own(self, whole: ModelLayout) -> tuple[Shard | None, ModelLayout]:
+        """What this store holds of the model ``whole``: all of it, or its shard's slice."""
+        c = self.config
+        if c.shards == 1:
+            return None, whole
+        shard = shards_of(whole.trainable, c.shards)[c.shard]
+        if c.shard:
+            return shard, ModelLayout(trainable=shard.layout)
+        return shard, ModelLayout(trainable=shard.layout, frozen=whole.frozen, buffers=whole.buffers)
 
     def resume_from(self, state: CheckpointState, total_steps: int) -> None:
         """Resume from a checkpoint: version, clocks and schedule now; the parameters and
@@ -189,13 +216,22 @@ class ParameterStore(WorkerTable):
             self._changed()
 
     def _install_resume(self, model: ModelLayout, state: CheckpointState) -> None:
-        trainable, frozen, buffers = model.split_state(state.params)
+        """Install a checkpoint of the whole model (``state``): all of it, or this shard's slice."""
+        assert self._whole is not None
+        trainable, frozen, buffers = self._whole.split_state(state.params)
+        optimizer_state = state.optimizer_state
+        if self._shard is not None:
+            optimizer_state = split_optimizer_state(self._whole.trainable, self.config.param_groups, self._shard,
+                                                    optimizer_state)
+            trainable = self._shard.pieces(trainable)
+            if self._shard.index:
+                frozen, buffers = {}, {}
         flat = torch.cat([trainable[n].reshape(-1).to(torch.float32) for n in model.trainable.names])
         self._install(model.trainable, flat)
         self._frozen = {k: v.to(torch.float32).clone() for k, v in frozen.items()}
         self._buffers = {k: v.clone() for k, v in buffers.items()}
         assert self._optimizer is not None
-        self._optimizer.load_state_dict(state.optimizer_state)
+        self._optimizer.load_state_dict(optimizer_state)
         if self._scheduler is not None and state.scheduler_state is not None:
             self._scheduler.load_state_dict(state.scheduler_state)
 
@@ -208,8 +244,9 @@ class ParameterStore(WorkerTable):
         params = [torch.nn.Parameter(p, requires_grad=True) for p in layout.split(flat).values()]
         c = self.config
         # built before anything is kept: parameter groups that match nothing raise SpecError
-        optimizer = build_optimizer(parameter_groups(list(zip(layout.names, params, strict=True)), c.param_groups),
-                                    c.optimizer, c.lr, c.hyper)
+        whole = None if self._shard is None or self._whole is None else self._whole.trainable.names
+        named = list(zip(layout.names, params, strict=True))
+        optimizer = build_optimizer(parameter_groups(named, c.param_groups, shard_of=whole), c.optimizer, c.lr, c.hyper)
         updates = self._total_steps * (1 if c.mode == "ps-sync" else c.world_size)
         scheduler = build_scheduler(optimizer, c.schedule, max(updates, 1))
         self._parts = layout.partition(c.fragments)  # more fragments than tensors: a SpecError
@@ -218,14 +255,15 @@ class ParameterStore(WorkerTable):
         self._keep_version()
 
     # --------------------------------------------------------------- workers
-    def register(self, rank: int, host: str = "", pid: int = 0) -> tuple[int, int, bool]:
+    def register(self, rank: int, host: str = "", pid: int = 0, credential: str | None = None) -> tuple[int, int, bool]:
         """A worker (re)joins: returns (version, next step, whether it must send the parameters).
+        ``credential``: a shard's, the one the job's control plane issued at this registration.
 
         A rank above an elastic job's size joins it at the next change of size (its first
         pull waits until then); one above the size it was scaled to is told to leave."""
         with self._cond:
             self._check_member(rank)
-            w = self._joined(rank, host, pid)
+            w = self._joined(rank, host, pid, credential)
             self._assemblies.pop(rank, None)  # a new registration pushes its step afresh
             if self.config.mode != "ps-sync" and rank in self._joining:
                 # an async member that joined while the others trained starts where they are
@@ -597,6 +635,9 @@ class ParameterStore(WorkerTable):
             return self._state_dict()
 
     def _state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole ``state_dict``; a shard's slice of the trainable parameters as its
+        pieces (flat, by name), with the frozen ones and the buffers on shard 0
+        (``gradhub.server.shard_set`` merges the shards' into the model's)."""
         if self._flat is None or self._layout is None or self._model is None:
             raise StateError("parameters: the job has no parameters yet")
         params = {k: v.clone() for k, v in self._layout.split(self._flat).items()}

@@ -51,8 +51,14 @@ class StoreConfig:
     # local-sgd streaming: store step s updates fragment s % fragments alone (a run of whole
     # tensors, ``Layout.partition``); the other parameters are left exactly as they are
     fragments: int = 1
+    # ps_shards: this store holds slice ``shard`` of ``shards`` of the flat parameters
+    # (``gradhub.proto.shards``); shard 0 also holds the frozen parameters and the buffers
+    shard: int = 0
+    shards: int = 1
 
     def __post_init__(self) -> None:
+        if not 0 <= self.shard < self.shards:
+            raise SpecError("ps_shards", f"shard {self.shard} of {self.shards}")
         if self.buffers not in ("broadcast", "average", "local"):
             raise SpecError("buffers", f"must be broadcast, average or local, not {self.buffers!r}")
         if self.compression not in COMPRESSION_DTYPES:

@@ -59,6 +59,17 @@ class WorkerCalls:
             raise AuthError(f"credential: not the one job {job_id!r} gave its workers (a worker's calls "
                             "carry its job's credential, from the job's launcher)")
 
+    def register_on_shards(self, job_id: str, rank: int, host: str, pid: int, credential: str
+                           ) -> list[dict[str, object]]:
+        run = self._running(job_id)
+        others = run.shards
+        if others is None:
+            return []
+        total_steps = self.store(job_id).total_steps
+        assert total_steps is not None  # on_register set it
+        others.register(rank, host, pid, credential, total_steps)
+        return others.endpoints()
+
     def job_credential(self, job_id: str) -> str:
         """The running job's worker credential, for a launcher that starts the workers itself
         (``ExternalLauncher``): they pass it as ``ServerLink(credential=...)``."""

@@ -155,13 +155,14 @@ class WorkerTable:
                                 "leaves")
         return False
 
-    def _joined(self, rank: int, host: str, pid: int) -> WorkerState:
-        """Record a (re)registration; call under ``_cond``."""
+    def _joined(self, rank: int, host: str, pid: int, credential: str | None = None) -> WorkerState:
+        """Record a (re)registration (with ``credential``: the one the job's control plane
+        issued, for a parameter-server shard); call under ``_cond``."""
         self._check_open()
         w = self._worker(rank)
         w.alive, w.host, w.pid, w.last_seen = True, host, pid, self._now()
         w.registrations += 1
-        w.credential = secrets.token_urlsafe(24)
+        w.credential = credential or secrets.token_urlsafe(24)
         self._changed()
         return w
 

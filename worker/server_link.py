@@ -44,6 +44,7 @@ from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import data_pb2, ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.worker.data_link import DataLink, ServerWaitTimeout
 from gradhub.worker.push_codec import PushEncoder
+from gradhub.worker.shard_links import ShardedLink
 
 T = TypeVar("T")
 
@@ -106,7 +107,7 @@ class ServerLink:
         # an elastic job: the size its gradients are computed for now, which pushes say (0: fixed size)
         self.world_size = 0
         self._transport = transport
-        self._data: DataLink | None = None
+        self._data: DataLink | ShardedLink | None = None
         self.transport = "grpc"  # what this worker's tensors use: "unix", "tcp" or "grpc"
         self.host = address.rsplit(":", 1)[0].strip("[]")  # the server's host (its rendezvous store is there)
         self.encoder = PushEncoder(compression, compression_block, error_feedback)
@@ -169,8 +170,17 @@ class ServerLink:
             self._data = None
         self.transport = "grpc"
         if self._transport == "grpc" or not reply.HasField("data"):
+            if reply.shards:
+                raise ProtocolError(f"transport: the job's parameter server has {len(reply.shards) + 1} shards, "
+                                    "which workers reach on the data plane only")
             return
-        link = DataLink(reply.data, self.job_id, self.rank, self.host, self._tls_ca)
+        link: DataLink | ShardedLink = DataLink(reply.data, self.job_id, self.rank, self.host, self._tls_ca)
+        if reply.shards:  # ps_shards > 1: one connection per shard, and no gRPC fallback
+            link = ShardedLink([link, *(DataLink(e, self.job_id, self.rank, self.host, self._tls_ca)
+                                        for e in reply.shards)])
+            link.connect()
+            self._data, self.transport = link, link.kind
+            return
         try:
             link.connect()
         except (OSError, GradhubError) as e:
@@ -263,7 +273,7 @@ class ServerLink:
 
         return _until_answered(call)  # asking again re-pushes: a duplicate is ignored
 
-    def _on_data(self, call: Callable[[DataLink], T]) -> T:
+    def _on_data(self, call: Callable[[DataLink | ShardedLink], T]) -> T:
         """``call`` on the data plane, reconnecting and calling again while the connection breaks
         (for a bounded time); the server's own errors are raised as they are."""
         data = self._data

@@ -44,7 +44,8 @@ _SCHEDULE_KEYS = frozenset(
 
 
 def parameter_groups(
-    named: Sequence[tuple[str, torch.Tensor]], groups: Sequence[Mapping[str, Any]]
+    named: Sequence[tuple[str, torch.Tensor]], groups: Sequence[Mapping[str, Any]], *,
+    shard_of: Sequence[str] | None = None,
 ) -> list[torch.Tensor] | list[dict[str, Any]]:
     """The ``params`` argument of a torch optimizer for the trainable parameters ``named``.
 
@@ -53,25 +54,42 @@ def parameter_groups(
     of its ``params`` patterns (``fnmatch``: ``*.bias``, ``*norm*.weight``) and no earlier
     group's, with the group's hyperparameters; then one group of the remaining parameters with
     the optimizer's own. A group that matches nothing is a ``SpecError`` naming it.
+
+    ``shard_of``: ``named`` are the pieces a parameter-server shard holds of the model whose
+    parameters are ``shard_of`` (every name); the groups are the whole model's, kept even where
+    the shard holds none of a group's parameters, so that a shard's optimizer state lines up
+    group for group with the whole model's (``gradhub.proto.shards``).
     """
     if not groups:
         return [t for _, t in named]
+    tensors = dict(named)
+    return [{"params": [tensors[n] for n in names], **hyper}
+            for names, hyper in group_names([n for n, _ in named], groups, shard_of=shard_of)]
+
+
+def group_names(
+    names: Sequence[str], groups: Sequence[Mapping[str, Any]], *, shard_of: Sequence[str] | None = None,
+) -> list[tuple[list[str], dict[str, Any]]]:
+    """The optimizer's parameter groups as (names in order, hyperparameters): see
+    ``parameter_groups``, which builds them."""
+    if not groups:
+        return [(list(names), {})]
+    everything = list(names if shard_of is None else shard_of)
     taken: set[str] = set()
-    out: list[dict[str, Any]] = []
+    out: list[tuple[list[str], dict[str, Any]]] = []
     for i, group in enumerate(groups):
         patterns = group["params"]
-        members = [(n, t) for n, t in named if n not in taken and any(fnmatchcase(n, p) for p in patterns)]
+        members = [n for n in everything if n not in taken and any(fnmatchcase(n, p) for p in patterns)]
         if not members:
-            names = [n for n, _ in named]
-            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            shown = ", ".join(everything[:12]) + (", ..." if len(everything) > 12 else "")
             raise SpecError(f"optimizer.param_groups[{i}].params",
                             f"no trainable parameter left matches {list(patterns)}; the model's are: {shown}")
-        taken.update(n for n, _ in members)
+        taken.update(members)
         hyper = {k: tuple(v) if k == "betas" else v for k, v in group.items() if k != "params"}
-        out.append({"params": [t for _, t in members], **hyper})
-    rest = [t for n, t in named if n not in taken]
-    if rest:
-        out.append({"params": rest})
+        mine = set(names)
+        out.append(([n for n in members if n in mine], hyper))
+    if any(n not in taken for n in everything):
+        out.append(([n for n in names if n not in taken], {}))
     return out
 
 

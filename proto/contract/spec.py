@@ -45,6 +45,7 @@ QUANTISED_COMPRESSIONS = ("int8", "int4")
 DEFAULT_COMPRESSION_BLOCK = 256
 COMPRESSION_BLOCK_RANGE = (8, 1 << 20)
 TRANSPORTS = ("auto", "grpc")
+MAX_PS_SHARDS = 64
 BUILTIN_MODELS = frozenset({"mlp", "cnn"})
 BUILTIN_DATASETS = frozenset({"digits", "synthetic"})
 BUILTIN_LOSSES = frozenset({"cross_entropy", "mse", "model"})
@@ -324,6 +325,9 @@ class JobSpec:
     lr_schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     compression: str = "none"
     transport: str = "auto"
+    # ps modes: the parameter server's shards, each holding a contiguous slice of the flat
+    # parameters and its optimizer state (1 to 64, or "auto": one per Ray node)
+    ps_shards: int | str = 1
     batch_size: int = 32
     epochs: int | None = None
     steps: int | None = None
@@ -424,6 +428,33 @@ class JobSpec:
         self._check_training_options()
         self._check_local_sgd()
         self._check_compression()
+        self._check_shards()
+
+    def _check_shards(self) -> None:
+        """``ps_shards``: a count or ``auto``, and what a sharded parameter server does not do yet."""
+        shards = self.ps_shards
+        if shards == "auto":
+            pass
+        elif isinstance(shards, str):
+            raise SpecError("ps_shards", f"must be a number of shards (1 to {MAX_PS_SHARDS}) or 'auto', "
+                                         f"got {shards!r}")
+        else:
+            object.__setattr__(self, "ps_shards", check_int("ps_shards", shards, lo=1, hi=MAX_PS_SHARDS))
+        if self.ps_shards == 1:
+            return
+        refused = {
+            "mode": self.mode not in ("ps-sync", "ps-async", "ps-ssp") and f"mode {self.mode!r} (the ps-* modes shard)",
+            "transport": self.transport == "grpc" and "transport: grpc (shards serve the data plane only)",
+            "clip_grad_norm": self.clip_grad_norm is not None and
+                              "clip_grad_norm (the norm spans every shard's slice)",
+            "compression": self.compression in QUANTISED_COMPRESSIONS and
+                           f"compression {self.compression} (none, fp16 or bf16 shard)",
+            "workers": self.elastic and "an elastic job (workers: {min, max})",
+            "bucket_mb": bool(self.bucket_mb) and "bucket_mb > 0 (a sharded push goes after backward)",
+        }
+        for name, why in refused.items():
+            if why:
+                raise SpecError(name, f"ps_shards: {self.ps_shards} does not take {why}; give ps_shards: 1")
 
     def _check_workers(self) -> None:
         """``workers: N``, or ``workers: {min: A, max: B}`` for an elastic job."""
@@ -572,6 +603,8 @@ class JobSpec:
         README, bench_ps.py (g))."""
         if self.bucket_mb is not None:
             return self.bucket_mb
+        if self.ps_shards != 1:
+            return 0.0  # a sharded push goes out after backward
         return DEFAULT_BUCKET_MB if self.resources.gpus > 0 else 0.0
 
     @property

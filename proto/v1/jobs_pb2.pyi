@@ -47,7 +47,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., staleness: _Optional[int] = ..., max_staleness: _Optional[int] = ..., host: _Optional[str] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ..., transport: _Optional[str] = ..., local_step: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "name", "mode", "state", "reason", "spec_json", "created_at", "started_at", "finished_at", "step", "total_steps", "version", "metrics", "workers", "samples_per_second", "world_size", "owner", "tensorboard_dir", "size", "target_size", "min_workers")
+    __slots__ = ("id", "name", "mode", "state", "reason", "spec_json", "created_at", "started_at", "finished_at", "step", "total_steps", "version", "metrics", "workers", "samples_per_second", "world_size", "owner", "tensorboard_dir", "size", "target_size", "min_workers", "shards")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class Job(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     TARGET_SIZE_FIELD_NUMBER: _ClassVar[int]
     MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     mode: str
@@ -97,7 +98,28 @@ class Job(_message.Message):
     size: int
     target_size: int
     min_workers: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., mode: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., spec_json: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., samples_per_second: _Optional[float] = ..., world_size: _Optional[int] = ..., owner: _Optional[str] = ..., tensorboard_dir: _Optional[str] = ..., size: _Optional[int] = ..., target_size: _Optional[int] = ..., min_workers: _Optional[int] = ...) -> None: ...
+    shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., mode: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., spec_json: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., samples_per_second: _Optional[float] = ..., world_size: _Optional[int] = ..., owner: _Optional[str] = ..., tensorboard_dir: _Optional[str] = ..., size: _Optional[int] = ..., target_size: _Optional[int] = ..., min_workers: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ...) -> None: ...
+
+class ShardStatus(_message.Message):
+    __slots__ = ("index", "host", "first", "end", "version", "bytes_in", "bytes_out", "updates_per_s")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    host: str
+    first: int
+    end: int
+    version: int
+    bytes_in: int
+    bytes_out: int
+    updates_per_s: float
+    def __init__(self, index: _Optional[int] = ..., host: _Optional[str] = ..., first: _Optional[int] = ..., end: _Optional[int] = ..., version: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., updates_per_s: _Optional[float] = ...) -> None: ...
 
 class MetricPoint(_message.Message):
     __slots__ = ("seq", "step", "kind", "metrics", "at")

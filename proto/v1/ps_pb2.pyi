@@ -24,7 +24,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., total_steps: _Optional[int] = ..., train_size: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("version", "next_step", "needs_init", "world_size", "heartbeat_interval_s", "collective_timeout_s", "data")
+    __slots__ = ("version", "next_step", "needs_init", "world_size", "heartbeat_interval_s", "collective_timeout_s", "data", "shards")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     NEEDS_INIT_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class RegisterResponse(_message.Message):
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     version: int
     next_step: int
     needs_init: bool
@@ -39,7 +40,8 @@ class RegisterResponse(_message.Message):
     heartbeat_interval_s: float
     collective_timeout_s: float
     data: DataEndpoint
-    def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., collective_timeout_s: _Optional[float] = ..., data: _Optional[_Union[DataEndpoint, _Mapping]] = ...) -> None: ...
+    shards: _containers.RepeatedCompositeFieldContainer[DataEndpoint]
+    def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., collective_timeout_s: _Optional[float] = ..., data: _Optional[_Union[DataEndpoint, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[DataEndpoint, _Mapping]]] = ...) -> None: ...
 
 class DataEndpoint(_message.Message):
     __slots__ = ("protocol", "tcp_host", "tcp_port", "unix_path", "host_id", "credential", "tls")

@@ -2,7 +2,9 @@
 on the same global batches of N*b samples (max abs difference <= 1e-5 after 100 steps).
 
 Runs through the real server (port 0) and real Ray workers, with tensors on the data plane
-(``transport: auto``) and, for N = 2, on the gRPC fallback path as well. N = 4 and the gRPC
+(``transport: auto``) and, for N = 2, on the gRPC fallback path as well, and with the parameter
+server in 2 and 4 shards (``ps_shards``: shard 0 in the server, the others Ray actors, each
+updating its slice of the parameters with its own optimizer). N = 4 and the gRPC
 jobs push their gradient in two buckets while backward runs (``bucket_mb`` below the model's
 first layer); the others in one push after backward. All the jobs are submitted at once, so the
 FIFO queue runs them as the two logical CPUs allow.
@@ -27,15 +29,16 @@ OPTIMIZERS = {
     "adamw": {"name": "adamw", "lr": 0.002, "weight_decay": 0.05},
 }
 WORLD_SIZES = (1, 2, 4)
-CASES = [(n, "auto") for n in WORLD_SIZES] + [(2, "grpc")]
+CASES = [(n, "auto") for n in WORLD_SIZES] + [(2, "grpc"), (2, "shards-2"), (2, "shards-4")]
 BUCKETED = {(4, "auto"), (2, "grpc")}
 SMALL_BUCKETS_MB = 0.004  # the 64x32 weight (8 KB) is a bucket, the rest of the model (1.4 KB) another
 
 
 def spec(workers: int, optimizer: dict, transport: str = "auto", bucket_mb: float | None = None) -> dict:
+    shards = int(transport.removeprefix("shards-")) if transport.startswith("shards-") else 1
     return {
         "name": f"exact-{optimizer['name']}-{workers}-{transport}", "mode": "ps-sync", "workers": workers,
-        "transport": transport,
+        "transport": "auto" if shards > 1 else transport, "ps_shards": shards,
         "resources": {"cpus": 0.5}, "model": {"name": "mlp", "args": {"hidden": [32]}},
         "dataset": "digits", "optimizer": optimizer, "batch_size": BATCH, "steps": STEPS, "seed": SEED,
         **({} if bucket_mb is None else {"bucket_mb": bucket_mb}),

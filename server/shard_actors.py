@@ -1,0 +1,114 @@
+"""Ray adapter: a sharded job's shards 1 to K-1, each a ``ShardServer`` in a Ray actor of its
+own, spread over the cluster's nodes (``SPREAD``). The actors hold no CPU of the queue's: a
+shard's work is the parameter server's, like the server process's own."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gradhub.server.shard_server import ShardServer, ShardStats
+from gradhub.server.store import CheckpointState, StoreConfig
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 120.0  # a new actor process imports torch and gradhub
+CALL_TIMEOUT_S = 60.0
+
+
+class ShardActor:
+    """The actor: one ``ShardServer`` on this node's address."""
+
+    def __init__(self, config: StoreConfig, max_model_bytes: int) -> None:
+        import ray
+
+        self._server = ShardServer(config, ray.util.get_node_ip_address(), max_model_bytes=max_model_bytes).start()
+
+    def endpoint(self) -> dict[str, object]:
+        return self._server.endpoint()
+
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> None:
+        self._server.register(rank, host, pid, credential, total_steps)
+
+    def resume_from(self, state: CheckpointState, total_steps: int) -> None:
+        self._server.resume_from(state, total_steps)
+
+    def capture(self, step: int) -> CheckpointState | None:
+        return self._server.capture(step)
+
+    def checkpoint_state(self) -> CheckpointState:
+        return self._server.checkpoint_state()
+
+    def stats(self) -> ShardStats:
+        return self._server.stats()
+
+    def mark_dead(self, rank: int) -> None:
+        self._server.mark_dead(rank)
+
+    def close(self, reason: str) -> None:
+        self._server.close(reason)
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+class RayShards:
+    """Shards 1 to ``count - 1`` of ``config``'s job as Ray actors (``OtherShards``)."""
+
+    def __init__(self, config: StoreConfig, count: int, *, max_model_bytes: int) -> None:
+        import dataclasses
+
+        import ray
+
+        self._ray = ray
+        remote = ray.remote(ShardActor)
+        self._actors: list[Any] = [
+            remote.options(num_cpus=0, scheduling_strategy="SPREAD", max_restarts=0,
+                           name=f"gradhub-shard-{config.job_id}-{i}-{id(self):x}", lifetime=None)
+            .remote(dataclasses.replace(config, shard=i, shards=count), max_model_bytes)
+            for i in range(1, count)]
+        try:
+            self._endpoints: list[dict[str, object]] = self._all("endpoint", timeout=START_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _all(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> list[Any]:
+        return list(self._ray.get([getattr(a, method).remote(*args) for a in self._actors], timeout=timeout))
+
+    def endpoints(self) -> list[dict[str, object]]:
+        return list(self._endpoints)
+
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> None:
+        self._all("register", rank, host, pid, credential, total_steps)
+
+    def resume_from(self, state: CheckpointState, total_steps: int) -> None:
+        ref = self._ray.put(state)  # once into the object store, not once per shard
+        self._all("resume_from", ref, total_steps)
+
+    def captures(self, step: int) -> list[CheckpointState | None]:
+        return self._all("capture", step)
+
+    def checkpoint_states(self) -> list[CheckpointState]:
+        return self._all("checkpoint_state")
+
+    def stats(self) -> list[ShardStats]:
+        return self._all("stats", timeout=10.0)
+
+    def mark_dead(self, rank: int) -> None:
+        self._all("mark_dead", rank)
+
+    def close(self, reason: str) -> None:
+        self._all("close", reason)
+
+    def stop(self) -> None:
+        for actor in self._actors:
+            try:
+                self._ray.get(actor.stop.remote(), timeout=10.0)
+            except Exception as e:  # noqa: BLE001 - best effort: the actor is killed next
+                log.debug("shard stop failed: %s", e)
+            try:
+                self._ray.kill(actor, no_restart=True)
+            except Exception as e:  # noqa: BLE001 - best effort on the way out
+                log.debug("shard kill failed: %s", e)
+        self._actors = []

@@ -1,0 +1,116 @@
+"""A sharded job's parameter server as one (``ps_shards: K``): shard 0 is the job's own
+``ParameterStore`` on the gRPC server, shards 1 to K-1 are ``ShardServer``s elsewhere (Ray
+actors, ``gradhub.server.shard_actors``; in this process for tests and external workers,
+``LocalShards``). Here: what the control plane asks of them, and how their states merge
+into the one checkpoint an unsharded job would write."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+from gradhub.proto import frames
+from gradhub.proto.contract.errors import StateError
+from gradhub.proto.shards import merge_optimizer_state, merge_params, shards_of
+from gradhub.proto.v1 import ps_pb2
+from gradhub.server.shard_server import ShardServer, ShardStats
+from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
+
+
+class OtherShards(Protocol):
+    """Shards 1 to K-1 of a running job; every call answers for each of them, in order."""
+
+    def endpoints(self) -> list[dict[str, object]]:
+        """Where each one's data plane is (``ShardServer.endpoint``)."""
+        ...
+
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> None: ...
+
+    def resume_from(self, state: CheckpointState, total_steps: int) -> None: ...
+
+    def captures(self, step: int) -> list[CheckpointState | None]: ...
+
+    def checkpoint_states(self) -> list[CheckpointState]: ...
+
+    def stats(self) -> list[ShardStats]: ...
+
+    def mark_dead(self, rank: int) -> None: ...
+
+    def close(self, reason: str) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def endpoints(others: Sequence[dict[str, object]], credential: str, tls: bool = False) -> list[ps_pb2.DataEndpoint]:
+    """The shards' ``RegisterResponse.shards`` for a worker whose credential is ``credential``."""
+    return [ps_pb2.DataEndpoint(protocol=frames.DATA_PROTOCOL, credential=credential, tls=tls,
+                                tcp_host=str(e["tcp_host"]), tcp_port=int(str(e["tcp_port"])),
+                                unix_path=str(e["unix_path"]), host_id=str(e["host_id"])) for e in others]
+
+
+def merge_states(store: ParameterStore, own: CheckpointState, others: Sequence[CheckpointState]) -> CheckpointState:
+    """The whole model's checkpoint from shard 0's (``store``'s, ``own``) and the others', taken
+    at the same step. In ps-sync every shard is at the same version, or the states do not
+    belong together (a ``StateError``)."""
+    model = store.model
+    if model is None:
+        raise StateError("parameters: the job has no parameters yet")
+    states = [own, *others]
+    if store.config.mode == "ps-sync" and len({s.version for s in states}) > 1:
+        raise StateError(f"shards: at versions {[s.version for s in states]}, not one step of the job")
+    shards = shards_of(model.trainable, len(states))
+    trainable = merge_params(model.trainable, shards, [s.params for s in states])
+    frozen = {n: own.params[n] for n in (model.frozen.names if model.frozen else ())}
+    buffers = {b.name: own.params[b.name] for b in model.buffers}
+    optimizer = merge_optimizer_state(model.trainable, store.config.param_groups, shards,
+                                      [s.optimizer_state for s in states])
+    # a worker that pushed to some shards and not yet to others does that step again
+    clocks = tuple(min(c) for c in zip(*(s.clocks for s in states), strict=True))
+    return CheckpointState(step=min(s.step for s in states), version=min(s.version for s in states),
+                           params=model.state_dict(trainable, frozen, buffers), optimizer_state=optimizer,
+                           scheduler_state=own.scheduler_state, clocks=clocks)
+
+
+class LocalShards:
+    """Shards 1 to K-1 as ``ShardServer``s in this process (for tests and external workers)."""
+
+    def __init__(self, config: StoreConfig, count: int, host: str, *, max_model_bytes: int) -> None:
+        self._servers = [ShardServer(dataclasses.replace(config, shard=i, shards=count), host,
+                                     max_model_bytes=max_model_bytes).start() for i in range(1, count)]
+
+    @property
+    def stores(self) -> list[ParameterStore]:
+        return [s.store_ for s in self._servers]
+
+    def endpoints(self) -> list[dict[str, object]]:
+        return [s.endpoint() for s in self._servers]
+
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> None:
+        for s in self._servers:
+            s.register(rank, host, pid, credential, total_steps)
+
+    def resume_from(self, state: CheckpointState, total_steps: int) -> None:
+        for s in self._servers:
+            s.resume_from(state, total_steps)
+
+    def captures(self, step: int) -> list[CheckpointState | None]:
+        return [s.capture(step) for s in self._servers]
+
+    def checkpoint_states(self) -> list[CheckpointState]:
+        return [s.checkpoint_state() for s in self._servers]
+
+    def stats(self) -> list[ShardStats]:
+        return [s.stats() for s in self._servers]
+
+    def mark_dead(self, rank: int) -> None:
+        for s in self._servers:
+            s.mark_dead(rank)
+
+    def close(self, reason: str) -> None:
+        for s in self._servers:
+            s.close(reason)
+
+    def stop(self) -> None:
+        for s in self._servers:
+            s.stop()

@@ -1,0 +1,123 @@
+"""A sharded parameter server's stores (``ps_shards``): K stores, each over its slice, take the
+unsharded store's steps bit for bit; their checkpoints merge into the unsharded store's
+checkpoint; and a job resumes from that checkpoint with another K and ends where an
+undisturbed run ends."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import StateError
+from gradhub.proto.model_state import ModelLayout, TensorSpec
+from gradhub.proto.shards import shards_of
+from gradhub.server.shard_set import merge_states
+from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
+
+TRAINABLE = Layout(("w", "b", "v"), ((3, 4), (3,), (5,)))
+MODEL = ModelLayout(TRAINABLE, frozen=Layout(("f",), ((4,),)),
+                    buffers=(TensorSpec("mean", torch.float32, (3,)),), aliases={"w_tied": "w"})
+STEPS, WORKERS, EVERY = 10, 2, 4
+CONFIG = StoreConfig("job", "ps-sync", WORKERS, optimizer="adamw", lr=0.05, hyper={"weight_decay": 0.1},
+                     checkpoint_every=EVERY, param_groups=({"params": ["b"], "lr": 0.01},),
+                     schedule={"name": "cosine"})
+
+
+def _grad(step: int, rank: int) -> torch.Tensor:
+    return torch.randn(TRAINABLE.numel, generator=torch.Generator().manual_seed(100 * step + rank))
+
+
+def _stores(count: int, kept: list[list[CheckpointState]], resume: CheckpointState | None = None,
+            ) -> list[ParameterStore]:
+    stores = []
+    init = torch.randn(TRAINABLE.numel, generator=torch.Generator().manual_seed(0))
+    for k in range(count):
+        kept.append([])
+        store = ParameterStore(dataclasses.replace(CONFIG, shard=k, shards=count), on_checkpoint=kept[k].append)
+        if resume is not None:
+            store.resume_from(resume, STEPS)
+        else:
+            store.set_total_steps(STEPS)
+        for rank in range(WORKERS):
+            store.register(rank)
+        shard = shards_of(TRAINABLE, count)[k] if count > 1 else None
+        part = init if shard is None else init[shard.lo:shard.hi]
+        frozen = torch.full((4,), 7.0) if k == 0 else None
+        assert store.initialize(MODEL, part, frozen, {"mean": torch.zeros(3)})
+        stores.append(store)
+    return stores
+
+
+def _train(stores: list[ParameterStore], start: int, end: int) -> None:
+    count = len(stores)
+    cuts = shards_of(TRAINABLE, count)
+    for step in range(start, end):
+        for rank in range(WORKERS):
+            grad = _grad(step, rank)
+            unused = [2] if step == 3 else []  # "v" got no gradient at step 3
+            for k, store in enumerate(stores):
+                s = cuts[k]
+                buffers = {"mean": torch.full((3,), float(step))} if k == 0 else None
+                store.push(rank, step, step, grad[s.lo:s.hi], buffers, s.unused(unused))
+
+
+def _whole(stores: list[ParameterStore]) -> CheckpointState:
+    own = stores[0].checkpoint_state()
+    return own if len(stores) == 1 else merge_states(stores[0], own, [s.checkpoint_state() for s in stores[1:]])
+
+
+def _assert_same(a: CheckpointState, b: CheckpointState) -> None:
+    assert (a.step, a.version, a.clocks) == (b.step, b.version, b.clocks)
+    assert a.params.keys() == b.params.keys()
+    for name in a.params:
+        assert torch.equal(a.params[name], b.params[name]), name
+    assert a.optimizer_state["param_groups"] == b.optimizer_state["param_groups"]
+    assert a.optimizer_state["state"].keys() == b.optimizer_state["state"].keys()
+    for i, st in a.optimizer_state["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, b.optimizer_state["state"][i][key]), (i, key)
+    assert a.scheduler_state == b.scheduler_state
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_shards_take_the_unsharded_steps_bit_for_bit(count: int) -> None:
+    one_kept: list[list[CheckpointState]] = []
+    one = _stores(1, one_kept)
+    _train(one, 0, STEPS)
+    kept: list[list[CheckpointState]] = []
+    sharded = _stores(count, kept)
+    _train(sharded, 0, STEPS)
+    _assert_same(_whole(sharded), _whole(one))
+    assert sorted(_whole(sharded).params) == ["b", "f", "mean", "v", "w", "w_tied"]
+    # every shard took the periodic checkpoints at the same steps, and they merge into the whole one
+    assert [[c.step for c in k] for k in kept] == [[c.step for c in one_kept[0]]] * count == [[4, 8]] * count
+    for i in range(2):
+        merged = merge_states(sharded[0], kept[0][i], [k[i] for k in kept[1:]])
+        _assert_same(merged, one_kept[0][i])
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 4), (4, 1), (1, 3)])
+def test_a_checkpoint_resumes_with_another_count_and_ends_as_an_undisturbed_run(before: int, after: int) -> None:
+    undisturbed = _stores(1, [])
+    _train(undisturbed, 0, STEPS)
+    kept: list[list[CheckpointState]] = []
+    first = _stores(before, kept)
+    _train(first, 0, 6)  # past the checkpoint at step 4
+    parts = [k[0] for k in kept]
+    checkpoint = parts[0] if before == 1 else merge_states(first[0], parts[0], parts[1:])
+    assert checkpoint.step == 4
+    resumed = _stores(after, [], resume=checkpoint)
+    _train(resumed, 4, STEPS)
+    _assert_same(_whole(resumed), _whole(undisturbed))
+
+
+def test_states_of_different_steps_do_not_merge() -> None:
+    stores = _stores(2, [])
+    _train(stores, 0, 2)
+    early = stores[1].checkpoint_state()
+    _train(stores, 2, 3)
+    with pytest.raises(StateError, match="versions"):
+        merge_states(stores[0], stores[0].checkpoint_state(), [early])

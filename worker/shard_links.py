@@ -1,0 +1,148 @@
+"""A worker's connections to a sharded parameter server (``ps_shards: K``): one ``DataLink``
+per shard, used in parallel, behind the same calls as one ``DataLink``.
+
+Each call is the whole model's (its header lists every tensor); here it is cut as
+``gradhub.proto.shards`` cuts the flat vector: shard k gets the slice [lo_k, hi_k) of the
+gradient, with the pieces' names and shapes, the parameters that got no gradient among its
+pieces, and (shard 0 alone) the buffers; its parameters land straight in the same slice of the
+model's flat parameters. Shard 0 answers for the whole (its version, the buffers); each
+shard's own version is the base of the next push to it (a shard counts its own updates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import ProtocolError
+from gradhub.proto.shards import Shard, shards_of
+from gradhub.proto.v1 import data_pb2, ps_pb2
+from gradhub.worker.data_link import DataLink, ServerWaitTimeout
+
+T = TypeVar("T")
+
+
+class ShardedLink:
+    """Shard k's data plane is ``links[k]``; ``connect()`` opens every one."""
+
+    def __init__(self, links: Sequence[DataLink]) -> None:
+        if len(links) < 2:
+            raise ValueError("a sharded link needs two links or more")
+        self.links = list(links)
+        self._pool = ThreadPoolExecutor(len(links) - 1, thread_name_prefix="gradhub-shard-link")
+        self._cut: tuple[tuple[tuple[str, ...], tuple[tuple[int, ...], ...]], tuple[Shard, ...]] | None = None
+        self._bases = [0] * len(links)  # each shard's version at this worker's latest pull from it
+
+    @property
+    def kind(self) -> str:
+        kinds = sorted({link.kind for link in self.links})
+        return f"{'+'.join(kinds)} ({len(self.links)} shards)"
+
+    @property
+    def where(self) -> str:
+        return ", ".join(link.where for link in self.links)
+
+    @property
+    def connected(self) -> bool:
+        return all(link.connected for link in self.links)
+
+    def connect(self) -> None:
+        self._each(lambda k, link: None if link.connected else link.connect())
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+        self._pool.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ requests
+    def init(self, header: ps_pb2.PushHeader, flat: torch.Tensor) -> data_pb2.DataReply:
+        """``flat``: the trainable parameters, then the frozen ones (shard 0 takes those)."""
+        shards = self._shards(header.tensors)
+        n = shards[-1].hi
+
+        def one(k: int, link: DataLink) -> data_pb2.DataReply:
+            s = shards[k]
+            part = flat[s.lo:s.hi] if k else torch.cat([flat[s.lo:s.hi], flat[n:]])
+            return link.init(header, part.contiguous())
+        return self._each(one)[0]
+
+    def push(self, header: ps_pb2.PushHeader, grads: torch.Tensor, wire_dtype: int,
+             then_pull: tuple[Layout, torch.Tensor] | None = None, params_dtype: int | None = None,
+             ) -> data_pb2.DataReply:
+        shards = self._shards(header.tensors)
+        if header.first_tensor:
+            raise ProtocolError("first_tensor: a sharded job pushes the whole gradient at once")
+
+        def one(k: int, link: DataLink) -> data_pb2.DataReply:
+            s = shards[k]
+            mine = self._header(header, s)
+            into = None if then_pull is None else (s.layout, then_pull[1][s.lo:s.hi])
+            try:
+                reply = link.push(mine, grads[s.lo:s.hi], wire_dtype, into, params_dtype)
+            except ServerWaitTimeout:
+                if then_pull is None:
+                    raise
+                dtype = wire_dtype if params_dtype is None else params_dtype
+                reply = self._pull_one(k, link, ps_pb2.PullRequest(
+                    job_id=header.job_id, rank=header.rank, step=header.step + 1, dtype=dtype), s, then_pull[1])
+            if then_pull is not None:
+                self._bases[k] = reply.params.version
+            return reply
+        return self._each(one)[0]
+
+    def pull(self, request: ps_pb2.PullRequest, layout: Layout, params: torch.Tensor) -> data_pb2.DataReply:
+        if request.tensor_count:
+            raise ProtocolError("tensor_count: a sharded job pulls the whole model at once")
+        shards = self._shards(layout.metas(0))
+        return self._each(lambda k, link: self._pull_one(k, link, request, shards[k], params))[0]
+
+    # ------------------------------------------------------------------ plumbing
+    def _pull_one(self, k: int, link: DataLink, request: ps_pb2.PullRequest, shard: Shard,
+                  params: torch.Tensor) -> data_pb2.DataReply:
+        while True:  # each shard answers within a minute; a slow worker is waited for
+            try:
+                reply = link.pull(request, shard.layout, params[shard.lo:shard.hi])
+            except ServerWaitTimeout:
+                continue
+            self._bases[k] = reply.params.version
+            return reply
+
+    def _header(self, header: ps_pb2.PushHeader, shard: Shard) -> ps_pb2.PushHeader:
+        """The whole push's header as shard ``shard``'s."""
+        wire = header.tensors[0].dtype
+        out = ps_pb2.PushHeader(job_id=header.job_id, rank=header.rank, step=header.step,
+                                base_version=header.base_version if shard.index == 0 else self._bases[shard.index],
+                                tensors=shard.layout.metas(wire), unused=shard.unused(header.unused),
+                                quant_block=header.quant_block, world_size=header.world_size)
+        if shard.index == 0:
+            out.buffers.extend(header.buffers)
+        return out
+
+    def _shards(self, metas: Sequence[object]) -> tuple[Shard, ...]:
+        key = (tuple(m.name for m in metas), tuple(tuple(m.shape) for m in metas))  # type: ignore[attr-defined]
+        if self._cut is None or self._cut[0] != key:
+            self._cut = (key, shards_of(Layout(*key), len(self.links)))
+        return self._cut[1]
+
+    def _each(self, call: Callable[[int, DataLink], T]) -> list[T]:
+        """``call(k, links[k])`` for every shard at once (shard 0 in this thread); every call
+        ends before the first error is raised."""
+        futures: list[Future[T]] = [self._pool.submit(call, k, link) for k, link in enumerate(self.links) if k]
+        first: BaseException | None = None
+        out: list[T] = []
+        try:
+            out.append(call(0, self.links[0]))
+        except BaseException as e:  # noqa: BLE001 - raised once the other shards' calls are done
+            first = e
+        for f in futures:
+            try:
+                out.append(f.result())
+            except BaseException as e:  # noqa: BLE001 - the first error is raised
+                first = first or e
+        if first is not None:
+            raise first
+        return out
