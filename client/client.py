@@ -59,6 +59,20 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True)
+class ShardInfo:
+    """One shard of a running job's parameter server (``ps_shards`` > 1)."""
+
+    index: int
+    host: str
+    first: int  # the slice of the flat parameters it holds: [first, end)
+    end: int
+    version: int
+    bytes_in: int
+    bytes_out: int
+    updates_per_s: float
+
+
+@dataclass(frozen=True)
 class JobInfo:
     """A snapshot of a job as the server reports it."""
 
@@ -85,6 +99,7 @@ class JobInfo:
     size: int = 0
     target_size: int = 0
     min_workers: int = 0
+    shards: tuple[ShardInfo, ...] = ()  # ps_shards > 1, while it runs
 
     @property
     def done(self) -> bool:
@@ -101,6 +116,8 @@ class JobInfo:
                                      w.restarts, w.pid, w.transport, w.local_step) for w in p.workers),
             spec=json.loads(p.spec_json) if p.spec_json else {}, world_size=p.world_size, owner=p.owner,
             tensorboard_dir=p.tensorboard_dir, size=p.size, target_size=p.target_size, min_workers=p.min_workers,
+            shards=tuple(ShardInfo(s.index, s.host, s.first, s.end, s.version, s.bytes_in, s.bytes_out,
+                                   s.updates_per_s) for s in p.shards),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -285,6 +285,15 @@ def job_details(
                             str(w.restarts), w.transport or "-")
         parts += [Text(), workers]
 
+    if info.shards:
+        shards = Table(title="parameter-server shards", title_justify="left", box=None, header_style="bold")
+        for name in ("SHARD", "HOST", "PARAMETERS", "VERSION", "IN", "OUT", "UPDATES/S"):
+            shards.add_column(name, justify="left" if name == "HOST" else "right")
+        for s in info.shards:
+            shards.add_row(str(s.index), s.host or "-", f"{s.first:,}..{s.end - 1:,}" if s.end else "-", str(s.version),
+                           _size(s.bytes_in), _size(s.bytes_out), f"{s.updates_per_s:,.1f}")
+        parts += [Text(), shards]
+
     drawn = curves(points, width) if width >= 8 else None
     if drawn is not None:
         parts += [Text(), drawn]

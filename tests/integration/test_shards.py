@@ -1,0 +1,102 @@
+"""A sharded parameter server (``ps_shards``) on the wire, against a real server on port 0 whose
+workers are this test (an external launcher runs the other shards in the server's process: the
+same ``ShardServer`` that a Ray actor runs).
+
+- a worker learns every shard's data plane at registration, pushes its gradient cut into the
+  shards' slices and gets each slice's parameters back into the right place;
+- ``gradhub status`` shows every shard: its slice, its version, the bytes it moved;
+- a shard admits only the credential of a worker's latest registration, and checks every
+  header against its own slice before reading a payload.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradhub.client.client import Client
+from gradhub.proto.codec import Layout
+from gradhub.proto.contract.errors import AuthError, ProtocolError
+from gradhub.proto.v1 import ps_pb2, tensor_pb2
+from gradhub.server.app import Server
+from gradhub.server.config import ServerConfig
+from gradhub.server.launcher import ExternalLauncher
+from gradhub.worker.data_link import DataLink
+from gradhub.worker.server_link import ServerLink
+
+from ..conftest import wait_for, worker_link
+
+LAYOUT = Layout(("w", "b"), ((2, 3), (4,)))
+NUMEL, LR, SHARDS = 10, 0.5, 3
+
+
+@pytest.fixture
+def server(tmp_path):
+    with Server(ServerConfig(port=0, data_dir=tmp_path), launcher=ExternalLauncher()) as s:
+        yield s
+
+
+def _running(server: Server, workers: int = 1) -> str:
+    with Client(server.address) as client:
+        info = client.submit({"name": "shards", "workers": workers, "model": "mlp", "dataset": "digits",
+                              "steps": 10, "optimizer": {"name": "sgd", "lr": LR}, "resources": {"cpus": 1},
+                              "ps_shards": SHARDS})
+        wait_for(lambda: client.get_job(info.id).state == "RUNNING", 30, "the job to run")
+    return info.id
+
+
+def _worker(server: Server, job_id: str, rank: int = 0) -> tuple[ServerLink, ps_pb2.RegisterResponse]:
+    link = worker_link(server, job_id, rank)
+    return link, link.register("t", 0, total_steps=10, train_size=1)
+
+
+def test_a_worker_trains_on_every_shard_and_status_shows_them(server: Server) -> None:
+    job_id = _running(server)
+    link, reg = _worker(server, job_id)
+    with link:
+        assert len(reg.shards) == SHARDS - 1 and all(e.credential == reg.data.credential for e in reg.shards)
+        assert link.transport == f"unix ({SHARDS} shards)"
+        link.init_parameters(LAYOUT, torch.arange(NUMEL, dtype=torch.float32))
+        params = torch.empty(NUMEL)
+        version = link.pull(LAYOUT, 0, params).version
+        assert torch.equal(params, torch.arange(NUMEL, dtype=torch.float32))
+        for step in range(3):
+            grad = torch.arange(NUMEL, dtype=torch.float32) + step  # a different value in every place
+            version = link.push_pull(LAYOUT, step, version, grad, params).version
+            assert version == step + 1
+        expected = torch.arange(NUMEL, dtype=torch.float32) - LR * (3 * torch.arange(NUMEL) + 3)
+        assert torch.equal(params, expected)
+
+        with Client(server.address) as client:
+            def shown() -> bool:
+                shards = client.get_job(job_id).shards
+                return len(shards) == SHARDS and all(s.version == 3 for s in shards)
+            wait_for(shown, 10, "every shard at version 3 in the job's status")
+            shards = client.get_job(job_id).shards
+        assert [(s.first, s.end) for s in shards] == [(0, 3), (3, 6), (6, 10)]
+        for s in shards:
+            assert s.host and s.bytes_in == 3 * (s.end - s.first) * 4  # three pushes of its slice
+            assert s.bytes_out == 4 * (s.end - s.first) * 4  # the first pull and three
+
+
+def test_a_shard_admits_the_latest_registration_only_and_checks_headers(server: Server) -> None:
+    job_id = _running(server)
+    link, reg = _worker(server, job_id)
+    with link:
+        link.init_parameters(LAYOUT, torch.zeros(NUMEL))
+        endpoint = reg.shards[0]
+        stranger = ps_pb2.DataEndpoint()
+        stranger.CopyFrom(endpoint)
+        stranger.credential = "guessed"
+        with pytest.raises(AuthError, match="credential"):
+            DataLink(stranger, job_id, 0, "127.0.0.1").connect()
+        mine = DataLink(endpoint, job_id, 0, "127.0.0.1")
+        mine.connect()
+        # a push of the whole model's tensors to shard 1 (whose slice is 3 values of "w") is refused
+        header = ps_pb2.PushHeader(job_id=job_id, rank=0, step=0, tensors=LAYOUT.metas(tensor_pb2.FLOAT32))
+        with pytest.raises(ProtocolError, match="tensors"):
+            mine.push(header, torch.zeros(NUMEL), tensor_pb2.FLOAT32)
+        _, again = _worker(server, job_id)  # a new registration: a new credential on every shard
+        assert again.shards[0].credential != endpoint.credential
+        with pytest.raises(AuthError, match="credential"):
+            DataLink(endpoint, job_id, 0, "127.0.0.1").connect()
