@@ -4,7 +4,8 @@
     round trip), in GB/s, on each transport (the data plane's Unix socket and TCP, and the gRPC
     fallback), against raw TCP loopback (and plain gRPC streaming) measured in the same run;
 (b) ps-sync step communication time with 2 workers against torch.distributed Gloo
-    all_reduce of the same bytes;
+    all_reduce of the same bytes, with the parameter server in one shard and in K (``--shards``:
+    shard 0 in the server, the others Ray actors on a local Ray, as a cluster runs them);
 (c) a 1-worker ps-sync job (real server, real Ray worker) against a plain PyTorch loop on
     the same model, data and batch: samples/s;
 (d) a 2-worker ps-sync job against the same job in allreduce mode: samples/s;
@@ -47,19 +48,32 @@ TIMEOUT_S = 300
 
 
 def _serve(port_queue: Any, stop: Any, data_dir: str, asks: Any, credentials: Any,
-           tls: tuple[str, str] | None = None) -> None:
+           tls: tuple[str, str] | None = None, ray_shards: bool = False) -> None:
     """The gradhub server in its own process, with workers that the benchmark runs itself (it
     answers each job id put on ``asks`` with the job's worker credential, as a launcher would);
-    ``tls``: (certificate, key) files to serve TLS with."""
+    ``tls``: (certificate, key) files to serve TLS with; ``ray_shards``: a sharded job's other
+    shards are Ray actors (a local Ray), each a process of its own."""
     import queue
 
     from gradhub.server.app import Server
     from gradhub.server.config import ServerConfig
     from gradhub.server.launcher import ExternalLauncher
 
+    launcher = ExternalLauncher()
+    if ray_shards:
+        import ray
+
+        from gradhub.server.shard_actors import RayShards
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+
+        class _RayShardsLauncher(ExternalLauncher):
+            def start_shards(self, config: Any, count: int, max_model_bytes: int) -> Any:
+                return RayShards(config, count, max_model_bytes=max_model_bytes)
+        launcher = _RayShardsLauncher()
     config = ServerConfig(port=0, data_dir=Path(data_dir), tls_cert=tls[0] if tls else None,
                           tls_key=tls[1] if tls else None)
-    with Server(config, launcher=ExternalLauncher()) as server:
+    with Server(config, launcher=launcher) as server:
         port_queue.put(server.port)
         deadline = time.monotonic() + TIMEOUT_S
         while not stop.is_set() and time.monotonic() < deadline:
@@ -87,7 +101,7 @@ def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, transp
     with ServerLink(address, job_id, rank, transport="grpc" if transport == "grpc" else "auto",
                     credential=credential, tls_ca=tls_ca) as ps:
         reg = ps.register("bench", 0, total_steps=iters + 1, train_size=1)
-        if ps.transport != ("tcp" if transport == "tls" else transport):
+        if ps.transport.split(" ")[0] != ("tcp" if transport == "tls" else transport):
             raise RuntimeError(f"worker {rank} uses {ps.transport}, not {transport}")
         if reg.needs_init:
             ps.init_parameters(layout, params)
@@ -114,9 +128,10 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "unix", device: str = "cpu",
-                     ) -> tuple[list[float], dict]:
-    """Per-step push+pull seconds of rank 0 in a ps-sync job of ``workers`` external workers, and
-    the server's CPU seconds per GB moved and peak RSS (MB) over the exchanges."""
+                     shards: int = 1) -> tuple[list[float], dict]:
+    """Per-step push+pull seconds of rank 0 in a ps-sync job of ``workers`` external workers
+    (the parameter server in ``shards`` shards), and the server's CPU seconds per GB moved and
+    peak RSS (MB) over the exchanges (the server process's alone: shard 0)."""
     from gradhub.client.client import Client
 
     ctx = mp.get_context("spawn")
@@ -131,13 +146,15 @@ def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "un
             cert.private_key_pem.write_to_path(f"{tmp}/key.pem")
             Path(f"{tmp}/cert.pem").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
             tls, ca = (f"{tmp}/cert.pem", f"{tmp}/key.pem"), authority.cert_pem.bytes()
-        server = ctx.Process(target=_serve, args=(ports, stop, f"{tmp}/data", asks, credentials, tls), daemon=True)
+        server = ctx.Process(target=_serve, args=(ports, stop, f"{tmp}/data", asks, credentials, tls, shards > 1),
+                             daemon=True)
         server.start()
         try:
             address = f"127.0.0.1:{ports.get(timeout=TIMEOUT_S)}"
             with Client(address, tls_ca=ca) as client:
                 job = client.submit({"name": "bench", "workers": workers, "model": "mlp", "dataset": "digits",
-                                     "steps": iters + 1, "optimizer": {"name": "sgd", "lr": 1e-6}})
+                                     "steps": iters + 1, "optimizer": {"name": "sgd", "lr": 1e-6},
+                                     "ps_shards": shards})
                 deadline = time.monotonic() + 60
                 while client.get_job(job.id).state != "RUNNING":
                     if time.monotonic() > deadline:
@@ -232,6 +249,8 @@ def main() -> None:
     parser.add_argument("--transports", nargs="+", default=["unix", "tcp", "grpc"],
                         choices=["unix", "tcp", "tls", "grpc"],
                         help="transports for (a) and (b) (tls: the data plane's TCP port under TLS)")
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2],
+                        help="parameter-server shards (ps_shards) for (b)")
     parser.add_argument("--figures", nargs="+", default=["a", "b", "c", "d", "g"], choices=["a", "b", "c", "d", "g"],
                         help="which figures to measure ((e) comes with (a) and (b))")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -285,14 +304,19 @@ def figure_b(args: argparse.Namespace, nbytes: int, e_rows: list[dict[str, Any]]
     rows_b = [{"measure": f"Gloo all_reduce, {args.mb} MB, 2 ranks", "seconds/step": f"{gloo:.3f}",
                "ratio to Gloo": "1.00"}]
     b_figures = {}
-    for transport in args.transports:
-        two, use = exchange_seconds(2, nbytes, args.iters, transport)
-        step_s = statistics.median(two)
-        b_figures[transport] = {"step_s": step_s, "ratio_to_gloo": step_s / gloo, "step_seconds": two, **use}
-        rows_b.append({"measure": f"gradhub ps-sync push+pull, {args.mb} MB, 2 workers, {transport}",
-                       "seconds/step": f"{step_s:.3f}", "ratio to Gloo": f"{step_s / gloo:.2f}"})
-        e_rows.append({"run": f"(b) {transport}", "server CPU s/GB": f"{use['cpu_s_per_gb']:.2f}",
-                       "server peak RSS MB": f"{use['peak_rss_mb']:,.0f}"})
+    for shards in args.shards:
+        for transport in args.transports:
+            if shards > 1 and transport in ("grpc", "tls"):
+                continue  # a sharded job's shards serve the data plane only (and no TLS yet)
+            two, use = exchange_seconds(2, nbytes, args.iters, transport, shards=shards)
+            step_s = statistics.median(two)
+            key = transport if shards == 1 else f"{transport}, K={shards}"
+            b_figures[key] = {"step_s": step_s, "ratio_to_gloo": step_s / gloo, "step_seconds": two, **use}
+            rows_b.append({"measure": f"gradhub ps-sync push+pull, {args.mb} MB, 2 workers, {transport}, "
+                                      f"K = {shards}", "seconds/step": f"{step_s:.3f}",
+                           "ratio to Gloo": f"{step_s / gloo:.2f}"})
+            e_rows.append({"run": f"(b) {key}", "server CPU s/GB": f"{use['cpu_s_per_gb']:.2f}",
+                           "server peak RSS MB": f"{use['peak_rss_mb']:,.0f}"})
     print_table("(b) ps-sync step communication vs Gloo all_reduce", rows_b, ["measure", "seconds/step", "ratio to Gloo"])
     return {"mb": args.mb, "gloo_allreduce_s": gloo, "gradhub": b_figures}
 
