@@ -70,6 +70,7 @@ class ShardInfo:
     bytes_in: int
     bytes_out: int
     updates_per_s: float
+    pid: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class JobInfo:
             spec=json.loads(p.spec_json) if p.spec_json else {}, world_size=p.world_size, owner=p.owner,
             tensorboard_dir=p.tensorboard_dir, size=p.size, target_size=p.target_size, min_workers=p.min_workers,
             shards=tuple(ShardInfo(s.index, s.host, s.first, s.end, s.version, s.bytes_in, s.bytes_out,
-                                   s.updates_per_s) for s in p.shards),
+                                   s.updates_per_s, s.pid) for s in p.shards),
         )
 
     def to_dict(self) -> dict[str, Any]:

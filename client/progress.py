@@ -287,10 +287,10 @@ def job_details(
 
     if info.shards:
         shards = Table(title="parameter-server shards", title_justify="left", box=None, header_style="bold")
-        for name in ("SHARD", "HOST", "PARAMETERS", "VERSION", "IN", "OUT", "UPDATES/S"):
+        for name in ("SHARD", "HOST", "PID", "PARAMETERS", "VERSION", "IN", "OUT", "UPDATES/S"):
             shards.add_column(name, justify="left" if name == "HOST" else "right")
         for s in info.shards:
-            shards.add_row(str(s.index), s.host or "-", f"{s.first:,}..{s.end - 1:,}" if s.end else "-", str(s.version),
+            shards.add_row(str(s.index), s.host or "-", str(s.pid or "-"), f"{s.first:,}..{s.end - 1:,}" if s.end else "-", str(s.version),
                            _size(s.bytes_in), _size(s.bytes_out), f"{s.updates_per_s:,.1f}")
         parts += [Text(), shards]
 

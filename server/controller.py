@@ -6,7 +6,8 @@ decision; what differs between modes is the ``ModeRuntime``'s.
 Failures it sees: a death (Ray reports the actor's process gone; Ray restarts it and the
 controller runs it again), a hang (no heartbeat for ``heartbeat_timeout_s``: it kills the
 process, whose death follows and counts as this one), a worker's own error (the job fails),
-a lost group (allreduce: the whole group restarts), the server stopping and a cancel.
+a lost group (allreduce: the whole group restarts), a lost parameter-server shard (every shard
+and worker starts again from the job's latest checkpoint), the server stopping and a cancel.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class Controller:
             return Outcome(None, "server shutting down")
         if run.cancelled is not None:
             return Outcome(JobState.CANCELLED, run.cancelled)
+        if (lost := self.runtime.lost()) is not None:
+            return self._failed(Failure(0, FailureKind.SHARD_LOST, lost))
         if run.spec.elastic:
             self._scale()
         for rank in [r for r, at in self._rerun_at.items() if at <= self._now()]:

@@ -78,6 +78,12 @@ class JobRun:
             self._restarts = [0] * self.spec.workers
             self._metrics = dict(metrics)
 
+    def serve(self, state: ParameterStore) -> None:
+        """From now on ``state`` serves the job (a sharded ps job started again from its
+        latest checkpoint, in a new store); its workers' phases and counts stay."""
+        with self._lock:
+            self._state = state
+
     # ------------------------------------------------------------ size
     @property
     def target(self) -> int:

@@ -48,7 +48,8 @@ def job_to_proto(view: JobView, summary: bool = False, tensorboard_dir: str = ""
             for w in view.workers
         ],
         shards=[jobs_pb2.ShardStatus(index=s.index, host=s.host, first=s.first, end=s.end, version=s.version,
-                                     bytes_in=s.bytes_in, bytes_out=s.bytes_out, updates_per_s=s.updates_per_s)
+                                     bytes_in=s.bytes_in, bytes_out=s.bytes_out, updates_per_s=s.updates_per_s,
+                                     pid=s.pid)
                 for s in view.shards],
     )
 

@@ -18,6 +18,7 @@ class FailureKind(StrEnum):
     HANG = "hang"  # the worker went silent past the heartbeat timeout (the controller kills it)
     USER_ERROR = "user error"  # the worker raised: bad code or data, which would fail again
     LOST_PEER = "lost peer"  # allreduce: the worker gave up on its group (it could not re-form)
+    SHARD_LOST = "shard lost"  # a parameter-server shard of the job died (its rank is 0: the job's)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class MaxRestarts:
     def decide(self, failure: Failure) -> FailureDecision:
         if failure.kind == FailureKind.USER_ERROR:
             return FailureDecision.FAIL
-        if failure.kind == FailureKind.LOST_PEER:
+        if failure.kind in (FailureKind.LOST_PEER, FailureKind.SHARD_LOST):
             self.group_restarts += 1
             return FailureDecision.FAIL if self.group_restarts > self.max_restarts else FailureDecision.RESTART_GROUP
         self.deaths[failure.rank] += 1
@@ -68,6 +69,12 @@ class MaxRestarts:
         what = {FailureKind.DEATH: "died", FailureKind.HANG: "hung"}.get(failure.kind, "failed")
         if failure.kind == FailureKind.USER_ERROR:
             return failure.error  # the worker's own words: "worker 1 failed at training step 5: ..."
+        if failure.kind == FailureKind.SHARD_LOST:
+            n = self.group_restarts
+            return (f"{failure.error}; " + (f"the job was restarted {n - 1} times (max_restarts is "
+                                            f"{self.max_restarts})" if n > self.max_restarts else
+                                            f"every shard and worker starts again from the latest checkpoint "
+                                            f"(restart {n} of {self.max_restarts})"))
         if failure.kind == FailureKind.LOST_PEER:
             n = self.group_restarts
             return (f"worker {failure.rank} lost its peers ({failure.error}); "

@@ -5,6 +5,7 @@ shard's work is the parameter server's, like the server process's own."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from gradhub.server.shard_server import ShardServer, ShardStats
@@ -17,12 +18,18 @@ CALL_TIMEOUT_S = 60.0
 
 
 class ShardActor:
-    """The actor: one ``ShardServer`` on this node's address."""
+    """The actor: one ``ShardServer`` on this node's address. A threaded actor (its calls may
+    run at once; the server's state has its locks): ``serve`` returns only once it is stopped,
+    so its result tells the controller whether the process died."""
 
     def __init__(self, config: StoreConfig, max_model_bytes: int) -> None:
         import ray
 
         self._server = ShardServer(config, ray.util.get_node_ip_address(), max_model_bytes=max_model_bytes).start()
+        self._stopped = threading.Event()
+
+    def serve(self) -> None:
+        self._stopped.wait()
 
     def endpoint(self) -> dict[str, object]:
         return self._server.endpoint()
@@ -49,6 +56,7 @@ class ShardActor:
         self._server.close(reason)
 
     def stop(self) -> None:
+        self._stopped.set()
         self._server.stop()
 
 
@@ -63,8 +71,7 @@ class RayShards:
         self._ray = ray
         remote = ray.remote(ShardActor)
         self._actors: list[Any] = [
-            remote.options(num_cpus=0, scheduling_strategy="SPREAD", max_restarts=0,
-                           name=f"gradhub-shard-{config.job_id}-{i}-{id(self):x}", lifetime=None)
+            remote.options(num_cpus=0, scheduling_strategy="SPREAD", max_restarts=0, max_concurrency=8)
             .remote(dataclasses.replace(config, shard=i, shards=count), max_model_bytes)
             for i in range(1, count)]
         try:
@@ -72,6 +79,7 @@ class RayShards:
         except BaseException:
             self.stop()
             raise
+        self._serving = {a.serve.remote(): i for i, a in enumerate(self._actors, start=1)}
 
     def _all(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> list[Any]:
         return list(self._ray.get([getattr(a, method).remote(*args) for a in self._actors], timeout=timeout))
@@ -95,6 +103,12 @@ class RayShards:
     def stats(self) -> list[ShardStats]:
         return self._all("stats", timeout=10.0)
 
+    def lost(self) -> list[int]:
+        """The shards whose ``serve`` ended: only a stop or a death ends it."""
+        refs = list(self._serving)
+        done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        return sorted(self._serving[r] for r in done)
+
     def mark_dead(self, rank: int) -> None:
         self._all("mark_dead", rank)
 
@@ -112,3 +126,4 @@ class RayShards:
             except Exception as e:  # noqa: BLE001 - best effort on the way out
                 log.debug("shard kill failed: %s", e)
         self._actors = []
+        self._serving = {}

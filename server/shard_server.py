@@ -9,6 +9,7 @@ figures (``stats``).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,13 +35,14 @@ class ShardStats:
     bytes_in: int
     bytes_out: int
     updates_per_s: float
+    pid: int = 0
 
 
 def store_stats(index: int, host: str, store: ParameterStore, rate: float) -> ShardStats:
     shard = store.shard
     workers = store.workers()
     return ShardStats(index, host, shard.lo if shard else 0, shard.hi if shard else 0, store.version,
-                      sum(w.bytes_in for w in workers), sum(w.bytes_out for w in workers), rate)
+                      sum(w.bytes_in for w in workers), sum(w.bytes_out for w in workers), rate, os.getpid())
 
 
 class UpdateRate:

@@ -35,6 +35,10 @@ class OtherShards(Protocol):
 
     def stats(self) -> list[ShardStats]: ...
 
+    def lost(self) -> list[int]:
+        """The shards (their indexes) whose process died."""
+        ...
+
     def mark_dead(self, rank: int) -> None: ...
 
     def close(self, reason: str) -> None: ...
@@ -102,6 +106,9 @@ class LocalShards:
 
     def stats(self) -> list[ShardStats]:
         return [s.stats() for s in self._servers]
+
+    def lost(self) -> list[int]:
+        return []  # they live as long as this process
 
     def mark_dead(self, rank: int) -> None:
         for s in self._servers:

@@ -102,7 +102,7 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., mode: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., spec_json: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., samples_per_second: _Optional[float] = ..., world_size: _Optional[int] = ..., owner: _Optional[str] = ..., tensorboard_dir: _Optional[str] = ..., size: _Optional[int] = ..., target_size: _Optional[int] = ..., min_workers: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("index", "host", "first", "end", "version", "bytes_in", "bytes_out", "updates_per_s")
+    __slots__ = ("index", "host", "first", "end", "version", "bytes_in", "bytes_out", "updates_per_s", "pid")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class ShardStatus(_message.Message):
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     UPDATES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     index: int
     host: str
     first: int
@@ -119,7 +120,8 @@ class ShardStatus(_message.Message):
     bytes_in: int
     bytes_out: int
     updates_per_s: float
-    def __init__(self, index: _Optional[int] = ..., host: _Optional[str] = ..., first: _Optional[int] = ..., end: _Optional[int] = ..., version: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., updates_per_s: _Optional[float] = ...) -> None: ...
+    pid: int
+    def __init__(self, index: _Optional[int] = ..., host: _Optional[str] = ..., first: _Optional[int] = ..., end: _Optional[int] = ..., version: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., updates_per_s: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class MetricPoint(_message.Message):
     __slots__ = ("seq", "step", "kind", "metrics", "at")

@@ -11,6 +11,8 @@ deterministic.
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import pytest
 from gradhub.client.client import Client
 from gradhub.worker.data import global_batch_indices
 
-from ..conftest import final_params
+from ..conftest import final_params, wait_for
 
 USER_CODE = Path(__file__).parents[1] / "integration" / "user_code"
 TRAIN, BATCH, SEED, STEPS, KILL_STEP = 1437, 16, 3, 120, 30  # digits' training samples
@@ -99,3 +101,38 @@ def test_a_worker_killed_in_backward_with_a_bucket_pushed_changes_nothing(server
     expected = undisturbed["ps-sync"]
     worst = max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected)
     assert worst <= 1e-6, f"the killed run differs from the undisturbed run by {worst:.3g}"
+
+
+@pytest.mark.timeout(300)
+def test_a_parameter_server_shard_killed_mid_job_changes_nothing(server, undisturbed, tmp_path):
+    """ps-sync with the parameter server in two shards (shard 1 a Ray actor) and a checkpoint
+    every 20 steps: while the job is held at step KILL_STEP (rank 0 waits for a gate), shard 1's
+    process is SIGKILLed. Every shard and worker starts again from the checkpoint at step 20, and
+    the job ends with the undisturbed run's parameters."""
+    gate = tmp_path / "go"
+    dataset = {"factory": "gh_zoo:gated_digits", "args": {"gates": {str(first_read_at(2, 0, KILL_STEP)): str(gate)}}}
+    job = {**spec("shard-killed", "ps-sync", 2, dataset), "ps_shards": 2, "checkpoint_every": 20}
+    with Client(server.address) as client:
+        submitted = client.submit(job)
+        job_id = submitted.id
+
+        def held() -> bool:
+            info = client.get_job(job_id)
+            assert info.state in ("QUEUED", "RUNNING"), info.reason
+            return info.step == KILL_STEP and len(info.shards) == 2 and info.shards[1].version == KILL_STEP
+
+        wait_for(held, 120, f"the job held at step {KILL_STEP} with both shards there")
+        assert [c.step for c in client.list_checkpoints(job_id)][-1] == 20
+        os.kill(client.get_job(job_id).shards[1].pid, signal.SIGKILL)
+        wait_for(lambda: any("shard 1 died" in line for line in client.logs(job_id)), 60, "the shard's death seen")
+        gate.touch()
+        info = submitted.wait(timeout=180)
+        logs = "\n".join(client.logs(job_id))
+        assert info.state == "SUCCEEDED", (info.reason, logs)
+        assert ("parameter-server shard 1 died; every shard and worker starts again from the latest checkpoint "
+                "(restart 1 of 1)") in logs, logs
+        assert "every shard starts again from the checkpoint at step 20" in logs, logs
+        got = final_params(client, info, tmp_path)
+    expected = undisturbed["ps-sync"]
+    worst = max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected)
+    assert worst <= 1e-6, f"the run with a killed shard differs from the undisturbed run by {worst:.3g}"

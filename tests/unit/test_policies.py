@@ -34,6 +34,17 @@ def test_a_lost_group_restarts_the_group_within_its_own_budget() -> None:
     assert policy.deaths == [0, 0]
 
 
+def test_a_lost_shard_restarts_the_job_from_its_checkpoint_within_the_group_budget() -> None:
+    policy = MaxRestarts(max_restarts=1, world_size=2)
+    lost = Failure(0, FailureKind.SHARD_LOST, "parameter-server shard 1 died")
+    assert policy.decide(lost) == G
+    assert policy.explain(lost) == ("parameter-server shard 1 died; every shard and worker starts again from the "
+                                    "latest checkpoint (restart 1 of 1)")
+    assert policy.decide(lost) == F
+    assert policy.explain(lost).endswith("the job was restarted 1 times (max_restarts is 1)")
+    assert policy.deaths == [0, 0]
+
+
 def test_no_restarts_when_max_restarts_is_0() -> None:
     policy = MaxRestarts(max_restarts=0, world_size=1)
     death = Failure(0, FailureKind.DEATH, "killed")
