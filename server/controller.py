@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gradhub.proto.contract.errors import GradhubError
 from gradhub.proto.contract.states import JobState, WorkerPhase
 from gradhub.server.config import ServerConfig
 from gradhub.server.job_run import JobRun
@@ -324,7 +325,10 @@ class Controller:
         extra = len(self._launched) - self.runtime.table.size  # an elastic job's joiners: started again as it grows
         if extra > 0:
             self.host.release_workers(self.run.id, extra)
-        self.runtime.restart_group()
+        try:
+            self.runtime.restart_group()
+        except GradhubError as e:  # a sharded job whose shards cannot start again, or its checkpoint not load
+            return Outcome(JobState.FAILED, f"could not start the job again: {e}")
         for rank in range(self.runtime.table.size):
             _set_phase(self.run, rank, WorkerPhase.RESTARTING)
         self.group = None

@@ -1,5 +1,6 @@
 """Ray adapter: a sharded job's shards 1 to K-1, each a ``ShardServer`` in a Ray actor of its
-own, spread over the cluster's nodes (``SPREAD``). The actors hold no CPU of the queue's: a
+own. Shard 0 is the server's, so the others go to the cluster's other nodes, one each in turn
+(on the server's node only when it has no other). The actors hold no CPU of the queue's: a
 shard's work is the parameter server's, like the server process's own."""
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ class ShardActor:
     def __init__(self, config: StoreConfig, max_model_bytes: int) -> None:
         import ray
 
-        self._server = ShardServer(config, ray.util.get_node_ip_address(), max_model_bytes=max_model_bytes).start()
+        node = ray.get_runtime_context().get_node_id()
+        # the address Ray knows this node by (the node's own, which a worker on another host reaches)
+        address = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node),
+                       ray.util.get_node_ip_address())
+        self._server = ShardServer(config, address, max_model_bytes=max_model_bytes).start()
         self._stopped = threading.Event()
 
     def serve(self) -> None:
@@ -64,22 +69,38 @@ class RayShards:
     """Shards 1 to ``count - 1`` of ``config``'s job as Ray actors (``OtherShards``)."""
 
     def __init__(self, config: StoreConfig, count: int, *, max_model_bytes: int) -> None:
-        import dataclasses
-
         import ray
 
         self._ray = ray
-        remote = ray.remote(ShardActor)
-        self._actors: list[Any] = [
-            remote.options(num_cpus=0, scheduling_strategy="SPREAD", max_restarts=0, max_concurrency=8)
-            .remote(dataclasses.replace(config, shard=i, shards=count), max_model_bytes)
-            for i in range(1, count)]
+        self._actors: list[Any] = []
+        self._serving: dict[Any, int] = {}
+        placements = _placements(count - 1)
         try:
-            self._endpoints: list[dict[str, object]] = self._all("endpoint", timeout=START_TIMEOUT_S)
+            self._endpoints = self._start(config, count, max_model_bytes, placements)
+        except Exception as e:  # a node chosen may have died meanwhile: Ray places them
+            if all(p == "SPREAD" for p in placements):
+                raise
+            log.warning("job %s: its shards could not start on the nodes chosen (%s); letting Ray place them",
+                        config.job_id, e)
+            self._endpoints = self._start(config, count, max_model_bytes, ["SPREAD"] * (count - 1))
+        self._serving = {a.serve.remote(): i for i, a in enumerate(self._actors, start=1)}
+        log.info("job %s: shards 1 to %d on %s", config.job_id, count - 1,
+                 ", ".join(str(e["tcp_host"]) for e in self._endpoints))
+
+    def _start(self, config: StoreConfig, count: int, max_model_bytes: int, placements: list[Any],
+               ) -> list[dict[str, object]]:
+        import dataclasses
+
+        remote = self._ray.remote(ShardActor)
+        self._actors = [
+            remote.options(num_cpus=0, scheduling_strategy=strategy, max_restarts=0, max_concurrency=8)
+            .remote(dataclasses.replace(config, shard=i, shards=count), max_model_bytes)
+            for i, strategy in enumerate(placements, start=1)]
+        try:
+            return self._all("endpoint", timeout=START_TIMEOUT_S)
         except BaseException:
             self.stop()
             raise
-        self._serving = {a.serve.remote(): i for i, a in enumerate(self._actors, start=1)}
 
     def _all(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> list[Any]:
         return list(self._ray.get([getattr(a, method).remote(*args) for a in self._actors], timeout=timeout))
@@ -127,3 +148,17 @@ class RayShards:
                 log.debug("shard kill failed: %s", e)
         self._actors = []
         self._serving = {}
+
+
+def _placements(count: int) -> list[Any]:
+    """Where ``count`` shards go: the alive nodes other than this one (the server's, which holds
+    shard 0), in turn; Ray's ``SPREAD`` when there is no other. The affinity is hard: Ray's soft
+    one placed two shards on one node of two idle ones here."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here)
+    if not others:
+        return ["SPREAD"] * count
+    return [NodeAffinitySchedulingStrategy(others[i % len(others)], soft=False) for i in range(count)]

@@ -17,6 +17,9 @@ For each mode in MODES it submits deploy/job-cluster.yaml with the CLI and check
   tests/integration/test_allreduce.py checks on one host;
 - ``gradhub pull`` writes the checkpoint the server lists (sha256), and that checkpoint,
   evaluated here, gives the val_accuracy the job reported;
+- ps-sync with ``ps_shards: auto`` runs a shard on each of the three nodes: shard 0 in the
+  server on the head, shards 1 and 2 on the two worker hosts (status says where), and ends with
+  ps-sync's parameters;
 - after the head is stopped (SIGTERM to the server, then the rest of the node killed, as
   ``docker compose down`` does) and started again on the same data dir, every job and
   checkpoint is still there, byte for byte.
@@ -56,7 +59,7 @@ NODE_SCRIPT = REPO / "deploy" / "gradhub-node"
 JOB_FILE = REPO / "deploy" / "job-cluster.yaml"
 BIN = Path(sys.executable).parent  # the virtualenv's bin: gradhub, ray
 
-MODES = ("ps-sync", "allreduce")
+MODES = ("ps-sync", "allreduce", "ps-sync-sharded")  # the last: ps_shards auto, one shard per node
 HEAD_IP, WORKER_IPS = "198.18.0.1", ("198.18.0.2", "198.18.0.3")
 RAY_PORT, SERVER_PORT = 6379, 50051
 SERVER = f"{HEAD_IP}:{SERVER_PORT}"
@@ -204,29 +207,34 @@ def running_cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def _job_file(mode: str, tmp_path: Path) -> Path:
-    """deploy/job-cluster.yaml as it is, or a copy in another mode."""
+    """deploy/job-cluster.yaml as it is, or a copy in another mode (``ps-sync-sharded``: ps-sync
+    with ``ps_shards: auto``)."""
     spec = yaml.safe_load(JOB_FILE.read_text())
     if spec["mode"] == mode:
         return JOB_FILE
     path = tmp_path / f"job-{mode}.yaml"
-    path.write_text(yaml.safe_dump({**spec, "name": f"cluster-{mode}", "mode": mode}))
+    extra = {"mode": "ps-sync", "ps_shards": "auto"} if mode == "ps-sync-sharded" else {"mode": mode}
+    path.write_text(yaml.safe_dump({**spec, "name": f"cluster-{mode}", **extra}))
     return path
 
 
-def _run_job(cluster: Cluster, job_file: Path) -> tuple[JobInfo, dict[int, set[str]]]:
-    """Submit with the CLI and follow with `gradhub status --watch --json`; the final state and
-    the worker hosts seen per rank while it ran."""
+def _run_job(cluster: Cluster, job_file: Path) -> tuple[JobInfo, dict[int, set[str]], dict[int, set[str]]]:
+    """Submit with the CLI and follow with `gradhub status --watch --json`; the final state, the
+    worker hosts seen per rank while it ran and the parameter-server shards' hosts per shard."""
     job_id = cluster.cli("submit", str(job_file)).strip()
     watch = cluster.cli("status", job_id, "--watch", "--json", timeout=JOB_TIMEOUT_S)
     snapshots = [json.loads(line) for line in watch.splitlines() if line.strip()]
     assert snapshots, "gradhub status --watch printed nothing"
     hosts: dict[int, set[str]] = {}
+    shards: dict[int, set[str]] = {}
     for snap in snapshots:
         for w in snap["workers"]:
             if w["host"]:  # empty until the worker has registered
                 hosts.setdefault(w["rank"], set()).add(w["host"])
+        for s in snap["shards"]:
+            shards.setdefault(s["index"], set()).add(s["host"])
     with Client(SERVER, token=cluster.token) as client:
-        return client.get_job(job_id), hosts
+        return client.get_job(job_id), hosts, shards
 
 
 def _worker_ips(hosts: dict[int, set[str]]) -> dict[int, set[str]]:
@@ -260,8 +268,14 @@ def _exercise(cluster: Cluster, tmp_path: Path) -> None:
     pulled: dict[str, bytes] = {}
     params: dict[str, dict[str, torch.Tensor]] = {}
     for mode in MODES:
-        info, hosts = _run_job(cluster, _job_file(mode, tmp_path))
+        info, hosts, shards = _run_job(cluster, _job_file(mode, tmp_path))
         assert info.state == "SUCCEEDED", f"{mode}: {info.state}: {info.reason}"
+        if mode == "ps-sync-sharded":  # one shard per node: the server's, then one on each worker host
+            assert sorted(shards) == [0, 1, 2], f"shards seen: {shards}"
+            assert {next(iter(shards[i])) for i in (1, 2)} == set(WORKER_IPS) and all(
+                len(shards[i]) == 1 for i in (1, 2)), f"shards 1 and 2 ran on {shards}, expected one on each of {WORKER_IPS}"
+        else:
+            assert not shards, f"{mode}: shards {shards} for a job of one shard"
         assert info.step == info.total_steps > 0
 
         ips = _worker_ips(hosts)
@@ -285,11 +299,12 @@ def _exercise(cluster: Cluster, tmp_path: Path) -> None:
         pulled[info.id] = path.read_bytes()
         params[mode] = load_file(path)
 
-    if {"ps-sync", "allreduce"} <= params.keys():
-        ps, ar = params["ps-sync"], params["allreduce"]
-        assert ps.keys() == ar.keys()
-        worst = max(float((ps[k] - ar[k]).abs().max()) for k in ps)
-        assert worst <= SAME_PARAMS_ATOL, f"allreduce across hosts and ps-sync differ by {worst:.3g}"
+    for other in ("allreduce", "ps-sync-sharded"):
+        if {"ps-sync", other} <= params.keys():
+            ps, theirs = params["ps-sync"], params[other]
+            assert ps.keys() == theirs.keys()
+            worst = max(float((ps[k] - theirs[k]).abs().max()) for k in ps)
+            assert worst <= SAME_PARAMS_ATOL, f"{other} across hosts and ps-sync differ by {worst:.3g}"
 
     table = cluster.cli("status")
     for job_id in pulled:
