@@ -346,7 +346,7 @@ class DataPlane:
             await self._init(conn, session, frame)
         else:
             await self._pull(conn, session, frame.pull.step, frame.pull.dtype or tensor_pb2.FLOAT32,
-                             part=(frame.pull.first_tensor, frame.pull.tensor_count))
+                             part=(frame.pull.first_tensor, frame.pull.tensor_count), ahead=True)
 
     async def _push(self, conn: _Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
         store, header = session.store, frame.push
@@ -399,14 +399,15 @@ class DataPlane:
             reply=data_pb2.DataReply(accepted=accepted, version=session.store.version))))
 
     async def _pull(self, conn: _Connection, session: _Session, step: int, wire_dtype: int,
-                    snapshot: Snapshot | None = None, part: tuple[int, int] = (0, 0)) -> None:
+                    snapshot: Snapshot | None = None, part: tuple[int, int] = (0, 0), ahead: bool = False) -> None:
         """Send the parameters of ``part`` for ``step`` (``snapshot`` when the caller already has
-        them) once the mode allows; after MAX_PULL_WAIT_S, a DEADLINE_EXCEEDED error (the worker
-        asks again)."""
+        them) once the mode allows (``ahead``: a bucket's as soon as it is applied); after
+        MAX_PULL_WAIT_S, a DEADLINE_EXCEEDED error (the worker asks again)."""
         store = session.store
         if snapshot is None:
             try:
-                snapshot = await self._calls.pull(store, session.rank, step, wire_dtype, MAX_PULL_WAIT_S, part)
+                snapshot = await self._calls.pull(store, session.rank, step, wire_dtype, MAX_PULL_WAIT_S, part,
+                                                  ahead)
             except Exception as e:  # noqa: BLE001 - any error goes back to the worker
                 await self._send_error(conn, e)
                 return

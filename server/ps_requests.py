@@ -86,11 +86,12 @@ def pushed_layout(layout: Layout, header: ps_pb2.PushHeader) -> Layout:
 
 
 def pull_part_after(store: ParameterStore, header: ps_pb2.PushHeader) -> tuple[int, int]:
-    """What a push-and-pull brings back: a fragment's parameters after its push; the whole
-    model's after a whole push or a step's last bucket."""
+    """What a push-and-pull brings back: a fragment's parameters after its push, and a bucket's
+    when the header asks for its own part only (``pull_part_only``: the worker pulled the other
+    buckets' already); else the whole model's after a whole push or a step's last bucket."""
     layout = store.layout
     assert layout is not None  # the push was taken
-    return push_part(layout, header) if store.config.fragments > 1 else (0, 0)
+    return push_part(layout, header) if store.config.fragments > 1 or header.pull_part_only else (0, 0)
 
 
 def push_part(layout: Layout, header: ps_pb2.PushHeader) -> tuple[int, int]:

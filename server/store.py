@@ -91,6 +91,7 @@ class _Push:
     grad: torch.Tensor
     buffers: dict[str, torch.Tensor] | None
     unused: frozenset[int]  # indexes into the model's parameters
+    bucketed: bool = False  # assembled from buckets (not one whole push)
 
 
 class ParameterStore(WorkerTable):
@@ -129,6 +130,12 @@ class ParameterStore(WorkerTable):
         self._history: dict[int, torch.Tensor] = {}  # version -> parameters (keep_history)
         self._joining: set[int] = set()  # async modes: ranks that became members and have not registered since
         self._dropped: set[int] = set()  # ps-sync: ranks whose push of the step in flight was dropped (a shrink)
+        # ps-sync, apply_buckets: the step in flight's buckets (parts) that are in from some
+        # workers, the parameters' values before each bucket applied (the step's old values,
+        # which a worker that registers again mid-step pulls) and each worker's unused ones
+        self._early: dict[tuple[int, int], set[int]] = {}
+        self._old: dict[tuple[int, int], torch.Tensor] = {}
+        self._early_unused: dict[int, set[int]] = {}
 
     # ----------------------------------------------------------------- setup
     @property
@@ -265,6 +272,9 @@ class ParameterStore(WorkerTable):
             self._check_member(rank)
             w = self._joined(rank, host, pid, credential)
             self._assemblies.pop(rank, None)  # a new registration pushes its step afresh
+            for ranks in self._early.values():  # (its buckets applied already stay applied)
+                ranks.discard(rank)
+            self._early_unused.pop(rank, None)
             if self.config.mode != "ps-sync" and rank in self._joining:
                 # an async member that joined while the others trained starts where they are
                 w.clock = max(w.clock, self._job_step(exclude=rank))
@@ -385,17 +395,24 @@ class ParameterStore(WorkerTable):
                     if rank not in self._bucket_grads:  # a step's whole gradient, reused: it is applied before
                         self._bucket_grads[rank] = torch.empty(self._layout.numel)  # the next step's buckets come
                     assembly = self._assemblies[rank] = _Assembly.start(step, self._layout, self._bucket_grads[rank])
-                if not assembly.add(part, self._layout.offset(part[0]), grad, unused, buffers):
+                whole = assembly.add(part, self._layout.offset(part[0]), grad, unused, buffers)
+                if self._applies_buckets():
+                    self._bucket_in(rank, part, unused)
+                if not whole:
                     w.last_seen = self._now()
                     return True, self._version  # more buckets of this step to come
                 del self._assemblies[rank]
                 grad, unused, buffers, part = assembly.grad, sorted(assembly.unused), assembly.buffers, (0, 0)
             elif part[1]:
                 unused += [i for i in range(len(self._layout.names)) if not part[0] <= i < part[0] + n]
+            elif self._early or self._old:
+                raise ProtocolError(f"first_tensor: worker {rank} pushed its whole gradient of step {step}, the "
+                                    "others theirs in buckets; every worker of a job pushes the same buckets")
             if not buffers and self.config.buffers == "average" and self._model.buffers and \
                     self.config.mode == "ps-sync":
                 raise ProtocolError(f"buffers: worker {rank} sent none; the job averages every worker's buffers")
-            self._take(w, base_version, _Push(grad, dict(buffers) if buffers else None, frozenset(unused)), part)
+            self._take(w, base_version, _Push(grad, dict(buffers) if buffers else None, frozenset(unused), bool(bucket)),
+                       part)
             return True, self._version
 
     def _take(self, w: WorkerState, base_version: int, push: _Push, part: tuple[int, int]) -> None:
@@ -410,8 +427,14 @@ class ParameterStore(WorkerTable):
                 self._take_buffers(pending)
                 for other in self._workers[self._size:]:
                     other.clock = self._version + 1  # not members: they follow the job's step (a checkpoint too)
-                self._apply(self._average(pending), frozenset.intersection(*(p.unused for p in pending.values())),
-                            part)
+                if self._old:  # every bucket is applied already: the step is done
+                    self._early.clear()
+                    self._old.clear()
+                    self._early_unused.clear()
+                    self._advance()
+                else:
+                    self._apply(self._average(pending),
+                                frozenset.intersection(*(p.unused for p in pending.values())), part)
                 if self._target != self._size:
                     self._grow_or_shrink(self._version)
         else:
@@ -493,11 +516,58 @@ class ParameterStore(WorkerTable):
                                 f"(tensors {part[0]} to {part[0] + part[1] - 1})")
         return part
 
+    def _applies_buckets(self) -> bool:
+        c = self.config
+        return c.apply_buckets and c.mode == "ps-sync" and len(self._parts) <= 1 and self._target == self._size
+
+    def _bucket_in(self, rank: int, part: tuple[int, int], unused: Sequence[int]) -> None:
+        """ps-sync: worker ``rank``'s bucket ``part`` of the step in flight is in (``unused``: its
+        parameters, as model indexes, that got no gradient); once every worker's is, the bucket
+        is applied, before the rest of the step arrives. The workers' buckets must be the same."""
+        if part in self._old:
+            return  # applied already: a worker that registered again pushes its step afresh
+        for other in (*self._early, *self._old):
+            if other != part and other[0] < part[0] + part[1] and part[0] < other[0] + other[1]:
+                raise ProtocolError(f"first_tensor: bucket {part} overlaps bucket {other} of another worker; every "
+                                    "worker of a job pushes the same buckets")
+        if any(not p.bucketed for p in self._pending.values()):
+            raise ProtocolError(f"first_tensor: worker {rank} pushed buckets of step {self._version}, others their "
+                                "whole gradient; every worker of a job pushes the same buckets")
+        ranks = self._early.setdefault(part, set())
+        ranks.add(rank)
+        self._early_unused.setdefault(rank, set()).update(unused)
+        if len(ranks) < self._size:
+            return
+        del self._early[part]
+        assert self._layout is not None and self._flat is not None
+        start, n = self._layout.offset(part[0]), self._layout.part(*part).numel
+        grads = [self._bucket_grads[r][start:start + n] for r in range(self._size)]
+        if len(grads) == 1:
+            grad = grads[0]
+        else:
+            if self._grad is None:
+                self._grad = torch.empty(self._layout.numel, dtype=torch.float32)
+            grad = torch.add(grads[0], grads[1], out=self._grad[start:start + n])  # as _average sums, in rank order
+            for g in grads[2:]:
+                grad += g
+            grad /= len(grads)
+        skip = frozenset.intersection(*(frozenset(self._early_unused.get(r, ())) for r in range(self._size)))
+        self._old[part] = self._flat[start:start + n].clone()
+        self._step_params(grad, skip, part)
+        self._snapshots.clear()  # a pull of the step in flight's version gets the old values of this bucket
+        self._changed()  # its pulls ahead may go
+
     def _apply(self, grad: torch.Tensor, unused: frozenset[int] = frozenset(), part: tuple[int, int] = (0, 0)) -> None:
-        """One optimizer step with ``grad`` (flat float32, over the tensors ``part``): the
-        parameters' ``.grad`` become its views, so a received gradient is used where it landed,
-        without a copy. Parameters in ``unused`` get ``grad = None``: torch.optim leaves them
-        as they are."""
+        """One optimizer step with ``grad`` (flat float32, over the tensors ``part``), and the
+        version that makes."""
+        self._step_params(grad, unused, part)
+        self._advance()
+
+    def _step_params(self, grad: torch.Tensor, unused: frozenset[int], part: tuple[int, int]) -> None:
+        """The optimizer's step over the tensors ``part`` with ``grad``: the parameters' ``.grad``
+        become its views, so a received gradient is used where it landed, without a copy.
+        Parameters in ``unused`` (model indexes) get ``grad = None``: torch.optim leaves them as
+        they are."""
         assert self._layout is not None and self._optimizer is not None
         views = list(self._layout.part(*part).split(grad).values())
         for i, param in enumerate(self._params):
@@ -507,6 +577,9 @@ class ParameterStore(WorkerTable):
         self._optimizer.step()
         for param in self._params:
             param.grad = None  # the gradient's memory goes back to whoever received it
+
+    def _advance(self) -> None:
+        """The step is applied: the schedule's step, a new version (and maybe a checkpoint)."""
         if self._scheduler is not None:
             self._scheduler.step()
         self._version += 1
@@ -550,19 +623,34 @@ class ParameterStore(WorkerTable):
                 self._cond.wait(remaining)
             return snapshot
 
-    def try_pull(self, rank: int, step: int, wire_dtype: int, first: int = 0, count: int = 0) -> Snapshot | None:
+    def try_pull(self, rank: int, step: int, wire_dtype: int, first: int = 0, count: int = 0,
+                 ahead: bool = False) -> Snapshot | None:
         """``pull`` without waiting: the parameters for ``step``, or None while the mode says
-        wait (the caller waits for a listener's call, see ``add_listener``)."""
+        wait (the caller waits for a listener's call, see ``add_listener``). ``ahead``: a
+        bucket's parameters for the next step may come as soon as that bucket is applied
+        (ps-sync, ``apply_buckets``), before the rest of the step; they carry no buffers."""
         with self._cond:
-            return self._try_pull(rank, step, wire_dtype, first, count)
+            return self._try_pull(rank, step, wire_dtype, first, count, ahead)
 
-    def _try_pull(self, rank: int, step: int, wire_dtype: int, first: int, count: int) -> Snapshot | None:
+    def _ahead(self, rank: int, wire_dtype: int, part: tuple[int, int]) -> Snapshot:
+        """Bucket ``part``'s new values, applied before the rest of its step."""
+        assert self._flat is not None and self._layout is not None
+        layout = self._layout.part(*part)
+        start = self._layout.offset(part[0])
+        data = encode(self._flat[start:start + layout.numel], wire_dtype).clone()
+        self._workers[rank].bytes_out += data.numel() * data.element_size()
+        return Snapshot(self._version + 1, wire_dtype, data, layout, (), self._size)
+
+    def _try_pull(self, rank: int, step: int, wire_dtype: int, first: int, count: int,
+                  ahead: bool = False) -> Snapshot | None:
         self._worker(rank)
         self._check_open()
         if not self._check_member(rank):
             return None  # it joins at the next change of size
         if self._layout is not None:
             self._layout.part(first, count)  # a part of the model, or a ProtocolError
+        if ahead and step == self._version + 1 and (first, count) in self._old:
+            return self._ahead(rank, wire_dtype, (first, count))
         if self._flat is not None and self._may_pull(rank, step):
             snapshot = self._snapshot(wire_dtype, first, count)
             self._workers[rank].bytes_out += snapshot.data.numel() * snapshot.data.element_size()
@@ -608,6 +696,14 @@ class ParameterStore(WorkerTable):
             layout = self._layout.part(first, count)
             start = self._layout.offset(first)
             values = self._flat[start:start + layout.numel]
+            if self._old:  # buckets of the step in flight are applied: this version holds their old values
+                values = values.clone()
+                for (a, n), old in self._old.items():
+                    lo = self._layout.offset(a)
+                    hi = lo + old.numel()
+                    if lo < start + layout.numel and start < hi:
+                        at, to = max(lo, start), min(hi, start + layout.numel)
+                        values[at - start:to - start] = old[at - lo:to - lo]
             data = encode(values, wire_dtype)
             if data.data_ptr() == values.data_ptr() and self.config.mode != "ps-sync":
                 data = data.clone()  # updates may happen while a pull still sends this version
@@ -650,6 +746,9 @@ class ParameterStore(WorkerTable):
     def _capture(self) -> CheckpointState:
         if self._optimizer is None:
             raise StateError("parameters: the job has no parameters yet")
+        if self._old:
+            raise StateError(f"parameters: step {self._version} is applied in part (the buckets in so far); the "
+                             "job's state is whole again at the end of the step")
         return CheckpointState(
             step=min(w.clock for w in self._members()),
             version=self._version,

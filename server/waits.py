@@ -109,16 +109,17 @@ class StoreCalls:
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
     async def pull(self, store: ParameterStore, rank: int, step: int, wire_dtype: int, max_wait: float,
-                   part: tuple[int, int] = (0, 0)) -> Snapshot:
+                   part: tuple[int, int] = (0, 0), ahead: bool = False) -> Snapshot:
         """The parameters for worker ``rank``'s ``step`` (of the tensors ``part``, as (first,
-        count); (0, 0) is the whole model) once the mode allows; TimeoutError (saying what it
-        waits for) after ``max_wait`` seconds."""
+        count); (0, 0) is the whole model) once the mode allows (``ahead``: a bucket's once it
+        is applied, ``ParameterStore.try_pull``); TimeoutError (saying what it waits for) after
+        ``max_wait`` seconds."""
         loop = asyncio.get_running_loop()
         signal = self.signal(store)
         deadline = loop.time() + max_wait
         while True:
             changed = signal.event  # taken before the check: a change after it sets this event
-            snapshot = await self.call(store, store.try_pull, rank, step, wire_dtype, *part)
+            snapshot = await self.call(store, store.try_pull, rank, step, wire_dtype, *part, ahead)
             if snapshot is not None:
                 return snapshot
             if loop.time() >= deadline:

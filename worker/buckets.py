@@ -9,7 +9,13 @@ accumulated in the step's last micro-batch; the bucket that holds the model's fi
 ready last, is pushed after backward together with the step's pull (one round trip, as a whole
 push is). A bucket whose parameters got no gradient goes after backward too, naming them
 unused. The server takes the step once its buckets cover the model (``ParameterStore.push``),
-so the result is the whole push's, bit for bit. A model of one bucket (smaller than
+so the result is the whole push's, bit for bit.
+
+In ps-sync on the data plane (``pull_buckets``) the server applies each bucket as soon as every
+worker's copy of it is in, and the push thread pulls that bucket's new parameters right after
+pushing it, while backward goes on: the round trip after backward then carries the first
+layers' bucket alone, not the whole model. They land in the model after backward (the weights
+are backward's until then). A model of one bucket (smaller than
 ``bucket_mb``), and fp16 loss scaling (whose gradients are final only after the overflow check),
 push the whole gradient after backward.
 """
@@ -47,7 +53,7 @@ class BucketPusher:
     """Pushes one worker's steps: its buckets during backward, the last one with the pull."""
 
     def __init__(self, client: ServerLink, flat: FlatModel, cap_bytes: int, accumulate: int = 1,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, pull_buckets: bool = False) -> None:
         self.client, self.flat, self.accumulate = client, flat, accumulate
         layout = flat.layout
         self.runs = bucket_runs(layout, cap_bytes) if enabled else [(0, len(layout.names))]
@@ -67,6 +73,12 @@ class BucketPusher:
         self._remaining: list[int] = []
         self._sent: list[Future[bool]] = []
         self._pushed: set[int] = set()
+        # pull_buckets: each bucket but the last's parameters of the next step, pulled as it is applied
+        self._pull_buckets = pull_buckets and self._pool is not None
+        self._pull_next = False
+        self._incoming = [torch.empty(lay.numel, dtype=flat.params.dtype, device=flat.params.device)
+                          for lay in self._layouts[:-1]] if self._pull_buckets else []
+        self._pulled: set[int] = set()
 
     @property
     def bucketed(self) -> bool:
@@ -79,12 +91,14 @@ class BucketPusher:
         if self._pool is not None:  # not waited for: after a failure a push may be retrying
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def begin(self, step: int, version: int) -> None:
-        """A step starts: its gradient was computed on parameters of ``version``."""
+    def begin(self, step: int, version: int, pull_next: bool = True) -> None:
+        """A step starts: its gradient was computed on parameters of ``version``; ``pull_next``:
+        the next step's parameters follow it (not after a worker's last step)."""
         self._step, self._version = step, version
         self._remaining = [count for _, count in self.runs]
-        self._sent, self._pushed = [], set()
+        self._sent, self._pushed, self._pulled = [], set(), set()
         self._armed = False
+        self._pull_next = pull_next
 
     @contextlib.contextmanager
     def micro_batch(self, i: int) -> Iterator[None]:
@@ -110,6 +124,14 @@ class BucketPusher:
         if params is None:
             self.client.push(layout, self._step, self._version, grads, buffers, mine, first=first)
             return None
+        if self._pulled == set(range(last)):  # every other bucket's parameters are in already
+            start = self._starts[last]
+            pulled = self.client.push_pull(layout, self._step, self._version, grads, params[start:start + layout.numel],
+                                           buffers, mine, first=first, pull_part_only=True)
+            for b in range(last):
+                start = self._starts[b]
+                params[start:start + self._layouts[b].numel].copy_(self._incoming[b])
+            return pulled
         return self.client.push_pull(layout, self._step, self._version, grads, params, buffers, mine, first=first,
                                      pull_layout=self.flat.layout)
 
@@ -135,4 +157,8 @@ class BucketPusher:
 
     def _push(self, b: int, unused: Sequence[int]) -> bool:
         layout, first, grads, mine = self._bucket(b, unused)
-        return self.client.push(layout, self._step, self._version, grads, None, mine, first=first)
+        accepted = self.client.push(layout, self._step, self._version, grads, None, mine, first=first)
+        if self._pull_buckets and self._pull_next:  # its parameters of the next step, once it is applied
+            self.client.pull(layout, self._step + 1, self._incoming[b], first=first)
+            self._pulled.add(b)
+        return accepted

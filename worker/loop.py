@@ -92,7 +92,9 @@ class PSTrainer:
 
         mb = spec.effective_bucket_mb
         pusher = BucketPusher(self.client, flat, int(mb * 2**20), spec.accumulate,
-                              enabled=mb > 0 and not work.precision.scaled)
+                              enabled=mb > 0 and not work.precision.scaled,
+                              pull_buckets=spec.mode == "ps-sync" and not spec.elastic and spec.clip_grad_norm is None
+                              and self.client.transport != "grpc")
 
         with Heartbeat(self.client, reg.heartbeat_interval_s) as beat, pusher:
             version = received(self.client.pull(flat.layout, step, flat.params), work) if step < total else 0
@@ -106,7 +108,8 @@ class PSTrainer:
                     phase.at("eval", step)
                     self.client.report(step, "eval", work.evaluate())
                 phase.at("train", step)
-                pusher.begin(step, version)  # buckets of the gradient go out while backward runs
+                last = step + 1 == total and rank != 0 and not spec.elastic
+                pusher.begin(step, version, pull_next=not last)  # buckets go out while backward runs
                 loss, samples = work.gradient(step, model, flat.zero_grad, lambda: [flat.grads],
                                               pusher.micro_batch if pusher.bucketed else None)
                 flat.gather_grads()
@@ -115,7 +118,6 @@ class PSTrainer:
                 # the rest of step t, and step t + 1's parameters (rank 0's last pull is the final
                 # parameters, which it evaluates; every worker of an elastic job pulls after its
                 # last step, which the job may have to do again at another size)
-                last = step + 1 == total and rank != 0 and not spec.elastic
                 pulled = pusher.finish(buffers, flat.unused(), None if last else flat.params)
                 step += 1
                 if pulled is not None:

@@ -243,14 +243,17 @@ class ServerLink:
 
     def push_pull(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor,
                   params: torch.Tensor, buffers: Mapping[str, torch.Tensor] | None = None,
-                  unused: Sequence[int] = (), first: int | None = None, pull_layout: Layout | None = None) -> Pulled:
+                  unused: Sequence[int] = (), first: int | None = None, pull_layout: Layout | None = None,
+                  pull_part_only: bool = False) -> Pulled:
         """Push the gradient for ``step`` and receive the parameters for ``step + 1`` into
         ``params``, in one round trip on this worker's long-lived PushPull call; returns their
         version and the job's buffers. On any failure the call is reopened and the push sent
         again (applied at most once). With ``first``, the push is of the part ``layout`` of the
         model: a fragment, whose parameters come back, or the last bucket of a step, after which
-        the whole model's come back (``pull_layout``, the model's)."""
+        the whole model's come back (``pull_layout``, the model's), or with ``pull_part_only``
+        that bucket's alone (the worker pulled the others' as each was applied)."""
         header = self._push_header(layout, step, base_version, buffers, unused, first)
+        header.pull_part_only = pull_part_only
         pulled = layout if pull_layout is None else pull_layout
         pull_first = first if pull_layout is None else None
         grads = self.encoder.encode(grads, layout)  # once: a retry resends these bytes

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gradhub.proto.codec import Layout
-from gradhub.proto.contract.errors import ProtocolError
+from gradhub.proto.contract.errors import ProtocolError, StateError
+from gradhub.proto.v1 import tensor_pb2
 from gradhub.server.store import ParameterStore, StoreConfig
 
 LAYOUT = Layout(("a", "b", "c", "d"), ((3, 2), (4,), (5,), (2, 2)))  # 6 + 4 + 5 + 4 = 19 values
@@ -85,3 +86,79 @@ def test_buckets_are_runs_of_whole_tensors_from_the_last_one() -> None:
     assert bucket_runs(LAYOUT, 10**6) == [(0, 4)]  # one bucket: the whole push after backward
     assert bucket_runs(LAYOUT, 40) == [(2, 2), (0, 2)]  # 36 bytes, then 40
     assert bucket_runs(LAYOUT, 1) == [(3, 1), (2, 1), (1, 1), (0, 1)]  # a tensor over the cap is its own
+
+
+def _early(world: int = 2) -> ParameterStore:
+    store = ParameterStore(StoreConfig("job", "ps-sync", world, optimizer="adam", lr=0.1, apply_buckets=True))
+    store.set_total_steps(8)
+    for rank in range(world):
+        store.register(rank)
+    assert store.initialize(LAYOUT, torch.linspace(-1, 1, 19))
+    return store
+
+
+def test_ps_sync_applies_each_bucket_once_every_worker_has_pushed_it() -> None:
+    """With ``apply_buckets``, a bucket is applied as soon as every worker's copy is in: its
+    new values may be pulled ahead of the step (the others' not), a pull of the step in
+    flight still gets the step's old values, and the step ends bit for bit as the whole push."""
+    early, whole = _early(), _store()
+    before = early.parameters()
+    torch.manual_seed(0)
+    for step in range(3):
+        grads = [torch.randn(19) for _ in range(2)]
+        for rank in (1, 0):
+            whole.push(rank, step, step, grads[rank])
+        first, count, _ = _buckets(grads[0])[0]
+        for rank in (1, 0):
+            early.push(rank, step, step, _buckets(grads[rank])[0][2], first=first, count=count)
+        assert early.version == step  # the step is not done, its last tensor's bucket is applied
+        ahead = early.try_pull(0, step + 1, tensor_pb2.FLOAT32, first, count, ahead=True)
+        assert ahead is not None and ahead.version == step + 1
+        assert early.try_pull(0, step + 1, tensor_pb2.FLOAT32, 1, 2, ahead=True) is None  # not applied yet
+        if step == 0:
+            assert not torch.equal(ahead.data, before["d"].reshape(-1))
+            again = early.try_pull(1, 0, tensor_pb2.FLOAT32)  # a worker that registered again mid-step
+            assert again is not None and torch.equal(again.data, torch.linspace(-1, 1, 19))
+            with pytest.raises(StateError, match="applied in part"):
+                early.checkpoint_state()
+        for rank in (1, 0):
+            for f, c, values in _buckets(grads[rank])[1:]:
+                early.push(rank, step, step, values, first=f, count=c)
+        assert early.version == step + 1
+    for name, value in whole.parameters().items():
+        assert torch.equal(early.parameters()[name], value), name
+
+
+def test_a_bucket_applied_stays_applied_when_its_worker_registers_again() -> None:
+    early, whole = _early(), _store()
+    grads = [torch.randn(19, generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    for rank in (0, 1):
+        whole.push(rank, 0, 0, grads[rank])
+        early.push(rank, 0, 0, _buckets(grads[rank])[0][2], first=3, count=1)  # applied
+    early.push(1, 0, 0, _buckets(grads[1])[1][2], first=1, count=2)
+    early.register(1)  # its process died mid-step; the new one pushes the step afresh
+    for f, c, values in _buckets(grads[1]):
+        early.push(1, 0, 0, values, first=f, count=c)
+    for f, c, values in _buckets(grads[0])[1:]:
+        early.push(0, 0, 0, values, first=f, count=c)
+    assert early.version == 1
+    for name, value in whole.parameters().items():
+        assert torch.equal(early.parameters()[name], value), name
+
+
+def test_workers_must_push_the_same_buckets() -> None:
+    early = _early()
+    early.push(0, 0, 0, torch.ones(4), first=3, count=1)
+    with pytest.raises(ProtocolError, match="overlaps bucket"):
+        early.push(1, 0, 0, torch.ones(9), first=2, count=2)
+    with pytest.raises(ProtocolError, match="same buckets"):
+        early.push(1, 0, 0, torch.ones(19))
+
+
+def test_a_bucket_applied_wakes_the_pulls_that_wait_for_it() -> None:
+    early = _early()
+    woken: list[int] = []
+    early.push(0, 0, 0, torch.ones(4), first=3, count=1)
+    early.add_listener(lambda: woken.append(early.version))
+    early.push(1, 0, 0, torch.ones(4), first=3, count=1)  # the bucket is whole: applied
+    assert woken == [0] and early.try_pull(0, 1, tensor_pb2.FLOAT32, 3, 1, ahead=True) is not None
