@@ -12,10 +12,11 @@ unused. The server takes the step once its buckets cover the model (``ParameterS
 so the result is the whole push's, bit for bit.
 
 In ps-sync on the data plane (``pull_buckets``) the server applies each bucket as soon as every
-worker's copy of it is in, and the push thread pulls that bucket's new parameters right after
-pushing it, while backward goes on: the round trip after backward then carries the first
-layers' bucket alone, not the whole model. They land in the model after backward (the weights
-are backward's until then). A model of one bucket (smaller than
+worker's copy of it is in, and a pull thread, on a connection of its own (pushes go out while
+parameters come in), asks for each bucket's new parameters once the bucket is ready here: the
+server answers when it has applied it, while backward goes on. The round trip after backward
+then carries the first layers' bucket alone, not the whole model. The pulled values land in the
+model after backward (the weights are backward's until then). A model of one bucket (smaller than
 ``bucket_mb``), and fp16 loss scaling (whose gradients are final only after the overflow check),
 push the whole gradient after backward.
 """
@@ -78,7 +79,8 @@ class BucketPusher:
         self._pull_next = False
         self._incoming = [torch.empty(lay.numel, dtype=flat.params.dtype, device=flat.params.device)
                           for lay in self._layouts[:-1]] if self._pull_buckets else []
-        self._pulled: set[int] = set()
+        self._pulls: dict[int, Future[Pulled]] = {}
+        self._puller = ThreadPoolExecutor(1, thread_name_prefix="gradhub-pull") if self._pull_buckets else None
 
     @property
     def bucketed(self) -> bool:
@@ -88,15 +90,16 @@ class BucketPusher:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:  # not waited for: after a failure a push may be retrying
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._puller):  # not waited for: after a failure a call may be retrying
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def begin(self, step: int, version: int, pull_next: bool = True) -> None:
         """A step starts: its gradient was computed on parameters of ``version``; ``pull_next``:
         the next step's parameters follow it (not after a worker's last step)."""
         self._step, self._version = step, version
         self._remaining = [count for _, count in self.runs]
-        self._sent, self._pushed, self._pulled = [], set(), set()
+        self._sent, self._pushed, self._pulls = [], set(), {}
         self._armed = False
         self._pull_next = pull_next
 
@@ -124,11 +127,12 @@ class BucketPusher:
         if params is None:
             self.client.push(layout, self._step, self._version, grads, buffers, mine, first=first)
             return None
-        if self._pulled == set(range(last)):  # every other bucket's parameters are in already
+        if set(self._pulls) == set(range(last)):  # every other bucket's parameters are coming beside
             start = self._starts[last]
             pulled = self.client.push_pull(layout, self._step, self._version, grads, params[start:start + layout.numel],
                                            buffers, mine, first=first, pull_part_only=True)
-            for b in range(last):
+            for b, coming in sorted(self._pulls.items()):
+                coming.result()
                 start = self._starts[b]
                 params[start:start + self._layouts[b].numel].copy_(self._incoming[b])
             return pulled
@@ -157,8 +161,7 @@ class BucketPusher:
 
     def _push(self, b: int, unused: Sequence[int]) -> bool:
         layout, first, grads, mine = self._bucket(b, unused)
-        accepted = self.client.push(layout, self._step, self._version, grads, None, mine, first=first)
-        if self._pull_buckets and self._pull_next:  # its parameters of the next step, once it is applied
-            self.client.pull(layout, self._step + 1, self._incoming[b], first=first)
-            self._pulled.add(b)
-        return accepted
+        if self._puller is not None and self._pull_next:  # its parameters of the next step, once applied
+            self._pulls[b] = self._puller.submit(self.client.pull_beside, layout, self._step + 1, self._incoming[b],
+                                                 first or 0)
+        return self.client.push(layout, self._step, self._version, grads, None, mine, first=first)

@@ -93,8 +93,7 @@ class PSTrainer:
         mb = spec.effective_bucket_mb
         pusher = BucketPusher(self.client, flat, int(mb * 2**20), spec.accumulate,
                               enabled=mb > 0 and not work.precision.scaled,
-                              pull_buckets=spec.mode == "ps-sync" and not spec.elastic and spec.clip_grad_norm is None
-                              and self.client.transport != "grpc")
+                              pull_buckets=_pulls_buckets(spec, work, self.client))
 
         with Heartbeat(self.client, reg.heartbeat_interval_s) as beat, pusher:
             version = received(self.client.pull(flat.layout, step, flat.params), work) if step < total else 0
@@ -137,3 +136,12 @@ class PSTrainer:
                     result.metrics = work.evaluate()
                     self.client.report(total, "eval", result.metrics)
         return result
+
+
+def _pulls_buckets(spec: JobSpec, work: Workload, client: ServerLink) -> bool:
+    """Whether a bucketed worker pulls each bucket's parameters beside its pushes as the server
+    applies it (``BucketPusher``): in ps-sync on the data plane, for a worker on a GPU, whose
+    CPU and network link idle while backward runs. A CPU worker's pull thread would take the
+    cores backward runs on (README, Performance (g))."""
+    return (spec.mode == "ps-sync" and not spec.elastic and spec.clip_grad_norm is None
+            and client.transport != "grpc" and work.device.type == "cuda")

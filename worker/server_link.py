@@ -108,6 +108,7 @@ class ServerLink:
         self.world_size = 0
         self._transport = transport
         self._data: DataLink | ShardedLink | None = None
+        self._side: DataLink | None = None  # a second data-plane connection: pulls beside pushes
         self.transport = "grpc"  # what this worker's tensors use: "unix", "tcp" or "grpc"
         self.host = address.rsplit(":", 1)[0].strip("[]")  # the server's host (its rendezvous store is there)
         self.encoder = PushEncoder(compression, compression_block, error_feedback)
@@ -142,6 +143,8 @@ class ServerLink:
 
     def close(self) -> None:
         self._close_session()
+        if self._side is not None:
+            self._side.close()
         if self._data is not None:
             self._data.close()
         self._channel.close()
@@ -168,6 +171,9 @@ class ServerLink:
         if self._data is not None:
             self._data.close()
             self._data = None
+        if self._side is not None:
+            self._side.close()
+            self._side = None
         self.transport = "grpc"
         if self._transport == "grpc" or not reply.HasField("data"):
             if reply.shards:
@@ -240,6 +246,29 @@ class ServerLink:
                 except ServerWaitTimeout:
                     continue
         return _until_answered(lambda: self._pull_once(layout, step, params, first))
+
+    def pull_beside(self, layout: Layout, step: int, params: torch.Tensor, first: int) -> Pulled:
+        """A bucket's parameters for ``step`` (the ``layout`` of the model's tensors from
+        ``first`` on) as soon as the server has applied that bucket, on a second data-plane
+        connection, so that a thread pulls while another pushes (the link is full duplex). For
+        one thread at a time; the data plane alone (``transport`` not grpc)."""
+        data = self._data
+        if not isinstance(data, DataLink):
+            raise ProtocolError("transport: pulls beside pushes need the data plane of an unsharded server")
+        if self._side is None:
+            self._side = DataLink(data.endpoint, self.job_id, self.rank, self.host, self._tls_ca)
+        side = self._side
+        request = self._pull_request(layout, step, first)
+
+        def attempt() -> Pulled:
+            if not side.connected:
+                side.connect()
+            return _pulled(side.pull(request, layout, params))
+        while True:  # the server answers within a minute
+            try:
+                return _with_backoff(attempt, lambda e: isinstance(e, OSError))
+            except ServerWaitTimeout:
+                continue
 
     def push_pull(self, layout: Layout, step: int, base_version: int, grads: torch.Tensor,
                   params: torch.Tensor, buffers: Mapping[str, torch.Tensor] | None = None,

@@ -2,7 +2,10 @@
 real server (port 0) and its data plane, the later layers' bucket arrives before the worker
 pushes anything itself (the bucket thread sent it from inside backward), the step becomes the
 worker's only with its last bucket, and the parameters that come back are those of the whole
-push (a second job pushes the same gradient in one piece)."""
+push (a second job pushes the same gradient in one piece). With ``pull_buckets`` (a GPU worker's
+default), the server applies each bucket as it is whole and the worker pulls it on a second
+connection while backward runs: the round trip after backward carries the first layers' bucket
+alone, and the parameters are the same."""
 
 from __future__ import annotations
 
@@ -21,13 +24,13 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
-def _step(server, cap_bytes: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def _step(server, cap_bytes: int, pull_buckets: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """One step of a fresh job: the parameters pulled after it, and the buckets."""
     job_id = _running(server)
     store = server.manager.store(job_id)
     model = _model()
     flat = FlatModel(model)
-    with _worker(server, job_id) as link, BucketPusher(link, flat, cap_bytes) as pusher:
+    with _worker(server, job_id) as link, BucketPusher(link, flat, cap_bytes, pull_buckets=pull_buckets) as pusher:
         link.init_parameters(flat.layout, flat.params.detach().clone())
         version = link.pull(flat.layout, 0, flat.params).version
         pusher.begin(0, version)
@@ -39,6 +42,10 @@ def _step(server, cap_bytes: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
             first_bytes = 4 * flat.layout.part(*pusher.runs[0]).numel
             wait_for(lambda: store.workers()[0].bytes_in >= first_bytes, 10, "the first bucket to arrive")
         assert store.workers()[0].clock == 0 and store.version == 0  # not the worker's step yet
+        if pull_buckets:  # the applied buckets' parameters came back beside the pushes, before finish
+            whole = 4 * flat.layout.numel
+            ahead = whole - 4 * flat.layout.part(*pusher.runs[-1]).numel
+            wait_for(lambda: store.workers()[0].bytes_out == whole + ahead, 10, "the applied buckets pulled")
         flat.gather_grads()
         pusher.finish(None, flat.unused(), flat.params)
         assert store.workers()[0].clock == 1 and store.version == 1
@@ -51,3 +58,9 @@ def test_buckets_go_out_while_backward_runs_and_change_nothing(server):
     whole, one = _step(server, cap_bytes=1 << 20)
     assert one == [(0, 6)]
     assert torch.equal(params, whole)
+
+
+def test_each_applied_bucket_comes_back_while_backward_runs(server):
+    params, runs = _step(server, cap_bytes=200, pull_buckets=True)
+    whole, _ = _step(server, cap_bytes=1 << 20)
+    assert len(runs) > 2 and torch.equal(params, whole)
