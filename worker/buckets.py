@@ -15,8 +15,10 @@ In ps-sync on the data plane (``pull_buckets``) the server applies each bucket a
 worker's copy of it is in, and a pull thread, on a connection of its own (pushes go out while
 parameters come in), asks for each bucket's new parameters once the bucket is ready here: the
 server answers when it has applied it, while backward goes on. The round trip after backward
-then carries the first layers' bucket alone, not the whole model. The pulled values land in the
-model after backward (the weights are backward's until then). A model of one bucket (smaller than
+then carries the first layers' bucket alone, not the whole model, and the next forward goes on
+at once: a module's forward pre-hook waits for its own bucket's parameters only and puts them
+in the model (the weights are backward's until it ends). ``land()`` puts in what is still
+coming (before an evaluation, and at the end). A model of one bucket (smaller than
 ``bucket_mb``), and fp16 loss scaling (whose gradients are final only after the overflow check),
 push the whole gradient after backward.
 """
@@ -81,6 +83,13 @@ class BucketPusher:
                           for lay in self._layouts[:-1]] if self._pull_buckets else []
         self._pulls: dict[int, Future[Pulled]] = {}
         self._puller = ThreadPoolExecutor(1, thread_name_prefix="gradhub-pull") if self._pull_buckets else None
+        self._due: dict[int, Future[Pulled]] = {}  # pulled beside, not in the model yet
+        if self._pull_buckets:
+            index = {id(p): i for i, p in enumerate(flat.trainable.values())}
+            for module in flat.model.modules():
+                mine = sorted({self._owner[index[id(p)]] for p in module.parameters(recurse=False) if id(p) in index})
+                if mine:
+                    module.register_forward_pre_hook(self._landing_hook(mine))
 
     @property
     def bucketed(self) -> bool:
@@ -131,10 +140,7 @@ class BucketPusher:
             start = self._starts[last]
             pulled = self.client.push_pull(layout, self._step, self._version, grads, params[start:start + layout.numel],
                                            buffers, mine, first=first, pull_part_only=True)
-            for b, coming in sorted(self._pulls.items()):
-                coming.result()
-                start = self._starts[b]
-                params[start:start + self._layouts[b].numel].copy_(self._incoming[b])
+            self._due = dict(self._pulls)  # each lands when its modules' forward needs it
             return pulled
         return self.client.push_pull(layout, self._step, self._version, grads, params, buffers, mine, first=first,
                                      pull_layout=self.flat.layout)
@@ -159,8 +165,24 @@ class BucketPusher:
         mine = [i - first for i in unused if first <= i < first + count]
         return layout, (None if layout is self.flat.layout else first), grads, mine
 
+    def land(self, buckets: Sequence[int] | None = None) -> None:
+        """Put the parameters pulled beside (of ``buckets``; None: all) into the model, once in."""
+        for b in sorted(self._due) if buckets is None else buckets:
+            coming = self._due.pop(b, None)
+            if coming is not None:
+                coming.result()  # raises the pull's failure
+                start = self._starts[b]
+                self.flat.params.data[start:start + self._layouts[b].numel].copy_(self._incoming[b])
+
+    def _landing_hook(self, buckets: list[int]):  # type: ignore[no-untyped-def]
+        def landing(_module: torch.nn.Module, _args: object) -> None:
+            if self._due:
+                self.land(buckets)
+        return landing
+
     def _push(self, b: int, unused: Sequence[int]) -> bool:
         layout, first, grads, mine = self._bucket(b, unused)
+        self.land([b])  # a bucket no forward used last step: its incoming buffer is about to be reused
         if self._puller is not None and self._pull_next:  # its parameters of the next step, once applied
             self._pulls[b] = self._puller.submit(self.client.pull_beside, layout, self._step + 1, self._incoming[b],
                                                  first or 0)

@@ -105,6 +105,7 @@ class PSTrainer:
                     return result
                 if work.eval_due(step):
                     phase.at("eval", step)
+                    pusher.land()  # every parameter pulled beside, in the model
                     self.client.report(step, "eval", work.evaluate())
                 phase.at("train", step)
                 last = step + 1 == total and rank != 0 and not spec.elastic
@@ -128,6 +129,7 @@ class PSTrainer:
                 meter.add(loss, samples, time.perf_counter() - sent)
                 if (metrics := meter.due(step == total)) is not None:
                     self.client.report(step, "train", metrics)
+            pusher.land()
             if rank == 0:
                 if result.steps_run == 0:  # resumed at the end: fetch the final parameters
                     received(self.client.pull(flat.layout, total, flat.params))

@@ -49,6 +49,11 @@ def _step(server, cap_bytes: int, pull_buckets: bool = False) -> tuple[torch.Ten
         flat.gather_grads()
         pusher.finish(None, flat.unused(), flat.params)
         assert store.workers()[0].clock == 1 and store.version == 1
+        if pull_buckets:  # the later layers' parameters are not in the model until their forward needs them
+            before = flat.params.detach().clone()
+            with torch.no_grad():
+                model(torch.randn(5, 4))  # each module's forward lands its bucket's parameters
+            assert not torch.equal(before, flat.params)
         return flat.params.detach().clone(), pusher.runs
 
 
