@@ -18,7 +18,8 @@
     python tests/bench/bench_ps.py [--mb 100] [--iters 6] [--figures a b c d g] [--device cuda] [--out DIR]
 
 ``--device cuda``: (a)'s worker keeps its gradient and parameters on the GPU (they travel through
-pinned host buffers) and (c)'s job trains on a GPU (``resources.gpus: 1``).
+pinned host buffers), (c)'s job trains on a GPU (``resources.gpus: 1``) and (g)'s two workers
+share one (their buckets' parameters come back beside the pushes, as GPU workers' do).
 
 Server and workers run in separate processes (as deployed), so nobody shares a GIL.
 """
@@ -362,9 +363,10 @@ def figure_g(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = {"name": "mlp", "args": {"hidden": [1024, 1024, 1024]}}
     batch, steps, workers = 32, min(args.steps, 300), 2
     runs: dict[float, list[dict[str, float]]] = {0.0: [], 1.0: []}
+    gpus = 0.5 if args.device == "cuda" else 0  # both workers on the one GPU
     for _ in range(args.repeats):  # interleaved: the VM's noise falls on both alike
         for mb, out in runs.items():
-            out.append(job_metrics(model, batch, steps, workers, bucket_mb=mb))
+            out.append(job_metrics(model, batch, steps, workers, gpus=gpus, bucket_mb=mb))
 
     def med(mb: float, key: str) -> float:
         return statistics.median(m[key] for m in runs[mb])

@@ -3,7 +3,8 @@
 # workers against single-process PyTorch, mixed precision, quantisation on the device, three
 # ranks sharing the GPU through Gloo summing in rank order), then the parameter server's
 # figures (a) (a 100 MB exchange whose gradient and parameters live on the GPU and travel
-# through pinned host buffers) and (c) (a 1-worker CUDA job against plain PyTorch on the GPU).
+# through pinned host buffers), (c) (a 1-worker CUDA job against plain PyTorch on the GPU) and
+# (g) (two GPU workers pushing buckets while backward runs, their parameters pulled beside).
 # Run from the repository root with a Python whose torch has CUDA:
 #   PYTHON=.venv/bin/python bash tests/bench/gpu_checks.sh [OUT_DIR]
 set -euo pipefail
@@ -14,5 +15,5 @@ mkdir -p "$out"
 "$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 "$python" -m pytest -m gpu -q tests/integration/test_gpu.py tests/unit/test_quant.py tests/unit/test_collective.py \
     2>&1 | tee "$out/pytest-gpu.txt"
-"$python" tests/bench/bench_ps.py --device cuda --figures a c --transports unix tcp --iters 6 \
+"$python" tests/bench/bench_ps.py --device cuda --figures a c g --transports unix tcp --iters 6 \
     --batches 32 128 --steps 500 --repeats 1 --out "$out" 2>&1 | tee "$out/bench_ps.txt"
