@@ -136,7 +136,7 @@ class BucketPusher:
         if params is None:
             self.client.push(layout, self._step, self._version, grads, buffers, mine, first=first)
             return None
-        if set(self._pulls) == set(range(last)):  # every other bucket's parameters are coming beside
+        if self._pull_buckets and set(self._pulls) == set(range(last)):  # the others' parameters come beside
             start = self._starts[last]
             pulled = self.client.push_pull(layout, self._step, self._version, grads, params[start:start + layout.numel],
                                            buffers, mine, first=first, pull_part_only=True)
