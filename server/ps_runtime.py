@@ -69,7 +69,7 @@ def store_config(job_id: str, spec: JobSpec) -> StoreConfig:
             keep_history=spec.store_mode == "ps-sync", staleness_scaling=bool(spec.staleness_scaling),
             fragments=spec.fragments or 1,
         )
-    early = spec.mode == "ps-sync" and not spec.elastic and spec.clip_grad_norm is None
+    early = not spec.elastic and spec.clip_grad_norm is None  # buckets applied as soon as they can be
     return StoreConfig(
         job_id=job_id, mode=spec.mode, world_size=spec.workers, staleness=spec.effective_staleness,
         optimizer=spec.optimizer.name, lr=spec.optimizer.lr, hyper=dict(spec.optimizer.hyper),

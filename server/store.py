@@ -136,6 +136,9 @@ class ParameterStore(WorkerTable):
         self._early: dict[tuple[int, int], set[int]] = {}
         self._old: dict[tuple[int, int], torch.Tensor] = {}
         self._early_unused: dict[int, set[int]] = {}
+        # ps-async, ps-ssp with apply_buckets: each worker's buckets of its step applied on arrival
+        # (kept across a new registration: the step pushed afresh applies each bucket once)
+        self._arrived: dict[int, tuple[int, set[tuple[int, int]]]] = {}
 
     # ----------------------------------------------------------------- setup
     @property
@@ -398,6 +401,8 @@ class ParameterStore(WorkerTable):
                 whole = assembly.add(part, self._layout.offset(part[0]), grad, unused, buffers)
                 if self._applies_buckets():
                     self._bucket_in(rank, part, unused)
+                elif self._applies_on_arrival():
+                    self._bucket_now(w, step, base_version, part, unused)
                 if not whole:
                     w.last_seen = self._now()
                     return True, self._version  # more buckets of this step to come
@@ -442,8 +447,11 @@ class ParameterStore(WorkerTable):
             w.max_staleness = max(w.max_staleness, w.staleness)
             self.staleness_counts[w.staleness] = self.staleness_counts.get(w.staleness, 0) + 1
             self._take_buffers({w.rank: push})
-            grad = push.grad / (1 + w.staleness) if self.config.staleness_scaling and w.staleness else push.grad
-            self._apply(grad, push.unused, part)
+            if push.bucketed and self._arrived.pop(w.rank, None) is not None:
+                self._advance()  # its buckets are applied: the step makes a version
+            else:
+                grad = push.grad / (1 + w.staleness) if self.config.staleness_scaling and w.staleness else push.grad
+                self._apply(grad, push.unused, part)
         self._changed()
 
     def _check_buffer_values(self, buffers: Mapping[str, torch.Tensor] | None) -> None:
@@ -519,6 +527,31 @@ class ParameterStore(WorkerTable):
     def _applies_buckets(self) -> bool:
         c = self.config
         return c.apply_buckets and c.mode == "ps-sync" and len(self._parts) <= 1 and self._target == self._size
+
+    def _applies_on_arrival(self) -> bool:
+        c = self.config
+        return c.apply_buckets and c.mode != "ps-sync" and len(self._parts) <= 1
+
+    def _bucket_now(self, w: WorkerState, step: int, base_version: int, part: tuple[int, int],
+                    unused: Sequence[int]) -> None:
+        """ps-async, ps-ssp: worker ``w``'s bucket ``part`` of ``step`` is applied as it arrives
+        (scaled for its staleness when the job says so); the worker's last bucket makes the
+        version (``_take``). A bucket applied already is not applied again."""
+        step_parts = self._arrived.get(w.rank)
+        if step_parts is None or step_parts[0] != step:
+            step_parts = self._arrived[w.rank] = (step, set())
+        if part in step_parts[1]:
+            return
+        step_parts[1].add(part)
+        assert self._layout is not None
+        start, n = self._layout.offset(part[0]), self._layout.part(*part).numel
+        grad = self._bucket_grads[w.rank][start:start + n]
+        staleness = self._version - base_version
+        if self.config.staleness_scaling and staleness:
+            grad = grad / (1 + staleness)
+        self._step_params(grad, frozenset(unused), part)
+        self._snapshots.clear()
+        self._changed()
 
     def _bucket_in(self, rank: int, part: tuple[int, int], unused: Sequence[int]) -> None:
         """ps-sync: worker ``rank``'s bucket ``part`` of the step in flight is in (``unused``: its
@@ -760,8 +793,8 @@ class ParameterStore(WorkerTable):
 
     def _maybe_checkpoint(self) -> None:
         every = self.config.checkpoint_every
-        if self._on_checkpoint is None or every <= 0:
-            return
+        if self._on_checkpoint is None or every <= 0 or self._arrived:
+            return  # (async: not while a worker's step is applied in part; a later update takes it)
         # ps-sync: exactly at step boundaries; other modes: when the slowest worker crosses one.
         step = min(w.clock for w in self._members())
         if self.config.mode == "ps-sync":

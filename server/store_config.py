@@ -55,9 +55,9 @@ class StoreConfig:
     # (``gradhub.proto.shards``); shard 0 also holds the frozen parameters and the buffers
     shard: int = 0
     shards: int = 1
-    # ps-sync with bucketed pushes: apply each bucket as soon as every worker's copy of it is in
-    # (off for clipping, whose norm spans the whole gradient, and for elastic jobs, whose step in
-    # flight may have to be done again at another size)
+    # bucketed pushes: apply each bucket as soon as every worker's copy of it is in (ps-sync), or
+    # as it arrives (ps-async, ps-ssp); off for clipping, whose norm spans the whole gradient,
+    # and for elastic jobs, whose step in flight may have to be done again at another size
     apply_buckets: bool = False
 
     def __post_init__(self) -> None:

@@ -162,3 +162,34 @@ def test_a_bucket_applied_wakes_the_pulls_that_wait_for_it() -> None:
     early.add_listener(lambda: woken.append(early.version))
     early.push(1, 0, 0, torch.ones(4), first=3, count=1)  # the bucket is whole: applied
     assert woken == [0] and early.try_pull(0, 1, tensor_pb2.FLOAT32, 3, 1, ahead=True) is not None
+
+
+def test_async_applies_each_bucket_on_arrival_and_once() -> None:
+    """ps-async with ``apply_buckets``: a bucket changes the parameters as it arrives, the
+    worker's last one makes the version, and a worker that registers again mid-step pushes
+    its step afresh without a bucket applied twice: the result is the whole push's."""
+    config = StoreConfig("job", "ps-async", 1, optimizer="adam", lr=0.1, apply_buckets=True)
+    early = ParameterStore(config)
+    early.set_total_steps(8)
+    early.register(0)
+    assert early.initialize(LAYOUT, torch.linspace(-1, 1, 19))
+    whole = _store("ps-async", world=1)
+    torch.manual_seed(0)
+    grads = [torch.randn(19) for _ in range(2)]
+    for step, grad in enumerate(grads):
+        whole.push(0, step, step, grad)
+        buckets = _buckets(grad)
+        first, count, values = buckets[0]
+        before = early.parameters()["d"].clone()
+        early.push(0, step, step, values, first=first, count=count)
+        assert early.version == step and not torch.equal(early.parameters()["d"], before)  # applied on arrival
+        if step == 1:  # the worker's process dies here; the new one pushes the step afresh
+            early.register(0)
+            for f, c, v in buckets:
+                early.push(0, step, step, v, first=f, count=c)
+        else:
+            for f, c, v in buckets[1:]:
+                early.push(0, step, step, v, first=f, count=c)
+        assert early.version == step + 1
+    for name, value in whole.parameters().items():
+        assert torch.equal(early.parameters()[name], value), name
