@@ -9,6 +9,7 @@ alone, and the parameters are the same."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -24,9 +25,10 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
-def _step(server, cap_bytes: int, pull_buckets: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def _step(server, cap_bytes: int, pull_buckets: bool = False, mode: str = "ps-sync",
+          ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """One step of a fresh job: the parameters pulled after it, and the buckets."""
-    job_id = _running(server)
+    job_id = _running(server, mode=mode)
     store = server.manager.store(job_id)
     model = _model()
     flat = FlatModel(model)
@@ -57,10 +59,11 @@ def _step(server, cap_bytes: int, pull_buckets: bool = False) -> tuple[torch.Ten
         return flat.params.detach().clone(), pusher.runs
 
 
-def test_buckets_go_out_while_backward_runs_and_change_nothing(server):
-    params, runs = _step(server, cap_bytes=200)  # 6 tensors of 12 to 256 bytes: several buckets
+@pytest.mark.parametrize("mode", ["ps-sync", "ps-async"])  # ps-async: each bucket applied as it arrives
+def test_buckets_go_out_while_backward_runs_and_change_nothing(server, mode):
+    params, runs = _step(server, cap_bytes=200, mode=mode)  # 6 tensors of 12 to 256 bytes: several buckets
     assert len(runs) > 2 and runs[-1][0] == 0
-    whole, one = _step(server, cap_bytes=1 << 20)
+    whole, one = _step(server, cap_bytes=1 << 20, mode=mode)
     assert one == [(0, 6)]
     assert torch.equal(params, whole)
 
