@@ -151,9 +151,6 @@ class JobManager(WorkerCalls):
     # -------------------------------------------------------------- the API
     def submit(self, spec: JobSpec, working_dir_zip: bytes | None = None, owner: str = "") -> JobView:
         """Queue a job of ``owner`` (a user's name; "" without users)."""
-        if spec.ps_shards != 1 and self.config.tls_cert is not None:
-            raise SpecError("ps_shards", "this server speaks TLS (--tls-cert) and a shard's data plane does not "
-                                         "yet; give ps_shards: 1")
         too_big = self._never_fits(spec)
         if too_big:
             raise SpecError("resources", too_big)
@@ -506,8 +503,13 @@ class JobManager(WorkerCalls):
         return self._launcher.nodes() if ps_shards == "auto" else int(ps_shards)
 
     def start_shards(self, config: StoreConfig, count: int) -> OtherShards:
-        """Start shards 1 to ``count - 1`` of a job whose store (shard 0) ``config`` describes."""
-        return self._launcher.start_shards(config, count, self.config.max_model_bytes)
+        """Start shards 1 to ``count - 1`` of a job whose store (shard 0) ``config`` describes;
+        with the server's TLS (their TCP ports speak it as the server's data plane does)."""
+        c = self.config
+        tls = None
+        if c.tls_cert is not None and c.tls_key is not None:
+            tls = (Path(c.tls_cert).read_bytes(), Path(c.tls_key).read_bytes())
+        return self._launcher.start_shards(config, count, c.max_model_bytes, tls)
 
     @property
     def cond(self) -> threading.Condition:

@@ -86,9 +86,11 @@ class Launcher(Protocol):
         """How many nodes the cluster has now (``ps_shards: auto``: a shard on each)."""
         ...
 
-    def start_shards(self, config: StoreConfig, count: int, max_model_bytes: int) -> OtherShards:
+    def start_shards(self, config: StoreConfig, count: int, max_model_bytes: int,
+                     tls: tuple[bytes, bytes] | None = None) -> OtherShards:
         """Start shards 1 to ``count - 1`` of the parameter server of the job whose own store
-        (shard 0) ``config`` describes; returns once every one serves."""
+        (shard 0) ``config`` describes (``tls``: the server's certificate chain and key, PEM,
+        for their TCP ports); returns once every one serves."""
         ...
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
@@ -361,10 +363,11 @@ class RayLauncher:
 
         return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
 
-    def start_shards(self, config: StoreConfig, count: int, max_model_bytes: int) -> OtherShards:
+    def start_shards(self, config: StoreConfig, count: int, max_model_bytes: int,
+                     tls: tuple[bytes, bytes] | None = None) -> OtherShards:
         from gradhub.server.shard_actors import RayShards
 
-        return RayShards(config, count, max_model_bytes=max_model_bytes)
+        return RayShards(config, count, max_model_bytes=max_model_bytes, tls=tls)
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
                credential: str = "", size: int | None = None) -> WorkerGroup:
@@ -449,9 +452,10 @@ class ExternalLauncher:
     def nodes(self) -> int:
         return 1
 
-    def start_shards(self, config: StoreConfig, count: int, max_model_bytes: int) -> OtherShards:
+    def start_shards(self, config: StoreConfig, count: int, max_model_bytes: int,
+                     tls: tuple[bytes, bytes] | None = None) -> OtherShards:
         """Shards in this process, on the loopback address (its workers run on this host)."""
-        return LocalShards(config, count, "127.0.0.1", max_model_bytes=max_model_bytes)
+        return LocalShards(config, count, "127.0.0.1", max_model_bytes=max_model_bytes, tls=tls)
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,
                credential: str = "", size: int | None = None) -> WorkerGroup:

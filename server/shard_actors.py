@@ -23,14 +23,14 @@ class ShardActor:
     run at once; the server's state has its locks): ``serve`` returns only once it is stopped,
     so its result tells the controller whether the process died."""
 
-    def __init__(self, config: StoreConfig, max_model_bytes: int) -> None:
+    def __init__(self, config: StoreConfig, max_model_bytes: int, tls: tuple[bytes, bytes] | None = None) -> None:
         import ray
 
         node = ray.get_runtime_context().get_node_id()
         # the address Ray knows this node by (the node's own, which a worker on another host reaches)
         address = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node),
                        ray.util.get_node_ip_address())
-        self._server = ShardServer(config, address, max_model_bytes=max_model_bytes).start()
+        self._server = ShardServer(config, address, max_model_bytes=max_model_bytes, tls=tls).start()
         self._stopped = threading.Event()
 
     def serve(self) -> None:
@@ -68,10 +68,15 @@ class ShardActor:
 class RayShards:
     """Shards 1 to ``count - 1`` of ``config``'s job as Ray actors (``OtherShards``)."""
 
-    def __init__(self, config: StoreConfig, count: int, *, max_model_bytes: int) -> None:
+    def __init__(self, config: StoreConfig, count: int, *, max_model_bytes: int,
+                 tls: tuple[bytes, bytes] | None = None) -> None:
+        """``tls``: the server's certificate chain and key (PEM), for the shards' TCP ports; they
+        reach the actors through Ray, inside the cluster (whose nodes the server trusts to run
+        its jobs' code)."""
         import ray
 
         self._ray = ray
+        self._tls = tls
         self._actors: list[Any] = []
         self._serving: dict[Any, int] = {}
         placements = _placements(count - 1)
@@ -94,7 +99,7 @@ class RayShards:
         remote = self._ray.remote(ShardActor)
         self._actors = [
             remote.options(num_cpus=0, scheduling_strategy=strategy, max_restarts=0, max_concurrency=8)
-            .remote(dataclasses.replace(config, shard=i, shards=count), max_model_bytes)
+            .remote(dataclasses.replace(config, shard=i, shards=count), max_model_bytes, self._tls)
             for i, strategy in enumerate(placements, start=1)]
         try:
             return self._all("endpoint", timeout=START_TIMEOUT_S)

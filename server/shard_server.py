@@ -10,10 +10,14 @@ figures (``stats``).
 from __future__ import annotations
 
 import os
+import shutil
+import ssl
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Self
 
 from gradhub.proto.contract.errors import NotFoundError
@@ -63,13 +67,17 @@ class ShardServer:
     """Shard ``config.shard`` of job ``config.job_id``: its store and its data plane on
     ``host`` (this node's address; any free port). ``start()``, then serve until ``stop()``."""
 
-    def __init__(self, config: StoreConfig, host: str, *, max_model_bytes: int) -> None:
+    def __init__(self, config: StoreConfig, host: str, *, max_model_bytes: int,
+                 tls: tuple[bytes, bytes] | None = None) -> None:
+        """``tls``: the server's certificate chain and key (PEM): the shard's TCP port speaks
+        TLS with them, and workers check it as they check the server (by the server's name)."""
         self.config, self.host = config, host
         self.store_ = ParameterStore(config, on_checkpoint=self._captured)
         self._lock = threading.Lock()
         self._captures: dict[int, CheckpointState] = {}
         self._pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix=f"gradhub-shard{config.shard}")
-        self._plane = DataPlane(self, host, 0, max_model_bytes=max_model_bytes, pool=self._pool)
+        self._plane = DataPlane(self, host, 0, max_model_bytes=max_model_bytes, pool=self._pool,
+                                tls=None if tls is None else tls_context(*tls))
         self._rate = UpdateRate()
 
     # ---------------------------------------------------------------- lifecycle
@@ -85,7 +93,8 @@ class ShardServer:
     def endpoint(self) -> dict[str, object]:
         """Where workers connect (a ``DataEndpoint`` without the credential, as plain values)."""
         e = self._plane.endpoint("", self.host)
-        return {"tcp_host": e.tcp_host, "tcp_port": e.tcp_port, "unix_path": e.unix_path, "host_id": e.host_id}
+        return {"tcp_host": e.tcp_host, "tcp_port": e.tcp_port, "unix_path": e.unix_path, "host_id": e.host_id,
+                "tls": e.tls}
 
     # ---------------------------------------------------------------- the data plane's
     def store(self, job_id: str) -> ParameterStore:
@@ -127,3 +136,20 @@ class ShardServer:
         with self._lock:
             self._captures[state.step] = state
 
+
+
+def tls_context(chain: bytes, key: bytes) -> ssl.SSLContext:
+    """A server-side TLS context from PEM bytes (``ssl`` loads files: they live in a private
+    temporary folder for the moment it reads them)."""
+    folder = tempfile.mkdtemp(prefix="gradhub-shard-tls-")  # mode 0700: this user only
+    try:
+        cert, private = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+        cert.write_bytes(chain)
+        private.touch(mode=0o600)
+        private.write_bytes(key)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(cert, private)
+        return context
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -46,9 +46,9 @@ class OtherShards(Protocol):
     def stop(self) -> None: ...
 
 
-def endpoints(others: Sequence[dict[str, object]], credential: str, tls: bool = False) -> list[ps_pb2.DataEndpoint]:
+def endpoints(others: Sequence[dict[str, object]], credential: str) -> list[ps_pb2.DataEndpoint]:
     """The shards' ``RegisterResponse.shards`` for a worker whose credential is ``credential``."""
-    return [ps_pb2.DataEndpoint(protocol=frames.DATA_PROTOCOL, credential=credential, tls=tls,
+    return [ps_pb2.DataEndpoint(protocol=frames.DATA_PROTOCOL, credential=credential, tls=bool(e.get("tls")),
                                 tcp_host=str(e["tcp_host"]), tcp_port=int(str(e["tcp_port"])),
                                 unix_path=str(e["unix_path"]), host_id=str(e["host_id"])) for e in others]
 
@@ -79,9 +79,10 @@ def merge_states(store: ParameterStore, own: CheckpointState, others: Sequence[C
 class LocalShards:
     """Shards 1 to K-1 as ``ShardServer``s in this process (for tests and external workers)."""
 
-    def __init__(self, config: StoreConfig, count: int, host: str, *, max_model_bytes: int) -> None:
+    def __init__(self, config: StoreConfig, count: int, host: str, *, max_model_bytes: int,
+                 tls: tuple[bytes, bytes] | None = None) -> None:
         self._servers = [ShardServer(dataclasses.replace(config, shard=i, shards=count), host,
-                                     max_model_bytes=max_model_bytes).start() for i in range(1, count)]
+                                     max_model_bytes=max_model_bytes, tls=tls).start() for i in range(1, count)]
 
     @property
     def stores(self) -> list[ParameterStore]:

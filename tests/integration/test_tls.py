@@ -1,7 +1,8 @@
 """A server with TLS (``--tls-cert``/``--tls-key``), its certificate issued by a throwaway CA
 (trustme): clients that trust the CA are served; a plaintext client, or one that trusts other
 CAs, gets no answer. Workers verify the server with what the launcher gives them, on the gRPC
-port and on the data plane's TCP port (TLS too), and a real job on Ray workers runs to the end.
+port and on the data plane's TCP port (TLS too, on every shard's of a sharded job), and a real
+job on Ray workers runs to the end.
 """
 
 from __future__ import annotations
@@ -70,6 +71,20 @@ def test_a_worker_on_another_host_speaks_tls_on_the_data_planes_tcp_port(externa
         assert link.transport == "tcp"
         _train_three_steps(link)
     assert external.manager.store(job_id).workers()[0].transport == "tcp"
+
+
+def test_every_shard_of_a_sharded_job_speaks_tls(external, certs, monkeypatch):
+    """ps_shards: 3 on a server with TLS: the other shards' TCP ports speak TLS with the server's
+    certificate, which a worker checks by the server's name, as on the server's own port."""
+    with Client(external.address, token=TOKEN, tls_ca=certs["ca"]) as client:
+        job_id = client.submit(_spec(ps_shards=3)).id
+        wait_for(lambda: client.get_job(job_id).state == "RUNNING", 30, "the job to run")
+    monkeypatch.setattr(data_link.frames, "host_id", lambda: "another-host")  # no Unix socket
+    with worker_link(external, job_id, tls_ca=certs["ca"].read_bytes()) as link:
+        reply = link.register("t", 0, total_steps=10, train_size=1)
+        assert reply.data.tls and len(reply.shards) == 2 and all(e.tls for e in reply.shards)
+        assert link.transport == "tcp (3 shards)"
+        _train_three_steps(link)
 
 
 def test_a_worker_that_does_not_trust_the_server_cannot_reach_it(external, certs):
