@@ -50,7 +50,7 @@ def _named(seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name,hyper", [("sgd", {"momentum": 0.9}), ("adam", {}), ("adamw", {"weight_decay": 0.1}),
-                                        ("rmsprop", {"momentum": 0.5}), ("adagrad", {})])
+                                        ("rmsprop", {"momentum": 0.5}), ("adagrad", {}), ("adadelta", {})])
 @pytest.mark.parametrize("count", [2, 3, 4])
 def test_sharded_steps_merge_to_the_whole_optimizer(name: str, hyper: dict[str, Any], count: int) -> None:
     whole = {n: torch.nn.Parameter(t.clone()) for n, t in _named(0).items()}
