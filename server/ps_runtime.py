@@ -165,7 +165,12 @@ class PSRuntime:
                     self.run.id, state.step, spec.workers):
                 return
             if self.others is not None:
-                parts = self.others.captures(state.step)
+                try:
+                    parts = self.others.captures(state.step)
+                except Exception as e:  # noqa: BLE001 - a shard that died: ``lost`` tells the controller
+                    log.warning("job %s: a shard did not answer for the checkpoint at step %d: %s", self.run.id,
+                                state.step, e)
+                    return
                 if any(p is None for p in parts):
                     return  # a shard has not got there yet
                 state = merge_states(self.table, state, [p for p in parts if p is not None])
