@@ -413,6 +413,25 @@ def test_an_elastic_jobs_details_show_its_size_and_idle_ranks() -> None:
     assert workers_alive(info) == "1/1"
 
 
+def test_a_sharded_jobs_details_list_its_shards() -> None:
+    from rich.console import Console
+
+    from gradhub.client.client import ShardInfo
+
+    info = JobInfo(id="j-1", name="n", mode="ps-sync", state="RUNNING", reason="", step=30, total_steps=100,
+                   version=30, metrics={}, samples_per_second=0.0, created_at=1000.0, started_at=1001.0,
+                   finished_at=None, spec={"mode": "ps-sync", "ps_shards": 2}, world_size=2,
+                   shards=(ShardInfo(0, "head", 0, 5000, 30, 2_400_000, 2_500_000, 41.5, 11),
+                           ShardInfo(1, "10.0.0.2", 5000, 10000, 30, 2_400_000, 2_500_000, 40.0, 22)))
+    console = Console(width=160, record=True)
+    console.print(job_details(info, [], now=1100.0))
+    text = console.export_text()
+    assert "parameter-server shards" in text, text
+    rows = [line.split() for line in text.splitlines()]
+    assert ["0", "head", "11", "0..4,999", "30", "2.4", "MB", "2.5", "MB", "41.5"] in rows, text
+    assert ["1", "10.0.0.2", "22", "5,000..9,999", "30", "2.4", "MB", "2.5", "MB", "40.0"] in rows, text
+
+
 def test_server_on_a_corrupt_database_exits_with_one_line(tmp_path: Path, cli_server: Server) -> None:
     data = tmp_path / "data"
     data.mkdir()
