@@ -239,12 +239,7 @@ class ServerLink:
         Returns the version received and the job's buffers at that version.
         """
         if self._data is not None:
-            request = self._pull_request(layout, step, first)
-            while True:  # the server answers within a minute; a slow or restarting worker is waited for
-                try:
-                    return _pulled(self._on_data(lambda d: d.pull(request, layout, params)))
-                except ServerWaitTimeout:
-                    continue
+            return self._pull_on(self._data, self._pull_request(layout, step, first), layout, params)
         return _until_answered(lambda: self._pull_once(layout, step, params, first))
 
     def pull_beside(self, layout: Layout, step: int, params: torch.Tensor, first: int) -> Pulled:
@@ -257,16 +252,15 @@ class ServerLink:
             raise ProtocolError("transport: pulls beside pushes need the data plane of an unsharded server")
         if self._side is None:
             self._side = DataLink(data.endpoint, self.job_id, self.rank, self.host, self._tls_ca)
-        side = self._side
-        request = self._pull_request(layout, step, first)
+        return self._pull_on(self._side, self._pull_request(layout, step, first), layout, params)
 
-        def attempt() -> Pulled:
-            if not side.connected:
-                side.connect()
-            return _pulled(side.pull(request, layout, params))
-        while True:  # the server answers within a minute
+    def _pull_on(self, link: DataLink | ShardedLink, request: ps_pb2.PullRequest, layout: Layout,
+                 params: torch.Tensor) -> Pulled:
+        """``request`` on data-plane ``link``, asked again each time the server's bounded wait
+        for the other workers runs out (a slow or restarting worker is waited for)."""
+        while True:
             try:
-                return _with_backoff(attempt, lambda e: isinstance(e, OSError))
+                return _pulled(self._on_data(lambda d: d.pull(request, layout, params), link))
             except ServerWaitTimeout:
                 continue
 
@@ -305,10 +299,11 @@ class ServerLink:
 
         return _until_answered(call)  # asking again re-pushes: a duplicate is ignored
 
-    def _on_data(self, call: Callable[[DataLink | ShardedLink], T]) -> T:
-        """``call`` on the data plane, reconnecting and calling again while the connection breaks
-        (for a bounded time); the server's own errors are raised as they are."""
-        data = self._data
+    def _on_data(self, call: Callable[[DataLink | ShardedLink], T], link: DataLink | ShardedLink | None = None) -> T:
+        """``call`` on the data plane (``link``; by default this worker's main connection),
+        reconnecting and calling again while the connection breaks (for a bounded time); the
+        server's own errors are raised as they are."""
+        data = self._data if link is None else link
         assert data is not None
 
         def attempt() -> T:
