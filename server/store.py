@@ -498,16 +498,21 @@ class ParameterStore(WorkerTable):
 
     def _average(self, pending: dict[int, _Push]) -> torch.Tensor:
         """The mean of the workers' gradients, summed in rank order (deterministic)."""
-        if len(pending) == 1:
-            return pending[0].grad
-        n = pending[0].grad.numel()  # the model's, or a fragment's
+        return self._mean([pending[r].grad for r in range(len(pending))])
+
+    def _mean(self, grads: list[torch.Tensor], start: int = 0) -> torch.Tensor:
+        """The mean of ``grads`` (by rank), summed in rank order into the store's buffer from
+        element ``start`` on (the model's, a fragment's or a bucket's values)."""
+        if len(grads) == 1:
+            return grads[0]
         if self._grad is None:
             assert self._layout is not None
             self._grad = torch.empty(self._layout.numel, dtype=torch.float32)
-        total = torch.add(pending[0].grad, pending[1].grad, out=self._grad[:n])  # one pass fewer than copy + add
-        for r in range(2, len(pending)):
-            total += pending[r].grad
-        total /= len(pending)
+        out = self._grad[start:start + grads[0].numel()]
+        total = torch.add(grads[0], grads[1], out=out)  # one pass fewer than copy + add
+        for g in grads[2:]:
+            total += g
+        total /= len(grads)
         return total
 
     def _part_of(self, step: int, first: int, count: int) -> tuple[int, int]:
@@ -574,16 +579,7 @@ class ParameterStore(WorkerTable):
         del self._early[part]
         assert self._layout is not None and self._flat is not None
         start, n = self._layout.offset(part[0]), self._layout.part(*part).numel
-        grads = [self._bucket_grads[r][start:start + n] for r in range(self._size)]
-        if len(grads) == 1:
-            grad = grads[0]
-        else:
-            if self._grad is None:
-                self._grad = torch.empty(self._layout.numel, dtype=torch.float32)
-            grad = torch.add(grads[0], grads[1], out=self._grad[start:start + n])  # as _average sums, in rank order
-            for g in grads[2:]:
-                grad += g
-            grad /= len(grads)
+        grad = self._mean([self._bucket_grads[r][start:start + n] for r in range(self._size)], start)
         skip = frozenset.intersection(*(frozenset(self._early_unused.get(r, ())) for r in range(self._size)))
         self._old[part] = self._flat[start:start + n].clone()
         self._step_params(grad, skip, part)
