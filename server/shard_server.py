@@ -23,6 +23,7 @@ from typing import Self
 from gradhub.proto.contract.errors import NotFoundError
 from gradhub.server.data_plane import DataPlane
 from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
+from gradhub.server.tls import server_context
 
 STORE_THREADS = 4
 
@@ -147,9 +148,6 @@ def tls_context(chain: bytes, key: bytes) -> ssl.SSLContext:
         cert.write_bytes(chain)
         private.touch(mode=0o600)
         private.write_bytes(key)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(cert, private)
-        return context
+        return server_context(cert, private)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

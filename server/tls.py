@@ -41,11 +41,17 @@ class ServerTLS:
 
     def ssl_context(self) -> ssl.SSLContext:
         """The data plane's server-side TLS context."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            context.load_cert_chain(self.cert, self.key)
+            return server_context(self.cert, self.key)
         except (ssl.SSLError, OSError) as e:
             raise ValueError(f"tls_key: {self.key} does not go with the certificate {self.cert}, or one of "
                              f"them is not a valid PEM ({e})") from e
-        return context
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2 or later) with the certificate chain and key in these
+    PEM files: the data plane's, and a parameter-server shard's."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
