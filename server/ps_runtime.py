@@ -69,13 +69,12 @@ def store_config(job_id: str, spec: JobSpec) -> StoreConfig:
             keep_history=spec.store_mode == "ps-sync", staleness_scaling=bool(spec.staleness_scaling),
             fragments=spec.fragments or 1,
         )
-    early = not spec.elastic and spec.clip_grad_norm is None  # buckets applied as soon as they can be
     return StoreConfig(
         job_id=job_id, mode=spec.mode, world_size=spec.workers, staleness=spec.effective_staleness,
         optimizer=spec.optimizer.name, lr=spec.optimizer.lr, hyper=dict(spec.optimizer.hyper),
         schedule=spec.lr_schedule.to_dict(), checkpoint_every=spec.checkpoint_every,
         compression=spec.compression, param_groups=spec.optimizer.param_groups, buffers=spec.buffers,
-        clip_grad_norm=spec.clip_grad_norm, compression_block=spec.compression_block, apply_buckets=early,
+        clip_grad_norm=spec.clip_grad_norm, compression_block=spec.compression_block, apply_buckets=spec.applies_buckets,
     )
 
 

@@ -145,5 +145,5 @@ def _pulls_buckets(spec: JobSpec, work: Workload, client: ServerLink) -> bool:
     applies it (``BucketPusher``): in ps-sync on the data plane, for a worker on a GPU, whose
     CPU and network link idle while backward runs. A CPU worker's pull thread would take the
     cores backward runs on (README, Performance (g))."""
-    return (spec.mode == "ps-sync" and not spec.elastic and spec.clip_grad_norm is None
-            and client.transport != "grpc" and work.device.type == "cuda")
+    return (spec.mode == "ps-sync" and spec.applies_buckets and client.transport != "grpc"
+            and work.device.type == "cuda")

@@ -608,6 +608,14 @@ class JobSpec:
         return DEFAULT_BUCKET_MB if self.resources.gpus > 0 else 0.0
 
     @property
+    def applies_buckets(self) -> bool:
+        """ps modes: whether the server applies each bucket of a pushed gradient as soon as it
+        can (ps-sync: once every worker's copy is in; async: on arrival). Not with
+        ``clip_grad_norm`` (its norm spans the whole gradient) nor for an elastic job (a step in
+        flight may have to be done again at another size)."""
+        return not self.elastic and self.clip_grad_norm is None
+
+    @property
     def effective_staleness(self) -> int:
         """How many steps a worker may run ahead: ``staleness`` for ``ps-ssp``, else 0."""
         return self.staleness if self.mode == "ps-ssp" and self.staleness is not None else 0
