@@ -32,6 +32,7 @@ from typing import Protocol, Self, TypeVar
 import torch
 
 from gradhub.proto import frames
+from gradhub.proto.channels import widen_buffers
 from gradhub.proto.codec import as_bytes, payload_dtype, torch_dtype
 from gradhub.proto.contract.errors import GradhubError, ProtocolError
 from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
@@ -265,6 +266,8 @@ class DataPlane:
             sock.setblocking(False)
             if kind == "tcp":
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                widen_buffers(sock)
             task = asyncio.create_task(self._serve(_Connection(sock, kind)))
             connections.add(task)
             task.add_done_callback(connections.discard)

@@ -17,7 +17,7 @@ import ssl
 import torch
 
 from gradhub.proto import frames
-from gradhub.proto.channels import SYSTEM_TRUST, tls_context
+from gradhub.proto.channels import SYSTEM_TRUST, tls_context, widen_buffers
 from gradhub.proto.codec import Layout, as_bytes, payload_dtype, torch_dtype
 from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import data_pb2, ps_pb2
@@ -73,6 +73,7 @@ class DataLink:
         if e.unix_path and e.host_id and e.host_id == frames.host_id():
             with contextlib.suppress(OSError):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                widen_buffers(sock)
                 sock.settimeout(CONNECT_TIMEOUT_S)
                 sock.connect(e.unix_path)
                 self.kind = "unix"

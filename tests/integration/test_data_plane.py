@@ -1,7 +1,8 @@
 """The data plane (proto/v1/data.proto): tensors on a socket beside gRPC, against a real server
 on port 0 whose workers are this test (an external launcher).
 
-- pushes and pulls land where gRPC's would, on the Unix socket (same host) and on TCP;
+- pushes and pulls land where gRPC's would, on the Unix socket (same host, buffers of a few MB
+  at both ends) and on TCP;
 - a broken connection is reopened and the push applied once; a pull that waits past the
   server's bound is asked again;
 - no connection gets in without the credential of its worker's latest registration;
@@ -16,12 +17,14 @@ import logging
 import re
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from gradhub.client.client import Client
 from gradhub.proto import frames
+from gradhub.proto.channels import UNIX_SOCKET_BUFFER, widen_buffers
 from gradhub.proto.codec import Layout
 from gradhub.proto.contract.errors import AuthError, ProtocolError, StateError
 from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
@@ -80,12 +83,27 @@ def _train_three_steps(link: ServerLink) -> None:
         assert torch.equal(params, torch.full((NUMEL,), -LR * (step + 1)))
 
 
-def test_same_host_workers_use_the_unix_socket(job):
+def test_same_host_workers_use_the_unix_socket(job, monkeypatch):
     server, job_id = job
+    widened: list[socket.socket] = []  # the server's end of each connection, as it widens its buffers
+
+    def widen(sock: socket.socket) -> None:
+        widen_buffers(sock)
+        widened.append(sock)
+
+    monkeypatch.setattr(data_plane, "widen_buffers", widen)
     with _worker(server, job_id) as link:
         assert link.transport == "unix"
         _train_three_steps(link)
         assert link._session is None, "no gRPC stream was opened"
+        # both ends send with buffers of a few MB (the kernel's 208 KiB cut a model into dozens of writes)
+        assert isinstance(link._data, data_link.DataLink) and link._data._sock is not None
+        ends = [link._data._sock, *widened]
+        assert len(ends) == 2 and all(end.family == socket.AF_UNIX for end in ends)
+        for end in ends:
+            for option, cap in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
+                allowed = int(Path(f"/proc/sys/net/core/{cap}").read_text())
+                assert end.getsockopt(socket.SOL_SOCKET, option) >= min(UNIX_SOCKET_BUFFER, allowed)
     assert server.manager.store(job_id).workers()[0].transport == "unix"
 
 
