@@ -124,6 +124,7 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
             reply.data.CopyFrom(self._data_plane.endpoint(credential, self._data_host))
             others = self._backend.register_on_shards(request.job_id, request.rank, host, request.pid, credential)
             reply.shards.extend(shard_endpoints(others, credential))
+            reply.clip_across_shards = store.config.clips_across_shards
         return reply
 
     @handler

@@ -18,6 +18,7 @@ where a thread hop would cost more than the work (``gradhub.server.waits``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import socket
@@ -334,6 +335,9 @@ class DataPlane:
             if kind in ("push", "init"):
                 header = getattr(frame, kind)
                 _check_worker(session, header.job_id, header.rank, kind)
+                if frame.pull_next and session.store.config.clips_across_shards:
+                    raise ProtocolError("pull_next: a job that clips its gradient over shards pulls with "
+                                        "clip_total_sq once every shard's part is in")
             elif kind == "pull":
                 _check_worker(session, frame.pull.job_id, frame.pull.rank, kind)
                 if frame.payload_bytes:
@@ -348,6 +352,13 @@ class DataPlane:
         elif kind == "init":
             await self._init(conn, session, frame)
         else:
+            if frame.pull.HasField("clip_total_sq"):  # the norm of the step before: it is taken
+                try:
+                    await self._calls.call(session.store, session.store.clip_total, frame.pull.step - 1,
+                                           frame.pull.clip_total_sq)
+                except Exception as e:  # noqa: BLE001 - any error goes back to the worker
+                    await self._send_error(conn, e)
+                    return
             await self._pull(conn, session, frame.pull.step, frame.pull.dtype or tensor_pb2.FLOAT32,
                              part=(frame.pull.first_tensor, frame.pull.tensor_count), ahead=True)
 
@@ -377,9 +388,17 @@ class DataPlane:
         conn.free_at = header.step + 1 if accepted and store.config.mode == "ps-sync" else 0
         if pull_step is not None:
             await self._pull(conn, session, pull_step, wire_dtype, snapshot, pull_part_after(store, header))
-        else:
-            await self._send(conn, frames.frame_head(data_pb2.DataFrame(
-                reply=data_pb2.DataReply(accepted=accepted, version=version))))
+            return
+        reply = data_pb2.DataReply(accepted=accepted, version=version)
+        if store.config.clips_across_shards:  # answered with this shard's part of the norm, once it has it
+            try:
+                reply.clip_part_sq = await self._calls.until(
+                    store, functools.partial(store.clip_part, header.step),
+                    functools.partial(store.waiting_for, header.step + 1), MAX_PULL_WAIT_S)
+            except Exception as e:  # noqa: BLE001 - any error goes back to the worker
+                await self._send_error(conn, e)
+                return
+        await self._send(conn, frames.frame_head(data_pb2.DataFrame(reply=reply)))
 
     async def _init(self, conn: _Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
         try:

@@ -43,6 +43,7 @@ from gradhub.proto.contract.optim import (
 )
 from gradhub.proto.model_state import ModelLayout, tensors_to_proto
 from gradhub.proto.shards import Shard, shards_of, split_optimizer_state
+from gradhub.server.shard_clip import HeldStep, ShardClip
 from gradhub.server.store_config import CheckpointState, Snapshot, StoreConfig
 from gradhub.server.workers import WorkerState, WorkerTable
 
@@ -139,6 +140,9 @@ class ParameterStore(WorkerTable):
         # ps-async, ps-ssp with apply_buckets: each worker's buckets of its step applied on arrival
         # (kept across a new registration: the step pushed afresh applies each bucket once)
         self._arrived: dict[int, tuple[int, set[tuple[int, int]]]] = {}
+        # ps-sync clipping over shards: a step waits here for the norm over every shard
+        self._clip = ShardClip(config.clip_grad_norm) if config.clip_grad_norm and config.clips_across_shards \
+            else None
 
     # ----------------------------------------------------------------- setup
     @property
@@ -260,6 +264,8 @@ class ParameterStore(WorkerTable):
         updates = self._total_steps * (1 if c.mode == "ps-sync" else c.world_size)
         scheduler = build_scheduler(optimizer, c.schedule, max(updates, 1))
         self._parts = layout.partition(c.fragments)  # more fragments than tensors: a SpecError
+        if self._clip is not None:
+            self._clip.reset()
         self._layout, self._flat, self._params = layout, flat, params
         self._optimizer, self._scheduler = optimizer, scheduler
         self._keep_version()
@@ -437,6 +443,9 @@ class ParameterStore(WorkerTable):
                     self._old.clear()
                     self._early_unused.clear()
                     self._advance()
+                elif self._clip is not None:  # the step waits for its norm over every shard
+                    self._hold(self._average(pending), frozenset.intersection(*(p.unused for p in pending.values())),
+                               part)
                 else:
                     self._apply(self._average(pending),
                                 frozenset.intersection(*(p.unused for p in pending.values())), part)
@@ -586,6 +595,30 @@ class ParameterStore(WorkerTable):
         self._snapshots.clear()  # a pull of the step in flight's version gets the old values of this bucket
         self._changed()  # its pulls ahead may go
 
+    def _hold(self, grad: torch.Tensor, unused: frozenset[int], part: tuple[int, int]) -> None:
+        """ps-sync clipping over shards: hold the step until a worker brings the norm."""
+        assert self._clip is not None and self._layout is not None
+        views = [v for i, v in enumerate(self._layout.part(*part).split(grad).values()) if i + part[0] not in unused]
+        self._clip.hold(HeldStep(self._version, grad, unused, part), views)
+
+    def clip_part(self, step: int) -> float | None:
+        """This shard's sum of squares of step ``step``'s mean gradient (the reply to a push of
+        a job that clips over shards); None until every worker's gradient of it is in."""
+        with self._cond:
+            if self._clip is None:
+                raise ProtocolError(f"clip_part: job {self.config.job_id!r} does not clip its gradient over shards")
+            return self._clip.part(step)
+
+    def clip_total(self, step: int, total_sq: float) -> None:
+        """The sum of every shard's part for ``step``, from a worker: the step is taken (once)."""
+        with self._cond:
+            if self._clip is None:
+                raise ProtocolError(f"clip_total_sq: job {self.config.job_id!r} does not clip its gradient over shards")
+            held = self._clip.release(step, total_sq)
+            if held is not None:
+                self._apply(held.grad, held.unused, held.part)
+                self._changed()
+
     def _apply(self, grad: torch.Tensor, unused: frozenset[int] = frozenset(), part: tuple[int, int] = (0, 0)) -> None:
         """One optimizer step with ``grad`` (flat float32, over the tensors ``part``), and the
         version that makes."""
@@ -602,7 +635,8 @@ class ParameterStore(WorkerTable):
         for i, param in enumerate(self._params):
             inside = part[0] <= i < part[0] + len(views)
             param.grad = views[i - part[0]] if inside and i not in unused else None
-        clip_gradients(self._params, self.config.clip_grad_norm)
+        if self._clip is None:  # over shards, the gradient came scaled already
+            clip_gradients(self._params, self.config.clip_grad_norm)
         self._optimizer.step()
         for param in self._params:
             param.grad = None  # the gradient's memory goes back to whoever received it
@@ -745,7 +779,8 @@ class ParameterStore(WorkerTable):
     def finished(self) -> bool:
         with self._cond:
             t = self._total_steps
-            return t is not None and all(w.clock >= t for w in self._members())
+            held = self._clip is not None and self._clip.held is not None  # the last step waits for its norm
+            return t is not None and not held and all(w.clock >= t for w in self._members())
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """A copy of the current trainable parameters by name."""

@@ -79,6 +79,11 @@ class StoreConfig:
         return COMPRESSION_DTYPES[self.compression]
 
     @property
+    def clips_across_shards(self) -> bool:
+        """ps-sync clipping over K > 1 shards: the norm comes from the workers (``ShardClip``)."""
+        return self.clip_grad_norm is not None and self.shards > 1 and self.mode == "ps-sync"
+
+    @property
     def params_dtype(self) -> int:
         """The dtype pulled parameters travel in (float32 when pushes are quantised)."""
         return params_dtype(self.compression)

@@ -114,14 +114,21 @@ class StoreCalls:
         count); (0, 0) is the whole model) once the mode allows (``ahead``: a bucket's once it
         is applied, ``ParameterStore.try_pull``); TimeoutError (saying what it waits for) after
         ``max_wait`` seconds."""
+        return await self.until(store, functools.partial(store.try_pull, rank, step, wire_dtype, *part, ahead),
+                                functools.partial(store.waiting_for, step), max_wait)
+
+    async def until(self, store: ParameterStore, ready: Callable[[], T | None], waiting: Callable[[], str],
+                    max_wait: float) -> T:
+        """What ``ready()`` gives once it is not None (asked again after each change of
+        ``store``); TimeoutError(``waiting()``: what it waits for) after ``max_wait`` seconds."""
         loop = asyncio.get_running_loop()
         signal = self.signal(store)
         deadline = loop.time() + max_wait
         while True:
             changed = signal.event  # taken before the check: a change after it sets this event
-            snapshot = await self.call(store, store.try_pull, rank, step, wire_dtype, *part, ahead)
-            if snapshot is not None:
-                return snapshot
+            value = await self.call(store, ready)
+            if value is not None:
+                return value
             if loop.time() >= deadline:
-                raise TimeoutError(await self.call(store, store.waiting_for, step))
+                raise TimeoutError(await self.call(store, waiting))
             await signal.wait(changed, deadline - loop.time())

@@ -183,7 +183,7 @@ class ServerLink:
         link: DataLink | ShardedLink = DataLink(reply.data, self.job_id, self.rank, self.host, self._tls_ca)
         if reply.shards:  # ps_shards > 1: one connection per shard, and no gRPC fallback
             link = ShardedLink([link, *(DataLink(e, self.job_id, self.rank, self.host, self._tls_ca)
-                                        for e in reply.shards)])
+                                        for e in reply.shards)], clip=reply.clip_across_shards)
             link.connect()
             self._data, self.transport = link, link.kind
             return

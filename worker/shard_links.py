@@ -7,6 +7,12 @@ gradient, with the pieces' names and shapes, the parameters that got no gradient
 pieces, and (shard 0 alone) the buffers; its parameters land straight in the same slice of the
 model's flat parameters. Shard 0 answers for the whole (its version, the buffers); each
 shard's own version is the base of the next push to it (a shard counts its own updates).
+
+A ps-sync job that clips its gradient (``clip``: ``RegisterResponse.clip_across_shards``)
+takes two round trips a step: each shard answers the push with its slice's sum of squares of
+the step's mean gradient, and the pull of the next step brings every shard the sum of them
+(in shard order, as every worker adds them), with which each scales its slice and takes the
+step (``gradhub.server.shard_clip``).
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ T = TypeVar("T")
 class ShardedLink:
     """Shard k's data plane is ``links[k]``; ``connect()`` opens every one."""
 
-    def __init__(self, links: Sequence[DataLink]) -> None:
+    def __init__(self, links: Sequence[DataLink], clip: bool = False) -> None:
         if len(links) < 2:
             raise ValueError("a sharded link needs two links or more")
-        self.links = list(links)
+        self.links, self.clip = list(links), clip
         self._pool = ThreadPoolExecutor(len(links) - 1, thread_name_prefix="gradhub-shard-link")
         self._cut: tuple[tuple[tuple[str, ...], tuple[tuple[int, ...], ...]], tuple[Shard, ...]] | None = None
         self._bases = [0] * len(links)  # each shard's version at this worker's latest pull from it
@@ -76,6 +82,8 @@ class ShardedLink:
         shards = self._shards(header.tensors)
         if header.first_tensor:
             raise ProtocolError("first_tensor: a sharded job pushes the whole gradient at once")
+        if self.clip:
+            return self._push_clipped(header, shards, grads, wire_dtype, then_pull, params_dtype)
 
         def one(k: int, link: DataLink) -> data_pb2.DataReply:
             s = shards[k]
@@ -101,6 +109,33 @@ class ShardedLink:
         return self._each(lambda k, link: self._pull_one(k, link, request, shards[k], params))[0]
 
     # ------------------------------------------------------------------ plumbing
+    def _push_clipped(self, header: ps_pb2.PushHeader, shards: Sequence[Shard], grads: torch.Tensor,
+                      wire_dtype: int, then_pull: tuple[Layout, torch.Tensor] | None,
+                      params_dtype: int | None) -> data_pb2.DataReply:
+        """A step of a job that clips over shards: push every slice, add the shards' sums of
+        squares and pull the next step's parameters with the total. Without ``then_pull`` the
+        parameters land in a scratch tensor: the shards need the total all the same."""
+        def push(k: int, link: DataLink) -> data_pb2.DataReply:
+            s = shards[k]
+            while True:  # each shard answers within a minute; a slow worker is waited for
+                try:
+                    return link.push(self._header(header, s), grads[s.lo:s.hi], wire_dtype)
+                except ServerWaitTimeout:
+                    continue  # pushed again: a copy the shard has is not applied twice
+        pushed = self._each(push)
+        total = 0.0
+        for k, reply in enumerate(pushed):
+            if not reply.HasField("clip_part_sq"):
+                raise ProtocolError(f"clip_part_sq: shard {k} answered a push of a job that clips over shards "
+                                    "without its part of the norm")
+            total += reply.clip_part_sq
+        request = ps_pb2.PullRequest(job_id=header.job_id, rank=header.rank, step=header.step + 1,
+                                     dtype=wire_dtype if params_dtype is None else params_dtype, clip_total_sq=total)
+        params = then_pull[1] if then_pull is not None else torch.empty(shards[-1].hi)
+        reply = self._each(lambda k, link: self._pull_one(k, link, request, shards[k], params))[0]
+        reply.accepted = pushed[0].accepted
+        return reply
+
     def _pull_one(self, k: int, link: DataLink, request: ps_pb2.PullRequest, shard: Shard,
                   params: torch.Tensor) -> data_pb2.DataReply:
         while True:  # each shard answers within a minute; a slow worker is waited for

@@ -445,8 +445,8 @@ class JobSpec:
         refused = {
             "mode": self.mode not in ("ps-sync", "ps-async", "ps-ssp") and f"mode {self.mode!r} (the ps-* modes shard)",
             "transport": self.transport == "grpc" and "transport: grpc (shards serve the data plane only)",
-            "clip_grad_norm": self.clip_grad_norm is not None and
-                              "clip_grad_norm (the norm spans every shard's slice)",
+            "clip_grad_norm": self.clip_grad_norm is not None and self.mode != "ps-sync" and
+                              f"clip_grad_norm in {self.mode} (ps-sync clips over shards)",
             "compression": self.compression in QUANTISED_COMPRESSIONS and
                            f"compression {self.compression} (none, fp16 or bf16 shard)",
             "workers": self.elastic and "an elastic job (workers: {min, max})",

@@ -31,16 +31,18 @@ class DataError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., error_class: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
 
 class DataReply(_message.Message):
-    __slots__ = ("accepted", "version", "params", "error")
+    __slots__ = ("accepted", "version", "params", "error", "clip_part_sq")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CLIP_PART_SQ_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     version: int
     params: _ps_pb2.PullHeader
     error: DataError
-    def __init__(self, accepted: _Optional[bool] = ..., version: _Optional[int] = ..., params: _Optional[_Union[_ps_pb2.PullHeader, _Mapping]] = ..., error: _Optional[_Union[DataError, _Mapping]] = ...) -> None: ...
+    clip_part_sq: float
+    def __init__(self, accepted: _Optional[bool] = ..., version: _Optional[int] = ..., params: _Optional[_Union[_ps_pb2.PullHeader, _Mapping]] = ..., error: _Optional[_Union[DataError, _Mapping]] = ..., clip_part_sq: _Optional[float] = ...) -> None: ...
 
 class DataFrame(_message.Message):
     __slots__ = ("hello", "init", "push", "pull", "reply", "pull_next", "payload_bytes")

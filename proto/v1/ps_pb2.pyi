@@ -24,7 +24,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., total_steps: _Optional[int] = ..., train_size: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("version", "next_step", "needs_init", "world_size", "heartbeat_interval_s", "collective_timeout_s", "data", "shards")
+    __slots__ = ("version", "next_step", "needs_init", "world_size", "heartbeat_interval_s", "collective_timeout_s", "data", "shards", "clip_across_shards")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     NEEDS_INIT_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class RegisterResponse(_message.Message):
     COLLECTIVE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_ACROSS_SHARDS_FIELD_NUMBER: _ClassVar[int]
     version: int
     next_step: int
     needs_init: bool
@@ -41,7 +42,8 @@ class RegisterResponse(_message.Message):
     collective_timeout_s: float
     data: DataEndpoint
     shards: _containers.RepeatedCompositeFieldContainer[DataEndpoint]
-    def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., collective_timeout_s: _Optional[float] = ..., data: _Optional[_Union[DataEndpoint, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[DataEndpoint, _Mapping]]] = ...) -> None: ...
+    clip_across_shards: bool
+    def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., collective_timeout_s: _Optional[float] = ..., data: _Optional[_Union[DataEndpoint, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[DataEndpoint, _Mapping]]] = ..., clip_across_shards: _Optional[bool] = ...) -> None: ...
 
 class DataEndpoint(_message.Message):
     __slots__ = ("protocol", "tcp_host", "tcp_port", "unix_path", "host_id", "credential", "tls")
@@ -115,20 +117,22 @@ class PushResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("job_id", "rank", "step", "dtype", "first_tensor", "tensor_count")
+    __slots__ = ("job_id", "rank", "step", "dtype", "first_tensor", "tensor_count", "clip_total_sq")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     FIRST_TENSOR_FIELD_NUMBER: _ClassVar[int]
     TENSOR_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CLIP_TOTAL_SQ_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     rank: int
     step: int
     dtype: _tensor_pb2.DType
     first_tensor: int
     tensor_count: int
-    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., first_tensor: _Optional[int] = ..., tensor_count: _Optional[int] = ...) -> None: ...
+    clip_total_sq: float
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., first_tensor: _Optional[int] = ..., tensor_count: _Optional[int] = ..., clip_total_sq: _Optional[float] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "tensors", "buffers", "world_size")

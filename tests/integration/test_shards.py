@@ -6,7 +6,9 @@ same ``ShardServer`` that a Ray actor runs).
   shards' slices and gets each slice's parameters back into the right place;
 - ``gradhub status`` shows every shard: its slice, its version, the bytes it moved;
 - a shard admits only the credential of a worker's latest registration, and checks every
-  header against its own slice before reading a payload.
+  header against its own slice before reading a payload;
+- a job that clips its gradient takes each step with the norm over every shard: each shard
+  answers a push with its part, and the worker's pull brings the total.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from gradhub.client.client import Client
 from gradhub.proto.codec import Layout
 from gradhub.proto.contract.errors import AuthError, ProtocolError
+from gradhub.proto.shards import shards_of
 from gradhub.proto.v1 import ps_pb2, tensor_pb2
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
@@ -36,11 +39,11 @@ def server(tmp_path):
         yield s
 
 
-def _running(server: Server, workers: int = 1) -> str:
+def _running(server: Server, workers: int = 1, **extra: object) -> str:
     with Client(server.address) as client:
         info = client.submit({"name": "shards", "workers": workers, "model": "mlp", "dataset": "digits",
                               "steps": 10, "optimizer": {"name": "sgd", "lr": LR}, "resources": {"cpus": 1},
-                              "ps_shards": SHARDS})
+                              "ps_shards": SHARDS, **extra})
         wait_for(lambda: client.get_job(info.id).state == "RUNNING", 30, "the job to run")
     return info.id
 
@@ -100,3 +103,30 @@ def test_a_shard_admits_the_latest_registration_only_and_checks_headers(server: 
         assert again.shards[0].credential != endpoint.credential
         with pytest.raises(AuthError, match="credential"):
             DataLink(endpoint, job_id, 0, "127.0.0.1").connect()
+
+
+def test_a_job_that_clips_over_shards_steps_with_the_norm_over_every_shard(server: Server) -> None:
+    job_id = _running(server, clip_grad_norm=1.0)
+    link, reg = _worker(server, job_id)
+    with link:
+        assert reg.clip_across_shards
+        link.init_parameters(LAYOUT, torch.zeros(NUMEL))
+        params = torch.empty(NUMEL)
+        version = link.pull(LAYOUT, 0, params).version
+        grad = torch.arange(NUMEL, dtype=torch.float32)  # norm 16.9 over the three shards: scaled to 1
+        assert link.push_pull(LAYOUT, 0, version, grad, params).version == 1
+        step_one = -LR * grad / (grad.norm() + 1e-6)  # what clip_grad_norm_(max_norm=1) and SGD make of it
+        torch.testing.assert_close(params, step_one)
+        # a push without a pull (a worker's last step) still brings every shard the total
+        assert link.push(LAYOUT, 1, 1, grad / 100)  # norm 0.17: not scaled
+        assert link.pull(LAYOUT, 2, params).version == 2
+        torch.testing.assert_close(params, step_one - LR * grad / 100)
+        # a push that asks for the next parameters at once is refused: they wait for the norm
+        shard = shards_of(LAYOUT, SHARDS)[1]
+        mine = DataLink(reg.shards[0], job_id, 0, "127.0.0.1")
+        mine.connect()
+        header = ps_pb2.PushHeader(job_id=job_id, rank=0, step=2, base_version=2,
+                                   tensors=shard.layout.metas(tensor_pb2.FLOAT32))
+        with pytest.raises(ProtocolError, match="pull_next"):
+            mine.push(header, torch.zeros(shard.hi - shard.lo), tensor_pb2.FLOAT32,
+                      then_pull=(shard.layout, torch.empty(shard.hi - shard.lo)))

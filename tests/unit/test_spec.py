@@ -294,7 +294,7 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("ps_shards", {"ps_shards": "many"}),
     ("mode", {"ps_shards": 2, "mode": "allreduce"}),
     ("transport", {"ps_shards": 2, "transport": "grpc"}),
-    ("clip_grad_norm", {"ps_shards": "auto", "clip_grad_norm": 1.0}),
+    ("clip_grad_norm", {"ps_shards": "auto", "clip_grad_norm": 1.0, "mode": "ps-async"}),
     ("compression", {"ps_shards": 2, "compression": "int8"}),
     ("workers", {"ps_shards": 2, "workers": {"min": 1, "max": 2}}),
     ("bucket_mb", {"ps_shards": 2, "bucket_mb": 1}),
@@ -465,6 +465,14 @@ def test_staleness() -> None:
             build(mode=mode, staleness=2)
     assert not build(mode="allreduce").is_ps
     assert all(build(mode=m).is_ps for m in ("ps-sync", "ps-async", "ps-ssp"))
+
+
+def test_ps_sync_clips_over_shards_and_the_async_modes_do_not() -> None:
+    spec = build(mode="ps-sync", ps_shards=4, clip_grad_norm=1.0)
+    assert spec.ps_shards == 4 and spec.clip_grad_norm == 1.0
+    for mode in ("ps-async", "ps-ssp"):
+        with pytest.raises(SpecError, match=rf"^clip_grad_norm: ps_shards: 4 does not take clip_grad_norm in {mode}"):
+            build(mode=mode, ps_shards=4, clip_grad_norm=1.0)
 
 
 def test_total_steps() -> None:

@@ -1,7 +1,8 @@
 """A sharded parameter server's stores (``ps_shards``): K stores, each over its slice, take the
 unsharded store's steps bit for bit; their checkpoints merge into the unsharded store's
-checkpoint; and a job resumes from that checkpoint with another K and ends where an
-undisturbed run ends."""
+checkpoint; a job resumes from that checkpoint with another K and ends where an undisturbed
+run ends; and a job that clips its gradient takes the unsharded store's clipped steps, with
+the norm over every shard that the workers relay."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from gradhub.proto.codec import Layout
-from gradhub.proto.contract.errors import StateError
+from gradhub.proto.contract.errors import ProtocolError, StateError
 from gradhub.proto.model_state import ModelLayout, TensorSpec
 from gradhub.proto.shards import shards_of
 from gradhub.server.shard_set import merge_states
@@ -31,12 +32,12 @@ def _grad(step: int, rank: int) -> torch.Tensor:
 
 
 def _stores(count: int, kept: list[list[CheckpointState]], resume: CheckpointState | None = None,
-            ) -> list[ParameterStore]:
+            config: StoreConfig = CONFIG) -> list[ParameterStore]:
     stores = []
     init = torch.randn(TRAINABLE.numel, generator=torch.Generator().manual_seed(0))
     for k in range(count):
         kept.append([])
-        store = ParameterStore(dataclasses.replace(CONFIG, shard=k, shards=count), on_checkpoint=kept[k].append)
+        store = ParameterStore(dataclasses.replace(config, shard=k, shards=count), on_checkpoint=kept[k].append)
         if resume is not None:
             store.resume_from(resume, STEPS)
         else:
@@ -62,6 +63,21 @@ def _train(stores: list[ParameterStore], start: int, end: int) -> None:
                 s = cuts[k]
                 buffers = {"mean": torch.full((3,), float(step))} if k == 0 else None
                 store.push(rank, step, step, grad[s.lo:s.hi], buffers, s.unused(unused))
+        if count > 1 and stores[0].config.clip_grad_norm is not None:
+            _relay_norm(stores, step)
+
+
+def _relay_norm(stores: list[ParameterStore], step: int) -> None:
+    """What each worker of a job that clips over shards does after its push: add the shards'
+    sums of squares in shard order and send the total with its pull (every worker, here two)."""
+    parts = [store.clip_part(step) for store in stores]
+    assert all(p is not None for p in parts)
+    total = 0.0
+    for p in parts:
+        total += p  # type: ignore[operator]
+    for _ in range(WORKERS):  # the second worker's total is the same step's: ignored
+        for store in stores:
+            store.clip_total(step, total)
 
 
 def _whole(stores: list[ParameterStore]) -> CheckpointState:
@@ -121,3 +137,52 @@ def test_states_of_different_steps_do_not_merge() -> None:
     _train(stores, 2, 3)
     with pytest.raises(StateError, match="versions"):
         merge_states(stores[0], stores[0].checkpoint_state(), [early])
+
+
+@pytest.mark.parametrize("count", [2, 4])
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])  # every step clipped; none
+def test_shards_clip_as_the_unsharded_store_with_the_norm_over_every_shard(count: int, max_norm: float) -> None:
+    config = dataclasses.replace(CONFIG, clip_grad_norm=max_norm)
+    one = _stores(1, [], config=config)  # torch.nn.utils.clip_grad_norm_ over the whole gradient
+    _train(one, 0, STEPS)
+    sharded = _stores(count, [], config=config)
+    _train(sharded, 0, STEPS)
+    a, b = _whole(sharded), _whole(one)
+    assert (a.step, a.version, a.clocks) == (b.step, b.version, b.clocks)
+    for name, value in b.params.items():  # the norm is summed otherwise: equal to float32 rounding
+        torch.testing.assert_close(a.params[name], value, rtol=1e-6, atol=1e-6, msg=name)
+    unclipped = _stores(1, [])
+    _train(unclipped, 0, STEPS)
+    moved = (_whole(unclipped).params["w"] - b.params["w"]).abs().max()
+    assert (moved > 1e-3) if max_norm < 1 else (moved == 0)  # the clipped case is a different run
+
+
+def test_a_step_that_clips_over_shards_waits_for_its_norm() -> None:
+    config = dataclasses.replace(CONFIG, clip_grad_norm=0.5)
+    stores = _stores(2, [], config=config)
+    cuts = shards_of(TRAINABLE, 2)
+    grads = [_grad(0, rank) for rank in range(WORKERS)]
+    for k, store in enumerate(stores):
+        store.push(0, 0, 0, grads[0][cuts[k].lo:cuts[k].hi], {"mean": torch.zeros(3)} if k == 0 else None)
+        assert store.clip_part(0) is None  # worker 1's gradient is not in yet
+    with pytest.raises(ProtocolError, match="clip_total_sq: step 0 is not held"):
+        stores[0].clip_total(0, 1.0)
+    for k, store in enumerate(stores):
+        store.push(1, 0, 0, grads[1][cuts[k].lo:cuts[k].hi], {"mean": torch.zeros(3)} if k == 0 else None)
+    parts = [store.clip_part(0) for store in stores]
+    assert all(p is not None and p > 0 for p in parts)
+    mean = (grads[0] + grads[1]) / 2
+    assert parts[0] + parts[1] == pytest.approx(float(mean.double().square().sum()), rel=1e-12)  # type: ignore[operator]
+    assert stores[0].version == 0 and stores[0].try_pull(0, 1, 1) is None  # held: no new parameters yet
+    with pytest.raises(ProtocolError, match="clip_total_sq: .* not a sum over the shards"):
+        stores[0].clip_total(0, parts[1] / 2)  # type: ignore[operator]
+    stores[0].clip_total(0, parts[0] + parts[1])  # type: ignore[operator]
+    assert stores[0].version == 1 and stores[1].version == 0  # each shard takes the step at its total
+    stores[0].clip_total(0, parts[0] + parts[1])  # type: ignore[operator]  # a second worker's: ignored
+    assert stores[0].version == 1 and stores[0].clip_part(0) == parts[0]  # asked again: the same part
+
+
+def test_an_unsharded_job_takes_no_clip_total() -> None:
+    store = _stores(1, [], config=dataclasses.replace(CONFIG, clip_grad_norm=1.0))[0]
+    with pytest.raises(ProtocolError, match="does not clip its gradient over shards"):
+        store.clip_total(0, 1.0)
