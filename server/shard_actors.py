@@ -57,6 +57,15 @@ class ShardActor:
     def mark_dead(self, rank: int) -> None:
         self._server.mark_dead(rank)
 
+    def clip_held(self) -> int | None:
+        return self._server.clip_held()
+
+    def clip_part(self, step: int) -> float | None:
+        return self._server.clip_part(step)
+
+    def clip_total(self, step: int, total_sq: float) -> None:
+        self._server.clip_total(step, total_sq)
+
     def close(self, reason: str) -> None:
         self._server.close(reason)
 
@@ -137,6 +146,15 @@ class RayShards:
 
     def mark_dead(self, rank: int) -> None:
         self._all("mark_dead", rank)
+
+    def clip_held(self) -> list[int | None]:
+        return self._all("clip_held")
+
+    def clip_parts(self, step: int) -> list[float | None]:
+        return self._all("clip_part", step)
+
+    def clip_total(self, step: int, total_sq: float) -> None:
+        self._all("clip_total", step, total_sq)
 
     def close(self, reason: str) -> None:
         self._all("close", reason)

@@ -130,6 +130,15 @@ class ShardServer:
     def mark_dead(self, rank: int) -> None:
         self.store_.mark_dead(rank)
 
+    def clip_held(self) -> int | None:
+        return self.store_.clip_held()
+
+    def clip_part(self, step: int) -> float | None:
+        return self.store_.clip_part(step)
+
+    def clip_total(self, step: int, total_sq: float) -> None:
+        self.store_.clip_total(step, total_sq)
+
     def close(self, reason: str) -> None:
         self.store_.close(reason)
 

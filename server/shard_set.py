@@ -41,6 +41,14 @@ class OtherShards(Protocol):
 
     def mark_dead(self, rank: int) -> None: ...
 
+    def clip_held(self) -> list[int | None]:
+        """The step each one holds for its norm (``ShardClip``), if any."""
+        ...
+
+    def clip_parts(self, step: int) -> list[float | None]: ...
+
+    def clip_total(self, step: int, total_sq: float) -> None: ...
+
     def close(self, reason: str) -> None: ...
 
     def stop(self) -> None: ...
@@ -74,6 +82,26 @@ def merge_states(store: ParameterStore, own: CheckpointState, others: Sequence[C
     return CheckpointState(step=min(s.step for s in states), version=min(s.version for s in states),
                            params=model.state_dict(trainable, frozen, buffers), optimizer_state=optimizer,
                            scheduler_state=own.scheduler_state, clocks=clocks)
+
+
+def settle_held_clip(store: ParameterStore, others: OtherShards) -> int | None:
+    """A job that clips over shards: take a step that a shard holds for its norm when every
+    shard has its part, with the total the workers would have sent (the same sum, in shard
+    order); returns that step. A worker registering again calls this: the one that would have
+    brought the total may have died after its pushes and before its pull."""
+    held = [s for s in (store.clip_held(), *others.clip_held()) if s is not None]
+    if not held:
+        return None
+    step = min(held)
+    parts = [store.clip_part(step), *others.clip_parts(step)]
+    if any(p is None for p in parts):
+        return None  # a worker's slice of that step is still to come: its pushes bring the rest
+    total = 0.0
+    for p in parts:
+        total += p  # type: ignore[operator]
+    store.clip_total(step, total)
+    others.clip_total(step, total)
+    return step
 
 
 class LocalShards:
@@ -114,6 +142,16 @@ class LocalShards:
     def mark_dead(self, rank: int) -> None:
         for s in self._servers:
             s.mark_dead(rank)
+
+    def clip_held(self) -> list[int | None]:
+        return [s.clip_held() for s in self._servers]
+
+    def clip_parts(self, step: int) -> list[float | None]:
+        return [s.clip_part(step) for s in self._servers]
+
+    def clip_total(self, step: int, total_sq: float) -> None:
+        for s in self._servers:
+            s.clip_total(step, total_sq)
 
     def close(self, reason: str) -> None:
         for s in self._servers:

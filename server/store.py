@@ -609,6 +609,11 @@ class ParameterStore(WorkerTable):
                 raise ProtocolError(f"clip_part: job {self.config.job_id!r} does not clip its gradient over shards")
             return self._clip.part(step)
 
+    def clip_held(self) -> int | None:
+        """The step held for its norm over every shard, if any."""
+        with self._cond:
+            return None if self._clip is None or self._clip.held is None else self._clip.held.step
+
     def clip_total(self, step: int, total_sq: float) -> None:
         """The sum of every shard's part for ``step``, from a worker: the step is taken (once)."""
         with self._cond:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import hmac
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,11 +30,14 @@ from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.job_db import JobDB, MetricPoint
 from gradhub.server.job_run import JobRun
 from gradhub.server.rendezvous import RendezvousStore
+from gradhub.server.shard_set import settle_held_clip
 from gradhub.server.store import ParameterStore
 from gradhub.server.tensorboard import TensorBoardLogs
 from gradhub.server.tracker import Formation, GroupTracker
 from gradhub.server.worker_states import WorkerStates
 from gradhub.server.write_behind import WriteBehind
+
+log = logging.getLogger(__name__)
 
 POINT_EVERY_S = 1.0  # a job's curves get a train point at most this often
 
@@ -68,6 +72,9 @@ class WorkerCalls:
         total_steps = self.store(job_id).total_steps
         assert total_steps is not None  # on_register set it
         others.register(rank, host, pid, credential, total_steps)
+        store = self.store(job_id)
+        if store.config.clips_across_shards and (step := settle_held_clip(store, others)) is not None:
+            log.info("job %s: step %d, held for its norm, taken as worker %d registered again", job_id, step, rank)
         return others.endpoints()
 
     def job_credential(self, job_id: str) -> str:

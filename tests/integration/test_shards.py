@@ -130,3 +130,28 @@ def test_a_job_that_clips_over_shards_steps_with_the_norm_over_every_shard(serve
         with pytest.raises(ProtocolError, match="pull_next"):
             mine.push(header, torch.zeros(shard.hi - shard.lo), tensor_pb2.FLOAT32,
                       then_pull=(shard.layout, torch.empty(shard.hi - shard.lo)))
+
+
+def test_a_step_held_for_its_norm_is_taken_when_its_worker_registers_again(server: Server) -> None:
+    """The worker that would have brought the total died after its pushes: registering again
+    settles the step, as the total it would have sent."""
+    job_id = _running(server, clip_grad_norm=1.0)
+    link, reg = _worker(server, job_id)
+    with link:
+        link.init_parameters(LAYOUT, torch.zeros(NUMEL))
+        grad = torch.arange(NUMEL, dtype=torch.float32)
+        parts = []
+        for endpoint, shard in zip([reg.data, *reg.shards], shards_of(LAYOUT, SHARDS), strict=True):
+            data = DataLink(endpoint, job_id, 0, "127.0.0.1")
+            data.connect()
+            header = ps_pb2.PushHeader(job_id=job_id, rank=0, step=0, tensors=shard.layout.metas(tensor_pb2.FLOAT32))
+            parts.append(data.push(header, grad[shard.lo:shard.hi], tensor_pb2.FLOAT32).clip_part_sq)
+            data.close()
+        assert sum(parts) == pytest.approx(float(grad.double().square().sum()))
+        assert server.manager.store(job_id).version == 0  # held: no worker sent the total
+    again, reg = _worker(server, job_id)  # the worker, restarted
+    with again:
+        assert reg.next_step == 1
+        params = torch.empty(NUMEL)
+        assert again.pull(LAYOUT, 1, params).version == 1
+        torch.testing.assert_close(params, -LR * grad / (grad.norm() + 1e-6))
