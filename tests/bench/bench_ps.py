@@ -69,8 +69,8 @@ def _serve(port_queue: Any, stop: Any, data_dir: str, asks: Any, credentials: An
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 
         class _RayShardsLauncher(ExternalLauncher):
-            def start_shards(self, config: Any, count: int, max_model_bytes: int) -> Any:
-                return RayShards(config, count, max_model_bytes=max_model_bytes)
+            def start_shards(self, config: Any, count: int, max_model_bytes: int, tls: Any = None) -> Any:
+                return RayShards(config, count, max_model_bytes=max_model_bytes, tls=tls)
         launcher = _RayShardsLauncher()
     config = ServerConfig(port=0, data_dir=Path(data_dir), tls_cert=tls[0] if tls else None,
                           tls_key=tls[1] if tls else None)
@@ -157,7 +157,9 @@ def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "un
                                      "steps": iters + 1, "optimizer": {"name": "sgd", "lr": 1e-6},
                                      "ps_shards": shards})
                 deadline = time.monotonic() + 60
-                while client.get_job(job.id).state != "RUNNING":
+                while (info := client.get_job(job.id)).state != "RUNNING":
+                    if info.state in ("FAILED", "CANCELLED"):
+                        raise RuntimeError(f"the benchmark job {info.state}: {info.reason}")
                     if time.monotonic() > deadline:
                         raise TimeoutError("the benchmark job did not start")
                     time.sleep(0.05)
