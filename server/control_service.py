@@ -67,9 +67,10 @@ class WorkerBackend(Protocol):
     def on_register(self, job_id: str, rank: int, total_steps: int, train_size: int) -> None: ...
 
     def register_on_shards(self, job_id: str, rank: int, host: str, pid: int, credential: str
-                           ) -> list[dict[str, object]]:
+                           ) -> tuple[list[dict[str, object]], int | None]:
         """ps_shards > 1: register worker ``rank`` with the job's other shards too; where their
-        data planes are (none for a job of one shard)."""
+        data planes are (none for a job of one shard), and the least of its next steps there
+        (None: no other shard)."""
         ...
 
     def check_worker(self, job_id: str, credential: str) -> None:
@@ -122,8 +123,11 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
         if self._data_plane is not None and isinstance(store, ParameterStore):
             credential = store.credential(request.rank)
             reply.data.CopyFrom(self._data_plane.endpoint(credential, self._data_host))
-            others = self._backend.register_on_shards(request.job_id, request.rank, host, request.pid, credential)
+            others, least = self._backend.register_on_shards(request.job_id, request.rank, host, request.pid,
+                                                             credential)
             reply.shards.extend(shard_endpoints(others, credential))
+            if least is not None:  # a step pushed to some shards and not to others is done again
+                reply.next_step = min(reply.next_step, least)
             reply.clip_across_shards = store.config.clips_across_shards
         return reply
 

@@ -39,8 +39,8 @@ class ShardActor:
     def endpoint(self) -> dict[str, object]:
         return self._server.endpoint()
 
-    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> None:
-        self._server.register(rank, host, pid, credential, total_steps)
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> int:
+        return self._server.register(rank, host, pid, credential, total_steps)[1]
 
     def resume_from(self, state: CheckpointState, total_steps: int) -> None:
         self._server.resume_from(state, total_steps)
@@ -122,8 +122,8 @@ class RayShards:
     def endpoints(self) -> list[dict[str, object]]:
         return list(self._endpoints)
 
-    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> None:
-        self._all("register", rank, host, pid, credential, total_steps)
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> list[int]:
+        return self._all("register", rank, host, pid, credential, total_steps)
 
     def resume_from(self, state: CheckpointState, total_steps: int) -> None:
         ref = self._ray.put(state)  # once into the object store, not once per shard

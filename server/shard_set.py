@@ -25,7 +25,9 @@ class OtherShards(Protocol):
         """Where each one's data plane is (``ShardServer.endpoint``)."""
         ...
 
-    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> None: ...
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> list[int]:
+        """Register worker ``rank`` on each one; its next step there (``ParameterStore.register``)."""
+        ...
 
     def resume_from(self, state: CheckpointState, total_steps: int) -> None: ...
 
@@ -119,9 +121,8 @@ class LocalShards:
     def endpoints(self) -> list[dict[str, object]]:
         return [s.endpoint() for s in self._servers]
 
-    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> None:
-        for s in self._servers:
-            s.register(rank, host, pid, credential, total_steps)
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> list[int]:
+        return [s.register(rank, host, pid, credential, total_steps)[1] for s in self._servers]
 
     def resume_from(self, state: CheckpointState, total_steps: int) -> None:
         for s in self._servers:

@@ -95,6 +95,17 @@ class _Push:
     bucketed: bool = False  # assembled from buckets (not one whole push)
 
 
+@dataclass
+class _Previous:
+    """ps-sync over shards: this shard's parameters and buffers before the last step it took.
+    A worker that died between its pushes to two shards starts again at the step one of them
+    took without it, and pulls that step's parameters here (see ``_keep_previous``)."""
+
+    version: int
+    flat: torch.Tensor
+    buffers: dict[str, torch.Tensor]
+
+
 class ParameterStore(WorkerTable):
     """Owns one job's parameters and optimizer; every mutation happens under ``_cond``."""
 
@@ -140,6 +151,7 @@ class ParameterStore(WorkerTable):
         # ps-async, ps-ssp with apply_buckets: each worker's buckets of its step applied on arrival
         # (kept across a new registration: the step pushed afresh applies each bucket once)
         self._arrived: dict[int, tuple[int, set[tuple[int, int]]]] = {}
+        self._previous: _Previous | None = None  # ps-sync over shards (``_keep_previous``)
         # ps-sync clipping over shards: a step waits here for the norm over every shard
         self._clip = ShardClip(config.clip_grad_norm) if config.clip_grad_norm and config.clips_across_shards \
             else None
@@ -435,6 +447,7 @@ class ParameterStore(WorkerTable):
             self._pending[w.rank] = push
             if len(self._pending) == self._size:
                 pending, self._pending = self._pending, {}
+                self._keep_previous()
                 self._take_buffers(pending)
                 for other in self._workers[self._size:]:
                     other.clock = self._version + 1  # not members: they follow the job's step (a checkpoint too)
@@ -595,6 +608,32 @@ class ParameterStore(WorkerTable):
         self._snapshots.clear()  # a pull of the step in flight's version gets the old values of this bucket
         self._changed()  # its pulls ahead may go
 
+    def _keep_previous(self) -> None:
+        """ps-sync over shards, as a step is taken: keep the parameters and buffers it starts
+        from. A worker's pushes of a step go to every shard at once; one that dies between two
+        of them leaves the step taken on one shard and waiting for it on another. It registers
+        again at the earlier step (the least of its steps on the shards), pulls that step's
+        parameters (from here, on a shard that took it) and pushes it again (a copy is ignored
+        where it was taken), so the step is the one an undisturbed run takes. A copy of the
+        slice a step: the next step reuses its memory (the pull that reads it comes first)."""
+        if self.config.shards == 1 or self._flat is None:
+            return
+        prev = self._previous
+        flat = prev.flat if prev is not None and prev.flat.numel() == self._flat.numel() else \
+            torch.empty_like(self._flat)
+        flat.copy_(self._flat)
+        self._previous = _Previous(self._version, flat, self._buffers)
+
+    def _previous_snapshot(self, step: int, wire_dtype: int, part: tuple[int, int]) -> Snapshot | None:
+        """The parameters of ``step`` when this shard took it already (or holds it for its
+        norm): a worker that starts again at a step another shard still waits for."""
+        prev, held = self._previous, self._clip is not None and self._clip.held is not None
+        if prev is None or step != prev.version or not (step < self._version or held) or part != (0, 0):
+            return None
+        assert self._layout is not None
+        return Snapshot(prev.version, wire_dtype, encode(prev.flat, wire_dtype), self._layout,
+                        tuple(tensors_to_proto(prev.buffers)), self._size)
+
     def _hold(self, grad: torch.Tensor, unused: frozenset[int], part: tuple[int, int]) -> None:
         """ps-sync clipping over shards: hold the step until a worker brings the norm."""
         assert self._clip is not None and self._layout is not None
@@ -719,8 +758,10 @@ class ParameterStore(WorkerTable):
             self._layout.part(first, count)  # a part of the model, or a ProtocolError
         if ahead and step == self._version + 1 and (first, count) in self._old:
             return self._ahead(rank, wire_dtype, (first, count))
-        if self._flat is not None and self._may_pull(rank, step):
+        snapshot = self._previous_snapshot(step, wire_dtype, (first, count))
+        if snapshot is None and self._flat is not None and self._may_pull(rank, step):
             snapshot = self._snapshot(wire_dtype, first, count)
+        if snapshot is not None:
             self._workers[rank].bytes_out += snapshot.data.numel() * snapshot.data.element_size()
             return snapshot
         return None
@@ -734,8 +775,9 @@ class ParameterStore(WorkerTable):
         if rank in self._dropped and self._workers[rank].clock < step:
             return True  # its push was dropped (the job shrank mid-step): it does that step again
         total = self._total_steps
-        if total is not None and step >= total:
-            return all(w.clock >= total for w in self._members())
+        if total is not None and step >= total:  # the final parameters: after the last step (and its norm)
+            held = self._clip is not None and self._clip.held is not None
+            return not held and all(w.clock >= total for w in self._members())
         if self.config.mode == "ps-sync":
             return self._version >= step
         if self.config.mode == "ps-ssp":

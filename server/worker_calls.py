@@ -64,18 +64,18 @@ class WorkerCalls:
                             "carry its job's credential, from the job's launcher)")
 
     def register_on_shards(self, job_id: str, rank: int, host: str, pid: int, credential: str
-                           ) -> list[dict[str, object]]:
+                           ) -> tuple[list[dict[str, object]], int | None]:
         run = self._running(job_id)
         others = run.shards
         if others is None:
-            return []
-        total_steps = self.store(job_id).total_steps
-        assert total_steps is not None  # on_register set it
-        others.register(rank, host, pid, credential, total_steps)
+            return [], None
         store = self.store(job_id)
+        total_steps = store.total_steps
+        assert total_steps is not None  # on_register set it
+        steps = others.register(rank, host, pid, credential, total_steps)
         if store.config.clips_across_shards and (step := settle_held_clip(store, others)) is not None:
             log.info("job %s: step %d, held for its norm, taken as worker %d registered again", job_id, step, rank)
-        return others.endpoints()
+        return others.endpoints(), min(steps)
 
     def job_credential(self, job_id: str) -> str:
         """The running job's worker credential, for a launcher that starts the workers itself

@@ -155,3 +155,30 @@ def test_a_step_held_for_its_norm_is_taken_when_its_worker_registers_again(serve
         params = torch.empty(NUMEL)
         assert again.pull(LAYOUT, 1, params).version == 1
         torch.testing.assert_close(params, -LR * grad / (grad.norm() + 1e-6))
+
+
+def test_a_worker_that_pushed_a_step_to_some_shards_only_does_it_again(server: Server) -> None:
+    """Its process died between its pushes to shard 0 and to the others: registered again, it
+    is told that step, pulls its parameters from every shard (shard 0's from before the step it
+    took alone) and pushes it again; the result is an undisturbed run's."""
+    job_id = _running(server)
+    link, reg = _worker(server, job_id)
+    init = torch.arange(NUMEL, dtype=torch.float32)
+    grad = torch.ones(NUMEL)
+    with link:
+        link.init_parameters(LAYOUT, init)
+        shard = shards_of(LAYOUT, SHARDS)[0]
+        data = DataLink(reg.data, job_id, 0, "127.0.0.1")
+        data.connect()
+        header = ps_pb2.PushHeader(job_id=job_id, rank=0, step=0, tensors=shard.layout.metas(tensor_pb2.FLOAT32))
+        assert data.push(header, grad[shard.lo:shard.hi], tensor_pb2.FLOAT32).accepted
+        data.close()
+        assert server.manager.store(job_id).version == 1  # shard 0 took step 0; the others wait for it
+    again, reg = _worker(server, job_id)
+    with again:
+        assert reg.next_step == 0  # the least of its steps on the shards
+        params = torch.empty(NUMEL)
+        assert again.pull(LAYOUT, 0, params).version == 0
+        assert torch.equal(params, init)  # step 0's parameters on every shard
+        assert again.push_pull(LAYOUT, 0, 0, grad, params).version == 1
+        assert torch.equal(params, init - LR * grad)

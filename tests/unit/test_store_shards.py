@@ -15,6 +15,7 @@ from gradhub.proto.codec import Layout
 from gradhub.proto.contract.errors import ProtocolError, StateError
 from gradhub.proto.model_state import ModelLayout, TensorSpec
 from gradhub.proto.shards import shards_of
+from gradhub.proto.v1 import tensor_pb2
 from gradhub.server.shard_set import merge_states
 from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
 
@@ -186,3 +187,33 @@ def test_an_unsharded_job_takes_no_clip_total() -> None:
     store = _stores(1, [], config=dataclasses.replace(CONFIG, clip_grad_norm=1.0))[0]
     with pytest.raises(ProtocolError, match="does not clip its gradient over shards"):
         store.clip_total(0, 1.0)
+
+
+def test_a_worker_that_died_between_its_pushes_to_two_shards_does_that_step_again_exactly() -> None:
+    """Worker 0's push of step 5 reached shard 0 and not shard 1: shard 0 took the step, shard 1
+    waits for it. Registered again, the worker is told the earlier step, pulls that step's
+    parameters from both (shard 0's from before the step it took) and pushes it again."""
+    undisturbed = _stores(2, [])
+    _train(undisturbed, 0, 5)
+    before = [s.try_pull(0, 5, tensor_pb2.FLOAT32) for s in undisturbed]
+    values = [b.data.clone() for b in before if b is not None]  # a ps-sync pull reads the live parameters
+    _train(undisturbed, 5, STEPS)
+    stores = _stores(2, [])
+    _train(stores, 0, 5)
+    cuts = shards_of(TRAINABLE, 2)
+    grads = [_grad(5, rank) for rank in range(WORKERS)]
+    mean = {"mean": torch.full((3,), 5.0)}
+    for k in (0, 1):
+        stores[k].push(1, 5, 5, grads[1][cuts[k].lo:cuts[k].hi], mean if k == 0 else None)
+    stores[0].push(0, 5, 5, grads[0][cuts[0].lo:cuts[0].hi], mean)  # and then worker 0 died
+    assert (stores[0].version, stores[1].version) == (6, 5)
+    assert [s.register(0)[1] for s in stores] == [6, 5]  # the control plane tells it the least: 5
+    pulled = [s.try_pull(0, 5, tensor_pb2.FLOAT32) for s in stores]
+    for got, want, value in zip(pulled, before, values, strict=True):
+        assert got is not None and want is not None
+        assert got.version == want.version == 5 and torch.equal(got.data, value)
+        assert got.buffers == want.buffers  # shard 0's buffers of before the step too
+    assert stores[0].push(0, 5, 5, grads[0][cuts[0].lo:cuts[0].hi], mean) == (False, 6)  # taken there
+    assert stores[1].push(0, 5, 5, grads[0][cuts[1].lo:cuts[1].hi]) == (True, 6)
+    _train(stores, 6, STEPS)
+    _assert_same(_whole(stores), _whole(undisturbed))
