@@ -223,7 +223,7 @@ class ServerLink:
         them, and the parameters that got no gradient); False when the server already had it.
         With ``first``, ``layout`` is a fragment: the model's tensors from index ``first`` on."""
         header = self._push_header(layout, step, base_version, buffers, unused, first)
-        grads = self.encoder.encode(grads, layout)  # once: a retry resends these bytes
+        grads = self._encode(grads, layout)  # once: a retry resends these bytes
         if self._data is not None:
             return self._on_data(lambda d: d.push(header, grads, self.wire_dtype)).accepted
 
@@ -279,7 +279,7 @@ class ServerLink:
         header.pull_part_only = pull_part_only
         pulled = layout if pull_layout is None else pull_layout
         pull_first = first if pull_layout is None else None
-        grads = self.encoder.encode(grads, layout)  # once: a retry resends these bytes
+        grads = self._encode(grads, layout)  # once: a retry resends these bytes
         if self._data is not None:
             try:
                 return _pulled(self._on_data(lambda d: d.push(header, grads, self.wire_dtype, (pulled, params),
@@ -311,6 +311,13 @@ class ServerLink:
                 data.connect()
             return call(data)
         return _with_backoff(attempt, lambda e: isinstance(e, OSError))
+
+    def _encode(self, grads: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """A push's payload (``PushEncoder.encode``); quantised for several shards, each
+        shard's slice on its own (``ShardedLink.encode``)."""
+        if isinstance(self._data, ShardedLink) and self.encoder.quant is not None:
+            return self._data.encode(self.encoder, grads, layout)
+        return self.encoder.encode(grads, layout)
 
     def _push_header(self, layout: Layout, step: int, base_version: int,
                      buffers: Mapping[str, torch.Tensor] | None, unused: Sequence[int],

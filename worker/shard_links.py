@@ -23,11 +23,13 @@ from typing import TypeVar
 
 import torch
 
-from gradhub.proto.codec import Layout
+from gradhub.proto.codec import QUANT_BITS, Layout
 from gradhub.proto.contract.errors import ProtocolError
+from gradhub.proto.quant import BlockQuant
 from gradhub.proto.shards import Shard, shards_of
 from gradhub.proto.v1 import data_pb2, ps_pb2
 from gradhub.worker.data_link import DataLink, ServerWaitTimeout
+from gradhub.worker.push_codec import PushEncoder
 
 T = TypeVar("T")
 
@@ -65,6 +67,12 @@ class ShardedLink:
         self._pool.shutdown(wait=False)
 
     # ------------------------------------------------------------------ requests
+    def encode(self, encoder: PushEncoder, grads: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """A quantised push's payload: each shard's slice quantised on its own (its blocks start
+        at the slice's start, so each shard decodes its own bytes), the payloads one after the
+        other in shard order. Error feedback keeps a residual per slice."""
+        return torch.cat([encoder.encode(grads[s.lo:s.hi], s.layout) for s in self._shards(layout.metas(0))])
+
     def init(self, header: ps_pb2.PushHeader, flat: torch.Tensor) -> data_pb2.DataReply:
         """``flat``: the trainable parameters, then the frozen ones (shard 0 takes those)."""
         shards = self._shards(header.tensors)
@@ -82,15 +90,16 @@ class ShardedLink:
         shards = self._shards(header.tensors)
         if header.first_tensor:
             raise ProtocolError("first_tensor: a sharded job pushes the whole gradient at once")
+        slices = self._slices(header, shards)
         if self.clip:
-            return self._push_clipped(header, shards, grads, wire_dtype, then_pull, params_dtype)
+            return self._push_clipped(header, shards, grads, slices, wire_dtype, then_pull, params_dtype)
 
         def one(k: int, link: DataLink) -> data_pb2.DataReply:
             s = shards[k]
             mine = self._header(header, s)
             into = None if then_pull is None else (s.layout, then_pull[1][s.lo:s.hi])
             try:
-                reply = link.push(mine, grads[s.lo:s.hi], wire_dtype, into, params_dtype)
+                reply = link.push(mine, grads[slices[k]], wire_dtype, into, params_dtype)
             except ServerWaitTimeout:
                 if then_pull is None:
                     raise
@@ -109,8 +118,22 @@ class ShardedLink:
         return self._each(lambda k, link: self._pull_one(k, link, request, shards[k], params))[0]
 
     # ------------------------------------------------------------------ plumbing
+    def _slices(self, header: ps_pb2.PushHeader, shards: Sequence[Shard]) -> list[slice]:
+        """Where each shard's part of a push's payload is: its slice of the gradient, or of a
+        quantised payload (``encode``) its bytes."""
+        if not header.quant_block:
+            return [slice(s.lo, s.hi) for s in shards]
+        wire = header.tensors[0].dtype
+        if wire not in QUANT_BITS:
+            raise ProtocolError(f"quant_block: {header.quant_block} with a gradient of dtype {wire}")
+        quant, out, at = BlockQuant(wire, header.quant_block), [], 0
+        for s in shards:
+            out.append(slice(at, at + quant.nbytes(s.hi - s.lo)))
+            at = out[-1].stop
+        return out
+
     def _push_clipped(self, header: ps_pb2.PushHeader, shards: Sequence[Shard], grads: torch.Tensor,
-                      wire_dtype: int, then_pull: tuple[Layout, torch.Tensor] | None,
+                      slices: Sequence[slice], wire_dtype: int, then_pull: tuple[Layout, torch.Tensor] | None,
                       params_dtype: int | None) -> data_pb2.DataReply:
         """A step of a job that clips over shards: push every slice, add the shards' sums of
         squares and pull the next step's parameters with the total. Without ``then_pull`` the
@@ -119,7 +142,7 @@ class ShardedLink:
             s = shards[k]
             while True:  # each shard answers within a minute; a slow worker is waited for
                 try:
-                    return link.push(self._header(header, s), grads[s.lo:s.hi], wire_dtype)
+                    return link.push(self._header(header, s), grads[slices[k]], wire_dtype)
                 except ServerWaitTimeout:
                     continue  # pushed again: a copy the shard has is not applied twice
         pushed = self._each(push)

@@ -447,8 +447,6 @@ class JobSpec:
             "transport": self.transport == "grpc" and "transport: grpc (shards serve the data plane only)",
             "clip_grad_norm": self.clip_grad_norm is not None and self.mode != "ps-sync" and
                               f"clip_grad_norm in {self.mode} (ps-sync clips over shards)",
-            "compression": self.compression in QUANTISED_COMPRESSIONS and
-                           f"compression {self.compression} (none, fp16 or bf16 shard)",
             "workers": self.elastic and "an elastic job (workers: {min, max})",
             "bucket_mb": bool(self.bucket_mb) and "bucket_mb > 0 (a sharded push goes after backward)",
         }

@@ -8,7 +8,9 @@ same ``ShardServer`` that a Ray actor runs).
 - a shard admits only the credential of a worker's latest registration, and checks every
   header against its own slice before reading a payload;
 - a job that clips its gradient takes each step with the norm over every shard: each shard
-  answers a push with its part, and the worker's pull brings the total.
+  answers a push with its part, and the worker's pull brings the total;
+- a quantised push (int8, int4) quantises each shard's slice on its own, which that shard decodes;
+- a worker that died between its pushes to two shards does that step again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from gradhub.client.client import Client
 from gradhub.proto.codec import Layout
 from gradhub.proto.contract.errors import AuthError, ProtocolError
+from gradhub.proto.quant import BlockQuant
 from gradhub.proto.shards import shards_of
 from gradhub.proto.v1 import ps_pb2, tensor_pb2
 from gradhub.server.app import Server
@@ -182,3 +185,20 @@ def test_a_worker_that_pushed_a_step_to_some_shards_only_does_it_again(server: S
         assert torch.equal(params, init)  # step 0's parameters on every shard
         assert again.push_pull(LAYOUT, 0, 0, grad, params).version == 1
         assert torch.equal(params, init - LR * grad)
+
+
+@pytest.mark.parametrize(("compression", "wire"), [("int8", tensor_pb2.QINT8), ("int4", tensor_pb2.QINT4)])
+def test_a_quantised_push_is_quantised_slice_by_slice(server: Server, compression: str, wire: int) -> None:
+    job_id = _running(server, compression=compression, compression_block=8)
+    link = worker_link(server, job_id, 0, compression=compression, compression_block=8)
+    link.register("t", 0, total_steps=10, train_size=1)
+    with link:
+        link.init_parameters(LAYOUT, torch.zeros(NUMEL))
+        params = torch.empty(NUMEL)
+        version = link.pull(LAYOUT, 0, params).version
+        grad = torch.linspace(-1, 2, NUMEL)
+        assert link.push_pull(LAYOUT, 0, version, grad, params).version == 1
+    quant = BlockQuant(wire, 8)  # a block per slice here (3, 3 and 4 values); the whole: 8 + 2
+    sent = torch.cat([quant.dequantize(*quant.quantize(grad[s.lo:s.hi])) for s in shards_of(LAYOUT, SHARDS)])
+    assert not torch.equal(sent, quant.dequantize(*quant.quantize(grad)))  # other blocks than the whole's
+    assert torch.equal(params, -LR * sent)

@@ -295,7 +295,6 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("mode", {"ps_shards": 2, "mode": "allreduce"}),
     ("transport", {"ps_shards": 2, "transport": "grpc"}),
     ("clip_grad_norm", {"ps_shards": "auto", "clip_grad_norm": 1.0, "mode": "ps-async"}),
-    ("compression", {"ps_shards": 2, "compression": "int8"}),
     ("workers", {"ps_shards": 2, "workers": {"min": 1, "max": 2}}),
     ("bucket_mb", {"ps_shards": 2, "bucket_mb": 1}),
     ("batch_size", {"batch_size": 0}),
@@ -465,6 +464,11 @@ def test_staleness() -> None:
             build(mode=mode, staleness=2)
     assert not build(mode="allreduce").is_ps
     assert all(build(mode=m).is_ps for m in ("ps-sync", "ps-async", "ps-ssp"))
+
+
+def test_shards_take_every_compression() -> None:
+    for compression in ("fp16", "bf16", "int8", "int4"):
+        assert build(ps_shards=2, compression=compression).compression == compression
 
 
 def test_ps_sync_clips_over_shards_and_the_async_modes_do_not() -> None:
