@@ -622,6 +622,10 @@ class ParameterStore(WorkerTable):
         flat = prev.flat if prev is not None and prev.flat.numel() == self._flat.numel() else \
             torch.empty_like(self._flat)
         flat.copy_(self._flat)
+        assert self._layout is not None
+        for (first, _), old in self._old.items():  # buckets applied already: their values before the step
+            at = self._layout.offset(first)
+            flat[at:at + old.numel()] = old
         self._previous = _Previous(self._version, flat, self._buffers)
 
     def _previous_snapshot(self, step: int, wire_dtype: int, part: tuple[int, int]) -> Snapshot | None:

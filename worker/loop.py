@@ -144,6 +144,7 @@ def _pulls_buckets(spec: JobSpec, work: Workload, client: ServerLink) -> bool:
     """Whether a bucketed worker pulls each bucket's parameters beside its pushes as the server
     applies it (``BucketPusher``): in ps-sync on the data plane, for a worker on a GPU, whose
     CPU and network link idle while backward runs. A CPU worker's pull thread would take the
-    cores backward runs on (README, Performance (g))."""
+    cores backward runs on (README, Performance (g)). With shards the pull comes after backward
+    (a bucket's pieces are on several shards)."""
     return (spec.mode == "ps-sync" and spec.applies_buckets and client.transport != "grpc"
-            and work.device.type == "cuda")
+            and work.device.type == "cuda" and spec.ps_shards == 1)

@@ -8,6 +8,11 @@ pieces, and (shard 0 alone) the buffers; its parameters land straight in the sam
 model's flat parameters. Shard 0 answers for the whole (its version, the buffers); each
 shard's own version is the base of the next push to it (a shard counts its own updates).
 
+A bucket (a run of the model's tensors, pushed while backward runs) goes to each shard as the
+pieces of it that the shard holds, a bucket of that shard's slice; the step's last bucket
+brings every shard's parameters back. A quantised push has each shard's slice quantised on its
+own (``encode``).
+
 A ps-sync job that clips its gradient (``clip``: ``RegisterResponse.clip_across_shards``)
 takes two round trips a step: each shard answers the push with its slice's sum of squares of
 the step's mean gradient, and the pull of the next step brings every shard the sum of them
@@ -87,9 +92,9 @@ class ShardedLink:
     def push(self, header: ps_pb2.PushHeader, grads: torch.Tensor, wire_dtype: int,
              then_pull: tuple[Layout, torch.Tensor] | None = None, params_dtype: int | None = None,
              ) -> data_pb2.DataReply:
+        if self._is_bucket(header):
+            return self._push_bucket(header, grads, wire_dtype, then_pull, params_dtype)
         shards = self._shards(header.tensors)
-        if header.first_tensor:
-            raise ProtocolError("first_tensor: a sharded job pushes the whole gradient at once")
         slices = self._slices(header, shards)
         if self.clip:
             return self._push_clipped(header, shards, grads, slices, wire_dtype, then_pull, params_dtype)
@@ -116,6 +121,62 @@ class ShardedLink:
             raise ProtocolError("tensor_count: a sharded job pulls the whole model at once")
         shards = self._shards(layout.metas(0))
         return self._each(lambda k, link: self._pull_one(k, link, request, shards[k], params))[0]
+
+    # ------------------------------------------------------------------ buckets
+    def _is_bucket(self, header: ps_pb2.PushHeader) -> bool:
+        """A push of a run of the model's tensors (a bucket), not of the whole model."""
+        return bool(header.first_tensor) or (self._cut is not None and len(header.tensors) != len(self._cut[0][0]))
+
+    def _push_bucket(self, header: ps_pb2.PushHeader, grads: torch.Tensor, wire_dtype: int,
+                     then_pull: tuple[Layout, torch.Tensor] | None, params_dtype: int | None,
+                     ) -> data_pb2.DataReply:
+        """A bucket of a step (``gradhub.worker.buckets``): each shard gets the pieces of it
+        that it holds, as a bucket of its own slice (a shard that holds none gets nothing).
+        With ``then_pull`` (the step's last bucket, after backward) every shard's slice of
+        the next step's parameters comes back: with the push where it has pieces of it, else
+        on a pull of its own."""
+        if self._cut is None:
+            raise ProtocolError("first_tensor: a bucket before the model's tensors are known (pull first)")
+        if header.quant_block or self.clip:
+            raise ProtocolError("first_tensor: a sharded job that quantises or clips pushes its gradient whole")
+        (names, shapes), shards = self._cut
+        first, count = header.first_tensor, len(header.tensors)
+        if first + count > len(names):
+            raise ProtocolError(f"first_tensor: tensors {first} to {first + count - 1} of a model of {len(names)}")
+        start = Layout(names, shapes).offset(first)  # where the bucket's values start in the flat gradient
+        dtype = wire_dtype if params_dtype is None else params_dtype
+
+        def one(k: int, link: DataLink) -> data_pb2.DataReply | None:
+            s = shards[k]
+            lo, hi = max(first, s.first), min(first + count, s.first + len(s.layout.names))
+            if lo >= hi:  # none of the bucket's tensors here
+                if then_pull is None:
+                    return None
+                return self._pull_one(k, link, ps_pb2.PullRequest(job_id=header.job_id, rank=header.rank,
+                                                                  step=header.step + 1, dtype=dtype), s, then_pull[1])
+            j, n = lo - s.first, hi - lo  # its pieces j to j + n - 1
+            part = s.layout.part(j, n)
+            at = s.lo + sum(s.layout.numels[:j]) - start
+            mine = ps_pb2.PushHeader(job_id=header.job_id, rank=header.rank, step=header.step,
+                                     base_version=header.base_version if k == 0 else self._bases[k],
+                                     tensors=part.metas(header.tensors[0].dtype), first_tensor=j,
+                                     unused=[t - s.first - j for u in header.unused if lo <= (t := first + u) < hi],
+                                     world_size=header.world_size)
+            if k == 0:
+                mine.buffers.extend(header.buffers)
+            into = None if then_pull is None else (s.layout, then_pull[1][s.lo:s.hi])
+            try:
+                reply = link.push(mine, grads[at:at + part.numel], wire_dtype, into, params_dtype)
+            except ServerWaitTimeout:
+                if then_pull is None:
+                    raise
+                reply = self._pull_one(k, link, ps_pb2.PullRequest(job_id=header.job_id, rank=header.rank,
+                                                                   step=header.step + 1, dtype=dtype), s, then_pull[1])
+            if then_pull is not None:
+                self._bases[k] = reply.params.version
+            return reply
+        replies = [r for r in self._each(one) if r is not None]
+        return replies[0]  # shard 0's when it has a piece (the last bucket holds the model's first tensor)
 
     # ------------------------------------------------------------------ plumbing
     def _slices(self, header: ps_pb2.PushHeader, shards: Sequence[Shard]) -> list[slice]:

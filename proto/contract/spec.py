@@ -448,7 +448,10 @@ class JobSpec:
             "clip_grad_norm": self.clip_grad_norm is not None and self.mode != "ps-sync" and
                               f"clip_grad_norm in {self.mode} (ps-sync clips over shards)",
             "workers": self.elastic and "an elastic job (workers: {min, max})",
-            "bucket_mb": bool(self.bucket_mb) and "bucket_mb > 0 (a sharded push goes after backward)",
+            "bucket_mb": bool(self.bucket_mb) and (self.clip_grad_norm is not None or
+                                                   self.compression in QUANTISED_COMPRESSIONS) and
+                         "bucket_mb > 0 with clip_grad_norm or compression int8 / int4 (such a sharded "
+                         "push goes whole, after backward)",
         }
         for name, why in refused.items():
             if why:
@@ -601,8 +604,8 @@ class JobSpec:
         README, bench_ps.py (g))."""
         if self.bucket_mb is not None:
             return self.bucket_mb
-        if self.ps_shards != 1:
-            return 0.0  # a sharded push goes out after backward
+        if self.ps_shards != 1 and (self.clip_grad_norm is not None or self.compression in QUANTISED_COMPRESSIONS):
+            return 0.0  # such a sharded push goes whole, after backward
         return DEFAULT_BUCKET_MB if self.resources.gpus > 0 else 0.0
 
     @property

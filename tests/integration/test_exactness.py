@@ -7,10 +7,11 @@ server in 2 shards (one worker, each optimizer) and in 4 (two workers, AdamW, th
 clipped by its norm over every shard) (``ps_shards``: shard 0 in the server, the others Ray
 actors, each updating its slice of the parameters with its own optimizer;
 tests/unit/test_store_shards.py and test_shards.py compare every other count and optimizer with
-the unsharded store bit for bit). N = 4 and the gRPC
-jobs push their gradient in two buckets while backward runs (``bucket_mb`` below the model's
-first layer); the others in one push after backward. All the jobs are submitted at once, so the
-FIFO queue runs them as the two logical CPUs allow.
+the unsharded store bit for bit). N = 4, the gRPC and the 2-shard jobs push their gradient in
+two buckets while backward runs (``bucket_mb`` below the model's first layer; with 2 shards the
+first bucket goes to shard 1 alone, the second to both); the others in one push after
+backward. All the jobs are submitted at once, so the FIFO queue runs them as the two logical
+CPUs allow.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ WORLD_SIZES = (1, 2, 4)
 CASES = [(n, "auto") for n in WORLD_SIZES] + [(2, "grpc"), (1, "shards-2")]
 # (workers, transport, optimizer) of every job
 JOBS = [(n, t, name) for name in OPTIMIZERS for n, t in CASES] + [(2, "shards-4", "adamw")]
-BUCKETED = {(4, "auto"), (2, "grpc")}
+BUCKETED = {(4, "auto"), (2, "grpc"), (1, "shards-2")}
 SMALL_BUCKETS_MB = 0.004  # the 64x32 weight (8 KB) is a bucket, the rest of the model (1.4 KB) another
 CLIPPED = {(2, "shards-4")}
 CLIP_NORM = 0.6  # about half of the steps' gradient norms are above it (0.31 to 1.11)
@@ -54,9 +55,14 @@ def spec(workers: int, optimizer: dict, transport: str = "auto", bucket_mb: floa
     }
 
 
-def reference(workers: int, optimizer: dict, clip: float | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """Plain single-process PyTorch on the same global batches (the documented recipe), and
-    how many steps ``clip_grad_norm_`` scaled down."""
+def reference(workers: int, optimizer: dict) -> dict[str, torch.Tensor]:
+    """Plain single-process PyTorch on the same global batches (the documented recipe)."""
+    return clipped_reference(workers, optimizer, None)[0]
+
+
+def clipped_reference(workers: int, optimizer: dict, clip: float | None) -> tuple[dict[str, torch.Tensor], int]:
+    """``reference`` with ``clip_grad_norm_(clip)`` before each step (None: none), and how many
+    steps it scaled down."""
     torch.manual_seed(SEED)
     model = mlp(hidden=[32])
     hyper = {k: v for k, v in optimizer.items() if k not in ("name", "lr")}
@@ -95,7 +101,7 @@ def test_ps_sync_equals_single_process_pytorch(finished_jobs, workers, transport
     info, params = finished_jobs[(workers, transport, optimizer)]
     assert info.state == "SUCCEEDED" and info.step == STEPS and info.version == STEPS
     clip = CLIP_NORM if (workers, transport) in CLIPPED else None
-    expected, clipped = reference(workers, OPTIMIZERS[optimizer], clip)
+    expected, clipped = clipped_reference(workers, OPTIMIZERS[optimizer], clip)
     if clip is not None:
         assert 10 <= clipped <= STEPS - 10, f"clip_grad_norm scaled {clipped} of {STEPS} steps: the case tests little"
     assert params.keys() == expected.keys()

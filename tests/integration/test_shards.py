@@ -10,7 +10,8 @@ same ``ShardServer`` that a Ray actor runs).
 - a job that clips its gradient takes each step with the norm over every shard: each shard
   answers a push with its part, and the worker's pull brings the total;
 - a quantised push (int8, int4) quantises each shard's slice on its own, which that shard decodes;
-- a worker that died between its pushes to two shards does that step again.
+- a worker that died between its pushes to two shards does that step again;
+- a gradient pushed in buckets while backward runs reaches each shard as buckets of its slice.
 """
 
 from __future__ import annotations
@@ -202,3 +203,26 @@ def test_a_quantised_push_is_quantised_slice_by_slice(server: Server, compressio
     sent = torch.cat([quant.dequantize(*quant.quantize(grad[s.lo:s.hi])) for s in shards_of(LAYOUT, SHARDS)])
     assert not torch.equal(sent, quant.dequantize(*quant.quantize(grad)))  # other blocks than the whole's
     assert torch.equal(params, -LR * sent)
+
+
+def test_buckets_reach_each_shard_as_buckets_of_its_slice(server: Server) -> None:
+    """Shards hold w[0:3], w[3:6] and b here; the bucket of b goes to the third shard alone,
+    the last bucket (w, after backward) to the first two, with every shard's parameters back."""
+    job_id = _running(server)
+    link, _ = _worker(server, job_id)
+    with link:
+        link.init_parameters(LAYOUT, torch.zeros(NUMEL))
+        params = torch.empty(NUMEL)
+        version = link.pull(LAYOUT, 0, params).version
+        w, b = LAYOUT.part(0, 1), LAYOUT.part(1, 1)
+        for step in range(2):
+            grad = torch.arange(NUMEL, dtype=torch.float32) + step
+            assert link.push(b, step, version, grad[6:], first=1)  # while backward runs
+            assert server.manager.store(job_id).version == step  # shard 0 has none of b: still waits
+            version = link.push_pull(w, step, version, grad[:6], params, first=0, pull_layout=LAYOUT).version
+            assert version == step + 1
+        assert torch.equal(params, -LR * (2 * torch.arange(NUMEL, dtype=torch.float32) + 1))
+        with Client(server.address) as client:
+            wait_for(lambda: all(s.version == 2 for s in client.get_job(job_id).shards), 10, "every shard at 2")
+            shards = client.get_job(job_id).shards
+        assert [s.bytes_in for s in shards] == [2 * 3 * 4, 2 * 3 * 4, 2 * 4 * 4]  # each its own values, twice

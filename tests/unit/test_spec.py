@@ -296,7 +296,8 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("transport", {"ps_shards": 2, "transport": "grpc"}),
     ("clip_grad_norm", {"ps_shards": "auto", "clip_grad_norm": 1.0, "mode": "ps-async"}),
     ("workers", {"ps_shards": 2, "workers": {"min": 1, "max": 2}}),
-    ("bucket_mb", {"ps_shards": 2, "bucket_mb": 1}),
+    ("bucket_mb", {"ps_shards": 2, "bucket_mb": 1, "compression": "int8"}),
+    ("bucket_mb", {"ps_shards": 2, "bucket_mb": 1, "clip_grad_norm": 1.0}),
     ("batch_size", {"batch_size": 0}),
     ("batch_size", {"batch_size": "32"}),
     ("epochs", {"epochs": 0}),
@@ -683,6 +684,10 @@ def test_bucket_mb_defaults_by_the_workers_device() -> None:
     assert JobSpec.from_dict({**base, "resources": {"gpus": 1}}).effective_bucket_mb == 25.0
     assert JobSpec.from_dict({**base, "bucket_mb": 2}).effective_bucket_mb == 2.0
     assert "bucket_mb" not in JobSpec.from_dict(base).to_dict()  # a ps spec's dict is still an allreduce one
+    gpus = {**base, "resources": {"gpus": 1}, "ps_shards": 2}
+    assert JobSpec.from_dict(gpus).effective_bucket_mb == 25.0  # a bucket's pieces go to their shards
+    assert JobSpec.from_dict({**gpus, "clip_grad_norm": 1.0}).effective_bucket_mb == 0.0  # pushed whole
+    assert JobSpec.from_dict({**gpus, "compression": "int4"}).effective_bucket_mb == 0.0
 
 
 def test_an_elastic_spec_round_trips_and_keeps_its_bounds() -> None:

@@ -217,3 +217,33 @@ def test_a_worker_that_died_between_its_pushes_to_two_shards_does_that_step_agai
     assert stores[1].push(0, 5, 5, grads[0][cuts[1].lo:cuts[1].hi]) == (True, 6)
     _train(stores, 6, STEPS)
     _assert_same(_whole(stores), _whole(undisturbed))
+
+
+def test_the_parameters_kept_before_a_step_hold_the_old_values_of_buckets_applied_early() -> None:
+    """Shard 1 applies a bucket as soon as both workers' copies are in; worker 0 then dies after
+    its pushes to shard 1 and before its push to shard 0. The parameters shard 1 kept from
+    before the step are the step's old ones, early bucket included."""
+    config = dataclasses.replace(CONFIG, apply_buckets=True)
+    undisturbed = _stores(2, [], config=config)
+    _train(undisturbed, 0, 5)
+    before = undisturbed[1].try_pull(0, 5, tensor_pb2.FLOAT32)
+    assert before is not None
+    value = before.data.clone()
+    _train(undisturbed, 5, STEPS)
+    stores = _stores(2, [], config=config)
+    _train(stores, 0, 5)
+    cut = shards_of(TRAINABLE, 2)[1]  # pieces w[10:12], b, v; shard 0 holds w[0:10]
+    grads = [_grad(5, rank)[cut.lo:cut.hi] for rank in range(WORKERS)]
+    stores[0].push(1, 5, 5, _grad(5, 1)[:cut.lo], {"mean": torch.full((3,), 5.0)})
+    for rank in (1, 0):
+        assert stores[1].push(rank, 5, 5, grads[rank][2:], first=1, count=2)[0]  # b and v: applied once both are in
+    for rank in (1, 0):
+        assert stores[1].push(rank, 5, 5, grads[rank][:2], first=0, count=1)[0]  # w's piece: the step is taken
+    assert (stores[0].version, stores[1].version) == (5, 6)  # worker 0 died before its push to shard 0
+    kept = stores[1].try_pull(0, 5, tensor_pb2.FLOAT32)
+    assert kept is not None and kept.version == 5 and torch.equal(kept.data, value)
+    assert [s.register(0)[1] for s in stores] == [5, 6]
+    assert stores[0].push(0, 5, 5, _grad(5, 0)[:cut.lo], {"mean": torch.full((3,), 5.0)}) == (True, 6)
+    assert stores[1].push(0, 5, 5, grads[0]) == (False, 6)  # taken there
+    _train(stores, 6, STEPS)
+    _assert_same(_whole(stores), _whole(undisturbed))
