@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, well under 5 minutes on one GPU: the `gpu`-marked tests (CUDA
-# workers against single-process PyTorch, mixed precision, quantisation on the device, three
-# ranks sharing the GPU through Gloo summing in rank order), then the parameter server's
+# workers against single-process PyTorch, also pushing buckets to a sharded server, mixed
+# precision, quantisation on the device, three ranks sharing the GPU through Gloo summing in
+# rank order), then the parameter server's
 # figures (a) (a 100 MB exchange whose gradient and parameters live on the GPU and travel
 # through pinned host buffers), (c) (a 1-worker CUDA job against plain PyTorch on the GPU) and
 # (g) (two GPU workers pushing buckets while backward runs, their parameters pulled beside).

@@ -47,6 +47,24 @@ def test_cuda_workers_match_single_process_pytorch(gpu_server, tmp_path, workers
     assert worst <= 1e-4, f"CUDA run differs from CPU PyTorch by {worst:.3g}"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cuda_workers_push_buckets_to_a_sharded_server_and_match_single_process_pytorch(gpu_server, tmp_path,
+                                                                                        workers):
+    """ps-sync with two shards; the gradient in two buckets (the first layer's weight, then the
+    rest) pushed while backward runs on the GPU, each to the shards that hold its pieces."""
+    with Client(gpu_server.address) as client:
+        spec = {"name": f"gpu-shards-{workers}", "mode": "ps-sync", "workers": workers, "ps_shards": 2,
+                "bucket_mb": 0.004, "resources": {"cpus": 1, "gpus": 1 / workers},
+                "model": {"name": "mlp", "args": {"hidden": [32]}}, "dataset": "digits",
+                "optimizer": OPTIMIZERS["adam"], "batch_size": BATCH, "steps": STEPS, "seed": 7}
+        info = client.submit(spec).wait(timeout=300)
+        params = final_params(client, info, tmp_path)
+    assert info.state == "SUCCEEDED", info.reason
+    expected = reference(workers, OPTIMIZERS["adam"])
+    worst = max(float((params[k] - expected[k]).abs().max()) for k in expected)
+    assert worst <= 1e-4, f"CUDA run with shards differs from CPU PyTorch by {worst:.3g}"
+
+
 @pytest.mark.parametrize("mode", ["ps-sync", "allreduce"])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_on_cuda_trains_a_batchnorm_model(gpu_server, tmp_path, mode, precision):
