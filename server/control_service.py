@@ -129,6 +129,7 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
             if least is not None:  # a step pushed to some shards and not to others is done again
                 reply.next_step = min(reply.next_step, least)
             reply.clip_across_shards = store.config.clips_across_shards
+            reply.clip_push_norm = store.config.clips_by_push_norm
         return reply
 
     @handler

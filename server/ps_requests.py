@@ -110,12 +110,14 @@ def take_push(store: ParameterStore, header: ps_pb2.PushHeader, payload: torch.T
     layout = store.layout
     assert layout is not None  # push_bytes checked it
     first, count = push_part(layout, header)
+    norm_sq = header.clip_norm_sq if header.HasField("clip_norm_sq") else None
     if quant is None:
         return store.push(header.rank, header.step, header.base_version, payload, buffers, list(header.unused),
-                          first=first, count=count, world_size=header.world_size)
+                          first=first, count=count, world_size=header.world_size, norm_sq=norm_sq)
     grad = quant.decode(payload, pushed_layout(layout, header).numel)
     return store.push(header.rank, header.step, header.base_version, grad, buffers, list(header.unused),
-                      wire_bytes=payload.numel(), first=first, count=count, world_size=header.world_size)
+                      wire_bytes=payload.numel(), first=first, count=count, world_size=header.world_size,
+                      norm_sq=norm_sq)
 
 
 def push_buffers(header: ps_pb2.PushHeader) -> dict[str, torch.Tensor] | None:

@@ -1,5 +1,7 @@
-"""Gradient clipping over a sharded parameter server (``clip_grad_norm`` with ``ps_shards: K``,
-ps-sync): a plain class the ``ParameterStore`` of each shard holds.
+"""Gradient clipping over a sharded parameter server (``clip_grad_norm`` with ``ps_shards: K``):
+in ps-sync a plain class the ``ParameterStore`` of each shard holds. (In ps-async and ps-ssp a
+push is clipped by its own gradient's norm, which its worker computes and names in the push:
+``clip_coefficient`` of it.)
 
 ``torch.nn.utils.clip_grad_norm_`` scales a step's gradient by ``max_norm / (norm + 1e-6)``
 (at most 1), where the norm spans every parameter and so every shard. A shard that has every
@@ -76,9 +78,13 @@ class ShardClip:
         if not math.isfinite(total_sq) or total_sq < own * (1 - 1e-9):
             raise ProtocolError(f"clip_total_sq: {total_sq!r} is not a sum over the shards that includes this "
                                 f"shard's {own!r}")
-        # as clip_grad_norm_ computes it: a float32 norm, its coefficient clamped to 1
-        norm = torch.tensor(math.sqrt(total_sq), dtype=torch.float32)
-        coefficient = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
-        held.grad.mul_(coefficient)
+        held.grad.mul_(clip_coefficient(self.max_norm, total_sq))
         self.held = None
         return held
+
+
+def clip_coefficient(max_norm: float, total_sq: float) -> torch.Tensor:
+    """What ``clip_grad_norm_(max_norm)`` multiplies a gradient by whose norm is
+    ``sqrt(total_sq)``: a float32 norm, the coefficient clamped to 1."""
+    norm = torch.tensor(math.sqrt(total_sq), dtype=torch.float32)
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)

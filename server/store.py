@@ -24,6 +24,7 @@ not updated by it (its ``grad`` is None, as in torch.optim).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from gradhub.proto.contract.optim import (
 )
 from gradhub.proto.model_state import ModelLayout, tensors_to_proto
 from gradhub.proto.shards import Shard, shards_of, split_optimizer_state
-from gradhub.server.shard_clip import HeldStep, ShardClip
+from gradhub.server.shard_clip import HeldStep, ShardClip, clip_coefficient
 from gradhub.server.store_config import CheckpointState, Snapshot, StoreConfig
 from gradhub.server.workers import WorkerState, WorkerTable
 
@@ -93,6 +94,7 @@ class _Push:
     buffers: dict[str, torch.Tensor] | None
     unused: frozenset[int]  # indexes into the model's parameters
     bucketed: bool = False  # assembled from buckets (not one whole push)
+    norm_sq: float | None = None  # async over shards: the whole gradient's sum of squares (clipping)
 
 
 @dataclass
@@ -353,7 +355,8 @@ class ParameterStore(WorkerTable):
     # ----------------------------------------------------------------- push
     def push(self, rank: int, step: int, base_version: int, grad: torch.Tensor,
              buffers: Mapping[str, torch.Tensor] | None = None, unused: Sequence[int] = (),
-             wire_bytes: int | None = None, first: int = 0, count: int = 0, world_size: int = 0) -> tuple[bool, int]:
+             wire_bytes: int | None = None, first: int = 0, count: int = 0, world_size: int = 0,
+             norm_sq: float | None = None) -> tuple[bool, int]:
         """Take worker ``rank``'s gradient for ``step``; returns (accepted, version).
 
         ``grad`` is the flat gradient (any float dtype; converted to float32) of the ``count``
@@ -366,7 +369,8 @@ class ParameterStore(WorkerTable):
         got no gradient from this worker; ``wire_bytes`` what the push took on the wire when
         ``grad`` was decoded from it; ``world_size`` the size an elastic job's worker computed
         it for (ps-sync drops a push for another size than the job's now: the worker's next
-        pull brings the step's parameters again).
+        pull brings the step's parameters again); ``norm_sq`` the sum of squares of the worker's
+        whole gradient, which an async shard clips its slice by (``clips_by_push_norm``).
         """
         with self._cond:
             self._check_open()
@@ -434,8 +438,10 @@ class ParameterStore(WorkerTable):
             if not buffers and self.config.buffers == "average" and self._model.buffers and \
                     self.config.mode == "ps-sync":
                 raise ProtocolError(f"buffers: worker {rank} sent none; the job averages every worker's buffers")
-            self._take(w, base_version, _Push(grad, dict(buffers) if buffers else None, frozenset(unused), bool(bucket)),
-                       part)
+            if self.config.clips_by_push_norm:
+                norm_sq = self._check_push_norm(grad, norm_sq)
+            self._take(w, base_version, _Push(grad, dict(buffers) if buffers else None, frozenset(unused), bool(bucket),
+                                              norm_sq), part)
             return True, self._version
 
     def _take(self, w: WorkerState, base_version: int, push: _Push, part: tuple[int, int]) -> None:
@@ -473,8 +479,21 @@ class ParameterStore(WorkerTable):
                 self._advance()  # its buckets are applied: the step makes a version
             else:
                 grad = push.grad / (1 + w.staleness) if self.config.staleness_scaling and w.staleness else push.grad
+                if push.norm_sq is not None:  # clipped by the norm of the worker's whole gradient
+                    grad = grad * clip_coefficient(self.config.clip_grad_norm or 0.0, push.norm_sq)
                 self._apply(grad, push.unused, part)
         self._changed()
+
+    def _check_push_norm(self, grad: torch.Tensor, norm_sq: float | None) -> float:
+        """An async push of a job that clips over shards names its whole gradient's sum of
+        squares, which cannot be less than this shard's slice's."""
+        if norm_sq is None:
+            raise ProtocolError("clip_norm_sq: a push of a job that clips its gradient over shards names the sum "
+                                "of squares of the whole gradient")
+        own = float(torch.linalg.vector_norm(grad, dtype=torch.float64)) ** 2
+        if not math.isfinite(norm_sq) or norm_sq < own * (1 - 1e-6) - 1e-30:
+            raise ProtocolError(f"clip_norm_sq: {norm_sq!r} is less than this shard's slice alone ({own!r})")
+        return norm_sq
 
     def _check_buffer_values(self, buffers: Mapping[str, torch.Tensor] | None) -> None:
         for name, t in (buffers or {}).items():
@@ -683,7 +702,7 @@ class ParameterStore(WorkerTable):
         for i, param in enumerate(self._params):
             inside = part[0] <= i < part[0] + len(views)
             param.grad = views[i - part[0]] if inside and i not in unused else None
-        if self._clip is None:  # over shards, the gradient came scaled already
+        if self.config.shards == 1:  # over shards, the gradient came scaled already (by the whole's norm)
             clip_gradients(self._params, self.config.clip_grad_norm)
         self._optimizer.step()
         for param in self._params:

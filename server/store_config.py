@@ -84,6 +84,11 @@ class StoreConfig:
         return self.clip_grad_norm is not None and self.shards > 1 and self.mode == "ps-sync"
 
     @property
+    def clips_by_push_norm(self) -> bool:
+        """ps-async / ps-ssp clipping over K > 1 shards: each push names its whole gradient's norm."""
+        return self.clip_grad_norm is not None and self.shards > 1 and self.mode != "ps-sync"
+
+    @property
     def params_dtype(self) -> int:
         """The dtype pulled parameters travel in (float32 when pushes are quantised)."""
         return params_dtype(self.compression)

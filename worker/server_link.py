@@ -106,6 +106,7 @@ class ServerLink:
         self.job_id, self.rank = job_id, rank
         # an elastic job: the size its gradients are computed for now, which pushes say (0: fixed size)
         self.world_size = 0
+        self._clip_push_norm = False  # RegisterResponse.clip_push_norm
         self._transport = transport
         self._data: DataLink | ShardedLink | None = None
         self._side: DataLink | None = None  # a second data-plane connection: pulls beside pushes
@@ -162,6 +163,7 @@ class ServerLink:
         self.encoder.reset()  # an error-feedback residual belongs to one registration
         reply = _translated(lambda: self._control.Register(request, timeout=RPC_TIMEOUT_S, metadata=self._metadata,
                                                         wait_for_ready=True))
+        self._clip_push_norm = reply.clip_push_norm
         self._open_data(reply)
         return reply
 
@@ -222,7 +224,7 @@ class ServerLink:
         """Push the flat gradient for ``step`` (with this worker's buffers, when the job uses
         them, and the parameters that got no gradient); False when the server already had it.
         With ``first``, ``layout`` is a fragment: the model's tensors from index ``first`` on."""
-        header = self._push_header(layout, step, base_version, buffers, unused, first)
+        header = self._push_header(layout, step, base_version, buffers, unused, first, grads)
         grads = self._encode(grads, layout)  # once: a retry resends these bytes
         if self._data is not None:
             return self._on_data(lambda d: d.push(header, grads, self.wire_dtype)).accepted
@@ -275,7 +277,7 @@ class ServerLink:
         model: a fragment, whose parameters come back, or the last bucket of a step, after which
         the whole model's come back (``pull_layout``, the model's), or with ``pull_part_only``
         that bucket's alone (the worker pulled the others' as each was applied)."""
-        header = self._push_header(layout, step, base_version, buffers, unused, first)
+        header = self._push_header(layout, step, base_version, buffers, unused, first, grads)
         header.pull_part_only = pull_part_only
         pulled = layout if pull_layout is None else pull_layout
         pull_first = first if pull_layout is None else None
@@ -321,7 +323,9 @@ class ServerLink:
 
     def _push_header(self, layout: Layout, step: int, base_version: int,
                      buffers: Mapping[str, torch.Tensor] | None, unused: Sequence[int],
-                     first: int | None = None) -> ps_pb2.PushHeader:
+                     first: int | None = None, grads: torch.Tensor | None = None) -> ps_pb2.PushHeader:
+        """A push's header; with ``grads``, in an async job that clips over shards, their sum of
+        squares (each shard clips its slice by the whole gradient's norm)."""
         kept = self._metas.get(id(layout))
         if kept is None or kept[0] is not layout:
             kept = self._metas[id(layout)] = (layout, layout.metas(self.wire_dtype))
@@ -329,7 +333,9 @@ class ServerLink:
         return ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step, base_version=base_version,
                                  tensors=metas, unused=list(unused), quant_block=self.encoder.quant_block,
                                  buffers=tensors_to_proto(buffers) if buffers else [], first_tensor=first or 0,
-                                 world_size=self.world_size)
+                                 world_size=self.world_size,
+                                 clip_norm_sq=None if grads is None or not self._clip_push_norm else
+                                 float(torch.linalg.vector_norm(grads, dtype=torch.float64)) ** 2)
 
     def _pull_request(self, layout: Layout, step: int, first: int | None) -> ps_pb2.PullRequest:
         return ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.params_dtype,

@@ -237,6 +237,8 @@ class ShardedLink:
                                 base_version=header.base_version if shard.index == 0 else self._bases[shard.index],
                                 tensors=shard.layout.metas(wire), unused=shard.unused(header.unused),
                                 quant_block=header.quant_block, world_size=header.world_size)
+        if header.HasField("clip_norm_sq"):  # async clipping: the whole gradient's, for every shard
+            out.clip_norm_sq = header.clip_norm_sq
         if shard.index == 0:
             out.buffers.extend(header.buffers)
         return out

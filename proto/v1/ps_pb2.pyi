@@ -24,7 +24,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., total_steps: _Optional[int] = ..., train_size: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("version", "next_step", "needs_init", "world_size", "heartbeat_interval_s", "collective_timeout_s", "data", "shards", "clip_across_shards")
+    __slots__ = ("version", "next_step", "needs_init", "world_size", "heartbeat_interval_s", "collective_timeout_s", "data", "shards", "clip_across_shards", "clip_push_norm")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     NEEDS_INIT_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class RegisterResponse(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     CLIP_ACROSS_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_PUSH_NORM_FIELD_NUMBER: _ClassVar[int]
     version: int
     next_step: int
     needs_init: bool
@@ -43,7 +44,8 @@ class RegisterResponse(_message.Message):
     data: DataEndpoint
     shards: _containers.RepeatedCompositeFieldContainer[DataEndpoint]
     clip_across_shards: bool
-    def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., collective_timeout_s: _Optional[float] = ..., data: _Optional[_Union[DataEndpoint, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[DataEndpoint, _Mapping]]] = ..., clip_across_shards: _Optional[bool] = ...) -> None: ...
+    clip_push_norm: bool
+    def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., collective_timeout_s: _Optional[float] = ..., data: _Optional[_Union[DataEndpoint, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[DataEndpoint, _Mapping]]] = ..., clip_across_shards: _Optional[bool] = ..., clip_push_norm: _Optional[bool] = ...) -> None: ...
 
 class DataEndpoint(_message.Message):
     __slots__ = ("protocol", "tcp_host", "tcp_port", "unix_path", "host_id", "credential", "tls")
@@ -64,7 +66,7 @@ class DataEndpoint(_message.Message):
     def __init__(self, protocol: _Optional[int] = ..., tcp_host: _Optional[str] = ..., tcp_port: _Optional[int] = ..., unix_path: _Optional[str] = ..., host_id: _Optional[str] = ..., credential: _Optional[str] = ..., tls: _Optional[bool] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "rank", "step", "base_version", "tensors", "frozen", "buffers", "aliases", "unused", "quant_block", "first_tensor", "world_size", "pull_part_only")
+    __slots__ = ("job_id", "rank", "step", "base_version", "tensors", "frozen", "buffers", "aliases", "unused", "quant_block", "first_tensor", "world_size", "pull_part_only", "clip_norm_sq")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +87,7 @@ class PushHeader(_message.Message):
     FIRST_TENSOR_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PULL_PART_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_SQ_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     rank: int
     step: int
@@ -98,7 +101,8 @@ class PushHeader(_message.Message):
     first_tensor: int
     world_size: int
     pull_part_only: bool
-    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., unused: _Optional[_Iterable[int]] = ..., quant_block: _Optional[int] = ..., first_tensor: _Optional[int] = ..., world_size: _Optional[int] = ..., pull_part_only: _Optional[bool] = ...) -> None: ...
+    clip_norm_sq: float
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., frozen: _Optional[_Iterable[_Union[_tensor_pb2.TensorMeta, _Mapping]]] = ..., buffers: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., unused: _Optional[_Iterable[int]] = ..., quant_block: _Optional[int] = ..., first_tensor: _Optional[int] = ..., world_size: _Optional[int] = ..., pull_part_only: _Optional[bool] = ..., clip_norm_sq: _Optional[float] = ...) -> None: ...
 
 class PushChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -226,3 +226,16 @@ def test_buckets_reach_each_shard_as_buckets_of_its_slice(server: Server) -> Non
             wait_for(lambda: all(s.version == 2 for s in client.get_job(job_id).shards), 10, "every shard at 2")
             shards = client.get_job(job_id).shards
         assert [s.bytes_in for s in shards] == [2 * 3 * 4, 2 * 3 * 4, 2 * 4 * 4]  # each its own values, twice
+
+
+def test_an_async_job_that_clips_over_shards_names_each_pushs_norm(server: Server) -> None:
+    job_id = _running(server, mode="ps-async", clip_grad_norm=1.0)
+    link, reg = _worker(server, job_id)
+    with link:
+        assert reg.clip_push_norm and not reg.clip_across_shards
+        link.init_parameters(LAYOUT, torch.zeros(NUMEL))
+        params = torch.empty(NUMEL)
+        version = link.pull(LAYOUT, 0, params).version
+        grad = torch.arange(NUMEL, dtype=torch.float32)  # norm 16.9 over the three shards: scaled to 1
+        assert link.push_pull(LAYOUT, 0, version, grad, params).version == 1
+        torch.testing.assert_close(params, -LR * grad / (grad.norm() + 1e-6))

@@ -247,3 +247,33 @@ def test_the_parameters_kept_before_a_step_hold_the_old_values_of_buckets_applie
     assert stores[1].push(0, 5, 5, grads[0]) == (False, 6)  # taken there
     _train(stores, 6, STEPS)
     _assert_same(_whole(stores), _whole(undisturbed))
+
+
+@pytest.mark.parametrize("mode", ["ps-async", "ps-ssp"])
+def test_async_shards_clip_each_push_by_its_whole_gradients_norm(mode: str) -> None:
+    config = dataclasses.replace(CONFIG, mode=mode, clip_grad_norm=2.0, staleness=2)
+
+    def run(count: int) -> list[ParameterStore]:
+        stores = _stores(count, [], config=config)
+        cuts = shards_of(TRAINABLE, count)
+        for step in range(STEPS):
+            for rank in range(WORKERS):
+                grad = _grad(step, rank)
+                norm_sq = float(grad.double().square().sum()) if count > 1 else None
+                for k, store in enumerate(stores):
+                    buffers = {"mean": torch.full((3,), float(step))} if k == 0 else None
+                    assert store.push(rank, step, store.version, grad[cuts[k].lo:cuts[k].hi], buffers,
+                                      norm_sq=norm_sq)[0]
+        return stores
+
+    one, sharded = _whole(run(1)), _whole(run(2))  # one: clip_grad_norm_ over each whole push
+    assert one.version == sharded.version == STEPS * WORKERS
+    for name, value in one.params.items():
+        torch.testing.assert_close(sharded.params[name], value, rtol=1e-6, atol=1e-6, msg=name)
+    store = _stores(2, [], config=config)[1]
+    grad = _grad(0, 0)[shards_of(TRAINABLE, 2)[1].lo:]
+    with pytest.raises(ProtocolError, match="clip_norm_sq: a push of a job that clips"):
+        store.push(0, 0, 0, grad)
+    with pytest.raises(ProtocolError, match="clip_norm_sq: .* is less than this shard's slice alone"):
+        store.push(0, 0, 0, grad, norm_sq=float(grad.double().square().sum()) / 2)
+    assert store.version == 0
