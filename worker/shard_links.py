@@ -17,7 +17,9 @@ A ps-sync job that clips its gradient (``clip``: ``RegisterResponse.clip_across_
 takes two round trips a step: each shard answers the push with its slice's sum of squares of
 the step's mean gradient, and the pull of the next step brings every shard the sum of them
 (in shard order, as every worker adds them), with which each scales its slice and takes the
-step (``gradhub.server.shard_clip``).
+step (``gradhub.server.shard_clip``). In ps-async and ps-ssp the push header names the whole
+gradient's sum of squares instead (``ServerLink`` computes it), which every shard's copy of
+the header carries.
 """
 
 from __future__ import annotations
