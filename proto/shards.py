@@ -85,6 +85,26 @@ def shards_of(layout: Layout, count: int) -> tuple[Shard, ...]:
     return tuple(out)
 
 
+# ------------------------------------------------------------------ gradient norms (clipping)
+def sum_of_squares(tensors: Iterable[torch.Tensor]) -> float:
+    """The sum of the squares of every value of ``tensors``, in float64: a shard's part of a
+    gradient's squared norm (ps-sync), or a worker's whole gradient's (the async modes), which
+    a shard checks against its own slice's."""
+    total = 0.0
+    for t in tensors:
+        total += float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+    return total
+
+
+def total_of_parts(parts: Iterable[float]) -> float:
+    """The shards' parts of a squared norm added in shard order: every worker (and the server,
+    settling a step) adds the same numbers in the same order, so every shard gets the same total."""
+    total = 0.0
+    for part in parts:
+        total += part
+    return total
+
+
 # ------------------------------------------------------------------ parameters
 def merge_params(layout: Layout, shards: Sequence[Shard], pieces: Sequence[Mapping[str, torch.Tensor]],
                  ) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from gradhub.proto.contract.errors import ProtocolError
+from gradhub.proto.shards import sum_of_squares
 
 KEPT_PARTS = 4  # the sums of the last steps, for a worker that asks again after the step was taken
 
@@ -52,11 +53,8 @@ class ShardClip:
     def hold(self, held: HeldStep, views: Sequence[torch.Tensor]) -> None:
         """Hold ``held``; ``views``: its gradient's tensors (pieces of this slice), those that
         got no gradient left out. Their sum of squares, in float64, is the shard's part."""
-        total = 0.0
-        for v in views:
-            total += float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2
         self.held = held
-        self._parts[held.step] = total
+        self._parts[held.step] = sum_of_squares(views)
         for old in sorted(self._parts)[:-KEPT_PARTS]:
             del self._parts[old]
 

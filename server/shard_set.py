@@ -12,7 +12,7 @@ from typing import Protocol
 
 from gradhub.proto import frames
 from gradhub.proto.contract.errors import StateError
-from gradhub.proto.shards import merge_optimizer_state, merge_params, shards_of
+from gradhub.proto.shards import merge_optimizer_state, merge_params, shards_of, total_of_parts
 from gradhub.proto.v1 import ps_pb2
 from gradhub.server.shard_server import ShardServer, ShardStats
 from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
@@ -98,9 +98,7 @@ def settle_held_clip(store: ParameterStore, others: OtherShards) -> int | None:
     parts = [store.clip_part(step), *others.clip_parts(step)]
     if any(p is None for p in parts):
         return None  # a worker's slice of that step is still to come: its pushes bring the rest
-    total = 0.0
-    for p in parts:
-        total += p  # type: ignore[operator]
+    total = total_of_parts(p for p in parts if p is not None)
     store.clip_total(step, total)
     others.clip_total(step, total)
     return step

@@ -43,7 +43,7 @@ from gradhub.proto.contract.optim import (
     parameter_groups,
 )
 from gradhub.proto.model_state import ModelLayout, tensors_to_proto
-from gradhub.proto.shards import Shard, shards_of, split_optimizer_state
+from gradhub.proto.shards import Shard, shards_of, split_optimizer_state, sum_of_squares
 from gradhub.server.shard_clip import HeldStep, ShardClip, clip_coefficient
 from gradhub.server.store_config import CheckpointState, Snapshot, StoreConfig
 from gradhub.server.workers import WorkerState, WorkerTable
@@ -490,7 +490,7 @@ class ParameterStore(WorkerTable):
         if norm_sq is None:
             raise ProtocolError("clip_norm_sq: a push of a job that clips its gradient over shards names the sum "
                                 "of squares of the whole gradient")
-        own = float(torch.linalg.vector_norm(grad, dtype=torch.float64)) ** 2
+        own = sum_of_squares([grad])
         if not math.isfinite(norm_sq) or norm_sq < own * (1 - 1e-6) - 1e-30:
             raise ProtocolError(f"clip_norm_sq: {norm_sq!r} is less than this shard's slice alone ({own!r})")
         return norm_sq

@@ -40,6 +40,7 @@ from gradhub.proto.contract.errors import (
     from_rpc_error,
 )
 from gradhub.proto.model_state import ModelLayout, tensors_from_proto, tensors_to_proto
+from gradhub.proto.shards import sum_of_squares
 from gradhub.proto.state import TrainingState, read_state, state_messages
 from gradhub.proto.v1 import data_pb2, ps_pb2, ps_pb2_grpc, tensor_pb2
 from gradhub.worker.data_link import DataLink, ServerWaitTimeout
@@ -335,7 +336,7 @@ class ServerLink:
                                  buffers=tensors_to_proto(buffers) if buffers else [], first_tensor=first or 0,
                                  world_size=self.world_size,
                                  clip_norm_sq=None if grads is None or not self._clip_push_norm else
-                                 float(torch.linalg.vector_norm(grads, dtype=torch.float64)) ** 2)
+                                 sum_of_squares([grads]))
 
     def _pull_request(self, layout: Layout, step: int, first: int | None) -> ps_pb2.PullRequest:
         return ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.params_dtype,

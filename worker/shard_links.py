@@ -33,7 +33,7 @@ import torch
 from gradhub.proto.codec import QUANT_BITS, Layout
 from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.quant import BlockQuant
-from gradhub.proto.shards import Shard, shards_of
+from gradhub.proto.shards import Shard, shards_of, total_of_parts
 from gradhub.proto.v1 import data_pb2, ps_pb2
 from gradhub.worker.data_link import DataLink, ServerWaitTimeout
 from gradhub.worker.push_codec import PushEncoder
@@ -209,14 +209,13 @@ class ShardedLink:
                 except ServerWaitTimeout:
                     continue  # pushed again: a copy the shard has is not applied twice
         pushed = self._each(push)
-        total = 0.0
         for k, reply in enumerate(pushed):
             if not reply.HasField("clip_part_sq"):
                 raise ProtocolError(f"clip_part_sq: shard {k} answered a push of a job that clips over shards "
                                     "without its part of the norm")
-            total += reply.clip_part_sq
         request = ps_pb2.PullRequest(job_id=header.job_id, rank=header.rank, step=header.step + 1,
-                                     dtype=wire_dtype if params_dtype is None else params_dtype, clip_total_sq=total)
+                                     dtype=wire_dtype if params_dtype is None else params_dtype,
+                                     clip_total_sq=total_of_parts(reply.clip_part_sq for reply in pushed))
         params = then_pull[1] if then_pull is not None else torch.empty(shards[-1].hi)
         reply = self._each(lambda k, link: self._pull_one(k, link, request, shards[k], params))[0]
         reply.accepted = pushed[0].accepted
