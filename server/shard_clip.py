@@ -45,11 +45,6 @@ class ShardClip:
         self.held: HeldStep | None = None
         self._parts: dict[int, float] = {}
 
-    def reset(self) -> None:
-        """A new start (initial parameters, a resume): nothing held."""
-        self.held = None
-        self._parts.clear()
-
     def hold(self, held: HeldStep, views: Sequence[torch.Tensor]) -> None:
         """Hold ``held``; ``views``: its gradient's tensors (pieces of this slice), those that
         got no gradient left out. Their sum of squares, in float64, is the shard's part."""

@@ -278,8 +278,6 @@ class ParameterStore(WorkerTable):
         updates = self._total_steps * (1 if c.mode == "ps-sync" else c.world_size)
         scheduler = build_scheduler(optimizer, c.schedule, max(updates, 1))
         self._parts = layout.partition(c.fragments)  # more fragments than tensors: a SpecError
-        if self._clip is not None:
-            self._clip.reset()
         self._layout, self._flat, self._params = layout, flat, params
         self._optimizer, self._scheduler = optimizer, scheduler
         self._keep_version()
@@ -650,8 +648,8 @@ class ParameterStore(WorkerTable):
     def _previous_snapshot(self, step: int, wire_dtype: int, part: tuple[int, int]) -> Snapshot | None:
         """The parameters of ``step`` when this shard took it already (or holds it for its
         norm): a worker that starts again at a step another shard still waits for."""
-        prev, held = self._previous, self._clip is not None and self._clip.held is not None
-        if prev is None or step != prev.version or not (step < self._version or held) or part != (0, 0):
+        prev = self._previous
+        if prev is None or step != prev.version or not (step < self._version or self._holding) or part != (0, 0):
             return None
         assert self._layout is not None
         return Snapshot(prev.version, wire_dtype, encode(prev.flat, wire_dtype), self._layout,
@@ -670,6 +668,11 @@ class ParameterStore(WorkerTable):
             if self._clip is None:
                 raise ProtocolError(f"clip_part: job {self.config.job_id!r} does not clip its gradient over shards")
             return self._clip.part(step)
+
+    @property
+    def _holding(self) -> bool:
+        """A step waits for its norm over every shard (``ShardClip``)."""
+        return self._clip is not None and self._clip.held is not None
 
     def clip_held(self) -> int | None:
         """The step held for its norm over every shard, if any."""
@@ -799,8 +802,7 @@ class ParameterStore(WorkerTable):
             return True  # its push was dropped (the job shrank mid-step): it does that step again
         total = self._total_steps
         if total is not None and step >= total:  # the final parameters: after the last step (and its norm)
-            held = self._clip is not None and self._clip.held is not None
-            return not held and all(w.clock >= total for w in self._members())
+            return not self._holding and all(w.clock >= total for w in self._members())
         if self.config.mode == "ps-sync":
             return self._version >= step
         if self.config.mode == "ps-ssp":
@@ -849,8 +851,8 @@ class ParameterStore(WorkerTable):
     def finished(self) -> bool:
         with self._cond:
             t = self._total_steps
-            held = self._clip is not None and self._clip.held is not None  # the last step waits for its norm
-            return t is not None and not held and all(w.clock >= t for w in self._members())
+            # (clipping over shards: the last step may still wait for its norm)
+            return t is not None and not self._holding and all(w.clock >= t for w in self._members())
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """A copy of the current trainable parameters by name."""
