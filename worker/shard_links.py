@@ -103,19 +103,8 @@ class ShardedLink:
 
         def one(k: int, link: DataLink) -> data_pb2.DataReply:
             s = shards[k]
-            mine = self._header(header, s)
-            into = None if then_pull is None else (s.layout, then_pull[1][s.lo:s.hi])
-            try:
-                reply = link.push(mine, grads[slices[k]], wire_dtype, into, params_dtype)
-            except ServerWaitTimeout:
-                if then_pull is None:
-                    raise
-                dtype = wire_dtype if params_dtype is None else params_dtype
-                reply = self._pull_one(k, link, ps_pb2.PullRequest(
-                    job_id=header.job_id, rank=header.rank, step=header.step + 1, dtype=dtype), s, then_pull[1])
-            if then_pull is not None:
-                self._bases[k] = reply.params.version
-            return reply
+            return self._push_to(k, link, s, self._header(header, s, s.unused(header.unused)), grads[slices[k]],
+                                 wire_dtype, then_pull, params_dtype)
         return self._each(one)[0]
 
     def pull(self, request: ps_pb2.PullRequest, layout: Layout, params: torch.Tensor) -> data_pb2.DataReply:
@@ -146,37 +135,19 @@ class ShardedLink:
         if first + count > len(names):
             raise ProtocolError(f"first_tensor: tensors {first} to {first + count - 1} of a model of {len(names)}")
         start = Layout(names, shapes).offset(first)  # where the bucket's values start in the flat gradient
-        dtype = wire_dtype if params_dtype is None else params_dtype
 
         def one(k: int, link: DataLink) -> data_pb2.DataReply | None:
             s = shards[k]
             lo, hi = max(first, s.first), min(first + count, s.first + len(s.layout.names))
             if lo >= hi:  # none of the bucket's tensors here
-                if then_pull is None:
-                    return None
-                return self._pull_one(k, link, ps_pb2.PullRequest(job_id=header.job_id, rank=header.rank,
-                                                                  step=header.step + 1, dtype=dtype), s, then_pull[1])
+                return None if then_pull is None else self._pull_next(k, link, s, header, wire_dtype, then_pull,
+                                                                      params_dtype)
             j, n = lo - s.first, hi - lo  # its pieces j to j + n - 1
-            part = s.layout.part(j, n)
             at = s.lo + sum(s.layout.numels[:j]) - start
-            mine = ps_pb2.PushHeader(job_id=header.job_id, rank=header.rank, step=header.step,
-                                     base_version=header.base_version if k == 0 else self._bases[k],
-                                     tensors=part.metas(header.tensors[0].dtype), first_tensor=j,
-                                     unused=[t - s.first - j for u in header.unused if lo <= (t := first + u) < hi],
-                                     world_size=header.world_size)
-            if k == 0:
-                mine.buffers.extend(header.buffers)
-            into = None if then_pull is None else (s.layout, then_pull[1][s.lo:s.hi])
-            try:
-                reply = link.push(mine, grads[at:at + part.numel], wire_dtype, into, params_dtype)
-            except ServerWaitTimeout:
-                if then_pull is None:
-                    raise
-                reply = self._pull_one(k, link, ps_pb2.PullRequest(job_id=header.job_id, rank=header.rank,
-                                                                   step=header.step + 1, dtype=dtype), s, then_pull[1])
-            if then_pull is not None:
-                self._bases[k] = reply.params.version
-            return reply
+            unused = [t - s.first - j for u in header.unused if lo <= (t := first + u) < hi]
+            mine = self._header(header, s, unused, j, n)
+            return self._push_to(k, link, s, mine, grads[at:at + sum(s.layout.numels[j:j + n])], wire_dtype,
+                                 then_pull, params_dtype)
         replies = [r for r in self._each(one) if r is not None]
         return replies[0]  # shard 0's when it has a piece (the last bucket holds the model's first tensor)
 
@@ -205,7 +176,7 @@ class ShardedLink:
             s = shards[k]
             while True:  # each shard answers within a minute; a slow worker is waited for
                 try:
-                    return link.push(self._header(header, s), grads[slices[k]], wire_dtype)
+                    return link.push(self._header(header, s, s.unused(header.unused)), grads[slices[k]], wire_dtype)
                 except ServerWaitTimeout:
                     continue  # pushed again: a copy the shard has is not applied twice
         pushed = self._each(push)
@@ -231,12 +202,38 @@ class ShardedLink:
             self._bases[k] = reply.params.version
             return reply
 
-    def _header(self, header: ps_pb2.PushHeader, shard: Shard) -> ps_pb2.PushHeader:
-        """The whole push's header as shard ``shard``'s."""
+    def _push_to(self, k: int, link: DataLink, s: Shard, mine: ps_pb2.PushHeader, payload: torch.Tensor,
+                 wire_dtype: int, then_pull: tuple[Layout, torch.Tensor] | None, params_dtype: int | None,
+                 ) -> data_pb2.DataReply:
+        """Shard ``k``'s (``s``'s) push (``mine``, ``payload``); with ``then_pull`` its slice of the
+        next parameters comes back (pulled again when the server's wait for the others ran out)."""
+        into = None if then_pull is None else (s.layout, then_pull[1][s.lo:s.hi])
+        try:
+            reply = link.push(mine, payload, wire_dtype, into, params_dtype)
+        except ServerWaitTimeout:
+            if then_pull is None:
+                raise
+            return self._pull_next(k, link, s, mine, wire_dtype, then_pull, params_dtype)
+        if then_pull is not None:
+            self._bases[k] = reply.params.version
+        return reply
+
+    def _pull_next(self, k: int, link: DataLink, s: Shard, header: ps_pb2.PushHeader, wire_dtype: int,
+                   then_pull: tuple[Layout, torch.Tensor], params_dtype: int | None) -> data_pb2.DataReply:
+        """Shard ``k``'s (``s``'s) slice of the parameters of the step after ``header``'s."""
+        request = ps_pb2.PullRequest(job_id=header.job_id, rank=header.rank, step=header.step + 1,
+                                     dtype=wire_dtype if params_dtype is None else params_dtype)
+        return self._pull_one(k, link, request, s, then_pull[1])
+
+    def _header(self, header: ps_pb2.PushHeader, shard: Shard, unused: Sequence[int], first: int = 0,
+                count: int | None = None) -> ps_pb2.PushHeader:
+        """The push ``header`` as shard ``shard``'s: of its pieces ``first`` to ``first + count
+        - 1`` (all of them by default; a bucket's otherwise), ``unused`` as indexes among those."""
         wire = header.tensors[0].dtype
+        pieces = shard.layout if count is None else shard.layout.part(first, count)
         out = ps_pb2.PushHeader(job_id=header.job_id, rank=header.rank, step=header.step,
                                 base_version=header.base_version if shard.index == 0 else self._bases[shard.index],
-                                tensors=shard.layout.metas(wire), unused=shard.unused(header.unused),
+                                tensors=pieces.metas(wire), unused=unused, first_tensor=first,
                                 quant_block=header.quant_block, world_size=header.world_size)
         if header.HasField("clip_norm_sq"):  # async clipping: the whole gradient's, for every shard
             out.clip_norm_sq = header.clip_norm_sq
