@@ -42,6 +42,7 @@ from gradhub.server.ps_requests import (
     pull_part_after,
     push_buffers,
     push_bytes,
+    take_clip_total,
     take_push,
 )
 from gradhub.server.rpc import status_for
@@ -352,10 +353,9 @@ class DataPlane:
         elif kind == "init":
             await self._init(conn, session, frame)
         else:
-            if frame.pull.HasField("clip_total_sq"):  # the norm of the step before: it is taken
+            if frame.pull.HasField("clip_total_sq"):  # no call (nor thread hop) for the others' pulls
                 try:
-                    await self._calls.call(session.store, session.store.clip_total, frame.pull.step - 1,
-                                           frame.pull.clip_total_sq)
+                    await self._calls.call(session.store, take_clip_total, session.store, frame.pull)
                 except Exception as e:  # noqa: BLE001 - any error goes back to the worker
                     await self._send_error(conn, e)
                     return

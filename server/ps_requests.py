@@ -120,5 +120,11 @@ def take_push(store: ParameterStore, header: ps_pb2.PushHeader, payload: torch.T
                       norm_sq=norm_sq)
 
 
+def take_clip_total(store: ParameterStore, request: ps_pb2.PullRequest) -> None:
+    """A pull that brings the norm over every shard of the step before (``clip_total_sq`` set:
+    clipping over shards in ps-sync): that step is taken, before the pull waits for it."""
+    store.clip_total(request.step - 1, request.clip_total_sq)
+
+
 def push_buffers(header: ps_pb2.PushHeader) -> dict[str, torch.Tensor] | None:
     return tensors_from_proto(header.buffers, "buffers") if header.buffers else None

@@ -21,6 +21,7 @@ from gradhub.server.ps_requests import (
     pull_part_after,
     push_buffers,
     push_bytes,
+    take_clip_total,
     take_push,
 )
 from gradhub.server.rpc import handler, job_credential
@@ -102,8 +103,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     async def PullParameters(self, request: ps_pb2.PullRequest, context: grpc.aio.ServicerContext,
                              ) -> AsyncIterator[ps_pb2.PullChunk | bytes]:
         store = await self._calls.run(self._authorized_store, request.job_id, job_credential(context))
-        if request.HasField("clip_total_sq"):  # the norm of the step before: it is taken
-            await self._calls.call(store, store.clip_total, request.step - 1, request.clip_total_sq)
+        if request.HasField("clip_total_sq"):
+            await self._calls.call(store, take_clip_total, store, request)
         async for message in self._pull(store, request.rank, request.step, request.dtype or tensor_pb2.FLOAT32,
                                          context, (request.first_tensor, request.tensor_count)):
             yield message
