@@ -240,9 +240,11 @@ class PSRuntime:
             log.warning("job %s: could not read its shards' figures: %s", self.run.id, e)
 
     def _state_now(self) -> CheckpointState:
-        """The job's whole state now (every shard's, merged)."""
+        """The job's whole state now (every shard's, merged; an async worker's step in flight
+        may be on some shards only: it is done again on resume)."""
         own = self.table.checkpoint_state()
-        return own if self.others is None else merge_states(self.table, own, self.others.checkpoint_states())
+        return own if self.others is None else merge_states(self.table, own, self.others.checkpoint_states(),
+                                                            checkpoint=False)
 
     def _final_checkpoint(self) -> None:
         self.tick()

@@ -63,23 +63,29 @@ def endpoints(others: Sequence[dict[str, object]], credential: str) -> list[ps_p
                                 unix_path=str(e["unix_path"]), host_id=str(e["host_id"])) for e in others]
 
 
-def merge_states(store: ParameterStore, own: CheckpointState, others: Sequence[CheckpointState]) -> CheckpointState:
+def merge_states(store: ParameterStore, own: CheckpointState, others: Sequence[CheckpointState], *,
+                 checkpoint: bool = True) -> CheckpointState:
     """The whole model's checkpoint from shard 0's (``store``'s, ``own``) and the others', taken
-    at the same step. In ps-sync every shard is at the same version, or the states do not
-    belong together (a ``StateError``)."""
+    at the same step. In ps-sync every shard is at the same version; in ps-async and ps-ssp a
+    checkpoint's shards hold the same pushes, every worker at the same clock on each
+    (``StoreConfig.fences_checkpoints``); else the states do not belong together (a
+    ``StateError``). ``checkpoint=False``: the states of a job as it stopped, where an async
+    worker may have pushed its last step to some shards only (each worker at its least clock)."""
     model = store.model
     if model is None:
         raise StateError("parameters: the job has no parameters yet")
     states = [own, *others]
     if store.config.mode == "ps-sync" and len({s.version for s in states}) > 1:
         raise StateError(f"shards: at versions {[s.version for s in states]}, not one step of the job")
+    if checkpoint and len({s.clocks for s in states}) > 1:
+        raise StateError(f"shards: workers' clocks {[list(s.clocks) for s in states]}, not one checkpoint")
     shards = shards_of(model.trainable, len(states))
     trainable = merge_params(model.trainable, shards, [s.params for s in states])
     frozen = {n: own.params[n] for n in (model.frozen.names if model.frozen else ())}
     buffers = {b.name: own.params[b.name] for b in model.buffers}
     optimizer = merge_optimizer_state(model.trainable, store.config.param_groups, shards,
                                       [s.optimizer_state for s in states])
-    # a worker that pushed to some shards and not yet to others does that step again
+    # (checkpoint=False) a worker that pushed to some shards and not yet to others: its least clock
     clocks = tuple(min(c) for c in zip(*(s.clocks for s in states), strict=True))
     return CheckpointState(step=min(s.step for s in states), version=min(s.version for s in states),
                            params=model.state_dict(trainable, frozen, buffers), optimizer_state=optimizer,

@@ -805,23 +805,36 @@ class ParameterStore(WorkerTable):
             return not self._holding and all(w.clock >= total for w in self._members())
         if self.config.mode == "ps-sync":
             return self._version >= step
+        if self.config.fences_checkpoints and min(w.clock for w in self._members()) < self._fence(step):
+            return False
         if self.config.mode == "ps-ssp":
             live = [w.clock for w in self._members() if w.alive] or [step]
             return min(live) >= step - self.config.staleness
         return True
 
+    def _fence(self, step: int) -> int:
+        """``fences_checkpoints``: the checkpoint step a pull of ``step`` waits for (every worker's
+        clock there). Each shard takes that checkpoint when the last worker's push before it
+        arrives (``_maybe_checkpoint``), and no worker can have pushed past it, since its pull
+        waited: so every shard's checkpoint holds the same pushes, all workers at that step."""
+        every = self.config.checkpoint_every
+        return step // every * every
+
     def _waiting_for(self, step: int) -> str:
         if self._flat is None:
             return "waiting for the initial parameters from worker 0"
         # the clock each worker must reach for _may_pull(step) (ps-ssp waits for live ones only)
-        total, pool, need = self._total_steps, self._members(), step
+        total, pool, need, why = self._total_steps, self._members(), step, ""
         if total is not None and step >= total:
             need = total
+        elif self.config.fences_checkpoints and min(w.clock for w in pool) < self._fence(step):
+            need = self._fence(step)
+            why = f" to reach the checkpoint at step {need}, which every shard takes at once"
         elif self.config.mode == "ps-ssp":
             pool = [w for w in self._members() if w.alive]
             need = step - self.config.staleness
         behind = [w.rank for w in pool if w.clock < need]
-        return f"waiting at step {step} for workers {behind} (version {self._version})"
+        return f"waiting at step {step} for workers {behind}{why} (version {self._version})"
 
     def _snapshot(self, wire_dtype: int, first: int = 0, count: int = 0) -> Snapshot:
         key = (wire_dtype, first, count)

@@ -89,6 +89,13 @@ class StoreConfig:
         return self.clip_grad_norm is not None and self.shards > 1 and self.mode != "ps-sync"
 
     @property
+    def fences_checkpoints(self) -> bool:
+        """ps-async / ps-ssp over K > 1 shards with periodic checkpoints: a pull of a step past a
+        checkpoint's waits until every worker's pushes up to it are in, so that every shard
+        takes that checkpoint at the same point of every worker's (``ParameterStore._may_pull``)."""
+        return self.shards > 1 and self.mode != "ps-sync" and self.checkpoint_every > 0
+
+    @property
     def params_dtype(self) -> int:
         """The dtype pulled parameters travel in (float32 when pushes are quantised)."""
         return params_dtype(self.compression)

@@ -11,10 +11,13 @@ same ``ShardServer`` that a Ray actor runs).
   answers a push with its part, and the worker's pull brings the total;
 - a quantised push (int8, int4) quantises each shard's slice on its own, which that shard decodes;
 - a worker that died between its pushes to two shards does that step again;
-- a gradient pushed in buckets while backward runs reaches each shard as buckets of its slice.
+- a gradient pushed in buckets while backward runs reaches each shard as buckets of its slice;
+- in ps-async every shard takes a checkpoint with the same pushes (a pull past it waits).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -239,3 +242,27 @@ def test_an_async_job_that_clips_over_shards_names_each_pushs_norm(server: Serve
         grad = torch.arange(NUMEL, dtype=torch.float32)  # norm 16.9 over the three shards: scaled to 1
         assert link.push_pull(LAYOUT, 0, version, grad, params).version == 1
         torch.testing.assert_close(params, -LR * grad / (grad.norm() + 1e-6))
+
+
+def test_async_shards_take_each_checkpoint_at_one_point_of_every_worker(server: Server) -> None:
+    """ps-async over three shards, a checkpoint every 2 steps: worker 0's pull of step 2 waits
+    until worker 1's pushes before it are in on every shard; each shard takes the checkpoint
+    with the same pushes, and they merge into the job's checkpoint at step 2."""
+    job_id = _running(server, workers=2, mode="ps-async", checkpoint_every=2)
+    links = [_worker(server, job_id, rank)[0] for rank in range(2)]
+    params = [torch.empty(NUMEL), torch.empty(NUMEL)]
+    grad = torch.ones(NUMEL)
+    with links[0], links[1], Client(server.address) as client, ThreadPoolExecutor(1) as pool:
+        links[0].init_parameters(LAYOUT, torch.zeros(NUMEL))
+        version = links[0].pull(LAYOUT, 0, params[0]).version
+        version = links[0].push_pull(LAYOUT, 0, version, grad, params[0]).version
+        ahead = pool.submit(links[0].push_pull, LAYOUT, 1, version, grad, params[0])  # pulls step 2
+        version = links[1].pull(LAYOUT, 0, params[1]).version
+        version = links[1].push_pull(LAYOUT, 0, version, grad, params[1]).version
+        wait_for(lambda: [s.version for s in client.get_job(job_id).shards] == [3] * SHARDS, 30,
+                 "worker 0's two pushes and worker 1's first on every shard")
+        assert not ahead.done()  # its pull waits for worker 1's push of step 1
+        links[1].push_pull(LAYOUT, 1, version, grad, params[1])
+        assert ahead.result(timeout=30).version == 4
+        wait_for(lambda: [c.step for c in client.list_checkpoints(job_id)] == [2], 30,
+                 "the checkpoint at step 2 written (every shard's part of it merged)")

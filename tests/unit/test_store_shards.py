@@ -2,7 +2,8 @@
 unsharded store's steps bit for bit; their checkpoints merge into the unsharded store's
 checkpoint; a job resumes from that checkpoint with another K and ends where an undisturbed
 run ends; and a job that clips its gradient takes the unsharded store's clipped steps, with
-the norm over every shard that the workers relay."""
+the norm over every shard that the workers relay; in ps-async and ps-ssp every shard takes a
+checkpoint with the same pushes."""
 
 from __future__ import annotations
 
@@ -277,3 +278,45 @@ def test_async_shards_clip_each_push_by_its_whole_gradients_norm(mode: str) -> N
     with pytest.raises(ProtocolError, match="clip_norm_sq: .* is less than this shard's slice alone"):
         store.push(0, 0, 0, grad, norm_sq=float(grad.double().square().sum()) / 2)
     assert store.version == 0
+
+
+@pytest.mark.parametrize("mode", ["ps-async", "ps-ssp"])
+def test_async_shards_take_each_checkpoint_with_the_same_pushes(mode: str) -> None:
+    """ps-async / ps-ssp over two shards, a checkpoint every 4 steps: a worker ahead does not get
+    a shard's parameters for step 4 until every worker's pushes before it are in on that shard,
+    so both shards take the checkpoint with the same pushes (every clock at 4), which merge
+    into the unsharded store's checkpoint after the same pushes."""
+    config = dataclasses.replace(CONFIG, mode=mode, staleness=3)
+    kept: list[list[CheckpointState]] = []
+    stores = _stores(2, kept, config=config)
+    one_kept: list[list[CheckpointState]] = []
+    one = _stores(1, one_kept, config=config)[0]
+    cuts = shards_of(TRAINABLE, 2)
+    f32 = tensor_pb2.FLOAT32
+
+    def push(rank: int, step: int, shards: tuple[int, ...] = (0, 1)) -> None:
+        grad, buffers = _grad(step, rank), {"mean": torch.full((3,), float(10 * rank + step))}
+        for k in shards:
+            store = stores[k]
+            assert store.push(rank, step, store.version, grad[cuts[k].lo:cuts[k].hi], buffers if k == 0 else None)[0]
+        if shards[-1] == 1:  # the unsharded store takes it in the order shard 1 does (shard 0's is the same)
+            assert one.push(rank, step, one.version, grad, buffers)[0]
+
+    for step in range(EVERY):  # worker 0 runs ahead to the checkpoint
+        assert all(s.try_pull(0, step, f32) is not None for s in stores)
+        push(0, step)
+    for step in range(2):
+        push(1, step)
+    assert all(s.try_pull(0, EVERY, f32) is None for s in stores)  # past the checkpoint: it waits
+    assert "workers [1] to reach the checkpoint at step 4" in stores[1].waiting_for(EVERY)
+    assert all(s.try_pull(1, 2, f32) is not None for s in stores)  # behind it: no wait
+    push(1, 2)
+    push(1, 3, shards=(0,))  # worker 1's last push before the checkpoint, in flight to shard 1
+    assert stores[0].try_pull(0, EVERY, f32) is not None and stores[1].try_pull(0, EVERY, f32) is None
+    assert [len(k) for k in kept] == [1, 0]
+    with pytest.raises(StateError, match="not one checkpoint"):  # shard 0 has a push that shard 1 has not
+        merge_states(stores[0], stores[0].checkpoint_state(), [stores[1].checkpoint_state()])
+    push(1, 3, shards=(1,))
+    assert stores[1].try_pull(0, EVERY, f32) is not None
+    assert [[(c.step, c.clocks) for c in k] for k in kept] == [[(EVERY, (EVERY, EVERY))]] * 2
+    _assert_same(merge_states(stores[0], kept[0][0], [kept[1][0]]), one_kept[0][0])
