@@ -6,6 +6,7 @@ source rank shares with a fresh member, in a real two-process group."""
 from __future__ import annotations
 
 import copy
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,8 @@ def _ordered(rank: int, port: int, out: str, device: str = "cpu") -> None:
             x, y = batch(rank)
             nn.functional.cross_entropy(ddp(x), y).backward()
             got[name] = [p.grad.clone() for p in ddp.module.parameters()]
+            del ddp  # its Reducer goes while the group lives (one outliving the group may abort the process)
+            gc.collect()
     torch.save({"want": want, **got}, f"{out}/{rank}.pt")
 
 
