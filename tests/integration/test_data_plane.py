@@ -2,7 +2,7 @@
 on port 0 whose workers are this test (an external launcher).
 
 - pushes and pulls land where gRPC's would, on the Unix socket (same host, buffers of a few MB
-  at both ends) and on TCP;
+  at both ends) and on TCP (a payload of a few MB read a MiB at a wakeup);
 - a broken connection is reopened and the push applied once; a pull that waits past the
   server's bound is asked again;
 - no connection gets in without the credential of its worker's latest registration;
@@ -114,6 +114,28 @@ def test_other_hosts_use_tcp(job, monkeypatch):
         assert link.transport == "tcp"
         _train_three_steps(link)
     assert server.manager.store(job_id).workers()[0].transport == "tcp"
+
+
+def test_a_model_of_a_few_mb_crosses_tcp_whole(tmp_path, monkeypatch):
+    """Over TCP a payload of more than a MiB is read with the socket's low-water mark raised
+    (``LowWater``), down to the payload's last odd bytes: every value lands, both ways."""
+    numel = 750_001  # 3 MB and 4 bytes: the last read of each payload is less than a MiB
+    layout = Layout(("w",), ((numel,),))
+    config = ServerConfig(port=0, data_dir=tmp_path, max_model_bytes=8 << 20)
+    with Server(config, launcher=ExternalLauncher()) as server:
+        job_id = _running(server)
+        monkeypatch.setattr(data_link.frames, "host_id", lambda: "another-host")  # the worker's, not the server's
+        with _worker(server, job_id) as link:
+            assert link.transport == "tcp"
+            start = torch.arange(numel, dtype=torch.float32)
+            link.init_parameters(layout, start)
+            params = torch.empty(numel)
+            version = link.pull(layout, 0, params).version
+            assert torch.equal(params, start)
+            grad = torch.linspace(-1, 1, numel)
+            for step in range(2):
+                version = link.push_pull(layout, step, version, grad, params).version
+            assert torch.equal(params, start - LR * grad - LR * grad)
 
 
 def test_grpc_transport_stays_on_grpc(job):
