@@ -172,7 +172,14 @@ class PSRuntime:
                     return
                 if any(p is None for p in parts):
                     return  # a shard has not got there yet
-                state = merge_states(self.table, state, [p for p in parts if p is not None])
+                try:
+                    state = merge_states(self.table, state, [p for p in parts if p is not None])
+                except StateError as e:  # parts that are not one state: a bug, which costs this checkpoint only
+                    self._waiting.pop(0)
+                    log.error("job %s: the shards' checkpoints at step %d do not merge: %s", self.run.id,
+                              state.step, e)
+                    self.host.log_line(self.run.id, f"checkpoint at step {state.step} not written: {e}")
+                    continue
             self._waiting.pop(0)
             try:
                 self._save(state)

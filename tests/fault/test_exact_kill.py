@@ -7,6 +7,10 @@ sample, a sample that worker ``rank`` reads first at step ``KILL_STEP`` (a marke
 it fire once). The model has BatchNorm and dropout, so buffers and seeded randomness travel
 with the recovery too. The asynchronous modes run one worker, where their result is
 deterministic.
+
+A parameter-server shard killed mid-job takes every shard and worker back to the latest
+checkpoint: in ps-sync the result is still the undisturbed run's; in ps-async (two workers)
+every checkpoint merges, the one it goes on from and the later ones.
 """
 
 from __future__ import annotations
@@ -137,3 +141,38 @@ def test_a_parameter_server_shard_killed_mid_job_changes_nothing(server, undistu
     expected = undisturbed["ps-sync"]
     worst = max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected)
     assert worst <= 1e-6, f"the run with a killed shard differs from the undisturbed run by {worst:.3g}"
+
+
+@pytest.mark.timeout(300)
+def test_an_async_job_whose_shard_dies_goes_on_from_a_checkpoint_every_shard_took_at_once(server, tmp_path):
+    """ps-async with two workers, the parameter server in two shards and a checkpoint every 20
+    steps: each shard applies pushes as they come, yet takes each checkpoint with the same
+    pushes (a worker's pull past a checkpoint waits for the others' pushes before it), or the
+    server could not merge them. Rank 0 is held at step KILL_STEP (rank 1 waits at step 40,
+    the next checkpoint); shard 1's process is SIGKILLed; every shard and worker goes on from
+    the checkpoint at step 20, and each later checkpoint merges too."""
+    gate = tmp_path / "go"
+    dataset = {"factory": "gh_zoo:gated_digits", "args": {"gates": {str(first_read_at(2, 0, KILL_STEP)): str(gate)}}}
+    job = {**spec("async-shard-killed", "ps-async", 2, dataset), "ps_shards": 2, "checkpoint_every": 20}
+    with Client(server.address) as client:
+        submitted = client.submit(job)
+        job_id = submitted.id
+
+        def held() -> bool:
+            info = client.get_job(job_id)
+            assert info.state in ("QUEUED", "RUNNING"), info.reason
+            return info.step == KILL_STEP and len(info.shards) == 2 and \
+                [c.step for c in client.list_checkpoints(job_id)][-1:] == [20]
+
+        wait_for(held, 120, f"rank 0 held at step {KILL_STEP}, the checkpoint at step 20 written")
+        os.kill(client.get_job(job_id).shards[1].pid, signal.SIGKILL)
+        wait_for(lambda: any("shard 1 died" in line for line in client.logs(job_id)), 60, "the shard's death seen")
+        gate.touch()
+        info = submitted.wait(timeout=180)
+        logs = "\n".join(client.logs(job_id))
+        assert info.state == "SUCCEEDED", (info.reason, logs)
+        assert "every shard starts again from the checkpoint at step 20" in logs, logs
+        # the periodic ones merged (a job fails on parts that do not), the last three kept
+        assert [c.step for c in client.list_checkpoints(job_id)] == [80, 100, STEPS], logs
+        got = final_params(client, info, tmp_path)
+    assert all(bool(v.float().isfinite().all()) for v in got.values())
