@@ -12,9 +12,10 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
+from gradhub.proto.codec import Layout
 from gradhub.proto.contract.errors import StateError
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.contract.states import JobState
@@ -22,7 +23,7 @@ from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.job_db import JobDB
 from gradhub.server.job_run import JobRun
 from gradhub.server.shard_server import UpdateRate, store_stats
-from gradhub.server.shard_set import OtherShards, merge_states
+from gradhub.server.shard_set import OtherShards, merge_states, resume_slices
 from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,18 @@ class PSRuntime:
                                 clocks=clocks)
         self.table.resume_from(state, total_steps=total_steps)
         if self.others is not None:
-            self.others.resume_from(state, total_steps)
+            self.others.resume_from(self._other_shards_states(state, loaded.resume_state), total_steps)
         self.host.log_line(job_id, f"{how} the checkpoint at step {loaded.info.step}")
+
+    def _other_shards_states(self, state: CheckpointState, resume_state: Mapping[str, Any]) -> list[CheckpointState]:
+        """What shards 1 to K-1 resume from: each its slice when the checkpoint names the model's
+        trainable parameters (a sharded job's do), else the whole checkpoint."""
+        count = self.config.shards
+        trainable = resume_state.get("trainable")
+        if not trainable:
+            return [state] * (count - 1)
+        layout = Layout(tuple(str(n) for n, _ in trainable), tuple(tuple(int(d) for d in shape) for _, shape in trainable))
+        return resume_slices(state, layout, self.config.param_groups, count)
 
     def lost(self) -> str | None:
         if self.others is None or self._lost is not None:
@@ -261,9 +272,14 @@ class PSRuntime:
             self._save(state)
 
     def _save(self, state: CheckpointState) -> None:
+        resume: dict[str, Any] = {"clocks": list(state.clocks)}
+        model = self.table.model
+        if self.config.shards > 1 and model is not None:  # what cuts it into slices on resume
+            resume["trainable"] = [[n, list(shape)] for n, shape in zip(model.trainable.names, model.trainable.shapes,
+                                                                         strict=True)]
         info = self.host.checkpoint_store.save(
             self.run.id, state.step, state.version, state.params, state.optimizer_state, state.scheduler_state,
-            keep=self.run.spec.keep_checkpoints, resume_state={"clocks": list(state.clocks)},
+            keep=self.run.spec.keep_checkpoints, resume_state=resume,
         )
         self.host.log_line(self.run.id, f"checkpoint at step {info.step} ({info.size_bytes / 1e6:.1f} MB)")
         if self.run.spec.mode == "local-sgd" and self.run.spec.outer_sync:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from gradhub.server.shard_server import ShardServer, ShardStats
@@ -125,9 +126,12 @@ class RayShards:
     def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> list[int]:
         return self._all("register", rank, host, pid, credential, total_steps)
 
-    def resume_from(self, state: CheckpointState, total_steps: int) -> None:
-        ref = self._ray.put(state)  # once into the object store, not once per shard
-        self._all("resume_from", ref, total_steps)
+    def resume_from(self, states: Sequence[CheckpointState], total_steps: int) -> None:
+        refs: dict[int, Any] = {}  # a state given to several shards (the whole model's) goes in once
+        for state in states:
+            refs.setdefault(id(state), self._ray.put(state))
+        self._ray.get([a.resume_from.remote(refs[id(s)], total_steps)
+                       for a, s in zip(self._actors, states, strict=True)], timeout=CALL_TIMEOUT_S)
 
     def captures(self, step: int) -> list[CheckpointState | None]:
         return self._all("capture", step)

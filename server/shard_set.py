@@ -7,12 +7,19 @@ into the one checkpoint an unsharded job would write."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from gradhub.proto import frames
+from gradhub.proto.codec import Layout
 from gradhub.proto.contract.errors import StateError
-from gradhub.proto.shards import merge_optimizer_state, merge_params, shards_of, total_of_parts
+from gradhub.proto.shards import (
+    merge_optimizer_state,
+    merge_params,
+    shards_of,
+    split_optimizer_state,
+    total_of_parts,
+)
 from gradhub.proto.v1 import ps_pb2
 from gradhub.server.shard_server import ShardServer, ShardStats
 from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
@@ -29,7 +36,9 @@ class OtherShards(Protocol):
         """Register worker ``rank`` on each one; its next step there (``ParameterStore.register``)."""
         ...
 
-    def resume_from(self, state: CheckpointState, total_steps: int) -> None: ...
+    def resume_from(self, states: Sequence[CheckpointState], total_steps: int) -> None:
+        """Resume each one from its state (its slice, ``resume_slices``, or the whole model's)."""
+        ...
 
     def captures(self, step: int) -> list[CheckpointState | None]: ...
 
@@ -92,6 +101,18 @@ def merge_states(store: ParameterStore, own: CheckpointState, others: Sequence[C
                            scheduler_state=own.scheduler_state, clocks=clocks)
 
 
+def resume_slices(state: CheckpointState, trainable: Layout, groups: Sequence[Mapping[str, Any]],
+                  count: int) -> list[CheckpointState]:
+    """Shards 1 to ``count - 1``'s slices of the whole model's checkpoint ``state``, whose
+    trainable parameters are ``trainable`` (the model's order; ``groups`` the job's parameter
+    groups): each shard gets its pieces and its optimizer state, not the whole model's."""
+    shards = shards_of(trainable, count)
+    named = {n: state.params[n] for n in trainable.names}
+    return [dataclasses.replace(state, params=shard.pieces(named), slice_of=(shard.index, count),
+                                optimizer_state=split_optimizer_state(trainable, groups, shard, state.optimizer_state))
+            for shard in shards[1:]]
+
+
 def settle_held_clip(store: ParameterStore, others: OtherShards) -> int | None:
     """A job that clips over shards: take a step that a shard holds for its norm when every
     shard has its part, with the total the workers would have sent (the same sum, in shard
@@ -128,8 +149,8 @@ class LocalShards:
     def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> list[int]:
         return [s.register(rank, host, pid, credential, total_steps)[1] for s in self._servers]
 
-    def resume_from(self, state: CheckpointState, total_steps: int) -> None:
-        for s in self._servers:
+    def resume_from(self, states: Sequence[CheckpointState], total_steps: int) -> None:
+        for s, state in zip(self._servers, states, strict=True):
             s.resume_from(state, total_steps)
 
     def captures(self, step: int) -> list[CheckpointState | None]:

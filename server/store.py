@@ -244,16 +244,22 @@ class ParameterStore(WorkerTable):
             self._changed()
 
     def _install_resume(self, model: ModelLayout, state: CheckpointState) -> None:
-        """Install a checkpoint of the whole model (``state``): all of it, or this shard's slice."""
+        """Install a checkpoint (``state``): the whole model's (all of it, or this shard's slice of
+        it), or the slice the server cut for this shard (``slice_of``)."""
         assert self._whole is not None
-        trainable, frozen, buffers = self._whole.split_state(state.params)
-        optimizer_state = state.optimizer_state
-        if self._shard is not None:
-            optimizer_state = split_optimizer_state(self._whole.trainable, self.config.param_groups, self._shard,
-                                                    optimizer_state)
-            trainable = self._shard.pieces(trainable)
-            if self._shard.index:
-                frozen, buffers = {}, {}
+        frozen: dict[str, torch.Tensor] = {}
+        buffers: dict[str, torch.Tensor] = {}
+        if state.slice_of is not None:
+            trainable, optimizer_state = self._check_slice(state.slice_of, state.params), state.optimizer_state
+        else:
+            trainable, frozen, buffers = self._whole.split_state(state.params)
+            optimizer_state = state.optimizer_state
+            if self._shard is not None:
+                optimizer_state = split_optimizer_state(self._whole.trainable, self.config.param_groups, self._shard,
+                                                        optimizer_state)
+                trainable = self._shard.pieces(trainable)
+                if self._shard.index:
+                    frozen, buffers = {}, {}
         flat = torch.cat([trainable[n].reshape(-1).to(torch.float32) for n in model.trainable.names])
         self._install(model.trainable, flat)
         self._frozen = {k: v.to(torch.float32).clone() for k, v in frozen.items()}
@@ -262,6 +268,20 @@ class ParameterStore(WorkerTable):
         self._optimizer.load_state_dict(optimizer_state)
         if self._scheduler is not None and state.scheduler_state is not None:
             self._scheduler.load_state_dict(state.scheduler_state)
+
+    def _check_slice(self, slice_of: tuple[int, int], pieces: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The pieces of a checkpoint cut for shard ``slice_of`` (index, count), once they are
+        this shard's of this model."""
+        here = (self.config.shard, self.config.shards)
+        if slice_of != here or self._shard is None:
+            raise ProtocolError(f"state: the checkpoint's slice for shard {slice_of[0]} of {slice_of[1]}, this is "
+                                f"shard {here[0]} of {here[1]}")
+        expected = dict(zip(self._shard.layout.names, self._shard.layout.numels, strict=True))
+        got = {n: t.numel() for n, t in pieces.items()}
+        if got != expected:
+            raise ProtocolError(f"state: shard {here[0]}'s slice of the checkpoint holds {got} values by tensor, "
+                                f"its slice of the model {expected}: the checkpoint does not match the model")
+        return pieces
 
     def _install(self, layout: Layout, flat: torch.Tensor) -> None:
         if flat.numel() != layout.numel:

@@ -140,3 +140,6 @@ class CheckpointState:
     optimizer_state: dict[str, Any]
     scheduler_state: dict[str, Any] | None
     clocks: tuple[int, ...]
+    # (shard, count): ``params`` and ``optimizer_state`` are only that shard's slice of the
+    # model's (``gradhub.server.shard_set.resume_slices``); None: the whole model's
+    slice_of: tuple[int, int] | None = None

@@ -17,7 +17,7 @@ from gradhub.proto.contract.errors import ProtocolError, StateError
 from gradhub.proto.model_state import ModelLayout, TensorSpec
 from gradhub.proto.shards import shards_of
 from gradhub.proto.v1 import tensor_pb2
-from gradhub.server.shard_set import merge_states
+from gradhub.server.shard_set import merge_states, resume_slices
 from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
 
 TRAINABLE = Layout(("w", "b", "v"), ((3, 4), (3,), (5,)))
@@ -34,14 +34,17 @@ def _grad(step: int, rank: int) -> torch.Tensor:
 
 
 def _stores(count: int, kept: list[list[CheckpointState]], resume: CheckpointState | None = None,
-            config: StoreConfig = CONFIG) -> list[ParameterStore]:
+            config: StoreConfig = CONFIG, sliced: bool = False) -> list[ParameterStore]:
+    """``count`` shards' stores, initialized as worker 0 does (``resume``: from that checkpoint,
+    which shards 1 to count - 1 get as their slices with ``sliced``, as the server sends them)."""
     stores = []
     init = torch.randn(TRAINABLE.numel, generator=torch.Generator().manual_seed(0))
+    slices = resume_slices(resume, TRAINABLE, config.param_groups, count) if sliced and resume else []
     for k in range(count):
         kept.append([])
         store = ParameterStore(dataclasses.replace(config, shard=k, shards=count), on_checkpoint=kept[k].append)
         if resume is not None:
-            store.resume_from(resume, STEPS)
+            store.resume_from(slices[k - 1] if k and slices else resume, STEPS)
         else:
             store.set_total_steps(STEPS)
         for rank in range(WORKERS):
@@ -117,8 +120,12 @@ def test_shards_take_the_unsharded_steps_bit_for_bit(count: int) -> None:
         _assert_same(merged, one_kept[0][i])
 
 
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
 @pytest.mark.parametrize(("before", "after"), [(2, 4), (4, 1), (1, 3)])
-def test_a_checkpoint_resumes_with_another_count_and_ends_as_an_undisturbed_run(before: int, after: int) -> None:
+def test_a_checkpoint_resumes_with_another_count_and_ends_as_an_undisturbed_run(before: int, after: int,
+                                                                                sliced: bool) -> None:
+    """Each shard installs its slice of the whole checkpoint, or (``sliced``) the slice the
+    server cut for it (``resume_slices``): the same state either way."""
     undisturbed = _stores(1, [])
     _train(undisturbed, 0, STEPS)
     kept: list[list[CheckpointState]] = []
@@ -127,9 +134,22 @@ def test_a_checkpoint_resumes_with_another_count_and_ends_as_an_undisturbed_run(
     parts = [k[0] for k in kept]
     checkpoint = parts[0] if before == 1 else merge_states(first[0], parts[0], parts[1:])
     assert checkpoint.step == 4
-    resumed = _stores(after, [], resume=checkpoint)
+    resumed = _stores(after, [], resume=checkpoint, sliced=sliced)
     _train(resumed, 4, STEPS)
     _assert_same(_whole(resumed), _whole(undisturbed))
+
+
+def test_a_slice_cut_for_another_shard_is_refused() -> None:
+    kept: list[list[CheckpointState]] = []
+    first = _stores(2, kept)
+    _train(first, 0, 6)
+    checkpoint = merge_states(first[0], kept[0][0], [kept[1][0]])
+    store = ParameterStore(dataclasses.replace(CONFIG, shard=1, shards=2))
+    store.resume_from(resume_slices(checkpoint, TRAINABLE, CONFIG.param_groups, 3)[0], STEPS)  # shard 1 of 3
+    store.register(0)
+    part = shards_of(TRAINABLE, 2)[1]
+    with pytest.raises(ProtocolError, match="state: the checkpoint's slice for shard 1 of 3, this is shard 1 of 2"):
+        store.initialize(MODEL, torch.zeros(part.hi - part.lo), None, None)
 
 
 def test_states_of_different_steps_do_not_merge() -> None:
