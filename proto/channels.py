@@ -18,8 +18,6 @@ SYSTEM_TRUST: Final = b""  # TLS, trusting the system's CAs (a certificate from 
 # model of a few MB into dozens of writes, each waiting for the reader to make room: a 4.5 MB
 # round trip took 1.6 ms with it and 0.7 ms with this (README, Performance).
 UNIX_SOCKET_BUFFER: Final = 4 << 20
-# a TCP read of a large payload wakes once this much has arrived (or the rest of the payload)
-TCP_LOW_WATER: Final = 1 << 20
 
 
 def open_channel(address: str, options: Sequence[tuple[str, Any]], tls_ca: bytes | None = None) -> grpc.Channel:
@@ -45,24 +43,3 @@ def widen_buffers(sock: socket.socket) -> None:
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, option, UNIX_SOCKET_BUFFER)
-
-
-class LowWater:
-    """``SO_RCVLOWAT`` of a TCP socket that reads large payloads: a wait for readability ends
-    once ``min(wanted, TCP_LOW_WATER)`` bytes are in (not at each segment), so a 100 MB payload
-    takes about a hundred wakeups instead of thousands (each one a trip through the server's
-    event loop: with 64 KB segments they cost a sixth of a TCP push + pull of 100 MB). Every
-    other read keeps the default of one byte (a frame's header must not wait for bytes that
-    are not coming). A read's idle timeout counts from its last wakeup, so it now allows a
-    MiB per timeout (90 s: 12 KB/s) rather than a byte."""
-
-    def __init__(self, sock: socket.socket, tcp: bool) -> None:
-        self._sock, self._tcp, self._now = sock, tcp, 1
-
-    def expect(self, wanted: int) -> None:
-        """The next wait is for at most ``wanted`` bytes (exactly what the sender will send)."""
-        low = min(wanted, TCP_LOW_WATER) if self._tcp and wanted > TCP_LOW_WATER // 4 else 1
-        if low != self._now:
-            with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low)
-                self._now = low

@@ -33,7 +33,7 @@ from typing import Protocol, Self, TypeVar
 import torch
 
 from gradhub.proto import frames
-from gradhub.proto.channels import LowWater, widen_buffers
+from gradhub.proto.channels import widen_buffers
 from gradhub.proto.codec import as_bytes, payload_dtype, torch_dtype
 from gradhub.proto.contract.errors import GradhubError, ProtocolError
 from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
@@ -96,7 +96,6 @@ class _Connection:
         # the gradient buffer, reused once the store no longer holds it (version >= free_at)
         self.buffer: bytearray | None = None
         self.free_at = 0
-        self.low_water = LowWater(sock, transport == "tcp")
 
     def gradient_buffer(self, nbytes: int, version: int) -> bytearray:
         if self.buffer is None or len(self.buffer) != nbytes or version < self.free_at:
@@ -109,7 +108,6 @@ class _Connection:
         try:
             return self.sock.recv_into(into)
         except BlockingIOError:
-            self.low_water.expect(len(into))
             async with asyncio.timeout(timeout):
                 return await asyncio.get_running_loop().sock_recv_into(self.sock, into)
 

@@ -17,7 +17,7 @@ import ssl
 import torch
 
 from gradhub.proto import frames
-from gradhub.proto.channels import SYSTEM_TRUST, LowWater, tls_context, widen_buffers
+from gradhub.proto.channels import SYSTEM_TRUST, tls_context, widen_buffers
 from gradhub.proto.codec import Layout, as_bytes, payload_dtype, torch_dtype
 from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import data_pb2, ps_pb2
@@ -49,7 +49,6 @@ class DataLink:
         self._tls_ca = tls_ca
         self._tcp_host = endpoint.tcp_host or control_host
         self._sock: socket.socket | None = None
-        self._low_water: LowWater | None = None
         self.kind = ""  # "unix" or "tcp" once connected
         self._prefix = bytearray(frames.PREFIX.size)
         self._ahead = memoryview(bytearray(READ_AHEAD_BYTES))
@@ -93,7 +92,6 @@ class DataLink:
             self.kind = "tcp"
         assert sock is not None
         self._sock = sock
-        self._low_water = LowWater(sock, self.kind == "tcp" and not e.tls)
         try:
             hello = data_pb2.DataHello(protocol=frames.DATA_PROTOCOL, job_id=self.job_id, rank=self.rank,
                                        credential=e.credential)
@@ -205,8 +203,6 @@ class DataLink:
         self._start += pos
         while pos < total:
             small = total - pos < READ_AHEAD_BYTES // 4
-            if self._low_water is not None:
-                self._low_water.expect(len(self._ahead) if small else total - pos)
             got = sock.recv_into(self._ahead if small else view[pos:])
             if got == 0:
                 raise DataClosed(f"data plane: the server closed the connection ({pos} of {total} bytes)")

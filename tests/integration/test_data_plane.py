@@ -2,7 +2,7 @@
 on port 0 whose workers are this test (an external launcher).
 
 - pushes and pulls land where gRPC's would, on the Unix socket (same host, buffers of a few MB
-  at both ends) and on TCP (a payload of a few MB read a MiB at a wakeup);
+  at both ends) and on TCP (a model of a few MB too);
 - a broken connection is reopened and the push applied once; a pull that waits past the
   server's bound is asked again;
 - no connection gets in without the credential of its worker's latest registration;
@@ -117,8 +117,8 @@ def test_other_hosts_use_tcp(job, monkeypatch):
 
 
 def test_a_model_of_a_few_mb_crosses_tcp_whole(tmp_path, monkeypatch):
-    """Over TCP a payload of more than a MiB is read with the socket's low-water mark raised
-    (``LowWater``), down to the payload's last odd bytes: every value lands, both ways."""
+    """Over TCP a payload of a few MB arrives in many reads, the last an odd size: every value
+    lands, both ways."""
     numel = 750_001  # 3 MB and 4 bytes: the last read of each payload is less than a MiB
     layout = Layout(("w",), ((numel,),))
     config = ServerConfig(port=0, data_dir=tmp_path, max_model_bytes=8 << 20)
