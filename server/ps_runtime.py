@@ -258,8 +258,8 @@ class PSRuntime:
             log.warning("job %s: could not read its shards' figures: %s", self.run.id, e)
 
     def _state_now(self) -> CheckpointState:
-        """The job's whole state now (every shard's, merged; an async worker's step in flight
-        may be on some shards only: it is done again on resume)."""
+        """The job's whole state now (every shard's, merged; an async worker's last push may be
+        on some shards only: the merged state has each worker at its least clock)."""
         own = self.table.checkpoint_state()
         return own if self.others is None else merge_states(self.table, own, self.others.checkpoint_states(),
                                                             checkpoint=False)

@@ -106,6 +106,9 @@ def resume_slices(state: CheckpointState, trainable: Layout, groups: Sequence[Ma
     """Shards 1 to ``count - 1``'s slices of the whole model's checkpoint ``state``, whose
     trainable parameters are ``trainable`` (the model's order; ``groups`` the job's parameter
     groups): each shard gets its pieces and its optimizer state, not the whole model's."""
+    missing = [n for n in trainable.names if n not in state.params]
+    if missing:
+        raise StateError(f"checkpoint: its manifest names trainable parameters {missing} that its state lacks")
     shards = shards_of(trainable, count)
     named = {n: state.params[n] for n in trainable.names}
     return [dataclasses.replace(state, params=shard.pieces(named), slice_of=(shard.index, count),
