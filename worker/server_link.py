@@ -225,8 +225,10 @@ class ServerLink:
         """Push the flat gradient for ``step`` (with this worker's buffers, when the job uses
         them, and the parameters that got no gradient); False when the server already had it.
         With ``first``, ``layout`` is a fragment: the model's tensors from index ``first`` on."""
-        header = self._push_header(layout, step, base_version, buffers, unused, first, grads)
-        grads = self._encode(grads, layout)  # once: a retry resends these bytes
+        payload = self._encode(grads, layout)  # once: a retry resends these bytes
+        header = self._push_header(layout, step, base_version, buffers, unused, first,
+                                   self._push_norm_sq(grads, payload, layout))
+        grads = payload
         if self._data is not None:
             return self._on_data(lambda d: d.push(header, grads, self.wire_dtype)).accepted
 
@@ -278,11 +280,13 @@ class ServerLink:
         model: a fragment, whose parameters come back, or the last bucket of a step, after which
         the whole model's come back (``pull_layout``, the model's), or with ``pull_part_only``
         that bucket's alone (the worker pulled the others' as each was applied)."""
-        header = self._push_header(layout, step, base_version, buffers, unused, first, grads)
+        payload = self._encode(grads, layout)  # once: a retry resends these bytes
+        header = self._push_header(layout, step, base_version, buffers, unused, first,
+                                   self._push_norm_sq(grads, payload, layout))
         header.pull_part_only = pull_part_only
         pulled = layout if pull_layout is None else pull_layout
         pull_first = first if pull_layout is None else None
-        grads = self._encode(grads, layout)  # once: a retry resends these bytes
+        grads = payload
         if self._data is not None:
             try:
                 return _pulled(self._on_data(lambda d: d.push(header, grads, self.wire_dtype, (pulled, params),
@@ -322,11 +326,23 @@ class ServerLink:
             return self._data.encode(self.encoder, grads, layout)
         return self.encoder.encode(grads, layout)
 
+    def _push_norm_sq(self, grads: torch.Tensor, payload: torch.Tensor, layout: Layout) -> float | None:
+        """An async job that clips over shards: the sum of squares of the gradient as the shards
+        will hold it, by which each one clips its slice: ``grads``', or, when pushes are
+        quantised, the decoded values' of ``payload`` (what the shards decode, slice by slice).
+        None for every other job."""
+        if not self._clip_push_norm:
+            return None
+        if self.encoder.quant is None:
+            return sum_of_squares([grads])
+        if isinstance(self._data, ShardedLink):
+            return self._data.decoded_sum_of_squares(self.encoder.quant, payload, layout)
+        return sum_of_squares([self.encoder.quant.decode(payload, layout.numel)])
+
     def _push_header(self, layout: Layout, step: int, base_version: int,
                      buffers: Mapping[str, torch.Tensor] | None, unused: Sequence[int],
-                     first: int | None = None, grads: torch.Tensor | None = None) -> ps_pb2.PushHeader:
-        """A push's header; with ``grads``, in an async job that clips over shards, their sum of
-        squares (each shard clips its slice by the whole gradient's norm)."""
+                     first: int | None = None, norm_sq: float | None = None) -> ps_pb2.PushHeader:
+        """A push's header; ``norm_sq``: ``_push_norm_sq``'s, for an async job that clips over shards."""
         kept = self._metas.get(id(layout))
         if kept is None or kept[0] is not layout:
             kept = self._metas[id(layout)] = (layout, layout.metas(self.wire_dtype))
@@ -334,9 +350,7 @@ class ServerLink:
         return ps_pb2.PushHeader(job_id=self.job_id, rank=self.rank, step=step, base_version=base_version,
                                  tensors=metas, unused=list(unused), quant_block=self.encoder.quant_block,
                                  buffers=tensors_to_proto(buffers) if buffers else [], first_tensor=first or 0,
-                                 world_size=self.world_size,
-                                 clip_norm_sq=None if grads is None or not self._clip_push_norm else
-                                 sum_of_squares([grads]))
+                                 world_size=self.world_size, clip_norm_sq=norm_sq)
 
     def _pull_request(self, layout: Layout, step: int, first: int | None) -> ps_pb2.PullRequest:
         return ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.params_dtype,

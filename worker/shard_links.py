@@ -18,8 +18,9 @@ takes two round trips a step: each shard answers the push with its slice's sum o
 the step's mean gradient, and the pull of the next step brings every shard the sum of them
 (in shard order, as every worker adds them), with which each scales its slice and takes the
 step (``gradhub.server.shard_clip``). In ps-async and ps-ssp the push header names the whole
-gradient's sum of squares instead (``ServerLink`` computes it), which every shard's copy of
-the header carries.
+gradient's sum of squares instead (``ServerLink`` computes it; of the values the shards decode
+when the push is quantised, ``decoded_sum_of_squares``), which every shard's copy of the
+header carries.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from gradhub.proto.codec import QUANT_BITS, Layout
 from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.quant import BlockQuant
-from gradhub.proto.shards import Shard, shards_of, total_of_parts
+from gradhub.proto.shards import Shard, shards_of, sum_of_squares, total_of_parts
 from gradhub.proto.v1 import data_pb2, ps_pb2
 from gradhub.worker.data_link import DataLink, ServerWaitTimeout
 from gradhub.worker.push_codec import PushEncoder
@@ -79,6 +80,16 @@ class ShardedLink:
         at the slice's start, so each shard decodes its own bytes), the payloads one after the
         other in shard order. Error feedback keeps a residual per slice."""
         return torch.cat([encoder.encode(grads[s.lo:s.hi], s.layout) for s in self._shards(layout.metas(0))])
+
+    def decoded_sum_of_squares(self, quant: BlockQuant, payload: torch.Tensor, layout: Layout) -> float:
+        """The sum of squares of what the shards decode from ``payload`` (``encode``'s), each its
+        slice's bytes, added in shard order: the norm an async shard clips its slice by."""
+        decoded, start = [], 0
+        for s in self._shards(layout.metas(0)):
+            n = quant.nbytes(s.hi - s.lo)
+            decoded.append(quant.decode(payload[start:start + n].clone(), s.hi - s.lo))  # its own bytes, aligned
+            start += n
+        return sum_of_squares(decoded)
 
     def init(self, header: ps_pb2.PushHeader, flat: torch.Tensor) -> data_pb2.DataReply:
         """``flat``: the trainable parameters, then the frozen ones (shard 0 takes those)."""

@@ -445,10 +445,6 @@ class JobSpec:
         refused = {
             "mode": self.mode not in ("ps-sync", "ps-async", "ps-ssp") and f"mode {self.mode!r} (the ps-* modes shard)",
             "transport": self.transport == "grpc" and "transport: grpc (shards serve the data plane only)",
-            "clip_grad_norm": self.clip_grad_norm is not None and self.mode != "ps-sync" and
-                              self.compression in QUANTISED_COMPRESSIONS and
-                              f"clip_grad_norm with compression {self.compression} in {self.mode} (a worker knows "
-                              "its gradient's norm before quantisation, not the decoded one's that a server clips)",
             "workers": self.elastic and "an elastic job (workers: {min, max})",
             "bucket_mb": bool(self.bucket_mb) and (self.clip_grad_norm is not None or
                                                    self.compression in QUANTISED_COMPRESSIONS) and

@@ -9,7 +9,8 @@ same ``ShardServer`` that a Ray actor runs).
   header against its own slice before reading a payload;
 - a job that clips its gradient takes each step with the norm over every shard: each shard
   answers a push with its part, and the worker's pull brings the total;
-- a quantised push (int8, int4) quantises each shard's slice on its own, which that shard decodes;
+- a quantised push (int8, int4) quantises each shard's slice on its own, which that shard decodes
+  (an async job that clips names the norm of the decoded values);
 - a worker that died between its pushes to two shards does that step again;
 - a gradient pushed in buckets while backward runs reaches each shard as buckets of its slice;
 - in ps-async every shard takes a checkpoint with the same pushes (a pull past it waits).
@@ -242,6 +243,28 @@ def test_an_async_job_that_clips_over_shards_names_each_pushs_norm(server: Serve
         grad = torch.arange(NUMEL, dtype=torch.float32)  # norm 16.9 over the three shards: scaled to 1
         assert link.push_pull(LAYOUT, 0, version, grad, params).version == 1
         torch.testing.assert_close(params, -LR * grad / (grad.norm() + 1e-6))
+
+
+@pytest.mark.parametrize(("compression", "wire"), [("int8", tensor_pb2.QINT8), ("int4", tensor_pb2.QINT4)])
+def test_an_async_job_that_clips_quantised_pushes_over_shards_names_the_decoded_norm(
+        server: Server, compression: str, wire: int) -> None:
+    """The shards decode each slice's bytes and clip them by the norm of the whole decoded
+    gradient (as one server clips the decoded whole), which the worker computes from its own
+    payload: the values differ from the gradient's by the quantisation."""
+    job_id = _running(server, mode="ps-async", clip_grad_norm=1.0, compression=compression, compression_block=8)
+    link = worker_link(server, job_id, 0, compression=compression, compression_block=8)
+    reg = link.register("t", 0, total_steps=10, train_size=1)
+    with link:
+        assert reg.clip_push_norm
+        link.init_parameters(LAYOUT, torch.zeros(NUMEL))
+        params = torch.empty(NUMEL)
+        version = link.pull(LAYOUT, 0, params).version
+        grad = torch.linspace(-3, 13, NUMEL)
+        assert link.push_pull(LAYOUT, 0, version, grad, params).version == 1
+    quant = BlockQuant(wire, 8)
+    sent = torch.cat([quant.dequantize(*quant.quantize(grad[s.lo:s.hi])) for s in shards_of(LAYOUT, SHARDS)])
+    assert float((sent.norm() - grad.norm()).abs()) > 1e-3  # the decoded norm is not the gradient's
+    torch.testing.assert_close(params, -LR * sent / (sent.double().norm().float() + 1e-6))
 
 
 def test_async_shards_take_each_checkpoint_at_one_point_of_every_worker(server: Server) -> None:
