@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from gradhub.client.client import Client
+from gradhub.client.client import Client, JobInfo
 from gradhub.worker.data import global_batch_indices
 
 from ..conftest import final_params, wait_for
@@ -107,36 +108,52 @@ def test_a_worker_killed_in_backward_with_a_bucket_pushed_changes_nothing(server
     assert worst <= 1e-6, f"the killed run differs from the undisturbed run by {worst:.3g}"
 
 
+def _shard_1_killed(client: Client, job: dict, gate: Path, held: Callable[[JobInfo], bool], what: str) -> JobInfo:
+    """Submit ``job`` (rank 0 waits at ``gate``), wait until ``held`` says so, SIGKILL shard 1's
+    process and open the gate: the job's end, after every shard and worker started again from
+    the checkpoint at step 20."""
+    submitted = client.submit(job)
+
+    def ready() -> bool:
+        info = client.get_job(submitted.id)
+        assert info.state in ("QUEUED", "RUNNING"), info.reason
+        return len(info.shards) == 2 and held(info)
+
+    wait_for(ready, 120, what)
+    os.kill(client.get_job(submitted.id).shards[1].pid, signal.SIGKILL)
+    wait_for(lambda: any("shard 1 died" in line for line in client.logs(submitted.id)), 60, "the shard's death seen")
+    gate.touch()
+    info = submitted.wait(timeout=180)
+    logs = "\n".join(client.logs(submitted.id))
+    assert info.state == "SUCCEEDED", (info.reason, logs)
+    assert ("parameter-server shard 1 died; every shard and worker starts again from the latest checkpoint "
+            "(restart 1 of 1)") in logs, logs
+    assert "every shard starts again from the checkpoint at step 20" in logs, logs
+    return info
+
+
+def _gated(tmp_path: Path, name: str, mode: str) -> tuple[Path, dict]:
+    """A 2-worker job with two shards and a checkpoint every 20 steps whose rank 0 waits at step
+    KILL_STEP until its gate (the first path) exists."""
+    gate = tmp_path / "go"
+    dataset = {"factory": "gh_zoo:gated_digits", "args": {"gates": {str(first_read_at(2, 0, KILL_STEP)): str(gate)}}}
+    return gate, {**spec(name, mode, 2, dataset), "ps_shards": 2, "checkpoint_every": 20}
+
+
 @pytest.mark.timeout(300)
 def test_a_parameter_server_shard_killed_mid_job_changes_nothing(server, undisturbed, tmp_path):
     """ps-sync with the parameter server in two shards (shard 1 a Ray actor) and a checkpoint
     every 20 steps: while the job is held at step KILL_STEP (rank 0 waits for a gate), shard 1's
     process is SIGKILLed. Every shard and worker starts again from the checkpoint at step 20, and
     the job ends with the undisturbed run's parameters."""
-    gate = tmp_path / "go"
-    dataset = {"factory": "gh_zoo:gated_digits", "args": {"gates": {str(first_read_at(2, 0, KILL_STEP)): str(gate)}}}
-    job = {**spec("shard-killed", "ps-sync", 2, dataset), "ps_shards": 2, "checkpoint_every": 20}
+    gate, job = _gated(tmp_path, "shard-killed", "ps-sync")
     with Client(server.address) as client:
-        submitted = client.submit(job)
-        job_id = submitted.id
+        def held(info: JobInfo) -> bool:  # (the shards' parts of step 20 are merged as the job goes on)
+            return info.step == KILL_STEP and info.shards[1].version == KILL_STEP and \
+                [c.step for c in client.list_checkpoints(info.id)][-1:] == [20]
 
-        def held() -> bool:
-            info = client.get_job(job_id)
-            assert info.state in ("QUEUED", "RUNNING"), info.reason
-            return info.step == KILL_STEP and len(info.shards) == 2 and info.shards[1].version == KILL_STEP
-
-        wait_for(held, 120, f"the job held at step {KILL_STEP} with both shards there")
-        wait_for(lambda: [c.step for c in client.list_checkpoints(job_id)][-1:] == [20], 60,
-                 "the checkpoint at step 20 written (the shards' parts are merged as the job goes on)")
-        os.kill(client.get_job(job_id).shards[1].pid, signal.SIGKILL)
-        wait_for(lambda: any("shard 1 died" in line for line in client.logs(job_id)), 60, "the shard's death seen")
-        gate.touch()
-        info = submitted.wait(timeout=180)
-        logs = "\n".join(client.logs(job_id))
-        assert info.state == "SUCCEEDED", (info.reason, logs)
-        assert ("parameter-server shard 1 died; every shard and worker starts again from the latest checkpoint "
-                "(restart 1 of 1)") in logs, logs
-        assert "every shard starts again from the checkpoint at step 20" in logs, logs
+        info = _shard_1_killed(client, job, gate, held, f"the job held at step {KILL_STEP} with both shards "
+                                                        "there, the checkpoint at step 20 written")
         got = final_params(client, info, tmp_path)
     expected = undisturbed["ps-sync"]
     worst = max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected)
@@ -151,28 +168,14 @@ def test_an_async_job_whose_shard_dies_goes_on_from_a_checkpoint_every_shard_too
     server could not merge them. Rank 0 is held at step KILL_STEP (rank 1 waits at step 40,
     the next checkpoint); shard 1's process is SIGKILLed; every shard and worker goes on from
     the checkpoint at step 20, and each later checkpoint merges too."""
-    gate = tmp_path / "go"
-    dataset = {"factory": "gh_zoo:gated_digits", "args": {"gates": {str(first_read_at(2, 0, KILL_STEP)): str(gate)}}}
-    job = {**spec("async-shard-killed", "ps-async", 2, dataset), "ps_shards": 2, "checkpoint_every": 20}
+    gate, job = _gated(tmp_path, "async-shard-killed", "ps-async")
     with Client(server.address) as client:
-        submitted = client.submit(job)
-        job_id = submitted.id
+        def held(info: JobInfo) -> bool:
+            return info.step == KILL_STEP and [c.step for c in client.list_checkpoints(info.id)][-1:] == [20]
 
-        def held() -> bool:
-            info = client.get_job(job_id)
-            assert info.state in ("QUEUED", "RUNNING"), info.reason
-            return info.step == KILL_STEP and len(info.shards) == 2 and \
-                [c.step for c in client.list_checkpoints(job_id)][-1:] == [20]
-
-        wait_for(held, 120, f"rank 0 held at step {KILL_STEP}, the checkpoint at step 20 written")
-        os.kill(client.get_job(job_id).shards[1].pid, signal.SIGKILL)
-        wait_for(lambda: any("shard 1 died" in line for line in client.logs(job_id)), 60, "the shard's death seen")
-        gate.touch()
-        info = submitted.wait(timeout=180)
-        logs = "\n".join(client.logs(job_id))
-        assert info.state == "SUCCEEDED", (info.reason, logs)
-        assert "every shard starts again from the checkpoint at step 20" in logs, logs
+        info = _shard_1_killed(client, job, gate, held, f"rank 0 held at step {KILL_STEP}, the checkpoint at "
+                                                        "step 20 written")
         # the periodic ones merged (a job fails on parts that do not), the last three kept
-        assert [c.step for c in client.list_checkpoints(job_id)] == [80, 100, STEPS], logs
+        assert [c.step for c in client.list_checkpoints(info.id)] == [80, 100, STEPS]
         got = final_params(client, info, tmp_path)
     assert all(bool(v.float().isfinite().all()) for v in got.values())
