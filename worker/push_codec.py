@@ -7,10 +7,13 @@ gradient's device) and adds it to the next one, so nothing is lost for good, onl
 residual belongs to one registration of the worker: a restarted worker (or a spare taking over
 its rank, or any new registration) starts from zero, which drops at most one push's
 quantisation error (half a step per value). A job that pushes fragments keeps one residual per
-fragment (by its layout).
+fragment (by its layout); a sharded job's pushes one per shard's slice or bucket piece (by a
+key its link names: two shards' pieces of one tensor may have the same layout).
 """
 
 from __future__ import annotations
+
+from collections.abc import Hashable
 
 import torch
 
@@ -30,7 +33,7 @@ class PushEncoder:
         if error_feedback and self.quant is None:
             raise ValueError("error_feedback: only applies to compression int8 or int4")
         self.error_feedback = error_feedback
-        self._residual: dict[Layout | None, torch.Tensor] = {}  # by what was pushed: the model or a fragment
+        self._residual: dict[Hashable, torch.Tensor] = {}  # by what was pushed: the model, a fragment, a slice
 
     @property
     def quant_block(self) -> int:
@@ -43,26 +46,28 @@ class PushEncoder:
             return self.quant.nbytes(numel)
         return numel * torch_dtype(self.wire_dtype).itemsize
 
-    def encode(self, grads: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+    def encode(self, grads: torch.Tensor, layout: Layout | None = None, key: Hashable | None = None) -> torch.Tensor:
         """What to send for ``grads`` (flat, any device): ``grads`` as they are when not
         quantised, else the payload (uint8, CPU). Call it once per push: a retry resends the
         same payload (error feedback has counted it). A NaN or Inf is a ProtocolError naming
-        the tensor, and leaves the residual as it was."""
+        the tensor, and leaves the residual as it was. The residual is ``key``'s (by default
+        ``layout``'s: what was pushed)."""
         if self.quant is None:
             return grads
+        key = layout if key is None else key
         x = grads.detach().reshape(-1).to(torch.float32)
-        residual = self._residual.get(layout)
+        residual = self._residual.get(key)
         if residual is not None and residual.shape == x.shape and residual.device == x.device:
             x = x + residual  # a new tensor: the caller's gradient is not changed
         scales, codes = self.quant.quantize(x, layout)
         if self.error_feedback:  # x may share the caller's memory: a new tensor
-            self._residual[layout] = x - self.quant.dequantize(scales, codes)
+            self._residual[key] = x - self.quant.dequantize(scales, codes)
         return self.quant.pack(scales, codes)
 
-    def residual(self, layout: Layout | None = None) -> torch.Tensor | None:
-        """What quantisation left out of the last push of ``layout`` (the model's pushes when
-        the caller names none), still to be sent; None when nothing is kept."""
-        return self._residual.get(layout)
+    def residual(self, key: Hashable | None = None) -> torch.Tensor | None:
+        """What quantisation left out of the last push of ``key`` (``encode``'s; the model's
+        pushes when the caller names none), still to be sent; None when nothing is kept."""
+        return self._residual.get(key)
 
     def reset(self) -> None:
         """Forget the residual (a new registration: see the module's docstring)."""

@@ -225,7 +225,7 @@ class ServerLink:
         """Push the flat gradient for ``step`` (with this worker's buffers, when the job uses
         them, and the parameters that got no gradient); False when the server already had it.
         With ``first``, ``layout`` is a fragment: the model's tensors from index ``first`` on."""
-        payload = self._encode(grads, layout)  # once: a retry resends these bytes
+        payload = self._encode(grads, layout, first)  # once: a retry resends these bytes
         header = self._push_header(layout, step, base_version, buffers, unused, first,
                                    self._push_norm_sq(grads, payload, layout))
         grads = payload
@@ -280,7 +280,7 @@ class ServerLink:
         model: a fragment, whose parameters come back, or the last bucket of a step, after which
         the whole model's come back (``pull_layout``, the model's), or with ``pull_part_only``
         that bucket's alone (the worker pulled the others' as each was applied)."""
-        payload = self._encode(grads, layout)  # once: a retry resends these bytes
+        payload = self._encode(grads, layout, first)  # once: a retry resends these bytes
         header = self._push_header(layout, step, base_version, buffers, unused, first,
                                    self._push_norm_sq(grads, payload, layout))
         header.pull_part_only = pull_part_only
@@ -319,11 +319,11 @@ class ServerLink:
             return call(data)
         return _with_backoff(attempt, lambda e: isinstance(e, OSError))
 
-    def _encode(self, grads: torch.Tensor, layout: Layout) -> torch.Tensor:
+    def _encode(self, grads: torch.Tensor, layout: Layout, first: int | None) -> torch.Tensor:
         """A push's payload (``PushEncoder.encode``); quantised for several shards, each
-        shard's slice on its own (``ShardedLink.encode``)."""
+        shard's slice (of a bucket: its pieces) on its own (``ShardedLink.encode``)."""
         if isinstance(self._data, ShardedLink) and self.encoder.quant is not None:
-            return self._data.encode(self.encoder, grads, layout)
+            return self._data.encode(self.encoder, grads, layout, first or 0)
         return self.encoder.encode(grads, layout)
 
     def _push_norm_sq(self, grads: torch.Tensor, payload: torch.Tensor, layout: Layout) -> float | None:

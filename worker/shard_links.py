@@ -75,11 +75,17 @@ class ShardedLink:
         self._pool.shutdown(wait=False)
 
     # ------------------------------------------------------------------ requests
-    def encode(self, encoder: PushEncoder, grads: torch.Tensor, layout: Layout) -> torch.Tensor:
+    def encode(self, encoder: PushEncoder, grads: torch.Tensor, layout: Layout, first: int = 0) -> torch.Tensor:
         """A quantised push's payload: each shard's slice quantised on its own (its blocks start
         at the slice's start, so each shard decodes its own bytes), the payloads one after the
-        other in shard order. Error feedback keeps a residual per slice."""
-        return torch.cat([encoder.encode(grads[s.lo:s.hi], s.layout) for s in self._shards(layout.metas(0))])
+        other in shard order; a bucket (``layout``, from the model's tensor ``first`` on) each
+        shard's pieces of it on their own. Error feedback keeps a residual per slice (and per
+        bucket's pieces)."""
+        if self._is_bucket_of(first, len(layout.names)):
+            return torch.cat([encoder.encode(grads[a:b], piece, key=(k, piece)) for k, _, _, piece, a, b in
+                              self._bucket_pieces(first, len(layout.names))])
+        return torch.cat([encoder.encode(grads[s.lo:s.hi], s.layout, key=(k, s.layout))
+                          for k, s in enumerate(self._shards(layout.metas(0)))])
 
     def decoded_sum_of_squares(self, quant: BlockQuant, payload: torch.Tensor, layout: Layout) -> float:
         """The sum of squares of what the shards decode from ``payload`` (``encode``'s), each its
@@ -127,37 +133,61 @@ class ShardedLink:
     # ------------------------------------------------------------------ buckets
     def _is_bucket(self, header: ps_pb2.PushHeader) -> bool:
         """A push of a run of the model's tensors (a bucket), not of the whole model."""
-        return bool(header.first_tensor) or (self._cut is not None and len(header.tensors) != len(self._cut[0][0]))
+        return self._is_bucket_of(header.first_tensor, len(header.tensors))
+
+    def _is_bucket_of(self, first: int, count: int) -> bool:
+        return bool(first) or (self._cut is not None and count != len(self._cut[0][0]))
+
+    def _bucket_pieces(self, first: int, count: int) -> list[tuple[int, int, int, Layout, int, int]]:
+        """Where the bucket of the model's tensors ``first`` to ``first + count - 1`` lies on the
+        shards, in shard order, for each shard that holds pieces of it: (shard, its first piece
+        j, how many n, their layout, where their values start and end in the bucket's)."""
+        if self._cut is None:
+            raise ProtocolError("first_tensor: a bucket before the model's tensors are known (pull first)")
+        (names, shapes), shards = self._cut
+        if first + count > len(names):
+            raise ProtocolError(f"first_tensor: tensors {first} to {first + count - 1} of a model of {len(names)}")
+        start = Layout(names, shapes).offset(first)  # where the bucket's values start in the flat gradient
+        out = []
+        for k, s in enumerate(shards):
+            lo, hi = max(first, s.first), min(first + count, s.first + len(s.layout.names))
+            if lo < hi:
+                j, n = lo - s.first, hi - lo  # its pieces j to j + n - 1
+                at = s.lo + sum(s.layout.numels[:j]) - start
+                out.append((k, j, n, s.layout.part(j, n), at, at + sum(s.layout.numels[j:j + n])))
+        return out
 
     def _push_bucket(self, header: ps_pb2.PushHeader, grads: torch.Tensor, wire_dtype: int,
                      then_pull: tuple[Layout, torch.Tensor] | None, params_dtype: int | None,
                      ) -> data_pb2.DataReply:
         """A bucket of a step (``gradhub.worker.buckets``): each shard gets the pieces of it
-        that it holds, as a bucket of its own slice (a shard that holds none gets nothing).
-        With ``then_pull`` (the step's last bucket, after backward) every shard's slice of
-        the next step's parameters comes back: with the push where it has pieces of it, else
-        on a pull of its own."""
-        if self._cut is None:
-            raise ProtocolError("first_tensor: a bucket before the model's tensors are known (pull first)")
-        if header.quant_block or self.clip:
-            raise ProtocolError("first_tensor: a sharded job that quantises or clips pushes its gradient whole")
-        (names, shapes), shards = self._cut
-        first, count = header.first_tensor, len(header.tensors)
-        if first + count > len(names):
-            raise ProtocolError(f"first_tensor: tensors {first} to {first + count - 1} of a model of {len(names)}")
-        start = Layout(names, shapes).offset(first)  # where the bucket's values start in the flat gradient
+        that it holds, as a bucket of its own slice (a shard that holds none gets nothing;
+        quantised: the bytes ``encode`` made of those pieces). With ``then_pull`` (the step's
+        last bucket, after backward) every shard's slice of the next step's parameters comes
+        back: with the push where it has pieces of it, else on a pull of its own."""
+        if self.clip:
+            raise ProtocolError("first_tensor: a sharded job that clips pushes its gradient whole")
+        first = header.first_tensor
+        pieces, payloads, at = {}, {}, 0
+        quant = BlockQuant(header.tensors[0].dtype, header.quant_block) if header.quant_block else None
+        for k, j, n, _, a, b in self._bucket_pieces(first, len(header.tensors)):
+            pieces[k] = (j, n)
+            if quant is None:
+                payloads[k] = grads[a:b]
+            else:  # the pieces' bytes, one shard's after the other's (``encode``)
+                payloads[k] = grads[at:at + quant.nbytes(b - a)]
+                at += quant.nbytes(b - a)
+        assert self._cut is not None
+        shards = self._cut[1]
 
         def one(k: int, link: DataLink) -> data_pb2.DataReply | None:
             s = shards[k]
-            lo, hi = max(first, s.first), min(first + count, s.first + len(s.layout.names))
-            if lo >= hi:  # none of the bucket's tensors here
+            if k not in pieces:  # none of the bucket's tensors here
                 return None if then_pull is None else self._pull_next(k, link, s, header, wire_dtype, then_pull,
                                                                       params_dtype)
-            j, n = lo - s.first, hi - lo  # its pieces j to j + n - 1
-            at = s.lo + sum(s.layout.numels[:j]) - start
-            unused = [t - s.first - j for u in header.unused if lo <= (t := first + u) < hi]
-            mine = self._header(header, s, unused, j, n)
-            return self._push_to(k, link, s, mine, grads[at:at + sum(s.layout.numels[j:j + n])], wire_dtype,
+            j, n = pieces[k]
+            unused = [t - s.first - j for u in header.unused if s.first + j <= (t := first + u) < s.first + j + n]
+            return self._push_to(k, link, s, self._header(header, s, unused, j, n), payloads[k], wire_dtype,
                                  then_pull, params_dtype)
         replies = [r for r in self._each(one) if r is not None]
         return replies[0]  # shard 0's when it has a piece (the last bucket holds the model's first tensor)

@@ -12,7 +12,8 @@ same ``ShardServer`` that a Ray actor runs).
 - a quantised push (int8, int4) quantises each shard's slice on its own, which that shard decodes
   (an async job that clips names the norm of the decoded values);
 - a worker that died between its pushes to two shards does that step again;
-- a gradient pushed in buckets while backward runs reaches each shard as buckets of its slice;
+- a gradient pushed in buckets while backward runs reaches each shard as buckets of its slice
+  (quantised: each piece on its own);
 - in ps-async every shard takes a checkpoint with the same pushes (a pull past it waits).
 """
 
@@ -194,19 +195,38 @@ def test_a_worker_that_pushed_a_step_to_some_shards_only_does_it_again(server: S
 
 @pytest.mark.parametrize(("compression", "wire"), [("int8", tensor_pb2.QINT8), ("int4", tensor_pb2.QINT4)])
 def test_a_quantised_push_is_quantised_slice_by_slice(server: Server, compression: str, wire: int) -> None:
-    job_id = _running(server, compression=compression, compression_block=8)
-    link = worker_link(server, job_id, 0, compression=compression, compression_block=8)
+    """Each shard's slice on its own, with error feedback per slice: shards 0 and 1 hold pieces
+    of w of one shape (w[0:3], w[3:6]), each with its own rest to carry."""
+    job_id = _running(server, compression=compression, compression_block=8, error_feedback=True)
+    link = worker_link(server, job_id, 0, compression=compression, compression_block=8, error_feedback=True)
     link.register("t", 0, total_steps=10, train_size=1)
+    quant = BlockQuant(wire, 8)  # a block per slice here (3, 3 and 4 values); the whole: 8 + 2
+    sent, rest = torch.zeros(NUMEL), torch.zeros(NUMEL)
     with link:
         link.init_parameters(LAYOUT, torch.zeros(NUMEL))
         params = torch.empty(NUMEL)
         version = link.pull(LAYOUT, 0, params).version
-        grad = torch.linspace(-1, 2, NUMEL)
-        assert link.push_pull(LAYOUT, 0, version, grad, params).version == 1
-    quant = BlockQuant(wire, 8)  # a block per slice here (3, 3 and 4 values); the whole: 8 + 2
-    sent = torch.cat([quant.dequantize(*quant.quantize(grad[s.lo:s.hi])) for s in shards_of(LAYOUT, SHARDS)])
-    assert not torch.equal(sent, quant.dequantize(*quant.quantize(grad)))  # other blocks than the whole's
+        for step in range(2):
+            grad = torch.linspace(-1, 2, NUMEL) if step == 0 else torch.linspace(0.7, -0.3, NUMEL)
+            assert link.push_pull(LAYOUT, step, version, grad, params).version == step + 1
+            version = step + 1
+            if step == 0:
+                assert not torch.equal(_decoded_by_slice(quant, grad, rest.clone()),
+                                       quant.dequantize(*quant.quantize(grad)))  # other blocks than the whole's
+            sent += _decoded_by_slice(quant, grad, rest)
+    assert rest[0:3].abs().sum() > 0 and rest[3:6].abs().sum() > 0  # each piece of w has a rest of its own
     assert torch.equal(params, -LR * sent)
+
+
+def _decoded_by_slice(quant: BlockQuant, grad: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """What the shards decode of a push of ``grad``, each slice quantised on its own after its
+    ``rest`` (what error feedback carries) is added; ``rest`` becomes what this push leaves."""
+    out = torch.empty_like(grad)
+    for s in shards_of(LAYOUT, SHARDS):
+        x = grad[s.lo:s.hi] + rest[s.lo:s.hi]
+        out[s.lo:s.hi] = quant.dequantize(*quant.quantize(x))
+        rest[s.lo:s.hi] = x - out[s.lo:s.hi]
+    return out
 
 
 def test_buckets_reach_each_shard_as_buckets_of_its_slice(server: Server) -> None:
@@ -243,6 +263,34 @@ def test_an_async_job_that_clips_over_shards_names_each_pushs_norm(server: Serve
         grad = torch.arange(NUMEL, dtype=torch.float32)  # norm 16.9 over the three shards: scaled to 1
         assert link.push_pull(LAYOUT, 0, version, grad, params).version == 1
         torch.testing.assert_close(params, -LR * grad / (grad.norm() + 1e-6))
+
+
+@pytest.mark.parametrize(("compression", "wire"), [("int8", tensor_pb2.QINT8), ("int4", tensor_pb2.QINT4)])
+def test_a_quantised_bucket_is_quantised_piece_by_piece(server: Server, compression: str, wire: int) -> None:
+    """Shards hold w[0:3], w[3:6] and b: the bucket of b goes to the third shard alone, the last
+    bucket (w) to the first two, each piece quantised on its own (each shard decodes its own
+    bytes); error feedback carries each piece's rest into its next push."""
+    job_id = _running(server, compression=compression, compression_block=8, error_feedback=True)
+    link = worker_link(server, job_id, 0, compression=compression, compression_block=8, error_feedback=True)
+    link.register("t", 0, total_steps=10, train_size=1)
+    quant, sent = BlockQuant(wire, 8), torch.zeros(NUMEL)
+    rest = torch.zeros(NUMEL)  # what error feedback carries, piece by piece
+    with link:
+        link.init_parameters(LAYOUT, torch.zeros(NUMEL))
+        params = torch.empty(NUMEL)
+        version = link.pull(LAYOUT, 0, params).version
+        w, b = LAYOUT.part(0, 1), LAYOUT.part(1, 1)
+        for step in range(2):
+            grad = torch.linspace(-1, 2, NUMEL) * (step + 1)
+            assert link.push(b, step, version, grad[6:], first=1)  # while backward runs
+            version = link.push_pull(w, step, version, grad[:6], params, first=0, pull_layout=LAYOUT).version
+            assert version == step + 1
+            for piece in ((0, 3), (3, 6), (6, 10)):  # as the shards decode them
+                x = grad[slice(*piece)] + rest[slice(*piece)]
+                decoded = quant.dequantize(*quant.quantize(x))
+                rest[slice(*piece)] = x - decoded
+                sent[slice(*piece)] += decoded
+    assert torch.equal(params, -LR * sent)
 
 
 @pytest.mark.parametrize(("compression", "wire"), [("int8", tensor_pb2.QINT8), ("int4", tensor_pb2.QINT4)])
