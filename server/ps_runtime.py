@@ -127,7 +127,7 @@ class PSRuntime:
 
     def _other_shards_states(self, state: CheckpointState, resume_state: Mapping[str, Any]) -> list[CheckpointState]:
         """What shards 1 to K-1 resume from: each its slice when the checkpoint names the model's
-        trainable parameters (a sharded job's do), else the whole checkpoint."""
+        trainable parameters (a ps job's do), else (an older checkpoint) the whole of it."""
         count = self.config.shards
         trainable = resume_state.get("trainable")
         if not trainable:
@@ -274,7 +274,7 @@ class PSRuntime:
     def _save(self, state: CheckpointState) -> None:
         resume: dict[str, Any] = {"clocks": list(state.clocks)}
         model = self.table.model
-        if self.config.shards > 1 and model is not None:  # what cuts it into slices on resume
+        if model is not None:  # what cuts it into slices when a job resumes from it with shards
             resume["trainable"] = [[n, list(shape)] for n, shape in zip(model.trainable.names, model.trainable.shapes,
                                                                          strict=True)]
         info = self.host.checkpoint_store.save(
