@@ -19,6 +19,7 @@ same ``ShardServer`` that a Ray actor runs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -235,16 +236,9 @@ def test_buckets_reach_each_shard_as_buckets_of_its_slice(server: Server) -> Non
     job_id = _running(server)
     link, _ = _worker(server, job_id)
     with link:
-        link.init_parameters(LAYOUT, torch.zeros(NUMEL))
-        params = torch.empty(NUMEL)
-        version = link.pull(LAYOUT, 0, params).version
-        w, b = LAYOUT.part(0, 1), LAYOUT.part(1, 1)
-        for step in range(2):
-            grad = torch.arange(NUMEL, dtype=torch.float32) + step
-            assert link.push(b, step, version, grad[6:], first=1)  # while backward runs
-            assert server.manager.store(job_id).version == step  # shard 0 has none of b: still waits
-            version = link.push_pull(w, step, version, grad[:6], params, first=0, pull_layout=LAYOUT).version
-            assert version == step + 1
+        grads = [torch.arange(NUMEL, dtype=torch.float32) + step for step in range(2)]
+        # shard 0 has none of b: after b's push it still waits for the step
+        params = _two_steps_in_buckets(link, grads, lambda step: server.manager.store(job_id).version == step)
         assert torch.equal(params, -LR * (2 * torch.arange(NUMEL, dtype=torch.float32) + 1))
         with Client(server.address) as client:
             wait_for(lambda: all(s.version == 2 for s in client.get_job(job_id).shards), 10, "every shard at 2")
@@ -273,24 +267,28 @@ def test_a_quantised_bucket_is_quantised_piece_by_piece(server: Server, compress
     job_id = _running(server, compression=compression, compression_block=8, error_feedback=True)
     link = worker_link(server, job_id, 0, compression=compression, compression_block=8, error_feedback=True)
     link.register("t", 0, total_steps=10, train_size=1)
-    quant, sent = BlockQuant(wire, 8), torch.zeros(NUMEL)
-    rest = torch.zeros(NUMEL)  # what error feedback carries, piece by piece
+    grads = [torch.linspace(-1, 2, NUMEL) * (step + 1) for step in range(2)]
     with link:
-        link.init_parameters(LAYOUT, torch.zeros(NUMEL))
-        params = torch.empty(NUMEL)
-        version = link.pull(LAYOUT, 0, params).version
-        w, b = LAYOUT.part(0, 1), LAYOUT.part(1, 1)
-        for step in range(2):
-            grad = torch.linspace(-1, 2, NUMEL) * (step + 1)
-            assert link.push(b, step, version, grad[6:], first=1)  # while backward runs
-            version = link.push_pull(w, step, version, grad[:6], params, first=0, pull_layout=LAYOUT).version
-            assert version == step + 1
-            for piece in ((0, 3), (3, 6), (6, 10)):  # as the shards decode them
-                x = grad[slice(*piece)] + rest[slice(*piece)]
-                decoded = quant.dequantize(*quant.quantize(x))
-                rest[slice(*piece)] = x - decoded
-                sent[slice(*piece)] += decoded
-    assert torch.equal(params, -LR * sent)
+        params = _two_steps_in_buckets(link, grads)
+    quant, rest = BlockQuant(wire, 8), torch.zeros(NUMEL)  # the buckets' pieces are the shards' slices here
+    assert torch.equal(params, -LR * sum(_decoded_by_slice(quant, grad, rest) for grad in grads))
+
+
+def _two_steps_in_buckets(link: ServerLink, grads: list[torch.Tensor],
+                          between: Callable[[int], bool] | None = None) -> torch.Tensor:
+    """Two steps from zeros, each pushed in two buckets: b's while backward runs (then
+    ``between(step)`` must hold), then w's, after backward, which brings every shard's
+    parameters back. The parameters at the end."""
+    link.init_parameters(LAYOUT, torch.zeros(NUMEL))
+    params = torch.empty(NUMEL)
+    version = link.pull(LAYOUT, 0, params).version
+    w, b = LAYOUT.part(0, 1), LAYOUT.part(1, 1)
+    for step, grad in enumerate(grads):
+        assert link.push(b, step, version, grad[6:], first=1)
+        assert between is None or between(step)
+        version = link.push_pull(w, step, version, grad[:6], params, first=0, pull_layout=LAYOUT).version
+        assert version == step + 1
+    return params
 
 
 @pytest.mark.parametrize(("compression", "wire"), [("int8", tensor_pb2.QINT8), ("int4", tensor_pb2.QINT4)])
