@@ -90,12 +90,10 @@ class ShardedLink:
     def decoded_sum_of_squares(self, quant: BlockQuant, payload: torch.Tensor, layout: Layout) -> float:
         """The sum of squares of what the shards decode from ``payload`` (``encode``'s), each its
         slice's bytes, added in shard order: the norm an async shard clips its slice by."""
-        decoded, start = [], 0
-        for s in self._shards(layout.metas(0)):
-            n = quant.nbytes(s.hi - s.lo)
-            decoded.append(quant.decode(payload[start:start + n].clone(), s.hi - s.lo))  # its own bytes, aligned
-            start += n
-        return sum_of_squares(decoded)
+        shards = self._shards(layout.metas(0))
+        counts = [s.hi - s.lo for s in shards]
+        return sum_of_squares(quant.decode(payload[where].clone(), n)  # its own bytes, aligned
+                              for where, n in zip(_byte_slices(quant, counts), counts, strict=True))
 
     def init(self, header: ps_pb2.PushHeader, flat: torch.Tensor) -> data_pb2.DataReply:
         """``flat``: the trainable parameters, then the frozen ones (shard 0 takes those)."""
@@ -168,15 +166,13 @@ class ShardedLink:
         if self.clip:
             raise ProtocolError("first_tensor: a sharded job that clips pushes its gradient whole")
         first = header.first_tensor
-        pieces, payloads, at = {}, {}, 0
-        quant = BlockQuant(header.tensors[0].dtype, header.quant_block) if header.quant_block else None
-        for k, j, n, _, a, b in self._bucket_pieces(first, len(header.tensors)):
-            pieces[k] = (j, n)
-            if quant is None:
-                payloads[k] = grads[a:b]
-            else:  # the pieces' bytes, one shard's after the other's (``encode``)
-                payloads[k] = grads[at:at + quant.nbytes(b - a)]
-                at += quant.nbytes(b - a)
+        found = self._bucket_pieces(first, len(header.tensors))
+        pieces = {k: (j, n) for k, j, n, _, _, _ in found}
+        wheres = [slice(a, b) for *_, a, b in found]
+        if header.quant_block:  # the pieces' bytes, one shard's after the other's (``encode``)
+            wheres = _byte_slices(BlockQuant(header.tensors[0].dtype, header.quant_block),
+                                  [b - a for *_, a, b in found])
+        payloads = {k: grads[where] for (k, *_), where in zip(found, wheres, strict=True)}
         assert self._cut is not None
         shards = self._cut[1]
 
@@ -201,11 +197,7 @@ class ShardedLink:
         wire = header.tensors[0].dtype
         if wire not in QUANT_BITS:
             raise ProtocolError(f"quant_block: {header.quant_block} with a gradient of dtype {wire}")
-        quant, out, at = BlockQuant(wire, header.quant_block), [], 0
-        for s in shards:
-            out.append(slice(at, at + quant.nbytes(s.hi - s.lo)))
-            at = out[-1].stop
-        return out
+        return _byte_slices(BlockQuant(wire, header.quant_block), [s.hi - s.lo for s in shards])
 
     def _push_clipped(self, header: ps_pb2.PushHeader, shards: Sequence[Shard], grads: torch.Tensor,
                       slices: Sequence[slice], wire_dtype: int, then_pull: tuple[Layout, torch.Tensor] | None,
@@ -306,3 +298,13 @@ class ShardedLink:
         if first is not None:
             raise first
         return out
+
+
+def _byte_slices(quant: BlockQuant, counts: Sequence[int]) -> list[slice]:
+    """Where the payloads of runs of ``counts`` values, each quantised on its own and sent one
+    after the other (``ShardedLink.encode``), lie in the bytes sent."""
+    out, at = [], 0
+    for n in counts:
+        out.append(slice(at, at + quant.nbytes(n)))
+        at = out[-1].stop
+    return out
