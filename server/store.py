@@ -825,20 +825,23 @@ class ParameterStore(WorkerTable):
             return not self._holding and all(w.clock >= total for w in self._members())
         if self.config.mode == "ps-sync":
             return self._version >= step
-        if self.config.fences_checkpoints and min(w.clock for w in self._members()) < self._fence(step):
+        if self._fence_ahead(step) is not None:
             return False
         if self.config.mode == "ps-ssp":
             live = [w.clock for w in self._members() if w.alive] or [step]
             return min(live) >= step - self.config.staleness
         return True
 
-    def _fence(self, step: int) -> int:
-        """``fences_checkpoints``: the checkpoint step a pull of ``step`` waits for (every worker's
-        clock there). Each shard takes that checkpoint when the last worker's push before it
-        arrives (``_maybe_checkpoint``), and no worker can have pushed past it, since its pull
-        waited: so every shard's checkpoint holds the same pushes, all workers at that step."""
-        every = self.config.checkpoint_every
-        return step // every * every
+    def _fence_ahead(self, step: int) -> int | None:
+        """``fences_checkpoints``: the checkpoint step a pull of ``step`` still waits for (every
+        worker's clock there), None when it waits for none. Each shard takes that checkpoint when
+        the last worker's push before it arrives (``_maybe_checkpoint``), and no worker can have
+        pushed past it, since its pull waited: so every shard's checkpoint holds the same pushes,
+        all workers at that step."""
+        if not self.config.fences_checkpoints:
+            return None
+        fence = step // self.config.checkpoint_every * self.config.checkpoint_every
+        return fence if min(w.clock for w in self._members()) < fence else None
 
     def _waiting_for(self, step: int) -> str:
         if self._flat is None:
@@ -847,8 +850,8 @@ class ParameterStore(WorkerTable):
         total, pool, need, why = self._total_steps, self._members(), step, ""
         if total is not None and step >= total:
             need = total
-        elif self.config.fences_checkpoints and min(w.clock for w in pool) < self._fence(step):
-            need = self._fence(step)
+        elif (fence := self._fence_ahead(step)) is not None:
+            need = fence
             why = f" to reach the checkpoint at step {need}, which every shard takes at once"
         elif self.config.mode == "ps-ssp":
             pool = [w for w in self._members() if w.alive]
