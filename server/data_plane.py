@@ -378,7 +378,7 @@ class DataPlane:
             torch.empty(0, dtype=payload_dtype(store.config.wire_dtype))
         pull_step = header.step + 1 if frame.pull_next else None
         try:
-            accepted, version, snapshot = await self._calls.call(
+            accepted, version, snapshot, whole = await self._calls.call(
                 store, _push_then_try_pull, store, header, grad, buffers, pull_step, wire_dtype)
         except Exception as e:  # noqa: BLE001 - any error goes back to the worker (as gRPC's handler does)
             conn.buffer = None  # the store may hold it
@@ -390,7 +390,8 @@ class DataPlane:
             await self._pull(conn, session, pull_step, wire_dtype, snapshot, pull_part_after(store, header))
             return
         reply = data_pb2.DataReply(accepted=accepted, version=version)
-        if store.config.clips_across_shards:  # answered with this shard's part of the norm, once it has it
+        if store.config.clips_across_shards and whole:  # with this shard's part of the norm, once it has it
+            # (a bucket that leaves the worker's slice of the step incomplete is answered at once)
             try:
                 reply.clip_part_sq = await self._calls.until(
                     store, functools.partial(store.clip_part, header.step),
@@ -506,13 +507,14 @@ class DataPlane:
 
 def _push_then_try_pull(store: ParameterStore, header: ps_pb2.PushHeader, grad: torch.Tensor,
                         buffers: dict[str, torch.Tensor] | None, pull_step: int | None, wire_dtype: int,
-                        ) -> tuple[bool, int, Snapshot | None]:
+                        ) -> tuple[bool, int, Snapshot | None, bool]:
     """A push (decoded when quantised), and (``pull_step``) the parameters for the next step
-    when they are ready already."""
+    when they are ready already; last, whether the worker's whole gradient of the step is in
+    (a bucket may leave some of it to come)."""
     accepted, version = take_push(store, header, grad, buffers)
     snapshot = None if pull_step is None else store.try_pull(header.rank, pull_step, wire_dtype,
                                                               *pull_part_after(store, header))
-    return accepted, version, snapshot
+    return accepted, version, snapshot, store.pushed(header.rank, header.step)
 
 
 def _check_worker(session: _Session, job_id: str, rank: int, kind: str) -> None:

@@ -681,6 +681,11 @@ class ParameterStore(WorkerTable):
         views = [v for i, v in enumerate(self._layout.part(*part).split(grad).values()) if i + part[0] not in unused]
         self._clip.hold(HeldStep(self._version, grad, unused, part), views)
 
+    def pushed(self, rank: int, step: int) -> bool:
+        """Whether worker ``rank``'s whole gradient of ``step`` is in (every bucket of it)."""
+        with self._cond:
+            return self._worker(rank).clock > step
+
     def clip_part(self, step: int) -> float | None:
         """This shard's sum of squares of step ``step``'s mean gradient (the reply to a push of
         a job that clips over shards); None until every worker's gradient of it is in."""

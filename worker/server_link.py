@@ -186,7 +186,8 @@ class ServerLink:
         link: DataLink | ShardedLink = DataLink(reply.data, self.job_id, self.rank, self.host, self._tls_ca)
         if reply.shards:  # ps_shards > 1: one connection per shard, and no gRPC fallback
             link = ShardedLink([link, *(DataLink(e, self.job_id, self.rank, self.host, self._tls_ca)
-                                        for e in reply.shards)], clip=reply.clip_across_shards)
+                                        for e in reply.shards)], clip=reply.clip_across_shards,
+                               push_norm=reply.clip_push_norm)
             link.connect()
             self._data, self.transport = link, link.kind
             return
@@ -227,7 +228,7 @@ class ServerLink:
         With ``first``, ``layout`` is a fragment: the model's tensors from index ``first`` on."""
         payload = self._encode(grads, layout, first)  # once: a retry resends these bytes
         header = self._push_header(layout, step, base_version, buffers, unused, first,
-                                   self._push_norm_sq(grads, payload, layout))
+                                   self._push_norm_sq(grads, payload, layout, first))
         grads = payload
         if self._data is not None:
             return self._on_data(lambda d: d.push(header, grads, self.wire_dtype)).accepted
@@ -282,7 +283,7 @@ class ServerLink:
         that bucket's alone (the worker pulled the others' as each was applied)."""
         payload = self._encode(grads, layout, first)  # once: a retry resends these bytes
         header = self._push_header(layout, step, base_version, buffers, unused, first,
-                                   self._push_norm_sq(grads, payload, layout))
+                                   self._push_norm_sq(grads, payload, layout, first))
         header.pull_part_only = pull_part_only
         pulled = layout if pull_layout is None else pull_layout
         pull_first = first if pull_layout is None else None
@@ -326,17 +327,19 @@ class ServerLink:
             return self._data.encode(self.encoder, grads, layout, first or 0)
         return self.encoder.encode(grads, layout)
 
-    def _push_norm_sq(self, grads: torch.Tensor, payload: torch.Tensor, layout: Layout) -> float | None:
+    def _push_norm_sq(self, grads: torch.Tensor, payload: torch.Tensor, layout: Layout,
+                      first: int | None = None) -> float | None:
         """An async job that clips over shards: the sum of squares of the gradient as the shards
         will hold it, by which each one clips its slice: ``grads``', or, when pushes are
-        quantised, the decoded values' of ``payload`` (what the shards decode, slice by slice).
-        None for every other job."""
+        quantised, the decoded values' of ``payload`` (what the shards decode, slice by slice);
+        of a bucket (the model's tensors from ``first`` on), its part of the step's (the link
+        adds them up). None for every other job."""
         if not self._clip_push_norm:
             return None
         if self.encoder.quant is None:
             return sum_of_squares([grads])
         if isinstance(self._data, ShardedLink):
-            return self._data.decoded_sum_of_squares(self.encoder.quant, payload, layout)
+            return self._data.decoded_sum_of_squares(self.encoder.quant, payload, layout, first or 0)
         return sum_of_squares([self.encoder.quant.decode(payload, layout.numel)])
 
     def _push_header(self, layout: Layout, step: int, base_version: int,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -45,10 +46,13 @@ T = TypeVar("T")
 class ShardedLink:
     """Shard k's data plane is ``links[k]``; ``connect()`` opens every one."""
 
-    def __init__(self, links: Sequence[DataLink], clip: bool = False) -> None:
+    def __init__(self, links: Sequence[DataLink], clip: bool = False, push_norm: bool = False) -> None:
+        """``clip``: ps-sync clipping over the shards (``RegisterResponse.clip_across_shards``);
+        ``push_norm``: async clipping, each push naming its gradient's norm (``clip_push_norm``)."""
         if len(links) < 2:
             raise ValueError("a sharded link needs two links or more")
-        self.links, self.clip = list(links), clip
+        self.links, self.clip, self.push_norm = list(links), clip, push_norm
+        self._stepping: _BucketedStep | None = None  # a job that clips: its step's buckets so far
         self._pool = ThreadPoolExecutor(len(links) - 1, thread_name_prefix="gradhub-shard-link")
         self._cut: tuple[tuple[tuple[str, ...], tuple[tuple[int, ...], ...]], tuple[Shard, ...]] | None = None
         self._bases = [0] * len(links)  # each shard's version at this worker's latest pull from it
@@ -87,11 +91,15 @@ class ShardedLink:
         return torch.cat([encoder.encode(grads[s.lo:s.hi], s.layout, key=(k, s.layout))
                           for k, s in enumerate(self._shards(layout.metas(0)))])
 
-    def decoded_sum_of_squares(self, quant: BlockQuant, payload: torch.Tensor, layout: Layout) -> float:
+    def decoded_sum_of_squares(self, quant: BlockQuant, payload: torch.Tensor, layout: Layout,
+                               first: int = 0) -> float:
         """The sum of squares of what the shards decode from ``payload`` (``encode``'s), each its
-        slice's bytes, added in shard order: the norm an async shard clips its slice by."""
-        shards = self._shards(layout.metas(0))
-        counts = [s.hi - s.lo for s in shards]
+        slice's bytes (a bucket's: its pieces'), added in shard order: the norm an async shard
+        clips its slice by (of a bucket: its part of it)."""
+        if self._is_bucket_of(first, len(layout.names)):
+            counts = [b - a for *_, a, b in self._bucket_pieces(first, len(layout.names))]
+        else:
+            counts = [s.hi - s.lo for s in self._shards(layout.metas(0))]
         return sum_of_squares(quant.decode(payload[where].clone(), n)  # its own bytes, aligned
                               for where, n in zip(_byte_slices(quant, counts), counts, strict=True))
 
@@ -163,8 +171,6 @@ class ShardedLink:
         quantised: the bytes ``encode`` made of those pieces). With ``then_pull`` (the step's
         last bucket, after backward) every shard's slice of the next step's parameters comes
         back: with the push where it has pieces of it, else on a pull of its own."""
-        if self.clip:
-            raise ProtocolError("first_tensor: a sharded job that clips pushes its gradient whole")
         first = header.first_tensor
         found = self._bucket_pieces(first, len(header.tensors))
         pieces = {k: (j, n) for k, j, n, _, _, _ in found}
@@ -175,6 +181,12 @@ class ShardedLink:
         payloads = {k: grads[where] for (k, *_), where in zip(found, wheres, strict=True)}
         assert self._cut is not None
         shards = self._cut[1]
+        if self.clip or self.push_norm:
+            mine = {k: self._header(header, shards[k], self._unused_in(header, shards[k], j, n), j, n)
+                    for k, (j, n) in pieces.items()}
+            if self.clip:
+                return self._push_bucket_clipped(header, mine, payloads, wire_dtype, then_pull, params_dtype)
+            return self._push_bucket_normed(header, mine, payloads, wire_dtype, then_pull, params_dtype)
 
         def one(k: int, link: DataLink) -> data_pb2.DataReply | None:
             s = shards[k]
@@ -182,11 +194,89 @@ class ShardedLink:
                 return None if then_pull is None else self._pull_next(k, link, s, header, wire_dtype, then_pull,
                                                                       params_dtype)
             j, n = pieces[k]
-            unused = [t - s.first - j for u in header.unused if s.first + j <= (t := first + u) < s.first + j + n]
-            return self._push_to(k, link, s, self._header(header, s, unused, j, n), payloads[k], wire_dtype,
-                                 then_pull, params_dtype)
+            return self._push_to(k, link, s, self._header(header, s, self._unused_in(header, s, j, n), j, n),
+                                 payloads[k], wire_dtype, then_pull, params_dtype)
         replies = [r for r in self._each(one) if r is not None]
         return replies[0]  # shard 0's when it has a piece (the last bucket holds the model's first tensor)
+
+    @staticmethod
+    def _unused_in(header: ps_pb2.PushHeader, s: Shard, j: int, n: int) -> list[int]:
+        """The bucket's parameters without gradient (``header.unused``) that are among shard
+        ``s``'s pieces ``j`` to ``j + n - 1``, as indexes among those pieces."""
+        first = header.first_tensor
+        return [t - s.first - j for u in header.unused if s.first + j <= (t := first + u) < s.first + j + n]
+
+    def _step_of(self, step: int) -> _BucketedStep:
+        if self._stepping is None or self._stepping.step != step:
+            self._stepping = _BucketedStep(step, len(self.links))
+        return self._stepping
+
+    def _push_bucket_clipped(self, header: ps_pb2.PushHeader, mine: dict[int, ps_pb2.PushHeader],
+                             payloads: dict[int, torch.Tensor], wire_dtype: int,
+                             then_pull: tuple[Layout, torch.Tensor] | None, params_dtype: int | None,
+                             ) -> data_pb2.DataReply:
+        """A bucket of a ps-sync job that clips over shards (``mine``: each shard's header of
+        its pieces). The push that completes a shard's slice of the step is answered with its
+        part of the norm, once every worker's slice is in (the others at once); once every
+        shard's part is here (after the step's last bucket) the pull of the next step brings
+        them the total, as after a whole push (``_push_clipped``)."""
+        state = self._step_of(header.step)
+
+        def one(k: int, link: DataLink) -> data_pb2.DataReply | None:
+            return None if k not in mine else self._push_waiting(link, mine[k], payloads[k], wire_dtype)
+        replies = self._each(one)
+        for k, reply in enumerate(replies):
+            if reply is not None and reply.HasField("clip_part_sq"):
+                state.parts[k] = reply.clip_part_sq
+        pushed = [r for r in replies if r is not None]
+        if len(state.parts) < len(self.links):
+            if then_pull is not None:
+                missing = sorted(set(range(len(self.links))) - set(state.parts))
+                raise ProtocolError(f"first_tensor: the step's last bucket left shards {missing} without their "
+                                    "part of the norm (every bucket of a step comes before the last)")
+            return pushed[0]
+        reply = self._pull_with_total(header, [state.parts[k] for k in range(len(self.links))], wire_dtype,
+                                      then_pull, params_dtype)
+        reply.accepted = pushed[0].accepted
+        return reply
+
+    def _push_bucket_normed(self, header: ps_pb2.PushHeader, mine: dict[int, ps_pb2.PushHeader],
+                            payloads: dict[int, torch.Tensor], wire_dtype: int,
+                            then_pull: tuple[Layout, torch.Tensor] | None, params_dtype: int | None,
+                            ) -> data_pb2.DataReply:
+        """A bucket of an async job that clips over shards: a shard clips its slice by the norm
+        of the worker's whole gradient (``header.clip_norm_sq`` is this bucket's part of it),
+        known once the step's last bucket is. So the push that completes a shard's slice waits
+        here until then and goes with the norm (the buckets' parts added in tensor order); the
+        shard applies the step on it. The others go at once."""
+        state = self._step_of(header.step)
+        state.norms[header.first_tensor] = header.clip_norm_sq
+        shards = self._shards_now()
+        now: dict[int, tuple[ps_pb2.PushHeader, torch.Tensor]] = {}
+        for k, head in mine.items():
+            state.pieces[k].update(range(head.first_tensor, head.first_tensor + len(head.tensors)))
+            if len(state.pieces[k]) == len(shards[k].layout.names):
+                state.deferred[k] = (head, payloads[k].clone())  # the grads' buffer is the next step's
+            else:
+                head.ClearField("clip_norm_sq")  # a shard reads the norm with the slice's last piece
+                now[k] = (head, payloads[k])
+        last = len(state.deferred) == len(self.links)  # every shard's slice is complete
+        if then_pull is not None and not last:
+            raise ProtocolError("first_tensor: a step's last bucket comes after every other bucket of it")
+        if last:
+            total = total_of_parts(state.norms[f] for f in sorted(state.norms))
+            for head, _ in state.deferred.values():
+                head.clip_norm_sq = total
+            now = state.deferred
+        if not now:
+            return data_pb2.DataReply(accepted=True)  # held: its pushes go with the step's last bucket
+
+        def one(k: int, link: DataLink) -> data_pb2.DataReply | None:
+            if k not in now:
+                return None
+            head, payload = now[k]
+            return self._push_to(k, link, shards[k], head, payload, wire_dtype, then_pull, params_dtype)
+        return next(r for r in self._each(one) if r is not None)
 
     # ------------------------------------------------------------------ plumbing
     def _slices(self, header: ps_pb2.PushHeader, shards: Sequence[Shard]) -> list[slice]:
@@ -207,23 +297,38 @@ class ShardedLink:
         parameters land in a scratch tensor: the shards need the total all the same."""
         def push(k: int, link: DataLink) -> data_pb2.DataReply:
             s = shards[k]
-            while True:  # each shard answers within a minute; a slow worker is waited for
-                try:
-                    return link.push(self._header(header, s, s.unused(header.unused)), grads[slices[k]], wire_dtype)
-                except ServerWaitTimeout:
-                    continue  # pushed again: a copy the shard has is not applied twice
+            return self._push_waiting(link, self._header(header, s, s.unused(header.unused)), grads[slices[k]],
+                                      wire_dtype)
         pushed = self._each(push)
         for k, reply in enumerate(pushed):
             if not reply.HasField("clip_part_sq"):
                 raise ProtocolError(f"clip_part_sq: shard {k} answered a push of a job that clips over shards "
                                     "without its part of the norm")
-        request = ps_pb2.PullRequest(job_id=header.job_id, rank=header.rank, step=header.step + 1,
-                                     dtype=wire_dtype if params_dtype is None else params_dtype,
-                                     clip_total_sq=total_of_parts(reply.clip_part_sq for reply in pushed))
-        params = then_pull[1] if then_pull is not None else torch.empty(shards[-1].hi)
-        reply = self._each(lambda k, link: self._pull_one(k, link, request, shards[k], params))[0]
+        reply = self._pull_with_total(header, [r.clip_part_sq for r in pushed], wire_dtype, then_pull, params_dtype)
         reply.accepted = pushed[0].accepted
         return reply
+
+    def _push_waiting(self, link: DataLink, mine: ps_pb2.PushHeader, payload: torch.Tensor,
+                      wire_dtype: int) -> data_pb2.DataReply:
+        while True:  # each shard answers within a minute; a slow worker is waited for
+            try:
+                return link.push(mine, payload, wire_dtype)
+            except ServerWaitTimeout:
+                continue  # pushed again: a copy the shard has is not applied twice
+
+    def _pull_with_total(self, header: ps_pb2.PushHeader, parts: Sequence[float], wire_dtype: int,
+                         then_pull: tuple[Layout, torch.Tensor] | None, params_dtype: int | None,
+                         ) -> data_pb2.DataReply:
+        """The pull of the step after ``header``'s from every shard, bringing each the sum of
+        the shards' ``parts`` of the norm (in shard order). Without ``then_pull`` (a worker's
+        last step) the parameters land in a scratch tensor: the shards need the total all the
+        same."""
+        shards = self._shards_now()
+        request = ps_pb2.PullRequest(job_id=header.job_id, rank=header.rank, step=header.step + 1,
+                                     dtype=wire_dtype if params_dtype is None else params_dtype,
+                                     clip_total_sq=total_of_parts(parts))
+        params = then_pull[1] if then_pull is not None else torch.empty(shards[-1].hi)
+        return self._each(lambda k, link: self._pull_one(k, link, request, shards[k], params))[0]
 
     def _pull_one(self, k: int, link: DataLink, request: ps_pb2.PullRequest, shard: Shard,
                   params: torch.Tensor) -> data_pb2.DataReply:
@@ -274,6 +379,12 @@ class ShardedLink:
             out.buffers.extend(header.buffers)
         return out
 
+    def _shards_now(self) -> tuple[Shard, ...]:
+        """The shards of the model this link pushed or pulled last."""
+        if self._cut is None:
+            raise ProtocolError("tensors: a push before the model's tensors are known (pull first)")
+        return self._cut[1]
+
     def _shards(self, metas: Sequence[object]) -> tuple[Shard, ...]:
         key = (tuple(m.name for m in metas), tuple(tuple(m.shape) for m in metas))  # type: ignore[attr-defined]
         if self._cut is None or self._cut[0] != key:
@@ -298,6 +409,22 @@ class ShardedLink:
         if first is not None:
             raise first
         return out
+
+
+@dataclass
+class _BucketedStep:
+    """What a worker of a job that clips over shards has pushed of a step's buckets so far."""
+
+    step: int
+    shards: int
+    parts: dict[int, float] = field(default_factory=dict)  # ps-sync: each shard's part of the norm, by shard
+    pieces: list[set[int]] = field(default_factory=list)  # async: each shard's pieces pushed
+    norms: dict[int, float] = field(default_factory=dict)  # async: each bucket's part, by its first tensor
+    # async: each shard's push that completes its slice, sent with the step's last bucket
+    deferred: dict[int, tuple[ps_pb2.PushHeader, torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pieces = [set() for _ in range(self.shards)]
 
 
 def _byte_slices(quant: BlockQuant, counts: Sequence[int]) -> list[slice]:

@@ -446,9 +446,6 @@ class JobSpec:
             "mode": self.mode not in ("ps-sync", "ps-async", "ps-ssp") and f"mode {self.mode!r} (the ps-* modes shard)",
             "transport": self.transport == "grpc" and "transport: grpc (shards serve the data plane only)",
             "workers": self.elastic and "an elastic job (workers: {min, max})",
-            "bucket_mb": bool(self.bucket_mb) and self.clip_grad_norm is not None and
-                         "bucket_mb > 0 with clip_grad_norm (such a sharded push goes whole, after backward: "
-                         "the norm spans every shard's slice)",
         }
         for name, why in refused.items():
             if why:
@@ -601,8 +598,6 @@ class JobSpec:
         README, bench_ps.py (g))."""
         if self.bucket_mb is not None:
             return self.bucket_mb
-        if self.ps_shards != 1 and self.clip_grad_norm is not None:
-            return 0.0  # such a sharded push goes whole, after backward
         return DEFAULT_BUCKET_MB if self.resources.gpus > 0 else 0.0
 
     @property

@@ -7,10 +7,11 @@ server in 2 shards (one worker, each optimizer) and in 4 (two workers, AdamW, th
 clipped by its norm over every shard) (``ps_shards``: shard 0 in the server, the others Ray
 actors, each updating its slice of the parameters with its own optimizer;
 tests/unit/test_store_shards.py and test_shards.py compare every other count and optimizer with
-the unsharded store bit for bit). N = 4, the gRPC and the 2-shard jobs push their gradient in
+the unsharded store bit for bit). N = 4, the gRPC and the sharded jobs push their gradient in
 two buckets while backward runs (``bucket_mb`` below the model's first layer; with 2 shards the
-first bucket goes to shard 1 alone, the second to both); the others in one push after
-backward. All the jobs are submitted at once, so the FIFO queue runs them as the two logical
+first bucket goes to shard 1 alone, the second to both; with 4 the first to shard 3, whose
+slice the second completes, with every other shard's, so each answers it with its part of the
+norm); the others in one push after backward. All the jobs are submitted at once, so the FIFO queue runs them as the two logical
 CPUs allow.
 """
 
@@ -36,7 +37,7 @@ WORLD_SIZES = (1, 2, 4)
 CASES = [(n, "auto") for n in WORLD_SIZES] + [(2, "grpc"), (1, "shards-2")]
 # (workers, transport, optimizer) of every job
 JOBS = [(n, t, name) for name in OPTIMIZERS for n, t in CASES] + [(2, "shards-4", "adamw")]
-BUCKETED = {(4, "auto"), (2, "grpc"), (1, "shards-2")}
+BUCKETED = {(4, "auto"), (2, "grpc"), (1, "shards-2"), (2, "shards-4")}
 SMALL_BUCKETS_MB = 0.004  # the 64x32 weight (8 KB) is a bucket, the rest of the model (1.4 KB) another
 CLIPPED = {(2, "shards-4")}
 CLIP_NORM = 0.6  # about half of the steps' gradient norms are above it (0.31 to 1.11)

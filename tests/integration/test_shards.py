@@ -274,6 +274,42 @@ def test_a_quantised_bucket_is_quantised_piece_by_piece(server: Server, compress
     assert torch.equal(params, -LR * sum(_decoded_by_slice(quant, grad, rest) for grad in grads))
 
 
+@pytest.mark.parametrize("shards", [2, 3])
+@pytest.mark.parametrize("mode", ["ps-sync", "ps-async"])
+def test_a_job_that_clips_over_shards_takes_its_gradient_in_buckets(server: Server, mode: str, shards: int) -> None:
+    """Two shards hold w[0:5] and w[5:6] + b: b's bucket leaves the second's slice of the step
+    incomplete, and is answered at once. Three hold w[0:3], w[3:6] and b: b's bucket completes
+    the third's slice. ps-sync: the push that completes a shard's slice is answered with its
+    part of the norm, and the pull after the last bucket (w's) brings every shard the total
+    (without a part the pull is refused). Async: a push that completes a shard's slice before
+    the last bucket waits in the worker until then, when the norm of the whole gradient is
+    known, and goes with it (sent with b's own norm, the step would be scaled by another
+    factor on the third shard)."""
+    job_id = _running(server, mode=mode, clip_grad_norm=1.0, ps_shards=shards)
+    link, _ = _worker(server, job_id)
+    grads = [torch.arange(NUMEL, dtype=torch.float32), torch.arange(NUMEL, dtype=torch.float32) / 100]
+    with link:
+        params = _two_steps_in_buckets(link, grads)
+    clipped = grads[0] / (grads[0].norm() + 1e-6)  # norm 16.9: scaled to 1; the second (0.17) is not
+    torch.testing.assert_close(params, -LR * (clipped + grads[1]))
+
+
+def test_an_async_job_that_clips_quantised_buckets_over_shards_names_the_decoded_norm(server: Server) -> None:
+    """int8 buckets (each shard's pieces quantised on their own): the norm that goes with the
+    step's last bucket is that of every piece the shards decode."""
+    job_id = _running(server, mode="ps-async", clip_grad_norm=1.0, compression="int8", compression_block=8)
+    link = worker_link(server, job_id, 0, compression="int8", compression_block=8)
+    link.register("t", 0, total_steps=10, train_size=1)
+    grads = [torch.linspace(-3, 13, NUMEL), torch.linspace(-3, 13, NUMEL) / 100]
+    with link:
+        params = _two_steps_in_buckets(link, grads)
+    quant, rest = BlockQuant(tensor_pb2.QINT8, 8), torch.zeros(NUMEL)  # no error feedback: rest is dropped
+    sent = [_decoded_by_slice(quant, grad, rest.zero_()) for grad in grads]  # pieces are the slices here
+    assert float((sent[0].norm() - grads[0].norm()).abs()) > 1e-3  # the decoded norm is not the gradient's
+    expected = -LR * (sent[0] / (sent[0].double().norm().float() + 1e-6) + sent[1])  # the second is not scaled
+    torch.testing.assert_close(params, expected)
+
+
 def _two_steps_in_buckets(link: ServerLink, grads: list[torch.Tensor],
                           between: Callable[[int], bool] | None = None) -> torch.Tensor:
     """Two steps from zeros, each pushed in two buckets: b's while backward runs (then

@@ -295,7 +295,6 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("mode", {"ps_shards": 2, "mode": "allreduce"}),
     ("transport", {"ps_shards": 2, "transport": "grpc"}),
     ("workers", {"ps_shards": 2, "workers": {"min": 1, "max": 2}}),
-    ("bucket_mb", {"ps_shards": 2, "bucket_mb": 1, "clip_grad_norm": 1.0}),
     ("batch_size", {"batch_size": 0}),
     ("batch_size", {"batch_size": "32"}),
     ("epochs", {"epochs": 0}),
@@ -683,7 +682,7 @@ def test_bucket_mb_defaults_by_the_workers_device() -> None:
     assert "bucket_mb" not in JobSpec.from_dict(base).to_dict()  # a ps spec's dict is still an allreduce one
     gpus = {**base, "resources": {"gpus": 1}, "ps_shards": 2}
     assert JobSpec.from_dict(gpus).effective_bucket_mb == 25.0  # a bucket's pieces go to their shards
-    assert JobSpec.from_dict({**gpus, "clip_grad_norm": 1.0}).effective_bucket_mb == 0.0  # pushed whole
+    assert JobSpec.from_dict({**gpus, "clip_grad_norm": 1.0}).effective_bucket_mb == 25.0  # the norm after the last
     assert JobSpec.from_dict({**gpus, "compression": "int4"}).effective_bucket_mb == 25.0  # quantised piece by piece
     assert JobSpec.from_dict({**gpus, "bucket_mb": 1, "compression": "int8"}).bucket_mb == 1
 
