@@ -1,7 +1,8 @@
 """Chaos: jobs in every mode run at once while their workers and the server are killed at steps
 drawn from a seeded random schedule; every job ends SUCCEEDED, the deterministic ones (ps-sync,
 allreduce, and the asynchronous modes with one worker) with the parameters of the same job
-undisturbed, and every checkpoint survives every kill and loads.
+undisturbed, and every checkpoint survives every kill and loads (in allreduce, one that rank 0
+was still sending when it was killed may be missing: ``may_lose``).
 
 The server runs in its own process group with its own Ray (``ServerProcess`` of
 test_server_restart): a server kill SIGKILLs it, its Ray and every worker, and a new server on
@@ -169,6 +170,15 @@ def draw(seed: int, shapes: list[Shape], server_kills: int, horizon: int, free_k
 
 
 
+def may_lose(plan: Plan) -> set[int]:
+    """The checkpoints a job may lack: in allreduce, rank 0 sends each one in the background
+    while training goes on, and one still on its way when rank 0 is killed is lost (the job
+    takes the next on schedule). That is the latest before each kill of rank 0."""
+    if plan.mode != "allreduce":
+        return set()
+    return {c for r, s in plan.kills if r == 0 and (c := s // CKPT_EVERY * CKPT_EVERY) > 0}
+
+
 def spec(plan: Plan, code: Path, events: Path | None) -> dict:
     """The job's spec; ``events`` is None for the undisturbed reference (same data, no events)."""
     args: dict = {"kills": [], "gates": []}
@@ -330,7 +340,7 @@ class Chaos:
                 continue
             assert ref.state == "SUCCEEDED", f"undisturbed {plan.name}: {ref.reason}"
             expected = self.checkpoints(client, ref, plan)
-            assert checkpoints.keys() == expected.keys(), (plan.name, sorted(checkpoints), sorted(expected))
+            assert checkpoints.keys() <= expected.keys(), (plan.name, sorted(checkpoints), sorted(expected))
             for step, got in checkpoints.items():
                 worst = max(float((got[k] - expected[step][k]).abs().max()) for k in expected[step])
                 assert worst <= EXACT, (f"{plan.name}'s checkpoint at step {step} differs from the undisturbed "
@@ -343,8 +353,8 @@ class Chaos:
         steps = {c.step: c.sha256 for c in listed}
         for step, sha in self.before_kills.get(info.id, {}).items():
             assert steps.get(step) == sha, f"{plan.name}'s checkpoint at step {step} was lost or changed"
-        assert sorted(steps) == list(range(CKPT_EVERY, plan.steps, CKPT_EVERY)) + [plan.steps], \
-            f"{plan.name} lists checkpoints at {sorted(steps)}"
+        due = {*range(CKPT_EVERY, plan.steps, CKPT_EVERY), plan.steps}
+        assert due - may_lose(plan) <= steps.keys() <= due, f"{plan.name} lists checkpoints at {sorted(steps)}"
         out = {}
         for c in listed:
             path = self.root / "pulled" / f"{info.id}-{c.step}.safetensors"
