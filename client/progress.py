@@ -17,7 +17,7 @@ from gradhub.proto.contract.errors import GradhubError
 from gradhub.proto.contract.states import JobState
 
 ACCURACY_KEY = "val_accuracy"
-STATE_STYLES = {
+STATE_STYLES: dict[str, str] = {  # by JobState (a StrEnum: its values are the keys)
     JobState.QUEUED: "dim",
     JobState.RUNNING: "cyan",
     JobState.SUCCEEDED: "green",

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from math import prod
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from google.protobuf.message import Message
@@ -38,6 +38,12 @@ COMPRESSION_DTYPES: dict[str, int] = {
 }
 # block-quantised push dtypes and their bits (the format: gradhub.proto.quant)
 QUANT_BITS: dict[int, int] = {tensor_pb2.QINT8: 8, tensor_pb2.QINT4: 4}
+
+
+def as_wire(wire_dtype: int) -> tensor_pb2.DType:
+    """A wire dtype (an int, as everywhere here) typed as the messages' dtype fields are: the
+    generated stubs type a protobuf enum apart from int, which it is at run time."""
+    return cast("tensor_pb2.DType", wire_dtype)
 
 
 def dtype_name(wire_dtype: int) -> str:
@@ -95,7 +101,7 @@ class Layout:
 
     def metas(self, wire_dtype: int) -> list[tensor_pb2.TensorMeta]:
         return [
-            tensor_pb2.TensorMeta(name=n, dtype=wire_dtype, shape=list(s))
+            tensor_pb2.TensorMeta(name=n, dtype=as_wire(wire_dtype), shape=list(s))
             for n, s in zip(self.names, self.shapes, strict=True)
         ]
 
@@ -288,7 +294,7 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def encode_data_chunk(data: bytes | memoryview) -> bytes:
+def encode_data_chunk(data: bytes | bytearray | memoryview) -> bytes:
     """A serialized PushChunk/PullChunk whose only field is ``data``."""
     return b"".join((bytes((_DATA_TAG,)), _varint(len(data)), data))
 

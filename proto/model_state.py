@@ -16,18 +16,18 @@ from math import prod
 
 import torch
 
-from gradhub.proto.codec import Layout
+from gradhub.proto.codec import Layout, as_wire
 from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import tensor_pb2
 
 # Buffers keep their dtype on the wire and in checkpoints.
-BUFFER_DTYPES: dict[int, torch.dtype] = {
+BUFFER_DTYPES: dict[tensor_pb2.DType, torch.dtype] = {
     tensor_pb2.FLOAT32: torch.float32, tensor_pb2.FLOAT16: torch.float16,
     tensor_pb2.BFLOAT16: torch.bfloat16, tensor_pb2.FLOAT64: torch.float64,
     tensor_pb2.INT64: torch.int64, tensor_pb2.INT32: torch.int32, tensor_pb2.INT16: torch.int16,
     tensor_pb2.INT8: torch.int8, tensor_pb2.UINT8: torch.uint8, tensor_pb2.BOOL: torch.bool,
 }  # fmt: skip
-WIRE_OF_DTYPE: dict[torch.dtype, int] = {v: k for k, v in BUFFER_DTYPES.items()}
+WIRE_OF_DTYPE: dict[torch.dtype, tensor_pb2.DType] = {v: k for k, v in BUFFER_DTYPES.items()}
 
 # Buffers ride inside a header message; gRPC messages here are limited to 64 MiB.
 MAX_INLINE_BYTES = 32 << 20
@@ -134,7 +134,7 @@ def tensors_to_proto(tensors: Mapping[str, torch.Tensor]) -> list[tensor_pb2.Ten
             raise ProtocolError(f"buffers: '{name}' has dtype {t.dtype}, which gradhub cannot carry")
         data = t.detach().to("cpu").contiguous().reshape(-1)
         raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
-        out.append(tensor_pb2.Tensor(meta=tensor_pb2.TensorMeta(name=name, dtype=wire, shape=list(t.shape)),
+        out.append(tensor_pb2.Tensor(meta=tensor_pb2.TensorMeta(name=name, dtype=as_wire(wire), shape=list(t.shape)),
                                      data=raw))
     return out
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
+from google.protobuf.message import Message
 
 from gradhub.proto.codec import Receiver, chunk_parser, serialize_chunk
 from gradhub.proto.contract.errors import ProtocolError
@@ -209,7 +210,7 @@ def check_metrics(metrics: Mapping[str, float]) -> None:
 def add_to_server(servicer: WorkerControlServicer, server: grpc.Server) -> None:
     """Register the service like the generated ``add_WorkerControlServicer_to_server``, with the
     chunk streams' (de)serializers (data chunks as views in, pre-serialized chunks out)."""
-    unary = {
+    unary: dict[str, tuple[type[Message], type[Message]]] = {
         "Register": (ps_pb2.RegisterRequest, ps_pb2.RegisterResponse),
         "Heartbeat": (ps_pb2.HeartbeatRequest, ps_pb2.HeartbeatResponse),
         "ReportMetrics": (ps_pb2.ReportMetricsRequest, ps_pb2.ReportMetricsResponse),

@@ -185,7 +185,7 @@ class JobRun:
         with self._lock:
             return {rank: dict(m) for rank, m in self._train.items()}
 
-    def write_metrics(self, seq: int, write: Callable[[], None]) -> None:
+    def write_metrics(self, seq: int, write: Callable[[], object]) -> None:
         """Run ``write`` (the database update of report ``seq``) unless a newer report is
         already written; writes of one job never overlap. Called outside every other lock."""
         with self._db_lock:

@@ -41,8 +41,8 @@ class JobsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         states = GaugeMetricFamily("gradhub_jobs", "Jobs by state.", labels=["state"])
-        for state, n in self._jobs.db.counts().items():
-            states.add_metric([str(state)], n)
+        for job_state, n in self._jobs.db.counts().items():
+            states.add_metric([str(job_state)], n)
         yield states
         yield GaugeMetricFamily("gradhub_queue_length", "Jobs waiting in the queue.", value=self._jobs.queue_length())
 

@@ -20,8 +20,15 @@ log = logging.getLogger(__name__)
 
 
 class ModeRuntime(Protocol):
-    table: ParameterStore | GroupTracker
-    holds_state: bool  # whether the server holds the job's training state (ps modes)
+    @property
+    def table(self) -> ParameterStore | GroupTracker:
+        """Who is in the job and how far it got (ps modes: the store, which holds the state too)."""
+        ...
+
+    @property
+    def holds_state(self) -> bool:
+        """Whether the server holds the job's training state (ps modes)."""
+        ...
 
     def prepare(self) -> None:
         """Before the workers start: resume where the job was (a GradhubError fails the job)."""

@@ -26,7 +26,7 @@ class WriteBehind:
     def __init__(self, name: str = "gradhub-db-writer") -> None:
         self._name = name
         self._cond = threading.Condition()
-        self._pending: OrderedDict[Hashable, Callable[[], None]] = OrderedDict()
+        self._pending: OrderedDict[Hashable, Callable[[], object]] = OrderedDict()
         self._queued = self._done = 0  # writes ever queued / finished (a keyed one that replaces counts once)
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -38,7 +38,7 @@ class WriteBehind:
         self._thread.start()
         return self
 
-    def put(self, key: Hashable | None, write: Callable[[], None]) -> None:
+    def put(self, key: Hashable | None, write: Callable[[], object]) -> None:
         """Queue ``write``; under ``key`` it replaces a write still pending there (None: no key).
         Before ``start()`` (a manager used without its threads, in tests) it runs here and now."""
         if self._thread is None:

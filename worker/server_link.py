@@ -28,6 +28,7 @@ from gradhub.proto.codec import (
     Layout,
     Receiver,
     as_bytes,
+    as_wire,
     chunk_parser,
     encode,
     iter_data_chunks,
@@ -183,13 +184,13 @@ class ServerLink:
                 raise ProtocolError(f"transport: the job's parameter server has {len(reply.shards) + 1} shards, "
                                     "which workers reach on the data plane only")
             return
-        link: DataLink | ShardedLink = DataLink(reply.data, self.job_id, self.rank, self.host, self._tls_ca)
+        link = DataLink(reply.data, self.job_id, self.rank, self.host, self._tls_ca)
         if reply.shards:  # ps_shards > 1: one connection per shard, and no gRPC fallback
-            link = ShardedLink([link, *(DataLink(e, self.job_id, self.rank, self.host, self._tls_ca)
-                                        for e in reply.shards)], clip=reply.clip_across_shards,
-                               push_norm=reply.clip_push_norm)
-            link.connect()
-            self._data, self.transport = link, link.kind
+            sharded = ShardedLink([link, *(DataLink(e, self.job_id, self.rank, self.host, self._tls_ca)
+                                           for e in reply.shards)], clip=reply.clip_across_shards,
+                                  push_norm=reply.clip_push_norm)
+            sharded.connect()
+            self._data, self.transport = sharded, sharded.kind
             return
         try:
             link.connect()
@@ -356,7 +357,7 @@ class ServerLink:
                                  world_size=self.world_size, clip_norm_sq=norm_sq)
 
     def _pull_request(self, layout: Layout, step: int, first: int | None) -> ps_pb2.PullRequest:
-        return ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=self.params_dtype,
+        return ps_pb2.PullRequest(job_id=self.job_id, rank=self.rank, step=step, dtype=as_wire(self.params_dtype),
                                   first_tensor=first or 0, tensor_count=0 if first is None else len(layout.names))
 
     def _close_session(self) -> None:

@@ -32,7 +32,7 @@ from typing import TypeVar
 
 import torch
 
-from gradhub.proto.codec import QUANT_BITS, Layout
+from gradhub.proto.codec import QUANT_BITS, Layout, as_wire
 from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.quant import BlockQuant
 from gradhub.proto.shards import Shard, shards_of, sum_of_squares, total_of_parts
@@ -325,7 +325,7 @@ class ShardedLink:
         same."""
         shards = self._shards_now()
         request = ps_pb2.PullRequest(job_id=header.job_id, rank=header.rank, step=header.step + 1,
-                                     dtype=wire_dtype if params_dtype is None else params_dtype,
+                                     dtype=as_wire(wire_dtype if params_dtype is None else params_dtype),
                                      clip_total_sq=total_of_parts(parts))
         params = then_pull[1] if then_pull is not None else torch.empty(shards[-1].hi)
         return self._each(lambda k, link: self._pull_one(k, link, request, shards[k], params))[0]
@@ -360,7 +360,7 @@ class ShardedLink:
                    then_pull: tuple[Layout, torch.Tensor], params_dtype: int | None) -> data_pb2.DataReply:
         """Shard ``k``'s (``s``'s) slice of the parameters of the step after ``header``'s."""
         request = ps_pb2.PullRequest(job_id=header.job_id, rank=header.rank, step=header.step + 1,
-                                     dtype=wire_dtype if params_dtype is None else params_dtype)
+                                     dtype=as_wire(wire_dtype if params_dtype is None else params_dtype))
         return self._pull_one(k, link, request, s, then_pull[1])
 
     def _header(self, header: ps_pb2.PushHeader, shard: Shard, unused: Sequence[int], first: int = 0,

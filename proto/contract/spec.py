@@ -479,7 +479,8 @@ class JobSpec:
                     raise SpecError(name, f"only applies to mode local-sgd, not {self.mode!r}")
             return
         steps = DEFAULT_LOCAL_STEPS if self.local_steps is None else self.local_steps
-        put(self, "local_steps", check_int("local_steps", steps, lo=1, hi=1_000_000))
+        local_steps = check_int("local_steps", steps, lo=1, hi=1_000_000)
+        put(self, "local_steps", local_steps)
         outer = DEFAULT_OUTER_OPTIMIZER if self.outer_optimizer is None else self.outer_optimizer
         put(self, "outer_optimizer", _optimizer(outer, "outer_optimizer"))
         if self.outer_optimizer is not None and self.outer_optimizer.param_groups:
@@ -493,9 +494,9 @@ class JobSpec:
                 raise SpecError("staleness_scaling", "applies with outer_sync: false (a synchronous round has "
                                                      "no staleness)")
         fragments = check_int("fragments", 1 if self.fragments is None else self.fragments, lo=1,
-                              hi=self.local_steps)
+                              hi=local_steps)
         put(self, "fragments", fragments)
-        gap = self.local_steps // fragments  # inner steps between two fragments' syncs
+        gap = local_steps // fragments  # inner steps between two fragments' syncs
         put(self, "fragment_overlap", check_int("fragment_overlap", self.fragment_overlap or 0, lo=0, hi=gap))
         put(self, "fragment_mix", check_number("fragment_mix", self.fragment_mix or 0.0, lo=0, hi=1, hi_open=True))
 

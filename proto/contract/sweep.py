@@ -150,6 +150,9 @@ class Param:
             return cls(kind, values=values)
         if not isinstance(value, list | tuple) or len(value) != 2:
             raise SpecError(kind, f"must be [low, high], got {value!r}")
+        low: float
+        high: float
+        step: float | None
         if kind == "int":
             low, high = (check_int(f"{kind}[{i}]", v) for i, v in enumerate(value))
             step = check_int("step", raw.get("step", 1), lo=1)
