@@ -231,8 +231,9 @@ class ServerLink:
         header = self._push_header(layout, step, base_version, buffers, unused, first,
                                    self._push_norm_sq(grads, payload, layout, first))
         grads = payload
-        if self._data is not None:
-            return self._on_data(lambda d: d.push(header, grads, self.wire_dtype)).accepted
+        if self._data is not None:  # (params_dtype: a sharded job that clips still pulls, into scratch)
+            return self._on_data(lambda d: d.push(header, grads, self.wire_dtype,
+                                                  params_dtype=self.params_dtype)).accepted
 
         def call() -> ps_pb2.PushResponse:
             return self._push(_push_stream(header, grads, self.wire_dtype),

@@ -310,6 +310,22 @@ def test_an_async_job_that_clips_quantised_buckets_over_shards_names_the_decoded
     torch.testing.assert_close(params, expected)
 
 
+def test_a_quantised_last_step_of_a_job_that_clips_over_shards_brings_the_norm(server: Server) -> None:
+    """A worker's last step pushes without a pull; over shards that clip it still pulls (the
+    parameters into scratch) to bring the total, in the parameters' dtype, not the push's."""
+    job_id = _running(server, clip_grad_norm=1.0, compression="int8", compression_block=8)
+    link = worker_link(server, job_id, 0, compression="int8", compression_block=8)
+    link.register("t", 0, total_steps=10, train_size=1)
+    grad = torch.linspace(-3, 13, NUMEL)
+    with link:
+        link.init_parameters(LAYOUT, torch.zeros(NUMEL))
+        params = torch.empty(NUMEL)
+        assert link.push(LAYOUT, 0, link.pull(LAYOUT, 0, params).version, grad)
+        assert link.pull(LAYOUT, 1, params).version == 1
+    sent = _decoded_by_slice(BlockQuant(tensor_pb2.QINT8, 8), grad, torch.zeros(NUMEL))
+    torch.testing.assert_close(params, -LR * sent / (sent.double().norm().float() + 1e-6))
+
+
 def _two_steps_in_buckets(link: ServerLink, grads: list[torch.Tensor],
                           between: Callable[[int], bool] | None = None) -> torch.Tensor:
     """Two steps from zeros, each pushed in two buckets: b's while backward runs (then
