@@ -1,7 +1,8 @@
 """The parameter store: one job's parameters, optimizer state and update rule (no gRPC in here).
 
 Parameters live in one flat float32 tensor; the optimizer (torch.optim) sees views
-of it, so an update is a plain ``optimizer.step()``. The mode decides when an
+of it, so an update is a plain ``optimizer.step()`` (what a store holds of the model, and how
+it is installed and stepped: ``gradhub.server.store_params``). The mode decides when an
 update happens and when a pull may proceed:
 
 - ``ps-sync`` (BSP): step t is applied once every worker pushed its step-t
@@ -33,9 +34,7 @@ import torch
 
 from gradhub.proto.codec import Layout, encode
 from gradhub.proto.contract.errors import ProtocolError, StateError
-from gradhub.proto.contract.optim import (
-    optimizer_state_copy,
-)
+from gradhub.proto.contract.optim import optimizer_state_copy
 from gradhub.proto.model_state import tensors_to_proto
 from gradhub.proto.shards import sum_of_squares
 from gradhub.server.shard_clip import HeldStep, ShardClip, clip_coefficient

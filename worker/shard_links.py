@@ -21,6 +21,11 @@ step (``gradhub.server.shard_clip``). In ps-async and ps-ssp the push header nam
 gradient's sum of squares instead (``ServerLink`` computes it; of the values the shards decode
 when the push is quantised, ``decoded_sum_of_squares``), which every shard's copy of the
 header carries.
+
+A job that clips pushes in buckets too: in ps-sync the push that completes a shard's slice of
+the step is answered with its part (the others at once), and the pull after the last bucket
+brings the total; in the async modes the push that completes a shard's slice waits here for
+the step's last bucket, when the whole gradient's norm is known, and goes with it.
 """
 
 from __future__ import annotations
