@@ -390,7 +390,7 @@ class DataPlane:
             await self._pull(conn, session, pull_step, wire_dtype, snapshot, pull_part_after(store, header))
             return
         reply = data_pb2.DataReply(accepted=accepted, version=version)
-        if store.config.clips_across_shards and whole:  # with this shard's part of the norm, once it has it
+        if whole:  # a job that clips over shards: with this shard's part of the norm, once it has it
             # (a bucket that leaves the worker's slice of the step incomplete is answered at once)
             try:
                 reply.clip_part_sq = await self._calls.until(
@@ -509,12 +509,13 @@ def _push_then_try_pull(store: ParameterStore, header: ps_pb2.PushHeader, grad: 
                         buffers: dict[str, torch.Tensor] | None, pull_step: int | None, wire_dtype: int,
                         ) -> tuple[bool, int, Snapshot | None, bool]:
     """A push (decoded when quantised), and (``pull_step``) the parameters for the next step
-    when they are ready already; last, whether the worker's whole gradient of the step is in
-    (a bucket may leave some of it to come)."""
+    when they are ready already; last, for a job that clips over shards, whether the worker's
+    whole gradient of the step is in (a bucket may leave some of it to come; False for others)."""
     accepted, version = take_push(store, header, grad, buffers)
     snapshot = None if pull_step is None else store.try_pull(header.rank, pull_step, wire_dtype,
                                                               *pull_part_after(store, header))
-    return accepted, version, snapshot, store.pushed(header.rank, header.step)
+    whole = store.config.clips_across_shards and store.pushed(header.rank, header.step)
+    return accepted, version, snapshot, whole
 
 
 def _check_worker(session: _Session, job_id: str, rank: int, kind: str) -> None:
