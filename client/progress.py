@@ -290,7 +290,7 @@ def job_details(
         for name in ("SHARD", "HOST", "PID", "PARAMETERS", "VERSION", "IN", "OUT", "UPDATES/S"):
             shards.add_column(name, justify="left" if name == "HOST" else "right")
         for s in info.shards:
-            shards.add_row(str(s.index), s.host or "-", str(s.pid or "-"), f"{s.first:,}..{s.end - 1:,}" if s.end else "-", str(s.version),
+            shards.add_row(str(s.index), s.host or "-", str(s.pid or "-"), f"{s.first:,}..{s.end - 1:,}" if s.end else "control", str(s.version),
                            _size(s.bytes_in), _size(s.bytes_out), f"{s.updates_per_s:,.1f}")
         parts += [Text(), shards]
 

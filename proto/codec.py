@@ -75,7 +75,9 @@ def params_dtype(compression: str) -> int:
 
 @dataclass(frozen=True)
 class Layout:
-    """Names and shapes of a model's parameters, in order, as one flat float32 vector."""
+    """Names and shapes of a model's parameters, in order, as one flat float32 vector (none at
+    all: a sharded job's control store, ``gradhub.proto.shards``; a model on the wire has one
+    at least, ``from_metas``)."""
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
@@ -85,8 +87,6 @@ class Layout:
             raise ProtocolError("tensors: names and shapes differ in length")
         if len(set(self.names)) != len(self.names):
             raise ProtocolError("tensors: duplicate tensor names")
-        if not self.names:
-            raise ProtocolError("tensors: a model needs at least one parameter tensor")
 
     @property
     def numels(self) -> tuple[int, ...]:
@@ -107,6 +107,8 @@ class Layout:
 
     @classmethod
     def from_metas(cls, metas: Sequence[tensor_pb2.TensorMeta]) -> Layout:
+        if not metas:
+            raise ProtocolError("tensors: a model needs at least one parameter tensor")
         for i, m in enumerate(metas):
             if any(d < 0 for d in m.shape):
                 raise ProtocolError(f"tensors[{i}].shape: negative dimension in {list(m.shape)}")
@@ -157,6 +159,8 @@ class Layout:
         """``parts`` contiguous runs of whole tensors, as (first, count), each ending where the
         running total of elements first reaches its share (every run holds at least one)."""
         n = len(self.names)
+        if n == 0 and parts == 1:
+            return ((0, 0),)  # no tensor (a sharded job's control store): one run of none
         if not 1 <= parts <= n:
             raise SpecError("fragments", f"{parts} fragments for a model of {n} parameter tensors "
                                          f"(at most one fragment per tensor)")

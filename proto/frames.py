@@ -13,7 +13,9 @@ from google.protobuf.message import DecodeError
 from gradhub.proto.contract.errors import ERRORS, GradhubError, ProtocolError, SpecError
 from gradhub.proto.v1 import data_pb2
 
-DATA_PROTOCOL = 1
+# 2: a sharded job's store 0 (``RegisterResponse.data``) is the server's control store, which
+# holds no trainable value; its shards are ``RegisterResponse.shards`` (``gradhub.proto.shards``)
+DATA_PROTOCOL = 2
 MAGIC = b"GHD1"
 PREFIX = struct.Struct("<4sI")  # magic, header length (little-endian)
 MAX_HEADER_BYTES = 64 << 20  # a header carries the metas and, inline, the model's buffers

@@ -1,12 +1,16 @@
 """How a job's parameters are split over parameter-server shards (``ps_shards: K``), and how the
 shards' states are put back together: the one description both ends share.
 
-The flat vector of trainable parameters is cut into K contiguous slices of near-equal length
-(``shards_of``). A slice may cut a tensor in two: each shard holds *pieces*, one per tensor
-it overlaps, named like the tensor and flat (shape ``(n,)``). The optimizers gradhub supports
-are elementwise, so a shard that runs the same ``torch.optim`` optimizer over its pieces takes
-exactly the whole model's step on them. A checkpoint is always the whole model's, in the
-format an unsharded job writes (``merge_*``), and a job resumes from it with any K (``split_*``).
+A sharded job has K + 1 stores: store 0 is the server's, the job's control (it holds no
+trainable value: it keeps the frozen parameters, the buffers, the schedule and the job's step,
+and answers for the whole), and stores 1 to K are the shards, each its own process. The flat
+vector of trainable parameters is cut into K contiguous slices of near-equal length, one per
+shard (``shards_of``). A slice may cut a tensor in two: each shard holds *pieces*, one per
+tensor it overlaps, named like the tensor and flat (shape ``(n,)``). The optimizers gradhub
+supports are elementwise, so a shard that runs the same ``torch.optim`` optimizer over its
+pieces takes exactly the whole model's step on them. A checkpoint is always the whole model's,
+in the format an unsharded job writes (``merge_*``), and a job resumes from it with any K
+(``split_*``).
 """
 
 from __future__ import annotations
@@ -57,22 +61,32 @@ class Shard:
                 for name, start, n in zip(self.layout.names, self.starts, self.layout.numels, strict=True)}
 
 
+def stores_for(shards: int) -> int:
+    """How many stores a job with ``ps_shards: shards`` has: one, or the control and the shards."""
+    return 1 if shards == 1 else shards + 1
+
+
 def check_count(count: int, layout: Layout) -> None:
-    if not 1 <= count <= min(MAX_SHARDS, layout.numel):
-        raise SpecError("ps_shards", f"{count} shards for a model of {layout.numel} trainable values "
+    """``count`` stores (``stores_for``) for a model of ``layout``: 1 to 64 shards, and no more
+    shards than trainable values."""
+    shards = count - 1 if count > 1 else 1
+    if not 1 <= shards <= min(MAX_SHARDS, layout.numel):
+        raise SpecError("ps_shards", f"{shards} shards for a model of {layout.numel} trainable values "
                                      f"(1 to {min(MAX_SHARDS, layout.numel)})")
 
 
 def shards_of(layout: Layout, count: int) -> tuple[Shard, ...]:
-    """``layout``'s flat vector cut into ``count`` contiguous slices whose lengths differ by at
-    most one."""
+    """The slices of ``layout``'s flat vector that the ``count`` stores of a job hold: with one,
+    all of it; with more, none on store 0 (the control) and ``count - 1`` contiguous slices
+    whose lengths differ by at most one on the shards 1 to ``count - 1``."""
     check_count(count, layout)
     total, offsets = layout.numel, [0]
     for n in layout.numels:
         offsets.append(offsets[-1] + n)
-    out = []
-    for k in range(count):
-        lo, hi = total * k // count, total * (k + 1) // count
+    slices = count - 1 if count > 1 else 1
+    out = [] if count == 1 else [Shard(0, count, 0, 0, 0, Layout((), ()), ())]
+    for j in range(slices):
+        lo, hi = total * j // slices, total * (j + 1) // slices
         names, shapes, starts, first = [], [], [], -1
         for t, name in enumerate(layout.names):
             a, b = max(lo, offsets[t]), min(hi, offsets[t + 1])
@@ -81,7 +95,7 @@ def shards_of(layout: Layout, count: int) -> tuple[Shard, ...]:
                 names.append(name)
                 shapes.append((b - a,))
                 starts.append(a - offsets[t])
-        out.append(Shard(k, count, lo, hi, first, Layout(tuple(names), tuple(shapes)), tuple(starts)))
+        out.append(Shard(len(out), count, lo, hi, first, Layout(tuple(names), tuple(shapes)), tuple(starts)))
     return tuple(out)
 
 

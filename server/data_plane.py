@@ -412,7 +412,8 @@ class DataPlane:
             raise _Refused(e) from e
         buffer = bytearray(init.payload_bytes)
         await self._recv_into(conn, memoryview(buffer), IDLE_TIMEOUT_S)
-        flat = torch.frombuffer(buffer, dtype=torch.float32)
+        # the control store of a sharded job: no value (the frozen ones, when the model has some)
+        flat = torch.frombuffer(buffer, dtype=torch.float32) if buffer else torch.empty(0)
         try:
             accepted = await self._calls.run(init.take, session.store, flat)
         except Exception as e:  # noqa: BLE001 - any error goes back to the worker (as gRPC's handler does)

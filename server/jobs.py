@@ -503,8 +503,9 @@ class JobManager(WorkerCalls):
         return self._launcher.nodes() if ps_shards == "auto" else int(ps_shards)
 
     def start_shards(self, config: StoreConfig, count: int) -> OtherShards:
-        """Start shards 1 to ``count - 1`` of a job whose store (shard 0) ``config`` describes;
-        with the server's TLS (their TCP ports speak it as the server's data plane does)."""
+        """Start shards 1 to ``count - 1`` of a job whose control store (store 0 of ``count``)
+        ``config`` describes, with the server's TLS (their TCP ports speak it as the server's
+        data plane does)."""
         c = self.config
         tls = None
         if c.tls_cert is not None and c.tls_key is not None:

@@ -88,9 +88,9 @@ class Launcher(Protocol):
 
     def start_shards(self, config: StoreConfig, count: int, max_model_bytes: int,
                      tls: tuple[bytes, bytes] | None = None) -> OtherShards:
-        """Start shards 1 to ``count - 1`` of the parameter server of the job whose own store
-        (shard 0) ``config`` describes (``tls``: the server's certificate chain and key, PEM,
-        for their TCP ports); returns once every one serves."""
+        """Start shards 1 to ``count - 1`` of the parameter server of the job whose control
+        store (store 0 of ``count``) ``config`` describes (``tls``: the server's certificate
+        chain and key, PEM, for their TCP ports); returns once every one serves."""
         ...
 
     def launch(self, job_id: str, spec: JobSpec, runtime_env: Mapping[str, Any] | None,

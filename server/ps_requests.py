@@ -60,10 +60,11 @@ def init_request(header: ps_pb2.PushHeader, max_model_bytes: int, shard: tuple[i
 
 
 def push_bytes(store: ParameterStore, header: ps_pb2.PushHeader) -> int:
-    """The bytes of the gradient ``header`` announces, once its tensors match the job's model."""
-    if not header.tensors:
-        raise ProtocolError("tensors: the header lists no tensors")
+    """The bytes of the gradient ``header`` announces, once its tensors match the job's model
+    (a sharded job's control store holds none: its pushes list none, and bring the buffers)."""
     layout = store.layout
+    if not header.tensors and (layout is None or layout.names):
+        raise ProtocolError("tensors: the header lists no tensors")
     if layout is None:
         raise StateError("parameters: the job has no parameters yet; pull before pushing")
     config = store.config

@@ -1,7 +1,8 @@
 """The ps modes' runtime (``ps-sync``, ``ps-async``, ``ps-ssp``, and local-sgd's outer step): the
 job's ``ParameterStore`` on the server holds the parameters and takes the checkpoints; with
-``ps_shards: K > 1`` it holds shard 0's slice and the job's other shards the rest
-(``gradhub.server.shard_set``), whose checkpoints of a step merge into the model's. A shard
+``ps_shards: K > 1`` it is the job's control store (its steps, buffers, frozen parameters and
+schedule, no trainable value) and K shards, each a process of its own, hold the parameters
+(``gradhub.server.shard_set``); their checkpoints of a step merge into the model's. A shard
 that dies takes the job back to its latest checkpoint: every shard and worker starts again
 from there (in ps-sync the job still ends with the parameters of an undisturbed run).
 """
@@ -19,6 +20,7 @@ from gradhub.proto.codec import Layout
 from gradhub.proto.contract.errors import StateError
 from gradhub.proto.contract.spec import JobSpec
 from gradhub.proto.contract.states import JobState
+from gradhub.proto.shards import stores_for
 from gradhub.server.checkpoints import CheckpointStore
 from gradhub.server.job_db import JobDB
 from gradhub.server.job_run import JobRun
@@ -89,8 +91,9 @@ class PSRuntime:
 
     def __init__(self, run: JobRun, host: Host, clock: Callable[[], float] = time.monotonic) -> None:
         self.run, self.host = run, host
-        count = host.shard_count(run.spec.ps_shards) if run.spec.ps_shards != 1 else 1
-        self.config = dataclasses.replace(store_config(run.id, run.spec), shards=count)
+        shards = host.shard_count(run.spec.ps_shards) if run.spec.ps_shards != 1 else 1
+        # ps_shards K > 1: this store is the job's control (no trainable value), K shards the rest
+        self.config = dataclasses.replace(store_config(run.id, run.spec), shards=stores_for(shards))
         self._clock = clock
         self.table: ParameterStore = ParameterStore(self.config, on_checkpoint=run.checkpoints.put, clock=clock)
         self.others: OtherShards | None = None
@@ -149,12 +152,12 @@ class PSRuntime:
         try:
             self.others = self.host.start_shards(self.config, count)
         except Exception as e:
-            raise StateError(f"ps_shards: could not start the parameter server's {count} shards: "
+            raise StateError(f"ps_shards: could not start the parameter server's {count - 1} shards: "
                              f"{type(e).__name__}: {e}") from e
         self.run.shards = self.others
         hosts = ", ".join(str(e["tcp_host"]) for e in self.others.endpoints())
-        self.host.log_line(self.run.id, f"parameter server: {count} shards (shard 0 on the server; 1 to "
-                                        f"{count - 1} on {hosts})")
+        self.host.log_line(self.run.id, f"parameter server: {count - 1} shards, on {hosts} (the server keeps "
+                                        "the job's control: its steps, buffers and frozen parameters)")
 
     def close(self) -> None:
         if self.others is not None:

@@ -1,7 +1,8 @@
-"""Ray adapter: a sharded job's shards 1 to K-1, each a ``ShardServer`` in a Ray actor of its
-own. Shard 0 is the server's, so the others go to the cluster's other nodes, one each in turn
-(on the server's node only when it has no other). The actors hold no CPU of the queue's: a
-shard's work is the parameter server's, like the server process's own."""
+"""Ray adapter: a sharded job's shards 1 to K, each a ``ShardServer`` in a Ray actor of its own
+(the server keeps the job's control store, ``gradhub.server.shard_set``). They go to the
+cluster's nodes one each in turn, the server's node last (its process serves the control
+plane). The actors hold no CPU of the queue's: a shard's work is the parameter server's, like
+the server process's own."""
 
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ class ShardActor:
 
 
 class RayShards:
-    """Shards 1 to ``count - 1`` of ``config``'s job as Ray actors (``OtherShards``)."""
+    """Shards 1 to ``count - 1`` of ``config``'s job (``count`` stores: the control and the
+    shards) as Ray actors (``OtherShards``)."""
 
     def __init__(self, config: StoreConfig, count: int, *, max_model_bytes: int,
                  tls: tuple[bytes, bytes] | None = None) -> None:
@@ -178,9 +180,9 @@ class RayShards:
 
 
 def _placements(count: int) -> list[Any]:
-    """Where ``count`` shards go: the alive nodes other than this one (the server's, which holds
-    shard 0), in turn; Ray's ``SPREAD`` when there is no other. The affinity is hard: Ray's soft
-    one placed two shards on one node of two idle ones here."""
+    """Where ``count`` shards go: the alive nodes in turn, the others before this one (the
+    server's); Ray's ``SPREAD`` when there is no other. The affinity is hard: Ray's soft one
+    placed two shards on one node of two idle ones here."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -188,4 +190,5 @@ def _placements(count: int) -> list[Any]:
     others = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here)
     if not others:
         return ["SPREAD"] * count
-    return [NodeAffinitySchedulingStrategy(others[i % len(others)], soft=False) for i in range(count)]
+    nodes = [*others, here]
+    return [NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False) for i in range(count)]

@@ -1,8 +1,9 @@
-"""A sharded job's parameter server as one (``ps_shards: K``): shard 0 is the job's own
-``ParameterStore`` on the gRPC server, shards 1 to K-1 are ``ShardServer``s elsewhere (Ray
-actors, ``gradhub.server.shard_actors``; in this process for tests and external workers,
-``LocalShards``). Here: what the control plane asks of them, and how their states merge
-into the one checkpoint an unsharded job would write."""
+"""A sharded job's parameter server as one (``ps_shards: K``): store 0 is the job's control
+``ParameterStore`` on the gRPC server (no trainable value: the job's steps, its buffers, frozen
+parameters and schedule), stores 1 to K are the shards, ``ShardServer``s each in a process of
+its own (Ray actors, ``gradhub.server.shard_actors``; in this process for tests and external
+workers, ``LocalShards``). Here: what the control plane asks of them, and how their states
+merge into the one checkpoint an unsharded job would write."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
 
 
 class OtherShards(Protocol):
-    """Shards 1 to K-1 of a running job; every call answers for each of them, in order."""
+    """Shards 1 to K of a running job; every call answers for each of them, in order."""
 
     def endpoints(self) -> list[dict[str, object]]:
         """Where each one's data plane is (``ShardServer.endpoint``)."""
@@ -74,7 +75,7 @@ def endpoints(others: Sequence[dict[str, object]], credential: str) -> list[ps_p
 
 def merge_states(store: ParameterStore, own: CheckpointState, others: Sequence[CheckpointState], *,
                  checkpoint: bool = True) -> CheckpointState:
-    """The whole model's checkpoint from shard 0's (``store``'s, ``own``) and the others', taken
+    """The whole model's checkpoint from the control store's (``store``'s, ``own``) and the shards', taken
     at the same step. In ps-sync every shard is at the same version; in ps-async and ps-ssp a
     checkpoint's shards hold the same pushes, every worker at the same clock on each
     (``StoreConfig.fences_checkpoints``); else the states do not belong together (a
@@ -103,7 +104,7 @@ def merge_states(store: ParameterStore, own: CheckpointState, others: Sequence[C
 
 def resume_slices(state: CheckpointState, trainable: Layout, groups: Sequence[Mapping[str, Any]],
                   count: int) -> list[CheckpointState]:
-    """Shards 1 to ``count - 1``'s slices of the whole model's checkpoint ``state``, whose
+    """Shards 1 to ``count - 1``'s slices (``count`` stores) of the whole model's checkpoint ``state``, whose
     trainable parameters are ``trainable`` (the model's order; ``groups`` the job's parameter
     groups): each shard gets its pieces and its optimizer state, not the whole model's."""
     missing = [n for n in trainable.names if n not in state.params]
@@ -135,7 +136,8 @@ def settle_held_clip(store: ParameterStore, others: OtherShards) -> int | None:
 
 
 class LocalShards:
-    """Shards 1 to K-1 as ``ShardServer``s in this process (for tests and external workers)."""
+    """Shards 1 to ``count - 1`` (``count`` stores) as ``ShardServer``s in this process (for
+    tests and external workers)."""
 
     def __init__(self, config: StoreConfig, count: int, host: str, *, max_model_bytes: int,
                  tls: tuple[bytes, bytes] | None = None) -> None:

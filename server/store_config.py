@@ -51,8 +51,9 @@ class StoreConfig:
     # local-sgd streaming: store step s updates fragment s % fragments alone (a run of whole
     # tensors, ``Layout.partition``); the other parameters are left exactly as they are
     fragments: int = 1
-    # ps_shards: this store holds slice ``shard`` of ``shards`` of the flat parameters
-    # (``gradhub.proto.shards``); shard 0 also holds the frozen parameters and the buffers
+    # ps_shards: this store is store ``shard`` of the job's ``shards`` (``gradhub.proto.shards``:
+    # with K shards, K + 1 stores): store 0 the server's control store (the frozen parameters,
+    # the buffers, the schedule; no trainable value), stores 1 to K each a slice of the rest
     shard: int = 0
     shards: int = 1
     # bucketed pushes: apply each bucket as soon as every worker's copy of it is in (ps-sync), or

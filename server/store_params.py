@@ -154,7 +154,7 @@ class StoreParams(WorkerTable):
                 trainable = self._shard.pieces(trainable)
                 if self._shard.index:
                     frozen, buffers = {}, {}
-        flat = torch.cat([trainable[n].reshape(-1).to(torch.float32) for n in model.trainable.names])
+        flat = torch.cat([torch.empty(0), *(trainable[n].reshape(-1).to(torch.float32) for n in model.trainable.names)])
         self._install(model.trainable, flat)
         self._frozen = {k: v.to(torch.float32).clone() for k, v in frozen.items()}
         self._buffers = {k: v.clone() for k, v in buffers.items()}
@@ -188,7 +188,10 @@ class StoreParams(WorkerTable):
         # built before anything is kept: parameter groups that match nothing raise SpecError
         whole = None if self._shard is None or self._whole is None else self._whole.trainable.names
         named = list(zip(layout.names, params, strict=True))
-        optimizer = build_optimizer(parameter_groups(named, c.param_groups, shard_of=whole), c.optimizer, c.lr, c.hyper)
+        # the control store of a sharded job holds no trainable value: an optimizer of one empty
+        # group all the same, whose schedule the job's learning rate is read from
+        groups: list[Any] = parameter_groups(named, c.param_groups, shard_of=whole) or [{"params": []}]
+        optimizer = build_optimizer(groups, c.optimizer, c.lr, c.hyper)
         updates = self._total_steps * (1 if c.mode == "ps-sync" else c.world_size)
         scheduler = build_scheduler(optimizer, c.schedule, max(updates, 1))
         self._parts = layout.partition(c.fragments)  # more fragments than tensors: a SpecError

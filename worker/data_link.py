@@ -175,12 +175,10 @@ class DataLink:
             if reply.HasField("error"):
                 if nbytes:
                     raise ProtocolError("data plane: an error reply with a payload")
-            elif nbytes:
-                if into is None:
-                    raise ProtocolError(f"data plane: a reply with {nbytes} unexpected bytes")
+            elif into is not None:  # (none at all from a sharded job's control store: it holds no value)
                 self._recv_into(sock, into.buffer(reply, nbytes))
-            elif into is not None:
-                raise ProtocolError("pull: the server's reply carries no parameters")
+            elif nbytes:
+                raise ProtocolError(f"data plane: a reply with {nbytes} unexpected bytes")
         except (OSError, ProtocolError):
             self.close()  # a connection whose framing is in doubt is not used again
             raise

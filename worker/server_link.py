@@ -181,11 +181,11 @@ class ServerLink:
         self.transport = "grpc"
         if self._transport == "grpc" or not reply.HasField("data"):
             if reply.shards:
-                raise ProtocolError(f"transport: the job's parameter server has {len(reply.shards) + 1} shards, "
+                raise ProtocolError(f"transport: the job's parameter server has {len(reply.shards)} shards, "
                                     "which workers reach on the data plane only")
             return
         link = DataLink(reply.data, self.job_id, self.rank, self.host, self._tls_ca)
-        if reply.shards:  # ps_shards > 1: one connection per shard, and no gRPC fallback
+        if reply.shards:  # ps_shards > 1: the control store and one connection per shard; no gRPC fallback
             sharded = ShardedLink([link, *(DataLink(e, self.job_id, self.rank, self.host, self._tls_ca)
                                            for e in reply.shards)], clip=reply.clip_across_shards,
                                   push_norm=reply.clip_push_norm)

@@ -2,16 +2,17 @@
 per shard, used in parallel, behind the same calls as one ``DataLink``.
 
 Each call is the whole model's (its header lists every tensor); here it is cut as
-``gradhub.proto.shards`` cuts the flat vector: shard k gets the slice [lo_k, hi_k) of the
-gradient, with the pieces' names and shapes, the parameters that got no gradient among its
-pieces, and (shard 0 alone) the buffers; its parameters land straight in the same slice of the
-model's flat parameters. Shard 0 answers for the whole (its version, the buffers); each
-shard's own version is the base of the next push to it (a shard counts its own updates).
+``gradhub.proto.shards`` cuts the flat vector: ``links[0]`` is the server's control store,
+which holds no value and gets a push of none with the buffers, and shard k (1 to K) gets the
+slice [lo_k, hi_k) of the gradient, with the pieces' names and shapes and the parameters that
+got no gradient among its pieces; its parameters land straight in the same slice of the
+model's flat parameters. The control store answers for the whole (its version, the buffers);
+each shard's own version is the base of the next push to it (a shard counts its own updates).
 
 A bucket (a run of the model's tensors, pushed while backward runs) goes to each shard as the
-pieces of it that the shard holds, a bucket of that shard's slice; the step's last bucket
-brings every shard's parameters back. A quantised push has each shard's slice quantised on its
-own (``encode``).
+pieces of it that the shard holds, a bucket of that shard's slice; the step's last bucket goes
+to the control store too and brings every shard's parameters back. A quantised push has each
+shard's slice quantised on its own (``encode``).
 
 A ps-sync job that clips its gradient (``clip``: ``RegisterResponse.clip_across_shards``)
 takes two round trips a step: each shard answers the push with its slice's sum of squares of
@@ -65,7 +66,7 @@ class ShardedLink:
     @property
     def kind(self) -> str:
         kinds = sorted({link.kind for link in self.links})
-        return f"{'+'.join(kinds)} ({len(self.links)} shards)"
+        return f"{'+'.join(kinds)} ({len(self.links) - 1} shards)"  # and the server's control store
 
     @property
     def where(self) -> str:
@@ -109,7 +110,7 @@ class ShardedLink:
                               for where, n in zip(_byte_slices(quant, counts), counts, strict=True))
 
     def init(self, header: ps_pb2.PushHeader, flat: torch.Tensor) -> data_pb2.DataReply:
-        """``flat``: the trainable parameters, then the frozen ones (shard 0 takes those)."""
+        """``flat``: the trainable parameters, then the frozen ones (the control store takes those)."""
         shards = self._shards(header.tensors)
         n = shards[-1].hi
 
@@ -152,15 +153,19 @@ class ShardedLink:
     def _bucket_pieces(self, first: int, count: int) -> list[tuple[int, int, int, Layout, int, int]]:
         """Where the bucket of the model's tensors ``first`` to ``first + count - 1`` lies on the
         shards, in shard order, for each shard that holds pieces of it: (shard, its first piece
-        j, how many n, their layout, where their values start and end in the bucket's)."""
+        j, how many n, their layout, where their values start and end in the bucket's). The
+        bucket of the model's first tensor, the step's last, goes to the control store too (no
+        piece: its push of the step)."""
         if self._cut is None:
             raise ProtocolError("first_tensor: a bucket before the model's tensors are known (pull first)")
         (names, shapes), shards = self._cut
         if first + count > len(names):
             raise ProtocolError(f"first_tensor: tensors {first} to {first + count - 1} of a model of {len(names)}")
         start = Layout(names, shapes).offset(first)  # where the bucket's values start in the flat gradient
-        out = []
-        for k, s in enumerate(shards):
+        out: list[tuple[int, int, int, Layout, int, int]] = []
+        if first == 0:  # the step's last bucket: the control store's push (no value; the buffers) with it
+            out.append((0, 0, 0, shards[0].layout, 0, 0))
+        for k, s in enumerate(shards[1:], start=1):
             lo, hi = max(first, s.first), min(first + count, s.first + len(s.layout.names))
             if lo < hi:
                 j, n = lo - s.first, hi - lo  # its pieces j to j + n - 1
@@ -202,7 +207,7 @@ class ShardedLink:
             return self._push_to(k, link, s, self._header(header, s, self._unused_in(header, s, j, n), j, n),
                                  payloads[k], wire_dtype, then_pull, params_dtype)
         replies = [r for r in self._each(one) if r is not None]
-        return replies[0]  # shard 0's when it has a piece (the last bucket holds the model's first tensor)
+        return replies[0]  # the control store's with the step's last bucket (the model's first tensor)
 
     @staticmethod
     def _unused_in(header: ps_pb2.PushHeader, s: Shard, j: int, n: int) -> list[int]:
@@ -397,7 +402,7 @@ class ShardedLink:
         return self._cut[1]
 
     def _each(self, call: Callable[[int, DataLink], T]) -> list[T]:
-        """``call(k, links[k])`` for every shard at once (shard 0 in this thread); every call
+        """``call(k, links[k])`` for every store at once (the control in this thread); every call
         ends before the first error is raised."""
         futures: list[Future[T]] = [self._pool.submit(call, k, link) for k, link in enumerate(self.links) if k]
         first: BaseException | None = None

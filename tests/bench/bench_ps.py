@@ -5,7 +5,7 @@
     fallback), against raw TCP loopback (and plain gRPC streaming) measured in the same run;
 (b) ps-sync step communication time with 2 workers against torch.distributed Gloo
     all_reduce of the same bytes, with the parameter server in one shard and in K (``--shards``:
-    shard 0 in the server, the others Ray actors on a local Ray, as a cluster runs them);
+    K Ray actors on a local Ray, as a cluster runs them, and the server's control store);
 (c) a 1-worker ps-sync job (real server, real Ray worker) against a plain PyTorch loop on
     the same model, data and batch: samples/s;
 (d) a 2-worker ps-sync job against the same job in allreduce mode: samples/s;
@@ -52,7 +52,7 @@ def _serve(port_queue: Any, stop: Any, data_dir: str, asks: Any, credentials: An
            tls: tuple[str, str] | None = None, ray_shards: bool = False) -> None:
     """The gradhub server in its own process, with workers that the benchmark runs itself (it
     answers each job id put on ``asks`` with the job's worker credential, as a launcher would);
-    ``tls``: (certificate, key) files to serve TLS with; ``ray_shards``: a sharded job's other
+    ``tls``: (certificate, key) files to serve TLS with; ``ray_shards``: a sharded job's
     shards are Ray actors (a local Ray), each a process of its own."""
     import queue
 
@@ -132,7 +132,7 @@ def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "un
                      shards: int = 1) -> tuple[list[float], dict]:
     """Per-step push+pull seconds of rank 0 in a ps-sync job of ``workers`` external workers
     (the parameter server in ``shards`` shards), and the server's CPU seconds per GB moved and
-    peak RSS (MB) over the exchanges (the server process's alone: shard 0)."""
+    peak RSS (MB) over the exchanges (the server process's alone: with shards, the control store's)."""
     from gradhub.client.client import Client
 
     ctx = mp.get_context("spawn")

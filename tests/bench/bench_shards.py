@@ -3,8 +3,8 @@ one machine): the docker-compose topology in network namespaces (tests/multihost
 the server, two worker hosts with one worker each), every link shaped with ``tc ... tbf rate``
 both ways, and the same 2-worker job (the synthetic task's MLP, 8.7 MB of parameters) in
 ``ps-sync`` with one shard (every byte through the head's link), ``ps-sync`` with
-``ps_shards: auto`` (three: the server's and one on each worker host) and ``allreduce`` (Gloo
-between the worker hosts, no server in the data path). Figure: a step's seconds once the job
+``ps_shards: auto`` (three: one on each worker host and one on the head, beside the server's
+control store) and ``allreduce`` (Gloo between the worker hosts, no server in the data path). Figure: a step's seconds once the job
 trains (the steps between two reports of the job's step, from the second report on), and the
 ratio to ``allreduce``'s, measured in the same run. Needs root and ``ip``.
 

@@ -117,10 +117,13 @@ def _shard_1_killed(client: Client, job: dict, gate: Path, held: Callable[[JobIn
     def ready() -> bool:
         info = client.get_job(submitted.id)
         assert info.state in ("QUEUED", "RUNNING"), info.reason
-        return len(info.shards) == 2 and held(info)
+        return len(info.shards) == 3 and held(info)  # the server's control store and two shards
 
     wait_for(ready, 120, what)
-    os.kill(client.get_job(submitted.id).shards[1].pid, signal.SIGKILL)
+    shards = client.get_job(submitted.id).shards
+    assert shards[0].pid == os.getpid() and (shards[0].first, shards[0].end) == (0, 0)  # the server's: no value
+    assert len({s.pid for s in shards}) == 3, shards  # each shard a process of its own
+    os.kill(shards[1].pid, signal.SIGKILL)
     wait_for(lambda: any("shard 1 died" in line for line in client.logs(submitted.id)), 60, "the shard's death seen")
     gate.touch()
     info = submitted.wait(timeout=180)

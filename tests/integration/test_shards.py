@@ -1,6 +1,7 @@
 """A sharded parameter server (``ps_shards``) on the wire, against a real server on port 0 whose
-workers are this test (an external launcher runs the other shards in the server's process: the
-same ``ShardServer`` that a Ray actor runs).
+workers are this test (an external launcher runs the shards in the server's process: the same
+``ShardServer`` that a Ray actor runs). Store 0 is the server's control store, which holds no
+value (``gradhub.proto.shards``); shards 1 to 3 hold w[0:3], w[3:6] and b.
 
 - a worker learns every shard's data plane at registration, pushes its gradient cut into the
   shards' slices and gets each slice's parameters back into the right place;
@@ -29,7 +30,7 @@ from gradhub.client.client import Client
 from gradhub.proto.codec import Layout
 from gradhub.proto.contract.errors import AuthError, ProtocolError
 from gradhub.proto.quant import BlockQuant
-from gradhub.proto.shards import shards_of
+from gradhub.proto.shards import shards_of, stores_for
 from gradhub.proto.v1 import ps_pb2, tensor_pb2
 from gradhub.server.app import Server
 from gradhub.server.config import ServerConfig
@@ -41,6 +42,7 @@ from ..conftest import wait_for, worker_link
 
 LAYOUT = Layout(("w", "b"), ((2, 3), (4,)))
 NUMEL, LR, SHARDS = 10, 0.5, 3
+STORES = stores_for(SHARDS)  # the server's control store (no value) and the shards
 
 
 @pytest.fixture
@@ -67,7 +69,7 @@ def test_a_worker_trains_on_every_shard_and_status_shows_them(server: Server) ->
     job_id = _running(server)
     link, reg = _worker(server, job_id)
     with link:
-        assert len(reg.shards) == SHARDS - 1 and all(e.credential == reg.data.credential for e in reg.shards)
+        assert len(reg.shards) == SHARDS and all(e.credential == reg.data.credential for e in reg.shards)
         assert link.transport == f"unix ({SHARDS} shards)"
         link.init_parameters(LAYOUT, torch.arange(NUMEL, dtype=torch.float32))
         params = torch.empty(NUMEL)
@@ -83,10 +85,10 @@ def test_a_worker_trains_on_every_shard_and_status_shows_them(server: Server) ->
         with Client(server.address) as client:
             def shown() -> bool:
                 shards = client.get_job(job_id).shards
-                return len(shards) == SHARDS and all(s.version == 3 for s in shards)
+                return len(shards) == STORES and all(s.version == 3 for s in shards)
             wait_for(shown, 10, "every shard at version 3 in the job's status")
             shards = client.get_job(job_id).shards
-        assert [(s.first, s.end) for s in shards] == [(0, 3), (3, 6), (6, 10)]
+        assert [(s.first, s.end) for s in shards] == [(0, 0), (0, 3), (3, 6), (6, 10)]  # the control: none
         for s in shards:
             assert s.host and s.bytes_in == 3 * (s.end - s.first) * 4  # three pushes of its slice
             assert s.bytes_out == 4 * (s.end - s.first) * 4  # the first pull and three
@@ -132,7 +134,7 @@ def test_a_job_that_clips_over_shards_steps_with_the_norm_over_every_shard(serve
         assert link.pull(LAYOUT, 2, params).version == 2
         torch.testing.assert_close(params, step_one - LR * grad / 100)
         # a push that asks for the next parameters at once is refused: they wait for the norm
-        shard = shards_of(LAYOUT, SHARDS)[1]
+        shard = shards_of(LAYOUT, STORES)[1]
         mine = DataLink(reg.shards[0], job_id, 0, "127.0.0.1")
         mine.connect()
         header = ps_pb2.PushHeader(job_id=job_id, rank=0, step=2, base_version=2,
@@ -151,7 +153,7 @@ def test_a_step_held_for_its_norm_is_taken_when_its_worker_registers_again(serve
         link.init_parameters(LAYOUT, torch.zeros(NUMEL))
         grad = torch.arange(NUMEL, dtype=torch.float32)
         parts = []
-        for endpoint, shard in zip([reg.data, *reg.shards], shards_of(LAYOUT, SHARDS), strict=True):
+        for endpoint, shard in zip([reg.data, *reg.shards], shards_of(LAYOUT, STORES), strict=True):
             data = DataLink(endpoint, job_id, 0, "127.0.0.1")
             data.connect()
             header = ps_pb2.PushHeader(job_id=job_id, rank=0, step=0, tensors=shard.layout.metas(tensor_pb2.FLOAT32))
@@ -168,22 +170,22 @@ def test_a_step_held_for_its_norm_is_taken_when_its_worker_registers_again(serve
 
 
 def test_a_worker_that_pushed_a_step_to_some_shards_only_does_it_again(server: Server) -> None:
-    """Its process died between its pushes to shard 0 and to the others: registered again, it
-    is told that step, pulls its parameters from every shard (shard 0's from before the step it
-    took alone) and pushes it again; the result is an undisturbed run's."""
+    """Its process died between its pushes to the control store and to the shards: registered
+    again, it is told that step, pulls its parameters from every store (the control's buffers
+    from before the step it took alone) and pushes it again; the result is an undisturbed run's."""
     job_id = _running(server)
     link, reg = _worker(server, job_id)
     init = torch.arange(NUMEL, dtype=torch.float32)
     grad = torch.ones(NUMEL)
     with link:
         link.init_parameters(LAYOUT, init)
-        shard = shards_of(LAYOUT, SHARDS)[0]
+        shard = shards_of(LAYOUT, STORES)[0]
         data = DataLink(reg.data, job_id, 0, "127.0.0.1")
         data.connect()
         header = ps_pb2.PushHeader(job_id=job_id, rank=0, step=0, tensors=shard.layout.metas(tensor_pb2.FLOAT32))
         assert data.push(header, grad[shard.lo:shard.hi], tensor_pb2.FLOAT32).accepted
         data.close()
-        assert server.manager.store(job_id).version == 1  # shard 0 took step 0; the others wait for it
+        assert server.manager.store(job_id).version == 1  # the control took step 0; the shards wait for it
     again, reg = _worker(server, job_id)
     with again:
         assert reg.next_step == 0  # the least of its steps on the shards
@@ -196,7 +198,7 @@ def test_a_worker_that_pushed_a_step_to_some_shards_only_does_it_again(server: S
 
 @pytest.mark.parametrize(("compression", "wire"), [("int8", tensor_pb2.QINT8), ("int4", tensor_pb2.QINT4)])
 def test_a_quantised_push_is_quantised_slice_by_slice(server: Server, compression: str, wire: int) -> None:
-    """Each shard's slice on its own, with error feedback per slice: shards 0 and 1 hold pieces
+    """Each shard's slice on its own, with error feedback per slice: shards 1 and 2 hold pieces
     of w of one shape (w[0:3], w[3:6]), each with its own rest to carry."""
     job_id = _running(server, compression=compression, compression_block=8, error_feedback=True)
     link = worker_link(server, job_id, 0, compression=compression, compression_block=8, error_feedback=True)
@@ -223,7 +225,7 @@ def _decoded_by_slice(quant: BlockQuant, grad: torch.Tensor, rest: torch.Tensor)
     """What the shards decode of a push of ``grad``, each slice quantised on its own after its
     ``rest`` (what error feedback carries) is added; ``rest`` becomes what this push leaves."""
     out = torch.empty_like(grad)
-    for s in shards_of(LAYOUT, SHARDS):
+    for s in shards_of(LAYOUT, STORES):
         x = grad[s.lo:s.hi] + rest[s.lo:s.hi]
         out[s.lo:s.hi] = quant.dequantize(*quant.quantize(x))
         rest[s.lo:s.hi] = x - out[s.lo:s.hi]
@@ -237,13 +239,13 @@ def test_buckets_reach_each_shard_as_buckets_of_its_slice(server: Server) -> Non
     link, _ = _worker(server, job_id)
     with link:
         grads = [torch.arange(NUMEL, dtype=torch.float32) + step for step in range(2)]
-        # shard 0 has none of b: after b's push it still waits for the step
+        # the control store gets its push with the last bucket: after b's push it still waits for the step
         params = _two_steps_in_buckets(link, grads, lambda step: server.manager.store(job_id).version == step)
         assert torch.equal(params, -LR * (2 * torch.arange(NUMEL, dtype=torch.float32) + 1))
         with Client(server.address) as client:
             wait_for(lambda: all(s.version == 2 for s in client.get_job(job_id).shards), 10, "every shard at 2")
             shards = client.get_job(job_id).shards
-        assert [s.bytes_in for s in shards] == [2 * 3 * 4, 2 * 3 * 4, 2 * 4 * 4]  # each its own values, twice
+        assert [s.bytes_in for s in shards] == [0, 2 * 3 * 4, 2 * 3 * 4, 2 * 4 * 4]  # each its own values, twice
 
 
 def test_an_async_job_that_clips_over_shards_names_each_pushs_norm(server: Server) -> None:
@@ -360,7 +362,7 @@ def test_an_async_job_that_clips_quantised_pushes_over_shards_names_the_decoded_
         grad = torch.linspace(-3, 13, NUMEL)
         assert link.push_pull(LAYOUT, 0, version, grad, params).version == 1
     quant = BlockQuant(wire, 8)
-    sent = torch.cat([quant.dequantize(*quant.quantize(grad[s.lo:s.hi])) for s in shards_of(LAYOUT, SHARDS)])
+    sent = torch.cat([quant.dequantize(*quant.quantize(grad[s.lo:s.hi])) for s in shards_of(LAYOUT, STORES)])
     assert float((sent.norm() - grad.norm()).abs()) > 1e-3  # the decoded norm is not the gradient's
     torch.testing.assert_close(params, -LR * sent / (sent.double().norm().float() + 1e-6))
 
@@ -380,7 +382,7 @@ def test_async_shards_take_each_checkpoint_at_one_point_of_every_worker(server: 
         ahead = pool.submit(links[0].push_pull, LAYOUT, 1, version, grad, params[0])  # pulls step 2
         version = links[1].pull(LAYOUT, 0, params[1]).version
         version = links[1].push_pull(LAYOUT, 0, version, grad, params[1]).version
-        wait_for(lambda: [s.version for s in client.get_job(job_id).shards] == [3] * SHARDS, 30,
+        wait_for(lambda: [s.version for s in client.get_job(job_id).shards] == [3] * STORES, 30,
                  "worker 0's two pushes and worker 1's first on every shard")
         assert not ahead.done()  # its pull waits for worker 1's push of step 1
         links[1].push_pull(LAYOUT, 1, version, grad, params[1])

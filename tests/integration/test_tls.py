@@ -82,7 +82,7 @@ def test_every_shard_of_a_sharded_job_speaks_tls(external, certs, monkeypatch):
     monkeypatch.setattr(data_link.frames, "host_id", lambda: "another-host")  # no Unix socket
     with worker_link(external, job_id, tls_ca=certs["ca"].read_bytes()) as link:
         reply = link.register("t", 0, total_steps=10, train_size=1)
-        assert reply.data.tls and len(reply.shards) == 2 and all(e.tls for e in reply.shards)
+        assert reply.data.tls and len(reply.shards) == 3 and all(e.tls for e in reply.shards)
         assert link.transport == "tcp (3 shards)"
         _train_three_steps(link)
 

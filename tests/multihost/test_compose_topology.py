@@ -17,9 +17,9 @@ For each mode in MODES it submits deploy/job-cluster.yaml with the CLI and check
   tests/integration/test_allreduce.py checks on one host;
 - ``gradhub pull`` writes the checkpoint the server lists (sha256), and that checkpoint,
   evaluated here, gives the val_accuracy the job reported;
-- ps-sync with ``ps_shards: auto`` runs a shard on each of the three nodes: shard 0 in the
-  server on the head, shards 1 and 2 on the two worker hosts (status says where), and ends with
-  ps-sync's parameters;
+- ps-sync with ``ps_shards: auto`` runs a shard on each of the three nodes, each a process of
+  its own: shards 1 and 2 on the two worker hosts, shard 3 on the head (status says where;
+  store 0, the job's control, is the server's), and ends with ps-sync's parameters;
 - after the head is stopped (SIGTERM to the server, then the rest of the node killed, as
   ``docker compose down`` does) and started again on the same data dir, every job and
   checkpoint is still there, byte for byte.
@@ -270,10 +270,11 @@ def _exercise(cluster: Cluster, tmp_path: Path) -> None:
     for mode in MODES:
         info, hosts, shards = _run_job(cluster, _job_file(mode, tmp_path))
         assert info.state == "SUCCEEDED", f"{mode}: {info.state}: {info.reason}"
-        if mode == "ps-sync-sharded":  # one shard per node: the server's, then one on each worker host
-            assert sorted(shards) == [0, 1, 2], f"shards seen: {shards}"
-            assert {next(iter(shards[i])) for i in (1, 2)} == set(WORKER_IPS) and all(
-                len(shards[i]) == 1 for i in (1, 2)), f"shards 1 and 2 ran on {shards}, expected one on each of {WORKER_IPS}"
+        if mode == "ps-sync-sharded":  # one shard per node, the worker hosts first; the control on the server
+            assert sorted(shards) == [0, 1, 2, 3], f"shards seen: {shards}"
+            assert all(len(shards[i]) == 1 for i in (1, 2, 3)) and \
+                {next(iter(shards[i])) for i in (1, 2)} == set(WORKER_IPS) and shards[3] == {HEAD_IP}, \
+                f"shards 1 to 3 ran on {shards}, expected one on each of {WORKER_IPS}, then the head {HEAD_IP}"
         else:
             assert not shards, f"{mode}: shards {shards} for a job of one shard"
         assert info.step == info.total_steps > 0

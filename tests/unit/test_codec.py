@@ -36,7 +36,6 @@ def test_layout_sizes() -> None:
     [
         (("a", "b"), ((1,),), "names and shapes differ in length"),
         (("a", "a"), ((1,), (2,)), "duplicate tensor names"),
-        ((), (), "at least one parameter tensor"),
     ],
 )
 def test_layout_rejects_bad_definitions(
@@ -44,6 +43,11 @@ def test_layout_rejects_bad_definitions(
 ) -> None:
     with pytest.raises(ProtocolError, match=message):
         Layout(names, shapes)
+
+
+def test_a_model_on_the_wire_has_a_tensor() -> None:
+    with pytest.raises(ProtocolError, match="at least one parameter tensor"):
+        Layout.from_metas([])
 
 
 def test_metas_round_trip() -> None:

@@ -27,21 +27,27 @@ GROUPS: list[dict[str, Any]] = [{"params": ["*.bias"], "weight_decay": 0.0, "lr"
 
 
 def test_bounds_are_contiguous_near_equal_and_cut_tensors() -> None:
-    for k in (1, 2, 3, 4, 7, LAYOUT.numel):
-        shards = shards_of(LAYOUT, k)
+    whole = shards_of(LAYOUT, 1)[0]  # one store holds all
+    assert whole.layout.names == LAYOUT.names and (whole.lo, whole.hi) == (0, LAYOUT.numel)
+    for k in (2, 3, 4, 7, LAYOUT.numel):
+        stores = shards_of(LAYOUT, k + 1)
+        control, shards = stores[0], stores[1:]
+        assert (control.lo, control.hi, control.layout.names) == (0, 0, ())  # the server's: no value
+        assert control.piece_index(0) is None and control.unused([0, 1]) == []
+        assert [s.index for s in stores] == list(range(k + 1))
         assert shards[0].lo == 0 and shards[-1].hi == LAYOUT.numel
         assert all(a.hi == b.lo for a, b in pairwise(shards))
         assert max(s.numel for s in shards) - min(s.numel for s in shards) <= 1
-        assert all(s.layout.numel == s.numel for s in shards)
-    two = shards_of(LAYOUT, 2)  # 27 values: 13 + 14; a.bias is cut at its second value
-    assert two[0].layout.names == ("a.weight", "a.bias") and two[0].layout.shapes == ((12,), (1,))
-    assert two[1].layout.names == ("a.bias", "b.weight", "b.bias", "scale") and two[1].starts == (1, 0, 0, 0)
-    assert two[1].unused([0, 1, 4]) == [0, 3]
+        assert all(s.layout.numel == s.numel for s in stores)
+    two = shards_of(LAYOUT, 3)  # 27 values: 13 + 14; a.bias is cut at its second value
+    assert two[1].layout.names == ("a.weight", "a.bias") and two[1].layout.shapes == ((12,), (1,))
+    assert two[2].layout.names == ("a.bias", "b.weight", "b.bias", "scale") and two[2].starts == (1, 0, 0, 0)
+    assert two[2].unused([0, 1, 4]) == [0, 3]
 
 
 def test_too_many_shards_is_a_spec_error() -> None:
-    with pytest.raises(SpecError, match="ps_shards"):
-        shards_of(LAYOUT, LAYOUT.numel + 1)
+    with pytest.raises(SpecError, match=f"{LAYOUT.numel + 1} shards for a model of {LAYOUT.numel}"):
+        shards_of(LAYOUT, LAYOUT.numel + 2)
 
 
 def _named(seed: int) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""A sharded parameter server's stores (``ps_shards``): K stores, each over its slice, take the
+"""A sharded parameter server's stores (``ps_shards: K``: the control store, which holds no
+trainable value, and K shards, each over its slice; ``count`` here is K + 1 stores) take the
 unsharded store's steps bit for bit; their checkpoints merge into the unsharded store's
 checkpoint; a job resumes from that checkpoint with another K and ends where an undisturbed
 run ends; and a job that clips its gradient takes the unsharded store's clipped steps, with
@@ -103,7 +104,7 @@ def _assert_same(a: CheckpointState, b: CheckpointState) -> None:
     assert a.scheduler_state == b.scheduler_state
 
 
-@pytest.mark.parametrize("count", [2, 4])
+@pytest.mark.parametrize("count", [3, 5], ids=["2-shards", "4-shards"])  # stores: the control and K
 def test_shards_take_the_unsharded_steps_bit_for_bit(count: int) -> None:
     one_kept: list[list[CheckpointState]] = []
     one = _stores(1, one_kept)
@@ -121,7 +122,7 @@ def test_shards_take_the_unsharded_steps_bit_for_bit(count: int) -> None:
 
 
 @pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
-@pytest.mark.parametrize(("before", "after"), [(2, 4), (4, 1), (1, 3)])
+@pytest.mark.parametrize(("before", "after"), [(3, 5), (5, 1), (1, 4), (2, 3)])  # stores
 def test_a_checkpoint_resumes_with_another_count_and_ends_as_an_undisturbed_run(before: int, after: int,
                                                                                 sliced: bool) -> None:
     """Each shard installs its slice of the whole checkpoint, or (``sliced``) the slice the
@@ -161,7 +162,7 @@ def test_states_of_different_steps_do_not_merge() -> None:
         merge_states(stores[0], stores[0].checkpoint_state(), [early])
 
 
-@pytest.mark.parametrize("count", [2, 4])
+@pytest.mark.parametrize("count", [3, 5], ids=["2-shards", "4-shards"])  # stores: the control and K
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])  # every step clipped; none
 def test_shards_clip_as_the_unsharded_store_with_the_norm_over_every_shard(count: int, max_norm: float) -> None:
     config = dataclasses.replace(CONFIG, clip_grad_norm=max_norm)
@@ -181,27 +182,30 @@ def test_shards_clip_as_the_unsharded_store_with_the_norm_over_every_shard(count
 
 def test_a_step_that_clips_over_shards_waits_for_its_norm() -> None:
     config = dataclasses.replace(CONFIG, clip_grad_norm=0.5)
-    stores = _stores(2, [], config=config)
-    cuts = shards_of(TRAINABLE, 2)
+    stores = _stores(3, [], config=config)  # the control store and two shards
+    cuts = shards_of(TRAINABLE, 3)
     grads = [_grad(0, rank) for rank in range(WORKERS)]
     for k, store in enumerate(stores):
         store.push(0, 0, 0, grads[0][cuts[k].lo:cuts[k].hi], {"mean": torch.zeros(3)} if k == 0 else None)
         assert store.clip_part(0) is None  # worker 1's gradient is not in yet
     with pytest.raises(ProtocolError, match="clip_total_sq: step 0 is not held"):
-        stores[0].clip_total(0, 1.0)
+        stores[1].clip_total(0, 1.0)
     for k, store in enumerate(stores):
         store.push(1, 0, 0, grads[1][cuts[k].lo:cuts[k].hi], {"mean": torch.zeros(3)} if k == 0 else None)
     parts = [store.clip_part(0) for store in stores]
-    assert all(p is not None and p > 0 for p in parts)
+    assert parts[0] == 0.0 and all(p is not None and p > 0 for p in parts[1:])  # the control holds no value
+    total = parts[0] + parts[1] + parts[2]  # type: ignore[operator]
     mean = (grads[0] + grads[1]) / 2
-    assert parts[0] + parts[1] == pytest.approx(float(mean.double().square().sum()), rel=1e-12)  # type: ignore[operator]
-    assert stores[0].version == 0 and stores[0].try_pull(0, 1, 1) is None  # held: no new parameters yet
+    assert total == pytest.approx(float(mean.double().square().sum()), rel=1e-12)
+    assert stores[1].version == 0 and stores[1].try_pull(0, 1, 1) is None  # held: no new parameters yet
     with pytest.raises(ProtocolError, match="clip_total_sq: .* not a sum over the shards"):
-        stores[0].clip_total(0, parts[1] / 2)  # type: ignore[operator]
-    stores[0].clip_total(0, parts[0] + parts[1])  # type: ignore[operator]
-    assert stores[0].version == 1 and stores[1].version == 0  # each shard takes the step at its total
-    stores[0].clip_total(0, parts[0] + parts[1])  # type: ignore[operator]  # a second worker's: ignored
-    assert stores[0].version == 1 and stores[0].clip_part(0) == parts[0]  # asked again: the same part
+        stores[1].clip_total(0, parts[2] / 2)  # type: ignore[operator]
+    stores[1].clip_total(0, total)
+    assert stores[1].version == 1 and stores[2].version == 0  # each shard takes the step at its total
+    stores[1].clip_total(0, total)  # a second worker's: ignored
+    assert stores[1].version == 1 and stores[1].clip_part(0) == parts[1]  # asked again: the same part
+    stores[0].clip_total(0, total)
+    assert stores[0].version == 1  # the control store steps too (its schedule, its buffers)
 
 
 def test_an_unsharded_job_takes_no_clip_total() -> None:
@@ -242,7 +246,7 @@ def test_a_worker_that_died_between_its_pushes_to_two_shards_does_that_step_agai
 
 def test_the_parameters_kept_before_a_step_hold_the_old_values_of_buckets_applied_early() -> None:
     """Shard 1 applies a bucket as soon as both workers' copies are in; worker 0 then dies after
-    its pushes to shard 1 and before its push to shard 0. The parameters shard 1 kept from
+    its pushes to shard 1 and before its push to the control store (store 0). The parameters shard 1 kept from
     before the step are the step's old ones, early bucket included."""
     config = dataclasses.replace(CONFIG, apply_buckets=True)
     undisturbed = _stores(2, [], config=config)
@@ -253,18 +257,19 @@ def test_the_parameters_kept_before_a_step_hold_the_old_values_of_buckets_applie
     _train(undisturbed, 5, STEPS)
     stores = _stores(2, [], config=config)
     _train(stores, 0, 5)
-    cut = shards_of(TRAINABLE, 2)[1]  # pieces w[10:12], b, v; shard 0 holds w[0:10]
+    cut = shards_of(TRAINABLE, 2)[1]  # the one shard: w, b, v; store 0 is the control (no value)
     grads = [_grad(5, rank)[cut.lo:cut.hi] for rank in range(WORKERS)]
-    stores[0].push(1, 5, 5, _grad(5, 1)[:cut.lo], {"mean": torch.full((3,), 5.0)})
+    nothing = torch.empty(0)
+    stores[0].push(1, 5, 5, nothing, {"mean": torch.full((3,), 5.0)})
     for rank in (1, 0):
-        assert stores[1].push(rank, 5, 5, grads[rank][2:], first=1, count=2)[0]  # b and v: applied once both are in
+        assert stores[1].push(rank, 5, 5, grads[rank][12:], first=1, count=2)[0]  # b and v: applied once both are in
     for rank in (1, 0):
-        assert stores[1].push(rank, 5, 5, grads[rank][:2], first=0, count=1)[0]  # w's piece: the step is taken
-    assert (stores[0].version, stores[1].version) == (5, 6)  # worker 0 died before its push to shard 0
+        assert stores[1].push(rank, 5, 5, grads[rank][:12], first=0, count=1)[0]  # w: the step is taken
+    assert (stores[0].version, stores[1].version) == (5, 6)  # worker 0 died before its push to the control
     kept = stores[1].try_pull(0, 5, tensor_pb2.FLOAT32)
     assert kept is not None and kept.version == 5 and torch.equal(kept.data, value)
     assert [s.register(0)[1] for s in stores] == [5, 6]
-    assert stores[0].push(0, 5, 5, _grad(5, 0)[:cut.lo], {"mean": torch.full((3,), 5.0)}) == (True, 6)
+    assert stores[0].push(0, 5, 5, nothing, {"mean": torch.full((3,), 5.0)}) == (True, 6)
     assert stores[1].push(0, 5, 5, grads[0]) == (False, 6)  # taken there
     _train(stores, 6, STEPS)
     _assert_same(_whole(stores), _whole(undisturbed))
@@ -287,12 +292,12 @@ def test_async_shards_clip_each_push_by_its_whole_gradients_norm(mode: str) -> N
                                       norm_sq=norm_sq)[0]
         return stores
 
-    one, sharded = _whole(run(1)), _whole(run(2))  # one: clip_grad_norm_ over each whole push
+    one, sharded = _whole(run(1)), _whole(run(3))  # one: clip_grad_norm_ over each whole push
     assert one.version == sharded.version == STEPS * WORKERS
     for name, value in one.params.items():
         torch.testing.assert_close(sharded.params[name], value, rtol=1e-6, atol=1e-6, msg=name)
-    store = _stores(2, [], config=config)[1]
-    grad = _grad(0, 0)[shards_of(TRAINABLE, 2)[1].lo:]
+    store = _stores(3, [], config=config)[2]
+    grad = _grad(0, 0)[shards_of(TRAINABLE, 3)[2].lo:]
     with pytest.raises(ProtocolError, match="clip_norm_sq: a push of a job that clips"):
         store.push(0, 0, 0, grad)
     with pytest.raises(ProtocolError, match="clip_norm_sq: .* is less than this shard's slice alone"):
