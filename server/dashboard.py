@@ -63,10 +63,9 @@ Handler = Callable[[S, web.Request], Awaitable[web.StreamResponse]]
 
 
 def dashboard_routes(manager: JobManager, checkpoints: CheckpointStore, nav: Sequence[NavLink] = (),
-                     shards: Callable[[str], Sequence[ShardView]] | None = None) -> list[web.RouteDef]:
-    """The dashboard's routes; ``nav``: more header links (other modules' pages); ``shards``:
-    a job's parameter-server shards (none by default)."""
-    return Dashboard(manager, checkpoints, nav, shards).routes()
+                     ) -> list[web.RouteDef]:
+    """The dashboard's routes; ``nav``: more header links (other modules' pages)."""
+    return Dashboard(manager, checkpoints, nav).routes()
 
 
 def http_errors(handler: Handler[S]) -> Handler[S]:
@@ -87,11 +86,9 @@ class Dashboard:
     """The dashboard's handlers over a manager and a checkpoint store. Holds one secret, random
     per server start, that the cancel forms' tokens are made from."""
 
-    def __init__(self, manager: JobManager, checkpoints: CheckpointStore, nav: Sequence[NavLink] = (),
-                 shards: Callable[[str], Sequence[ShardView]] | None = None) -> None:
+    def __init__(self, manager: JobManager, checkpoints: CheckpointStore, nav: Sequence[NavLink] = ()) -> None:
         self._jobs, self._ckpts = manager, checkpoints
         self.nav = (JOBS, *nav)
-        self._shards = shards or (lambda job_id: ())
         self._secret = secrets.token_bytes(32)
         files = importlib.resources.files("gradhub.server") / "dashboard_static"
         self._static = {name: files.joinpath(name).read_bytes() for name in STATIC}
@@ -231,7 +228,8 @@ class Dashboard:
     def _live(self, job_id: str, who: Principal) -> tuple[JobView, str]:
         view = self._jobs.get(job_id)
         points, logs = self._jobs.points(job_id), self._jobs.logs(job_id)
-        infos, shards = self._ckpts.list(job_id), self._shards(job_id)
+        infos = self._ckpts.list(job_id)
+        shards = [ShardView(s.index, s.host, s.updates_per_s, s.bytes_in, s.bytes_out) for s in view.shards]
         live = page.job_live(view, points, logs, infos, shards, may(who, Action.PULL, view.record.owner),
                              time.time())
         return view, live
@@ -271,4 +269,5 @@ def _job_json(view: JobView) -> dict[str, Any]:
     record["spec"] = json.loads(record.pop("spec_json"))
     record["state"] = str(view.record.state)
     record["metrics"] = finite(view.record.metrics)
-    return {"job": record, "workers": [{**dataclasses.asdict(w), "state": str(w.state)} for w in view.workers]}
+    return {"job": record, "workers": [{**dataclasses.asdict(w), "state": str(w.state)} for w in view.workers],
+            "shards": [dataclasses.asdict(s) for s in view.shards]}

@@ -178,11 +178,12 @@ def workers(view: JobView) -> str:
 
 
 def shard_table(shards: Sequence[ShardView]) -> str:
-    """The job's parameter-server shards; nothing at all when it has none."""
+    """The job's parameter-server shards (0: the server's control store, which holds no
+    value); nothing at all when it has none."""
     if not shards:
         return ""
     rows = "".join(
-        f"<tr><td class=num>{s.shard}</td><td>{esc(s.host)}</td><td class=num>{number(s.updates_per_s)}</td>"
+        f"<tr><td class=num>{s.shard if s.shard else '0 (control)'}</td><td>{esc(s.host)}</td><td class=num>{number(s.updates_per_s)}</td>"
         f"<td class=num>{size(s.bytes_in)}</td><td class=num>{size(s.bytes_out)}</td></tr>" for s in shards)
     return ("<section><h2>Parameter-server shards</h2><table id=shards><thead><tr><th class=num>Shard</th>"
             "<th>Host</th><th class=num>Updates/s</th><th class=num>In</th><th class=num>Out</th></tr></thead>"

@@ -12,6 +12,7 @@ Screenshots are kept in ``$GRADHUB_ARTIFACTS`` (default: the test's tmp_path; th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -76,7 +77,7 @@ def jobs(server: Server) -> Iterator[dict[str, str]]:
     """Both jobs at once (they fit side by side): one that finishes, one that runs until cancelled."""
     with Client(server.address) as client:
         done = client.submit(SPEC)
-        running = client.submit({**SPEC, "name": "long", "steps": 1_000_000, "eval_every": 0})
+        running = client.submit({**SPEC, "name": "long", "steps": 1_000_000, "eval_every": 0, "ps_shards": 2})
         yield {"done": done.id, "running": running.id}
         client.cancel(running.id)
 
@@ -159,6 +160,12 @@ def test_cancel_a_running_job_with_a_click(server, jobs, browser, artifacts):
     assert text_of(browser, "job-id") == job_id and text_of(browser, "state") == "RUNNING"
     rows = browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
     assert len(rows) == 2 and all(r.find_elements(By.TAG_NAME, "td")[1].text not in ("", "—") for r in rows)
+    # its parameter server: the server's control store and two shards, each with its host
+    wait(browser).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#shards tbody tr")) == 3)
+    cells = [r.find_elements(By.TAG_NAME, "td") for r in browser.find_elements(By.CSS_SELECTOR, "#shards tbody tr")]
+    assert [c[0].text for c in cells] == ["0 (control)", "1", "2"] and all(c[1].text for c in cells)
+    with urllib.request.urlopen(f"{base(server)}/api/jobs/{job_id}", timeout=10) as response:
+        assert [s["index"] for s in json.load(response)["shards"]] == [0, 1, 2]
 
     # the page follows the job by itself: the workers' steps move on, with no reload
     def step(d: webdriver.Chrome) -> str:

@@ -60,8 +60,9 @@ def test_a_long_series_is_thinned_and_keeps_its_last_point():
 
 def test_shards_show_only_when_there_are_some():
     assert page.shard_table(()) == ""
-    shard = page.ShardView(0, "10.0.0.2", 12.5, 2048, 4096)
-    assert "Parameter-server shards" in page.shard_table([shard]) and "2.0 KiB" in page.shard_table([shard])
+    shards = [page.ShardView(0, "head", 12.5, 0, 0), page.ShardView(1, "10.0.0.2", 12.5, 2048, 4096)]
+    table = page.shard_table(shards)
+    assert "Parameter-server shards" in table and "2.0 KiB" in table and "0 (control)" in table
 
 
 def test_cancel_and_download_only_for_those_who_may():
