@@ -499,7 +499,8 @@ class JobManager(WorkerCalls):
         return self._launcher
 
     def shard_count(self, ps_shards: int | str) -> int:
-        """A spec's ``ps_shards``: a count, or for ``auto`` one per node of the cluster."""
+        """A spec's ``ps_shards``: a count, or for ``auto`` one per node that has room for
+        workers (CPUs; ``Launcher.nodes``)."""
         return self._launcher.nodes() if ps_shards == "auto" else int(ps_shards)
 
     def start_shards(self, config: StoreConfig, count: int) -> OtherShards:

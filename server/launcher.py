@@ -83,7 +83,9 @@ class Launcher(Protocol):
     def total_resources(self) -> dict[str, float]: ...
 
     def nodes(self) -> int:
-        """How many nodes the cluster has now (``ps_shards: auto``: a shard on each)."""
+        """How many nodes of the cluster have room for work now, CPUs for workers
+        (``ps_shards: auto``: a shard on each, beside the workers; a head started with
+        ``--num-cpus=0``, as deploy/'s is, has none)."""
         ...
 
     def start_shards(self, config: StoreConfig, count: int, max_model_bytes: int,
@@ -361,7 +363,7 @@ class RayLauncher:
     def nodes(self) -> int:
         import ray
 
-        return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+        return max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0))
 
     def start_shards(self, config: StoreConfig, count: int, max_model_bytes: int,
                      tls: tuple[bytes, bytes] | None = None) -> OtherShards:

@@ -326,7 +326,7 @@ class JobSpec:
     compression: str = "none"
     transport: str = "auto"
     # ps modes: the parameter server's shards, each holding a contiguous slice of the flat
-    # parameters and its optimizer state (1 to 64, or "auto": one per Ray node)
+    # parameters and its optimizer state (1 to 64, or "auto": one per Ray node with CPUs)
     ps_shards: int | str = 1
     batch_size: int = 32
     epochs: int | None = None
