@@ -33,6 +33,9 @@ USER_CODE = Path(__file__).parent / "user_code"
 STEPS, BATCH, SEED, WORKERS = 25, 16, 3, 2
 MODES = ("ps-sync", "allreduce")
 ASYNC_MODES = ("ps-async", "ps-ssp")  # frozen and unused parameters are checked there too
+# ps-sync with the parameter server in two shard processes, whose control store on the server
+# keeps the buffers and the frozen parameters: for the cases whose state is more than parameters
+SHARDED, SHARDED_CASES = "ps-sync-sharded", ("frozen", "tied", "param_groups")
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,9 @@ CASES = {
 
 def spec(name: str, mode: str) -> dict[str, Any]:
     case = CASES[name]
+    sharded = {"mode": "ps-sync", "ps_shards": 2} if mode == SHARDED else {"mode": mode}
     return {
-        "name": f"any-{name}-{mode}", "mode": mode, "workers": WORKERS, "resources": {"cpus": 0.5},
+        "name": f"any-{name}-{mode}", **sharded, "workers": WORKERS, "resources": {"cpus": 0.5},
         "model": case.model, "dataset": case.dataset, "optimizer": case.optimizer, "batch_size": BATCH,
         "steps": STEPS, "seed": SEED, "working_dir": str(USER_CODE), "max_restarts": 0, **case.extra,
     }
@@ -100,6 +104,7 @@ def finished(server, tmp_path_factory) -> dict[tuple[str, str], tuple[Any, Path]
         jobs = {(name, mode): client.submit(spec(name, mode)) for name in CASES for mode in MODES}
         jobs |= {(name, mode): client.submit(spec(name, mode)) for name in ("frozen", "unused")
                  for mode in ASYNC_MODES}
+        jobs |= {(name, SHARDED): client.submit(spec(name, SHARDED)) for name in SHARDED_CASES}
         out = {}
         for key, job in jobs.items():
             info = job.wait(timeout=300)
@@ -226,6 +231,19 @@ def evaluate(zoo: Any, name: str, model: nn.Module) -> dict[str, float]:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_equals_plain_pytorch_and_the_checkpoint_loads_strictly(zoo, finished, name, mode):
+    _equals_plain_pytorch(zoo, finished, name, mode)
+
+
+@pytest.mark.parametrize("name", SHARDED_CASES)
+def test_a_sharded_parameter_server_equals_plain_pytorch(zoo, finished, name):
+    """Two shard processes and the server's control store: the checkpoint merged from them is
+    the model's whole state (buffers, frozen and tied parameters included) and equals plain
+    PyTorch's."""
+    _equals_plain_pytorch(zoo, finished, name, SHARDED)
+
+
+def _equals_plain_pytorch(zoo: Any, finished: dict[tuple[str, str], tuple[Any, Path]], name: str,
+                          mode: str) -> None:
     info, path = finished[(name, mode)]
     assert info.state == "SUCCEEDED", info.reason
     assert info.step == STEPS
@@ -249,7 +267,7 @@ def test_equals_plain_pytorch_and_the_checkpoint_loads_strictly(zoo, finished, n
     assert metrics["val_accuracy"] == pytest.approx(info.metrics["val_accuracy"], abs=1e-9)
 
 
-@pytest.mark.parametrize("mode", MODES + ASYNC_MODES)
+@pytest.mark.parametrize("mode", MODES + ASYNC_MODES + (SHARDED,))
 def test_frozen_parameters_stay_bit_identical(zoo, finished, mode):
     _, path = finished[("frozen", mode)]
     got, init = load_file(path), _build(zoo, CASES["frozen"]).state_dict()
@@ -269,7 +287,7 @@ def test_an_unused_parameter_is_not_updated(zoo, finished, mode):
     assert not torch.equal(got["classifier.weight"], init["classifier.weight"])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", (*MODES, SHARDED))
 def test_tied_weights_stay_tied_and_load_with_safetensors(zoo, finished, mode):
     _, path = finished[("tied", mode)]
     got = load_file(path)
@@ -280,8 +298,9 @@ def test_tied_weights_stay_tied_and_load_with_safetensors(zoo, finished, mode):
     missing, unexpected = load_model(model, path, strict=False)
     assert not missing and len(unexpected) == 1 and set(unexpected) <= {"head.weight", "embed.weight"}
     assert model.head.weight is model.embed.weight and torch.equal(model.embed.weight, got["embed.weight"])
-    untied = _build(zoo, CASES["batchnorm"])
-    load_model(untied, finished[("batchnorm", mode)][1])  # strict for a model without tied weights
+    if mode in MODES:
+        untied = _build(zoo, CASES["batchnorm"])
+        load_model(untied, finished[("batchnorm", mode)][1])  # strict for a model without tied weights
 
 
 def test_dict_inputs_report_the_user_metric(finished):
