@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -100,7 +100,21 @@ def screenshot(driver: webdriver.Chrome, folder: Path, name: str) -> None:
 
 
 def text_of(driver: webdriver.Chrome, element_id: str) -> str:
-    return str(driver.find_element(By.ID, element_id).text)
+    """The element's text as shown, read in one script: the page's live refresh replaces nodes,
+    and one replaced between a lookup and a read is an error (Chrome: "Node with given id does
+    not belong to the document", not a stale reference)."""
+    text = driver.execute_script("const e = document.getElementById(arguments[0]);"
+                                 "return e === null ? null : e.innerText;", element_id)
+    if text is None:
+        raise NoSuchElementException(f"no element with id {element_id!r}")
+    return str(text).strip()
+
+
+def cell_texts(driver: webdriver.Chrome, rows: str) -> list[list[str]]:
+    """Each row's cells' text (``rows``: a CSS selector of table rows), read in one script."""
+    return list(driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), "
+        "r => Array.from(r.querySelectorAll('td'), c => c.innerText.trim()));", rows))
 
 
 def wait(driver: webdriver.Chrome, seconds: float = 30) -> WebDriverWait:
@@ -158,18 +172,18 @@ def test_cancel_a_running_job_with_a_click(server, jobs, browser, artifacts):
 
     browser.get(f"{base(server)}/jobs/{job_id}")
     assert text_of(browser, "job-id") == job_id and text_of(browser, "state") == "RUNNING"
-    rows = browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
-    assert len(rows) == 2 and all(r.find_elements(By.TAG_NAME, "td")[1].text not in ("", "—") for r in rows)
+    rows = cell_texts(browser, "#workers tbody tr")
+    assert len(rows) == 2 and all(r[1] not in ("", "—") for r in rows)
     # its parameter server: the server's control store and two shards, each with its host
-    wait(browser).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#shards tbody tr")) == 3)
-    cells = [r.find_elements(By.TAG_NAME, "td") for r in browser.find_elements(By.CSS_SELECTOR, "#shards tbody tr")]
-    assert [c[0].text for c in cells] == ["0 (control)", "1", "2"] and all(c[1].text for c in cells)
+    wait(browser).until(lambda d: len(cell_texts(d, "#shards tbody tr")) == 3)
+    cells = cell_texts(browser, "#shards tbody tr")
+    assert [c[0] for c in cells] == ["0 (control)", "1", "2"] and all(c[1] for c in cells)
     with urllib.request.urlopen(f"{base(server)}/api/jobs/{job_id}", timeout=10) as response:
         assert [s["index"] for s in json.load(response)["shards"]] == [0, 1, 2]
 
     # the page follows the job by itself: the workers' steps move on, with no reload
     def step(d: webdriver.Chrome) -> str:
-        return str(d.find_element(By.CSS_SELECTOR, "#workers tbody tr td:nth-child(5)").text)
+        return cell_texts(d, "#workers tbody tr")[0][4]
 
     first = step(browser)
     browser.execute_script("window.sameDocument = true")
