@@ -57,7 +57,7 @@ def _named(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name,hyper", [("sgd", {"momentum": 0.9}), ("adam", {}), ("adamw", {"weight_decay": 0.1}),
                                         ("rmsprop", {"momentum": 0.5}), ("adagrad", {}), ("adadelta", {})])
-@pytest.mark.parametrize("count", [2, 3, 4])
+@pytest.mark.parametrize("count", [3, 4, 5], ids=["2-shards", "3-shards", "4-shards"])  # stores: the control and K
 def test_sharded_steps_merge_to_the_whole_optimizer(name: str, hyper: dict[str, Any], count: int) -> None:
     whole = {n: torch.nn.Parameter(t.clone()) for n, t in _named(0).items()}
     opt = build_optimizer(parameter_groups(list(whole.items()), GROUPS), name, 0.01, hyper)
@@ -105,7 +105,7 @@ def test_split_state_loads_into_a_shard_optimizer_and_continues_exactly() -> Non
             p.grad = _named(step + 1)[n]
         opt.step()
     saved = opt.state_dict()
-    shards = shards_of(LAYOUT, 3)
+    shards = shards_of(LAYOUT, 4)  # the control store and 3 shards
     held = [{n: torch.nn.Parameter(t) for n, t in s.pieces(whole).items()} for s in shards]
     opts = []
     for s, h in zip(shards, held, strict=True):
