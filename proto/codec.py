@@ -192,6 +192,12 @@ def as_bytes(flat: torch.Tensor) -> memoryview:
     return flat.numpy().data.cast("B")
 
 
+def from_bytes(buffer: bytearray | memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor of ``dtype`` over ``buffer`` (no copy), ``as_bytes``'s inverse; of no bytes,
+    an empty one (``torch.frombuffer`` refuses an empty buffer)."""
+    return torch.frombuffer(buffer, dtype=dtype) if len(buffer) else torch.empty(0, dtype=dtype)
+
+
 def encode(flat: torch.Tensor, wire_dtype: int) -> torch.Tensor:
     """``flat`` (float32) converted to the wire dtype, as a contiguous CPU tensor; a quantised
     push's ``flat`` is its payload already (uint8, from gradhub.proto.quant)."""
@@ -272,9 +278,7 @@ class Receiver:
                 f"byte count: got {self.received} of the expected {self.expected} bytes "
                 "(stream cut short?)"
             )
-        if self.expected == 0:
-            return torch.empty(0, dtype=payload_dtype(wire_dtype))
-        return torch.frombuffer(self.buffer, dtype=payload_dtype(wire_dtype))
+        return from_bytes(self.buffer, payload_dtype(wire_dtype))
 
 
 # --- the hot path: data chunks encoded by hand, byte-identical to protobuf's encoding ---

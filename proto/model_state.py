@@ -16,7 +16,7 @@ from math import prod
 
 import torch
 
-from gradhub.proto.codec import Layout, as_wire
+from gradhub.proto.codec import Layout, as_wire, from_bytes
 from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.v1 import tensor_pb2
 
@@ -155,7 +155,7 @@ def tensors_from_proto(messages: Iterable[tensor_pb2.Tensor], where: str) -> dic
                                 f"its dtype and shape need {nbytes}")
         if m.meta.name in out:
             raise ProtocolError(f"{where}[{i}].name: '{m.meta.name}' appears twice")
-        t = torch.frombuffer(bytearray(m.data), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+        t = from_bytes(bytearray(m.data), dtype)
         out[m.meta.name] = t.reshape(shape)
     return out
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from gradhub.proto.codec import CHUNK_BYTES, Layout, Receiver, encode_data_chunk
+from gradhub.proto.codec import CHUNK_BYTES, Layout, Receiver, encode_data_chunk, from_bytes
 from gradhub.proto.contract.errors import ProtocolError
 from gradhub.proto.model_state import BUFFER_DTYPES, WIRE_OF_DTYPE
 from gradhub.proto.v1 import ps_pb2, tensor_pb2
@@ -163,7 +163,7 @@ class StatePlan:
         if receiver.received != total:
             raise ProtocolError(f"byte count: got {receiver.received} of the expected {total} bytes "
                                 "(stream cut short?)")
-        raw = torch.frombuffer(receiver.buffer, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
+        raw = from_bytes(receiver.buffer, torch.uint8)
         params, offset = {}, 0
         layout = self.params_layout
         names, shapes = (layout.names, layout.shapes) if layout else ((), ())

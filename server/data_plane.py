@@ -34,7 +34,7 @@ import torch
 
 from gradhub.proto import frames
 from gradhub.proto.channels import widen_buffers
-from gradhub.proto.codec import as_bytes, payload_dtype, torch_dtype
+from gradhub.proto.codec import as_bytes, from_bytes, payload_dtype, torch_dtype
 from gradhub.proto.contract.errors import GradhubError, ProtocolError
 from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
 from gradhub.server.ps_requests import (
@@ -374,8 +374,7 @@ class DataPlane:
         buffer = conn.gradient_buffer(nbytes, store.version)
         await self._recv_into(conn, memoryview(buffer), IDLE_TIMEOUT_S)
         wire_dtype = store.config.params_dtype  # of the parameters this push may pull
-        grad = torch.frombuffer(buffer, dtype=payload_dtype(store.config.wire_dtype)) if nbytes else \
-            torch.empty(0, dtype=payload_dtype(store.config.wire_dtype))
+        grad = from_bytes(buffer, payload_dtype(store.config.wire_dtype))
         pull_step = header.step + 1 if frame.pull_next else None
         try:
             accepted, version, snapshot, whole = await self._calls.call(
@@ -412,8 +411,7 @@ class DataPlane:
             raise _Refused(e) from e
         buffer = bytearray(init.payload_bytes)
         await self._recv_into(conn, memoryview(buffer), IDLE_TIMEOUT_S)
-        # the control store of a sharded job: no value (the frozen ones, when the model has some)
-        flat = torch.frombuffer(buffer, dtype=torch.float32) if buffer else torch.empty(0)
+        flat = from_bytes(buffer, torch.float32)  # none for a sharded job's control store (but frozen ones)
         try:
             accepted = await self._calls.run(init.take, session.store, flat)
         except Exception as e:  # noqa: BLE001 - any error goes back to the worker (as gRPC's handler does)

@@ -1,6 +1,7 @@
 """One parameter-server shard (``ps_shards: K``, shards 1 to K; the server keeps the job's
 control store): a ``ParameterStore`` over its slice of the parameters, served on a data plane
-of its own, which workers reach directly. No Ray in here (``gradhub.server.shard_actors`` runs it in a Ray actor).
+of its own, which workers reach directly. No Ray in here (``gradhub.server.shard_actors`` runs
+it in a Ray actor).
 
 The job's control plane stays on the gRPC server: it registers each worker here too (with the
 credential it issued), collects the shard's checkpoints of a step (``capture``) and its

@@ -75,8 +75,8 @@ def endpoints(others: Sequence[dict[str, object]], credential: str) -> list[ps_p
 
 def merge_states(store: ParameterStore, own: CheckpointState, others: Sequence[CheckpointState], *,
                  checkpoint: bool = True) -> CheckpointState:
-    """The whole model's checkpoint from the control store's (``store``'s, ``own``) and the shards', taken
-    at the same step. In ps-sync every shard is at the same version; in ps-async and ps-ssp a
+    """The whole model's checkpoint from the control store's (``store``'s, ``own``) and the
+    shards', taken at the same step. In ps-sync every shard is at the same version; in ps-async and ps-ssp a
     checkpoint's shards hold the same pushes, every worker at the same clock on each
     (``StoreConfig.fences_checkpoints``); else the states do not belong together (a
     ``StateError``). ``checkpoint=False``: the states of a job as it stopped, where an async
@@ -104,9 +104,10 @@ def merge_states(store: ParameterStore, own: CheckpointState, others: Sequence[C
 
 def resume_slices(state: CheckpointState, trainable: Layout, groups: Sequence[Mapping[str, Any]],
                   count: int) -> list[CheckpointState]:
-    """Shards 1 to ``count - 1``'s slices (``count`` stores) of the whole model's checkpoint ``state``, whose
-    trainable parameters are ``trainable`` (the model's order; ``groups`` the job's parameter
-    groups): each shard gets its pieces and its optimizer state, not the whole model's."""
+    """Shards 1 to ``count - 1``'s slices (``count`` stores) of the whole model's checkpoint
+    ``state``, whose trainable parameters are ``trainable`` (the model's order; ``groups`` the
+    job's parameter groups): each shard gets its pieces and its optimizer state, not the whole
+    model's."""
     missing = [n for n in trainable.names if n not in state.params]
     if missing:
         raise StateError(f"checkpoint: its manifest names trainable parameters {missing} that its state lacks")

@@ -154,6 +154,7 @@ class StoreParams(WorkerTable):
                 trainable = self._shard.pieces(trainable)
                 if self._shard.index:
                     frozen, buffers = {}, {}
+        # (torch.empty(0) first: the control store of a sharded job has no tensor to join)
         flat = torch.cat([torch.empty(0), *(trainable[n].reshape(-1).to(torch.float32) for n in model.trainable.names)])
         self._install(model.trainable, flat)
         self._frozen = {k: v.to(torch.float32).clone() for k, v in frozen.items()}
