@@ -161,6 +161,8 @@ class StoreParams(WorkerTable):
         self._buffers = {k: v.clone() for k, v in buffers.items()}
         assert self._optimizer is not None
         self._optimizer.load_state_dict(optimizer_state)
+        for group in self._optimizer.param_groups:  # a checkpoint's groups bring their own choice
+            group["foreach"] = True
         if self._scheduler is not None and state.scheduler_state is not None:
             self._scheduler.load_state_dict(state.scheduler_state)
 
@@ -192,7 +194,7 @@ class StoreParams(WorkerTable):
         # the control store of a sharded job holds no trainable value: an optimizer of one empty
         # group all the same, whose schedule the job's learning rate is read from
         groups: list[Any] = parameter_groups(named, c.param_groups, shard_of=whole) or [{"params": []}]
-        optimizer = build_optimizer(groups, c.optimizer, c.lr, c.hyper)
+        optimizer = build_optimizer(groups, c.optimizer, c.lr, c.hyper, foreach=True)
         updates = self._total_steps * (1 if c.mode == "ps-sync" else c.world_size)
         scheduler = build_scheduler(optimizer, c.schedule, max(updates, 1))
         self._parts = layout.partition(c.fragments)  # more fragments than tensors: a SpecError

@@ -98,14 +98,19 @@ def build_optimizer(
     name: str,
     lr: float,
     hyper: Mapping[str, Any],
+    foreach: bool | None = None,
 ) -> torch.optim.Optimizer:
     """Build the ``torch.optim`` optimizer ``name`` over ``params`` (tensors, or the parameter
     groups ``parameter_groups`` makes).
 
     The result is exactly ``OPTIMIZERS[name](params, lr=lr, **hyper)`` (with a ``betas`` list
-    turned into a tuple): no ``foreach``/``fused`` or other option is added, so
-    ``torch.optim.Adam(model.parameters(), lr=lr, **hyper)`` in a user's script is the same
-    optimizer and takes the same steps.
+    turned into a tuple), so ``torch.optim.Adam(model.parameters(), lr=lr, **hyper)`` in a
+    user's script is the same optimizer and takes the same steps. ``foreach``: torch's option
+    of that name (None: torch's choice, as a user's script gets: the single-tensor loop on
+    CPU). The parameter server passes True: the multi-tensor implementation takes the same
+    steps bit for bit (tests/unit/test_optim.py checks every optimizer and option) with one
+    call per operation instead of one per tensor, which for a model of many small tensors is
+    most of an update's time.
     """
     cls = OPTIMIZERS.get(name)
     if cls is None:
@@ -131,6 +136,8 @@ def build_optimizer(
         kwargs["betas"] = tuple(betas)
     try:
         make: Callable[..., torch.optim.Optimizer] = cls  # subclasses take lr and their hypers
+        if foreach is not None:
+            kwargs["foreach"] = foreach
         return make(params, lr=lr, **kwargs)
     except (TypeError, ValueError) as e:
         raise SpecError("optimizer.hyper", f"{name}: {e}") from e

@@ -86,6 +86,37 @@ def test_optimizer_equals_plain_torch_step_for_step(name: str) -> None:
     )
 
 
+# each optimizer with torch's defaults and with the spec's options that change its update
+FOREACH_CASES = [(name, hyper) for name in sorted(HYPER) for hyper in ({}, HYPER[name])] + [
+    ("sgd", {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
+    ("adamw", {"amsgrad": True, "weight_decay": 0.1}),
+    ("rmsprop", {"momentum": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("name", "hyper"), FOREACH_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FOREACH_CASES)])
+def test_the_parameter_servers_multi_tensor_optimizer_takes_the_same_steps_bit_for_bit(name: str, hyper: dict) -> None:
+    """The server builds its optimizers with ``foreach=True``; a user's script on CPU gets the
+    single-tensor loop. Over tensors of several shapes, one of which gets no gradient every
+    third step (an unused parameter: both leave it alone), the two are bitwise equal."""
+    shapes = [(16, 1, 3, 3), (16,), (10, 300), (10,), (7,)]
+
+    def run(foreach: bool | None) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        opt = build_optimizer(params, name, 0.01, hyper, foreach=foreach)
+        for step in range(12):
+            for i, p in enumerate(params):
+                p.grad = None if (i == 4 and step % 3 == 0) else torch.randn(p.shape, generator=g)
+            opt.step()
+        return [p.detach() for p in params]
+
+    single, multi = run(None), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(single, multi, strict=True))
+    g = torch.Generator().manual_seed(0)
+    assert not torch.equal(single[0], torch.randn(shapes[0], generator=g))  # it did train
+
+
 def test_plain_tensors_as_parameters() -> None:
     p = torch.ones(3)
     opt = build_optimizer([p], "sgd", 0.5, {})
