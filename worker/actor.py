@@ -37,9 +37,12 @@ class WorkerActor:
         from gradhub.worker.workload import Workload
 
         if self._work is None:
-            self._work = Workload.build(JobSpec.from_json(self.spec_json), max(self.rank, 0))
-            # a first optimizer imports what torch.optim loads lazily (torch._dynamo: about a second)
-            if any(p.requires_grad for p in self._work.model.parameters()):
+            spec = JobSpec.from_json(self.spec_json)
+            self._work = Workload.build(spec, max(self.rank, 0))
+            # a first optimizer imports what torch.optim loads lazily (torch._dynamo: about two
+            # seconds of CPU); only a worker that steps an optimizer itself pays for it (in the
+            # ps-* modes the server steps it)
+            if spec.worker_steps_optimizer and any(p.requires_grad for p in self._work.model.parameters()):
                 self._work.build_optimizer()
 
     def run_as(self, rank: int) -> dict[str, Any]:

@@ -572,6 +572,12 @@ class JobSpec:
         return self.mode.startswith("ps-") or self.mode == "local-sgd"
 
     @property
+    def worker_steps_optimizer(self) -> bool:
+        """True where each worker steps the job's optimizer itself (allreduce, and local-sgd's
+        inner steps); in the ``ps-*`` modes the parameter server steps it."""
+        return not self.mode.startswith("ps-")
+
+    @property
     def store_mode(self) -> str:
         """How the parameter store applies what workers push: the ps mode itself, or for
         local-sgd a round as ps-sync (``outer_sync``) or ps-async applies a step."""
