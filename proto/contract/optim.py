@@ -134,10 +134,10 @@ def build_optimizer(
         if not isinstance(betas, list | tuple) or len(betas) != 2:
             raise SpecError("optimizer.hyper.betas", f"must be a pair of numbers, got {betas!r}")
         kwargs["betas"] = tuple(betas)
+    if foreach is not None:
+        kwargs["foreach"] = foreach
     try:
         make: Callable[..., torch.optim.Optimizer] = cls  # subclasses take lr and their hypers
-        if foreach is not None:
-            kwargs["foreach"] = foreach
         return make(params, lr=lr, **kwargs)
     except (TypeError, ValueError) as e:
         raise SpecError("optimizer.hyper", f"{name}: {e}") from e
