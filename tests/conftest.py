@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -34,6 +35,21 @@ def server(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def client(server: Server) -> Iterator[Client]:
     with Client(server.address) as c:
         yield c
+
+
+def selected(request: pytest.FixtureRequest, argname: str) -> set[Any]:
+    """The values ``argname`` takes in the requesting module's tests that this run selected
+    (after ``-m`` and ``-k``): a module fixture that runs one real job per value runs only the
+    jobs a selected test reads (the ``matrix`` marker puts most of a matrix in CI's run)."""
+    return {item.callspec.params[argname] for item in request.session.items
+            if getattr(item, "module", None) is request.module
+            and argname in getattr(getattr(item, "callspec", None), "params", {})}
+
+
+def selected_tests(request: pytest.FixtureRequest) -> set[str]:
+    """The names of the requesting module's test functions that this run selected."""
+    return {getattr(item, "originalname", item.name) for item in request.session.items
+            if getattr(item, "module", None) is request.module}
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:

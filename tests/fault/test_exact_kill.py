@@ -6,7 +6,8 @@ The kill comes from the data: the job's dataset SIGKILLs the process that reads 
 sample, a sample that worker ``rank`` reads first at step ``KILL_STEP`` (a marker file makes
 it fire once). The model has BatchNorm and dropout, so buffers and seeded randomness travel
 with the recovery too. The asynchronous modes run one worker, where their result is
-deterministic.
+deterministic. The default suite kills a worker in each family of modes with a restart and with
+a spare (``DEFAULT``); CI runs the rest (marked ``matrix``).
 
 A parameter-server shard killed mid-job takes every shard and worker back to the latest
 checkpoint: in ps-sync the result is still the undisturbed run's; in ps-async (two workers)
@@ -25,7 +26,7 @@ import pytest
 from gradhub.client.client import Client, JobInfo
 from gradhub.worker.data import global_batch_indices
 
-from ..conftest import final_params, wait_for
+from ..conftest import final_params, selected, wait_for
 
 USER_CODE = Path(__file__).parents[1] / "integration" / "user_code"
 TRAIN, BATCH, SEED, STEPS, KILL_STEP = 1437, 16, 3, 120, 30  # digits' training samples
@@ -34,6 +35,8 @@ CASES = [("ps-sync", 2, 1, 0), ("ps-sync", 2, 1, 1), ("ps-async", 1, 0, 0), ("ps
          ("allreduce", 2, 1, 0), ("allreduce", 2, 1, 1),
          # rank 0 holds the job's buffers (buffers: broadcast): the group re-forms from a survivor's
          ("allreduce", 2, 0, 0)]
+# the default suite's: a restart and a spare in each family of modes; CI runs the rest (matrix)
+DEFAULT = {("ps-sync", 2, 1, 0), ("ps-ssp", 1, 0, 1), ("allreduce", 2, 1, 1), ("allreduce", 2, 0, 0)}
 
 
 def first_read_at(workers: int, rank: int, step: int) -> int:
@@ -51,11 +54,14 @@ def spec(name: str, mode: str, workers: int, dataset: object, spares: int = 0) -
 
 
 @pytest.fixture(scope="module")
-def undisturbed(server, tmp_path_factory) -> dict:
+def undisturbed(request, server, tmp_path_factory) -> dict:
+    """The undisturbed run of each mode a selected test kills a worker of (ps-sync always: the
+    bucket and shard kills compare with it)."""
+    modes = {case[0] for case in selected(request, "case")} | {"ps-sync"}
     tmp = tmp_path_factory.mktemp("undisturbed")
     out = {}
     with Client(server.address) as client:
-        for mode, workers in sorted({(m, w) for m, w, _, _ in CASES}):
+        for mode, workers in sorted({(m, w) for m, w, _, _ in CASES if m in modes}):
             info = client.submit(spec(f"undisturbed-{mode}", mode, workers, "digits")).wait(timeout=180)
             assert info.state == "SUCCEEDED", info.reason
             out[mode] = final_params(client, info, tmp)
@@ -63,10 +69,10 @@ def undisturbed(server, tmp_path_factory) -> dict:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("mode", "workers", "rank", "spares"), CASES,
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in DEFAULT else pytest.mark.matrix) for c in CASES],
                          ids=[f"{m}-rank{r}-{'spare' if s else 'restart'}" for m, _, r, s in CASES])
-def test_a_worker_killed_at_a_step_dies_once_and_changes_nothing(server, undisturbed, tmp_path, mode, workers,
-                                                                 rank, spares):
+def test_a_worker_killed_at_a_step_dies_once_and_changes_nothing(server, undisturbed, tmp_path, case):
+    mode, workers, rank, spares = case
     marker = tmp_path / "fired"
     dataset = {"factory": "gh_zoo:kill_on_sample_digits",
                "args": {"at": first_read_at(workers, rank, KILL_STEP), "marker": str(marker)}}

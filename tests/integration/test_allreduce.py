@@ -5,6 +5,8 @@ a Gloo group: the same guarantee as ps-sync, and the same view for the user.
   global batches of N*b samples (<= 1e-5 after 100 steps) for SGD-momentum, Adam and AdamW,
   N = 1, 2, 4; and ps-sync gives the same parameters for the same spec;
 - fp16/bf16 compression of the all-reduce trains, close to the float32 result;
+- the default suite runs each optimizer and world size once, and bf16; CI runs the rest of the
+  matrix (marked ``matrix``);
 - status shows every worker while it runs, checkpoints come from rank 0, cancel ends the group.
 """
 
@@ -17,7 +19,7 @@ import torch
 
 from gradhub.client.client import Client
 
-from ..conftest import final_params, wait_for
+from ..conftest import final_params, selected, selected_tests, wait_for
 from .test_exactness import OPTIMIZERS, SEED, STEPS, WORLD_SIZES, reference
 from .test_exactness import spec as ps_spec
 
@@ -29,18 +31,31 @@ def spec(workers: int, optimizer: str, mode: str = "allreduce", **extra) -> dict
 
 SAME_SPEC = ("adam", 2)  # run in both modes
 COMPRESSED = ("fp16", "bf16")
+# the default suite's exactness jobs: each optimizer and world size once; CI runs the rest (matrix)
+DEFAULT = {(1, "sgd-momentum"), (2, "adam"), (4, "adamw")}
+
+
+def _tier(value, default: bool):  # type: ignore[no-untyped-def]
+    return pytest.param(value, marks=() if default else pytest.mark.matrix)
 
 
 @pytest.fixture(scope="module")
-def finished(server, tmp_path_factory):
-    """Every job of this module, submitted at once (the FIFO queue runs them as the CPUs allow)."""
+def finished(request, server, tmp_path_factory):
+    """The jobs the selected tests read, submitted at once (the FIFO queue runs them as the CPUs
+    allow)."""
+    tests, wanted = selected_tests(request), selected(request, "job")
+    if tests & {"test_ps_sync_and_allreduce_give_the_same_parameters", "test_the_user_sees_the_same_metrics_as_in_ps_modes",
+                "test_compressed_allreduce_trains_close_to_float32"}:
+        wanted.add((2, "adam"))  # what they compare with
     with Client(server.address) as client:
-        jobs = {("allreduce", n, opt): client.submit(spec(n, opt)) for opt in OPTIMIZERS for n in WORLD_SIZES}
-        jobs[("ps-sync", *SAME_SPEC[::-1])] = client.submit(spec(SAME_SPEC[1], SAME_SPEC[0], mode="ps-sync"))
-        for c in COMPRESSED:
+        jobs = {("allreduce", n, opt): client.submit(spec(n, opt)) for n, opt in sorted(wanted)}
+        if "test_ps_sync_and_allreduce_give_the_same_parameters" in tests:
+            jobs[("ps-sync", *SAME_SPEC[::-1])] = client.submit(spec(SAME_SPEC[1], SAME_SPEC[0], mode="ps-sync"))
+        for c in selected(request, "compression"):
             jobs[(c, 2, "adam")] = client.submit(spec(2, "adam", compression=c, name=f"allreduce-{c}"))
-        jobs[("checkpoints", 2, "sgd-momentum")] = client.submit(
-            spec(2, "sgd-momentum", checkpoint_every=25, keep_checkpoints=10, eval_every=50, name="ckpt"))
+        if "test_rank_0_streams_checkpoints_that_pull_and_resume" in tests:
+            jobs[("checkpoints", 2, "sgd-momentum")] = client.submit(
+                spec(2, "sgd-momentum", checkpoint_every=25, keep_checkpoints=10, eval_every=50, name="ckpt"))
         tmp = tmp_path_factory.mktemp("allreduce")
         out = {}
         for key, job in jobs.items():
@@ -49,9 +64,10 @@ def finished(server, tmp_path_factory):
         return out
 
 
-@pytest.mark.parametrize("workers", WORLD_SIZES)
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_allreduce_equals_single_process_pytorch(finished, workers, optimizer):
+@pytest.mark.parametrize("job", [_tier((n, opt), (n, opt) in DEFAULT) for opt in OPTIMIZERS for n in WORLD_SIZES],
+                         ids=[f"{opt}-{n}" for opt in OPTIMIZERS for n in WORLD_SIZES])
+def test_allreduce_equals_single_process_pytorch(finished, job):
+    workers, optimizer = job
     info, params = finished[("allreduce", workers, optimizer)]
     assert info.state == "SUCCEEDED" and info.mode == "allreduce"
     assert info.step == info.version == info.total_steps == STEPS
@@ -83,7 +99,7 @@ def test_the_user_sees_the_same_metrics_as_in_ps_modes(finished):
     assert info.metrics["allreduce_s"] > 0  # the time the gradients spent in the all-reduce
 
 
-@pytest.mark.parametrize("compression", COMPRESSED)
+@pytest.mark.parametrize("compression", [_tier(c, c == "bf16") for c in COMPRESSED])
 def test_compressed_allreduce_trains_close_to_float32(finished, compression):
     info, params = finished[(compression, 2, "adam")]
     assert info.state == "SUCCEEDED", info.reason

@@ -12,7 +12,8 @@ two buckets while backward runs (``bucket_mb`` below the model's first layer; wi
 first bucket goes to shard 1 alone, the second to both; with 4 the first to shard 3, whose
 slice the second completes, with every other shard's, so each answers it with its part of the
 norm); the others in one push after backward. All the jobs are submitted at once, so the FIFO queue runs them as the two logical
-CPUs allow.
+CPUs allow. The default suite runs each optimizer, world size and transport once (``DEFAULT``);
+the rest of the matrix is marked ``matrix``, which CI runs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gradhub.client.client import Client
 from gradhub.worker.data import digits, get_batch, global_batch_indices
 from gradhub.worker.models import mlp
 
-from ..conftest import final_params
+from ..conftest import final_params, selected
 
 STEPS, BATCH, SEED = 100, 16, 7
 OPTIMIZERS = {
@@ -37,6 +38,9 @@ WORLD_SIZES = (1, 2, 4)
 CASES = [(n, "auto") for n in WORLD_SIZES] + [(2, "grpc"), (1, "shards-2")]
 # (workers, transport, optimizer) of every job
 JOBS = [(n, t, name) for name in OPTIMIZERS for n, t in CASES] + [(2, "shards-4", "adamw")]
+# the default suite's: each optimizer, world size and transport once; CI runs the rest (matrix)
+DEFAULT = {(1, "auto", "sgd-momentum"), (2, "auto", "adam"), (4, "auto", "adamw"), (2, "grpc", "sgd-momentum"),
+           (1, "shards-2", "adam"), (2, "shards-4", "adamw")}
 BUCKETED = {(4, "auto"), (2, "grpc"), (1, "shards-2"), (2, "shards-4")}
 SMALL_BUCKETS_MB = 0.004  # the 64x32 weight (8 KB) is a bucket, the rest of the model (1.4 KB) another
 CLIPPED = {(2, "shards-4")}
@@ -83,12 +87,12 @@ def clipped_reference(workers: int, optimizer: dict, clip: float | None) -> tupl
 
 
 @pytest.fixture(scope="module")
-def finished_jobs(server, tmp_path_factory):
+def finished_jobs(request, server, tmp_path_factory):
     with Client(server.address) as client:
         jobs = {(n, t, name): client.submit(spec(n, OPTIMIZERS[name], t,
                                                  SMALL_BUCKETS_MB if (n, t) in BUCKETED else None,
                                                  CLIP_NORM if (n, t) in CLIPPED else None))
-                for n, t, name in JOBS}
+                for n, t, name in JOBS if (n, t, name) in selected(request, "job")}
         out = {}
         tmp = tmp_path_factory.mktemp("exact")
         for key, job in jobs.items():
@@ -97,9 +101,11 @@ def finished_jobs(server, tmp_path_factory):
         return out
 
 
-@pytest.mark.parametrize(("workers", "transport", "optimizer"), JOBS, ids=[f"{o}-{n}-{t}" for n, t, o in JOBS])
-def test_ps_sync_equals_single_process_pytorch(finished_jobs, workers, transport, optimizer):
-    info, params = finished_jobs[(workers, transport, optimizer)]
+@pytest.mark.parametrize("job", [pytest.param(j, marks=() if j in DEFAULT else pytest.mark.matrix) for j in JOBS],
+                         ids=[f"{o}-{n}-{t}" for n, t, o in JOBS])
+def test_ps_sync_equals_single_process_pytorch(finished_jobs, job):
+    workers, transport, optimizer = job
+    info, params = finished_jobs[job]
     assert info.state == "SUCCEEDED" and info.step == STEPS and info.version == STEPS
     clip = CLIP_NORM if (workers, transport) in CLIPPED else None
     expected, clipped = clipped_reference(workers, OPTIMIZERS[optimizer], clip)
