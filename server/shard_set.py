@@ -76,10 +76,10 @@ def endpoints(others: Sequence[dict[str, object]], credential: str) -> list[ps_p
 def merge_states(store: ParameterStore, own: CheckpointState, others: Sequence[CheckpointState], *,
                  checkpoint: bool = True) -> CheckpointState:
     """The whole model's checkpoint from the control store's (``store``'s, ``own``) and the
-    shards', taken at the same step. In ps-sync every shard is at the same version; in ps-async and ps-ssp a
-    checkpoint's shards hold the same pushes, every worker at the same clock on each
-    (``StoreConfig.fences_checkpoints``); else the states do not belong together (a
-    ``StateError``). ``checkpoint=False``: the states of a job as it stopped, where an async
+    shards', taken at the same step. In ps-sync every shard is at the same version; in
+    ps-async and ps-ssp a checkpoint's shards hold the same pushes, every worker at the same
+    clock on each (``StoreConfig.fences_checkpoints``); else the states do not belong together
+    (a ``StateError``). ``checkpoint=False``: the states of a job as it stopped, where an async
     worker may have pushed its last step to some shards only (each worker at its least clock)."""
     model = store.model
     if model is None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -37,19 +37,32 @@ def client(server: Server) -> Iterator[Client]:
         yield c
 
 
+T = TypeVar("T")
+
+
+def tiered(values: Iterable[T], default: Collection[T], id: Callable[[T], str] | None = None) -> list[Any]:
+    """``values`` as parameters of a test, each one outside ``default`` marked ``matrix`` (CI
+    runs those after the default suite); ``id``: each one's test id."""
+    return [pytest.param(v, marks=() if v in default else pytest.mark.matrix, id=None if id is None else id(v))
+            for v in values]
+
+
+def _selected_items(request: pytest.FixtureRequest) -> list[pytest.Item]:
+    """The requesting module's tests that this run selected (after ``-m`` and ``-k``)."""
+    return [item for item in request.session.items if getattr(item, "module", None) is request.module]
+
+
 def selected(request: pytest.FixtureRequest, argname: str) -> set[Any]:
-    """The values ``argname`` takes in the requesting module's tests that this run selected
-    (after ``-m`` and ``-k``): a module fixture that runs one real job per value runs only the
-    jobs a selected test reads (the ``matrix`` marker puts most of a matrix in CI's run)."""
-    return {item.callspec.params[argname] for item in request.session.items
-            if getattr(item, "module", None) is request.module
-            and argname in getattr(getattr(item, "callspec", None), "params", {})}
+    """The values ``argname`` takes in the requesting module's selected tests: a module fixture
+    that runs one real job per value runs only the jobs a selected test reads (the ``matrix``
+    marker puts most of a matrix in CI's run)."""
+    return {item.callspec.params[argname] for item in _selected_items(request)
+            if argname in getattr(getattr(item, "callspec", None), "params", {})}
 
 
 def selected_tests(request: pytest.FixtureRequest) -> set[str]:
-    """The names of the requesting module's test functions that this run selected."""
-    return {getattr(item, "originalname", item.name) for item in request.session.items
-            if getattr(item, "module", None) is request.module}
+    """The names of the requesting module's selected test functions."""
+    return {getattr(item, "originalname", item.name) for item in _selected_items(request)}
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:

@@ -26,7 +26,7 @@ import pytest
 from gradhub.client.client import Client, JobInfo
 from gradhub.worker.data import global_batch_indices
 
-from ..conftest import final_params, selected, wait_for
+from ..conftest import final_params, selected, tiered, wait_for
 
 USER_CODE = Path(__file__).parents[1] / "integration" / "user_code"
 TRAIN, BATCH, SEED, STEPS, KILL_STEP = 1437, 16, 3, 120, 30  # digits' training samples
@@ -69,8 +69,7 @@ def undisturbed(request, server, tmp_path_factory) -> dict:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in DEFAULT else pytest.mark.matrix) for c in CASES],
-                         ids=[f"{m}-rank{r}-{'spare' if s else 'restart'}" for m, _, r, s in CASES])
+@pytest.mark.parametrize("case", tiered(CASES, DEFAULT), ids=[f"{m}-rank{r}-{'spare' if s else 'restart'}" for m, _, r, s in CASES])
 def test_a_worker_killed_at_a_step_dies_once_and_changes_nothing(server, undisturbed, tmp_path, case):
     mode, workers, rank, spares = case
     marker = tmp_path / "fired"

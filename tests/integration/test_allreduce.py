@@ -19,7 +19,7 @@ import torch
 
 from gradhub.client.client import Client
 
-from ..conftest import final_params, selected, selected_tests, wait_for
+from ..conftest import final_params, selected, selected_tests, tiered, wait_for
 from .test_exactness import OPTIMIZERS, SEED, STEPS, WORLD_SIZES, reference
 from .test_exactness import spec as ps_spec
 
@@ -33,10 +33,6 @@ SAME_SPEC = ("adam", 2)  # run in both modes
 COMPRESSED = ("fp16", "bf16")
 # the default suite's exactness jobs: each optimizer and world size once; CI runs the rest (matrix)
 DEFAULT = {(1, "sgd-momentum"), (2, "adam"), (4, "adamw")}
-
-
-def _tier(value, default: bool):  # type: ignore[no-untyped-def]
-    return pytest.param(value, marks=() if default else pytest.mark.matrix)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +60,7 @@ def finished(request, server, tmp_path_factory):
         return out
 
 
-@pytest.mark.parametrize("job", [_tier((n, opt), (n, opt) in DEFAULT) for opt in OPTIMIZERS for n in WORLD_SIZES],
-                         ids=[f"{opt}-{n}" for opt in OPTIMIZERS for n in WORLD_SIZES])
+@pytest.mark.parametrize("job", tiered([(n, opt) for opt in OPTIMIZERS for n in WORLD_SIZES], DEFAULT), ids=[f"{opt}-{n}" for opt in OPTIMIZERS for n in WORLD_SIZES])
 def test_allreduce_equals_single_process_pytorch(finished, job):
     workers, optimizer = job
     info, params = finished[("allreduce", workers, optimizer)]
@@ -99,7 +94,7 @@ def test_the_user_sees_the_same_metrics_as_in_ps_modes(finished):
     assert info.metrics["allreduce_s"] > 0  # the time the gradients spent in the all-reduce
 
 
-@pytest.mark.parametrize("compression", [_tier(c, c == "bf16") for c in COMPRESSED])
+@pytest.mark.parametrize("compression", tiered(COMPRESSED, {"bf16"}))
 def test_compressed_allreduce_trains_close_to_float32(finished, compression):
     info, params = finished[(compression, 2, "adam")]
     assert info.state == "SUCCEEDED", info.reason

@@ -31,7 +31,7 @@ from torch.utils.data.dataloader import default_collate
 from gradhub.client.client import Client
 from gradhub.worker.data import get_batch, step_seed, worker_batch_indices
 
-from ..conftest import selected
+from ..conftest import selected, tiered
 
 USER_CODE = Path(__file__).parent / "user_code"
 STEPS, BATCH, SEED, WORKERS = 25, 16, 3, 2
@@ -111,8 +111,7 @@ DEFAULT_JOBS = ({(name, "ps-sync") for name in CASES}
 
 def jobs(keys: list[tuple[str, str]]) -> list[Any]:
     """``keys`` as parameters of a test's ``job``, the ones outside DEFAULT_JOBS marked ``matrix``."""
-    return [pytest.param(k, marks=() if k in DEFAULT_JOBS else pytest.mark.matrix, id=f"{k[0]}-{k[1]}")
-            for k in keys]
+    return tiered(keys, DEFAULT_JOBS, id=lambda k: f"{k[0]}-{k[1]}")
 
 
 @pytest.fixture(scope="module")
@@ -327,8 +326,7 @@ def test_dict_inputs_report_the_user_metric(finished, job):
     assert 0.0 < info.metrics["val_top2"] <= 1.0 and info.metrics["val_top2"] >= info.metrics["val_accuracy"]
 
 
-@pytest.mark.parametrize("pair", [pytest.param(name, marks=() if (name, "allreduce") in DEFAULT_JOBS
-                                               else pytest.mark.matrix) for name in CASES])
+@pytest.mark.parametrize("pair", tiered(CASES, {name for name, mode in DEFAULT_JOBS if mode == "allreduce"}))
 def test_ps_sync_and_allreduce_agree(finished, pair):
     a, b = load_file(finished[(pair, "ps-sync")][1]), load_file(finished[(pair, "allreduce")][1])
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)

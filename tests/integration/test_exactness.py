@@ -26,7 +26,7 @@ from gradhub.client.client import Client
 from gradhub.worker.data import digits, get_batch, global_batch_indices
 from gradhub.worker.models import mlp
 
-from ..conftest import final_params, selected
+from ..conftest import final_params, selected, tiered
 
 STEPS, BATCH, SEED = 100, 16, 7
 OPTIMIZERS = {
@@ -101,8 +101,7 @@ def finished_jobs(request, server, tmp_path_factory):
         return out
 
 
-@pytest.mark.parametrize("job", [pytest.param(j, marks=() if j in DEFAULT else pytest.mark.matrix) for j in JOBS],
-                         ids=[f"{o}-{n}-{t}" for n, t, o in JOBS])
+@pytest.mark.parametrize("job", tiered(JOBS, DEFAULT), ids=[f"{o}-{n}-{t}" for n, t, o in JOBS])
 def test_ps_sync_equals_single_process_pytorch(finished_jobs, job):
     workers, transport, optimizer = job
     info, params = finished_jobs[job]
