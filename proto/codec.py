@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from functools import cached_property
+from itertools import accumulate, pairwise
 from math import prod
 from typing import Any, TypeVar, cast
 
@@ -88,13 +89,19 @@ class Layout:
         if len(set(self.names)) != len(self.names):
             raise ProtocolError("tensors: duplicate tensor names")
 
-    @property
+    # computed once (a layout is immutable): the parameter server reads them on every push
+    @cached_property
     def numels(self) -> tuple[int, ...]:
         return tuple(prod(s) for s in self.shapes)
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return sum(self.numels)
+
+    @cached_property
+    def _starts(self) -> tuple[int, ...]:
+        """Where each tensor starts in the flat vector, and (last) where the vector ends."""
+        return (0, *accumulate(self.numels))
 
     def nbytes(self, wire_dtype: int) -> int:
         return self.numel * torch_dtype(wire_dtype).itemsize
@@ -135,25 +142,26 @@ class Layout:
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of ``flat`` shaped as each named tensor."""
-        out, offset = {}, 0
-        for name, shape, n in zip(self.names, self.shapes, self.numels, strict=True):
-            out[name] = flat[offset : offset + n].view(shape)
-            offset += n
-        return out
+        return {name: flat[a:b].view(shape)
+                for name, shape, (a, b) in zip(self.names, self.shapes, pairwise(self._starts), strict=True)}
 
     def part(self, first: int, count: int) -> Layout:
         """Tensors ``first`` to ``first + count - 1`` as a layout of their own (a fragment);
         ``count`` 0 is the whole model (then ``first`` must be 0)."""
         if count == 0 and first == 0:
             return self
-        if count <= 0 or first < 0 or first + count > len(self.names):
-            raise ProtocolError(f"first_tensor: tensors {first} to {first + count - 1} are not a part of the "
-                                f"model's {len(self.names)} tensors")
-        return Layout(self.names[first:first + count], self.shapes[first:first + count])
+        parts = self.__dict__.setdefault("_parts", {})  # a bucket's or fragment's, asked for every push
+        part = parts.get((first, count))
+        if part is None:
+            if count <= 0 or first < 0 or first + count > len(self.names):
+                raise ProtocolError(f"first_tensor: tensors {first} to {first + count - 1} are not a part of the "
+                                    f"model's {len(self.names)} tensors")
+            part = parts[first, count] = Layout(self.names[first:first + count], self.shapes[first:first + count])
+        return part
 
     def offset(self, first: int) -> int:
         """Where tensor ``first`` starts in the flat vector."""
-        return sum(self.numels[:first])
+        return self._starts[first] if 0 <= first < len(self._starts) else sum(self.numels[:first])
 
     def partition(self, parts: int) -> tuple[tuple[int, int], ...]:
         """``parts`` contiguous runs of whole tensors, as (first, count), each ending where the

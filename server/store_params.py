@@ -29,6 +29,8 @@ from gradhub.server.store_config import CheckpointState, StoreConfig
 from gradhub.server.workers import WorkerTable
 
 SMALL_TENSOR = 1 << 16  # elements
+# a gradient up to this size keeps its views for the next step's (``_grad_views``)
+KEPT_VIEWS_BYTES = 1 << 20
 
 
 class StoreParams(WorkerTable):
@@ -52,6 +54,7 @@ class StoreParams(WorkerTable):
         self._last_ckpt_step: int = -1  # the step of the latest checkpoint taken (or resumed from)
         self._resume: CheckpointState | None = None
         self._history: dict[int, torch.Tensor] = {}  # version -> parameters (keep_history)
+        self._views: tuple[tuple[int, int, tuple[int, int]], list[torch.Tensor]] | None = None
 
     @property
     def initialized(self) -> bool:
@@ -228,16 +231,28 @@ class StoreParams(WorkerTable):
         become its views, so a received gradient is used where it landed, without a copy.
         Parameters in ``unused`` (model indexes) get ``grad = None``: torch.optim leaves them as
         they are."""
-        assert self._layout is not None and self._optimizer is not None
-        views = list(self._layout.part(*part).split(grad).values())
+        assert self._optimizer is not None
+        views = self._grad_views(grad, part)
+        first, count = part[0], len(views)
         for i, param in enumerate(self._params):
-            inside = part[0] <= i < part[0] + len(views)
-            param.grad = views[i - part[0]] if inside and i not in unused else None
+            param.grad = views[i - first] if first <= i < first + count and i not in unused else None
         if self.config.shards == 1:  # over shards, the gradient came scaled already (by the whole's norm)
             clip_gradients(self._params, self.config.clip_grad_norm)
         self._optimizer.step()
         for param in self._params:
             param.grad = None  # the gradient's memory goes back to whoever received it
+
+    def _grad_views(self, grad: torch.Tensor, part: tuple[int, int]) -> list[torch.Tensor]:
+        """``grad`` as views shaped as the tensors of ``part``. A small gradient's are kept: the
+        next step's usually lands in the same buffer (the data plane reuses a connection's), and
+        a buffer the views hold cannot be another's (the views keep it alive)."""
+        assert self._layout is not None
+        key = (grad.data_ptr(), grad.numel(), part)
+        if self._views is not None and self._views[0] == key:
+            return self._views[1]
+        views = list(self._layout.part(*part).split(grad).values())
+        self._views = (key, views) if grad.numel() * grad.element_size() <= KEPT_VIEWS_BYTES else None
+        return views
 
     def _keep_version(self) -> None:
         if self.config.keep_history and self._flat is not None:

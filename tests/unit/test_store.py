@@ -221,6 +221,19 @@ def test_sync_result_does_not_depend_on_arrival_order() -> None:
 
 
 # ------------------------------------------------------------ 2. exactly-once
+def test_a_gradient_buffer_reused_from_step_to_step_gives_the_steps_of_fresh_tensors() -> None:
+    # the data plane receives each push into the same buffer; the store keeps its views of a
+    # small one from step to step (store_params._grad_views), and must read the new values
+    fresh, reused = _store(total_steps=6, optimizer="adam", lr=0.01), _store(total_steps=6, optimizer="adam", lr=0.01)
+    buffer = torch.empty(NUMEL)
+    for step in range(6):
+        assert fresh.push(0, step, step, _grad(0, step)) == (True, step + 1)
+        buffer.copy_(_grad(0, step))
+        assert reused.push(0, step, step, buffer) == (True, step + 1)
+        assert torch.equal(_flat(reused), _flat(fresh))
+    assert not torch.equal(_flat(reused), _initial())
+
+
 def test_sync_duplicate_push_while_pending_is_ignored() -> None:
     store = _store("ps-sync", 2, optimizer="sgd", lr=0.1, hyper={"momentum": 0.9})
     ref = _Reference("sgd", 0.1, {"momentum": 0.9})
