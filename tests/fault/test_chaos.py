@@ -381,6 +381,7 @@ EVERY_MODE = [Shape("ps-sync", 2, (1, 1), True), Shape("ps-async", 1, (0, 0)), S
               Shape("allreduce", 2, (1, 1), True)]
 
 
+@pytest.mark.long  # the default suite kills a server in test_server_restart, workers in test_exact_kill
 @pytest.mark.timeout(300)
 def test_chaos_short(tmp_path: Path) -> None:
     """Every mode at once, one server kill mid-run in all of them; the sync jobs lose a worker

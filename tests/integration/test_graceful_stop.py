@@ -13,7 +13,8 @@ from gradhub.server.job_db import JobDB
 from ..conftest import wait_for
 
 
-@pytest.mark.parametrize("mode, steps", [("ps-sync", 1500), ("allreduce", 2500)])  # allreduce steps are faster
+@pytest.mark.parametrize("mode, steps", [("ps-sync", 1500),  # allreduce steps are faster
+                                         pytest.param("allreduce", 2500, marks=pytest.mark.long)])
 def test_stopping_the_server_does_not_fail_a_running_job(ray_session, tmp_path, mode, steps):
     spec = {"name": "survivor", "mode": mode, "workers": 2, "resources": {"cpus": 0.5}, "dataset": "digits",
             "model": {"name": "mlp", "args": {"hidden": [128, 128]}}, "steps": steps, "checkpoint_every": 50}

@@ -52,6 +52,7 @@ def _p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
 
+@pytest.mark.long  # a minute; test_overload keeps GetJob fast under stalled streams in the default suite
 def test_512_simulated_workers_are_served_and_get_job_stays_fast(tmp_path):
     with (Server(ServerConfig(port=0, data_dir=tmp_path), launcher=ExternalLauncher({"CPU": 1024})) as server,
           Client(server.address) as client):

@@ -19,6 +19,7 @@ from ..server_process import ServerProcess, assert_nothing_left
 STEPS = 600
 
 
+@pytest.mark.long  # the default suite kills a server under a job in test_server_restart
 @pytest.mark.timeout(420)
 def test_a_sweep_survives_a_server_kill(tmp_path: Path) -> None:
     data = tmp_path / "data"
