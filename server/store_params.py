@@ -203,6 +203,7 @@ class StoreParams(WorkerTable):
         self._parts = layout.partition(c.fragments)  # more fragments than tensors: a SpecError
         self._layout, self._flat, self._params = layout, flat, params
         self._optimizer, self._scheduler = optimizer, scheduler
+        self._views = None  # views cut for another layout are not this one's
         self._keep_version()
 
     def _check_buffer_values(self, buffers: Mapping[str, torch.Tensor] | None) -> None:
