@@ -109,6 +109,18 @@ def test_split_gives_shaped_views_and_name_at_finds_the_owner() -> None:
     ]
 
 
+
+def test_offsets_and_parts_are_the_layouts_own_and_computed_once() -> None:
+    assert [LAYOUT.offset(i) for i in range(4)] == [0, 12, 15, 16]
+    part = LAYOUT.part(1, 2)
+    assert (part.names, part.shapes, part.numel) == (("bias", "scale"), ((3,), ()), 4)
+    assert LAYOUT.part(1, 2) is part  # kept: the server asks for a bucket's on every push
+    assert LAYOUT.part(0, 0) is LAYOUT
+    for _ in range(2):  # a bad part is refused every time, never kept
+        with pytest.raises(ProtocolError, match=r"first_tensor: tensors 2 to 3 are not a part"):
+            LAYOUT.part(2, 2)
+    assert Layout(LAYOUT.names, LAYOUT.shapes) == LAYOUT  # what is kept is no part of equality
+
 # ------------------------------------------------------------------- dtypes
 def test_dtype_lookup() -> None:
     assert torch_dtype(DTYPE_UNSPECIFIED) is torch.float32

@@ -220,7 +220,6 @@ def test_sync_result_does_not_depend_on_arrival_order() -> None:
     assert all(torch.equal(r, results[0]) for r in results[1:])
 
 
-# ------------------------------------------------------------ 2. exactly-once
 def test_a_gradient_buffer_reused_from_step_to_step_gives_the_steps_of_fresh_tensors() -> None:
     # the data plane receives each push into the same buffer; the store keeps its views of a
     # small one from step to step (store_params._grad_views), and must read the new values
@@ -234,6 +233,7 @@ def test_a_gradient_buffer_reused_from_step_to_step_gives_the_steps_of_fresh_ten
     assert not torch.equal(_flat(reused), _initial())
 
 
+# ------------------------------------------------------------ 2. exactly-once
 def test_sync_duplicate_push_while_pending_is_ignored() -> None:
     store = _store("ps-sync", 2, optimizer="sgd", lr=0.1, hyper={"momentum": 0.9})
     ref = _Reference("sgd", 0.1, {"momentum": 0.9})
