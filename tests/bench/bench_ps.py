@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=6, help="exchanges per measurement (first is warm-up)")
     parser.add_argument("--steps", type=int, default=1000, help="training steps for (c)")
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512], help="batch sizes for (c)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per figure in (c); the median is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure in (c) and (d); the median is kept (in (c), of each pair's ratio)")
     parser.add_argument("--transports", nargs="+", default=["unix", "tcp", "grpc"],
                         choices=["unix", "tcp", "tls", "grpc"],
                         help="transports for (a) and (b) (tls: the data plane's TCP port under TLS)")
@@ -332,17 +332,22 @@ def figure_c(args: argparse.Namespace) -> list[dict[str, Any]]:
     x, y = train.tensors  # type: ignore[attr-defined]
     rows_c = []
     dev = args.device  # the reference trains where the job does
-    for batch in args.batches:  # medians of --repeats runs: this small VM is noisy
-        plain = statistics.median(plain_training_samples_per_second(lambda: cnn().to(dev), x.to(dev), y.to(dev),
-                                                                    batch_size=batch, steps=args.steps, lr=0.05)
-                                  for _ in range(args.repeats))
-        gpus = 1 if args.device == "cuda" else 0
-        job = statistics.median(job_samples_per_second("cnn", batch, args.steps, gpus=gpus)
-                                for _ in range(args.repeats))
-        rows_c.append({"model": "cnn (digits)", "batch": batch, "plain PyTorch samples/s": f"{plain:,.0f}",
-                       "gradhub 1-worker ps-sync samples/s": f"{job:,.0f}", "ratio": f"{job / plain:.2f}"})
-    print_table("(c) 1-worker ps-sync job vs plain PyTorch", rows_c,
-                ["model", "batch", "plain PyTorch samples/s", "gradhub 1-worker ps-sync samples/s", "ratio"])
+    gpus = 1 if args.device == "cuda" else 0
+    for batch in args.batches:
+        pairs = []  # --repeats of (plain, job), interleaved: this small VM's noise drifts, and falls on both alike
+        for _ in range(args.repeats):
+            plain = plain_training_samples_per_second(lambda: cnn().to(dev), x.to(dev), y.to(dev),
+                                                      batch_size=batch, steps=args.steps, lr=0.05)
+            pairs.append((plain, job_samples_per_second("cnn", batch, args.steps, gpus=gpus)))
+        ratios = sorted(job / plain for plain, job in pairs)
+        rows_c.append({"model": "cnn (digits)", "batch": batch,
+                       "plain PyTorch samples/s": f"{statistics.median(p for p, _ in pairs):,.0f}",
+                       "gradhub 1-worker ps-sync samples/s": f"{statistics.median(j for _, j in pairs):,.0f}",
+                       "ratio": f"{statistics.median(ratios):.2f}",
+                       "ratio range": f"{ratios[0]:.2f}–{ratios[-1]:.2f}"})
+    print_table("(c) 1-worker ps-sync job vs plain PyTorch (medians of interleaved pairs)", rows_c,
+                ["model", "batch", "plain PyTorch samples/s", "gradhub 1-worker ps-sync samples/s", "ratio",
+                 "ratio range"])
     return rows_c
 
 
