@@ -248,7 +248,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=6, help="exchanges per measurement (first is warm-up)")
     parser.add_argument("--steps", type=int, default=1000, help="training steps for (c)")
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512], help="batch sizes for (c)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per figure in (c) and (d); the median is kept (in (c), of each pair's ratio)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per figure in (c) and (d); the median is kept (in (c), of each pair's ratio)")
     parser.add_argument("--transports", nargs="+", default=["unix", "tcp", "grpc"],
                         choices=["unix", "tcp", "tls", "grpc"],
                         help="transports for (a) and (b) (tls: the data plane's TCP port under TLS)")
