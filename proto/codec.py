@@ -103,6 +103,12 @@ class Layout:
         """Where each tensor starts in the flat vector, and (last) where the vector ends."""
         return (0, *accumulate(self.numels))
 
+    @cached_property
+    def _parts(self) -> dict[tuple[int, int], Layout]:
+        """The parts ``part`` cut, by (first, count): the server asks for a bucket's or a
+        fragment's on every push."""
+        return {}
+
     def nbytes(self, wire_dtype: int) -> int:
         return self.numel * torch_dtype(wire_dtype).itemsize
 
@@ -150,13 +156,13 @@ class Layout:
         ``count`` 0 is the whole model (then ``first`` must be 0)."""
         if count == 0 and first == 0:
             return self
-        parts = self.__dict__.setdefault("_parts", {})  # a bucket's or fragment's, asked for every push
-        part = parts.get((first, count))
+        part = self._parts.get((first, count))
         if part is None:
             if count <= 0 or first < 0 or first + count > len(self.names):
                 raise ProtocolError(f"first_tensor: tensors {first} to {first + count - 1} are not a part of the "
                                     f"model's {len(self.names)} tensors")
-            part = parts[first, count] = Layout(self.names[first:first + count], self.shapes[first:first + count])
+            part = self._parts[first, count] = Layout(self.names[first:first + count],
+                                                      self.shapes[first:first + count])
         return part
 
     def offset(self, first: int) -> int:
