@@ -278,7 +278,8 @@ class SweepRunner:
                 continue
             value = float(p.metrics[metric])
             intermediate[p.step] = value
-            last = bool(job.total_steps) and p.step >= job.total_steps  # its final evaluation: nothing to save
+            # its final evaluation, or a job that has trained its last step since: nothing to save
+            last = bool(job.total_steps) and max(p.step, job.step) >= job.total_steps
             if a.search.report(t.number, p.step, value) and not job.state.terminal and not last:
                 # the trial ends when its job does: PRUNED once the cancel took (its slot frees
                 # then), or COMPLETE if the job's last step beat the cancel

@@ -146,13 +146,15 @@ class FakeJobs:
         return list(self.records.values())
 
     # what the test does
-    def evaluate(self, job_id: str, step: int, accuracy: float) -> None:
+    def evaluate(self, job_id: str, step: int, accuracy: float, trained: int | None = None) -> None:
+        """An evaluation at ``step``; the job's record says it has trained ``trained`` steps by the time
+        the runner reads it (``step`` unless given)."""
         with self._lock:
             pts = self.points_[job_id]
             pts.append(MetricPoint(len(pts) + 1, step, "eval", {"val_accuracy": accuracy}, time.time()))
             rec = self.records[job_id]
             if not rec.state.terminal:
-                self.records[job_id] = dataclasses.replace(rec, state=JobState.RUNNING, step=step,
+                self.records[job_id] = dataclasses.replace(rec, state=JobState.RUNNING, step=trained or step,
                                                            metrics={"val_accuracy": accuracy})
         self.notify()
 
@@ -219,6 +221,23 @@ def test_a_pruned_trial_is_cancelled_and_its_slot_goes_to_the_next(runner: Sweep
     wait_for(lambda: len(jobs.records) == 4, 5, "a trial in the pruned one's slot")
     trial = next(t.record for t in runner.get(view.record.id).trials if t.record.job_id == second)
     assert trial.state is TrialState.PRUNED and trial.value == 0.1 and trial.intermediate == {10: 0.1}
+
+
+def test_a_trial_that_trained_its_last_step_before_its_evaluation_was_read_is_not_pruned(
+        runner: SweepRunner, jobs: FakeJobs) -> None:
+    view = runner.submit(spec())
+    first, second = jobs.live()
+    jobs.evaluate(first, 10, 0.8)
+    jobs.succeed(first, 0.9)
+    wait_for(lambda: len(jobs.live()) == 2, 5, "the next trial in the free slot")
+    jobs.evaluate(second, 10, 0.1, trained=40)  # behind the median, but its job has trained all 40 steps
+    third = next(j for j in jobs.live() if j != second)
+    jobs.succeed(third, 0.5)  # the runner has read the second's evaluation once it frees the third's slot
+    wait_for(lambda: len(jobs.records) == 4, 5, "a trial in the third's slot")
+    assert jobs.records[second].state is JobState.RUNNING, "nothing is saved by cancelling a job that has trained"
+    jobs.succeed(second, 0.2)
+    wait_for(lambda: any(t.record.job_id == second and t.record.state is TrialState.COMPLETE
+                         for t in runner.get(view.record.id).trials), 5, "the second trial's end")
 
 
 def test_a_sweep_resumes_where_it_was(jobs: FakeJobs, db_path: Path, tmp_path: Path) -> None:
