@@ -34,7 +34,6 @@ import torch
 
 from gradhub.proto.codec import Layout, encode
 from gradhub.proto.contract.errors import ProtocolError, StateError
-from gradhub.proto.contract.optim import optimizer_state_copy
 from gradhub.proto.model_state import tensors_to_proto
 from gradhub.proto.shards import sum_of_squares
 from gradhub.server.shard_clip import HeldStep, ShardClip, clip_coefficient
@@ -678,7 +677,7 @@ class ParameterStore(StoreParams):
             return self._capture()
 
     def _capture(self) -> CheckpointState:
-        if self._optimizer is None:
+        if self._stepper is None:
             raise StateError("parameters: the job has no parameters yet")
         if self._old:
             raise StateError(f"parameters: step {self._version} is applied in part (the buckets in so far); the "
@@ -687,7 +686,7 @@ class ParameterStore(StoreParams):
             step=min(w.clock for w in self._members()),
             version=self._version,
             params=self._state_dict(),
-            optimizer_state=optimizer_state_copy(self._optimizer),
+            optimizer_state=self._stepper.state_dict(),
             scheduler_state=self._scheduler.state_dict() if self._scheduler is not None else None,
             clocks=tuple(w.clock for w in self._workers),
         )

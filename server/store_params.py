@@ -8,6 +8,7 @@ mode's: ``gradhub.server.store.ParameterStore`` builds on this.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,8 +26,11 @@ from gradhub.proto.contract.optim import (
 )
 from gradhub.proto.model_state import ModelLayout
 from gradhub.proto.shards import Shard, shards_of, split_optimizer_state
+from gradhub.server.flat_optimizer import FlatOptimizer
 from gradhub.server.store_config import CheckpointState, StoreConfig
 from gradhub.server.workers import WorkerTable
+
+log = logging.getLogger(__name__)
 
 SMALL_TENSOR = 1 << 16  # elements
 # a gradient up to this size keeps its views for the next step's (``_grad_views``)
@@ -48,6 +52,7 @@ class StoreParams(WorkerTable):
         self._flat: torch.Tensor | None = None
         self._params: list[torch.nn.Parameter] = []
         self._optimizer: torch.optim.Optimizer | None = None
+        self._stepper: FlatOptimizer | None = None  # steps ``_optimizer`` over ``_flat`` when it can
         self._scheduler: Any = None
         self._version: int = 0
         self._parts: tuple[tuple[int, int], ...] = ()  # the fragments, as (first tensor, count)
@@ -77,6 +82,12 @@ class StoreParams(WorkerTable):
     def shard(self) -> Shard | None:
         """This store's slice of the parameters when the job has several shards."""
         return self._shard
+
+    @property
+    def steps_flat(self) -> bool:
+        """Whether the optimizer steps the flat vector now rather than the tensors
+        (``gradhub.server.flat_optimizer``)."""
+        return self._stepper is not None and self._stepper.flat
 
     def lr(self) -> float | None:
         """The learning rate of the first parameter group now (None before the parameters)."""
@@ -162,10 +173,8 @@ class StoreParams(WorkerTable):
         self._install(model.trainable, flat)
         self._frozen = {k: v.to(torch.float32).clone() for k, v in frozen.items()}
         self._buffers = {k: v.clone() for k, v in buffers.items()}
-        assert self._optimizer is not None
-        self._optimizer.load_state_dict(optimizer_state)
-        for group in self._optimizer.param_groups:  # a checkpoint's groups bring their own choice
-            group["foreach"] = True
+        assert self._stepper is not None
+        self._stepper.load_state_dict(optimizer_state)  # (foreach, whatever the checkpoint's groups say)
         if self._scheduler is not None and state.scheduler_state is not None:
             self._scheduler.load_state_dict(state.scheduler_state)
 
@@ -203,6 +212,7 @@ class StoreParams(WorkerTable):
         self._parts = layout.partition(c.fragments)  # more fragments than tensors: a SpecError
         self._layout, self._flat, self._params = layout, flat, params
         self._optimizer, self._scheduler = optimizer, scheduler
+        self._stepper = FlatOptimizer(optimizer, flat, params)
         self._views = None  # views cut for another layout are not this one's
         self._keep_version()
 
@@ -228,20 +238,41 @@ class StoreParams(WorkerTable):
             )
 
     def _step_params(self, grad: torch.Tensor, unused: frozenset[int], part: tuple[int, int]) -> None:
-        """The optimizer's step over the tensors ``part`` with ``grad``: the parameters' ``.grad``
-        become its views, so a received gradient is used where it landed, without a copy.
-        Parameters in ``unused`` (model indexes) get ``grad = None``: torch.optim leaves them as
-        they are."""
-        assert self._optimizer is not None
+        """The optimizer's step over the tensors ``part`` with ``grad``. A step of every tensor
+        is taken over the flat vector (``FlatOptimizer``); otherwise the parameters' ``.grad``
+        become views of ``grad``, so a received gradient is used where it landed, without a
+        copy. Parameters in ``unused`` (model indexes) get ``grad = None``: torch.optim leaves
+        them as they are."""
+        assert self._optimizer is not None and self._stepper is not None
+        clip = self.config.clip_grad_norm if self.config.shards == 1 else None  # over shards, it came scaled
+        whole = part == (0, 0) or part == (0, len(self._params))
+        if self._stepper.flat and whole and not unused:
+            if clip is not None:  # torch's norm is the tensors' norms' norm: taken over the views
+                self._set_grads(grad, unused, part)
+                clip_gradients(self._params, clip)
+                self._set_grads(None, unused, part)
+            self._stepper.step(grad)
+            return
+        if self._stepper.flat:
+            self._stepper.to_tensors(why="a step left tensors out" if unused else "a step of part of the model")
+            log.info("job %s: the optimizer steps the parameters tensor by tensor from version %d on: %s",
+                     self.config.job_id, self._version, self._stepper.why_not)
+        self._set_grads(grad, unused, part)
+        clip_gradients(self._params, clip)
+        self._optimizer.step()
+        self._set_grads(None, unused, part)  # the gradient's memory goes back to whoever received it
+
+    def _set_grads(self, grad: torch.Tensor | None, unused: frozenset[int], part: tuple[int, int]) -> None:
+        """The parameters' ``.grad``: ``grad``'s views for the tensors of ``part`` not in
+        ``unused``, None for the others (and for all when ``grad`` is None)."""
+        if grad is None:
+            for param in self._params:
+                param.grad = None
+            return
         views = self._grad_views(grad, part)
         first, count = part[0], len(views)
         for i, param in enumerate(self._params):
             param.grad = views[i - first] if first <= i < first + count and i not in unused else None
-        if self.config.shards == 1:  # over shards, the gradient came scaled already (by the whole's norm)
-            clip_gradients(self._params, self.config.clip_grad_norm)
-        self._optimizer.step()
-        for param in self._params:
-            param.grad = None  # the gradient's memory goes back to whoever received it
 
     def _grad_views(self, grad: torch.Tensor, part: tuple[int, int]) -> list[torch.Tensor]:
         """``grad`` as views shaped as the tensors of ``part``. A small gradient's are kept: the

@@ -233,6 +233,30 @@ def test_a_gradient_buffer_reused_from_step_to_step_gives_the_steps_of_fresh_ten
     assert not torch.equal(_flat(reused), _initial())
 
 
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_the_store_steps_its_flat_vector_until_a_push_leaves_a_tensor_out(opt: str) -> None:
+    # (gradhub.server.flat_optimizer) the same steps and the same checkpoint either way
+    name, lr, hyper = OPTIMIZERS[opt]
+    store = _store(total_steps=6, optimizer=name, lr=lr, hyper=hyper)
+    ref = _Reference(name, lr, hyper)
+    for step in range(6):
+        unused = [1] if step == 3 else []
+        store.push(0, step, step, _grad(0, step), unused=unused)
+        assert store.steps_flat == (step < 3)
+        grads = list(LAYOUT.split(_grad(0, step)).values())
+        for i, (p, g) in enumerate(zip(ref.params, grads, strict=True)):
+            p.grad = None if i in unused else g.clone()
+        ref.opt.step()
+        assert torch.equal(_flat(store), ref.flat())
+        state = store.checkpoint_state().optimizer_state
+        expected = ref.opt.state_dict()
+        assert state["param_groups"][0]["params"] == expected["param_groups"][0]["params"] == [0, 1]
+        for i, tensor_state in expected["state"].items():
+            for key, value in tensor_state.items():
+                got = state["state"][i][key]
+                assert torch.equal(got, value) if torch.is_tensor(value) else got == value, (step, i, key)
+
+
 # ------------------------------------------------------------ 2. exactly-once
 def test_sync_duplicate_push_while_pending_is_ignored() -> None:
     store = _store("ps-sync", 2, optimizer="sgd", lr=0.1, hyper={"momentum": 0.9})
