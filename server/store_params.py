@@ -1,9 +1,10 @@
 """What a parameter store holds of its job's model: the trainable parameters (one flat float32
-tensor, whose views torch.optim steps), the frozen ones, the buffers, the optimizer and its
-schedule, and the versions they went through; a shard's store, its slice of them. How they are
-installed (fresh from worker 0, or from a checkpoint: the whole model's or the slice the
-server cut for this shard), stepped with a gradient, and read. When an update happens is the
-mode's: ``gradhub.server.store.ParameterStore`` builds on this.
+tensor, which torch.optim steps whole or as its tensors' views: ``flat_optimizer``), the frozen
+ones, the buffers, the optimizer and its schedule, and the versions they went through; a
+shard's store, its slice of them. How they are installed (fresh from worker 0, or from a
+checkpoint: the whole model's or the slice the server cut for this shard), stepped with a
+gradient, and read. When an update happens is the mode's: ``gradhub.server.store.ParameterStore``
+builds on this.
 """
 
 from __future__ import annotations
