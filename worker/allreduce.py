@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Self
@@ -374,9 +375,14 @@ class AllReduceTrainer:
             find_unused = any_rank(has_unused_parameters(work, step), device)
         ids = [device.index] if device.type == "cuda" else None
         # buffers: "broadcast" sends rank 0's after each step (``broadcast_buffers``) rather than
-        # before each forward, as DDP would: the same values, there at the step boundary
-        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
-                                       broadcast_buffers=False, find_unused_parameters=find_unused)
+        # before each forward, as DDP would: the same values, there at the step boundary. Newer
+        # torch deprecates ``broadcast_buffers`` for ``forward_sync_buffers``, which still syncs
+        # buffers at init (a worker that resumes its own buffers, ``buffers: local``, must keep
+        # them): torch's warning says to keep ``broadcast_buffers=False`` for that, so it is not shown
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+            return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                           broadcast_buffers=False, find_unused_parameters=find_unused)
 
 
 def has_unused_parameters(work: Workload, step: int) -> bool:
