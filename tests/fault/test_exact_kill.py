@@ -169,6 +169,7 @@ def test_a_parameter_server_shard_killed_mid_job_changes_nothing(server, undistu
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.long  # ~26 s; the default suite kills a shard under a ps-sync job (above)
 def test_an_async_job_whose_shard_dies_goes_on_from_a_checkpoint_every_shard_took_at_once(server, tmp_path):
     """ps-async with two workers, the parameter server in two shards and a checkpoint every 20
     steps: each shard applies pushes as they come, yet takes each checkpoint with the same
