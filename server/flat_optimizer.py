@@ -86,8 +86,7 @@ class FlatOptimizer:
         if why:
             self.why_not = why
             return False
-        states = [self.optimizer.state.get(p) for p in self._params]
-        joined = self._joined(states)  # type: ignore[arg-type]
+        joined = self._joined([self.optimizer.state.get(p) or {} for p in self._params])
         if isinstance(joined, str):
             self.why_not = joined
             return False
@@ -143,19 +142,19 @@ class FlatOptimizer:
             return "the tensors do not cover the flat vector"
         return ""
 
-    def _joined(self, states: list[dict[str, Any] | None]) -> dict[str, Any] | str:
+    def _joined(self, states: list[dict[str, Any]]) -> dict[str, Any] | str:
         """The tensors' states as the flat vector's, or why they cannot be."""
         if all(not s for s in states):
             return {}
         if any(not s for s in states):
             return "some tensors have optimizer state and others none"
-        keys = set(states[0])  # type: ignore[arg-type]
-        if any(set(s) != keys for s in states):  # type: ignore[arg-type]
+        keys = set(states[0])
+        if any(set(s) != keys for s in states):
             return "the tensors' optimizer states hold different keys"
         elementwise = ELEMENTWISE_STATE[type(self.optimizer)]
         joined: dict[str, Any] = {}
         for key in sorted(keys):
-            values = [s[key] for s in states]  # type: ignore[index]
+            values = [s[key] for s in states]
             if key in elementwise and all(v is None for v in values):
                 joined[key] = None
             elif key in elementwise:
