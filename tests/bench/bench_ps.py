@@ -33,6 +33,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +328,17 @@ def figure_b(args: argparse.Namespace, nbytes: int, e_rows: list[dict[str, Any]]
     return {"mb": args.mb, "gloo_allreduce_s": gloo, "gradhub": b_figures}
 
 
+def interleaved(reference: Callable[[], float], measured: Callable[[], float], repeats: int,
+                ) -> tuple[str, str, dict[str, str]]:
+    """``repeats`` runs of ``reference`` and ``measured`` (samples/s), interleaved in pairs: this
+    small VM's noise drifts, and falls on both of a pair alike. Their medians, formatted, and
+    the ratio measured / reference as the median of the pairs' ratios with their range."""
+    pairs = [(reference(), measured()) for _ in range(repeats)]
+    ratios = sorted(m / r for r, m in pairs)
+    return (f"{statistics.median(r for r, _ in pairs):,.0f}", f"{statistics.median(m for _, m in pairs):,.0f}",
+            {"ratio": f"{statistics.median(ratios):.2f}", "ratio range": f"{ratios[0]:.2f}–{ratios[-1]:.2f}"})
+
+
 def figure_c(args: argparse.Namespace) -> list[dict[str, Any]]:
     from gradhub.worker.data import digits
     from gradhub.worker.models import cnn
@@ -336,17 +349,12 @@ def figure_c(args: argparse.Namespace) -> list[dict[str, Any]]:
     dev = args.device  # the reference trains where the job does
     gpus = 1 if args.device == "cuda" else 0
     for batch in args.batches:
-        pairs = []  # --repeats of (plain, job), interleaved: this small VM's noise drifts, and falls on both alike
-        for _ in range(args.repeats):
-            plain = plain_training_samples_per_second(lambda: cnn().to(dev), x.to(dev), y.to(dev),
-                                                      batch_size=batch, steps=args.steps, lr=0.05)
-            pairs.append((plain, job_samples_per_second("cnn", batch, args.steps, gpus=gpus)))
-        ratios = sorted(job / plain for plain, job in pairs)
-        rows_c.append({"model": "cnn (digits)", "batch": batch,
-                       "plain PyTorch samples/s": f"{statistics.median(p for p, _ in pairs):,.0f}",
-                       "gradhub 1-worker ps-sync samples/s": f"{statistics.median(j for _, j in pairs):,.0f}",
-                       "ratio": f"{statistics.median(ratios):.2f}",
-                       "ratio range": f"{ratios[0]:.2f}–{ratios[-1]:.2f}"})
+        plain, job, ratio = interleaved(
+            partial(plain_training_samples_per_second, lambda: cnn().to(dev), x.to(dev), y.to(dev),
+                    batch_size=batch, steps=args.steps, lr=0.05),
+            partial(job_samples_per_second, "cnn", batch, args.steps, gpus=gpus), args.repeats)
+        rows_c.append({"model": "cnn (digits)", "batch": batch, "plain PyTorch samples/s": plain,
+                       "gradhub 1-worker ps-sync samples/s": job, **ratio})
     print_table("(c) 1-worker ps-sync job vs plain PyTorch (medians of interleaved pairs)", rows_c,
                 ["model", "batch", "plain PyTorch samples/s", "gradhub 1-worker ps-sync samples/s", "ratio",
                  "ratio range"])
@@ -357,15 +365,9 @@ def figure_d(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows_d = []
     models = {"cnn": "cnn", "mlp 1024x1024": {"name": "mlp", "args": {"hidden": [1024, 1024]}}}
     for label, model in models.items():
-        pairs = []  # (allreduce, ps-sync), interleaved as in (c): the VM's drift falls on both alike
-        for _ in range(args.repeats):
-            ar = job_samples_per_second(model, 32, args.steps, 2, "allreduce")
-            pairs.append((ar, job_samples_per_second(model, 32, args.steps, 2, "ps-sync")))
-        ratios = sorted(ps / ar for ar, ps in pairs)
-        rows_d.append({"model": label, "batch": 32,
-                       "allreduce samples/s": f"{statistics.median(ar for ar, _ in pairs):,.0f}",
-                       "ps-sync samples/s": f"{statistics.median(ps for _, ps in pairs):,.0f}",
-                       "ratio": f"{statistics.median(ratios):.2f}", "ratio range": f"{ratios[0]:.2f}–{ratios[-1]:.2f}"})
+        ar, ps, ratio = interleaved(partial(job_samples_per_second, model, 32, args.steps, 2, "allreduce"),
+                                    partial(job_samples_per_second, model, 32, args.steps, 2, "ps-sync"), args.repeats)
+        rows_d.append({"model": label, "batch": 32, "allreduce samples/s": ar, "ps-sync samples/s": ps, **ratio})
     print_table("(d) 2-worker ps-sync job vs the same job in allreduce mode (medians of interleaved pairs)", rows_d,
                 ["model", "batch", "allreduce samples/s", "ps-sync samples/s", "ratio", "ratio range"])
     return rows_d
