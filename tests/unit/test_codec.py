@@ -109,7 +109,6 @@ def test_split_gives_shaped_views_and_name_at_finds_the_owner() -> None:
     ]
 
 
-
 def test_offsets_and_parts_are_the_layouts_own_and_computed_once() -> None:
     assert [LAYOUT.offset(i) for i in range(4)] == [0, 12, 15, 16]
     part = LAYOUT.part(1, 2)
@@ -120,6 +119,7 @@ def test_offsets_and_parts_are_the_layouts_own_and_computed_once() -> None:
         with pytest.raises(ProtocolError, match=r"first_tensor: tensors 2 to 3 are not a part"):
             LAYOUT.part(2, 2)
     assert Layout(LAYOUT.names, LAYOUT.shapes) == LAYOUT  # what is kept is no part of equality
+
 
 # ------------------------------------------------------------------- dtypes
 def test_dtype_lookup() -> None:
