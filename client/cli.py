@@ -9,6 +9,7 @@ where domain errors become one line on stderr and exit code 1; usage errors exit
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -239,6 +240,8 @@ def server(
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # a crash in native code (Ray, torch, gRPC) writes every thread's Python stack to stderr
+    faulthandler.enable()
     with _edge():
         token = _token(token_file)
     try:

@@ -72,6 +72,7 @@ class ServerProcess:
 
     def start(self, port: int = 0) -> ServerProcess:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not ours
+        env["PYTHONFAULTHANDLER"] = "1"  # a crash in native code leaves every thread's stack in its log
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", SERVER_SCRIPT, str(port), str(self.data_dir), str(self.port_file),
