@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import io
 import json
 import logging
 import os
@@ -241,7 +242,9 @@ def server(
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # a crash in native code (Ray, torch, gRPC) writes every thread's Python stack to stderr
-    faulthandler.enable()
+    # (where stderr is a file: an in-process runner's, such as typer's CliRunner, is not)
+    with contextlib.suppress(io.UnsupportedOperation):
+        faulthandler.enable()
     with _edge():
         token = _token(token_file)
     try:

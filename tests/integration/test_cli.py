@@ -12,7 +12,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -138,19 +138,31 @@ def test_top_refreshes_the_job_table_in_place(finished: tuple[Result, str], env:
     _, job_id = finished
     child_env = {k: v for k, v in {**os.environ, **env, "COLUMNS": "160"}.items() if v is not None}
     controller, terminal = pty.openpty()
-    with subprocess.Popen([sys.executable, "-m", "gradhub.client.cli", "top", "--interval", "0.2"],
-                          stdin=terminal, stdout=terminal, stderr=terminal, env=child_env) as proc:
-        os.close(terminal)
-        seen = b""
-        deadline = time.monotonic() + 60
-        while seen.count(job_id.encode()) < 2 and time.monotonic() < deadline:  # drawn twice: refreshed
-            if select.select([controller], [], [], 1.0)[0]:
+    proc = subprocess.Popen([sys.executable, "-m", "gradhub.client.cli", "top", "--interval", "0.2"],
+                            stdin=terminal, stdout=terminal, stderr=terminal, env=child_env)
+    os.close(terminal)
+
+    def read(until: Callable[[bytes], bool], within: float) -> bytes:
+        """What it draws until ``until(what it drew)`` or ``within`` seconds: read on, or a
+        frame it is writing blocks it on a full terminal (and a Ctrl-C with it)."""
+        got, deadline = b"", time.monotonic() + within
+        while not until(got) and time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.2)[0]:
                 try:
-                    seen += os.read(controller, 65536)
-                except OSError:
+                    got += os.read(controller, 65536)
+                except OSError:  # its side closed: it exited
                     break
+        return got
+
+    try:
+        seen = read(lambda got: got.count(job_id.encode()) >= 2, 60)  # drawn twice: refreshed
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) in (0, 130)
+        read(lambda _: proc.poll() is not None, 30)
+        assert proc.wait(timeout=5) in (0, 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         os.close(controller)
     assert seen.count(job_id.encode()) >= 2, seen.decode(errors="replace")[-2000:]
 

@@ -36,7 +36,7 @@ def spec(name: str, checkpoint_every: int, mode: str) -> dict:
 
 
 @pytest.mark.timeout(420)
-# allreduce is `slow`: tests/fault/test_chaos.py's short run (default suite) kills the server
+# allreduce is `slow`: tests/fault/test_chaos.py's short run (`long`, CI's second pass) kills the server
 # under an allreduce job too and checks its parameters against the undisturbed run's
 @pytest.mark.parametrize("mode", ["ps-sync", pytest.param("allreduce", marks=pytest.mark.slow)])
 def test_jobs_survive_a_server_kill(tmp_path: Path, mode: str) -> None:
