@@ -29,6 +29,9 @@ def spec(name: str, **extra) -> dict:
             "local_steps": LOCAL_STEPS, "seed": 3, **extra}
 
 
+# ~28 s (four trainings compared); the default suite pushes quantised gradients through the
+# server in test_quantized_push.py and runs local-sgd in test_local_sgd*.py
+@pytest.mark.long
 @pytest.mark.timeout(420)
 def test_quantised_pseudo_gradients_train_as_well_for_fewer_bytes(server):
     with Client(server.address) as client:
