@@ -2,10 +2,12 @@
 
 (a) one worker exchanging a 100 MB model with the server (push gradient + pull parameters, one
     round trip), in GB/s, on each transport (the data plane's Unix socket and TCP, and the gRPC
-    fallback), against raw TCP loopback (and plain gRPC streaming) measured in the same run;
+    fallback), against raw TCP loopback measured in the same run (interleaved pairs, as in (c);
+    plain gRPC streaming once, for the old path's ceiling);
 (b) ps-sync step communication time with 2 workers against torch.distributed Gloo
-    all_reduce of the same bytes, with the parameter server in one shard and in K (``--shards``:
-    K Ray actors on a local Ray, as a cluster runs them, and the server's control store);
+    all_reduce of the same bytes (interleaved pairs), with the parameter server in one shard and
+    in K (``--shards``: K Ray actors on a local Ray, as a cluster runs them, and the server's
+    control store);
 (c) a 1-worker ps-sync job (real server, real Ray worker) against a plain PyTorch loop on
     the same model, data and batch: samples/s;
 (d) a 2-worker ps-sync job against the same job in allreduce mode: samples/s (interleaved pairs, as in (c));
@@ -251,8 +253,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="training steps for (c)")
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512], help="batch sizes for (c)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="runs per figure in (c) and (d), interleaved with the reference; the median of each "
-                        "pair's ratio is kept")
+                        help="runs per figure in (a), (b), (c) and (d), interleaved with the reference; the "
+                        "median of each pair's ratio is kept")
     parser.add_argument("--transports", nargs="+", default=["unix", "tcp", "grpc"],
                         choices=["unix", "tcp", "tls", "grpc"],
                         help="transports for (a) and (b) (tls: the data plane's TCP port under TLS)")
@@ -285,57 +287,85 @@ def main() -> None:
 
 
 def figure_a(args: argparse.Namespace, nbytes: int, e_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    tcp = raw_tcp_throughput(nbytes)
-    grpc_plain = grpc_stream_throughput(nbytes)
-    rows_a = [
-        {"measure": "raw TCP loopback (push+pull)", "GB/s": f"{tcp:.2f}", "ratio to TCP": "1.00"},
-        {"measure": "plain gRPC stream, 1 MiB chunks", "GB/s": f"{grpc_plain:.2f}", "ratio to TCP": f"{grpc_plain / tcp:.2f}"},
-    ]
-    a_figures = {}
+    tcps: list[float] = []
+
+    def tcp() -> float:
+        tcps.append(raw_tcp_throughput(nbytes))
+        return tcps[-1]
+
+    rows_a, a_figures = [], {}
     for transport in args.transports:
-        one, use = exchange_seconds(1, nbytes, args.iters, transport, args.device)
-        gbs = 2 * nbytes / statistics.median(one) / 1e9
-        a_figures[transport] = {"gbs": gbs, "ratio_to_tcp": gbs / tcp, "exchange_seconds": one, **use}
+        uses: list[dict[str, float]] = []
+        runs: list[list[float]] = []
+
+        def gradhub(transport: str = transport, uses: list = uses, runs: list = runs) -> float:
+            one, use = exchange_seconds(1, nbytes, args.iters, transport, args.device)
+            uses.append(use)
+            runs.append(one)
+            return 2 * nbytes / statistics.median(one) / 1e9
+
+        ref, got, ratio = interleaved(tcp, gradhub, args.repeats, "{:.2f}")
+        use = server_use(uses)
+        a_figures[transport] = {"raw_tcp_gbs": ref, "gbs": got, **ratio, "exchange_seconds": runs, **use}
         rows_a.append({"measure": f"gradhub push+pull, {args.mb} MB, 1 worker, {transport}, {args.device}",
-                       "GB/s": f"{gbs:.2f}",
-                       "ratio to TCP": f"{gbs / tcp:.2f}"})
+                       "raw TCP GB/s": ref, "GB/s": got, **ratio})
         e_rows.append({"run": f"(a) {transport}", "server CPU s/GB": f"{use['cpu_s_per_gb']:.2f}",
                        "server peak RSS MB": f"{use['peak_rss_mb']:,.0f}"})
-    print_table(f"(a) exchanging a {args.mb} MB model", rows_a, ["measure", "GB/s", "ratio to TCP"])
-    return {"mb": args.mb, "raw_tcp_gbs": tcp, "plain_grpc_gbs": grpc_plain, "device": args.device,
+    grpc_plain = grpc_stream_throughput(nbytes)  # the old path's ceiling, against the raw runs' median
+    rows_a.append({"measure": "plain gRPC stream, 1 MiB chunks", "raw TCP GB/s": f"{statistics.median(tcps):.2f}",
+                   "GB/s": f"{grpc_plain:.2f}", "ratio": f"{grpc_plain / statistics.median(tcps):.2f}",
+                   "ratio range": "(one run)"})
+    print_table(f"(a) exchanging a {args.mb} MB model vs raw TCP loopback (push+pull; medians of interleaved pairs)",
+                rows_a, ["measure", "raw TCP GB/s", "GB/s", "ratio", "ratio range"])
+    return {"mb": args.mb, "raw_tcp_gbs": tcps, "plain_grpc_gbs": grpc_plain, "device": args.device,
             "gradhub": a_figures}
 
 
 def figure_b(args: argparse.Namespace, nbytes: int, e_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    gloo = gloo_allreduce_seconds(nbytes, world_size=2, iters=args.iters)
-    rows_b = [{"measure": f"Gloo all_reduce, {args.mb} MB, 2 ranks", "seconds/step": f"{gloo:.3f}",
-               "ratio to Gloo": "1.00"}]
-    b_figures = {}
+    rows_b, b_figures = [], {}
     for shards in args.shards:
         for transport in args.transports:
             if shards > 1 and transport in ("grpc", "tls"):
                 continue  # a sharded job's shards serve the data plane only (and no TLS yet)
-            two, use = exchange_seconds(2, nbytes, args.iters, transport, shards=shards)
-            step_s = statistics.median(two)
+            uses: list[dict[str, float]] = []
+            runs: list[list[float]] = []
+
+            def gradhub(transport: str = transport, shards: int = shards, uses: list = uses,
+                        runs: list = runs) -> float:
+                two, use = exchange_seconds(2, nbytes, args.iters, transport, shards=shards)
+                uses.append(use)
+                runs.append(two)
+                return statistics.median(two)
+
+            gloo, step_s, ratio = interleaved(partial(gloo_allreduce_seconds, nbytes, world_size=2, iters=args.iters),
+                                              gradhub, args.repeats, "{:.3f}")
+            use = server_use(uses)
             key = transport if shards == 1 else f"{transport}, K={shards}"
-            b_figures[key] = {"step_s": step_s, "ratio_to_gloo": step_s / gloo, "step_seconds": two, **use}
+            b_figures[key] = {"gloo_s": gloo, "step_s": step_s, **ratio, "step_seconds": runs, **use}
             rows_b.append({"measure": f"gradhub ps-sync push+pull, {args.mb} MB, 2 workers, {transport}, "
-                                      f"K = {shards}", "seconds/step": f"{step_s:.3f}",
-                           "ratio to Gloo": f"{step_s / gloo:.2f}"})
+                                      f"K = {shards}", "Gloo all_reduce s": gloo, "seconds/step": step_s, **ratio})
             e_rows.append({"run": f"(b) {key}", "server CPU s/GB": f"{use['cpu_s_per_gb']:.2f}",
                            "server peak RSS MB": f"{use['peak_rss_mb']:,.0f}"})
-    print_table("(b) ps-sync step communication vs Gloo all_reduce", rows_b, ["measure", "seconds/step", "ratio to Gloo"])
-    return {"mb": args.mb, "gloo_allreduce_s": gloo, "gradhub": b_figures}
+    print_table("(b) ps-sync step communication vs Gloo all_reduce of the same bytes, 2 ranks (medians of "
+                "interleaved pairs; ratio: the step's time over Gloo's)", rows_b,
+                ["measure", "Gloo all_reduce s", "seconds/step", "ratio", "ratio range"])
+    return {"mb": args.mb, "gradhub": b_figures}
+
+
+def server_use(uses: list[dict[str, float]]) -> dict[str, float]:
+    """(e) over several runs: the median CPU seconds per GB, the highest peak RSS."""
+    return {"cpu_s_per_gb": statistics.median(u["cpu_s_per_gb"] for u in uses),
+            "peak_rss_mb": max(u["peak_rss_mb"] for u in uses)}
 
 
 def interleaved(reference: Callable[[], float], measured: Callable[[], float], repeats: int,
-                ) -> tuple[str, str, dict[str, str]]:
-    """``repeats`` runs of ``reference`` and ``measured`` (samples/s), interleaved in pairs: this
-    small VM's noise drifts, and falls on both of a pair alike. Their medians, formatted, and
-    the ratio measured / reference as the median of the pairs' ratios with their range."""
+                fmt: str = "{:,.0f}") -> tuple[str, str, dict[str, str]]:
+    """``repeats`` runs of ``reference`` and ``measured``, interleaved in pairs: this small VM's
+    noise drifts, and falls on both of a pair alike. Their medians, formatted with ``fmt``,
+    and the ratio measured / reference as the median of the pairs' ratios with their range."""
     pairs = [(reference(), measured()) for _ in range(repeats)]
     ratios = sorted(m / r for r, m in pairs)
-    return (f"{statistics.median(r for r, _ in pairs):,.0f}", f"{statistics.median(m for _, m in pairs):,.0f}",
+    return (fmt.format(statistics.median(r for r, _ in pairs)), fmt.format(statistics.median(m for _, m in pairs)),
             {"ratio": f"{statistics.median(ratios):.2f}", "ratio range": f"{ratios[0]:.2f}–{ratios[-1]:.2f}"})
 
 
