@@ -35,7 +35,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from baselines import (  # the script's own folder is on sys.path
     plain_training_samples_per_second,
     raw_tcp_throughput,
 )
-from report import print_table, write_json
+from report import interleaved, print_table, write_json
 
 TIMEOUT_S = 300
 
@@ -356,17 +355,6 @@ def server_use(uses: list[dict[str, float]]) -> dict[str, float]:
     """(e) over several runs: the median CPU seconds per GB, the highest peak RSS."""
     return {"cpu_s_per_gb": statistics.median(u["cpu_s_per_gb"] for u in uses),
             "peak_rss_mb": max(u["peak_rss_mb"] for u in uses)}
-
-
-def interleaved(reference: Callable[[], float], measured: Callable[[], float], repeats: int,
-                fmt: str = "{:,.0f}") -> tuple[str, str, dict[str, str]]:
-    """``repeats`` runs of ``reference`` and ``measured``, interleaved in pairs: this small VM's
-    noise drifts, and falls on both of a pair alike. Their medians, formatted with ``fmt``,
-    and the ratio measured / reference as the median of the pairs' ratios with their range."""
-    pairs = [(reference(), measured()) for _ in range(repeats)]
-    ratios = sorted(m / r for r, m in pairs)
-    return (fmt.format(statistics.median(r for r, _ in pairs)), fmt.format(statistics.median(m for _, m in pairs)),
-            {"ratio": f"{statistics.median(ratios):.2f}", "ratio range": f"{ratios[0]:.2f}–{ratios[-1]:.2f}"})
 
 
 def figure_c(args: argparse.Namespace) -> list[dict[str, Any]]:

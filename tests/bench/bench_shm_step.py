@@ -31,24 +31,21 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from baselines import TIMEOUT_S, _expect, _reap, _spawn, _start, gloo_allreduce_seconds
-from report import print_table, write_json
+from baselines import TIMEOUT_S, _expect, _reap, _recv_exact, _spawn, _start, gloo_allreduce_seconds
+from report import interleaved, print_table, write_json
 
 NAME = "bench_shm_step"
 WORKERS = 2
 BUFFER = 4 << 20  # the data plane's Unix socket buffers (proto/channels.py)
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError("the peer closed mid-payload")
-        got += n
+def _recv_all(sock: socket.socket, view: memoryview) -> None:
+    if not _recv_exact(sock, view, len(view)):
+        raise ConnectionError("the peer closed before the payload")
 
 
 def _widen(sock: socket.socket) -> None:
@@ -98,7 +95,7 @@ def _server(results: Any, path: str, numel: int, steps: int, shm: bool) -> None:
                 if conn.recv(1) != b"P":
                     raise ConnectionError("expected a push")
             else:
-                _recv_exact(conn, memoryview(grads[r].numpy()).cast("B"))
+                _recv_all(conn, memoryview(grads[r].numpy()).cast("B"))
         torch.add(grads[0], grads[1], out=mean)
         for g in grads[2:]:
             mean += g
@@ -140,7 +137,7 @@ def _worker(results: Any, path: str, rank: int, numel: int, steps: int, shm: boo
                 params.copy_(params_region)
             else:
                 sock.sendall(grad_bytes)
-                _recv_exact(sock, params_bytes)
+                _recv_all(sock, params_bytes)
             seconds.append(time.perf_counter() - start)
     results.put((f"seconds {rank}", seconds))
 
@@ -177,17 +174,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     nbytes = args.mb * 2**20
-    runs: dict[str, list[tuple[float, float]]] = {"Unix sockets": [], "shared memory": []}
-    for _ in range(args.repeats):
-        for name, out in runs.items():
-            gloo = gloo_allreduce_seconds(nbytes, world_size=WORKERS, iters=args.steps)
-            out.append((gloo, step_seconds(nbytes, args.steps, shm=name == "shared memory")))
+    gloo = partial(gloo_allreduce_seconds, nbytes, world_size=WORKERS, iters=args.steps)
     rows = []
-    for name, pairs in runs.items():
-        ratios = sorted(s / g for g, s in pairs)
-        rows.append({"transport": name, "Gloo all_reduce s": f"{statistics.median(g for g, _ in pairs):.3f}",
-                     "step s": f"{statistics.median(s for _, s in pairs):.3f}",
-                     "ratio": f"{statistics.median(ratios):.2f}", "ratio range": f"{ratios[0]:.2f}–{ratios[-1]:.2f}"})
+    for name, shm in (("Unix sockets", False), ("shared memory", True)):
+        reference, step, ratio = interleaved(gloo, partial(step_seconds, nbytes, args.steps, shm=shm), args.repeats,
+                                             "{:.3f}")
+        rows.append({"transport": name, "Gloo all_reduce s": reference, "step s": step, **ratio})
     print_table(f"a 2-worker ps-sync step's exchange of {args.mb} MB vs Gloo all_reduce (medians of pairs)", rows,
                 list(rows[0]))
     path = write_json(NAME, {"command": " ".join(sys.argv), "rows": rows}, args.out)

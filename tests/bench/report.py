@@ -1,4 +1,5 @@
-"""Shared reporting for the benchmarks: machine description, a rich table, and the JSON file."""
+"""Shared reporting for the benchmarks: machine description, a rich table, the JSON file, and
+runs paired with their reference."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import math
 import os
 import platform
+import statistics
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -99,3 +102,14 @@ def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> P
     }
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")
     return path
+
+
+def interleaved(reference: Callable[[], float], measured: Callable[[], float], repeats: int,
+                fmt: str = "{:,.0f}") -> tuple[str, str, dict[str, str]]:
+    """``repeats`` runs of ``reference`` and ``measured``, interleaved in pairs: this small VM's
+    noise drifts, and falls on both of a pair alike. Their medians, formatted with ``fmt``,
+    and the ratio measured / reference as the median of the pairs' ratios with their range."""
+    pairs = [(reference(), measured()) for _ in range(repeats)]
+    ratios = sorted(m / r for r, m in pairs)
+    return (fmt.format(statistics.median(r for r, _ in pairs)), fmt.format(statistics.median(m for _, m in pairs)),
+            {"ratio": f"{statistics.median(ratios):.2f}", "ratio range": f"{ratios[0]:.2f}–{ratios[-1]:.2f}"})
