@@ -38,9 +38,10 @@ from typing import Any
 from baselines import TIMEOUT_S, _expect, _reap, _recv_exact, _spawn, _start, gloo_allreduce_seconds
 from report import interleaved, print_table, write_json
 
+from gradhub.proto.channels import widen_buffers
+
 NAME = "bench_shm_step"
 WORKERS = 2
-BUFFER = 4 << 20  # the data plane's Unix socket buffers (proto/channels.py)
 
 
 def _recv_all(sock: socket.socket, view: memoryview) -> None:
@@ -49,8 +50,7 @@ def _recv_all(sock: socket.socket, view: memoryview) -> None:
 
 
 def _widen(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
+    widen_buffers(sock)  # the data plane's Unix socket buffers
     sock.settimeout(TIMEOUT_S)
 
 
