@@ -54,7 +54,7 @@ class WorkerInfo:
     host: str
     restarts: int
     pid: int
-    transport: str = ""  # ps modes: "unix" or "tcp" (the data plane) or "grpc"
+    transport: str = ""  # ps modes: "shm", "unix" or "tcp" (the data plane) or "grpc"
     local_step: int = 0  # local-sgd: inner steps so far (``step`` counts rounds)
 
 

@@ -32,11 +32,12 @@ from typing import Protocol, Self, TypeVar
 
 import torch
 
-from gradhub.proto import frames
+from gradhub.proto import frames, shm
 from gradhub.proto.channels import widen_buffers
 from gradhub.proto.codec import as_bytes, from_bytes, payload_dtype, torch_dtype
-from gradhub.proto.contract.errors import GradhubError, ProtocolError
+from gradhub.proto.contract.errors import GradhubError, ProtocolError, ResourceExhaustedError
 from gradhub.proto.v1 import data_pb2, ps_pb2, tensor_pb2
+from gradhub.server.data_connections import READ_AHEAD_BYTES, Connection, TLSConnection
 from gradhub.server.ps_requests import (
     init_request,
     pull_part_after,
@@ -46,6 +47,7 @@ from gradhub.server.ps_requests import (
     take_push,
 )
 from gradhub.server.rpc import status_for
+from gradhub.server.shared_params import SharedParams
 from gradhub.server.store import ParameterStore, Snapshot
 from gradhub.server.waits import MAX_PULL_WAIT_S, StoreCalls
 
@@ -55,7 +57,6 @@ T = TypeVar("T")
 HELLO_TIMEOUT_S = 10.0  # a connection must authenticate this soon
 IDLE_TIMEOUT_S = 120.0  # a frame whose bytes stop coming (either way) for this long ends its connection
 MAX_CONNECTIONS = 16384
-READ_AHEAD_BYTES = 64 << 10  # reads of less than a quarter of this take what else has arrived too
 TLS_READ_BUFFER = 4 << 20  # decrypted bytes a TLS connection buffers before it stops reading
 
 
@@ -83,93 +84,27 @@ class _Session:
     registration: int
 
 
-class _Connection:
-    """One worker's connection on a plain socket (TCP or Unix): gathered writes, ``recv_into``
-    straight into the caller's buffer."""
-
-    def __init__(self, sock: socket.socket, transport: str) -> None:
-        self.sock, self.transport = sock, transport
-        self.prefix = bytearray(frames.PREFIX.size)
-        # bytes received ahead of need (a small frame's prefix, header and payload come in one read)
-        self.ahead = memoryview(bytearray(READ_AHEAD_BYTES))
-        self.start = self.end = 0
-        # the gradient buffer, reused once the store no longer holds it (version >= free_at)
-        self.buffer: bytearray | None = None
-        self.free_at = 0
-
-    def gradient_buffer(self, nbytes: int, version: int) -> bytearray:
-        if self.buffer is None or len(self.buffer) != nbytes or version < self.free_at:
-            self.buffer = bytearray(nbytes)
-        return self.buffer
-
-    async def recv_some(self, into: memoryview, timeout: float | None) -> int:
-        """One receive into ``into`` (0: the peer closed); waits on the loop only when nothing
-        has arrived yet. TimeoutError after ``timeout`` seconds without a byte."""
-        try:
-            return self.sock.recv_into(into)
-        except BlockingIOError:
-            async with asyncio.timeout(timeout):
-                return await asyncio.get_running_loop().sock_recv_into(self.sock, into)
-
-    async def send(self, parts: list[memoryview], timeout: float) -> None:
-        """Write ``parts``: one gathered write when the socket takes it all, else the rest on the loop."""
-        try:
-            sent = self.sock.sendmsg(parts)
-        except BlockingIOError:
-            sent = 0
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            for part in parts:
-                if sent >= len(part):
-                    sent -= len(part)
-                    continue
-                await loop.sock_sendall(self.sock, part[sent:])
-                sent = 0
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class _TLSConnection(_Connection):
-    """A TCP connection under TLS (``DataPlane(tls=...)``): asyncio's streams decrypt into their
-    buffer, from which a receive copies; a write is encrypted as it is written."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        super().__init__(writer.get_extra_info("socket"), "tcp")
-        self.reader, self.writer = reader, writer
-
-    async def recv_some(self, into: memoryview, timeout: float | None) -> int:
-        async with asyncio.timeout(timeout):
-            data = await self.reader.read(len(into))
-        into[: len(data)] = data
-        return len(data)
-
-    async def send(self, parts: list[memoryview], timeout: float) -> None:
-        self.writer.writelines(parts)
-        async with asyncio.timeout(timeout):
-            await self.writer.drain()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 class DataPlane:
     """Listens on ``host``:``port`` (TCP; 0: any free port) and, when ``unix_socket``, on a Unix
-    socket in a private temporary folder; with ``tls``, TCP connections are TLS. ``start()`` binds and starts the loop; ``stop()`` ends
-    every connection. A large model's store work runs on ``pool``."""
+    socket in a private temporary folder, where ``shared_memory`` offers workers regions to put
+    their payloads in (``gradhub.proto.shm``); with ``tls``, TCP connections are TLS.
+    ``start()`` binds and starts the loop; ``stop()`` ends every connection. A large model's
+    store work runs on ``pool``."""
 
     def __init__(self, stores: Stores, host: str, port: int = 0, *, max_model_bytes: int, pool: Executor,
-                 unix_socket: bool = True, tls: ssl.SSLContext | None = None) -> None:
+                 unix_socket: bool = True, shared_memory: bool = True, tls: ssl.SSLContext | None = None) -> None:
         self._stores = stores
         self._tls = tls  # the TCP port's TLS (the Unix socket is private to this host and user)
         self._host, self._port = host, port
         self._max_model_bytes = max_model_bytes
         self._unix = unix_socket
+        self._shared_memory = shared_memory and shm.available()
         self._listeners: list[tuple[socket.socket, str]] = []
         self._unix_dir: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._calls = StoreCalls(pool)
+        self._shared = SharedParams()
         self._stopping: asyncio.Event | None = None
         self._done: threading.Event = threading.Event()
         self._started = threading.Event()
@@ -225,7 +160,8 @@ class DataPlane:
         """What a worker needs to connect (RegisterResponse.data)."""
         return ps_pb2.DataEndpoint(protocol=frames.DATA_PROTOCOL, tcp_host=tcp_host, tcp_port=self.port,
                                    unix_path=self.unix_path, host_id=self.host_id if self.unix_path else "",
-                                   credential=credential, tls=self._tls is not None)
+                                   credential=credential, tls=self._tls is not None,
+                                   shared_memory=bool(self.unix_path) and self._shared_memory)
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
@@ -270,7 +206,7 @@ class DataPlane:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             else:
                 widen_buffers(sock)
-            task = asyncio.create_task(self._serve(_Connection(sock, kind)))
+            task = asyncio.create_task(self._serve(Connection(sock, kind)))
             connections.add(task)
             task.add_done_callback(connections.discard)
 
@@ -286,12 +222,12 @@ class DataPlane:
         assert task is not None
         connections.add(task)
         try:
-            await self._serve(_TLSConnection(reader, writer))
+            await self._serve(TLSConnection(reader, writer))
         finally:
             connections.discard(task)
 
     # -------------------------------------------------------------- one connection
-    async def _serve(self, conn: _Connection) -> None:
+    async def _serve(self, conn: Connection) -> None:
         try:
             try:
                 session = await self._hello(conn)
@@ -308,7 +244,7 @@ class DataPlane:
         finally:
             conn.close()
 
-    async def _hello(self, conn: _Connection) -> _Session:
+    async def _hello(self, conn: Connection) -> _Session:
         frame = await self._read_frame(conn, frames.MAX_HELLO_BYTES, HELLO_TIMEOUT_S)
         if frame is None:
             raise _Closed
@@ -329,11 +265,16 @@ class DataPlane:
             reply=data_pb2.DataReply(accepted=True, version=store.version))))
         return _Session(store, hello.job_id, hello.rank, registration)
 
-    async def _request(self, conn: _Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
+    async def _request(self, conn: Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
         kind = frame.WhichOneof("kind")
         try:
             session.store.check_session(session.rank, session.registration)
-            if kind in ("push", "init"):
+            if frame.in_region:
+                _check_in_region(conn, frame, kind)
+            if kind == "region":
+                if frame.payload_bytes:
+                    raise ProtocolError("payload_bytes: a region request carries no payload")
+            elif kind in ("push", "init"):
                 header = getattr(frame, kind)
                 _check_worker(session, header.job_id, header.rank, kind)
                 if frame.pull_next and session.store.config.clips_across_shards:
@@ -345,10 +286,13 @@ class DataPlane:
                     raise ProtocolError("payload_bytes: a pull carries no payload")
                 torch_dtype(frame.pull.dtype)  # a dtype the wire knows
             else:
-                raise ProtocolError(f"kind: a worker sends init, push or pull, not {kind or 'nothing'}")
+                raise ProtocolError(f"kind: a worker sends init, push, pull or region, not {kind or 'nothing'}")
         except GradhubError as e:
             raise _Refused(e) from e
-        if kind == "push":
+        reply_to = frame.reply_offset if frame.in_region else None
+        if kind == "region":
+            await self._region(conn, session, frame.region.bytes)
+        elif kind == "push":
             await self._push(conn, session, frame)
         elif kind == "init":
             await self._init(conn, session, frame)
@@ -360,9 +304,9 @@ class DataPlane:
                     await self._send_error(conn, e)
                     return
             await self._pull(conn, session, frame.pull.step, frame.pull.dtype or tensor_pb2.FLOAT32,
-                             part=(frame.pull.first_tensor, frame.pull.tensor_count), ahead=True)
+                             part=(frame.pull.first_tensor, frame.pull.tensor_count), ahead=True, reply_to=reply_to)
 
-    async def _push(self, conn: _Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
+    async def _push(self, conn: Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
         store, header = session.store, frame.push
         try:
             nbytes = push_bytes(store, header)
@@ -371,22 +315,30 @@ class DataPlane:
             buffers = push_buffers(header)
         except GradhubError as e:
             raise _Refused(e) from e
-        buffer = conn.gradient_buffer(nbytes, store.version)
-        await self._recv_into(conn, memoryview(buffer), IDLE_TIMEOUT_S)
+        if frame.in_region:  # read where the worker wrote it (the store may hold it till the step is applied)
+            try:
+                payload = _in_region(conn, frame.region_offset, nbytes, "region_offset")
+            except GradhubError as e:
+                raise _Refused(e) from e
+        else:
+            payload = memoryview(conn.gradient_buffer(nbytes, store.version))
+            await self._recv_into(conn, payload, IDLE_TIMEOUT_S)
         wire_dtype = store.config.params_dtype  # of the parameters this push may pull
-        grad = from_bytes(buffer, payload_dtype(store.config.wire_dtype))
+        grad = from_bytes(payload, payload_dtype(store.config.wire_dtype))
         pull_step = header.step + 1 if frame.pull_next else None
         try:
             accepted, version, snapshot, whole = await self._calls.call(
                 store, _push_then_try_pull, store, header, grad, buffers, pull_step, wire_dtype)
         except Exception as e:  # noqa: BLE001 - any error goes back to the worker (as gRPC's handler does)
-            conn.buffer = None  # the store may hold it
+            if not frame.in_region:
+                conn.buffer = None  # the store may hold it
             await self._send_error(conn, e)
             return
-        # ps-sync keeps the gradient until every worker's is in (the update makes version step + 1)
-        conn.free_at = header.step + 1 if accepted and store.config.mode == "ps-sync" else 0
+        if not frame.in_region:  # ps-sync keeps the gradient until every worker's is in (version step + 1)
+            conn.free_at = header.step + 1 if accepted and store.config.mode == "ps-sync" else 0
         if pull_step is not None:
-            await self._pull(conn, session, pull_step, wire_dtype, snapshot, pull_part_after(store, header))
+            await self._pull(conn, session, pull_step, wire_dtype, snapshot, pull_part_after(store, header),
+                             reply_to=frame.reply_offset if frame.in_region else None)
             return
         reply = data_pb2.DataReply(accepted=accepted, version=version)
         if whole:  # a job that clips over shards: with this shard's part of the norm, once it has it
@@ -400,7 +352,7 @@ class DataPlane:
                 return
         await self._send(conn, frames.frame_head(data_pb2.DataFrame(reply=reply)))
 
-    async def _init(self, conn: _Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
+    async def _init(self, conn: Connection, session: _Session, frame: data_pb2.DataFrame) -> None:
         try:
             config = session.store.config
             init = init_request(frame.init, self._max_model_bytes, (config.shard, config.shards))
@@ -420,11 +372,13 @@ class DataPlane:
         await self._send(conn, frames.frame_head(data_pb2.DataFrame(
             reply=data_pb2.DataReply(accepted=accepted, version=session.store.version))))
 
-    async def _pull(self, conn: _Connection, session: _Session, step: int, wire_dtype: int,
-                    snapshot: Snapshot | None = None, part: tuple[int, int] = (0, 0), ahead: bool = False) -> None:
+    async def _pull(self, conn: Connection, session: _Session, step: int, wire_dtype: int,
+                    snapshot: Snapshot | None = None, part: tuple[int, int] = (0, 0), ahead: bool = False,
+                    reply_to: int | None = None) -> None:
         """Send the parameters of ``part`` for ``step`` (``snapshot`` when the caller already has
-        them) once the mode allows (``ahead``: a bucket's as soon as it is applied); after
-        MAX_PULL_WAIT_S, a DEADLINE_EXCEEDED error (the worker asks again)."""
+        them) once the mode allows (``ahead``: a bucket's as soon as it is applied), or write
+        them in the connection's region from ``reply_to``; after MAX_PULL_WAIT_S, a
+        DEADLINE_EXCEEDED error (the worker asks again)."""
         store = session.store
         if snapshot is None:
             try:
@@ -434,15 +388,73 @@ class DataPlane:
                 await self._send_error(conn, e)
                 return
         data = as_bytes(snapshot.data)
-        head = frames.frame_head(data_pb2.DataFrame(
+        reply = data_pb2.DataFrame(
             reply=data_pb2.DataReply(version=snapshot.version, params=ps_pb2.PullHeader(
                 version=snapshot.version, tensors=snapshot.layout.metas(wire_dtype), buffers=snapshot.buffers,
                 world_size=snapshot.world_size)),
-            payload_bytes=len(data)))
-        await self._send(conn, head, data)
+            payload_bytes=len(data))
+        if reply_to is None:
+            await self._send(conn, frames.frame_head(reply), data)
+            return
+        fds: list[int] = []
+        try:
+            region = await self._shared_region(store, part, snapshot, data)
+            if region is not None:  # written once for all of the job's workers here
+                reply.shared, reply_to = True, 0
+                if conn.job_region is not region:
+                    fds, reply.reply.region_bytes = [region.fd], region.size
+                    conn.job_region = region
+            else:
+                await self._calls.call(store, _copy, _in_region(conn, reply_to, len(data), "reply_offset"), data)
+        except Exception as e:  # noqa: BLE001 - any error goes back to the worker
+            await self._send_error(conn, e)
+            return
+        reply.in_region, reply.region_offset = True, reply_to
+        await conn.send([memoryview(frames.frame_head(reply))], IDLE_TIMEOUT_S, fds)
+
+    async def _shared_region(self, store: ParameterStore, part: tuple[int, int], snapshot: Snapshot,
+                             data: memoryview) -> shm.Region | None:
+        """The job's region with ``snapshot`` in it, when the job's pulls of ``part`` share one
+        (None: the pull's own region takes the parameters, as when no shared one can be made)."""
+        if not SharedParams.applies(store, part):
+            return None
+        try:
+            return await self._shared.publish(store, snapshot, data,
+                                              lambda to, bytes_: self._calls.call(store, _copy, to, bytes_))
+        except OSError as e:
+            log.warning("data plane: job %s's parameters go into each worker's region: no shared region (%s)",
+                        store.config.job_id, e)
+            return None
+
+    async def _region(self, conn: Connection, session: _Session, nbytes: int) -> None:
+        """A new shared-memory region for ``conn`` (its memfd goes with the reply), replacing
+        the one it had."""
+        limit = 2 * (self._max_model_bytes + shm.ALIGN)  # a gradient and the parameters, each aligned
+        try:
+            if conn.transport != "unix" or not self._shared_memory:
+                raise ProtocolError("region: shared memory is offered on this server's Unix socket only "
+                                    "(DataEndpoint.shared_memory)")
+            if not 0 < nbytes <= limit:
+                raise ProtocolError(f"region.bytes: {nbytes}; a region holds 1 to {limit} bytes (a gradient and the "
+                                    "parameters of a model at the server's maximum model size)")
+        except GradhubError as e:
+            raise _Refused(e) from e
+        conn.region = None
+        try:
+            region = shm.Region.create(nbytes)
+        except OSError as e:
+            await self._send_error(conn, ResourceExhaustedError(f"region: {nbytes} bytes of shared memory: {e}"))
+            return
+        try:
+            await conn.send([memoryview(frames.frame_head(data_pb2.DataFrame(
+                reply=data_pb2.DataReply(accepted=True, region_bytes=nbytes))))], IDLE_TIMEOUT_S, fds=[region.fd])
+        finally:
+            region.close_fd()  # the worker has its own; the mapping stays
+        conn.region = region
+        session.store.note_transport(session.rank, "shm")
 
     # -------------------------------------------------------------- plumbing
-    async def _read_frame(self, conn: _Connection, limit: int, timeout: float | None) -> data_pb2.DataFrame | None:
+    async def _read_frame(self, conn: Connection, limit: int, timeout: float | None) -> data_pb2.DataFrame | None:
         """The next frame's header (its payload is the caller's to read); None when the peer
         closed the connection between frames."""
         try:
@@ -462,7 +474,7 @@ class DataPlane:
         except ProtocolError as e:
             raise _Refused(e) from e
 
-    async def _recv_into(self, conn: _Connection, view: memoryview, timeout: float | None) -> None:
+    async def _recv_into(self, conn: Connection, view: memoryview, timeout: float | None) -> None:
         """Fill ``view``; _Closed(bytes received) when the peer closes first or sends nothing
         for ``timeout`` seconds (None: wait as long as it takes, for the first byte only).
         Small reads go through the read-ahead buffer; large ones land in ``view`` directly."""
@@ -481,7 +493,7 @@ class DataPlane:
                 take = await self._recv_some(conn, view[pos:], wait, pos)
             pos += take
 
-    async def _recv_some(self, conn: _Connection, into: memoryview, timeout: float | None, pos: int) -> int:
+    async def _recv_some(self, conn: Connection, into: memoryview, timeout: float | None, pos: int) -> int:
         """One receive into ``into`` (at least a byte); _Closed(pos) when the peer closes or
         sends nothing for ``timeout`` seconds."""
         try:
@@ -492,12 +504,12 @@ class DataPlane:
             raise _Closed(pos)
         return got
 
-    async def _send(self, conn: _Connection, head: bytes, payload: memoryview | None = None) -> None:
+    async def _send(self, conn: Connection, head: bytes, payload: memoryview | None = None) -> None:
         """Write a frame (a reader that stalls is dropped)."""
         parts = [memoryview(head)] if payload is None or not len(payload) else [memoryview(head), payload]
         await conn.send(parts, IDLE_TIMEOUT_S + sum(len(p) for p in parts) / 10e6)
 
-    async def _send_error(self, conn: _Connection, exc: BaseException) -> None:
+    async def _send_error(self, conn: Connection, exc: BaseException) -> None:
         code = status_for(exc)
         if not isinstance(exc, GradhubError | TimeoutError):
             log.error("data plane: unexpected error", exc_info=exc)
@@ -515,6 +527,33 @@ def _push_then_try_pull(store: ParameterStore, header: ps_pb2.PushHeader, grad: 
                                                               *pull_part_after(store, header))
     whole = store.config.clips_across_shards and store.pushed(header.rank, header.step)
     return accepted, version, snapshot, whole
+
+
+def _check_in_region(conn: Connection, frame: data_pb2.DataFrame, kind: str | None) -> None:
+    if kind not in ("push", "pull"):
+        raise ProtocolError(f"in_region: only a push's and a pull's payloads go in the region, not a "
+                            f"{kind or 'frame without a kind'}'s")
+    if conn.region is None:
+        raise ProtocolError("in_region: this connection has no region (ask for one with a RegionRequest)")
+    for field in ("region_offset", "reply_offset"):
+        if getattr(frame, field) % shm.ALIGN:
+            raise ProtocolError(f"{field}: {getattr(frame, field)} is not a multiple of {shm.ALIGN}")
+
+
+def _in_region(conn: Connection, offset: int, nbytes: int, field: str) -> memoryview:
+    region = conn.region
+    if region is None:
+        raise ProtocolError("in_region: this connection has no region (ask for one with a RegionRequest)")
+    if offset % shm.ALIGN or offset + nbytes > region.size:
+        raise ProtocolError(f"{field}: {nbytes} bytes from offset {offset} (a multiple of {shm.ALIGN}) must lie in "
+                            f"the region's {region.size}")
+    return region.view(offset, nbytes)
+
+
+def _copy(target: memoryview, data: memoryview) -> None:
+    """``data`` into ``target`` (as many threads as torch's copies take)."""
+    if len(data):
+        torch.frombuffer(target, dtype=torch.uint8).copy_(torch.frombuffer(data, dtype=torch.uint8))
 
 
 def _check_worker(session: _Session, job_id: str, rank: int, kind: str) -> None:

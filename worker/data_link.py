@@ -3,24 +3,32 @@ out and the parameters come in on one socket, a Unix socket when the worker shar
 host and network namespace, TCP otherwise. Blocking sockets: the worker is a plain process
 whose training loop waits for its parameters anyway.
 
-Payloads are sent from the tensors' own memory and received with ``recv_into`` straight into
-the model's flat parameters (CPU, float32), or through a staging buffer (pinned for a GPU
-model; the wire dtype when the job compresses).
+On the Unix socket of a server that offers shared memory, payloads go through a region both
+map (``gradhub.proto.shm``): a push writes its gradient there (converted to the wire dtype in
+the same copy) and the pulled parameters are copied out of it into the model's, while the
+socket carries the frames' headers alone. Elsewhere payloads are sent from the tensors' own
+memory and received with ``recv_into`` straight into the model's flat parameters (CPU,
+float32), or through a staging buffer (pinned for a GPU model; the wire dtype when the job
+compresses).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import socket
 import ssl
 
 import torch
 
-from gradhub.proto import frames
+from gradhub.proto import frames, shm
 from gradhub.proto.channels import SYSTEM_TRUST, tls_context, widen_buffers
 from gradhub.proto.codec import Layout, as_bytes, payload_dtype, torch_dtype
-from gradhub.proto.contract.errors import ProtocolError
+from gradhub.proto.contract.errors import GradhubError, ProtocolError
 from gradhub.proto.v1 import data_pb2, ps_pb2
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
 # a reply may wait for the other workers up to the server's 60 s, then the payload's transfer
@@ -40,16 +48,20 @@ class DataLink:
     """One worker's data-plane connection; ``connect()`` opens and authenticates it."""
 
     def __init__(self, endpoint: ps_pb2.DataEndpoint, job_id: str, rank: int, control_host: str,
-                 tls_ca: bytes | None = None) -> None:
+                 tls_ca: bytes | None = None, shared_memory: bool = True) -> None:
         """``control_host``: the host this worker reaches the server's gRPC port at (the TCP
         port's default host, and the name a TLS certificate is checked against); ``tls_ca``:
-        what verifies the server when its TCP port speaks TLS (None: the system's CAs)."""
+        what verifies the server when its TCP port speaks TLS (None: the system's CAs);
+        ``shared_memory``: use the server's shared memory when it offers it (Unix socket)."""
         self.endpoint, self.job_id, self.rank = endpoint, job_id, rank
         self._control_host = control_host
         self._tls_ca = tls_ca
         self._tcp_host = endpoint.tcp_host or control_host
         self._sock: socket.socket | None = None
-        self.kind = ""  # "unix" or "tcp" once connected
+        self.kind = ""  # "shm" (the Unix socket with shared memory), "unix" or "tcp" once connected
+        self._shared_memory = shared_memory and endpoint.shared_memory and shm.available()
+        self._region: shm.Region | None = None  # this connection's: gradients out (and parameters in)
+        self._job_region: shm.Region | None = None  # a ps-sync job's parameters, shared by its workers here
         self._prefix = bytearray(frames.PREFIX.size)
         self._ahead = memoryview(bytearray(READ_AHEAD_BYTES))
         self._start = self._end = 0
@@ -57,7 +69,7 @@ class DataLink:
 
     @property
     def where(self) -> str:
-        return (f"unix:{self.endpoint.unix_path}" if self.kind == "unix"
+        return (f"{self.kind}:{self.endpoint.unix_path}" if self.kind in ("unix", "shm")
                 else f"tcp:{self._tcp_host}:{self.endpoint.tcp_port}")
 
     def connect(self) -> None:
@@ -97,6 +109,8 @@ class DataLink:
                                        credential=e.credential)
             self._exchange(data_pb2.DataFrame(hello=hello))
             sock.settimeout(SOCKET_TIMEOUT_S)
+            if self.kind == "unix" and self._shared_memory:
+                self.kind = "shm"  # its region comes with the first payload (whose size it takes)
         except BaseException:
             self.close()
             raise
@@ -106,6 +120,10 @@ class DataLink:
             self._sock.close()
             self._sock = None
             self.kind = ""
+        for region in (self._region, self._job_region):
+            if region is not None:
+                region.close()
+        self._region = self._job_region = None
         self._start = self._end = 0  # what was read ahead belonged to that connection
 
     @property
@@ -123,15 +141,29 @@ class DataLink:
         """Send a gradient (a quantised push: its payload, uint8); with ``then_pull`` (layout,
         params) the reply brings the parameters for the next step into ``params``, in
         ``params_dtype`` (by default ``wire_dtype``)."""
-        data = self._outgoing(grads, payload_dtype(wire_dtype))
-        frame = data_pb2.DataFrame(push=header, pull_next=then_pull is not None, payload_bytes=len(data))
         pulled_dtype = wire_dtype if params_dtype is None else params_dtype
-        into = None if then_pull is None else self._params_target(*then_pull, pulled_dtype)
-        return self._exchange(frame, data, into)
+        frame = data_pb2.DataFrame(push=header, pull_next=then_pull is not None)
+        dtype = payload_dtype(wire_dtype)
+        if self.kind == "shm":  # the gradient in the region, the parameters after it
+            frame.payload_bytes = grads.numel() * dtype.itemsize
+            frame.in_region, frame.reply_offset = True, shm.aligned(frame.payload_bytes)
+            pulled = 0 if then_pull is None else then_pull[0].numel * torch_dtype(pulled_dtype).itemsize
+            region = self._region_of(frame.reply_offset + pulled)
+            if region is not None:
+                region.tensor(0, grads.numel(), dtype).copy_(grads.detach().reshape(-1))
+                return self._exchange(frame, None, None if then_pull is None else
+                                      self._params_target(*then_pull, pulled_dtype))
+            frame = data_pb2.DataFrame(push=header, pull_next=then_pull is not None)
+        data = self._outgoing(grads, dtype)
+        frame.payload_bytes = len(data)
+        return self._exchange(frame, data, None if then_pull is None else self._params_target(*then_pull, pulled_dtype))
 
     def pull(self, request: ps_pb2.PullRequest, layout: Layout, params: torch.Tensor) -> data_pb2.DataReply:
-        return self._exchange(data_pb2.DataFrame(pull=request), None,
-                              self._params_target(layout, params, request.dtype))
+        frame = data_pb2.DataFrame(pull=request)
+        if self.kind == "shm":  # (room for a gradient of the same size too: a push and pull come next)
+            nbytes = layout.numel * torch_dtype(request.dtype).itemsize
+            frame.in_region = self._region_of(nbytes, shm.aligned(nbytes) + nbytes) is not None
+        return self._exchange(frame, None, self._params_target(layout, params, request.dtype))
 
     # ------------------------------------------------------------------ plumbing
     def _outgoing(self, flat: torch.Tensor, dtype: torch.dtype) -> memoryview:
@@ -142,9 +174,44 @@ class DataLink:
         staging.copy_(flat.reshape(-1))
         return as_bytes(staging)
 
+    def _region_of(self, nbytes: int, room: int = 0) -> shm.Region | None:
+        """This connection's region, asked for (``room`` bytes, or ``nbytes``; a larger one
+        replaces it) when it holds less than ``nbytes``; None when the server cannot give
+        one: then this link goes on with payloads on the Unix socket (reconnected), as said
+        in a warning."""
+        if self._region is not None and self._region.size >= nbytes:
+            return self._region
+        if self._region is not None:
+            self._region.close()
+            self._region = None
+        nbytes, where = max(nbytes, room), self.where
+        fds: list[int] = []
+        try:
+            reply = self._exchange(data_pb2.DataFrame(region=data_pb2.RegionRequest(bytes=nbytes)), fds=fds)
+            if reply.region_bytes != nbytes or len(fds) != 1:
+                raise ProtocolError(f"region: the server answered with {len(fds)} descriptors for "
+                                    f"{reply.region_bytes} bytes, not one for {nbytes}")
+            try:
+                self._region = shm.Region.attach(fds.pop(), nbytes)
+            except ValueError as e:
+                raise ProtocolError(str(e)) from None
+        except GradhubError as e:  # refused (the server has no memory for it, or cannot make one)
+            log.warning("worker %d: no shared memory from the data plane at %s (%s: %s); payloads go on the "
+                        "Unix socket instead", self.rank, where, type(e).__name__, e)
+            self._shared_memory = False
+            self.connect()  # (a refusal ends the connection)
+            return None
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return self._region
+
     def _params_target(self, layout: Layout, params: torch.Tensor, wire_dtype: int) -> _ParamsTarget:
         dtype = torch_dtype(wire_dtype)
-        direct = params.device.type == "cpu" and params.dtype == dtype and params.is_contiguous()
+        direct = self.kind == "shm" or (params.device.type == "cpu" and params.dtype == dtype and params.is_contiguous())
         staging = None if direct else self._buffer(dtype, layout.numel, pinned=params.device.type == "cuda", key="in")
         return _ParamsTarget(layout, params, wire_dtype, staging)
 
@@ -157,15 +224,17 @@ class DataLink:
         return buf[:numel]
 
     def _exchange(self, frame: data_pb2.DataFrame, payload: memoryview | None = None,
-                  into: _ParamsTarget | None = None) -> data_pb2.DataReply:
-        """Send one request and read its reply (its payload into ``into``); raises the server's
+                  into: _ParamsTarget | None = None, fds: list[int] | None = None) -> data_pb2.DataReply:
+        """Send one request and read its reply (its payload into ``into``, from the region
+        when the reply says so; descriptors passed with it into ``fds``); raises the server's
         error for an error reply, OSError (DataClosed) when the connection breaks."""
         sock = self._sock
         if sock is None:
             raise DataClosed("data plane: not connected")
+        passed = fds if fds is not None else [] if self.kind == "shm" else None  # (the job's region may come)
         try:
             _send_all(sock, frames.frame_head(frame), payload)
-            self._recv_into(sock, memoryview(self._prefix))
+            self._recv_into(sock, memoryview(self._prefix), passed)
             raw = bytearray(frames.header_length(self._prefix, frames.MAX_HEADER_BYTES))
             self._recv_into(sock, memoryview(raw))
             reply_frame = frames.parse_header(raw)
@@ -175,6 +244,17 @@ class DataLink:
             if reply.HasField("error"):
                 if nbytes:
                     raise ProtocolError("data plane: an error reply with a payload")
+            elif reply_frame.in_region:
+                region = self._reply_region(reply_frame, passed)
+                if into is None or region is None or \
+                        (not reply_frame.shared and reply_frame.region_offset != frame.reply_offset):
+                    raise ProtocolError("data plane: a reply in a region this request gave it no place in")
+                try:
+                    view = region.view(reply_frame.region_offset, nbytes)
+                except IndexError as e:
+                    raise ProtocolError(f"data plane: a reply's payload outside its region ({e})") from None
+                into.take(reply, nbytes, view)
+                into = None
             elif into is not None:  # (none at all from a sharded job's control store: it holds no value)
                 self._recv_into(sock, into.buffer(reply, nbytes))
             elif nbytes:
@@ -182,6 +262,10 @@ class DataLink:
         except (OSError, ProtocolError):
             self.close()  # a connection whose framing is in doubt is not used again
             raise
+        finally:
+            if fds is None and passed:  # descriptors nobody asked for
+                for fd in passed:
+                    os.close(fd)
         if reply.HasField("error"):
             error = frames.reply_error(reply.error)
             if isinstance(error, TimeoutError):  # the connection stays good
@@ -192,16 +276,38 @@ class DataLink:
             into.land()
         return reply
 
-    def _recv_into(self, sock: socket.socket, view: memoryview) -> None:
+    def _reply_region(self, reply_frame: data_pb2.DataFrame, fds: list[int] | None) -> shm.Region | None:
+        """The region a reply's payload is in: this connection's, or the job's shared one (a
+        new one when its descriptor came with the reply)."""
+        if not reply_frame.shared:
+            return self._region
+        if fds:
+            fd = fds.pop(0)
+            try:
+                region = shm.Region.attach(fd, reply_frame.reply.region_bytes)
+            except ValueError as e:
+                os.close(fd)
+                raise ProtocolError(str(e)) from None
+            if self._job_region is not None:
+                self._job_region.close()
+            self._job_region = region
+        return self._job_region
+
+    def _recv_into(self, sock: socket.socket, view: memoryview, fds: list[int] | None = None) -> None:
         """Fill ``view``: small reads through the read-ahead buffer (a reply's prefix, header
-        and small payload come in one read), large ones straight into ``view``."""
+        and small payload come in one read), large ones straight into ``view``; with ``fds``,
+        the descriptors that come with the bytes are added to it."""
         total = len(view)
         pos = min(self._end - self._start, total)
         view[:pos] = self._ahead[self._start : self._start + pos]
         self._start += pos
         while pos < total:
             small = total - pos < READ_AHEAD_BYTES // 4
-            got = sock.recv_into(self._ahead if small else view[pos:])
+            if small and fds is not None:
+                got, ancdata, _, _ = sock.recvmsg_into([self._ahead], shm.FDS_SPACE)
+                fds += shm.received_fds(ancdata)
+            else:
+                got = sock.recv_into(self._ahead if small else view[pos:])
             if got == 0:
                 raise DataClosed(f"data plane: the server closed the connection ({pos} of {total} bytes)")
             if small:
@@ -234,15 +340,24 @@ class _ParamsTarget:
 
     def __init__(self, layout: Layout, params: torch.Tensor, wire_dtype: int, staging: torch.Tensor | None) -> None:
         self.layout, self.params, self.wire_dtype, self.staging = layout, params, wire_dtype, staging
+        self.nbytes = layout.numel * torch_dtype(wire_dtype).itemsize
 
     def buffer(self, reply: data_pb2.DataReply, nbytes: int) -> memoryview:
+        self._check(reply, nbytes)
+        return as_bytes(self.params if self.staging is None else self.staging)
+
+    def take(self, reply: data_pb2.DataReply, nbytes: int, region: memoryview) -> None:
+        """The parameters from the region, into the model's (converted in the same copy)."""
+        self._check(reply, nbytes)
+        if nbytes:
+            self.params.copy_(torch.frombuffer(region, dtype=torch_dtype(self.wire_dtype)))
+
+    def _check(self, reply: data_pb2.DataReply, nbytes: int) -> None:
         if not reply.HasField("params"):
             raise ProtocolError("pull: the server's reply carries no parameters")
         self.layout.check_metas(reply.params.tensors, self.wire_dtype)
-        expected = self.layout.numel * torch_dtype(self.wire_dtype).itemsize
-        if nbytes != expected:
-            raise ProtocolError(f"pull: {nbytes} bytes for a model of {expected}")
-        return as_bytes(self.params if self.staging is None else self.staging)
+        if nbytes != self.nbytes:
+            raise ProtocolError(f"pull: {nbytes} bytes for a model of {self.nbytes}")
 
     def land(self) -> None:
         if self.staging is not None:

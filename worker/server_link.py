@@ -97,12 +97,15 @@ class ServerLink:
 
     def __init__(self, address: str, job_id: str, rank: int, compression: str = "none",
                  transport: str = "auto", credential: str = "", tls_ca: bytes | None = None,
-                 compression_block: int | None = None, error_feedback: bool = False) -> None:
+                 compression_block: int | None = None, error_feedback: bool = False,
+                 shared_memory: bool = True) -> None:
         """``transport``: ``auto`` (the data plane when the server offers one and it can be
         reached, else gRPC, with the reason logged) or ``grpc``; ``credential``: the job's, which
         its launcher gave this worker (the server takes the worker's calls only with it);
         ``tls_ca``: the server speaks TLS, verified with these certificates (PEM; None: plaintext);
-        ``compression_block``, ``error_feedback``: the job's, for int8 / int4 pushes."""
+        ``compression_block``, ``error_feedback``: the job's, for int8 / int4 pushes;
+        ``shared_memory``: on the server's host, payloads go through shared memory when the server
+        offers it (else through the Unix socket)."""
         if transport not in ("auto", "grpc"):
             raise ValueError(f"transport: must be auto or grpc, not {transport!r}")
         self.job_id, self.rank = job_id, rank
@@ -110,9 +113,10 @@ class ServerLink:
         self.world_size = 0
         self._clip_push_norm = False  # RegisterResponse.clip_push_norm
         self._transport = transport
+        self._shared_memory = shared_memory
         self._data: DataLink | ShardedLink | None = None
         self._side: DataLink | None = None  # a second data-plane connection: pulls beside pushes
-        self.transport = "grpc"  # what this worker's tensors use: "unix", "tcp" or "grpc"
+        self.transport = "grpc"  # what this worker's tensors use: "shm", "unix", "tcp" or "grpc"
         self.host = address.rsplit(":", 1)[0].strip("[]")  # the server's host (its rendezvous store is there)
         self.encoder = PushEncoder(compression, compression_block, error_feedback)
         self.wire_dtype = self.encoder.wire_dtype  # of pushes
@@ -184,9 +188,9 @@ class ServerLink:
                 raise ProtocolError(f"transport: the job's parameter server has {len(reply.shards)} shards, "
                                     "which workers reach on the data plane only")
             return
-        link = DataLink(reply.data, self.job_id, self.rank, self.host, self._tls_ca)
+        link = self._link(reply.data)
         if reply.shards:  # ps_shards > 1: the control store and one connection per shard; no gRPC fallback
-            sharded = ShardedLink([link, *(DataLink(e, self.job_id, self.rank, self.host, self._tls_ca)
+            sharded = ShardedLink([link, *(self._link(e)
                                            for e in reply.shards)], clip=reply.clip_across_shards,
                                   push_norm=reply.clip_push_norm)
             sharded.connect()
@@ -199,6 +203,9 @@ class ServerLink:
                         "gRPC streams instead", self.rank, link.where, type(e).__name__, e)
             return
         self._data, self.transport = link, link.kind
+
+    def _link(self, endpoint: ps_pb2.DataEndpoint) -> DataLink:
+        return DataLink(endpoint, self.job_id, self.rank, self.host, self._tls_ca, self._shared_memory)
 
     def init_parameters(self, state: Layout | ModelLayout, params: torch.Tensor, frozen: torch.Tensor | None = None,
                         buffers: Mapping[str, torch.Tensor] | None = None) -> bool:
@@ -259,7 +266,7 @@ class ServerLink:
         if not isinstance(data, DataLink):
             raise ProtocolError("transport: pulls beside pushes need the data plane of an unsharded server")
         if self._side is None:
-            self._side = DataLink(data.endpoint, self.job_id, self.rank, self.host, self._tls_ca)
+            self._side = self._link(data.endpoint)
         return self._pull_on(self._side, self._pull_request(layout, step, first), layout, params)
 
     def _pull_on(self, link: DataLink | ShardedLink, request: ps_pb2.PullRequest, layout: Layout,

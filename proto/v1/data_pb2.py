@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gradhub.proto.v1 import ps_pb2 as gradhub_dot_proto_dot_v1_dot_ps__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgradhub/proto/v1/data.proto\x12\ngradhub.v1\x1a\x19gradhub/proto/v1/ps.proto\"O\n\tDataHello\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\ncredential\x18\x04 \x01(\t\"N\n\tDataError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0b\x65rror_class\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"\xa8\x01\n\tDataReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x06params\x18\x03 \x01(\x0b\x32\x16.gradhub.v1.PullHeader\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.gradhub.v1.DataError\x12\x19\n\x0c\x63lip_part_sq\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x0f\n\r_clip_part_sq\"\x86\x02\n\tDataFrame\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.gradhub.v1.DataHelloH\x00\x12&\n\x04init\x18\x02 \x01(\x0b\x32\x16.gradhub.v1.PushHeaderH\x00\x12&\n\x04push\x18\x03 \x01(\x0b\x32\x16.gradhub.v1.PushHeaderH\x00\x12\'\n\x04pull\x18\x04 \x01(\x0b\x32\x17.gradhub.v1.PullRequestH\x00\x12&\n\x05reply\x18\x05 \x01(\x0b\x32\x15.gradhub.v1.DataReplyH\x00\x12\x11\n\tpull_next\x18\x06 \x01(\x08\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgradhub/proto/v1/data.proto\x12\ngradhub.v1\x1a\x19gradhub/proto/v1/ps.proto\"O\n\tDataHello\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\ncredential\x18\x04 \x01(\t\"\x1e\n\rRegionRequest\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"N\n\tDataError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0b\x65rror_class\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"\xbe\x01\n\tDataReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x06params\x18\x03 \x01(\x0b\x32\x16.gradhub.v1.PullHeader\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.gradhub.v1.DataError\x12\x19\n\x0c\x63lip_part_sq\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0cregion_bytes\x18\x06 \x01(\x04\x42\x0f\n\r_clip_part_sq\"\x83\x03\n\tDataFrame\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.gradhub.v1.DataHelloH\x00\x12&\n\x04init\x18\x02 \x01(\x0b\x32\x16.gradhub.v1.PushHeaderH\x00\x12&\n\x04push\x18\x03 \x01(\x0b\x32\x16.gradhub.v1.PushHeaderH\x00\x12\'\n\x04pull\x18\x04 \x01(\x0b\x32\x17.gradhub.v1.PullRequestH\x00\x12&\n\x05reply\x18\x05 \x01(\x0b\x32\x15.gradhub.v1.DataReplyH\x00\x12+\n\x06region\x18\x08 \x01(\x0b\x32\x19.gradhub.v1.RegionRequestH\x00\x12\x11\n\tpull_next\x18\x06 \x01(\x08\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\x12\x11\n\tin_region\x18\t \x01(\x08\x12\x15\n\rregion_offset\x18\n \x01(\x04\x12\x14\n\x0creply_offset\x18\x0b \x01(\x04\x12\x0e\n\x06shared\x18\x0c \x01(\x08\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DATAHELLO']._serialized_start=70
   _globals['_DATAHELLO']._serialized_end=149
-  _globals['_DATAERROR']._serialized_start=151
-  _globals['_DATAERROR']._serialized_end=229
-  _globals['_DATAREPLY']._serialized_start=232
-  _globals['_DATAREPLY']._serialized_end=400
-  _globals['_DATAFRAME']._serialized_start=403
-  _globals['_DATAFRAME']._serialized_end=665
+  _globals['_REGIONREQUEST']._serialized_start=151
+  _globals['_REGIONREQUEST']._serialized_end=181
+  _globals['_DATAERROR']._serialized_start=183
+  _globals['_DATAERROR']._serialized_end=261
+  _globals['_DATAREPLY']._serialized_start=264
+  _globals['_DATAREPLY']._serialized_end=454
+  _globals['_DATAFRAME']._serialized_start=457
+  _globals['_DATAFRAME']._serialized_end=844
 # @@protoc_insertion_point(module_scope)

@@ -48,7 +48,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., collective_timeout_s: _Optional[float] = ..., data: _Optional[_Union[DataEndpoint, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[DataEndpoint, _Mapping]]] = ..., clip_across_shards: _Optional[bool] = ..., clip_push_norm: _Optional[bool] = ...) -> None: ...
 
 class DataEndpoint(_message.Message):
-    __slots__ = ("protocol", "tcp_host", "tcp_port", "unix_path", "host_id", "credential", "tls")
+    __slots__ = ("protocol", "tcp_host", "tcp_port", "unix_path", "host_id", "credential", "tls", "shared_memory")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     TCP_HOST_FIELD_NUMBER: _ClassVar[int]
     TCP_PORT_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class DataEndpoint(_message.Message):
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     TLS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     protocol: int
     tcp_host: str
     tcp_port: int
@@ -63,7 +64,8 @@ class DataEndpoint(_message.Message):
     host_id: str
     credential: str
     tls: bool
-    def __init__(self, protocol: _Optional[int] = ..., tcp_host: _Optional[str] = ..., tcp_port: _Optional[int] = ..., unix_path: _Optional[str] = ..., host_id: _Optional[str] = ..., credential: _Optional[str] = ..., tls: _Optional[bool] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, protocol: _Optional[int] = ..., tcp_host: _Optional[str] = ..., tcp_port: _Optional[int] = ..., unix_path: _Optional[str] = ..., host_id: _Optional[str] = ..., credential: _Optional[str] = ..., tls: _Optional[bool] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class PushHeader(_message.Message):
     __slots__ = ("job_id", "rank", "step", "base_version", "tensors", "frozen", "buffers", "aliases", "unused", "quant_block", "first_tensor", "world_size", "pull_part_only", "clip_norm_sq")

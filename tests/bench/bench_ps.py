@@ -1,8 +1,8 @@
 """Parameter-server benchmark (issue: parameter server v2, point 5).
 
 (a) one worker exchanging a 100 MB model with the server (push gradient + pull parameters, one
-    round trip), in GB/s, on each transport (the data plane's Unix socket and TCP, and the gRPC
-    fallback), against raw TCP loopback measured in the same run (interleaved pairs, as in (c);
+    round trip), in GB/s, on each transport (the data plane's Unix socket with shared memory and
+    without, TCP, and the gRPC fallback), against raw TCP loopback measured in the same run (interleaved pairs, as in (c);
     plain gRPC streaming once, for the old path's ceiling);
 (b) ps-sync step communication time with 2 workers against torch.distributed Gloo
     all_reduce of the same bytes (interleaved pairs), with the parameter server in one shard and
@@ -103,7 +103,7 @@ def _worker(address: str, job_id: str, rank: int, numel: int, iters: int, transp
     params = torch.zeros(numel, device=device)
     grads = torch.full((numel,), 1e-3, device=device)
     with ServerLink(address, job_id, rank, transport="grpc" if transport == "grpc" else "auto",
-                    credential=credential, tls_ca=tls_ca) as ps:
+                    credential=credential, tls_ca=tls_ca, shared_memory=transport == "shm") as ps:
         reg = ps.register("bench", 0, total_steps=iters + 1, train_size=1)
         if ps.transport.split(" ")[0] != ("tcp" if transport == "tls" else transport):
             raise RuntimeError(f"worker {rank} uses {ps.transport}, not {transport}")
@@ -131,7 +131,7 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "unix", device: str = "cpu",
+def exchange_seconds(workers: int, nbytes: int, iters: int, transport: str = "shm", device: str = "cpu",
                      shards: int = 1) -> tuple[list[float], dict]:
     """Per-step push+pull seconds of rank 0 in a ps-sync job of ``workers`` external workers
     (the parameter server in ``shards`` shards), and the server's CPU seconds per GB moved and
@@ -254,9 +254,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs per figure in (a), (b), (c) and (d), interleaved with the reference; the "
                         "median of each pair's ratio is kept")
-    parser.add_argument("--transports", nargs="+", default=["unix", "tcp", "grpc"],
-                        choices=["unix", "tcp", "tls", "grpc"],
-                        help="transports for (a) and (b) (tls: the data plane's TCP port under TLS)")
+    parser.add_argument("--transports", nargs="+", default=["shm", "unix", "tcp", "grpc"],
+                        choices=["shm", "unix", "tcp", "tls", "grpc"],
+                        help="transports for (a) and (b) (shm: the Unix socket with shared memory, unix: "
+                             "without; tls: the data plane's TCP port under TLS)")
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2],
                         help="parameter-server shards (ps_shards) for (b)")
     parser.add_argument("--figures", nargs="+", default=["a", "b", "c", "d", "g"], choices=["a", "b", "c", "d", "g"],

@@ -2,7 +2,8 @@
 on port 0 whose workers are this test (an external launcher).
 
 - pushes and pulls land where gRPC's would, on the Unix socket (same host, buffers of a few MB
-  at both ends) and on TCP (a model of a few MB too);
+  at both ends; tests/integration/test_shared_memory.py with shared memory) and on TCP (a model
+  of a few MB too);
 - a broken connection is reopened and the push applied once; a pull that waits past the
   server's bound is asked again;
 - no connection gets in without the credential of its worker's latest registration;
@@ -83,7 +84,8 @@ def _train_three_steps(link: ServerLink) -> None:
         assert torch.equal(params, torch.full((NUMEL,), -LR * (step + 1)))
 
 
-def test_same_host_workers_use_the_unix_socket(job, monkeypatch):
+def test_same_host_workers_without_shared_memory_use_the_unix_socket(job, monkeypatch):
+    """(tests/integration/test_shared_memory.py: the same with the server's shared memory.)"""
     server, job_id = job
     widened: list[socket.socket] = []  # the server's end of each connection, as it widens its buffers
 
@@ -92,7 +94,7 @@ def test_same_host_workers_use_the_unix_socket(job, monkeypatch):
         widened.append(sock)
 
     monkeypatch.setattr(data_plane, "widen_buffers", widen)
-    with _worker(server, job_id) as link:
+    with _worker(server, job_id, shared_memory=False) as link:
         assert link.transport == "unix"
         _train_three_steps(link)
         assert link._session is None, "no gRPC stream was opened"
@@ -149,7 +151,7 @@ def test_grpc_transport_stays_on_grpc(job):
 def test_compressed_gradients_and_parameters(server):
     job_id = _running(server, compression="bf16")
     with _worker(server, job_id, compression="bf16") as link:
-        assert link.transport == "unix"
+        assert link.transport == "shm"  # converted as they are copied in and out of the region
         _train_three_steps(link)  # -0.5, -1.0, -1.5 are exact in bfloat16
 
 

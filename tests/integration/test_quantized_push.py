@@ -60,14 +60,15 @@ def _worker(server: Server, job_id: str, compression: str, **kw) -> ServerLink:
 
 
 @pytest.mark.parametrize("compression", ["int8", "int4"])
-@pytest.mark.parametrize("transport", ["unix", "tcp", "grpc"])
+@pytest.mark.parametrize("transport", ["shm", "unix", "tcp", "grpc"])
 def test_a_quantised_push_is_decoded_to_what_the_worker_meant(server, monkeypatch, compression, transport):
     if transport == "tcp":
         monkeypatch.setattr(data_link.frames, "host_id", lambda: "another-host")
     job_id = _running(server, compression)
     q = BlockQuant(FORMATS[compression], BLOCK)
     torch.manual_seed(0)
-    with _worker(server, job_id, compression, transport="grpc" if transport == "grpc" else "auto") as link:
+    with _worker(server, job_id, compression, transport="grpc" if transport == "grpc" else "auto",
+                 shared_memory=transport == "shm") as link:
         assert link.transport == transport
         link.init_parameters(LAYOUT, torch.zeros(NUMEL))
         params = torch.empty(NUMEL)
