@@ -3,13 +3,14 @@ out and the parameters come in on one socket, a Unix socket when the worker shar
 host and network namespace, TCP otherwise. Blocking sockets: the worker is a plain process
 whose training loop waits for its parameters anyway.
 
-On the Unix socket of a server that offers shared memory, payloads go through a region both
-map (``gradhub.proto.shm``): a push writes its gradient there (converted to the wire dtype in
-the same copy) and the pulled parameters are copied out of it into the model's, while the
-socket carries the frames' headers alone. Elsewhere payloads are sent from the tensors' own
-memory and received with ``recv_into`` straight into the model's flat parameters (CPU,
-float32), or through a staging buffer (pinned for a GPU model; the wire dtype when the job
-compresses).
+On the Unix socket of a server that offers shared memory, a CPU model's payloads go through a
+region both map (``gradhub.proto.shm``): a push writes its gradient there (converted to the
+wire dtype in the same copy) and the pulled parameters are copied out of it into the model's
+(in ps-sync from the job's region, which the server writes once a version for all of its
+workers on the host), while the socket carries the frames' headers alone. Elsewhere, and for a
+GPU model, payloads are sent from the tensors' own memory and received with ``recv_into``
+straight into the model's flat parameters (CPU, float32), or through a staging buffer (pinned
+for a GPU model; the wire dtype when the job compresses).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from gradhub.proto import frames, shm
 from gradhub.proto.channels import SYSTEM_TRUST, tls_context, widen_buffers
 from gradhub.proto.codec import Layout, as_bytes, payload_dtype, torch_dtype
-from gradhub.proto.contract.errors import GradhubError, ProtocolError
+from gradhub.proto.contract.errors import ProtocolError, ResourceExhaustedError
 from gradhub.proto.v1 import data_pb2, ps_pb2
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class DataLink:
         pulled_dtype = wire_dtype if params_dtype is None else params_dtype
         frame = data_pb2.DataFrame(push=header, pull_next=then_pull is not None)
         dtype = payload_dtype(wire_dtype)
-        if self.kind == "shm":  # the gradient in the region, the parameters after it
+        if self._in_region(grads, *(() if then_pull is None else (then_pull[1],))):  # the gradient, then the params
             frame.payload_bytes = grads.numel() * dtype.itemsize
             frame.in_region, frame.reply_offset = True, shm.aligned(frame.payload_bytes)
             pulled = 0 if then_pull is None else then_pull[0].numel * torch_dtype(pulled_dtype).itemsize
@@ -152,7 +153,7 @@ class DataLink:
             if region is not None:
                 region.tensor(0, grads.numel(), dtype).copy_(grads.detach().reshape(-1))
                 return self._exchange(frame, None, None if then_pull is None else
-                                      self._params_target(*then_pull, pulled_dtype))
+                                      self._params_target(*then_pull, pulled_dtype, in_region=True))
             frame = data_pb2.DataFrame(push=header, pull_next=then_pull is not None)
         data = self._outgoing(grads, dtype)
         frame.payload_bytes = len(data)
@@ -160,10 +161,16 @@ class DataLink:
 
     def pull(self, request: ps_pb2.PullRequest, layout: Layout, params: torch.Tensor) -> data_pb2.DataReply:
         frame = data_pb2.DataFrame(pull=request)
-        if self.kind == "shm":  # (room for a gradient of the same size too: a push and pull come next)
+        if self._in_region(params):  # (room for a gradient of the same size too: a push and pull come next)
             nbytes = layout.numel * torch_dtype(request.dtype).itemsize
             frame.in_region = self._region_of(nbytes, shm.aligned(nbytes) + nbytes) is not None
-        return self._exchange(frame, None, self._params_target(layout, params, request.dtype))
+        return self._exchange(frame, None, self._params_target(layout, params, request.dtype, frame.in_region))
+
+    def _in_region(self, *tensors: torch.Tensor) -> bool:
+        """Whether these tensors' payloads go through shared memory: CPU tensors on a link that
+        has it. (A GPU model's go on the socket through pinned staging buffers, whose copies to
+        and from the device are the fast ones; a region is not pinned memory.)"""
+        return self.kind == "shm" and all(t.device.type == "cpu" for t in tensors)
 
     # ------------------------------------------------------------------ plumbing
     def _outgoing(self, flat: torch.Tensor, dtype: torch.dtype) -> memoryview:
@@ -195,7 +202,7 @@ class DataLink:
                 self._region = shm.Region.attach(fds.pop(), nbytes)
             except ValueError as e:
                 raise ProtocolError(str(e)) from None
-        except GradhubError as e:  # refused (the server has no memory for it, or cannot make one)
+        except (ResourceExhaustedError, ProtocolError) as e:  # the server has no region for it, or a bad one
             log.warning("worker %d: no shared memory from the data plane at %s (%s: %s); payloads go on the "
                         "Unix socket instead", self.rank, where, type(e).__name__, e)
             self._shared_memory = False
@@ -209,9 +216,11 @@ class DataLink:
                 os.close(fd)
         return self._region
 
-    def _params_target(self, layout: Layout, params: torch.Tensor, wire_dtype: int) -> _ParamsTarget:
+    def _params_target(self, layout: Layout, params: torch.Tensor, wire_dtype: int,
+                       in_region: bool = False) -> _ParamsTarget:
+        """Where a reply's parameters go (``in_region``: copied from the region into ``params``)."""
         dtype = torch_dtype(wire_dtype)
-        direct = self.kind == "shm" or (params.device.type == "cpu" and params.dtype == dtype and params.is_contiguous())
+        direct = in_region or (params.device.type == "cpu" and params.dtype == dtype and params.is_contiguous())
         staging = None if direct else self._buffer(dtype, layout.numel, pinned=params.device.type == "cuda", key="in")
         return _ParamsTarget(layout, params, wire_dtype, staging)
 
