@@ -96,7 +96,7 @@ class ShardServer:
         """Where workers connect (a ``DataEndpoint`` without the credential, as plain values)."""
         e = self._plane.endpoint("", self.host)
         return {"tcp_host": e.tcp_host, "tcp_port": e.tcp_port, "unix_path": e.unix_path, "host_id": e.host_id,
-                "tls": e.tls}
+                "tls": e.tls, "shared_memory": e.shared_memory}
 
     # ---------------------------------------------------------------- the data plane's
     def store(self, job_id: str) -> ParameterStore:

@@ -70,7 +70,8 @@ def endpoints(others: Sequence[dict[str, object]], credential: str) -> list[ps_p
     """The shards' ``RegisterResponse.shards`` for a worker whose credential is ``credential``."""
     return [ps_pb2.DataEndpoint(protocol=frames.DATA_PROTOCOL, credential=credential, tls=bool(e.get("tls")),
                                 tcp_host=str(e["tcp_host"]), tcp_port=int(str(e["tcp_port"])),
-                                unix_path=str(e["unix_path"]), host_id=str(e["host_id"])) for e in others]
+                                unix_path=str(e["unix_path"]), host_id=str(e["host_id"]),
+                                shared_memory=bool(e.get("shared_memory"))) for e in others]
 
 
 def merge_states(store: ParameterStore, own: CheckpointState, others: Sequence[CheckpointState], *,

@@ -145,10 +145,11 @@ class DataLink:
         pulled_dtype = wire_dtype if params_dtype is None else params_dtype
         frame = data_pb2.DataFrame(push=header, pull_next=then_pull is not None)
         dtype = payload_dtype(wire_dtype)
-        if self._in_region(grads, *(() if then_pull is None else (then_pull[1],))):  # the gradient, then the params
-            frame.payload_bytes = grads.numel() * dtype.itemsize
+        pulled = 0 if then_pull is None else then_pull[0].numel * torch_dtype(pulled_dtype).itemsize
+        tensors = (grads,) if then_pull is None else (grads, then_pull[1])
+        if self._in_region(grads.numel() * dtype.itemsize + pulled, *tensors):
+            frame.payload_bytes = grads.numel() * dtype.itemsize  # the gradient, then the parameters
             frame.in_region, frame.reply_offset = True, shm.aligned(frame.payload_bytes)
-            pulled = 0 if then_pull is None else then_pull[0].numel * torch_dtype(pulled_dtype).itemsize
             region = self._region_of(frame.reply_offset + pulled)
             if region is not None:
                 region.tensor(0, grads.numel(), dtype).copy_(grads.detach().reshape(-1))
@@ -161,16 +162,17 @@ class DataLink:
 
     def pull(self, request: ps_pb2.PullRequest, layout: Layout, params: torch.Tensor) -> data_pb2.DataReply:
         frame = data_pb2.DataFrame(pull=request)
-        if self._in_region(params):  # (room for a gradient of the same size too: a push and pull come next)
-            nbytes = layout.numel * torch_dtype(request.dtype).itemsize
+        nbytes = layout.numel * torch_dtype(request.dtype).itemsize
+        if self._in_region(nbytes, params):  # (room for a gradient of the same size too: a push and pull come next)
             frame.in_region = self._region_of(nbytes, shm.aligned(nbytes) + nbytes) is not None
         return self._exchange(frame, None, self._params_target(layout, params, request.dtype, frame.in_region))
 
-    def _in_region(self, *tensors: torch.Tensor) -> bool:
+    def _in_region(self, size: int, *tensors: torch.Tensor) -> bool:
         """Whether these tensors' payloads go through shared memory: CPU tensors on a link that
-        has it. (A GPU model's go on the socket through pinned staging buffers, whose copies to
-        and from the device are the fast ones; a region is not pinned memory.)"""
-        return self.kind == "shm" and all(t.device.type == "cpu" for t in tensors)
+        has it, when there are any (``size``; a sharded job's control store holds no value).
+        (A GPU model's go on the socket through pinned staging buffers, whose copies to and
+        from the device are the fast ones; a region is not pinned memory.)"""
+        return self.kind == "shm" and size > 0 and all(t.device.type == "cpu" for t in tensors)
 
     # ------------------------------------------------------------------ plumbing
     def _outgoing(self, flat: torch.Tensor, dtype: torch.dtype) -> memoryview:

@@ -70,7 +70,7 @@ def test_a_worker_trains_on_every_shard_and_status_shows_them(server: Server) ->
     link, reg = _worker(server, job_id)
     with link:
         assert len(reg.shards) == SHARDS and all(e.credential == reg.data.credential for e in reg.shards)
-        assert link.transport == f"unix ({SHARDS} shards)"
+        assert link.transport == f"shm ({SHARDS} shards)"  # every shard on this host: shared memory
         link.init_parameters(LAYOUT, torch.arange(NUMEL, dtype=torch.float32))
         params = torch.empty(NUMEL)
         version = link.pull(LAYOUT, 0, params).version

@@ -223,3 +223,13 @@ def test_a_server_without_memory_for_a_region_leaves_the_worker_on_the_unix_sock
         assert _link(link).kind == "unix"
     assert "no shared memory" in caplog.text and ResourceExhaustedError.__name__ in caplog.text
     assert server.manager.store(job_id).workers()[0].transport == "unix"
+
+
+def test_a_sharded_jobs_workers_use_shared_memory_with_every_shard(server, caplog):
+    """(The control store holds no value: its pushes and pulls have no payload, and no region.)"""
+    job_id = _running(server, ps_shards=2)
+    with caplog.at_level(logging.WARNING, logger="gradhub.worker.data_link"), _worker(server, job_id) as link:
+        _train_three_steps(link)
+        assert [data.kind for data in link._data.links] == ["shm"] * 3
+        assert [data._job_region is not None for data in link._data.links] == [False, True, True]
+    assert "no shared memory" not in caplog.text
