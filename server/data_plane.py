@@ -1,6 +1,7 @@
 """The parameter server's data plane: gradients in and parameters out on plain sockets (TCP, and
-a Unix socket for workers on this host), framed as proto/v1/data.proto says, beside the gRPC
-control plane.
+a Unix socket for workers on this host, whose payloads may lie in shared memory instead:
+``gradhub.proto.shm``, ``gradhub.server.shared_params``), framed as proto/v1/data.proto says,
+beside the gRPC control plane.
 
 One asyncio event loop, in a thread of its own, serves every connection: no thread per worker,
 per waiting pull or per stalled upload (and a storm of pushes never delays the gRPC server's
