@@ -14,10 +14,12 @@ on port 0 whose workers are this test (an external launcher).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -170,14 +172,22 @@ def test_a_broken_connection_is_reopened_and_the_push_applied_once(job):
         assert server.manager.store(job_id).version == 2
 
 
-def test_a_pull_that_waits_past_the_bound_is_asked_again(server, monkeypatch):
-    monkeypatch.setattr(data_plane, "MAX_PULL_WAIT_S", 0.1)
-    job_id = _running(server, workers=2)
+@contextlib.contextmanager
+def _two_at_step_zero(server: Server, job_id: str) -> Iterator[tuple[ServerLink, ServerLink, torch.Tensor, torch.Tensor]]:
+    """Workers 0 and 1 of a 2-worker job, the model initialised and step 0's parameters pulled
+    (into the two tensors)."""
     with _worker(server, job_id, 0) as w0, _worker(server, job_id, 1) as w1:
         w0.init_parameters(LAYOUT, torch.zeros(NUMEL))
         p0, p1 = torch.empty(NUMEL), torch.empty(NUMEL)
         w0.pull(LAYOUT, 0, p0)
         w1.pull(LAYOUT, 0, p1)
+        yield w0, w1, p0, p1
+
+
+def test_a_pull_that_waits_past_the_bound_is_asked_again(server, monkeypatch):
+    monkeypatch.setattr(data_plane, "MAX_PULL_WAIT_S", 0.1)
+    job_id = _running(server, workers=2)
+    with _two_at_step_zero(server, job_id) as (w0, w1, p0, p1):
         got = {}
         t = threading.Thread(target=lambda: got.setdefault("v", w0.push_pull(LAYOUT, 0, 0, torch.ones(NUMEL), p0)))
         t.start()

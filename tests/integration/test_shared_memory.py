@@ -40,6 +40,7 @@ from .test_data_plane import (
     _reply,
     _running,
     _train_three_steps,
+    _two_at_step_zero,
     _worker,
 )
 
@@ -74,12 +75,7 @@ def test_same_host_workers_use_shared_memory(server):
 
 
 def test_ps_sync_workers_read_one_region_of_the_jobs_and_async_workers_their_own(server):
-    sync = _running(server, workers=2)
-    with _worker(server, sync, 0) as w0, _worker(server, sync, 1) as w1:
-        w0.init_parameters(LAYOUT, torch.zeros(NUMEL))
-        p0, p1 = torch.empty(NUMEL), torch.empty(NUMEL)
-        w0.pull(LAYOUT, 0, p0)
-        w1.pull(LAYOUT, 0, p1)
+    with _two_at_step_zero(server, _running(server, workers=2)) as (w0, w1, p0, p1):
         regions = [_link(w)._job_region for w in (w0, w1)]
         assert all(r is not None for r in regions)
         assert len({os.fstat(r.fd).st_ino for r in regions}) == 1, "one region for the job"  # type: ignore[union-attr]
