@@ -200,9 +200,11 @@ class DataLink:
             if reply.region_bytes != nbytes or len(fds) != 1:
                 raise ProtocolError(f"region: the server answered with {len(fds)} descriptors for "
                                     f"{reply.region_bytes} bytes, not one for {nbytes}")
+            fd = fds.pop()
             try:
-                self._region = shm.Region.attach(fds.pop(), nbytes)
+                self._region = shm.Region.attach(fd, nbytes)
             except ValueError as e:
+                os.close(fd)
                 raise ProtocolError(str(e)) from None
         except (ResourceExhaustedError, ProtocolError) as e:  # the server has no region for it, or a bad one
             log.warning("worker %d: no shared memory from the data plane at %s (%s: %s); payloads go on the "
