@@ -38,7 +38,9 @@ class WorkerState:
     max_staleness: int = 0
     # the worker's data-plane credential, new at each registration (see DataEndpoint)
     credential: str = ""
-    transport: str = ""  # how its gradients arrive: "tcp", "unix", "shm" (the Unix socket with shared memory) or "grpc" (the latest seen)
+    # how its gradients arrive (the latest seen): "tcp", "unix", "shm" (the Unix socket with shared
+    # memory) or "grpc"
+    transport: str = ""
     bytes_in: int = 0  # gradient bytes it pushed (as they travelled: the wire dtype), accepted or not
     bytes_out: int = 0  # parameter bytes it pulled
     local_step: int = 0  # local-sgd: its inner steps so far (its heartbeats say)

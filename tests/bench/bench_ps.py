@@ -2,8 +2,8 @@
 
 (a) one worker exchanging a 100 MB model with the server (push gradient + pull parameters, one
     round trip), in GB/s, on each transport (the data plane's Unix socket with shared memory and
-    without, TCP, and the gRPC fallback), against raw TCP loopback measured in the same run (interleaved pairs, as in (c);
-    plain gRPC streaming once, for the old path's ceiling);
+    without, TCP, and the gRPC fallback), against raw TCP loopback measured in the same run
+    (interleaved pairs, as in (c); plain gRPC streaming once, for the old path's ceiling);
 (b) ps-sync step communication time with 2 workers against torch.distributed Gloo
     all_reduce of the same bytes (interleaved pairs), with the parameter server in one shard and
     in K (``--shards``: K Ray actors on a local Ray, as a cluster runs them, and the server's
