@@ -4,8 +4,9 @@ size and passes to one worker over their Unix socket (``SCM_RIGHTS``); both map 
 payloads are written and read in place instead of through the socket.
 
 A region has no path (unlike a file in ``/dev/shm``): it reaches the peer it is sent to, and
-otherwise only processes that may inspect either end (the same user's, through ``/proc``). It is sealed against shrinking and growing before it leaves the server, so neither
-side can truncate it under the other's mapping (a read past a file's end is a SIGBUS).
+otherwise only processes that may inspect either end (the same user's, through ``/proc``). It
+is sealed against shrinking and growing before it leaves the server, so neither side can
+truncate it under the other's mapping (a read past a file's end is a SIGBUS).
 """
 
 from __future__ import annotations
