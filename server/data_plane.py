@@ -411,7 +411,7 @@ class DataPlane:
             await self._send_error(conn, e)
             return
         reply.in_region, reply.region_offset = True, reply_to
-        await conn.send([memoryview(frames.frame_head(reply))], IDLE_TIMEOUT_S, fds)
+        await self._send(conn, frames.frame_head(reply), fds=fds)
 
     async def _shared_region(self, store: ParameterStore, part: tuple[int, int], snapshot: Snapshot,
                              data: memoryview) -> shm.Region | None:
@@ -447,8 +447,8 @@ class DataPlane:
             await self._send_error(conn, ResourceExhaustedError(f"region: {nbytes} bytes of shared memory: {e}"))
             return
         try:
-            await conn.send([memoryview(frames.frame_head(data_pb2.DataFrame(
-                reply=data_pb2.DataReply(accepted=True, region_bytes=nbytes))))], IDLE_TIMEOUT_S, fds=[region.fd])
+            await self._send(conn, frames.frame_head(data_pb2.DataFrame(
+                reply=data_pb2.DataReply(accepted=True, region_bytes=nbytes))), fds=[region.fd])
         finally:
             region.close_fd()  # the worker has its own; the mapping stays
         conn.region = region
@@ -505,10 +505,11 @@ class DataPlane:
             raise _Closed(pos)
         return got
 
-    async def _send(self, conn: Connection, head: bytes, payload: memoryview | None = None) -> None:
-        """Write a frame (a reader that stalls is dropped)."""
+    async def _send(self, conn: Connection, head: bytes, payload: memoryview | None = None,
+                    fds: list[int] | None = None) -> None:
+        """Write a frame (a reader that stalls is dropped), with ``fds`` (a Unix socket's)."""
         parts = [memoryview(head)] if payload is None or not len(payload) else [memoryview(head), payload]
-        await conn.send(parts, IDLE_TIMEOUT_S + sum(len(p) for p in parts) / 10e6)
+        await conn.send(parts, IDLE_TIMEOUT_S + sum(len(p) for p in parts) / 10e6, fds or ())
 
     async def _send_error(self, conn: Connection, exc: BaseException) -> None:
         code = status_for(exc)
@@ -542,12 +543,11 @@ def _check_in_region(conn: Connection, frame: data_pb2.DataFrame, kind: str | No
 
 
 def _in_region(conn: Connection, offset: int, nbytes: int, field: str) -> memoryview:
+    """Bytes [offset, offset + nbytes) of the region of a request that ``_check_in_region`` passed."""
     region = conn.region
-    if region is None:
-        raise ProtocolError("in_region: this connection has no region (ask for one with a RegionRequest)")
-    if offset % shm.ALIGN or offset + nbytes > region.size:
-        raise ProtocolError(f"{field}: {nbytes} bytes from offset {offset} (a multiple of {shm.ALIGN}) must lie in "
-                            f"the region's {region.size}")
+    assert region is not None  # _check_in_region: the connection has one, the offset is aligned
+    if offset + nbytes > region.size:
+        raise ProtocolError(f"{field}: {nbytes} bytes from offset {offset} must lie in the region's {region.size}")
     return region.view(offset, nbytes)
 
 
