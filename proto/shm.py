@@ -60,15 +60,20 @@ class Region:
 
     @classmethod
     def attach(cls, fd: int, size: int) -> Region:
-        """Map a region received from the server: a sealed ``memfd`` of ``size`` bytes, or ValueError."""
+        """Map a region received from the server: a sealed ``memfd`` of ``size`` bytes, or
+        ValueError (and ``fd`` closed: the region owns it either way)."""
         try:
-            info = os.fstat(fd)
-            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-        except OSError as e:
-            raise ValueError(f"region: the descriptor received is not a sealed memfd ({e})") from None
-        if not stat.S_ISREG(info.st_mode) or info.st_size != size or not seals & fcntl.F_SEAL_SHRINK:
-            raise ValueError(f"region: the descriptor received is not a region of {size} bytes sealed at its size")
-        return cls(fd, size)
+            try:
+                info = os.fstat(fd)
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError as e:
+                raise ValueError(f"region: the descriptor received is not a sealed memfd ({e})") from None
+            if not stat.S_ISREG(info.st_mode) or info.st_size != size or not seals & fcntl.F_SEAL_SHRINK:
+                raise ValueError(f"region: the descriptor received is not a region of {size} bytes sealed at its size")
+            return cls(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def close_fd(self) -> None:
         self._close()

@@ -145,20 +145,20 @@ class DataLink:
         pulled_dtype = wire_dtype if params_dtype is None else params_dtype
         frame = data_pb2.DataFrame(push=header, pull_next=then_pull is not None)
         dtype = payload_dtype(wire_dtype)
+        nbytes = grads.numel() * dtype.itemsize
         pulled = 0 if then_pull is None else then_pull[0].numel * torch_dtype(pulled_dtype).itemsize
         tensors = (grads,) if then_pull is None else (grads, then_pull[1])
-        if self._in_region(grads.numel() * dtype.itemsize + pulled, *tensors):
-            frame.payload_bytes = grads.numel() * dtype.itemsize  # the gradient, then the parameters
-            frame.in_region, frame.reply_offset = True, shm.aligned(frame.payload_bytes)
-            region = self._region_of(frame.reply_offset + pulled)
-            if region is not None:
-                region.tensor(0, grads.numel(), dtype).copy_(grads.detach().reshape(-1))
-                return self._exchange(frame, None, None if then_pull is None else
-                                      self._params_target(*then_pull, pulled_dtype, in_region=True))
-            frame = data_pb2.DataFrame(push=header, pull_next=then_pull is not None)
-        data = self._outgoing(grads, dtype)
-        frame.payload_bytes = len(data)
-        return self._exchange(frame, data, None if then_pull is None else self._params_target(*then_pull, pulled_dtype))
+        # the gradient in the region, then the parameters
+        region = self._region_of(shm.aligned(nbytes) + pulled) if self._in_region(nbytes + pulled, *tensors) else None
+        if region is not None:
+            region.tensor(0, grads.numel(), dtype).copy_(grads.detach().reshape(-1))
+            frame.payload_bytes, frame.in_region, frame.reply_offset = nbytes, True, shm.aligned(nbytes)
+            data = None
+        else:
+            data = self._outgoing(grads, dtype)
+            frame.payload_bytes = len(data)
+        into = None if then_pull is None else self._params_target(*then_pull, pulled_dtype, frame.in_region)
+        return self._exchange(frame, data, into)
 
     def pull(self, request: ps_pb2.PullRequest, layout: Layout, params: torch.Tensor) -> data_pb2.DataReply:
         frame = data_pb2.DataFrame(pull=request)
@@ -200,11 +200,9 @@ class DataLink:
             if reply.region_bytes != nbytes or len(fds) != 1:
                 raise ProtocolError(f"region: the server answered with {len(fds)} descriptors for "
                                     f"{reply.region_bytes} bytes, not one for {nbytes}")
-            fd = fds.pop()
             try:
-                self._region = shm.Region.attach(fd, nbytes)
+                self._region = shm.Region.attach(fds.pop(), nbytes)
             except ValueError as e:
-                os.close(fd)
                 raise ProtocolError(str(e)) from None
         except (ResourceExhaustedError, ProtocolError) as e:  # the server has no region for it, or a bad one
             log.warning("worker %d: no shared memory from the data plane at %s (%s: %s); payloads go on the "
@@ -295,11 +293,9 @@ class DataLink:
         if not reply_frame.shared:
             return self._region
         if fds:
-            fd = fds.pop(0)
             try:
-                region = shm.Region.attach(fd, reply_frame.reply.region_bytes)
+                region = shm.Region.attach(fds.pop(0), reply_frame.reply.region_bytes)
             except ValueError as e:
-                os.close(fd)
                 raise ProtocolError(str(e)) from None
             if self._job_region is not None:
                 self._job_region.close()
