@@ -44,7 +44,9 @@ from .test_data_plane import (
     _worker,
 )
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="no sealed memfd on this platform")
+
+def test_this_platform_has_sealed_memfd_regions():
+    assert shm.available(), "shared memory needs Linux's memfd_create, its seals and SCM_RIGHTS"
 
 
 @pytest.fixture
