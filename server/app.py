@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
 from concurrent import futures
 from typing import Self
 
@@ -142,10 +141,11 @@ class Server:
         users = Users.from_file(c.tokens_file) if c.tokens_file else Users.single(c.token) if c.token else Users.open()
         tls = ServerTLS.load(c.tls_cert, c.tls_key, c.tls_ca) if c.tls_cert and c.tls_key else None
         tune_for_streaming()
-        # the first torch.optim optimizer imports torch._dynamo (about a second, holding the GIL):
-        # done here, beside Ray's start, it cannot stall the calls of a running job later
-        warm = threading.Thread(target=_first_optimizer, name="gradhub-warm-up", daemon=True)
-        warm.start()
+        # the first torch.optim optimizer imports torch._dynamo (one to three seconds, holding the
+        # GIL): done here, it cannot stall the calls of a running job later. On this thread, before
+        # Ray starts: done on a thread of its own beside ray.init, it crashed the process once
+        # (SIGSEGV in that thread, CI of 2026-11-30); torch._dynamo is not thread-safe
+        _first_optimizer()
         if self._launcher is None and not ray.is_initialized():
             if c.ray_address:
                 ray.init(address=c.ray_address, log_to_driver=False, logging_level=logging.WARNING)
@@ -156,7 +156,6 @@ class Server:
             else:
                 embedded_ray.start(c.ray_num_cpus, EMBEDDED_RAY_CONFIG)
             self._owns_ray = True
-        warm.join()
         registry = CollectorRegistry()  # this server's metrics (/metrics)
         interceptors = [AuthInterceptor(users), RpcCounter(registry), WireInterceptor()]
         rpc_pool = futures.ThreadPoolExecutor(max_workers=c.max_rpc_threads, thread_name_prefix="gradhub-rpc")
