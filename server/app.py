@@ -33,6 +33,7 @@ from gradhub.server.control_service import add_to_server as add_control_service
 from gradhub.server.dashboard_sweeps import dashboard_routes_with_sweeps
 from gradhub.server.data_dir import DataDirLock
 from gradhub.server.data_plane import DataPlane
+from gradhub.server.flat_optimizer import load_optimizer_machinery
 from gradhub.server.io_loop import IOLoop
 from gradhub.server.job_db import JobDB
 from gradhub.server.job_service import JobServiceServicer
@@ -141,11 +142,7 @@ class Server:
         users = Users.from_file(c.tokens_file) if c.tokens_file else Users.single(c.token) if c.token else Users.open()
         tls = ServerTLS.load(c.tls_cert, c.tls_key, c.tls_ca) if c.tls_cert and c.tls_key else None
         tune_for_streaming()
-        # the first torch.optim optimizer imports torch._dynamo (one to three seconds, holding the
-        # GIL): done here, it cannot stall the calls of a running job later. On this thread, before
-        # Ray starts: done on a thread of its own beside ray.init, it crashed the process once
-        # (SIGSEGV in that thread, CI of 2026-11-30); torch._dynamo is not thread-safe
-        _first_optimizer()
+        load_optimizer_machinery()  # on this thread, before Ray's and ours start (its docstring)
         if self._launcher is None and not ray.is_initialized():
             if c.ray_address:
                 ray.init(address=c.ray_address, log_to_driver=False, logging_level=logging.WARNING)
@@ -264,12 +261,6 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _first_optimizer() -> None:
-    import torch
-
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
 def _bracket(host: str) -> str:

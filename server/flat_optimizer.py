@@ -35,6 +35,15 @@ ELEMENTWISE_STATE: dict[type[torch.optim.Optimizer], frozenset[str]] = {
 PER_TENSOR_STATE = frozenset({"step"})
 
 
+def load_optimizer_machinery() -> None:
+    """Build and drop a first ``torch.optim`` optimizer: that imports ``torch._dynamo`` (one to
+    three seconds holding the GIL), which a process that serves a job's calls does at start,
+    before it has threads of its own, rather than in the middle of its first push. Started on
+    a thread beside ``ray.init``, it once crashed the server (SIGSEGV in that thread, CI of
+    2026-11-30): torch._dynamo is not thread-safe (pytorch/pytorch#118260)."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
 class FlatOptimizer:
     """``optimizer`` (built over ``params``, the views of ``flat`` in order, in one parameter
     group) stepped over ``flat`` itself when it can be: ``flat`` tells which it does now, and

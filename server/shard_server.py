@@ -23,6 +23,7 @@ from typing import Self
 
 from gradhub.proto.contract.errors import NotFoundError
 from gradhub.server.data_plane import DataPlane
+from gradhub.server.flat_optimizer import load_optimizer_machinery
 from gradhub.server.store import CheckpointState, ParameterStore, StoreConfig
 from gradhub.server.tls import server_context
 
@@ -84,6 +85,7 @@ class ShardServer:
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> Self:
+        load_optimizer_machinery()  # before the data plane's threads start (its docstring)
         self._plane.start()
         return self
 
