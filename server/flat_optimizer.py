@@ -39,8 +39,8 @@ def load_optimizer_machinery() -> None:
     """Build and drop a first ``torch.optim`` optimizer: that imports ``torch._dynamo`` (one to
     three seconds holding the GIL), which a process that serves a job's calls does at start,
     before it has threads of its own, rather than in the middle of its first push. Started on
-    a thread beside ``ray.init``, it once crashed the server (SIGSEGV in that thread, CI of
-    2026-11-30): torch._dynamo is not thread-safe (pytorch/pytorch#118260)."""
+    a thread beside ``ray.init``, it once crashed a starting server in CI (SIGSEGV in that
+    thread): torch._dynamo is not thread-safe (pytorch/pytorch#118260)."""
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
