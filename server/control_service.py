@@ -131,6 +131,7 @@ class WorkerControlServicer(ps_pb2_grpc.WorkerControlServicer):
                 reply.next_step = min(reply.next_step, least)
             reply.clip_across_shards = store.config.clips_across_shards
             reply.clip_push_norm = store.config.clips_by_push_norm
+            reply.control_first = store.config.pushes_control_first
         return reply
 
     @handler

@@ -85,6 +85,7 @@ class Controller:
         self._grow_error = ""  # why the latest growth failed (told to the log once)
         self._nodes_at = 0.0  # when to look again for restarting workers whose node died
         self._sizes_told = 0
+        self._regroup = False  # a shrink at once left a sharded job's shards at two steps
 
     # ------------------------------------------------------------ the loop
     def execute(self) -> Outcome:
@@ -128,6 +129,9 @@ class Controller:
             return Outcome(JobState.CANCELLED, run.cancelled)
         if (lost := self.runtime.lost()) is not None:
             return self._failed(Failure(0, FailureKind.SHARD_LOST, lost))
+        if self._regroup:  # (the runtime logged why; the death that caused it counted already)
+            self._regroup = False
+            return self._restart_group()
         if run.spec.elastic:
             self._scale()
         for rank in [r for r, at in self._rerun_at.items() if at <= self._now()]:
@@ -183,7 +187,8 @@ class Controller:
         size = min(want, len(self._launched))
         if table.target != size:
             self.host.log_line(run.id, f"scaling to {size} workers (from {table.size})")
-            table.resize(size)
+            if not self.runtime.resize(size):
+                self._regroup = True
             self.host.notify()
 
     def _check_nodes(self) -> None:
@@ -235,7 +240,7 @@ class Controller:
         """Worker ``rank``'s node died: the job goes on with one worker fewer at once (ps-sync
         does its step in flight again at the new size; allreduce re-forms its group without
         it). Ranks stay 0..size-1: the top rank's worker leaves and its process takes ``rank``."""
-        run, group, table = self.run, self.group, self.runtime.table
+        run, group = self.run, self.group
         assert group is not None
         group.release(rank)
         self.host.release_workers(run.id, 1)
@@ -244,7 +249,8 @@ class Controller:
         top = len(self._launched)  # the ranks left are 0..top, but rank
         if rank != top:
             self._moves[top] = rank
-        table.resize(top, at_once=True)
+        if not self.runtime.resize(top, at_once=True):
+            self._regroup = True
 
     # ------------------------------------------------------------ failures
     def _ended(self, ex: WorkerExit) -> Outcome | None:
@@ -322,13 +328,18 @@ class Controller:
         self._rerun_at.clear()
         self._killed.clear()
         self._moves.clear()
-        extra = len(self._launched) - self.runtime.table.size  # an elastic job's joiners: started again as it grows
-        if extra > 0:
-            self.host.release_workers(self.run.id, extra)
+        table = self.runtime.table
         try:
             self.runtime.restart_group()
         except GradhubError as e:  # a sharded job whose shards cannot start again, or its checkpoint not load
             return Outcome(JobState.FAILED, f"could not start the job again: {e}")
+        if self.runtime.table is not table:
+            self._sizes_told = 0  # a new table (it logged the size it starts at)
+        # an elastic job's joiners (and a sharded one's workers above its smallest size, where it
+        # starts again): started again as it grows
+        extra = len(self._launched) - self.runtime.table.size
+        if extra > 0:
+            self.host.release_workers(self.run.id, extra)
         for rank in range(self.runtime.table.size):
             _set_phase(self.run, rank, WorkerPhase.RESTARTING)
         self.group = None

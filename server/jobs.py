@@ -451,12 +451,12 @@ class JobManager(WorkerCalls):
         runtime = runtime_for(a, self)
         try:
             runtime.prepare()
+            runtime.start_with(a.start_size)  # an elastic job: as many workers as fit, up to its target
         except GradhubError as e:
             runtime.close()
             return Outcome(JobState.FAILED, f"cannot resume after the server restart: {e}" if a.resume
                            else f"cannot start: {e}")
         rec = self._db.update(a.id, state=JobState.RUNNING, started_at=time.time(), reason="")
-        runtime.table.start_with(a.start_size)  # an elastic job: as many workers as fit, up to its target
         if a.spec.elastic:
             self._log(a.id, f"size: {a.start_size} workers from step {runtime.table.step()}")
         a.begin(runtime.table, rec.metrics)  # a resumed job keeps what it reported before

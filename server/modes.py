@@ -34,6 +34,16 @@ class ModeRuntime(Protocol):
         """Before the workers start: resume where the job was (a GradhubError fails the job)."""
         ...
 
+    def start_with(self, size: int) -> None:
+        """The job starts on ``size`` workers (an elastic job: as many as fit)."""
+        ...
+
+    def resize(self, size: int, at_once: bool = False) -> bool:
+        """An elastic job: ask for ``size`` workers (``WorkerTable.resize``). False when the job
+        must go back to its latest checkpoint for it (``restart_group``): a sharded ps-sync
+        job whose shards were not at one step when a worker's node died."""
+        ...
+
     def tick(self) -> None:
         """Once per controller step: write what the store asked to keep."""
         ...
@@ -85,6 +95,13 @@ class GroupRuntime:
             self.table.restart(step)
             self.host.log_line(self.run.id, f"resuming from the checkpoint at step {step}" if step
                                else "no checkpoint yet: restarting from step 0 (same result, by determinism)")
+
+    def start_with(self, size: int) -> None:
+        self.table.start_with(size)
+
+    def resize(self, size: int, at_once: bool = False) -> bool:
+        self.table.resize(size, at_once)
+        return True
 
     def tick(self) -> None:
         """Checkpoints arrive from rank 0 through an RPC and are written there."""

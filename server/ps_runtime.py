@@ -70,7 +70,7 @@ def store_config(job_id: str, spec: JobSpec) -> StoreConfig:
             checkpoint_every=spec.checkpoint_every, compression=spec.compression, buffers=spec.buffers,
             compression_block=spec.compression_block,
             keep_history=spec.store_mode == "ps-sync", staleness_scaling=bool(spec.staleness_scaling),
-            fragments=spec.fragments or 1,
+            fragments=spec.fragments or 1, elastic=spec.elastic,
         )
     return StoreConfig(
         job_id=job_id, mode=spec.mode, world_size=spec.workers, staleness=spec.effective_staleness,
@@ -78,6 +78,7 @@ def store_config(job_id: str, spec: JobSpec) -> StoreConfig:
         schedule=spec.lr_schedule.to_dict(), checkpoint_every=spec.checkpoint_every,
         compression=spec.compression, param_groups=spec.optimizer.param_groups, buffers=spec.buffers,
         clip_grad_norm=spec.clip_grad_norm, compression_block=spec.compression_block, apply_buckets=spec.applies_buckets,
+        elastic=spec.elastic,
     )
 
 
@@ -109,6 +110,53 @@ class PSRuntime:
             self._start_shards()
         if self.run.resume:
             self._resume(self.host.db.get(self.run.id).total_steps, "resuming from")
+
+    def start_with(self, size: int) -> None:
+        self.table.start_with(size)
+        if not self._follow(size):
+            raise StateError(f"ps_shards: {self._lost}")
+
+    def resize(self, size: int, at_once: bool = False) -> bool:
+        """An elastic job's new size, on the control store and then on its shards. ps-async,
+        ps-ssp: every shard follows at once. ps-sync: a shard takes a change at a step boundary
+        from the first push of the step (each names the size it was computed for); a shrink
+        at once (a worker's node died) drops the step in flight on every shard, as on the
+        control store. A shard that took that step already (the dead worker's push reached it,
+        not the control store) or a store holding it for its norm leaves the shards at two
+        steps: False, and the job goes back to its latest checkpoint (``restart_group``)."""
+        self.table.resize(size, at_once)
+        if self.others is None:
+            return True
+        if self.config.mode != "ps-sync":
+            return self._follow(size)
+        if not at_once:
+            return True
+        version = self.table.version
+        try:
+            versions = [version + (self.table.clip_held() is not None), *self.others.follow(size, (), at_once=True)]
+        except Exception as e:  # noqa: BLE001 - a shard that died: it goes back to the checkpoint too
+            versions, why = [], f"{type(e).__name__}: {e}"
+        else:
+            why = f"versions {versions}"
+        if versions and all(v == version for v in versions):
+            return True
+        self._lost = f"the shards were not at one step as the job shrank at once ({why})"
+        self.host.log_line(self.run.id, f"{self._lost}: every shard and worker starts again from the latest checkpoint")
+        return False
+
+    def _follow(self, size: int) -> bool:
+        """ps-async, ps-ssp over shards: every shard takes the control store's size now, a
+        joining worker at its step there. False (and why in ``_lost``) when a shard could not."""
+        if self.others is None or not self.run.spec.elastic or self.config.mode == "ps-sync":
+            return True
+        try:
+            self.others.follow(size, [w.clock for w in self.table.workers()])
+        except Exception as e:  # noqa: BLE001 - the job goes back to its latest checkpoint
+            self._lost = f"the shards could not take the job's size {size} ({type(e).__name__}: {e})"
+            self.host.log_line(self.run.id, f"{self._lost}: every shard and worker starts again from the latest "
+                                            "checkpoint")
+            return False
+        return True
 
     def _resume(self, total_steps: int | None, how: str) -> None:
         """Install the job's latest checkpoint in every shard (none yet: from step 0)."""
@@ -230,14 +278,17 @@ class PSRuntime:
 
     def restart_group(self) -> None:
         """The store keeps the parameters: the new workers register and resume from it. After a
-        shard died (``lost``), every shard starts again from the job's latest checkpoint: a new
-        store here, new shards, each holding its slice of that checkpoint."""
+        shard died (``lost``) or the shards were left at two steps (``resize``), every shard
+        starts again from the job's latest checkpoint: a new store here, new shards, each
+        holding its slice of that checkpoint. An elastic job starts again on its smallest size
+        (a shard's node may be gone with workers of the job) and grows back as the cluster has
+        room (``Controller._scale``)."""
         if self._lost is None:
             return
-        old, self._lost = self.table, None
+        old, why, self._lost = self.table, self._lost, None
         total_steps = old.total_steps
         self.close()
-        old.close("a parameter-server shard died; the job starts again from its latest checkpoint")
+        old.close(f"{why}; the job starts again from its latest checkpoint")
         self._waiting.clear()  # states that no longer merge (a shard's part died with it)
         while not self.run.checkpoints.empty():
             self.run.checkpoints.get_nowait()
@@ -246,6 +297,10 @@ class PSRuntime:
             self.table.set_total_steps(total_steps)
         self._start_shards()
         self._resume(total_steps, "every shard starts again from")
+        if self.run.spec.elastic:
+            size = self.run.spec.min_workers
+            self.start_with(size)
+            self.host.log_line(self.run.id, f"size: {size} workers from step {self.table.step()}")
         self.run.serve(self.table)
 
     def _read_shards(self) -> None:

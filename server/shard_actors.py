@@ -41,8 +41,12 @@ class ShardActor:
     def endpoint(self) -> dict[str, object]:
         return self._server.endpoint()
 
-    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> int:
-        return self._server.register(rank, host, pid, credential, total_steps)[1]
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int,
+                 at_least: int | None = None) -> int:
+        return self._server.register(rank, host, pid, credential, total_steps, at_least)[1]
+
+    def follow(self, size: int, clocks: Sequence[int], at_once: bool) -> int:
+        return self._server.follow(size, clocks, at_once)
 
     def resume_from(self, state: CheckpointState, total_steps: int) -> None:
         self._server.resume_from(state, total_steps)
@@ -125,8 +129,12 @@ class RayShards:
     def endpoints(self) -> list[dict[str, object]]:
         return list(self._endpoints)
 
-    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> list[int]:
-        return self._all("register", rank, host, pid, credential, total_steps)
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int,
+                 at_least: int | None = None) -> list[int]:
+        return self._all("register", rank, host, pid, credential, total_steps, at_least)
+
+    def follow(self, size: int, clocks: Sequence[int], at_once: bool = False) -> list[int]:
+        return self._all("follow", size, tuple(clocks), at_once)
 
     def resume_from(self, states: Sequence[CheckpointState], total_steps: int) -> None:
         refs: dict[int, Any] = {}  # a state given to several shards (the whole model's) goes in once

@@ -16,6 +16,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,11 +108,17 @@ class ShardServer:
         return self.store_
 
     # ---------------------------------------------------------------- the control plane's
-    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> tuple[int, int, bool]:
-        """Worker ``rank`` registered with the job's server, which issued ``credential``."""
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int,
+                 at_least: int | None = None) -> tuple[int, int, bool]:
+        """Worker ``rank`` registered with the job's server, which issued ``credential``
+        (``at_least``: ``ParameterStore.register``'s)."""
         if self.store_.total_steps is None:
             self.store_.set_total_steps(total_steps)
-        return self.store_.register(rank, host, pid, credential)
+        return self.store_.register(rank, host, pid, credential, at_least)
+
+    def follow(self, size: int, clocks: Sequence[int], at_once: bool) -> int:
+        """An elastic job's size changed on the control store (``ParameterStore.follow``)."""
+        return self.store_.follow(size, clocks, at_once)
 
     def resume_from(self, state: CheckpointState, total_steps: int) -> None:
         self.store_.resume_from(state, total_steps)

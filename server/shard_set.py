@@ -33,8 +33,14 @@ class OtherShards(Protocol):
         """Where each one's data plane is (``ShardServer.endpoint``)."""
         ...
 
-    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> list[int]:
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int,
+                 at_least: int | None = None) -> list[int]:
         """Register worker ``rank`` on each one; its next step there (``ParameterStore.register``)."""
+        ...
+
+    def follow(self, size: int, clocks: Sequence[int], at_once: bool = False) -> list[int]:
+        """An elastic job's size changed on the control store: each one follows; their
+        versions then (``ParameterStore.follow``)."""
         ...
 
     def resume_from(self, states: Sequence[CheckpointState], total_steps: int) -> None:
@@ -153,8 +159,12 @@ class LocalShards:
     def endpoints(self) -> list[dict[str, object]]:
         return [s.endpoint() for s in self._servers]
 
-    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int) -> list[int]:
-        return [s.register(rank, host, pid, credential, total_steps)[1] for s in self._servers]
+    def register(self, rank: int, host: str, pid: int, credential: str, total_steps: int,
+                 at_least: int | None = None) -> list[int]:
+        return [s.register(rank, host, pid, credential, total_steps, at_least)[1] for s in self._servers]
+
+    def follow(self, size: int, clocks: Sequence[int], at_once: bool = False) -> list[int]:
+        return [s.follow(size, clocks, at_once) for s in self._servers]
 
     def resume_from(self, states: Sequence[CheckpointState], total_steps: int) -> None:
         for s, state in zip(self._servers, states, strict=True):

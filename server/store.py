@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradhub.proto.codec import Layout, encode
-from gradhub.proto.contract.errors import ProtocolError, StateError
+from gradhub.proto.contract.errors import ProtocolError, ReleasedError, StateError
 from gradhub.proto.model_state import tensors_to_proto
 from gradhub.proto.shards import sum_of_squares
 from gradhub.server.shard_clip import HeldStep, ShardClip, clip_coefficient
@@ -120,6 +120,9 @@ class ParameterStore(StoreParams):
         self.staleness_counts: dict[int, int] = {}
         self._joining: set[int] = set()  # async modes: ranks that became members and have not registered since
         self._dropped: set[int] = set()  # ps-sync: ranks whose push of the step in flight was dropped (a shrink)
+        # ps-sync, a shard of an elastic job: the version whose step the control store shrank at
+        # once (its size is fixed: a push computed for another size is dropped, not followed)
+        self._fixed_at: int | None = None
         # ps-sync, apply_buckets: the step in flight's buckets (parts) that are in from some
         # workers, the parameters' values before each bucket applied (the step's old values,
         # which a worker that registers again mid-step pulls) and each worker's unused ones
@@ -135,13 +138,19 @@ class ParameterStore(StoreParams):
             else None
 
     # --------------------------------------------------------------- workers
-    def register(self, rank: int, host: str = "", pid: int = 0, credential: str | None = None) -> tuple[int, int, bool]:
+    def register(self, rank: int, host: str = "", pid: int = 0, credential: str | None = None,
+                 at_least: int | None = None) -> tuple[int, int, bool]:
         """A worker (re)joins: returns (version, next step, whether it must send the parameters).
-        ``credential``: a shard's, the one the job's control plane issued at this registration.
+        ``credential``: a shard's, the one the job's control plane issued at this registration;
+        ``at_least``: a shard of an elastic async job, the worker's step on the control store
+        (a worker joining there starts at the others' step, and on every shard at the same).
 
         A rank above an elastic job's size joins it at the next change of size (its first
         pull waits until then); one above the size it was scaled to is told to leave."""
         with self._cond:
+            self._worker(rank)
+            if self.config.follows_control and rank >= self._target:
+                self._target = rank + 1  # the control store registers the workers it wants
             self._check_member(rank)
             w = self._joined(rank, host, pid, credential)
             self._assemblies.pop(rank, None)  # a new registration pushes its step afresh
@@ -152,7 +161,66 @@ class ParameterStore(StoreParams):
                 # an async member that joined while the others trained starts where they are
                 w.clock = max(w.clock, self._job_step(exclude=rank))
                 self._joining.discard(rank)
+            if at_least is not None:
+                w.clock = max(w.clock, at_least)
             return self._version, w.clock, (self._flat is None and rank == 0)
+
+    def _check_member(self, rank: int) -> bool:
+        """``WorkerTable._check_member``; on a shard of an elastic job, the control store's
+        decisions: in ps-async and ps-ssp every registered worker may push and pull (a push
+        reaches the shards after the control store took it), in ps-sync a rank above the size
+        the shard follows joins at its next change (from the pushes) unless it was let go."""
+        if not self.config.follows_control:
+            return super()._check_member(rank)
+        w = self._worker(rank)
+        if self.config.mode != "ps-sync" or rank < self._size:
+            return True
+        if rank >= self._target:
+            w.alive = False
+            raise ReleasedError(f"rank: job {self.config.job_id!r} runs on {self._size} workers now; worker {rank} "
+                                "leaves")
+        return False
+
+    def follow(self, size: int, clocks: Sequence[int] = (), at_once: bool = False) -> int:
+        """A shard of an elastic job: the control store's size changed to ``size``; returns this
+        shard's version then. In ps-async and ps-ssp the size applies at once, each worker
+        that joins at its step on the control store (``clocks``, by rank) or later. In ps-sync a
+        change at a step boundary comes with the first push of the step (its ``world_size``),
+        and only a shrink ``at_once`` (a worker's node died) comes here: the step in flight is
+        dropped, to be done again at the new size, as on the control store. A shard that took
+        that step (or holds it for its norm) already answers a version past the control
+        store's: the job goes back to its latest checkpoint (``PSRuntime.resize``)."""
+        with self._cond:
+            self._check_open()
+            self._check_size(size)
+            if not self.config.follows_control:
+                raise StateError(f"ps_shards: store {self.config.shard} of job {self.config.job_id!r} is not a "
+                                 "shard of an elastic job")
+            if self.config.mode == "ps-sync":
+                if at_once and size < self._size:
+                    self._target, self._fixed_at = size, self._version
+                    self._resized(at_once=True)
+            else:
+                old = self._size
+                self._target = size
+                self._set_size(size, self._job_step())
+                for w in self._workers[old:size]:
+                    w.clock = max(w.clock, clocks[w.rank] if w.rank < len(clocks) else 0)
+                self._snapshots.clear()
+            self._changed()
+            return self._version + (1 if self._holding else 0)
+
+    def _follow_push(self, step: int, size: int) -> None:
+        """ps-sync, a shard of an elastic job: the first push of a step says the size the
+        control store runs that step at (it changes sizes at step boundaries only, and a worker
+        pulls a step's parameters from it before it pushes): the shard takes it. A push for
+        another size while a step is in flight, or after a shrink at once, is dropped (``push``)."""
+        if (self.config.mode != "ps-sync" or size == self._size or step != self._version
+                or self._fixed_at == self._version or not 1 <= size <= len(self._workers)
+                or self._pending or self._assemblies or self._early or self._old or self._holding):
+            return
+        self._target = size
+        self._grow_or_shrink(self._version)
 
     def _resized(self, at_once: bool) -> None:
         """ps-async, ps-ssp: a new size applies at once (a joining worker starts at the job's
@@ -181,8 +249,8 @@ class ParameterStore(StoreParams):
         """ps-sync, at a step boundary: shrink to the target, or grow to it once every
         joining worker has registered (nobody waits for a process that is still starting)."""
         target, old = self._target, self._size
-        if target > old and not all(w.alive for w in self._workers[old:target]):
-            return
+        if target > old and not self.config.follows_control and not all(w.alive for w in self._workers[old:target]):
+            return  # (a shard follows the control store, which waited for them)
         self._set_size(target, step)
         for w in self._workers[min(old, target):]:
             w.clock = step  # a new member starts at the others' step; one that left follows it
@@ -227,6 +295,8 @@ class ParameterStore(StoreParams):
             w = self._worker(rank)
             if self._flat is None or self._layout is None or self._model is None:
                 raise StateError("parameters: the job has no parameters yet; pull first")
+            if world_size and self.config.follows_control:
+                self._follow_push(step, world_size)
             if not self._check_member(rank):
                 raise StateError(f"rank: worker {rank} joins the job at its next change of size; pull first")
             part = self._part_of(step, first, count)
@@ -318,8 +388,8 @@ class ParameterStore(StoreParams):
                 else:
                     self._apply(self._average(pending),
                                 frozenset.intersection(*(p.unused for p in pending.values())), part)
-                if self._target != self._size:
-                    self._grow_or_shrink(self._version)
+                if self._target != self._size and not self.config.follows_control:
+                    self._grow_or_shrink(self._version)  # (a shard follows the next step's pushes)
         else:
             w.staleness = self._version - base_version
             w.max_staleness = max(w.max_staleness, w.staleness)

@@ -60,6 +60,9 @@ class StoreConfig:
     # as it arrives (ps-async, ps-ssp); off for clipping, whose norm spans the whole gradient,
     # and for elastic jobs, whose step in flight may have to be done again at another size
     apply_buckets: bool = False
+    # an elastic job (``workers: {min, max}``): over shards, each shard follows the size the
+    # control store decides (``follows_control``, ``pushes_control_first``)
+    elastic: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard < self.shards:
@@ -95,6 +98,20 @@ class StoreConfig:
         checkpoint's waits until every worker's pushes up to it are in, so that every shard
         takes that checkpoint at the same point of every worker's (``ParameterStore._may_pull``)."""
         return self.shards > 1 and self.mode != "ps-sync" and self.checkpoint_every > 0
+
+    @property
+    def follows_control(self) -> bool:
+        """A shard (1 to K) of an elastic job: the control store decides the job's size and who
+        is in it; the shard follows (``ParameterStore.follow``, and in ps-sync the size each
+        push was computed for)."""
+        return self.elastic and self.shard > 0
+
+    @property
+    def pushes_control_first(self) -> bool:
+        """An elastic ps-async / ps-ssp job over shards: a worker's push goes to the control store
+        first and to the shards once it took it, so a worker that the job let go mid-step has
+        its last push refused everywhere or taken everywhere (``RegisterResponse.control_first``)."""
+        return self.elastic and self.shards > 1 and self.mode != "ps-sync"
 
     @property
     def params_dtype(self) -> int:

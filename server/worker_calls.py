@@ -72,7 +72,10 @@ class WorkerCalls:
         store = self.store(job_id)
         total_steps = store.total_steps
         assert total_steps is not None  # on_register set it
-        steps = others.register(rank, host, pid, credential, total_steps)
+        # an elastic async job: the worker's step here, where a joining worker starts (the
+        # control store takes a push before the shards do, so it is never behind them)
+        at_least = store.workers()[rank].clock if store.config.pushes_control_first else None
+        steps = others.register(rank, host, pid, credential, total_steps, at_least)
         if store.config.clips_across_shards and (step := settle_held_clip(store, others)) is not None:
             log.info("job %s: step %d, held for its norm, taken as worker %d registered again", job_id, step, rank)
         return others.endpoints(), min(steps)

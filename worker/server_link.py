@@ -192,7 +192,7 @@ class ServerLink:
         if reply.shards:  # ps_shards > 1: the control store and one connection per shard; no gRPC fallback
             sharded = ShardedLink([link, *(self._link(e)
                                            for e in reply.shards)], clip=reply.clip_across_shards,
-                                  push_norm=reply.clip_push_norm)
+                                  push_norm=reply.clip_push_norm, control_first=reply.control_first)
             sharded.connect()
             self._data, self.transport = sharded, sharded.kind
             return

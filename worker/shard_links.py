@@ -52,12 +52,15 @@ T = TypeVar("T")
 class ShardedLink:
     """Shard k's data plane is ``links[k]``; ``connect()`` opens every one."""
 
-    def __init__(self, links: Sequence[DataLink], clip: bool = False, push_norm: bool = False) -> None:
+    def __init__(self, links: Sequence[DataLink], clip: bool = False, push_norm: bool = False,
+                 control_first: bool = False) -> None:
         """``clip``: ps-sync clipping over the shards (``RegisterResponse.clip_across_shards``);
-        ``push_norm``: async clipping, each push naming its gradient's norm (``clip_push_norm``)."""
+        ``push_norm``: async clipping, each push naming its gradient's norm (``clip_push_norm``);
+        ``control_first``: a push reaches the shards once the control store took it (an
+        elastic async job, ``RegisterResponse.control_first``)."""
         if len(links) < 2:
             raise ValueError("a sharded link needs two links or more")
-        self.links, self.clip, self.push_norm = list(links), clip, push_norm
+        self.links, self.clip, self.push_norm, self.control_first = list(links), clip, push_norm, control_first
         self._stepping: _BucketedStep | None = None  # a job that clips: its step's buckets so far
         self._pool = ThreadPoolExecutor(len(links) - 1, thread_name_prefix="gradhub-shard-link")
         self._cut: tuple[tuple[tuple[str, ...], tuple[tuple[int, ...], ...]], tuple[Shard, ...]] | None = None
@@ -134,7 +137,7 @@ class ShardedLink:
             s = shards[k]
             return self._push_to(k, link, s, self._header(header, s, s.unused(header.unused)), grads[slices[k]],
                                  wire_dtype, then_pull, params_dtype)
-        return self._each(one)[0]
+        return self._each(one, self.control_first)[0]
 
     def pull(self, request: ps_pb2.PullRequest, layout: Layout, params: torch.Tensor) -> data_pb2.DataReply:
         if request.tensor_count:
@@ -206,7 +209,7 @@ class ShardedLink:
             j, n = pieces[k]
             return self._push_to(k, link, s, self._header(header, s, self._unused_in(header, s, j, n), j, n),
                                  payloads[k], wire_dtype, then_pull, params_dtype)
-        replies = [r for r in self._each(one) if r is not None]
+        replies = [r for r in self._each(one, self.control_first) if r is not None]
         return replies[0]  # the control store's with the step's last bucket (the model's first tensor)
 
     @staticmethod
@@ -286,7 +289,7 @@ class ShardedLink:
                 return None
             head, payload = now[k]
             return self._push_to(k, link, shards[k], head, payload, wire_dtype, then_pull, params_dtype)
-        return next(r for r in self._each(one) if r is not None)
+        return next(r for r in self._each(one, self.control_first) if r is not None)
 
     # ------------------------------------------------------------------ plumbing
     def _slices(self, header: ps_pb2.PushHeader, shards: Sequence[Shard]) -> list[slice]:
@@ -401,14 +404,16 @@ class ShardedLink:
             self._cut = (key, shards_of(Layout(*key), len(self.links)))
         return self._cut[1]
 
-    def _each(self, call: Callable[[int, DataLink], T]) -> list[T]:
+    def _each(self, call: Callable[[int, DataLink], T], control_first: bool = False) -> list[T]:
         """``call(k, links[k])`` for every store at once (the control in this thread); every call
-        ends before the first error is raised."""
+        ends before the first error is raised. ``control_first``: the control store's call ends
+        before the shards' start, and its error is raised with nothing sent to them."""
+        out: list[T] = [call(0, self.links[0])] if control_first else []
         futures: list[Future[T]] = [self._pool.submit(call, k, link) for k, link in enumerate(self.links) if k]
         first: BaseException | None = None
-        out: list[T] = []
         try:
-            out.append(call(0, self.links[0]))
+            if not control_first:
+                out.append(call(0, self.links[0]))
         except BaseException as e:  # noqa: BLE001 - raised once the other shards' calls are done
             first = e
         for f in futures:

@@ -445,7 +445,6 @@ class JobSpec:
         refused = {
             "mode": self.mode not in ("ps-sync", "ps-async", "ps-ssp") and f"mode {self.mode!r} (the ps-* modes shard)",
             "transport": self.transport == "grpc" and "transport: grpc (shards serve the data plane only)",
-            "workers": self.elastic and "an elastic job (workers: {min, max})",
         }
         for name, why in refused.items():
             if why:

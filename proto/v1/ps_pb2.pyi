@@ -24,7 +24,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., total_steps: _Optional[int] = ..., train_size: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("version", "next_step", "needs_init", "world_size", "heartbeat_interval_s", "collective_timeout_s", "data", "shards", "clip_across_shards", "clip_push_norm")
+    __slots__ = ("version", "next_step", "needs_init", "world_size", "heartbeat_interval_s", "collective_timeout_s", "data", "shards", "clip_across_shards", "clip_push_norm", "control_first")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     NEEDS_INIT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class RegisterResponse(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     CLIP_ACROSS_SHARDS_FIELD_NUMBER: _ClassVar[int]
     CLIP_PUSH_NORM_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIRST_FIELD_NUMBER: _ClassVar[int]
     version: int
     next_step: int
     needs_init: bool
@@ -45,7 +46,8 @@ class RegisterResponse(_message.Message):
     shards: _containers.RepeatedCompositeFieldContainer[DataEndpoint]
     clip_across_shards: bool
     clip_push_norm: bool
-    def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., collective_timeout_s: _Optional[float] = ..., data: _Optional[_Union[DataEndpoint, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[DataEndpoint, _Mapping]]] = ..., clip_across_shards: _Optional[bool] = ..., clip_push_norm: _Optional[bool] = ...) -> None: ...
+    control_first: bool
+    def __init__(self, version: _Optional[int] = ..., next_step: _Optional[int] = ..., needs_init: _Optional[bool] = ..., world_size: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., collective_timeout_s: _Optional[float] = ..., data: _Optional[_Union[DataEndpoint, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[DataEndpoint, _Mapping]]] = ..., clip_across_shards: _Optional[bool] = ..., clip_push_norm: _Optional[bool] = ..., control_first: _Optional[bool] = ...) -> None: ...
 
 class DataEndpoint(_message.Message):
     __slots__ = ("protocol", "tcp_host", "tcp_port", "unix_path", "host_id", "credential", "tls", "shared_memory")

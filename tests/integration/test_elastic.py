@@ -39,8 +39,8 @@ def first_read(step: int, lo: int = 0, hi: int = LARGEST * BATCH, largest: int =
     return next(int(i) for i in batch if int(i) not in earlier)
 
 
-def spec(mode: str, gates: dict[int, Path]) -> dict:
-    return {"name": f"elastic-{mode}", "mode": mode, "workers": {"min": 1, "max": LARGEST},
+def spec(mode: str, gates: dict[int, Path], shards: int = 1) -> dict:
+    return {"name": f"elastic-{mode}", "mode": mode, "workers": {"min": 1, "max": LARGEST}, "ps_shards": shards,
             "resources": {"cpus": 0.5}, "model": {"name": "mlp", "args": {"hidden": [32]}},
             "dataset": {"factory": "gh_zoo:gated_digits", "args": {"gates": {str(k): str(v) for k, v in gates.items()}}},
             "working_dir": str(USER_CODE), "optimizer": OPTIMIZERS["adam"], "batch_size": BATCH, "steps": STEPS,
@@ -92,11 +92,14 @@ def _at(client: Client, job_id: str, step: int) -> JobInfo:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode", ["ps-sync", "allreduce"])
-def test_a_synchronous_job_scaled_down_and_up_equals_single_process_pytorch(server, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "shards"), [("ps-sync", 1), ("ps-sync", 2), ("allreduce", 1)],
+                         ids=["ps-sync", "ps-sync-2-shards", "allreduce"])
+def test_a_synchronous_job_scaled_down_and_up_equals_single_process_pytorch(server, tmp_path, mode, shards):
+    """(With shards, each follows the size the server's control store decides: from the
+    first push of each step.)"""
     down, up = tmp_path / "down", tmp_path / "up"
     with Client(server.address) as client:
-        job = client.submit(spec(mode, {first_read(DOWN_AT): down, first_read(UP_AT): up}))
+        job = client.submit(spec(mode, {first_read(DOWN_AT): down, first_read(UP_AT): up}, shards))
         wait_for(lambda: _at(client, job.id, DOWN_AT) is not None, WAIT_S, f"the job to reach step {DOWN_AT}")
         assert client.get_job(job.id).size == LARGEST
         info = client.scale(job.id, 1)
@@ -123,15 +126,19 @@ def test_a_synchronous_job_scaled_down_and_up_equals_single_process_pytorch(serv
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode", ["ps-async", pytest.param("ps-ssp", marks=pytest.mark.matrix)])  # ssp: in CI
-def test_an_asynchronous_job_lets_workers_leave_and_join_without_restarting_anyone(server, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "shards"), [("ps-async", 1), ("ps-async", 2),
+                                              pytest.param("ps-ssp", 1, marks=pytest.mark.matrix)],  # ssp: in CI
+                         ids=["ps-async", "ps-async-2-shards", "ps-ssp"])
+def test_an_asynchronous_job_lets_workers_leave_and_join_without_restarting_anyone(server, tmp_path, mode, shards):
+    """(With shards, a push goes to the server's control store first, which decides who is in:
+    a worker that leaves has its last push refused everywhere.)"""
     down, up = tmp_path / "down", tmp_path / "up"
     # every worker's first sample at DOWN_AT waits (each holds one slice of the global batch);
     # at UP_AT the one worker left reads the whole global batch
     gates = {first_read(DOWN_AT, r * BATCH, (r + 1) * BATCH): down for r in range(LARGEST)}
     gates[first_read(UP_AT)] = up
     with Client(server.address) as client:
-        job = client.submit(spec(mode, gates))
+        job = client.submit(spec(mode, gates, shards))
         wait_for(lambda: _at(client, job.id, DOWN_AT) is not None, WAIT_S, f"the job to reach step {DOWN_AT}")
         client.scale(job.id, 1)
         _asked(server, job.id, 1)
@@ -139,6 +146,9 @@ def test_an_asynchronous_job_lets_workers_leave_and_join_without_restarting_anyo
         down.touch()
         wait_for(lambda: _at(client, job.id, UP_AT) is not None, WAIT_S, f"worker 0 to reach step {UP_AT}")
         wait_for(lambda: _phases(client, job.id) == ["running", "idle", "idle"], WAIT_S, "workers 1 and 2 to leave")
+        if shards > 1:  # (worker 0 waits at UP_AT) the leavers' last pushes went nowhere, or everywhere
+            wait_for(lambda: len({s.version for s in client.get_job(job.id).shards}) == 1, WAIT_S,
+                     "the control store and every shard to have taken the same pushes")
         client.scale(job.id, LARGEST)
         wait_for(lambda: _phases(client, job.id) == ["running"] * LARGEST, WAIT_S, "the new workers to join")
         up.touch()

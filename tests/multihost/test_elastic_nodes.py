@@ -2,7 +2,9 @@
 each in a network namespace of its own, one CPU each): one worker host is killed mid-job and the
 job goes on, on the other host, instead of failing; the host is started again and the job grows
 back onto it. The job is ps-sync with ``workers: {min: 1, max: 2}``: it keeps its global batch
-through both changes, so it still ends with single-process PyTorch's parameters.
+through both changes, so it still ends with single-process PyTorch's parameters. With
+``ps_shards: 2`` a shard runs on each worker host: the host that dies takes a shard with it, so
+every shard and worker starts again from the latest checkpoint, on the job's smallest size.
 
 The job's dataset holds it at two steps (a sample that waits for a file, as in
 tests/integration/test_elastic.py), so the host dies while step ``DOWN_AT`` is in flight and the
@@ -31,8 +33,9 @@ DOWN_AT, UP_AT = 10, 20
 WAIT_S = 180.0
 
 
-def _spec(gates: dict[int, Path]) -> dict:
-    return {"name": "elastic-nodes", "mode": "ps-sync", "workers": {"min": 1, "max": LARGEST},
+def _spec(gates: dict[int, Path], shards: int) -> dict:
+    return {"name": "elastic-nodes", "mode": "ps-sync", "workers": {"min": 1, "max": LARGEST}, "ps_shards": shards,
+            "checkpoint_every": 5,
             "resources": {"cpus": 1}, "model": {"name": "mlp", "args": {"hidden": [32]}},
             "dataset": {"factory": "gh_zoo:gated_digits", "args": {"gates": {str(k): str(v) for k, v in gates.items()}}},
             "working_dir": str(USER_CODE), "optimizer": OPTIMIZERS["adam"], "batch_size": BATCH, "steps": STEPS,
@@ -65,14 +68,15 @@ def _ips(info: JobInfo) -> dict[int, str]:
 
 
 @pytest.mark.timeout(600)
-def test_an_elastic_job_outlives_a_worker_host_and_grows_back_onto_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shards", [1, 2], ids=["one-store", "2-shards"])
+def test_an_elastic_job_outlives_a_worker_host_and_grows_back_onto_it(tmp_path: Path, shards: int) -> None:
     problem = check_prerequisites()
     if problem is not None:
         pytest.fail(problem)  # selected with -m multihost: a run that cannot happen is a failure
     down, up = tmp_path / "down", tmp_path / "up"
     gates = {first_read(DOWN_AT, 0, LARGEST * BATCH, LARGEST): down, first_read(UP_AT, 0, LARGEST * BATCH, LARGEST): up}
     with running_cluster(tmp_path) as cluster, Client(SERVER, token=cluster.token) as client:
-        job = client.submit(_spec(gates))
+        job = client.submit(_spec(gates, shards))
         info = _wait(client, job.id, f"step {DOWN_AT} on both hosts",
                      lambda i: i.step >= DOWN_AT and sorted(_ips(i).values()) == sorted(WORKER_IPS))
         assert info.size == LARGEST
@@ -95,7 +99,11 @@ def test_an_elastic_job_outlives_a_worker_host_and_grows_back_onto_it(tmp_path: 
         info = job.wait(timeout=WAIT_S)
         logs = "\n".join(client.logs(info.id))
         assert info.state == "SUCCEEDED", (info.reason, logs)
-        assert logs.count(" died ") == 1 and "the job goes on without it" in logs, logs
+        if shards == 1:
+            assert logs.count(" died ") == 1 and "the job goes on without it" in logs, logs
+        else:  # (the checkpoint at DOWN_AT: every 5 steps)
+            assert "every shard and worker starts again from the latest checkpoint (restart 1 of 3)" in logs, logs
+            assert f"every shard starts again from the checkpoint at step {DOWN_AT}" in logs, logs
         assert f"size: 1 workers from step {DOWN_AT}" in logs, logs
         assert f"size: {LARGEST} workers from step {UP_AT + 1}" in logs, logs
         path = tmp_path / "final.safetensors"

@@ -106,6 +106,7 @@ class FakeHost:
         self.lines: list[str] = []
         self.tracebacks: list[tuple[int, str]] = []
         self.room = 0  # workers an elastic job may grow by
+        self.shards: list[FakeShards] = []  # a sharded job's, each start's
 
     @property
     def db(self) -> JobDB:
@@ -131,6 +132,44 @@ class FakeHost:
 
     def release_workers(self, job_id: str, workers: int) -> None:
         self.room += workers
+
+    def shard_count(self, ps_shards: int | str) -> int:
+        assert isinstance(ps_shards, int)
+        return ps_shards
+
+    def start_shards(self, config: Any, count: int) -> FakeShards:
+        self.shards.append(FakeShards(count - 1))
+        return self.shards[-1]
+
+
+class FakeShards:
+    """A sharded job's shards (``OtherShards``) as far as the controller's paths reach them:
+    each answers ``follow`` with the version it is told to."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.versions: list[int] | None = None  # what ``follow`` answers (None: each at the control store's)
+        self.followed: list[tuple[int, bool]] = []
+        self.stopped = False
+
+    def endpoints(self) -> list[dict[str, object]]:
+        return [{"tcp_host": "127.0.0.1"}] * self.count
+
+    def follow(self, size: int, clocks: Any, at_once: bool = False) -> list[int]:
+        self.followed.append((size, at_once))
+        return list(self.versions) if self.versions is not None else [0] * self.count
+
+    def lost(self) -> list[int]:
+        return []
+
+    def mark_dead(self, rank: int) -> None:
+        pass
+
+    def stats(self) -> list[Any]:
+        return []
+
+    def stop(self) -> None:
+        self.stopped = True
 
 
 class Clock:
@@ -169,18 +208,19 @@ def rig(tmp_path: Path) -> Iterator[Any]:
     dbs: list[JobDB] = []
 
     def make(mode: str, max_restarts: int = 1, launcher: FakeLauncher | None = None,
-             workers: Any = 2, size: int | None = None) -> Rig:
+             workers: Any = 2, size: int | None = None, ps_shards: int = 1) -> Rig:
         db = JobDB(tmp_path / f"jobs-{len(dbs)}.db")
         dbs.append(db)
         spec = JobSpec.from_dict({"mode": mode, "workers": workers, "model": "mlp", "dataset": "digits",
-                                  "steps": STEPS, "max_restarts": max_restarts})
+                                  "steps": STEPS, "max_restarts": max_restarts, "ps_shards": ps_shards})
         db.insert(JobRecord(id="j-1", name="t", mode=mode, spec_json=spec.to_json(), state=JobState.QUEUED,
                             created_at=0.0))
         db.update("j-1", state=JobState.RUNNING)
         host, clock = FakeHost(db, CheckpointStore(tmp_path / f"ckpt-{len(dbs)}")), Clock()
         run = JobRun("j-1", spec)
         runtime = runtime_for(run, host, clock)
-        runtime.table.start_with(size or spec.workers)
+        runtime.prepare()  # (a sharded job's shards start)
+        runtime.start_with(size or spec.workers)
         run.begin(runtime.table, {})
         launcher = launcher or FakeLauncher()
         controller = Controller(run, runtime, launcher, host, MaxRestarts(max_restarts, spec.workers), CONFIG,
@@ -361,9 +401,9 @@ def test_allreduce_a_relaunch_that_raises_fails_the_job(rig: Any) -> None:
 ELASTIC = {"min": 1, "max": 3}
 
 
-def elastic(rig: Any, mode: str, size: int = 3, workers: Any = None) -> Rig:
+def elastic(rig: Any, mode: str, size: int = 3, workers: Any = None, ps_shards: int = 1) -> Rig:
     """An elastic job started with ``size`` workers, every one registered."""
-    r: Rig = rig(mode, workers=workers or ELASTIC, size=size)
+    r: Rig = rig(mode, workers=workers or ELASTIC, size=size, ps_shards=ps_shards)
     assert r.controller.start() is None and r.launcher.sizes == [size]
     for rank in range(size):
         r.register(rank)
@@ -419,6 +459,50 @@ def test_a_worker_whose_node_died_is_not_waited_for_the_top_rank_takes_its_place
     r.clock.now += GROW_RETRY_S
     r.step()
     assert r.group.grown == [[2]] and r.runtime.table.target == 3
+
+
+def test_sharded_a_dead_node_that_left_the_shards_at_two_steps_restarts_the_job_at_its_smallest_size(
+        rig: Any) -> None:
+    """ps-sync over shards: the node of worker 1 died between its pushes of a step, and a shard
+    took that step (its version is past the control store's): the job shrinks at once, sees
+    the shards at two steps, and every shard and worker starts again from the latest checkpoint
+    on the job's smallest size; it grows back toward its size as the cluster has room."""
+    r = elastic(rig, "ps-sync", ps_shards=3)
+    r.host.shards[0].versions = [0, 1]
+    r.group.end(WorkerExit(1, died=True, error=DIED, node_lost=True))
+    assert r.step() is None
+    assert r.host.shards[0].followed == [(2, True)] and r.runtime.table.target == 2
+    assert any("not at one step as the job shrank at once (versions [0, 0, 1])" in line for line in r.host.lines)
+    assert r.step() is None, "the next step takes the job back to its checkpoint"
+    assert r.host.shards[0].stopped and len(r.host.shards) == 2, "new shards"
+    assert r.launcher.sizes == [3, 1] and r.runtime.table.size == 1
+    assert "size: 1 workers from step 0" in r.host.lines
+    assert r.run.snapshot().restarts == (0, 1, 0), "one death, counted once"
+    r.host.room = 5
+    r.clock.now += GROW_RETRY_S
+    r.step()
+    assert r.group.grown == [[1, 2]] and r.runtime.table.target == 3
+
+
+def test_sharded_a_dead_node_that_left_the_shards_at_one_step_shrinks_at_once(rig: Any) -> None:
+    r = elastic(rig, "ps-sync", ps_shards=3)
+    r.group.end(WorkerExit(1, died=True, error=DIED, node_lost=True))
+    assert r.step() is None and r.step() is None
+    assert r.host.shards[0].followed == [(2, True)] and r.runtime.table.size == 2
+    assert len(r.host.shards) == 1 and r.launcher.sizes == [3], "nobody started again"
+
+
+@pytest.mark.parametrize("mode", ["ps-async", "ps-ssp"])
+def test_sharded_async_shards_follow_every_change_of_size_at_once(rig: Any, mode: str) -> None:
+    r = elastic(rig, mode, ps_shards=3)
+    r.run.scale(1)
+    assert r.step() is None and r.runtime.table.size == 1
+    r.group.end(WorkerExit(2, result={"released": True}), WorkerExit(1, result={"released": True}))
+    assert r.step() is None and r.group.released == [2, 1]
+    r.run.scale(3)
+    r.clock.now += GROW_RETRY_S
+    assert r.step() is None and r.group.grown == [[1, 2]]
+    assert r.host.shards[0].followed == [(3, False), (1, False), (3, False)]
 
 
 @pytest.mark.parametrize("mode", MODES)

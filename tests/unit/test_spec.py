@@ -294,7 +294,6 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("ps_shards", {"ps_shards": "many"}),
     ("mode", {"ps_shards": 2, "mode": "allreduce"}),
     ("transport", {"ps_shards": 2, "transport": "grpc"}),
-    ("workers", {"ps_shards": 2, "workers": {"min": 1, "max": 2}}),
     ("batch_size", {"batch_size": 0}),
     ("batch_size", {"batch_size": "32"}),
     ("epochs", {"epochs": 0}),
@@ -467,6 +466,12 @@ def test_staleness() -> None:
 def test_shards_take_every_compression() -> None:
     for compression in ("fp16", "bf16", "int8", "int4"):
         assert build(ps_shards=2, compression=compression).compression == compression
+
+
+def test_every_ps_mode_is_elastic_over_shards() -> None:
+    for mode in ("ps-sync", "ps-async", "ps-ssp"):
+        spec = build(mode=mode, ps_shards=2, workers={"min": 1, "max": 3})
+        assert (spec.ps_shards, spec.elastic, spec.workers, spec.min_workers) == (2, True, 3, 1)
 
 
 def test_every_ps_mode_clips_over_shards_whatever_its_compression() -> None:
