@@ -92,8 +92,10 @@ def _at(client: Client, job_id: str, step: int) -> JobInfo:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("mode", "shards"), [("ps-sync", 1), ("ps-sync", 2), ("allreduce", 1)],
-                         ids=["ps-sync", "ps-sync-2-shards", "allreduce"])
+# the default suite runs ps-sync with two shards: its control store takes every decision a
+# one-store job's store takes, and its shards follow; CI runs the one-store job too (matrix)
+@pytest.mark.parametrize(("mode", "shards"), [pytest.param("ps-sync", 1, marks=pytest.mark.matrix), ("ps-sync", 2),
+                                              ("allreduce", 1)], ids=["ps-sync", "ps-sync-2-shards", "allreduce"])
 def test_a_synchronous_job_scaled_down_and_up_equals_single_process_pytorch(server, tmp_path, mode, shards):
     """(With shards, each follows the size the server's control store decides: from the
     first push of each step.)"""
@@ -126,8 +128,8 @@ def test_a_synchronous_job_scaled_down_and_up_equals_single_process_pytorch(serv
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("mode", "shards"), [("ps-async", 1), ("ps-async", 2),
-                                              pytest.param("ps-ssp", 1, marks=pytest.mark.matrix)],  # ssp: in CI
+@pytest.mark.parametrize(("mode", "shards"), [pytest.param("ps-async", 1, marks=pytest.mark.matrix), ("ps-async", 2),
+                                              pytest.param("ps-ssp", 1, marks=pytest.mark.matrix)],  # in CI
                          ids=["ps-async", "ps-async-2-shards", "ps-ssp"])
 def test_an_asynchronous_job_lets_workers_leave_and_join_without_restarting_anyone(server, tmp_path, mode, shards):
     """(With shards, a push goes to the server's control store first, which decides who is in:
