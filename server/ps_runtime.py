@@ -123,7 +123,9 @@ class PSRuntime:
         at once (a worker's node died) drops the step in flight on every shard, as on the
         control store. A shard that took that step already (the dead worker's push reached it,
         not the control store) or a store holding it for its norm leaves the shards at two
-        steps: False, and the job goes back to its latest checkpoint (``restart_group``)."""
+        steps: False, and the job goes back to its latest checkpoint (``restart_group``). So
+        does a job that clips over shards (its workers wait on each shard for the norm of a
+        step that is no longer taken)."""
         self.table.resize(size, at_once)
         if self.others is None:
             return True
@@ -135,12 +137,14 @@ class PSRuntime:
         try:
             versions = [version + (self.table.clip_held() is not None), *self.others.follow(size, (), at_once=True)]
         except Exception as e:  # noqa: BLE001 - a shard that died: it goes back to the checkpoint too
-            versions, why = [], f"{type(e).__name__}: {e}"
+            self._lost = f"a shard did not answer as the job shrank at once ({type(e).__name__}: {e})"
         else:
-            why = f"versions {versions}"
-        if versions and all(v == version for v in versions):
-            return True
-        self._lost = f"the shards were not at one step as the job shrank at once ({why})"
+            if self.config.clips_across_shards:
+                self._lost = "the job shrank at once, and a job that clips over shards cannot drop its step in flight"
+            elif any(v != version for v in versions):
+                self._lost = f"the shards were at two steps as the job shrank at once (versions {versions})"
+            else:
+                return True
         self.host.log_line(self.run.id, f"{self._lost}: every shard and worker starts again from the latest checkpoint")
         return False
 

@@ -208,11 +208,11 @@ def rig(tmp_path: Path) -> Iterator[Any]:
     dbs: list[JobDB] = []
 
     def make(mode: str, max_restarts: int = 1, launcher: FakeLauncher | None = None,
-             workers: Any = 2, size: int | None = None, ps_shards: int = 1) -> Rig:
+             workers: Any = 2, size: int | None = None, **fields: Any) -> Rig:
         db = JobDB(tmp_path / f"jobs-{len(dbs)}.db")
         dbs.append(db)
         spec = JobSpec.from_dict({"mode": mode, "workers": workers, "model": "mlp", "dataset": "digits",
-                                  "steps": STEPS, "max_restarts": max_restarts, "ps_shards": ps_shards})
+                                  "steps": STEPS, "max_restarts": max_restarts, **fields})
         db.insert(JobRecord(id="j-1", name="t", mode=mode, spec_json=spec.to_json(), state=JobState.QUEUED,
                             created_at=0.0))
         db.update("j-1", state=JobState.RUNNING)
@@ -401,9 +401,10 @@ def test_allreduce_a_relaunch_that_raises_fails_the_job(rig: Any) -> None:
 ELASTIC = {"min": 1, "max": 3}
 
 
-def elastic(rig: Any, mode: str, size: int = 3, workers: Any = None, ps_shards: int = 1) -> Rig:
-    """An elastic job started with ``size`` workers, every one registered."""
-    r: Rig = rig(mode, workers=workers or ELASTIC, size=size, ps_shards=ps_shards)
+def elastic(rig: Any, mode: str, size: int = 3, workers: Any = None, **fields: Any) -> Rig:
+    """An elastic job started with ``size`` workers, every one registered (``fields``: more of
+    its spec)."""
+    r: Rig = rig(mode, workers=workers or ELASTIC, size=size, **fields)
     assert r.controller.start() is None and r.launcher.sizes == [size]
     for rank in range(size):
         r.register(rank)
@@ -472,7 +473,7 @@ def test_sharded_a_dead_node_that_left_the_shards_at_two_steps_restarts_the_job_
     r.group.end(WorkerExit(1, died=True, error=DIED, node_lost=True))
     assert r.step() is None
     assert r.host.shards[0].followed == [(2, True)] and r.runtime.table.target == 2
-    assert any("not at one step as the job shrank at once (versions [0, 0, 1])" in line for line in r.host.lines)
+    assert any("at two steps as the job shrank at once (versions [0, 0, 1])" in line for line in r.host.lines)
     assert r.step() is None, "the next step takes the job back to its checkpoint"
     assert r.host.shards[0].stopped and len(r.host.shards) == 2, "new shards"
     assert r.launcher.sizes == [3, 1] and r.runtime.table.size == 1
@@ -490,6 +491,15 @@ def test_sharded_a_dead_node_that_left_the_shards_at_one_step_shrinks_at_once(ri
     assert r.step() is None and r.step() is None
     assert r.host.shards[0].followed == [(2, True)] and r.runtime.table.size == 2
     assert len(r.host.shards) == 1 and r.launcher.sizes == [3], "nobody started again"
+
+
+def test_sharded_a_dead_node_restarts_a_job_that_clips_over_shards(rig: Any) -> None:
+    """(Its workers wait on each shard for the norm of the step that would be done again.)"""
+    r = elastic(rig, "ps-sync", ps_shards=3, clip_grad_norm=1.0)
+    r.group.end(WorkerExit(1, died=True, error=DIED, node_lost=True))
+    assert r.step() is None and r.step() is None
+    assert any("a job that clips over shards cannot drop its step in flight" in line for line in r.host.lines)
+    assert len(r.host.shards) == 2 and r.launcher.sizes == [3, 1]
 
 
 @pytest.mark.parametrize("mode", ["ps-async", "ps-ssp"])
