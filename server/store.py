@@ -207,6 +207,7 @@ class ParameterStore(StoreParams):
                 for w in self._workers[old:size]:
                     w.clock = max(w.clock, clocks[w.rank] if w.rank < len(clocks) else 0)
                 self._snapshots.clear()
+                self._checkpoint_if_due()
             self._changed()
             return self._version + (1 if self._holding else 0)
 
@@ -244,6 +245,7 @@ class ParameterStore(StoreParams):
             w.clock = max(w.clock, self._job_step())
             self._joining.add(w.rank)
         self._snapshots.clear()  # a pull's header says the size
+        self._checkpoint_if_due()
 
     def _grow_or_shrink(self, step: int) -> None:
         """ps-sync, at a step boundary: shrink to the target, or grow to it once every
@@ -760,6 +762,13 @@ class ParameterStore(StoreParams):
             scheduler_state=self._scheduler.state_dict() if self._scheduler is not None else None,
             clocks=tuple(w.clock for w in self._workers),
         )
+
+    def _checkpoint_if_due(self) -> None:
+        """Async modes, the members changed: their slowest may be at a checkpoint's step now,
+        with no push to take it there (over shards every store takes it: the server merges
+        their parts and waits for every one)."""
+        if self._flat is not None:
+            self._maybe_checkpoint()
 
     def _maybe_checkpoint(self) -> None:
         every = self.config.checkpoint_every

@@ -30,13 +30,18 @@ def _grad(step: int, rank: int, size: int) -> torch.Tensor:
     return torch.randn(LAYOUT.numel, generator=torch.Generator().manual_seed(1000 * step + 10 * rank + size))
 
 
-def _stores(mode: str, count: int, size: int = LARGEST) -> list[ParameterStore]:
+def _stores(mode: str, count: int, size: int = LARGEST, every: int = 0,
+            kept: list[list[CheckpointState]] | None = None) -> list[ParameterStore]:
     """The control store and ``count - 1`` shards of an elastic job of up to LARGEST workers
-    that starts on ``size`` (one store: the unsharded job), every worker registered."""
+    that starts on ``size`` (one store: the unsharded job), every worker registered; with a
+    checkpoint ``every`` so many steps, each store's in ``kept``."""
     config = StoreConfig("job", mode, LARGEST, staleness=1 if mode == "ps-ssp" else 0, optimizer="adam", lr=0.01,
-                         elastic=True, checkpoint_every=0)
+                         elastic=True, checkpoint_every=every)
     init = torch.randn(LAYOUT.numel, generator=torch.Generator().manual_seed(0))
-    stores = [ParameterStore(dataclasses.replace(config, shard=k, shards=count)) for k in range(count)]
+    if kept is not None:
+        kept.extend([] for _ in range(count))
+    stores = [ParameterStore(dataclasses.replace(config, shard=k, shards=count),
+                             on_checkpoint=None if kept is None else kept[k].append) for k in range(count)]
     _start_with(stores, size)
     cuts = shards_of(LAYOUT, count)
     for k, store in enumerate(stores):
@@ -224,3 +229,25 @@ def test_async_shards_let_workers_leave_and_join_as_the_unsharded_store_does(mod
     sharded = _left_and_joined(mode, count)
     assert [w.clock for w in sharded[0].workers()] == [STEPS, STEPS, STEPS]
     _assert_same(_whole(sharded), _whole(_left_and_joined(mode, 1)))
+
+
+@pytest.mark.parametrize("mode", ["ps-async", "ps-ssp"])
+def test_async_shards_take_a_checkpoint_that_a_change_of_size_makes_due(mode: str) -> None:
+    """Checkpoints every 4 steps; workers 1 and 2 are at step 2 and leave, worker 0 is at 3. The
+    job shrinks, worker 0's push of step 3 reaches the control store (every member at step 4
+    there: it takes the checkpoint) and the shards before they follow the shrink (workers 1 and 2
+    still count there): each shard takes that checkpoint as it follows, with the same clocks, so
+    the server can merge it (it waits for every shard's part)."""
+    kept: list[list[CheckpointState]] = []
+    stores = _stores(mode, 3, every=4, kept=kept)
+    for step in range(2):
+        for rank in range(3):
+            _push(stores, rank, step, 3)
+    _push(stores, 0, 2, 3)
+    stores[0].resize(1)
+    _push(stores, 0, 3, 1)
+    assert [[c.step for c in k] for k in kept] == [[4], [], []]
+    _follow(stores, 1)
+    assert [[c.step for c in k] for k in kept] == [[4], [4], [4]]
+    merged = merge_states(stores[0], kept[0][0], [k[0] for k in kept[1:]])
+    assert merged.clocks == (4, 2, 2)
