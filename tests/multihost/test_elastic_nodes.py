@@ -77,8 +77,12 @@ def test_an_elastic_job_outlives_a_worker_host_and_grows_back_onto_it(tmp_path: 
     gates = {first_read(DOWN_AT, 0, LARGEST * BATCH, LARGEST): down, first_read(UP_AT, 0, LARGEST * BATCH, LARGEST): up}
     with running_cluster(tmp_path) as cluster, Client(SERVER, token=cluster.token) as client:
         job = client.submit(_spec(gates, shards))
-        info = _wait(client, job.id, f"step {DOWN_AT} on both hosts",
-                     lambda i: i.step >= DOWN_AT and sorted(_ips(i).values()) == sorted(WORKER_IPS))
+
+        def at_down(i: JobInfo) -> bool:  # (with shards: the checkpoint at DOWN_AT written, which they go back to)
+            return i.step >= DOWN_AT and sorted(_ips(i).values()) == sorted(WORKER_IPS) and (
+                shards == 1 or DOWN_AT in [c.step for c in client.list_checkpoints(job.id)])
+
+        info = _wait(client, job.id, f"step {DOWN_AT} on both hosts", at_down)
         assert info.size == LARGEST
 
         lost = cluster.workers[1]
