@@ -122,10 +122,9 @@ class PSRuntime:
         from the first push of the step (each names the size it was computed for); a shrink
         at once (a worker's node died) drops the step in flight on every shard, as on the
         control store. A shard that took that step already (the dead worker's push reached it,
-        not the control store) or a store holding it for its norm leaves the shards at two
-        steps: False, and the job goes back to its latest checkpoint (``restart_group``). So
-        does a job that clips over shards (its workers wait on each shard for the norm of a
-        step that is no longer taken)."""
+        not the control store) leaves the shards at two steps: False, and the job goes back to
+        its latest checkpoint (``restart_group``). So does a job that clips over shards (its
+        workers wait on each shard for the norm of a step that is no longer taken)."""
         self.table.resize(size, at_once)
         if self.others is None:
             return True
@@ -133,34 +132,36 @@ class PSRuntime:
             return self._follow(size)
         if not at_once:
             return True
+        if self.config.clips_across_shards:
+            return self._go_back("the job shrank at once, and a job that clips over shards cannot drop its step "
+                                 "in flight")
         version = self.table.version
         try:
-            versions = [version + (self.table.clip_held() is not None), *self.others.follow(size, (), at_once=True)]
+            versions = self.others.follow(size, (), at_once=True)
         except Exception as e:  # noqa: BLE001 - a shard that died: it goes back to the checkpoint too
-            self._lost = f"a shard did not answer as the job shrank at once ({type(e).__name__}: {e})"
-        else:
-            if self.config.clips_across_shards:
-                self._lost = "the job shrank at once, and a job that clips over shards cannot drop its step in flight"
-            elif any(v != version for v in versions):
-                self._lost = f"the shards were at two steps as the job shrank at once (versions {versions})"
-            else:
-                return True
-        self.host.log_line(self.run.id, f"{self._lost}: every shard and worker starts again from the latest checkpoint")
-        return False
+            return self._go_back(f"a shard did not answer as the job shrank at once ({type(e).__name__}: {e})")
+        if any(v != version for v in versions):
+            return self._go_back(f"the shards were at two steps as the job shrank at once (versions "
+                                 f"{[version, *versions]})")
+        return True
 
     def _follow(self, size: int) -> bool:
         """ps-async, ps-ssp over shards: every shard takes the control store's size now, a
-        joining worker at its step there. False (and why in ``_lost``) when a shard could not."""
-        if self.others is None or not self.run.spec.elastic or self.config.mode == "ps-sync":
+        joining worker at its step there. False (``_go_back``) when a shard could not."""
+        if self.others is None or not self.config.elastic or self.config.mode == "ps-sync":
             return True
         try:
             self.others.follow(size, [w.clock for w in self.table.workers()])
         except Exception as e:  # noqa: BLE001 - the job goes back to its latest checkpoint
-            self._lost = f"the shards could not take the job's size {size} ({type(e).__name__}: {e})"
-            self.host.log_line(self.run.id, f"{self._lost}: every shard and worker starts again from the latest "
-                                            "checkpoint")
-            return False
+            return self._go_back(f"the shards could not take the job's size {size} ({type(e).__name__}: {e})")
         return True
+
+    def _go_back(self, why: str) -> bool:
+        """The shards cannot go on from where they are: the job goes back to its latest
+        checkpoint (``restart_group``, which ``why`` is kept for); False."""
+        self._lost = why
+        self.host.log_line(self.run.id, f"{why}: every shard and worker starts again from the latest checkpoint")
+        return False
 
     def _resume(self, total_steps: int | None, how: str) -> None:
         """Install the job's latest checkpoint in every shard (none yet: from step 0)."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradhub.proto.codec import Layout, encode
-from gradhub.proto.contract.errors import ProtocolError, ReleasedError, StateError
+from gradhub.proto.contract.errors import ProtocolError, StateError
 from gradhub.proto.model_state import tensors_to_proto
 from gradhub.proto.shards import sum_of_squares
 from gradhub.server.shard_clip import HeldStep, ShardClip, clip_coefficient
@@ -166,20 +166,14 @@ class ParameterStore(StoreParams):
             return self._version, w.clock, (self._flat is None and rank == 0)
 
     def _check_member(self, rank: int) -> bool:
-        """``WorkerTable._check_member``; on a shard of an elastic job, the control store's
-        decisions: in ps-async and ps-ssp every registered worker may push and pull (a push
-        reaches the shards after the control store took it), in ps-sync a rank above the size
-        the shard follows joins at its next change (from the pushes) unless it was let go."""
-        if not self.config.follows_control:
-            return super()._check_member(rank)
-        w = self._worker(rank)
-        if self.config.mode != "ps-sync" or rank < self._size:
+        """``WorkerTable._check_member``; on a shard of an elastic ps-async or ps-ssp job every
+        registered worker may push and pull: the control store decides who is in (a push
+        reaches the shards after it took it). (A ps-sync shard's size and target follow the
+        control store's: ``_follow_push``, ``follow``, ``register``.)"""
+        if self.config.follows_control and self.config.mode != "ps-sync":
+            self._worker(rank)  # NotFoundError outside the job
             return True
-        if rank >= self._target:
-            w.alive = False
-            raise ReleasedError(f"rank: job {self.config.job_id!r} runs on {self._size} workers now; worker {rank} "
-                                "leaves")
-        return False
+        return super()._check_member(rank)
 
     def follow(self, size: int, clocks: Sequence[int] = (), at_once: bool = False) -> int:
         """A shard of an elastic job: the control store's size changed to ``size``; returns this
@@ -188,8 +182,8 @@ class ParameterStore(StoreParams):
         change at a step boundary comes with the first push of the step (its ``world_size``),
         and only a shrink ``at_once`` (a worker's node died) comes here: the step in flight is
         dropped, to be done again at the new size, as on the control store. A shard that took
-        that step (or holds it for its norm) already answers a version past the control
-        store's: the job goes back to its latest checkpoint (``PSRuntime.resize``)."""
+        that step already answers a version past the control store's: the job goes back to
+        its latest checkpoint (``PSRuntime.resize``)."""
         with self._cond:
             self._check_open()
             self._check_size(size)
@@ -209,7 +203,7 @@ class ParameterStore(StoreParams):
                 self._snapshots.clear()
                 self._checkpoint_if_due()
             self._changed()
-            return self._version + (1 if self._holding else 0)
+            return self._version
 
     def _follow_push(self, step: int, size: int) -> None:
         """ps-sync, a shard of an elastic job: the first push of a step says the size the
