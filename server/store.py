@@ -28,53 +28,22 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from gradhub.proto.codec import Layout, encode
+from gradhub.proto.codec import encode
 from gradhub.proto.contract.errors import ProtocolError, StateError
 from gradhub.proto.model_state import tensors_to_proto
 from gradhub.proto.shards import sum_of_squares
 from gradhub.server.shard_clip import HeldStep, ShardClip, clip_coefficient
+from gradhub.server.shard_previous import PreviousStep
+from gradhub.server.store_buckets import ArrivedBuckets, Assemblies, EarlyBuckets
 from gradhub.server.store_config import CheckpointState, Snapshot, StoreConfig
 from gradhub.server.store_params import StoreParams
 from gradhub.server.workers import WorkerState
 
 __all__ = ["CheckpointState", "ParameterStore", "Snapshot", "StoreConfig", "WorkerState"]
-
-
-@dataclass
-class _Assembly:
-    """The buckets of one worker's step received so far, gathered into its whole gradient."""
-
-    step: int
-    grad: torch.Tensor  # flat float32, the model's size (reused from step to step)
-    covered: list[bool]  # by tensor
-    unused: set[int] = field(default_factory=set)
-    buffers: Mapping[str, torch.Tensor] | None = None
-
-    @classmethod
-    def start(cls, step: int, layout: Layout, grad: torch.Tensor) -> _Assembly:
-        return cls(step, grad, [False] * len(layout.names))
-
-    def holds(self, part: tuple[int, int]) -> bool:
-        """Whether bucket ``part`` was received (a bucket overlapping one received is refused)."""
-        mine = self.covered[part[0]:part[0] + part[1]]
-        if any(mine) and not all(mine):
-            raise ProtocolError(f"first_tensor: tensors {part[0]} to {part[0] + part[1] - 1} overlap a bucket "
-                                f"of step {self.step} already received")
-        return all(mine)
-
-    def add(self, part: tuple[int, int], offset: int, grad: torch.Tensor, unused: list[int],
-            buffers: Mapping[str, torch.Tensor] | None) -> bool:
-        """Take a bucket; whether the step is whole now."""
-        self.grad[offset:offset + grad.numel()] = grad
-        self.covered[part[0]:part[0] + part[1]] = [True] * part[1]
-        self.unused.update(unused)
-        if buffers:
-            self.buffers = buffers
-        return all(self.covered)
 
 
 @dataclass(frozen=True)
@@ -86,17 +55,6 @@ class _Push:
     unused: frozenset[int]  # indexes into the model's parameters
     bucketed: bool = False  # assembled from buckets (not one whole push)
     norm_sq: float | None = None  # async over shards: the whole gradient's sum of squares (clipping)
-
-
-@dataclass
-class _Previous:
-    """ps-sync over shards: this shard's parameters and buffers before the last step it took.
-    A worker that died between its pushes to two shards starts again at the step one of them
-    took without it, and pulls that step's parameters here (see ``_keep_previous``)."""
-
-    version: int
-    flat: torch.Tensor
-    buffers: dict[str, torch.Tensor]
 
 
 class ParameterStore(StoreParams):
@@ -114,8 +72,7 @@ class ParameterStore(StoreParams):
         self._grad: torch.Tensor | None = None  # where ps-sync averages its workers' gradients
         self._pending: dict[int, _Push] = {}
         self._snapshots: dict[tuple[int, int, int], Snapshot] = {}  # (wire dtype, first, count) -> its data
-        self._assemblies: dict[int, _Assembly] = {}  # by rank: the buckets of its step received so far
-        self._bucket_grads: dict[int, torch.Tensor] = {}
+        self._assemblies = Assemblies()  # by rank: the buckets of its step received so far
         # async modes: how many pushes were applied at each staleness (read for /metrics)
         self.staleness_counts: dict[int, int] = {}
         self._joining: set[int] = set()  # async modes: ranks that became members and have not registered since
@@ -123,16 +80,9 @@ class ParameterStore(StoreParams):
         # ps-sync, a shard of an elastic job: the version whose step the control store shrank at
         # once (its size is fixed: a push computed for another size is dropped, not followed)
         self._fixed_at: int | None = None
-        # ps-sync, apply_buckets: the step in flight's buckets (parts) that are in from some
-        # workers, the parameters' values before each bucket applied (the step's old values,
-        # which a worker that registers again mid-step pulls) and each worker's unused ones
-        self._early: dict[tuple[int, int], set[int]] = {}
-        self._old: dict[tuple[int, int], torch.Tensor] = {}
-        self._early_unused: dict[int, set[int]] = {}
-        # ps-async, ps-ssp with apply_buckets: each worker's buckets of its step applied on arrival
-        # (kept across a new registration: the step pushed afresh applies each bucket once)
-        self._arrived: dict[int, tuple[int, set[tuple[int, int]]]] = {}
-        self._previous: _Previous | None = None  # ps-sync over shards (``_keep_previous``)
+        self._early = EarlyBuckets()  # ps-sync, apply_buckets: buckets applied before their step is whole
+        self._arrived = ArrivedBuckets()  # ps-async, ps-ssp, apply_buckets: buckets applied on arrival
+        self._previous = PreviousStep() if config.shards > 1 and config.mode == "ps-sync" else None
         # ps-sync clipping over shards: a step waits here for the norm over every shard
         self._clip = ShardClip(config.clip_grad_norm) if config.clip_grad_norm and config.clips_across_shards \
             else None
@@ -153,10 +103,8 @@ class ParameterStore(StoreParams):
                 self._target = rank + 1  # the control store registers the workers it wants
             self._check_member(rank)
             w = self._joined(rank, host, pid, credential)
-            self._assemblies.pop(rank, None)  # a new registration pushes its step afresh
-            for ranks in self._early.values():  # (its buckets applied already stay applied)
-                ranks.discard(rank)
-            self._early_unused.pop(rank, None)
+            self._assemblies.forget(rank)  # a new registration pushes its step afresh
+            self._early.forget(rank)
             if self.config.mode != "ps-sync" and rank in self._joining:
                 # an async member that joined while the others trained starts where they are
                 w.clock = max(w.clock, self._job_step(exclude=rank))
@@ -212,7 +160,7 @@ class ParameterStore(StoreParams):
         another size while a step is in flight, or after a shrink at once, is dropped (``push``)."""
         if (self.config.mode != "ps-sync" or size == self._size or step != self._version
                 or self._fixed_at == self._version or not 1 <= size <= len(self._workers)
-                or self._pending or self._assemblies or self._early or self._old or self._holding):
+                or self._pending or self._assemblies or self._early or self._holding):
             return
         self._target = size
         self._grow_or_shrink(self._version)
@@ -333,9 +281,7 @@ class ParameterStore(StoreParams):
             unused = [part[0] + i for i in unused]
             if bucket:
                 if assembly is None or assembly.step != step:
-                    if rank not in self._bucket_grads:  # a step's whole gradient, reused: it is applied before
-                        self._bucket_grads[rank] = torch.empty(self._layout.numel)  # the next step's buckets come
-                    assembly = self._assemblies[rank] = _Assembly.start(step, self._layout, self._bucket_grads[rank])
+                    assembly = self._assemblies.start(rank, step, self._layout)
                 whole = assembly.add(part, self._layout.offset(part[0]), grad, unused, buffers)
                 if self._applies_buckets():
                     self._bucket_in(rank, part, unused)
@@ -344,11 +290,11 @@ class ParameterStore(StoreParams):
                 if not whole:
                     w.last_seen = self._now()
                     return True, self._version  # more buckets of this step to come
-                del self._assemblies[rank]
+                self._assemblies.forget(rank)
                 grad, unused, buffers, part = assembly.grad, sorted(assembly.unused), assembly.buffers, (0, 0)
             elif part[1]:
                 unused += [i for i in range(len(self._layout.names)) if not part[0] <= i < part[0] + n]
-            elif self._early or self._old:
+            elif self._early:
                 raise ProtocolError(f"first_tensor: worker {rank} pushed its whole gradient of step {step}, the "
                                     "others theirs in buckets; every worker of a job pushes the same buckets")
             if not buffers and self.config.buffers == "average" and self._model.buffers and \
@@ -373,10 +319,8 @@ class ParameterStore(StoreParams):
                 self._take_buffers(pending)
                 for other in self._workers[self._size:]:
                     other.clock = self._version + 1  # not members: they follow the job's step (a checkpoint too)
-                if self._old:  # every bucket is applied already: the step is done
+                if self._early.old:  # every bucket is applied already: the step is done
                     self._early.clear()
-                    self._old.clear()
-                    self._early_unused.clear()
                     self._advance()
                 elif self._clip is not None:  # the step waits for its norm over every shard
                     self._hold(self._average(pending), frozenset.intersection(*(p.unused for p in pending.values())),
@@ -391,7 +335,7 @@ class ParameterStore(StoreParams):
             w.max_staleness = max(w.max_staleness, w.staleness)
             self.staleness_counts[w.staleness] = self.staleness_counts.get(w.staleness, 0) + 1
             self._take_buffers({w.rank: push})
-            if push.bucketed and self._arrived.pop(w.rank, None) is not None:
+            if push.bucketed and self._arrived.done(w.rank):
                 self._advance()  # its buckets are applied: the step makes a version
             else:
                 grad = push.grad / (1 + w.staleness) if self.config.staleness_scaling and w.staleness else push.grad
@@ -478,15 +422,11 @@ class ParameterStore(StoreParams):
         """ps-async, ps-ssp: worker ``w``'s bucket ``part`` of ``step`` is applied as it arrives
         (scaled for its staleness when the job says so); the worker's last bucket makes the
         version (``_take``). A bucket applied already is not applied again."""
-        step_parts = self._arrived.get(w.rank)
-        if step_parts is None or step_parts[0] != step:
-            step_parts = self._arrived[w.rank] = (step, set())
-        if part in step_parts[1]:
+        if not self._arrived.first_time(w.rank, step, part):
             return
-        step_parts[1].add(part)
         assert self._layout is not None
         start, n = self._layout.offset(part[0]), self._layout.part(*part).numel
-        grad = self._bucket_grads[w.rank][start:start + n]
+        grad = self._assemblies.grad(w.rank)[start:start + n]
         staleness = self._version - base_version
         if self.config.staleness_scaling and staleness:
             grad = grad / (1 + staleness)
@@ -495,62 +435,33 @@ class ParameterStore(StoreParams):
         self._changed()
 
     def _bucket_in(self, rank: int, part: tuple[int, int], unused: Sequence[int]) -> None:
-        """ps-sync: worker ``rank``'s bucket ``part`` of the step in flight is in (``unused``: its
-        parameters, as model indexes, that got no gradient); once every worker's is, the bucket
-        is applied, before the rest of the step arrives. The workers' buckets must be the same."""
-        if part in self._old:
-            return  # applied already: a worker that registered again pushes its step afresh
-        for other in (*self._early, *self._old):
-            if other != part and other[0] < part[0] + part[1] and part[0] < other[0] + other[1]:
-                raise ProtocolError(f"first_tensor: bucket {part} overlaps bucket {other} of another worker; every "
-                                    "worker of a job pushes the same buckets")
-        if any(not p.bucketed for p in self._pending.values()):
-            raise ProtocolError(f"first_tensor: worker {rank} pushed buckets of step {self._version}, others their "
-                                "whole gradient; every worker of a job pushes the same buckets")
-        ranks = self._early.setdefault(part, set())
-        ranks.add(rank)
-        self._early_unused.setdefault(rank, set()).update(unused)
-        if len(ranks) < self._size:
+        """ps-sync: worker ``rank``'s bucket ``part`` of the step in flight is in; once every
+        worker's is, the bucket is applied, before the rest of the step arrives."""
+        others_whole = any(not p.bucketed for p in self._pending.values())
+        skip = self._early.arrive(rank, part, unused, self._size, self._version, others_whole)
+        if skip is None:
             return
-        del self._early[part]
         assert self._layout is not None and self._flat is not None
         start, n = self._layout.offset(part[0]), self._layout.part(*part).numel
-        grad = self._mean([self._bucket_grads[r][start:start + n] for r in range(self._size)], start)
-        skip = frozenset.intersection(*(frozenset(self._early_unused.get(r, ())) for r in range(self._size)))
-        self._old[part] = self._flat[start:start + n].clone()
+        grad = self._mean([self._assemblies.grad(r)[start:start + n] for r in range(self._size)], start)
+        self._early.applied(part, self._flat[start:start + n].clone())
         self._step_params(grad, skip, part)
         self._snapshots.clear()  # a pull of the step in flight's version gets the old values of this bucket
         self._changed()  # its pulls ahead may go
 
     def _keep_previous(self) -> None:
         """ps-sync over shards, as a step is taken: keep the parameters and buffers it starts
-        from. A worker's pushes of a step go to every shard at once; one that dies between two
-        of them leaves the step taken on one shard and waiting for it on another. It registers
-        again at the earlier step (the least of its steps on the shards), pulls that step's
-        parameters (from here, on a shard that took it) and pushes it again (a copy is ignored
-        where it was taken), so the step is the one an undisturbed run takes. A copy of the
-        slice a step: the next step reuses its memory (the pull that reads it comes first)."""
-        if self.config.shards == 1 or self._flat is None:
-            return
-        prev = self._previous
-        flat = prev.flat if prev is not None and prev.flat.numel() == self._flat.numel() else \
-            torch.empty_like(self._flat)
-        flat.copy_(self._flat)
-        assert self._layout is not None
-        for (first, _), old in self._old.items():  # buckets applied already: their values before the step
-            at = self._layout.offset(first)
-            flat[at:at + old.numel()] = old
-        self._previous = _Previous(self._version, flat, self._buffers)
+        from (``PreviousStep``)."""
+        if self._previous is not None and self._flat is not None and self._layout is not None:
+            self._previous.keep(self._version, self._flat, self._buffers, self._early, self._layout.offset)
 
     def _previous_snapshot(self, step: int, wire_dtype: int, part: tuple[int, int]) -> Snapshot | None:
         """The parameters of ``step`` when this shard took it already (or holds it for its
         norm): a worker that starts again at a step another shard still waits for."""
-        prev = self._previous
-        if prev is None or step != prev.version or not (step < self._version or self._holding) or part != (0, 0):
+        if self._previous is None or part != (0, 0) or not (step < self._version or self._holding):
             return None
         assert self._layout is not None
-        return Snapshot(prev.version, wire_dtype, encode(prev.flat, wire_dtype), self._layout,
-                        tuple(tensors_to_proto(prev.buffers)), self._size)
+        return self._previous.snapshot(step, wire_dtype, self._layout, self._size)
 
     def _hold(self, grad: torch.Tensor, unused: frozenset[int], part: tuple[int, int]) -> None:
         """ps-sync clipping over shards: hold the step until a worker brings the norm."""
@@ -650,7 +561,7 @@ class ParameterStore(StoreParams):
             return None  # it joins at the next change of size
         if self._layout is not None:
             self._layout.part(first, count)  # a part of the model, or a ProtocolError
-        if ahead and step == self._version + 1 and (first, count) in self._old:
+        if ahead and step == self._version + 1 and (first, count) in self._early.old:
             return self._ahead(rank, wire_dtype, (first, count))
         snapshot = self._previous_snapshot(step, wire_dtype, (first, count))
         if snapshot is None and self._flat is not None and self._may_pull(rank, step):
@@ -715,14 +626,9 @@ class ParameterStore(StoreParams):
             layout = self._layout.part(first, count)
             start = self._layout.offset(first)
             values = self._flat[start:start + layout.numel]
-            if self._old:  # buckets of the step in flight are applied: this version holds their old values
+            if self._early.old:  # buckets of the step in flight are applied: this version holds their old values
                 values = values.clone()
-                for (a, n), old in self._old.items():
-                    lo = self._layout.offset(a)
-                    hi = lo + old.numel()
-                    if lo < start + layout.numel and start < hi:
-                        at, to = max(lo, start), min(hi, start + layout.numel)
-                        values[at - start:to - start] = old[at - lo:to - lo]
+                self._early.restore(values, start, self._layout.offset)
             data = encode(values, wire_dtype)
             if data.data_ptr() == values.data_ptr() and self.config.mode != "ps-sync":
                 data = data.clone()  # updates may happen while a pull still sends this version
@@ -745,7 +651,7 @@ class ParameterStore(StoreParams):
     def _capture(self) -> CheckpointState:
         if self._stepper is None:
             raise StateError("parameters: the job has no parameters yet")
-        if self._old:
+        if self._early.old:
             raise StateError(f"parameters: step {self._version} is applied in part (the buckets in so far); the "
                              "job's state is whole again at the end of the step")
         return CheckpointState(
