@@ -44,19 +44,25 @@ class Connection:
                 return await asyncio.get_running_loop().sock_recv_into(self.sock, into)
 
     async def send(self, parts: list[memoryview], timeout: float, fds: Sequence[int] = ()) -> None:
-        """Write ``parts``: one gathered write when the socket takes it all, else the rest on the
-        loop; ``fds`` (a Unix socket's) go with the first byte."""
+        """Write ``parts``: one gathered write when the socket takes it all (the usual case, which
+        arms no timer), else the rest on the loop; ``fds`` (a Unix socket's) go with the first byte."""
+        try:
+            sent = self.sock.sendmsg(parts, shm.fds_message(list(fds)) if fds else [])
+        except BlockingIOError:
+            sent = -1
+        if sent == sum(len(part) for part in parts):
+            return
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    sent = self.sock.sendmsg(parts, shm.fds_message(list(fds)) if fds else [])
+            while sent < 0:
+                if not fds:
+                    sent = 0
                     break
+                await _writable(loop, self.sock)  # the fds must leave with a byte of this frame
+                try:
+                    sent = self.sock.sendmsg(parts, shm.fds_message(list(fds)))
                 except BlockingIOError:
-                    if not fds:
-                        sent = 0
-                        break
-                    await _writable(loop, self.sock)  # the fds must leave with a byte of this frame
+                    sent = -1
             for part in parts:
                 if sent >= len(part):
                     sent -= len(part)
